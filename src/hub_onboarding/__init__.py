@@ -1,0 +1,1 @@
+"""hub_onboarding: onboard a smart-home hub to AWS IoT Core."""

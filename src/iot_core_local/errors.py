@@ -1,0 +1,95 @@
+"""The one exception tree of iot_core_local.
+
+    IotCoreLocalError
+    ├── ServerError                 the server itself cannot run (data dir in use, Mosquitto missing)
+    └── ServiceError                an API answer AWS would give; carries the AWS error type and status
+        ├── InvalidRequest          400 InvalidRequestException
+        ├── CertificateValidation   400 CertificateValidationException
+        ├── Throttling              400 ThrottlingException (botocore's model says 400, not 429)
+        ├── ResourceNotFound        404 ResourceNotFoundException
+        ├── CertificateState        406 CertificateStateException
+        ├── ResourceAlreadyExists   409 ResourceAlreadyExistsException (with resourceId, resourceArn)
+        ├── DeleteConflict          409 DeleteConflictException
+        └── VersionConflict         409 VersionConflictException
+
+The control plane turns a ServiceError into the HTTP answer botocore expects; the gateway turns it
+into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`).
+"""
+
+from __future__ import annotations
+
+
+class IotCoreLocalError(Exception):
+    """Base of every error raised by iot_core_local."""
+
+
+class ServerError(IotCoreLocalError):
+    """The server cannot start or keep running (not a client's fault)."""
+
+
+class ServiceError(IotCoreLocalError):
+    """An error answer of the AWS IoT API, as botocore's model names it."""
+
+    error_type = "InternalFailureException"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        """The JSON body of the HTTP error answer (rest-json protocol)."""
+        return {"message": self.message}
+
+
+class InvalidRequest(ServiceError):
+    error_type = "InvalidRequestException"
+    status = 400
+
+
+class CertificateValidation(ServiceError):
+    error_type = "CertificateValidationException"
+    status = 400
+
+
+class Throttling(ServiceError):
+    error_type = "ThrottlingException"
+    status = 400
+
+
+class ResourceNotFound(ServiceError):
+    error_type = "ResourceNotFoundException"
+    status = 404
+
+
+class CertificateState(ServiceError):
+    error_type = "CertificateStateException"
+    status = 406
+
+
+class ResourceAlreadyExists(ServiceError):
+    error_type = "ResourceAlreadyExistsException"
+    status = 409
+
+    def __init__(self, message: str, resource_id: str | None = None, resource_arn: str | None = None) -> None:
+        super().__init__(message)
+        self.resource_id = resource_id
+        self.resource_arn = resource_arn
+
+    def body(self) -> dict[str, str]:
+        body = super().body()
+        if self.resource_id is not None:
+            body["resourceId"] = self.resource_id
+        if self.resource_arn is not None:
+            body["resourceArn"] = self.resource_arn
+        return body
+
+
+class DeleteConflict(ServiceError):
+    error_type = "DeleteConflictException"
+    status = 409
+
+
+class VersionConflict(ServiceError):
+    error_type = "VersionConflictException"
+    status = 409
