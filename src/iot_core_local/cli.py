@@ -1,0 +1,88 @@
+"""`iot-core-local serve`: run the stand-in until SIGINT or SIGTERM.
+
+Exit codes: 0 stopped cleanly, 2 usage error, 3 the server could not start (data dir in use,
+Mosquitto missing, port taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SERVER = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iot-core-local", description="A local stand-in for the parts of AWS IoT Core that onboarding touches."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the MQTT gateway, Mosquitto and the control plane")
+    serve.add_argument("--data-dir", type=Path, required=True, help="where all state lives (kept across restarts)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT over TLS port; 0 = any free port")
+    serve.add_argument("--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port")
+    serve.add_argument(
+        "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
+    return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .errors import ServerError
+    from .server import LocalIotCore
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    core = LocalIotCore(args.data_dir, host=args.host, mqtt_port=args.mqtt_port, api_port=args.api_port,
+                        token_ttl=args.token_ttl)
+    try:
+        endpoint = core.start()
+    except (ServerError, OSError) as exc:
+        print(f"iot-core-local: cannot start: {exc}", file=sys.stderr)
+        return EXIT_SERVER
+    try:
+        print(json.dumps(endpoint.to_json()), flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        core.stop()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

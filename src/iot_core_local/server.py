@@ -1,0 +1,298 @@
+"""LocalIotCore: one running stand-in for AWS IoT Core, owning its data dir.
+
+It wires the certificate authority, the registry, Mosquitto, the MQTT gateway (on an asyncio loop in a
+background thread) and the HTTP control plane, and tears them down in reverse order. Everything it knows
+lives in the data dir, so a restart on the same dir keeps every certificate, CA, thing and template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .errors import ServerError
+
+if TYPE_CHECKING:
+    from .api import ControlPlane
+    from .broker import Broker
+    from .ca import CertificateAuthority
+    from .gateway import Gateway
+    from .registry import Registry
+
+log = logging.getLogger("iot_core_local.server")
+
+ENDPOINT_FILE = "endpoint.json"
+LOCK_FILE = "serve.lock"
+_START_DEADLINE = 30.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where clients reach a running server; the content of `endpoint.json`."""
+
+    mqtt_host: str
+    mqtt_port: int
+    api_url: str
+    root_ca_path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mqttHost": self.mqtt_host,
+            "mqttPort": self.mqtt_port,
+            "apiUrl": self.api_url,
+            "rootCaPath": str(self.root_ca_path),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Endpoint:
+        return cls(data["mqttHost"], int(data["mqttPort"]), data["apiUrl"], Path(data["rootCaPath"]))
+
+    @property
+    def mqtt_address(self) -> str:
+        """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json."""
+        return f"{self.mqtt_host}:{self.mqtt_port}"
+
+
+def write_json_atomically(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class LocalIotCore:
+    """A running iot-core-local: `with LocalIotCore(dir) as core: core.endpoint, core.client()`.
+
+    Ports 0 mean "any free port"; the chosen ones are in `endpoint` and in `DIR/endpoint.json`.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        mqtt_port: int = 0,
+        api_port: int = 0,
+        region: str = "us-east-1",
+        token_ttl: float = 3600.0,
+        hook_timeout: float = 5.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.mqtt_port = mqtt_port
+        self.api_port = api_port
+        self.region = region
+        self.token_ttl = token_ttl
+        self.hook_timeout = hook_timeout
+        self._lock_file: TextIO | None = None
+        self._ca: CertificateAuthority | None = None
+        self._registry: Registry | None = None
+        self._broker: Broker | None = None
+        self._gateway: Gateway | None = None
+        self._api: ControlPlane | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._endpoint: Endpoint | None = None
+
+    # -- the parts, for embedding and tests -------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise ServerError("iot-core-local is not running")
+        return self._endpoint
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise ServerError("iot-core-local is not running")
+        return self._registry
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        if self._ca is None:
+            raise ServerError("iot-core-local is not running")
+        return self._ca
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise ServerError("iot-core-local is not running")
+        return self._gateway
+
+    def client(self) -> Any:
+        """A boto3 IoT client pointed at this server (any credentials work)."""
+        import boto3
+
+        return boto3.client(
+            "iot",
+            endpoint_url=self.endpoint.api_url,
+            region_name=self.region,
+            aws_access_key_id="iot-core-local",
+            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalIotCore:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> Endpoint:
+        from .api import ControlPlane
+        from .broker import Broker
+        from .ca import CertificateAuthority
+        from .gateway import Gateway
+        from .provisioning import ProvisioningService
+        from .registry import Registry
+
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._acquire_lock()
+        try:
+            self._ca = CertificateAuthority(self.data_dir / "ca")
+            self._registry = Registry(self.data_dir / "registry.sqlite3", region=self.region)
+            self._broker = Broker(self.data_dir / "mosquitto")
+            self._broker.start()
+
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, name="iot-core-local-gateway", daemon=True
+            )
+            self._loop_thread.start()
+            provisioning = ProvisioningService(
+                self._registry, self._ca, token_ttl=self.token_ttl, hook_timeout=self.hook_timeout
+            )
+            self._gateway = Gateway(
+                registry=self._registry,
+                ca=self._ca,
+                provisioning=provisioning,
+                broker_host=self._broker.host,
+                broker_port=self._broker.port,
+                host=self.host,
+                port=self.mqtt_port,
+            )
+            asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
+
+            self._api = ControlPlane(
+                self._registry,
+                self._ca,
+                host=self.host,
+                port=self.api_port,
+                endpoint_address=lambda: self.host,
+            )
+            self._api.start()
+
+            self._endpoint = Endpoint(
+                mqtt_host=self.host,
+                mqtt_port=self._gateway.port,
+                api_url=self._api.url,
+                root_ca_path=self._ca.root_ca_path.resolve(),
+            )
+            write_json_atomically(self.data_dir / ENDPOINT_FILE, self._endpoint.to_json())
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "iot-core-local ready: mqtts://%s:%d, api %s, data %s",
+            self.host,
+            self._endpoint.mqtt_port,
+            self._endpoint.api_url,
+            self.data_dir,
+        )
+        return self._endpoint
+
+    def stop(self) -> None:
+        """Stop every part that started, newest first; safe to call twice."""
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+        if self._gateway is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._gateway.stop(), self._loop).result(_START_DEADLINE)
+        self._gateway = None
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(_START_DEADLINE)
+            self._loop.close()
+            self._loop = None
+            self._loop_thread = None
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+        self._ca = None
+        if self._endpoint is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.data_dir / ENDPOINT_FILE).unlink()
+            self._endpoint = None
+        self._release_lock()
+
+    def _acquire_lock(self) -> None:
+        # flock dies with the process, so a crashed server never leaves the dir locked for good.
+        lock = open(self.data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held while serving
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise ServerError(
+                f"{self.data_dir} is already served by another iot-core-local (pid {holder}); "
+                "stop it or choose another --data-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock_file = lock
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+
+@contextlib.contextmanager
+def running(data_dir: Path | str, **options: Any) -> Iterator[LocalIotCore]:
+    """Start a server for the duration of a `with` block."""
+    core = LocalIotCore(data_dir, **options)
+    core.start()
+    try:
+        yield core
+    finally:
+        core.stop()
