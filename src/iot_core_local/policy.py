@@ -1,0 +1,274 @@
+"""AWS IoT policy evaluation (pure: no I/O, no registry).
+
+The gateway calls `evaluate` on every connect, publish, subscribe and delivery, so each policy
+document is parsed and compiled to regular expressions once (`_compile`, cached on the document
+string) and a request only runs the compiled matchers.
+
+Semantics, as AWS documents them for IoT policies:
+
+- Explicit `Deny` wins over any `Allow`; nothing allowed means denied.
+- `Action` / `NotAction` match case-insensitively with `*` and `?` wildcards (`iot:*`, `iot:Pub*`).
+- `Resource` / `NotResource` are ARNs matched case-sensitively with `*` (any characters, `/` included)
+  and `?` (one character). MQTT's `+` and `#` are literal characters in a policy: the resource
+  `topicfilter/some/+/topic` allows subscribing to exactly that filter, nothing more.
+- `${name}` is a policy variable (`iot:ClientId`, `iot:Connection.Thing.ThingName`, ...). Its value is
+  matched literally, so a client id of `*` is not a wildcard. A statement that uses a variable the
+  request does not have does not apply. `${*}`, `${?}` and `${$}` stand for the literal characters.
+- `Condition` supports the operators in `CONDITION_OPERATORS` (enough for the documented
+  `"Bool": {"iot:Connection.Thing.IsAttached": "true"}`); a condition key the request lacks is false.
+- A malformed statement never raises here: it simply does not apply. `validate_policy` is the strict
+  check that CreatePolicy runs, so stored documents are well formed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import InvalidRequest
+
+__all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "MalformedPolicy", "evaluate", "validate_policy"]
+
+# AWS IoT quota: a policy document holds at most 2048 characters, whitespace not counted.
+MAX_DOCUMENT_SIZE = 2048
+VERSIONS = ("2012-10-17", "2008-10-17")
+EFFECTS = ("Allow", "Deny")
+
+
+class MalformedPolicy(InvalidRequest):
+    """CreatePolicy's answer to a bad document (botocore: MalformedPolicyException, 400)."""
+
+    error_type = "MalformedPolicyException"
+    status = 400
+
+
+class _Malformed(ValueError):
+    """Internal: why a document or statement is unusable (becomes MalformedPolicy, or a skip)."""
+
+
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+# IAM escapes: let a policy say a literal `*`, `?` or `$` where the plain character would be special.
+_ESCAPES = {"*": "*", "?": "?", "$": "$"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(source: str, flags: int) -> re.Pattern[str]:
+    # Patterns with variables are rebuilt per request; the same client mostly repeats the same values.
+    return re.compile(source, flags)
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """An Action, Resource or condition value: regex source pieces, some of them variable names."""
+
+    parts: tuple[tuple[bool, str], ...]  # (is_variable, regex source or variable name)
+    flags: int
+    compiled: re.Pattern[str] | None  # precompiled when the pattern has no variable
+
+    @classmethod
+    def parse(cls, text: str, *, wildcards: bool = True, ignore_case: bool = False) -> _Pattern:
+        parts: list[tuple[bool, str]] = []
+        position = 0
+        for match in _VARIABLE.finditer(text):
+            parts.extend(_literal_parts(text[position : match.start()], wildcards))
+            name = match.group(1)
+            if name in _ESCAPES:
+                parts.append((False, re.escape(_ESCAPES[name])))
+            else:
+                parts.append((True, name))
+            position = match.end()
+        parts.extend(_literal_parts(text[position:], wildcards))
+        flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+        compiled = None
+        if not any(is_variable for is_variable, _ in parts):
+            compiled = re.compile("".join(source for _, source in parts), flags)
+        return cls(tuple(parts), flags, compiled)
+
+    @property
+    def variables(self) -> frozenset[str]:
+        return frozenset(name for is_variable, name in self.parts if is_variable)
+
+    def matches(self, value: str, variables: Mapping[str, str]) -> bool:
+        """Whole-string match; the caller has checked that every variable is present."""
+        compiled = self.compiled
+        if compiled is None:
+            source = "".join(re.escape(variables[text]) if is_var else text for is_var, text in self.parts)
+            compiled = _regex(source, self.flags)
+        return compiled.fullmatch(value) is not None
+
+
+def _literal_parts(text: str, wildcards: bool) -> list[tuple[bool, str]]:
+    if not wildcards:
+        return [(False, re.escape(text))] if text else []
+    return [(False, ".*" if c == "*" else "." if c == "?" else re.escape(c)) for c in text]
+
+
+# Condition operator -> (values use wildcards, negated). A condition is true when the request's value
+# matches any of the listed values (negated operators: none of them).
+CONDITION_OPERATORS: Mapping[str, tuple[bool, bool]] = {
+    "StringEquals": (False, False),
+    "StringNotEquals": (False, True),
+    "StringEqualsIgnoreCase": (False, False),
+    "StringNotEqualsIgnoreCase": (False, True),
+    "StringLike": (True, False),
+    "StringNotLike": (True, True),
+    "Bool": (False, False),
+}
+
+
+@dataclass(frozen=True)
+class _Condition:
+    key: str
+    values: tuple[_Pattern, ...]
+    negated: bool
+
+    def holds(self, variables: Mapping[str, str]) -> bool:
+        actual = variables.get(self.key)
+        if actual is None:
+            return False
+        matched = any(value.matches(actual, variables) for value in self.values)
+        return matched != self.negated
+
+
+@dataclass(frozen=True)
+class _Statement:
+    allow: bool
+    actions: tuple[_Pattern, ...]
+    not_action: bool
+    resources: tuple[_Pattern, ...]
+    not_resource: bool
+    conditions: tuple[_Condition, ...]
+    variables: frozenset[str]  # every variable the statement needs
+
+    def applies(self, action: str, resource: str, variables: Mapping[str, str]) -> bool:
+        if not self.variables <= variables.keys():
+            return False
+        if any(p.matches(action, variables) for p in self.actions) == self.not_action:
+            return False
+        if any(p.matches(resource, variables) for p in self.resources) == self.not_resource:
+            return False
+        return all(condition.holds(variables) for condition in self.conditions)
+
+
+def _strings(statement: Mapping[str, object], key: str, where: str) -> list[str]:
+    value = statement[key]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(item, str) for item in items):
+        raise _Malformed(f"{where}: {key} must be a string or a non-empty list of strings")
+    return [item for item in items if isinstance(item, str)]
+
+
+def _one_of(statement: Mapping[str, object], keys: tuple[str, str], where: str) -> str:
+    present = [key for key in keys if key in statement]
+    if len(present) != 1:
+        raise _Malformed(f"{where}: needs exactly one of {keys[0]} or {keys[1]}")
+    return present[0]
+
+
+def _parse_conditions(value: object, where: str) -> tuple[_Condition, ...]:
+    if not isinstance(value, dict):
+        raise _Malformed(f"{where}: Condition must be an object")
+    conditions = []
+    for operator, block in value.items():
+        if operator not in CONDITION_OPERATORS:
+            raise _Malformed(f"{where}: unsupported Condition operator {operator!r}")
+        wildcards, negated = CONDITION_OPERATORS[operator]
+        ignore_case = operator.endswith("IgnoreCase") or operator == "Bool"
+        if not isinstance(block, dict):
+            raise _Malformed(f"{where}: Condition {operator} must be an object")
+        for key, expected in block.items():
+            values = _strings({key: expected}, key, f"{where}: Condition {operator}")
+            patterns = tuple(_Pattern.parse(v, wildcards=wildcards, ignore_case=ignore_case) for v in values)
+            conditions.append(_Condition(key, patterns, negated))
+    return tuple(conditions)
+
+
+def _parse_statement(statement: object, where: str) -> _Statement:
+    if not isinstance(statement, dict):
+        raise _Malformed(f"{where}: must be an object")
+    effect = statement.get("Effect")
+    if effect not in EFFECTS:
+        raise _Malformed(f"{where}: Effect must be Allow or Deny, not {effect!r}")
+    action_key = _one_of(statement, ("Action", "NotAction"), where)
+    resource_key = _one_of(statement, ("Resource", "NotResource"), where)
+    actions = tuple(_Pattern.parse(a, ignore_case=True) for a in _strings(statement, action_key, where))
+    resources = tuple(_Pattern.parse(r) for r in _strings(statement, resource_key, where))
+    conditions = _parse_conditions(statement["Condition"], where) if "Condition" in statement else ()
+    patterns = [*actions, *resources, *(v for c in conditions for v in c.values)]
+    return _Statement(
+        allow=effect == "Allow",
+        actions=actions,
+        not_action=action_key == "NotAction",
+        resources=resources,
+        not_resource=resource_key == "NotResource",
+        conditions=conditions,
+        variables=frozenset().union(*(p.variables for p in patterns)),
+    )
+
+
+def _statements(document: str) -> list[object]:
+    try:
+        parsed = json.loads(document)
+    except (ValueError, RecursionError) as e:
+        raise _Malformed(f"Policy document is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise _Malformed("Policy document must be a JSON object")
+    if "Statement" not in parsed:
+        raise _Malformed("Policy document has no Statement")
+    version = parsed.get("Version", VERSIONS[0])
+    if version not in VERSIONS:
+        raise _Malformed(f"Policy document Version must be one of {', '.join(VERSIONS)}, not {version!r}")
+    statements = parsed["Statement"]
+    statements = [statements] if isinstance(statements, dict) else statements
+    if not isinstance(statements, list) or not statements:
+        raise _Malformed("Policy document Statement must be an object or a non-empty list")
+    return statements
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(document: str) -> tuple[_Statement, ...]:
+    """The usable statements of a document; anything malformed is left out, never raised."""
+    try:
+        statements = _statements(document)
+    except _Malformed:
+        return ()
+    compiled = []
+    for index, statement in enumerate(statements):
+        try:
+            compiled.append(_parse_statement(statement, f"Statement {index}"))
+        except _Malformed:
+            continue
+    return tuple(compiled)
+
+
+def evaluate(documents: list[str], action: str, resource: str, variables: dict[str, str]) -> bool:
+    """Whether the policies allow `action` on `resource` (an ARN): explicit Deny wins, default deny."""
+    allowed = False
+    for document in documents:
+        if not isinstance(document, str):
+            continue
+        for statement in _compile(document):
+            if statement.applies(action, resource, variables):
+                if not statement.allow:
+                    return False
+                allowed = True
+    return allowed
+
+
+def validate_policy(document: str) -> None:
+    """CreatePolicy's check: raise MalformedPolicy (an InvalidRequest) naming the problem."""
+    if not isinstance(document, str):
+        raise MalformedPolicy("Policy document must be a string")
+    size = len("".join(document.split()))
+    if size > MAX_DOCUMENT_SIZE:
+        raise MalformedPolicy(
+            f"Policy document is {size} characters without whitespace; the limit is {MAX_DOCUMENT_SIZE}"
+        )
+    try:
+        for index, statement in enumerate(_statements(document)):
+            _parse_statement(statement, f"Statement {index}")
+    except _Malformed as e:
+        raise MalformedPolicy(str(e)) from None
