@@ -22,14 +22,19 @@ EXIT_SERVER = 3
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="iot-core-local", description="A local stand-in for the parts of AWS IoT Core that onboarding touches."
+        prog="iot-core-local",
+        description="A local stand-in for the parts of AWS IoT Core that onboarding touches.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the MQTT gateway, Mosquitto and the control plane")
-    serve.add_argument("--data-dir", type=Path, required=True, help="where all state lives (kept across restarts)")
+    serve.add_argument(
+        "--data-dir", type=Path, required=True, help="where all state lives (kept across restarts)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT over TLS port; 0 = any free port")
-    serve.add_argument("--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port")
+    serve.add_argument(
+        "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
+    )
     serve.add_argument(
         "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
     )
@@ -68,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    core = LocalIotCore(args.data_dir, host=args.host, mqtt_port=args.mqtt_port, api_port=args.api_port,
-                        token_ttl=args.token_ttl)
+    core = LocalIotCore(
+        args.data_dir,
+        host=args.host,
+        mqtt_port=args.mqtt_port,
+        api_port=args.api_port,
+        token_ttl=args.token_ttl,
+    )
     try:
         endpoint = core.start()
     except (ServerError, OSError) as exc:

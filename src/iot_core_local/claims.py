@@ -1,0 +1,160 @@
+"""What fleet provisioning by claim needs in the cloud, created through any boto3 IoT client.
+
+The same calls work against iot-core-local and against real AWS IoT Core, so the demo, the tests, the
+benchmarks and a hub maker's own set-up script share one recipe: a provisioning template, the policy
+the provisioned hubs get, a claim policy that allows nothing but provisioning, and a claim certificate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# The parameter names the hub sends in RegisterThing and the deviceConfiguration keys it reads back.
+SERIAL_NUMBER_PARAMETER = "SerialNumber"
+UPC_PARAMETER = "UniversalProductCode"
+CLIENT_ID_KEY = "ClientId"
+MANAGED_THING_ID_KEY = "ManagedThingId"
+
+
+def claim_policy_document(region: str, account: str, template_name: str) -> str:
+    """AWS's recommended claim policy: connect, and the provisioning topics of one template only."""
+    prefix = f"arn:aws:iot:{region}:{account}"
+    topics = [
+        "$aws/certificates/create/*",
+        "$aws/certificates/create-from-csr/*",
+        f"$aws/provisioning-templates/{template_name}/provision/*",
+    ]
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["iot:Publish", "iot:Receive"],
+                    "Resource": [f"{prefix}:topic/{t}" for t in topics],
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": [f"{prefix}:topicfilter/{t}" for t in topics],
+                },
+            ],
+        }
+    )
+
+
+def hub_policy_document(region: str, account: str) -> str:
+    """What a provisioned hub may do: connect as its thing, and use its own topics."""
+    prefix = f"arn:aws:iot:{region}:{account}"
+    thing = "${iot:Connection.Thing.ThingName}"
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{prefix}:client/{thing}"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["iot:Publish", "iot:Receive"],
+                    "Resource": f"{prefix}:topic/things/{thing}/*",
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": f"{prefix}:topicfilter/things/{thing}/*",
+                },
+            ],
+        }
+    )
+
+
+def hub_template_body(hub_policy_name: str) -> str:
+    """A template in the shape a managed-integrations hub expects (AWS does not publish theirs).
+
+    Thing `hub-<SerialNumber>` with its UPC as an attribute, the certificate made ACTIVE, the hub
+    policy attached, and the client id and managed thing id returned in deviceConfiguration.
+    """
+    thing_name = {"Fn::Join": ["", ["hub-", {"Ref": SERIAL_NUMBER_PARAMETER}]]}
+    return json.dumps(
+        {
+            "Parameters": {
+                SERIAL_NUMBER_PARAMETER: {"Type": "String"},
+                UPC_PARAMETER: {"Type": "String", "Default": "unknown"},
+                "AWS::IoT::Certificate::Id": {"Type": "String"},
+            },
+            "Resources": {
+                "thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {
+                        "ThingName": thing_name,
+                        "AttributePayload": {"upc": {"Ref": UPC_PARAMETER}},
+                    },
+                    "OverrideSettings": {"AttributePayload": "MERGE"},
+                },
+                "certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"},
+                },
+                "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": hub_policy_name}},
+            },
+            "DeviceConfiguration": {
+                CLIENT_ID_KEY: thing_name,
+                MANAGED_THING_ID_KEY: {"Fn::Join": ["", ["mt-", {"Ref": SERIAL_NUMBER_PARAMETER}]]},
+            },
+        }
+    )
+
+
+@dataclass(frozen=True)
+class ClaimSetup:
+    """The claim credentials and names a factory puts on its hubs."""
+
+    template_name: str
+    certificate_id: str
+    certificate_pem: str
+    private_key_pem: str
+    claim_policy_name: str
+    hub_policy_name: str
+
+
+def set_up_fleet_provisioning(
+    client: Any,
+    template_name: str = "HubTemplate",
+    *,
+    region: str | None = None,
+    account: str = "123456789012",
+    role_arn: str = "arn:aws:iam::123456789012:role/IoTProvisioningRole",
+    hook_url: str | None = None,
+) -> ClaimSetup:
+    """Create the template, both policies and an ACTIVE claim certificate; return the claim material.
+
+    Against real AWS pass your own account id and a role that IoT may assume to provision things.
+    """
+    region = region or client.meta.region_name
+    hub_policy = f"{template_name}-hub"
+    claim_policy = f"{template_name}-claim"
+    client.create_policy(policyName=hub_policy, policyDocument=hub_policy_document(region, account))
+    client.create_policy(
+        policyName=claim_policy, policyDocument=claim_policy_document(region, account, template_name)
+    )
+    template: dict[str, Any] = {
+        "templateName": template_name,
+        "templateBody": hub_template_body(hub_policy),
+        "provisioningRoleArn": role_arn,
+        "enabled": True,
+    }
+    if hook_url is not None:
+        template["preProvisioningHook"] = {"targetArn": hook_url, "payloadVersion": "2020-04-01"}
+    client.create_provisioning_template(**template)
+    created = client.create_keys_and_certificate(setAsActive=True)
+    client.attach_policy(policyName=claim_policy, target=created["certificateArn"])
+    return ClaimSetup(
+        template_name=template_name,
+        certificate_id=created["certificateId"],
+        certificate_pem=created["certificatePem"],
+        private_key_pem=created["keyPair"]["PrivateKey"],
+        claim_policy_name=claim_policy,
+        hub_policy_name=hub_policy,
+    )

@@ -1,0 +1,260 @@
+"""Just-in-time registration, the customer's side: a device CA and an activator.
+
+In AWS, JITR needs two things the customer owns: a CA registered with auto-registration that signed the
+devices' certificates, and code (a rule and a Lambda function) that hears the registration event and
+activates the certificate. `DeviceCA` and `JitrActivator` are both, built on public APIs only (boto3 and
+MQTT through the gateway), so they work against real AWS IoT Core as well as against the stand-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger("iot_core_local.jitr")
+
+REGISTRATION_TOPIC = "$aws/events/certificates/registered/{ca_id}"
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    common_name: str
+    certificate_pem: str
+    private_key_pem: str
+
+
+class DeviceCA:
+    """A manufacturer's CA that signs device (DHA) certificates at the factory."""
+
+    def __init__(self, name: str = "Hub Maker Device CA") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.certificate_pem = _pem(self.certificate)
+
+    def _sign(self, subject: x509.Name, public_key: Any, days: int = 3650) -> x509.Certificate:
+        now = dt.datetime.now(dt.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def issue_device(self, common_name: str) -> DeviceCredentials:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hub Maker"),
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            ]
+        )
+        cert = self._sign(subject, key.public_key())
+        return DeviceCredentials(common_name, _pem(cert), _key_pem(key))
+
+    def register(self, client: Any, *, template_body: str | None = None, role_arn: str | None = None) -> str:
+        """Register this CA with auto-registration (JITR; JITP when a template body is given)."""
+        code = client.get_registration_code()["registrationCode"]
+        verification_key = ec.generate_private_key(ec.SECP256R1())
+        verification = self._sign(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)]), verification_key.public_key(), days=1
+        )
+        request: dict[str, Any] = {
+            "caCertificate": self.certificate_pem,
+            "verificationCertificate": _pem(verification),
+            "setAsActive": True,
+            "allowAutoRegistration": True,
+        }
+        if template_body is not None:
+            request["registrationConfig"] = {
+                "templateBody": template_body,
+                "roleArn": role_arn or "arn:aws:iam::123456789012:role/JITPRole",
+            }
+        ca_id: str = client.register_ca_certificate(**request)["certificateId"]
+        return ca_id
+
+
+def activator_policy_document(region: str, account: str) -> str:
+    """What the activator's own certificate may do: hear registration events, nothing else."""
+    prefix = f"arn:aws:iot:{region}:{account}"
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": f"{prefix}:topicfilter/$aws/events/certificates/registered/*",
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Receive",
+                    "Resource": f"{prefix}:topic/$aws/events/certificates/registered/*",
+                },
+            ],
+        }
+    )
+
+
+class JitrActivator:
+    """Behaves like a customer's JITR Lambda function.
+
+    Subscribes to the registration events of one CA; for each pending certificate it creates a thing
+    named after the certificate's common name, attaches the certificate and a policy, and activates it.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        host: str,
+        port: int,
+        root_ca_pem: bytes,
+        ca_certificate_id: str,
+        device_policy_name: str,
+        account: str = "123456789012",
+        client_id: str = "jitr-activator",
+    ) -> None:
+        self._iot = client
+        self._host = host
+        self._port = port
+        self._root_ca_pem = root_ca_pem
+        self._ca_id = ca_certificate_id
+        self._device_policy = device_policy_name
+        self._account = account
+        self._client_id = client_id
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jitr-activator")
+        self._mqtt: Any = None
+        self.activated: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._stopped = threading.Event()
+
+    def start(self, timeout: float = 10.0) -> None:
+        from awscrt import mqtt5
+        from awsiot import mqtt5_client_builder
+
+        region = self._iot.meta.region_name
+        policy_name = f"{self._client_id}-policy"
+        self._iot.create_policy(
+            policyName=policy_name, policyDocument=activator_policy_document(region, self._account)
+        )
+        created = self._iot.create_keys_and_certificate(setAsActive=True)
+        self._iot.attach_policy(policyName=policy_name, target=created["certificateArn"])
+        connected = threading.Event()
+        self._mqtt = mqtt5_client_builder.mtls_from_bytes(
+            endpoint=self._host,
+            port=self._port,
+            cert_bytes=created["certificatePem"].encode(),
+            pri_key_bytes=created["keyPair"]["PrivateKey"].encode(),
+            ca_bytes=self._root_ca_pem,
+            client_id=self._client_id,
+            on_publish_received=self._on_publish,
+            on_lifecycle_connection_success=lambda _data: connected.set(),
+            on_lifecycle_stopped=lambda _data: self._stopped.set(),
+        )
+        self._mqtt.start()
+        if not connected.wait(timeout):
+            self.stop()
+            raise TimeoutError(
+                f"JITR activator could not connect to {self._host}:{self._port} in {timeout} s"
+            )
+        topic = REGISTRATION_TOPIC.format(ca_id=self._ca_id)
+        suback = self._mqtt.subscribe(
+            mqtt5.SubscribePacket(
+                subscriptions=[mqtt5.Subscription(topic_filter=topic, qos=mqtt5.QoS.AT_LEAST_ONCE)]
+            )
+        ).result(timeout)
+        if suback.reason_codes[0] > 2:
+            self.stop()
+            raise PermissionError(f"JITR activator may not subscribe to {topic}: {suback.reason_codes[0]!r}")
+
+    def _on_publish(self, data: Any) -> None:
+        # Called on awscrt's event-loop thread: hand the (blocking) API calls to a worker.
+        try:
+            event = json.loads(data.publish_packet.payload)
+        except ValueError:
+            log.warning("JITR activator: ignoring a registration event that is not JSON")
+            return
+        with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+        self._pool.submit(self._activate, event)
+
+    def _activate(self, event: dict[str, Any]) -> None:
+        certificate_id = event.get("certificateId", "")
+        if event.get("certificateStatus") != "PENDING_ACTIVATION" or certificate_id in self.activated:
+            return
+        try:
+            description = self._iot.describe_certificate(certificateId=certificate_id)[
+                "certificateDescription"
+            ]
+            cert = x509.load_pem_x509_certificate(description["certificatePem"].encode())
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            thing_name = str(names[0].value) if names else certificate_id
+            arn = description["certificateArn"]
+            with contextlib.suppress(self._iot.exceptions.ResourceAlreadyExistsException):
+                self._iot.create_thing(thingName=thing_name)
+            self._iot.attach_thing_principal(thingName=thing_name, principal=arn)
+            self._iot.attach_policy(policyName=self._device_policy, target=arn)
+            self._iot.update_certificate(certificateId=certificate_id, newStatus="ACTIVE")
+        except Exception:
+            log.exception("JITR activator: could not activate certificate %s", certificate_id)
+            return
+        log.info("JITR activator: activated certificate %s as thing %s", certificate_id, thing_name)
+        with self._changed:
+            self.activated.append(certificate_id)
+            self._changed.notify_all()
+
+    def wait_for_activation(self, count: int = 1, timeout: float = 30.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.activated) >= count, timeout)
+
+    def stop(self) -> None:
+        if self._mqtt is not None:
+            self._mqtt.stop()
+            self._stopped.wait(5.0)
+            self._mqtt = None
+        self._pool.shutdown(wait=True)
