@@ -1,0 +1,147 @@
+"""A lean asyncio MQTT 5 load generator for the gateway (codec: the `mqtt5` package).
+
+The device side of the product uses awscrt; this generator exists only so that one process on a
+2-core machine can drive hundreds of concurrent provisionings without itself being the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+from dataclasses import dataclass
+
+import mqtt5
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def make_csr(common_name: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class MqttConnection:
+    """One MQTT 5 connection: send packets, await packets, nothing more."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buffer = bytearray()
+        self._next_id = 0
+
+    @classmethod
+    async def open(
+        cls, host: str, port: int, client_id: str, ssl_context: ssl.SSLContext | None
+    ) -> MqttConnection:
+        reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        conn = cls(reader, writer)
+        conn.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60))
+        connack = await conn.receive()
+        if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
+            raise ConnectionError(f"CONNECT refused: {connack!r}")
+        return conn
+
+    def packet_id(self) -> int:
+        self._next_id = self._next_id % 65535 + 1
+        return self._next_id
+
+    def send(self, packet: mqtt5.Packet) -> None:
+        self.writer.write(packet.write())
+
+    async def receive(self) -> mqtt5.Packet:
+        while True:
+            if self.buffer:
+                try:
+                    packet, size = mqtt5.read(memoryview(self.buffer))
+                except IndexError:
+                    pass
+                else:
+                    del self.buffer[:size]
+                    return packet
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            self.buffer += chunk
+
+    async def subscribe(self, *filters: str) -> None:
+        pid = self.packet_id()
+        topic_filters = [mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for f in filters]
+        self.send(mqtt5.SubscribePacket(pid, topic_filters))
+        while True:
+            packet = await self.receive()
+            if isinstance(packet, mqtt5.SubAckPacket) and packet.packet_id == pid:
+                if any(code > 2 for code in packet.reason_codes):
+                    raise PermissionError(f"SUBSCRIBE refused: {packet.reason_codes}")
+                return
+
+    async def request(self, topic: str, payload: bytes) -> tuple[str, bytes]:
+        """Publish QoS 1 and return the first PUBLISH that comes back (the answer)."""
+        self.send(
+            mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=self.packet_id())
+        )
+        while True:
+            packet = await self.receive()
+            if isinstance(packet, mqtt5.PublishPacket):
+                if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+                    self.send(mqtt5.PubAckPacket(packet.packet_id))
+                return packet.topic, packet.payload
+
+    async def close(self) -> None:
+        self.send(mqtt5.DisconnectPacket())
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+@dataclass(frozen=True)
+class ProvisioningResult:
+    ok: bool
+    seconds: float
+    error: str = ""
+
+
+async def provision_one(
+    host: str, port: int, ctx: ssl.SSLContext, template: str, serial: str, csr_pem: str
+) -> ProvisioningResult:
+    """Claim connect, CreateCertificateFromCsr, RegisterThing, disconnect: one hub's onboarding."""
+    started = time.perf_counter()
+    try:
+        conn = await MqttConnection.open(host, port, serial, ctx)
+        csr_topic = "$aws/certificates/create-from-csr/json"
+        register_topic = f"$aws/provisioning-templates/{template}/provision/json"
+        await conn.subscribe(
+            f"{csr_topic}/accepted",
+            f"{csr_topic}/rejected",
+            f"{register_topic}/accepted",
+            f"{register_topic}/rejected",
+        )
+        topic, payload = await conn.request(
+            csr_topic, json.dumps({"certificateSigningRequest": csr_pem}).encode()
+        )
+        if not topic.endswith("/accepted"):
+            raise RuntimeError(payload.decode())
+        token = json.loads(payload)["certificateOwnershipToken"]
+        request = {"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial}}
+        topic, payload = await conn.request(register_topic, json.dumps(request).encode())
+        if not topic.endswith("/accepted"):
+            raise RuntimeError(payload.decode())
+        await conn.close()
+    except Exception as exc:  # a benchmark counts failures, it does not stop on them
+        return ProvisioningResult(False, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+    return ProvisioningResult(True, time.perf_counter() - started)
+
+
+def client_context(root_ca: str, cert_path: str, key_path: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=root_ca)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
