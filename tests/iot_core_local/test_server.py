@@ -1,0 +1,174 @@
+"""The `iot-core-local serve` process and the LocalIotCore API: start, endpoint file, lock, stop, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from iot_core_local.errors import ServerError
+from iot_core_local.server import Endpoint, LocalIotCore
+
+
+def _serve(data_dir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iot_core_local",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--mqtt-port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _mosquitto_pids(data_dir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "mosquitto" in cmdline and str(data_dir) in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    proc = _serve(data_dir)
+    try:
+        assert proc.stdout is not None
+        printed = json.loads(proc.stdout.readline())
+        on_disk = json.loads((data_dir / "endpoint.json").read_text())
+        assert printed == on_disk
+        assert set(on_disk) == {"mqttHost", "mqttPort", "apiUrl", "rootCaPath"}
+        assert on_disk["mqttPort"] > 0
+        assert on_disk["apiUrl"].startswith(f"http://{on_disk['mqttHost']}:")
+        assert Path(on_disk["rootCaPath"]).is_file()
+        assert _mosquitto_pids(data_dir), "serve should run its own Mosquitto"
+
+        iot = boto3.client(
+            "iot",
+            endpoint_url=on_disk["apiUrl"],
+            region_name="eu-west-1",
+            aws_access_key_id="a",
+            aws_secret_access_key="b",
+        )
+        assert iot.list_things()["things"] == []
+
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "iot_core_local",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--mqtt-port",
+                "0",
+                "--api-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 3
+        assert "already served" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 10
+    while _mosquitto_pids(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _mosquitto_pids(data_dir) == [], "Mosquitto must stop with the server"
+    assert not (data_dir / "endpoint.json").exists()
+
+
+def test_sigint_stops_too(tmp_path: Path) -> None:
+    proc = _serve(tmp_path / "data")
+    assert proc.stdout is not None
+    json.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+
+
+def test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iot_core_local",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--mqtt-port",
+            "70000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "port out of range" in result.stderr
+
+
+def test_state_survives_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with LocalIotCore(data_dir) as core:
+        iot = core.client()
+        created = iot.create_keys_and_certificate(setAsActive=True)
+        iot.create_thing(thingName="kept")
+        iot.create_policy(
+            policyName="kept-policy", policyDocument='{"Version": "2012-10-17", "Statement": []}'
+        )
+        root_ca = core.endpoint.root_ca_path.read_bytes()
+    with LocalIotCore(data_dir) as core:
+        iot = core.client()
+        described = iot.describe_certificate(certificateId=created["certificateId"])["certificateDescription"]
+        assert described["status"] == "ACTIVE"
+        assert iot.describe_thing(thingName="kept")["thingName"] == "kept"
+        assert iot.get_policy(policyName="kept-policy")["policyName"] == "kept-policy"
+        assert core.endpoint.root_ca_path.read_bytes() == root_ca, "the CA must be kept, not remade"
+
+
+def test_embedded_second_server_on_same_dir_is_refused(tmp_path: Path) -> None:
+    with LocalIotCore(tmp_path / "data") as core:
+        assert isinstance(core.endpoint, Endpoint)
+        with pytest.raises(ServerError, match="already served"):
+            LocalIotCore(tmp_path / "data").start()
+        assert core.client().list_things()["things"] == []
+
+
+def test_data_dir_and_keys_are_private(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        with LocalIotCore(tmp_path / "data"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "data").stat().st_mode & 0o077 == 0
+    keys = list((tmp_path / "data" / "ca").glob("*.key"))
+    assert keys
+    for key in keys:
+        assert key.stat().st_mode & 0o077 == 0, key
