@@ -1,0 +1,928 @@
+"""The registry: everything AWS IoT would remember, in one SQLite file.
+
+One connection, shared by the gateway's event loop and the control plane's HTTP threads, behind an RLock.
+WAL with synchronous=NORMAL: a commit costs no fsync, the file stays consistent after a crash, and at worst
+the last few commits before a power cut are lost, which a local stand-in can afford for the provisioning
+rate it must sustain.
+
+Every method raises `errors.ServiceError` subclasses with the type and wording AWS would use, so the
+control plane and the MQTT provisioning API can pass them through unchanged.
+"""
+
+# S608: the f-strings below only splice this module's constant column lists; values are always bound.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from iot_core_local.ca import certificate_id as _certificate_id
+from iot_core_local.ca import load_certificate
+from iot_core_local.errors import (
+    CertificateState,
+    DeleteConflict,
+    InvalidRequest,
+    ResourceAlreadyExists,
+    ResourceNotFound,
+    VersionConflict,
+)
+
+__all__ = [
+    "ACCOUNT_ID",
+    "CA_STATUSES",
+    "CERTIFICATE_STATUSES",
+    "CACertificate",
+    "Certificate",
+    "Policy",
+    "ProvisioningTemplate",
+    "Registry",
+    "Thing",
+    "TokenGrant",
+    "certificate_id_from_arn",
+]
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_ID = "123456789012"
+CERTIFICATE_STATUSES = (
+    "ACTIVE",
+    "INACTIVE",
+    "REVOKED",
+    "PENDING_TRANSFER",
+    "REGISTER_INACTIVE",
+    "PENDING_ACTIVATION",
+)
+CA_STATUSES = ("ACTIVE", "INACTIVE")
+CERTIFICATE_MODES = ("DEFAULT", "SNI_ONLY")
+TEMPLATE_TYPES = ("FLEET_PROVISIONING", "JITP")
+DELETED = "DELETED"
+
+_CERT_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:cert/([0-9a-f]{64})")
+_THING_GROUP_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:thinggroup/[a-zA-Z0-9:_-]{1,128}")
+_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+_POLICY_NAME = re.compile(r"[\w+=,.@-]{1,128}")
+_TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")
+_TOKEN_HASH_KEEP = 86400.0  # expired token hashes are purged a day later; until then they say "expired"
+
+
+@dataclass(frozen=True)
+class Certificate:
+    certificate_id: str
+    arn: str
+    pem: str
+    status: str
+    ca_certificate_id: str | None
+    mode: str
+    created: float
+    last_modified: float
+    customer_version: int
+    generation_id: str
+
+
+@dataclass(frozen=True)
+class CACertificate:
+    certificate_id: str
+    arn: str
+    pem: str
+    status: str
+    auto_registration: bool
+    registration_config: dict[str, str] | None
+    mode: str
+    created: float
+    last_modified: float
+    customer_version: int
+    generation_id: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    arn: str
+    document: str
+    version_id: str
+    created: float
+    last_modified: float
+
+
+@dataclass(frozen=True)
+class Thing:
+    name: str
+    arn: str
+    thing_id: str
+    thing_type_name: str | None
+    attributes: dict[str, str]
+    version: int
+
+
+@dataclass(frozen=True)
+class ProvisioningTemplate:
+    name: str
+    arn: str
+    description: str | None
+    body: str
+    enabled: bool
+    role_arn: str
+    hook: dict[str, str] | None
+    template_type: str
+    created: float
+    last_modified: float
+    version_id: int
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    certificate_id: str
+    claim_certificate_id: str | None
+
+
+def certificate_id_from_arn(arn: str) -> str | None:
+    """The certificate id in a certificate ARN, or None if `arn` is not one."""
+    match = _CERT_ARN.fullmatch(arn)
+    return match.group(1) if match else None
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (
+    id TEXT PRIMARY KEY, pem TEXT NOT NULL, status TEXT NOT NULL, ca_id TEXT, mode TEXT NOT NULL,
+    created REAL NOT NULL, last_modified REAL NOT NULL, customer_version INTEGER NOT NULL,
+    generation_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS certificates_by_ca ON certificates (ca_id);
+CREATE TABLE IF NOT EXISTS ca_certificates (
+    id TEXT PRIMARY KEY, pem TEXT NOT NULL, subject BLOB NOT NULL, status TEXT NOT NULL,
+    auto_registration INTEGER NOT NULL, registration_config TEXT, mode TEXT NOT NULL,
+    created REAL NOT NULL, last_modified REAL NOT NULL, customer_version INTEGER NOT NULL,
+    generation_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS ca_by_subject ON ca_certificates (subject);
+CREATE TABLE IF NOT EXISTS policies (
+    name TEXT PRIMARY KEY, document TEXT NOT NULL, created REAL NOT NULL, last_modified REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS policy_targets (
+    policy TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (policy, target));
+CREATE INDEX IF NOT EXISTS policy_targets_by_target ON policy_targets (target);
+CREATE TABLE IF NOT EXISTS things (
+    name TEXT PRIMARY KEY, thing_id TEXT NOT NULL, thing_type TEXT, attributes TEXT NOT NULL,
+    version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS thing_principals (
+    thing TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (thing, principal));
+CREATE INDEX IF NOT EXISTS thing_principals_by_principal ON thing_principals (principal);
+CREATE TABLE IF NOT EXISTS templates (
+    name TEXT PRIMARY KEY, description TEXT, body TEXT NOT NULL, enabled INTEGER NOT NULL,
+    role_arn TEXT NOT NULL, hook TEXT, type TEXT NOT NULL, created REAL NOT NULL,
+    last_modified REAL NOT NULL, version_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY, certificate_id TEXT NOT NULL, claim_certificate_id TEXT,
+    expires REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+class Registry:
+    """SQLite-backed state of one iot-core-local; thread-safe."""
+
+    def __init__(self, path: Path, region: str = "us-east-1") -> None:
+        self.path = Path(path)
+        self.region = region
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending: list[tuple[str, str]] = []
+        self._listeners: list[Callable[[str, str], None]] = []
+        self._ca_cache: dict[str, x509.Certificate] = {}
+        # isolation_level=None: this class issues BEGIN/SAVEPOINT itself, so nesting is explicit.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- names ----------------------------------------------------------------------------------
+
+    def arn(self, resource: str) -> str:
+        return f"arn:aws:iot:{self.region}:{ACCOUNT_ID}:{resource}"
+
+    def cert_arn(self, certificate_id: str) -> str:
+        return self.arn(f"cert/{certificate_id}")
+
+    # ---- transactions and listeners -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All-or-nothing; nests (inner levels are savepoints). Listeners run after the outermost commit."""
+        self._lock.acquire()
+        depth = self._depth
+        mark = len(self._pending)
+        self._depth += 1
+        events: list[tuple[str, str]] = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT level{depth}")
+            try:
+                yield
+            except BaseException:
+                if depth == 0:
+                    self._db.execute("ROLLBACK")
+                    self._pending.clear()
+                else:
+                    self._db.execute(f"ROLLBACK TO level{depth}")
+                    self._db.execute(f"RELEASE level{depth}")
+                    del self._pending[mark:]
+                raise
+            if depth == 0:
+                self._db.execute("COMMIT")
+                events, self._pending = self._pending, []
+            else:
+                self._db.execute(f"RELEASE level{depth}")
+        finally:
+            self._depth -= 1
+            self._lock.release()
+        # Outside the lock: a listener may call back into the registry or hand work to another thread.
+        for certificate_id, status in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(certificate_id, status)
+                except Exception:
+                    log.exception("certificate listener failed for %s", certificate_id)
+
+    def add_listener(self, fn: Callable[[str, str], None]) -> None:
+        """`fn(certificate_id, new_status)` after each committed status change or deletion ("DELETED").
+
+        It runs on the thread that made the change: hand work to your own thread or loop from it.
+        """
+        self._listeners.append(fn)
+
+    def _notify(self, certificate_id: str, status: str) -> None:
+        self._pending.append((certificate_id, status))
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._db.execute(sql, params)
+            rows: list[sqlite3.Row] = cursor.fetchall()
+            return rows
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
+
+    # ---- certificates ---------------------------------------------------------------------------
+
+    _CERT_COLUMNS = "id, pem, status, ca_id, mode, created, last_modified, customer_version, generation_id"
+
+    def _certificate(self, row: Any) -> Certificate:
+        return Certificate(
+            certificate_id=row[0],
+            arn=self.cert_arn(row[0]),
+            pem=row[1],
+            status=row[2],
+            ca_certificate_id=row[3],
+            mode=row[4],
+            created=row[5],
+            last_modified=row[6],
+            customer_version=row[7],
+            generation_id=row[8],
+        )
+
+    def add_certificate(
+        self, pem: str, status: str, *, ca_certificate_id: str | None = None, mode: str = "DEFAULT"
+    ) -> Certificate:
+        """Register a device certificate; ResourceAlreadyExists (with its id and ARN) if it is known."""
+        _check_choice("status", status, CERTIFICATE_STATUSES)
+        _check_choice("certificateMode", mode, CERTIFICATE_MODES)
+        cert = load_certificate(pem)
+        cid = _certificate_id(cert)
+        now = time.time()
+        with self.transaction():
+            if self._one("SELECT 1 FROM certificates WHERE id = ?", (cid,)) is not None:
+                raise ResourceAlreadyExists(
+                    "The certificate is already provisioned or registered", cid, self.cert_arn(cid)
+                )
+            self._db.execute(
+                f"INSERT INTO certificates ({self._CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, _normal_pem(cert), status, ca_certificate_id, mode, now, now, 1, str(uuid.uuid4())),
+            )
+            return self.get_certificate(cid)
+
+    def find_certificate(self, certificate_id: str) -> Certificate | None:
+        row = self._one(f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE id = ?", (certificate_id,))
+        return None if row is None else self._certificate(row)
+
+    def get_certificate(self, certificate_id: str) -> Certificate:
+        cert = self.find_certificate(certificate_id)
+        if cert is None:
+            raise ResourceNotFound(f"The certificate {certificate_id} does not exist")
+        return cert
+
+    def list_certificates(self, ca_certificate_id: str | None = None) -> list[Certificate]:
+        """Oldest first."""
+        if ca_certificate_id is None:
+            rows = self._query(f"SELECT {self._CERT_COLUMNS} FROM certificates ORDER BY created, rowid")
+        else:
+            rows = self._query(
+                f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id = ? ORDER BY created, rowid",
+                (ca_certificate_id,),
+            )
+        return [self._certificate(row) for row in rows]
+
+    def set_certificate_status(self, certificate_id: str, status: str) -> Certificate:
+        """Change a status as UpdateCertificate does; REVOKED is final (CertificateState)."""
+        _check_choice("status", status, CERTIFICATE_STATUSES)
+        with self.transaction():
+            cert = self.get_certificate(certificate_id)
+            if cert.status == status:
+                return cert
+            if cert.status == "REVOKED":
+                raise CertificateState(
+                    f"The certificate {certificate_id} is REVOKED; a revoked certificate cannot change status"
+                )
+            if status == "ACTIVE" and cert.ca_certificate_id is not None:
+                ca = self.find_ca_certificate(cert.ca_certificate_id)
+                if ca is not None and ca.status != "ACTIVE":
+                    raise CertificateState(
+                        f"The CA certificate {ca.certificate_id} that signed certificate {certificate_id} "
+                        f"is {ca.status}; activate the CA first"
+                    )
+            self._db.execute(
+                "UPDATE certificates SET status = ?, last_modified = ?,"
+                " customer_version = customer_version + 1, generation_id = ? WHERE id = ?",
+                (status, time.time(), str(uuid.uuid4()), certificate_id),
+            )
+            self._notify(certificate_id, status)
+            return self.get_certificate(certificate_id)
+
+    def delete_certificate(self, certificate_id: str, force: bool = False) -> None:
+        """As DeleteCertificate: not while ACTIVE (CertificateState), nor while attached (DeleteConflict).
+
+        `force` is AWS's forceDelete: policies are detached with the certificate, but a thing attached to
+        it still blocks the deletion.
+        """
+        with self.transaction():
+            cert = self.get_certificate(certificate_id)
+            if cert.status == "ACTIVE":
+                raise CertificateState(
+                    f"The certificate {certificate_id} is ACTIVE; set it INACTIVE before deleting it"
+                )
+            arn = cert.arn
+            if self._one("SELECT 1 FROM thing_principals WHERE principal = ?", (arn,)) is not None:
+                raise DeleteConflict(
+                    f"The certificate {certificate_id} is attached to a thing; detach it first"
+                )
+            if not force and self._one("SELECT 1 FROM policy_targets WHERE target = ?", (arn,)):
+                raise DeleteConflict(
+                    f"The certificate {certificate_id} has policies attached; detach them first "
+                    "(or use forceDelete)"
+                )
+            self._db.execute("DELETE FROM policy_targets WHERE target = ?", (arn,))
+            self._db.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
+            self._notify(certificate_id, DELETED)
+
+    # ---- CA certificates ------------------------------------------------------------------------
+
+    _CA_COLUMNS = (
+        "id, pem, status, auto_registration, registration_config, mode, created, last_modified,"
+        " customer_version, generation_id"
+    )
+
+    def _ca_certificate(self, row: Any) -> CACertificate:
+        return CACertificate(
+            certificate_id=row[0],
+            arn=self.arn(f"cacert/{row[0]}"),
+            pem=row[1],
+            status=row[2],
+            auto_registration=bool(row[3]),
+            registration_config=None if row[4] is None else json.loads(row[4]),
+            mode=row[5],
+            created=row[6],
+            last_modified=row[7],
+            customer_version=row[8],
+            generation_id=row[9],
+        )
+
+    def add_ca_certificate(
+        self,
+        pem: str,
+        *,
+        status: str,
+        auto_registration: bool,
+        registration_config: dict[str, str] | None,
+        mode: str,
+    ) -> CACertificate:
+        _check_choice("status", status, CA_STATUSES)
+        _check_choice("certificateMode", mode, CERTIFICATE_MODES)
+        cert = load_certificate(pem)
+        cid = _certificate_id(cert)
+        now = time.time()
+        with self.transaction():
+            if self._one("SELECT 1 FROM ca_certificates WHERE id = ?", (cid,)) is not None:
+                raise ResourceAlreadyExists(
+                    "The CA certificate is already registered", cid, self.arn(f"cacert/{cid}")
+                )
+            self._db.execute(
+                f"INSERT INTO ca_certificates ({self._CA_COLUMNS}, subject)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cid,
+                    _normal_pem(cert),
+                    status,
+                    int(auto_registration),
+                    _config_json(registration_config),
+                    mode,
+                    now,
+                    now,
+                    1,
+                    str(uuid.uuid4()),
+                    cert.subject.public_bytes(),
+                ),
+            )
+            return self.get_ca_certificate(cid)
+
+    def find_ca_certificate(self, certificate_id: str) -> CACertificate | None:
+        row = self._one(f"SELECT {self._CA_COLUMNS} FROM ca_certificates WHERE id = ?", (certificate_id,))
+        return None if row is None else self._ca_certificate(row)
+
+    def get_ca_certificate(self, certificate_id: str) -> CACertificate:
+        ca = self.find_ca_certificate(certificate_id)
+        if ca is None:
+            raise ResourceNotFound(f"The CA certificate {certificate_id} does not exist")
+        return ca
+
+    def find_ca_for(self, cert: x509.Certificate) -> CACertificate | None:
+        """The registered CA whose subject is `cert`'s issuer and whose key signed it (ACTIVE ones first)."""
+        rows = self._query(
+            f"SELECT {self._CA_COLUMNS} FROM ca_certificates WHERE subject = ?"
+            " ORDER BY status = 'ACTIVE' DESC, created",
+            (cert.issuer.public_bytes(),),
+        )
+        for row in rows:
+            ca = self._ca_certificate(row)
+            parsed = self._ca_cache.get(ca.certificate_id)
+            if parsed is None:
+                parsed = load_certificate(ca.pem)
+                self._ca_cache[ca.certificate_id] = parsed
+            try:
+                cert.verify_directly_issued_by(parsed)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return ca
+        return None
+
+    def list_ca_certificates(self) -> list[CACertificate]:
+        rows = self._query(f"SELECT {self._CA_COLUMNS} FROM ca_certificates ORDER BY created, rowid")
+        return [self._ca_certificate(row) for row in rows]
+
+    def update_ca_certificate(
+        self,
+        certificate_id: str,
+        *,
+        status: str | None = None,
+        auto_registration: bool | None = None,
+        registration_config: dict[str, str] | None = None,
+        remove_registration_config: bool = False,
+    ) -> CACertificate:
+        """None leaves a field as it is; `remove_registration_config` clears the JITP configuration."""
+        if status is not None:
+            _check_choice("newStatus", status, CA_STATUSES)
+        with self.transaction():
+            ca = self.get_ca_certificate(certificate_id)
+            new_status = ca.status if status is None else status
+            new_auto = ca.auto_registration if auto_registration is None else auto_registration
+            config = ca.registration_config
+            if remove_registration_config:
+                config = None
+            if registration_config is not None:
+                config = registration_config
+            self._db.execute(
+                "UPDATE ca_certificates SET status = ?, auto_registration = ?, registration_config = ?,"
+                " last_modified = ?, customer_version = customer_version + 1, generation_id = ?"
+                " WHERE id = ?",
+                (
+                    new_status,
+                    int(new_auto),
+                    _config_json(config),
+                    time.time(),
+                    str(uuid.uuid4()),
+                    certificate_id,
+                ),
+            )
+            return self.get_ca_certificate(certificate_id)
+
+    def delete_ca_certificate(self, certificate_id: str) -> None:
+        """As DeleteCACertificate: only an INACTIVE CA may go (CertificateState otherwise)."""
+        with self.transaction():
+            ca = self.get_ca_certificate(certificate_id)
+            if ca.status == "ACTIVE":
+                raise CertificateState(
+                    f"The CA certificate {certificate_id} is ACTIVE; set it INACTIVE before deleting it"
+                )
+            self._db.execute("DELETE FROM ca_certificates WHERE id = ?", (certificate_id,))
+            self._ca_cache.pop(certificate_id, None)
+
+    def registration_code(self) -> str:
+        """The account's registration code (RegisterCACertificate's proof of possession); stable."""
+        with self.transaction():
+            row = self._one("SELECT value FROM meta WHERE key = 'registration_code'")
+            if row is not None:
+                return str(row[0])
+            code = secrets.token_hex(32)
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('registration_code', ?)", (code,))
+            return code
+
+    # ---- policies -------------------------------------------------------------------------------
+
+    def _policy(self, row: Any) -> Policy:
+        return Policy(
+            name=row[0],
+            arn=self.arn(f"policy/{row[0]}"),
+            document=row[1],
+            version_id="1",
+            created=row[2],
+            last_modified=row[3],
+        )
+
+    def create_policy(self, name: str, document: str) -> Policy:
+        """ResourceAlreadyExists if the name is taken; MalformedPolicy (an InvalidRequest) if the document
+        is bad."""
+        from iot_core_local.policy import (
+            validate_policy,
+        )  # policy.py is pure; imported late to keep startup lean
+
+        _check_name("policyName", name, _POLICY_NAME)
+        validate_policy(document)
+        now = time.time()
+        with self.transaction():
+            if self._one("SELECT 1 FROM policies WHERE name = ?", (name,)) is not None:
+                raise ResourceAlreadyExists(f"Policy {name} already exists", name, self.arn(f"policy/{name}"))
+            self._db.execute(
+                "INSERT INTO policies (name, document, created, last_modified) VALUES (?, ?, ?, ?)",
+                (name, document, now, now),
+            )
+            return self.get_policy(name)
+
+    def find_policy(self, name: str) -> Policy | None:
+        row = self._one("SELECT name, document, created, last_modified FROM policies WHERE name = ?", (name,))
+        return None if row is None else self._policy(row)
+
+    def get_policy(self, name: str) -> Policy:
+        policy = self.find_policy(name)
+        if policy is None:
+            raise ResourceNotFound(f"Policy {name} does not exist")
+        return policy
+
+    def list_policies(self) -> list[Policy]:
+        rows = self._query("SELECT name, document, created, last_modified FROM policies ORDER BY name")
+        return [self._policy(row) for row in rows]
+
+    def delete_policy(self, name: str) -> None:
+        with self.transaction():
+            self.get_policy(name)
+            if self._one("SELECT 1 FROM policy_targets WHERE policy = ?", (name,)) is not None:
+                raise DeleteConflict(f"Policy {name} is attached to one or more targets; detach it first")
+            self._db.execute("DELETE FROM policies WHERE name = ?", (name,))
+
+    def _check_target(self, target: str) -> None:
+        cid = certificate_id_from_arn(target)
+        if cid is not None:
+            self.get_certificate(cid)
+        elif not _THING_GROUP_ARN.fullmatch(target):
+            raise InvalidRequest(f"The target {target} is neither a certificate ARN nor a thing group ARN")
+
+    def attach_policy(self, name: str, target: str) -> None:
+        with self.transaction():
+            self.get_policy(name)
+            self._check_target(target)
+            self._db.execute(
+                "INSERT OR IGNORE INTO policy_targets (policy, target) VALUES (?, ?)", (name, target)
+            )
+
+    def detach_policy(self, name: str, target: str) -> None:
+        with self.transaction():
+            self.get_policy(name)
+            self._db.execute("DELETE FROM policy_targets WHERE policy = ? AND target = ?", (name, target))
+
+    def list_attached_policies(self, target: str) -> list[Policy]:
+        rows = self._query(
+            "SELECT p.name, p.document, p.created, p.last_modified FROM policies p"
+            " JOIN policy_targets t ON t.policy = p.name WHERE t.target = ? ORDER BY p.name",
+            (target,),
+        )
+        return [self._policy(row) for row in rows]
+
+    def list_targets_for_policy(self, name: str) -> list[str]:
+        with self._lock:
+            self.get_policy(name)
+            rows = self._query("SELECT target FROM policy_targets WHERE policy = ? ORDER BY rowid", (name,))
+        return [row[0] for row in rows]
+
+    # ---- things ---------------------------------------------------------------------------------
+
+    def _thing(self, row: Any) -> Thing:
+        return Thing(
+            name=row[0],
+            arn=self.arn(f"thing/{row[0]}"),
+            thing_id=row[1],
+            thing_type_name=row[2],
+            attributes=json.loads(row[3]),
+            version=row[4],
+        )
+
+    def find_thing(self, name: str) -> Thing | None:
+        row = self._one(
+            "SELECT name, thing_id, thing_type, attributes, version FROM things WHERE name = ?", (name,)
+        )
+        return None if row is None else self._thing(row)
+
+    def get_thing(self, name: str) -> Thing:
+        thing = self.find_thing(name)
+        if thing is None:
+            raise ResourceNotFound(f"Thing {name} cannot be found")
+        return thing
+
+    def create_thing(
+        self, name: str, *, thing_type_name: str | None = None, attributes: dict[str, str] | None = None
+    ) -> Thing:
+        """As CreateThing: the same name with the same configuration succeeds again; a different
+        configuration is ResourceAlreadyExists."""
+        _check_name("thingName", name, _THING_NAME)
+        attributes = dict(attributes or {})
+        with self.transaction():
+            existing = self.find_thing(name)
+            if existing is not None:
+                if existing.thing_type_name == thing_type_name and existing.attributes == attributes:
+                    return existing
+                raise ResourceAlreadyExists(
+                    f"Thing {name} already exists in account with different attributes",
+                    existing.thing_id,
+                    existing.arn,
+                )
+            self._db.execute(
+                "INSERT INTO things (name, thing_id, thing_type, attributes, version) VALUES (?, ?, ?, ?, 1)",
+                (name, str(uuid.uuid4()), thing_type_name, json.dumps(attributes, sort_keys=True)),
+            )
+            return self.get_thing(name)
+
+    def update_thing(
+        self,
+        name: str,
+        *,
+        thing_type_name: str | None = None,
+        attributes: dict[str, str] | None = None,
+        merge: bool = True,
+        remove_thing_type: bool = False,
+        expected_version: int | None = None,
+    ) -> Thing:
+        """`merge` adds to the attributes (an empty value removes one); otherwise they are replaced."""
+        with self.transaction():
+            thing = self.get_thing(name)
+            if expected_version is not None and expected_version != thing.version:
+                raise VersionConflict(
+                    f"The version of thing {name} is {thing.version}, not the expected {expected_version}"
+                )
+            new_type = thing.thing_type_name
+            if remove_thing_type:
+                new_type = None
+            if thing_type_name is not None:
+                new_type = thing_type_name
+            new_attributes = dict(thing.attributes)
+            if attributes is not None:
+                if not merge:
+                    new_attributes = {}
+                new_attributes.update(attributes)
+                new_attributes = {k: v for k, v in new_attributes.items() if v != ""}
+            self._db.execute(
+                "UPDATE things SET thing_type = ?, attributes = ?, version = version + 1 WHERE name = ?",
+                (new_type, json.dumps(new_attributes, sort_keys=True), name),
+            )
+            return self.get_thing(name)
+
+    def list_things(self) -> list[Thing]:
+        rows = self._query("SELECT name, thing_id, thing_type, attributes, version FROM things ORDER BY name")
+        return [self._thing(row) for row in rows]
+
+    def delete_thing(self, name: str, *, expected_version: int | None = None) -> None:
+        """ResourceNotFound if absent (DeleteThing itself succeeds then; the control plane decides)."""
+        with self.transaction():
+            thing = self.get_thing(name)
+            if expected_version is not None and expected_version != thing.version:
+                raise VersionConflict(
+                    f"The version of thing {name} is {thing.version}, not the expected {expected_version}"
+                )
+            if self._one("SELECT 1 FROM thing_principals WHERE thing = ?", (name,)) is not None:
+                raise InvalidRequest(
+                    f"Cannot delete. Thing {name} is still attached to one or more principals"
+                )
+            self._db.execute("DELETE FROM things WHERE name = ?", (name,))
+
+    def _check_principal(self, principal: str) -> None:
+        cid = certificate_id_from_arn(principal)
+        if cid is None:
+            raise InvalidRequest(f"The principal {principal} is not a certificate ARN")
+        self.get_certificate(cid)
+
+    def attach_thing_principal(self, name: str, principal: str) -> None:
+        with self.transaction():
+            self.get_thing(name)
+            self._check_principal(principal)
+            self._db.execute(
+                "INSERT OR IGNORE INTO thing_principals (thing, principal) VALUES (?, ?)", (name, principal)
+            )
+
+    def detach_thing_principal(self, name: str, principal: str) -> None:
+        with self.transaction():
+            self.get_thing(name)
+            self._db.execute(
+                "DELETE FROM thing_principals WHERE thing = ? AND principal = ?", (name, principal)
+            )
+
+    def list_thing_principals(self, name: str) -> list[str]:
+        with self._lock:
+            self.get_thing(name)
+            rows = self._query(
+                "SELECT principal FROM thing_principals WHERE thing = ? ORDER BY rowid", (name,)
+            )
+        return [row[0] for row in rows]
+
+    def list_principal_things(self, principal: str) -> list[str]:
+        rows = self._query(
+            "SELECT thing FROM thing_principals WHERE principal = ? ORDER BY rowid", (principal,)
+        )
+        return [row[0] for row in rows]
+
+    # ---- provisioning templates -----------------------------------------------------------------
+
+    _TEMPLATE_COLUMNS = (
+        "name, description, body, enabled, role_arn, hook, type, created, last_modified, version_id"
+    )
+
+    def _template(self, row: Any) -> ProvisioningTemplate:
+        return ProvisioningTemplate(
+            name=row[0],
+            arn=self.arn(f"provisioningtemplate/{row[0]}"),
+            description=row[1],
+            body=row[2],
+            enabled=bool(row[3]),
+            role_arn=row[4],
+            hook=None if row[5] is None else json.loads(row[5]),
+            template_type=row[6],
+            created=row[7],
+            last_modified=row[8],
+            version_id=row[9],
+        )
+
+    def create_template(
+        self,
+        name: str,
+        body: str,
+        *,
+        role_arn: str,
+        enabled: bool,
+        description: str | None,
+        hook: dict[str, str] | None,
+        template_type: str,
+    ) -> ProvisioningTemplate:
+        """Stores the template; the body is checked by templates.validate_template, not here."""
+        _check_name("templateName", name, _TEMPLATE_NAME)
+        _check_choice("type", template_type, TEMPLATE_TYPES)
+        now = time.time()
+        with self.transaction():
+            if self.find_template(name) is not None:
+                raise ResourceAlreadyExists(
+                    f"Provisioning template {name} already exists",
+                    name,
+                    self.arn(f"provisioningtemplate/{name}"),
+                )
+            self._db.execute(
+                f"INSERT INTO templates ({self._TEMPLATE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                (
+                    name,
+                    description,
+                    body,
+                    int(enabled),
+                    role_arn,
+                    _config_json(hook),
+                    template_type,
+                    now,
+                    now,
+                ),
+            )
+            return self.get_template(name)
+
+    def find_template(self, name: str) -> ProvisioningTemplate | None:
+        row = self._one(f"SELECT {self._TEMPLATE_COLUMNS} FROM templates WHERE name = ?", (name,))
+        return None if row is None else self._template(row)
+
+    def get_template(self, name: str) -> ProvisioningTemplate:
+        template = self.find_template(name)
+        if template is None:
+            raise ResourceNotFound(f"The provisioning template {name} does not exist")
+        return template
+
+    def list_templates(self) -> list[ProvisioningTemplate]:
+        rows = self._query(f"SELECT {self._TEMPLATE_COLUMNS} FROM templates ORDER BY created, rowid")
+        return [self._template(row) for row in rows]
+
+    _TEMPLATE_CHANGES = frozenset({"description", "body", "enabled", "role_arn", "hook"})
+
+    def update_template(self, name: str, **changes: object) -> ProvisioningTemplate:
+        """Change any of description, body, enabled, role_arn, hook (None removes the hook).
+
+        A new body is a new version: version_id goes up by one.
+        """
+        unknown = set(changes) - set(self._TEMPLATE_CHANGES)
+        if unknown:
+            raise TypeError(f"update_template() got unknown fields {sorted(unknown)}")
+        with self.transaction():
+            self.get_template(name)
+            for field, value in changes.items():
+                stored = value
+                if field == "hook":
+                    stored = None if value is None else json.dumps(value, sort_keys=True)
+                elif field == "enabled":
+                    stored = int(bool(value))
+                self._db.execute(f"UPDATE templates SET {field} = ? WHERE name = ?", (stored, name))
+            version_step = 1 if "body" in changes else 0
+            self._db.execute(
+                "UPDATE templates SET last_modified = ?, version_id = version_id + ? WHERE name = ?",
+                (time.time(), version_step, name),
+            )
+            return self.get_template(name)
+
+    def delete_template(self, name: str) -> None:
+        with self.transaction():
+            self.get_template(name)
+            self._db.execute("DELETE FROM templates WHERE name = ?", (name,))
+
+    # ---- certificate ownership tokens -----------------------------------------------------------
+
+    def issue_token(self, certificate_id: str, claim_certificate_id: str | None, ttl: float) -> str:
+        """A fresh 256-bit token bound to `certificate_id`; only its SHA-256 is stored."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        with self.transaction():
+            self._db.execute("DELETE FROM tokens WHERE expires < ?", (now - _TOKEN_HASH_KEEP,))
+            self._db.execute(
+                "INSERT INTO tokens (hash, certificate_id, claim_certificate_id, expires)"
+                " VALUES (?, ?, ?, ?)",
+                (_hash_token(token), certificate_id, claim_certificate_id, now + ttl),
+            )
+        return token
+
+    def consume_token(self, token: str) -> TokenGrant:
+        """Spend a token once. Inside a transaction that rolls back, the token stays unspent."""
+        if not token:
+            raise InvalidRequest("Certificate ownership token cannot be empty")
+        with self.transaction():
+            row = self._one(
+                "SELECT certificate_id, claim_certificate_id, expires, used FROM tokens WHERE hash = ?",
+                (_hash_token(token),),
+            )
+            if row is None:
+                raise InvalidRequest("Certificate ownership token is invalid")
+            if row[3]:
+                raise InvalidRequest("Certificate ownership token has already been used")
+            if row[2] < time.time():
+                raise InvalidRequest("Certificate ownership token has expired")
+            self._db.execute("UPDATE tokens SET used = 1 WHERE hash = ?", (_hash_token(token),))
+            return TokenGrant(certificate_id=row[0], claim_certificate_id=row[1])
+
+
+def _check_choice(member: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidRequest(f"{member} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _check_name(member: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not pattern.fullmatch(value):
+        raise InvalidRequest(f"{member} {value!r} does not match {pattern.pattern}")
+
+
+def _config_json(value: dict[str, str] | None) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def _normal_pem(cert: x509.Certificate) -> str:
+    # Stored re-encoded from the parsed certificate: whatever surrounded it in the request (a chain, text,
+    # CRLF line ends) would otherwise surprise every reader of the registry.
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
