@@ -1,0 +1,292 @@
+"""CertHandler: reads and checks credentials, writes the permanent pair with safe modes.
+
+Reading goes through a CredentialStore. `FileCredentialStore` (entry point `file` in the group
+`hub_onboarding.secure_storage`) reads PEM files; a claim path of `SECURE_STORAGE` selects another store
+registered in that group (a TPM, a secure element...), by the ro key `secure_storage_handler` or, when
+exactly one non-file store is installed, that one.
+
+Checks (each failure is a CredentialError that names the config key and the path):
+- a key file must be a regular file, not a symlink, with no group/other permission bits
+  ("no wider than 0600": 0400 passes; exact-match checks caused crash loops in aws-iot-device-client);
+- the key must not be encrypted and must belong to the certificate (same public key);
+- a claim certificate must be within its validity period.
+
+Writing: the folder is made 0700 and the key 0600 from their first byte whatever the umask (O_EXCL
+temp file with mode 0600, fchmod, fsync, rename, fsync of the folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from hub_onboarding.config import SECURE_STORAGE, atomic_write_bytes, fsync_dir
+from hub_onboarding.errors import ConfigError, CredentialError, StorageError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "hub_onboarding.secure_storage"
+FILE_STORE_NAME = "file"
+PERMANENT_CERT_NAME = "certificate.pem.crt"
+PERMANENT_KEY_NAME = "private.pem.key"
+KEY_MODE = 0o600
+CERT_MODE = 0o644
+DIR_MODE = 0o700
+_MAX_PEM_BYTES = 64 * 1024  # a certificate or key file larger than this is not a PEM we want
+
+
+class CertType(enum.StrEnum):
+    CLAIM = "claim"
+    DHA = "DHA"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A certificate and its private key, both PEM. The key never appears in repr()."""
+
+    certificate_pem: bytes
+    private_key_pem: bytes = field(repr=False)
+    certificate_id: str = ""  # SHA-256 of the DER, as AWS IoT names certificates
+
+
+@runtime_checkable
+class CredentialStore(Protocol):
+    """Where credentials come from. `cert_ref`/`key_ref` are the config values (paths or SECURE_STORAGE)."""
+
+    def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> tuple[bytes, bytes]:
+        """Return (certificate PEM, private key PEM); raise CredentialError when they cannot be read."""
+        ...
+
+
+def _read_pem_file(path: str, label: str, *, is_key: bool) -> bytes:
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        raise CredentialError(f"{label}: {path} does not exist") from None
+    except OSError as exc:
+        raise CredentialError(f"{label}: {path} cannot be examined ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(st.st_mode) and is_key:
+        # A symlinked key can be swapped for another file by whoever owns the link's folder.
+        raise CredentialError(f"{label}: {path} is a symbolic link; put the key file itself there")
+    if stat.S_ISLNK(st.st_mode):
+        st = os.stat(p)
+    if stat.S_ISDIR(st.st_mode):
+        raise CredentialError(f"{label}: {path} is a folder, not a PEM file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CredentialError(f"{label}: {path} is not a regular file")
+    if is_key and st.st_mode & 0o077:
+        raise CredentialError(
+            f"{label}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by other users; "
+            f"run 'chmod 600 {path}' (0600 or narrower is accepted)")
+    if st.st_size > _MAX_PEM_BYTES:
+        raise CredentialError(f"{label}: {path} is {st.st_size} bytes, too large for a PEM file")
+    try:
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if is_key else 0)
+        fd = os.open(p, flags)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(_MAX_PEM_BYTES + 1)
+    except PermissionError:
+        raise CredentialError(f"{label}: {path} is not readable by this user") from None
+    except OSError as exc:
+        raise CredentialError(f"{label}: {path} cannot be read ({exc.strerror or exc})") from None
+
+
+class FileCredentialStore:
+    """PEM files on the local filesystem (the default store)."""
+
+    def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> tuple[bytes, bytes]:
+        if SECURE_STORAGE in (cert_ref, key_ref):
+            raise CredentialError(f"the file credential store cannot read {SECURE_STORAGE} {cert_type} "
+                                  "credentials; install a secure-storage handler")
+        cert = _read_pem_file(cert_ref, f"{cert_type} certificate", is_key=False)
+        key = _read_pem_file(key_ref, f"{cert_type} private key", is_key=True)
+        return cert, key
+
+
+def load_store(name: str | None) -> CredentialStore:
+    """The secure-storage handler registered under `name` (or the only non-file one when None)."""
+    eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if name is None:
+        candidates = sorted(n for n in eps if n != FILE_STORE_NAME)
+        if len(candidates) != 1:
+            found = ", ".join(candidates) or "none"
+            raise ConfigError(
+                f"ro.secure_storage_handler: claim credentials are {SECURE_STORAGE} but the handler to use "
+                f"is not set (installed handlers: {found}); install one in entry-point group "
+                f"{ENTRY_POINT_GROUP} and name it in ro.secure_storage_handler",
+                key="ro.secure_storage_handler")
+        name = candidates[0]
+    if name not in eps:
+        raise ConfigError(f"ro.secure_storage_handler: no handler named {name!r} is installed in entry-point "
+                          f"group {ENTRY_POINT_GROUP}", key="ro.secure_storage_handler")
+    try:
+        factory = eps[name].load()
+        store = factory()
+    except Exception as exc:
+        raise ConfigError(f"ro.secure_storage_handler: handler {name!r} failed to load: {exc}",
+                          key="ro.secure_storage_handler") from None
+    if not isinstance(store, CredentialStore):
+        raise ConfigError(f"ro.secure_storage_handler: handler {name!r} has no read_credentials method",
+                          key="ro.secure_storage_handler")
+    return store
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+def load_certificate(pem: bytes, label: str) -> x509.Certificate:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise CredentialError(f"{label}: not a PEM X.509 certificate") from None
+
+
+def load_private_key(pem: bytes, label: str) -> object:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise CredentialError(f"{label}: the key is encrypted (has a passphrase); the hub needs an "
+                              "unencrypted key protected by file permissions or secure storage") from None
+    except (ValueError, Exception):  # cryptography raises ValueError or UnsupportedAlgorithm
+        raise CredentialError(f"{label}: not a PEM private key this hub can use") from None
+
+
+def certificate_id(cert: x509.Certificate) -> str:
+    """AWS IoT's certificate id: SHA-256 of the DER encoding, 64 lowercase hex."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    from cryptography.x509.oid import NameOID
+
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def check_pair(cert_pem: bytes, key_pem: bytes, label: str, *, check_validity: bool,
+               now: datetime.datetime | None = None) -> Credentials:
+    """Parse both, check they belong together (and the validity period when asked); return Credentials."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert = load_certificate(cert_pem, f"{label} certificate")
+    key = load_private_key(key_pem, f"{label} private key")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    pub = key.public_key()  # type: ignore[attr-defined]
+    if pub.public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+        raise CredentialError(f"{label}: the private key does not belong to the certificate "
+                              "(their public keys differ); install the matching pair")
+    if check_validity:
+        now = now or datetime.datetime.now(datetime.UTC)
+        if now < cert.not_valid_before_utc:
+            raise CredentialError(
+                f"{label} certificate is not valid yet (valid from "
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock")
+        if now > cert.not_valid_after_utc:
+            raise CredentialError(
+                f"{label} certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                "install a current one")
+    return Credentials(cert_pem, key_pem, certificate_id(cert))
+
+
+# ------------------------------------------------------------------------------------------ handler
+
+class CertHandler:
+    """Reads claim, DHA and permanent credentials and writes the permanent pair (the SDK's CertHandler)."""
+
+    def __init__(self, secure_storage_handler: str | None = None) -> None:
+        self._secure_storage_handler = secure_storage_handler
+        self._file_store = FileCredentialStore()
+
+    def _store_for(self, cert_ref: str) -> CredentialStore:
+        if cert_ref == SECURE_STORAGE:
+            return load_store(self._secure_storage_handler)
+        return self._file_store
+
+    def read_cert_and_private_key(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
+        """Read and check a pair; claim certificates must also be within their validity period."""
+        cert_pem, key_pem = self._store_for(cert_ref).read_credentials(cert_type, cert_ref, key_ref)
+        return check_pair(cert_pem, key_pem, str(cert_type), check_validity=cert_type is CertType.CLAIM)
+
+    @staticmethod
+    def ensure_private_dir(directory: Path) -> None:
+        """Create `directory` as 0700 (or narrow an existing one we own to 0700)."""
+        try:
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            # mkdir's mode is filtered by the umask; chmod sets exactly 0700 either way.
+            st = os.stat(directory)
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(directory, DIR_MODE)
+        except OSError as exc:
+            raise StorageError(f"cannot create the credentials folder {directory} with mode 0700: "
+                               f"{exc.strerror or exc}") from None
+
+    def write_file(self, path: Path, data: bytes, mode: int) -> None:
+        """Write one file atomically with `mode` from its first byte."""
+        self.ensure_private_dir(path.parent)
+        try:
+            atomic_write_bytes(path, data, mode)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}; nothing was left half-written") \
+                from None
+
+    def write_permanent_cert_and_private_key(self, cert_pem: bytes, key_pem: bytes,
+                                             cert_path: Path, key_path: Path) -> None:
+        """Store the permanent pair: key first (0600), then certificate, both atomic and durable."""
+        self.write_file(key_path, key_pem, KEY_MODE)
+        self.write_file(cert_path, cert_pem, CERT_MODE)
+
+    @staticmethod
+    def delete(paths: list[Path]) -> list[Path]:
+        """Delete the files that exist among `paths`; return the ones deleted."""
+        deleted = []
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                deleted.append(p)
+        if deleted:
+            with contextlib.suppress(OSError):
+                fsync_dir(deleted[0].parent)
+        return deleted
+
+
+def generate_key_and_csr(common_name_value: str) -> tuple[bytes, bytes]:
+    """An EC P-256 key made on the hub and a CSR for it: (key PEM, CSR PEM). The key never leaves."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_value)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)

@@ -1,0 +1,155 @@
+"""`hub-onboard`: provision, status, reset, demo.
+
+    hub-onboard provision --config PATH [--json] [-v]
+    hub-onboard status    --config PATH [--json]
+    hub-onboard reset     --config PATH --yes [--json]
+    hub-onboard demo
+
+Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
+error, 2 usage error, 3 config, 4 credentials, 5 storage, 6 busy (another onboarding holds the lock),
+10 provisioning, 11 MQTT connection, 12 identity (rejected by the service), 13 subscribe timeout,
+14 publish timeout. See errors.py for the tree.
+
+Imports are lazy: the package, cryptography and awscrt load only when a subcommand needs them, so the
+command starts fast on a small hub. This module is the only place that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hub_onboarding.errors import OnboardingError
+
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hub-onboard",
+        description="Onboard a smart-home hub to AWS IoT Core (fleet provisioning or JITR), as configured "
+                    "in iotmi_config.json.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("provision", help="onboard the hub unless it already is (exit 0 when PROVISIONED)")
+    p.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
+    p.add_argument("--json", action="store_true", help="print the result (or the error) as JSON on stdout")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv: debug)")
+    p.add_argument("--lock-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to wait for another onboarding of the same config (default 600)")
+
+    s = sub.add_parser("status", help="show the provisioning state of the hub")
+    s.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    r = sub.add_parser("reset",
+                       help="local offboarding: rw back to NOT_PROVISIONED, delete onboarding's files")
+    r.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
+    r.add_argument("--yes", action="store_true", help="really reset (required)")
+    r.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    import logging
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hub_onboarding")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _fail(exc: OnboardingError, as_json: bool) -> int:
+    if as_json:
+        _print_json({"ok": False, "error": exc.to_dict()})
+    print(f"hub-onboard: error: {exc.message}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from hub_onboarding.onboarding import HubOnboarding, Timeouts
+
+    show_steps = not args.json and sys.stderr.isatty()
+    counter = iter(range(1, 1000))
+
+    def on_step(text: str) -> None:
+        if show_steps:
+            print(f"[{next(counter)}] {text}", file=sys.stderr, flush=True)
+
+    hub = HubOnboarding(args.config, timeouts=Timeouts(lock=args.lock_wait), on_step=on_step)
+    result = hub.process_device()
+    if args.json:
+        _print_json({"ok": True, **result.to_dict()})
+    else:
+        extra = f" managed_thing_id={result.managed_thing_id}" if result.managed_thing_id else ""
+        done = "newly provisioned" if result.changed else "already provisioned"
+        print(f"{result.state} ({done}) client_id={result.client_id}{extra}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from hub_onboarding.onboarding import HubOnboarding
+
+    info = HubOnboarding(args.config).status()
+    if args.json:
+        _print_json(info)
+    else:
+        for key in ("config_path", "state", "method", "client_id", "managed_thing_id", "certificate_path",
+                    "private_key_path", "progress"):
+            print(f"{key}: {info.get(key) if info.get(key) is not None else '-'}")
+    return 0
+
+
+def _reset(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print("hub-onboard: reset deletes this hub's permanent credentials and marks it NOT_PROVISIONED; "
+              "run again with --yes to do it", file=sys.stderr)
+        return EXIT_USAGE
+    from hub_onboarding.onboarding import HubOnboarding
+
+    deleted = HubOnboarding(args.config).reset()
+    if args.json:
+        _print_json({"ok": True, "state": "NOT_PROVISIONED", "deleted": [str(p) for p in deleted]})
+    else:
+        print("NOT_PROVISIONED" + "".join(f"\ndeleted {p}" for p in deleted))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (never raises for an expected failure)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "demo":
+        from hub_onboarding.demo import run_demo
+
+        return run_demo()
+    _configure_logging(getattr(args, "verbose", 0))
+    from hub_onboarding.errors import OnboardingError
+
+    handlers = {"provision": _provision, "status": _status, "reset": _reset}
+    try:
+        return handlers[args.command](args)
+    except OnboardingError as exc:
+        return _fail(exc, getattr(args, "json", False))
+    except KeyboardInterrupt:
+        print("hub-onboard: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

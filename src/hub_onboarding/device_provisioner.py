@@ -1,0 +1,107 @@
+"""DeviceProvisioner: the adapter between HubOnboarding and the provisioning library.
+
+It gives HubOnboarding the SDK's operations (a claim session for fleet provisioning, JITR, the
+verification connect), translates FP_STATUS codes into exceptions (`raise_for_status`, as the SDK's
+device_provisioner.cpp does) and owns the retry policy: which failures deserve another attempt
+(`is_retriable`) and how long to wait before it (exponential backoff with full jitter, bounded by a
+deadline). HubOnboarding decides *what* to do next from its saved progress; this class decides
+*whether and when* to try again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from hub_onboarding.certs import Credentials
+from hub_onboarding.errors import (
+    FpStatus,
+    IdentityError,
+    MqttConnectionError,
+    OnboardingError,
+    ProvisioningError,
+    PublishTimeoutError,
+    SubscribeTimeoutError,
+)
+from hub_onboarding.fleet import FleetProvisioning
+from hub_onboarding.provisioning import Backoff, IotProvisioning
+
+log = logging.getLogger(__name__)
+
+_STATUS_ERRORS: dict[FpStatus, type[ProvisioningError]] = {
+    FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR: MqttConnectionError,
+    FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR: SubscribeTimeoutError,
+    FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR: PublishTimeoutError,
+}
+_STATUS_MESSAGES = {
+    FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR: "Failed due to MQTT Connection error",
+    FpStatus.FP_STATUS_IDENTITY_ERROR: "Failed due to an identity (certificate or registration) error",
+    FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR: "Failed due to MQTT subscribe timeout",
+    FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR: "Failed due to MQTT publish timeout",
+}
+
+
+def raise_for_status(status: FpStatus, detail: str = "") -> None:
+    """FP_STATUS_OK returns; every other code raises its exception (the SDK's translation table)."""
+    if status is FpStatus.FP_STATUS_OK:
+        return
+    message = _STATUS_MESSAGES[status] + (f": {detail}" if detail else "")
+    if status is FpStatus.FP_STATUS_IDENTITY_ERROR:
+        raise IdentityError(message, operation="provisioning")
+    raise _STATUS_ERRORS[status](message)
+
+
+def status_of(exc: BaseException | None) -> FpStatus:
+    """The FP_STATUS code for an outcome (None: success)."""
+    if exc is None:
+        return FpStatus.FP_STATUS_OK
+    if isinstance(exc, ProvisioningError):
+        return exc.status
+    return FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
+
+
+def is_retriable(exc: OnboardingError) -> bool:
+    """Network trouble, timeouts, throttling and 5xx answers are worth another attempt; refusals are not."""
+    return isinstance(exc, ProvisioningError) and exc.retriable
+
+
+class DeviceProvisioner:
+    def __init__(self, iot: IotProvisioning, *, operation_timeout: float, retry_timeout: float,
+                 backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.iot = iot
+        self.operation_timeout = operation_timeout
+        self.retry_timeout = retry_timeout
+        self.backoff = backoff or Backoff()
+        self._clock = clock
+        self._sleep = sleep
+
+    @contextlib.contextmanager
+    def claim_session(self, client_id: str, claim: Credentials) -> Iterator[FleetProvisioning]:
+        """One connection with the claim certificate, and the fleet provisioning API on it."""
+        with self.iot.connect(client_id, claim) as conn:
+            yield FleetProvisioning(conn.client, self.operation_timeout)
+
+    def provision_jitr(self, client_id: str, dha: Credentials) -> int:
+        return self.iot.provision_with_jitr(client_id, dha, self.retry_timeout)
+
+    def verify(self, client_id: str, credentials: Credentials) -> None:
+        self.iot.verify(client_id, credentials)
+
+    def deadline(self) -> float:
+        return self._clock() + self.retry_timeout
+
+    def wait_before_retry(self, exc: OnboardingError, attempt: int, deadline: float) -> None:
+        """Sleep before attempt `attempt + 1`, or re-raise `exc` when it is final or time is up."""
+        if not is_retriable(exc):
+            raise exc
+        delay = self.backoff.delay(attempt)
+        if self._clock() + delay >= deadline:
+            exc.message = (f"{exc.message} (gave up after {attempt} attempt(s) in {self.retry_timeout:g} s; "
+                           f"the limit is ro.mqtt_retry_timeout_seconds)")
+            exc.args = (exc.message,)
+            raise exc
+        log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, exc.message, delay)
+        self._sleep(delay)

@@ -1,0 +1,237 @@
+"""The one exception tree of hub_onboarding, and the FP_STATUS codes of the hub SDK.
+
+    OnboardingError                  exit 1   base; also "something unexpected went wrong"
+    ├── ConfigError                  exit 3   iotmi_config.json missing, unreadable or invalid (names the key)
+    ├── CredentialError              exit 4   a certificate or key is unreadable, mismatched, expired,
+    │                                         encrypted, symlinked or readable by others
+    ├── StorageError                 exit 5   writing the config or the credentials failed (disk full,
+    │                                         read-only folder); nothing half-written is left behind
+    ├── BusyError                    exit 6   another onboarding holds the lock on this config
+    └── ProvisioningError            exit 10  the provisioning exchange failed (status FP_STATUS_*)
+        ├── MqttConnectionError      exit 11  FP_STATUS_MQTT_CONNECTION_ERROR
+        ├── IdentityError            exit 12  FP_STATUS_IDENTITY_ERROR: the service rejected a request
+        │                                     (keeps status_code, error_code, error_message) or answered
+        │                                     with something that is not a valid answer
+        ├── SubscribeTimeoutError    exit 13  FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR
+        └── PublishTimeoutError      exit 14  FP_STATUS_PUBLISH_TIMEOUT_ERROR (includes "no answer in time")
+
+Exit code 0 is success and 2 is a command-line usage error (argparse's convention). Every message says
+what to do about it. No message ever contains a private key or a certificate ownership token: they are
+built from the service's error fields, paths and key names only.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "FP_STATUS_IDENTITY_ERROR",
+    "FP_STATUS_MQTT_CONNECTION_ERROR",
+    "FP_STATUS_OK",
+    "FP_STATUS_PUBLISH_TIMEOUT_ERROR",
+    "FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR",
+    "BusyError",
+    "ConfigError",
+    "CredentialError",
+    "FpStatus",
+    "IdentityError",
+    "MqttConnectionError",
+    "OnboardingError",
+    "ProvisioningError",
+    "PublishTimeoutError",
+    "StorageError",
+    "SubscribeTimeoutError",
+]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+# The service's words are shown to the user; cap them so a hostile or broken answer cannot flood a log.
+_MAX_SERVICE_TEXT = 512
+
+
+class FpStatus(enum.IntEnum):
+    """The provisioning library's status codes, as the hub SDK names them."""
+
+    FP_STATUS_OK = 0
+    FP_STATUS_MQTT_CONNECTION_ERROR = 1
+    FP_STATUS_IDENTITY_ERROR = 2
+    FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR = 3
+    FP_STATUS_PUBLISH_TIMEOUT_ERROR = 4
+
+
+FP_STATUS_OK = FpStatus.FP_STATUS_OK
+FP_STATUS_MQTT_CONNECTION_ERROR = FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
+FP_STATUS_IDENTITY_ERROR = FpStatus.FP_STATUS_IDENTITY_ERROR
+FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR = FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR
+FP_STATUS_PUBLISH_TIMEOUT_ERROR = FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR
+
+
+class OnboardingError(Exception):
+    """Base of every error hub_onboarding raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready description (for `hub-onboard --json`); never contains secrets."""
+        return {"type": type(self).__name__, "message": self.message, "exit_code": self.exit_code}
+
+
+class ConfigError(OnboardingError):
+    """iotmi_config.json is missing, unreadable, not JSON, or a key has a wrong value."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "key": self.key}
+
+
+class CredentialError(OnboardingError):
+    """A certificate or private key cannot be used as it is."""
+
+    exit_code: ClassVar[int] = 4
+
+
+class StorageError(OnboardingError):
+    """Writing the config, the credentials or the progress record failed."""
+
+    exit_code: ClassVar[int] = 5
+
+
+class BusyError(OnboardingError):
+    """Another process is onboarding with the same config and did not finish in time."""
+
+    exit_code: ClassVar[int] = 6
+
+
+class ProvisioningError(OnboardingError):
+    """The exchange with AWS IoT Core failed; `status` is the hub SDK's FP_STATUS code."""
+
+    exit_code: ClassVar[int] = 10
+    status: ClassVar[FpStatus] = FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
+    # Worth another attempt after a backoff (network trouble, throttling); set per instance.
+    retriable: bool = True
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "status": self.status.name}
+
+
+class MqttConnectionError(ProvisioningError):
+    """Could not connect to the endpoint, or the connection was lost during a request."""
+
+    exit_code: ClassVar[int] = 11
+    status: ClassVar[FpStatus] = FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
+
+
+class SubscribeTimeoutError(ProvisioningError):
+    """The subscription to a response topic failed or was not acknowledged in time."""
+
+    exit_code: ClassVar[int] = 13
+    status: ClassVar[FpStatus] = FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR
+
+
+class PublishTimeoutError(ProvisioningError):
+    """A request could not be published, or its answer did not come in time."""
+
+    exit_code: ClassVar[int] = 14
+    status: ClassVar[FpStatus] = FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR
+
+
+def _clean(text: object) -> str | None:
+    """The service's text as a short printable string (None when absent or not a string)."""
+    if not isinstance(text, str):
+        return None
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text[:_MAX_SERVICE_TEXT])
+    return printable + ("..." if len(text) > _MAX_SERVICE_TEXT else "")
+
+
+class IdentityError(ProvisioningError):
+    """The service rejected a request (its /rejected answer) or gave an answer that is not valid.
+
+    `status_code`, `error_code` and `error_message` are the service's own words (None when the
+    answer had none, e.g. a malformed /accepted payload).
+    """
+
+    exit_code: ClassVar[int] = 12
+    status: ClassVar[FpStatus] = FpStatus.FP_STATUS_IDENTITY_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        status_code: int | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.status_code = status_code
+        self.error_code = error_code
+        self.error_message = error_message
+        self.retriable = is_throttling(status_code, error_code) or (
+            status_code is not None and status_code >= 500
+        )
+
+    @classmethod
+    def from_rejection(
+        cls, operation: str, status_code: object, error_code: object, error_message: object
+    ) -> IdentityError:
+        """Build from the fields of a /rejected payload, whatever their types turned out to be."""
+        code = status_code if isinstance(status_code, int) and not isinstance(status_code, bool) else None
+        err = _clean(error_code)
+        msg = _clean(error_message)
+        words = f"statusCode={code} errorCode={err} errorMessage={msg!r}"
+        if is_throttling(code, err):
+            hint = "the service is throttling requests; retry later"
+        elif "token" in (msg or "").lower() or (err or "") == "InvalidCertificateOwnershipToken":
+            hint = "the certificate ownership token was refused; run provision again to get a new certificate"
+        elif code == 403 or (err or "").lower() in ("accessdenied", "access_denied", "accessdeniedexception"):
+            hint = ("the template or its pre-provisioning hook refused this hub; check SN, UPC and "
+                    "fp_template_parameters and the hook's rules")
+        elif code == 404 or (err or "").lower().startswith("resourcenotfound"):
+            hint = "check fp_template_name: the template does not exist in this account and region"
+        else:
+            hint = "check the provisioning template, its parameters and the claim certificate's policy"
+        return cls(
+            f"{operation} was rejected by the service ({words}): {hint}",
+            operation=operation,
+            status_code=code,
+            error_code=err,
+            error_message=msg,
+        )
+
+    @classmethod
+    def malformed(cls, operation: str, what: str) -> IdentityError:
+        """The answer arrived but is not what the fleet provisioning API promises."""
+        return cls(
+            f"{operation} returned an invalid answer ({what}); the endpoint may not be AWS IoT Core "
+            "or the template's DeviceConfiguration is wrong",
+            operation=operation,
+            error_code="InvalidResponse",
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            **super().to_dict(),
+            "operation": self.operation,
+            "status_code": self.status_code,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+        }
+
+
+def is_throttling(status_code: int | None, error_code: str | None) -> bool:
+    """True for the answers AWS gives when a caller goes too fast."""
+    return status_code == 429 or "throttl" in (error_code or "").lower()

@@ -1,0 +1,198 @@
+"""FleetProvisioning: the fleet provisioning MQTT API over awscrt's IotIdentityClientV2.
+
+CreateKeysAndCertificate (AWS makes the key) or CreateCertificateFromCsr (the hub makes an EC P-256 key
+that never leaves it), then RegisterThing. The V2 request-response client subscribes to `/accepted` and
+`/rejected` before it publishes and correlates the answer; each request is bounded by
+`operation_timeout` inside awscrt and, as a second guard, by waiting on its future with a deadline.
+
+Every failure becomes a ProvisioningError (`map_request_error`, pure): a `/rejected` answer keeps the
+service's statusCode, errorCode and errorMessage in an IdentityError; an answer that is not valid is an
+IdentityError too; timeouts and lost connections map to their FP_STATUS codes. No message or log line
+contains the private key or the ownership token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub_onboarding.certs import Credentials, check_pair
+from hub_onboarding.errors import (
+    CredentialError,
+    IdentityError,
+    MqttConnectionError,
+    ProvisioningError,
+    PublishTimeoutError,
+    SubscribeTimeoutError,
+)
+
+log = logging.getLogger(__name__)
+
+CREATE_KEYS_AND_CERTIFICATE = "CreateKeysAndCertificate"
+CREATE_CERTIFICATE_FROM_CSR = "CreateCertificateFromCsr"
+REGISTER_THING = "RegisterThing"
+_MAX_PEM_CHARS = 64 * 1024
+_MAX_TOKEN_CHARS = 16 * 1024
+# Extra time on top of awscrt's own operation timeout before we stop waiting for its future.
+_FUTURE_GRACE = 5.0
+
+_CONNECTION_ERRORS = {
+    "AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN",
+    "AWS_ERROR_MQTT5_OPERATION_FAILED_DUE_TO_OFFLINE_QUEUE_POLICY",
+    "AWS_ERROR_MQTT5_CLIENT_TERMINATED",
+    "AWS_ERROR_MQTT5_DISCONNECT_RECEIVED",
+}
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A new certificate, its key, and the single-use token that RegisterThing needs."""
+
+    credentials: Credentials
+    certificate_id: str
+    ownership_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RegisteredThing:
+    thing_name: str
+    device_configuration: Mapping[str, str]
+
+
+def map_request_error(exc: BaseException, operation: str, timeout: float) -> ProvisioningError:
+    """Turn what an IotIdentityClientV2 future raised into one of our typed errors (pure)."""
+    if isinstance(exc, ProvisioningError):
+        return exc
+    if isinstance(exc, concurrent.futures.TimeoutError | TimeoutError):
+        return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; the endpoint may be "
+                                   "overloaded or the connection stalled; try again")
+    modeled = getattr(exc, "modeled_error", None)
+    if modeled is not None:
+        return IdentityError.from_rejection(
+            operation,
+            getattr(modeled, "status_code", None),
+            getattr(modeled, "error_code", None),
+            getattr(modeled, "error_message", None),
+        )
+    inner = getattr(exc, "inner_error", None) or exc
+    name = getattr(inner, "name", None)
+    if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE":
+        return SubscribeTimeoutError(
+            f"{operation}: subscribing to its /accepted and /rejected topics failed or timed out; check that "
+            "the claim certificate's policy allows iot:Subscribe and iot:Receive on them")
+    if name in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", "AWS_ERROR_MQTT_TIMEOUT"):
+        return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; try again")
+    if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE":
+        return PublishTimeoutError(
+            f"{operation}: the request could not be published; check that the claim certificate's policy "
+            "allows iot:Publish on the provisioning topics")
+    if name in _CONNECTION_ERRORS or (
+            isinstance(name, str) and name.startswith(("AWS_IO_", "AWS_ERROR_MQTT5"))):
+        return MqttConnectionError(f"{operation}: the connection was lost during the request ({name}); "
+                                   "check the network and retry")
+    # The answer came but could not be decoded (not JSON, not an object...): the type of the problem
+    # only, never the payload itself, which may hold a private key.
+    what = f"{name}" if isinstance(name, str) else type(inner).__name__
+    return IdentityError.malformed(operation, f"could not decode it: {what}")
+
+
+def _text(value: object, operation: str, field_name: str, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise IdentityError.malformed(operation, f"{field_name} is missing or not a string")
+    if len(value) > limit:
+        raise IdentityError.malformed(operation, f"{field_name} is longer than {limit} characters")
+    return value
+
+
+def validate_issued(operation: str, response: Any, private_key_pem: bytes | None = None) -> IssuedCertificate:
+    """Check an /accepted answer of CreateKeysAndCertificate or CreateCertificateFromCsr (pure)."""
+    cert_pem = _text(getattr(response, "certificate_pem", None), operation, "certificatePem", _MAX_PEM_CHARS)
+    token = _text(getattr(response, "certificate_ownership_token", None), operation,
+                  "certificateOwnershipToken", _MAX_TOKEN_CHARS)
+    cert_id = getattr(response, "certificate_id", None)
+    if private_key_pem is None:
+        private_key_pem = _text(getattr(response, "private_key", None), operation, "privateKey",
+                                _MAX_PEM_CHARS).encode()
+    try:
+        creds = check_pair(cert_pem.encode(), private_key_pem, "new", check_validity=False)
+    except CredentialError as exc:
+        raise IdentityError.malformed(operation, exc.message) from None
+    if cert_id != creds.certificate_id:
+        # AWS's id is the SHA-256 of the DER; we trust what we can compute.
+        log.warning("%s: certificateId %r differs from the certificate's SHA-256 %s", operation,
+                    cert_id if isinstance(cert_id, str) else None, creds.certificate_id)
+    return IssuedCertificate(creds, creds.certificate_id, token)
+
+
+def validate_registered(response: Any) -> RegisteredThing:
+    """Check RegisterThing's /accepted answer (pure)."""
+    thing = _text(getattr(response, "thing_name", None), REGISTER_THING, "thingName", 128)
+    config = getattr(response, "device_configuration", None)
+    if config is None:
+        config = {}
+    if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        raise IdentityError.malformed(REGISTER_THING, "deviceConfiguration is not an object of strings")
+    return RegisteredThing(thing, dict(config))
+
+
+class FleetProvisioning:
+    """CreateKeysAndCertificate / CreateCertificateFromCsr and RegisterThing on one connected client."""
+
+    def __init__(self, mqtt5_client: Any, operation_timeout: float = 30.0) -> None:
+        from awscrt import mqtt_request_response
+        from awsiot import iotidentity
+
+        self._iotidentity = iotidentity
+        self._timeout = operation_timeout
+        options = mqtt_request_response.ClientOptions(
+            # one request at a time, each needing its /accepted and /rejected subscriptions
+            max_request_response_subscriptions=2,
+            max_streaming_subscriptions=0,
+            operation_timeout_in_seconds=max(1, math.ceil(operation_timeout)),
+        )
+        self._client = iotidentity.IotIdentityClientV2(mqtt5_client, options)
+
+    def _wait(self, future: concurrent.futures.Future[Any], operation: str) -> Any:
+        try:
+            return future.result(timeout=self._timeout + _FUTURE_GRACE)
+        except Exception as exc:
+            raise map_request_error(exc, operation, self._timeout) from None
+
+    def create_keys_and_certificate(self) -> IssuedCertificate:
+        log.debug("requesting %s", CREATE_KEYS_AND_CERTIFICATE)
+        try:
+            future = self._client.create_keys_and_certificate(
+                self._iotidentity.CreateKeysAndCertificateRequest())
+        except Exception as exc:
+            raise map_request_error(exc, CREATE_KEYS_AND_CERTIFICATE, self._timeout) from None
+        return validate_issued(CREATE_KEYS_AND_CERTIFICATE, self._wait(future, CREATE_KEYS_AND_CERTIFICATE))
+
+    def create_certificate_from_csr(self, csr_pem: bytes, private_key_pem: bytes) -> IssuedCertificate:
+        log.debug("requesting %s", CREATE_CERTIFICATE_FROM_CSR)
+        try:
+            future = self._client.create_certificate_from_csr(
+                self._iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem.decode()))
+        except Exception as exc:
+            raise map_request_error(exc, CREATE_CERTIFICATE_FROM_CSR, self._timeout) from None
+        return validate_issued(CREATE_CERTIFICATE_FROM_CSR,
+                               self._wait(future, CREATE_CERTIFICATE_FROM_CSR), private_key_pem)
+
+    def register_thing(self, template_name: str, ownership_token: str,
+                       parameters: Mapping[str, str]) -> RegisteredThing:
+        log.debug("requesting %s with template %r and parameters %s", REGISTER_THING, template_name,
+                  sorted(parameters))
+        try:
+            future = self._client.register_thing(self._iotidentity.RegisterThingRequest(
+                template_name=template_name,
+                certificate_ownership_token=ownership_token,
+                parameters=dict(parameters),
+            ))
+        except Exception as exc:
+            raise map_request_error(exc, REGISTER_THING, self._timeout) from None
+        return validate_registered(self._wait(future, REGISTER_THING))
+

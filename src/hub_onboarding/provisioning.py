@@ -1,0 +1,226 @@
+"""IotProvisioning: MQTT 5 connections to AWS IoT Core (awscrt), JITR retry, verification connect.
+
+Every wait has a deadline: a connection attempt waits at most `connect_timeout` for CONNACK (the TCP
+connect, TLS handshake and CONNACK are each bounded inside awscrt too), and stopping a client waits at
+most STOP_TIMEOUT. A client is stopped after its first failed attempt, so awscrt's own reconnect loop
+never runs behind our back: retries are ours, with exponential backoff and full jitter.
+
+TLS verification is always on. The trust store is `iot_root_ca_path` when set, else the system's.
+awscrt is imported here only when a connection is made: it is the largest import of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from hub_onboarding.certs import Credentials
+from hub_onboarding.config import Endpoint
+from hub_onboarding.errors import MqttConnectionError
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 5.0
+PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allowed in the config
+
+# awscrt error names, and what to tell the user about each.
+_CONNECT_HINTS = {
+    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE":
+        "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
+        "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)",
+    "AWS_IO_SOCKET_CONNECTION_REFUSED": "nothing listens at the endpoint: check endpoint_url and its port",
+    "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check endpoint_url and the network",
+    "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check endpoint_url and DNS",
+    "AWS_IO_DNS_QUERY_FAILED": "the endpoint's host name does not resolve: check endpoint_url and DNS",
+    "AWS_IO_SOCKET_NO_ROUTE_TO_HOST": "no route to the endpoint: check the network",
+    "AWS_IO_SOCKET_NETWORK_DOWN": "the network is down",
+    "AWS_ERROR_MQTT5_CONNACK_TIMEOUT": "the endpoint accepted TLS but sent no CONNACK in time",
+}
+_CLOSED_HINT = ("the endpoint closed the connection: the certificate may be unknown, inactive or revoked, or "
+                "its policy may not allow iot:Connect for this client id")
+
+
+def describe_connect_failure(exc: object, connack_reason: str | None, endpoint: Endpoint,
+                             client_id: str) -> str:
+    """A message for a failed connection attempt that says what to check (pure, testable)."""
+    name = getattr(exc, "name", None) or type(exc).__name__
+    if connack_reason:
+        hint = (f"the endpoint refused the connection with reason {connack_reason}: check that the "
+                f"certificate is ACTIVE and its policy allows iot:Connect for client id {client_id!r}")
+    else:
+        hint = _CONNECT_HINTS.get(str(name), _CLOSED_HINT)
+    return f"could not connect to {endpoint} as {client_id!r} ({name}): {hint}"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog): sleep U(0, min(cap, base*2**n))."""
+
+    base: float = 1.0
+    cap: float = 30.0
+    rng: Callable[[], float] = random.random
+
+    def delay(self, attempt: int) -> float:
+        return self.rng() * min(self.cap, self.base * 2.0 ** max(0, attempt))
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    endpoint: Endpoint
+    root_ca_path: str | None
+    keep_alive: int
+    connect_timeout: float = 30.0
+
+
+class MqttConnection:
+    """A started and connected awscrt mqtt5.Client; `close()` stops it within a deadline."""
+
+    def __init__(self, client: Any, stopped: threading.Event, description: str) -> None:
+        self.client = client
+        self._stopped = stopped
+        self._description = description
+        self._closed = False
+
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.client.stop()
+        except Exception as exc:  # stopping an already-failed client must not mask the real error
+            log.debug("stopping %s: %s", self._description, exc)
+            return
+        if not self._stopped.wait(timeout):
+            log.warning("MQTT client for %s did not stop within %.0f s", self._description, timeout)
+
+    def __enter__(self) -> MqttConnection:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class IotProvisioning:
+    """The provisioning engine of the SDK: connections, JITR, and the verification connect."""
+
+    def __init__(self, settings: ConnectionSettings, *, backoff: Backoff | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.backoff = backoff or Backoff()
+        self._clock = clock
+        self._sleep = sleep
+
+    def connect(self, client_id: str, credentials: Credentials,
+                timeout: float | None = None) -> MqttConnection:
+        """Open one MQTT 5 connection with mutual TLS; MqttConnectionError when it fails or times out."""
+        from awscrt import io, mqtt5
+        from awsiot import mqtt5_client_builder
+
+        s = self.settings
+        timeout = s.connect_timeout if timeout is None else max(0.1, timeout)
+        done = threading.Event()
+        stopped = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_success(data: Any) -> None:
+            outcome.setdefault("ok", True)
+            done.set()
+
+        def on_failure(data: Any) -> None:
+            if "ok" not in outcome:
+                outcome.setdefault("error", data.exception)
+                packet = getattr(data, "connack_packet", None)
+                reason = getattr(packet, "reason_code", None)
+                if reason is not None:
+                    outcome.setdefault("reason", getattr(reason, "name", str(reason)))
+            done.set()
+
+        def on_disconnection(data: Any) -> None:
+            log.debug("MQTT disconnected from %s: %s", s.endpoint, getattr(data, "exception", None))
+
+        def on_stopped(data: Any) -> None:
+            stopped.set()
+
+        ms = max(1000, int(timeout * 1000))
+        socket_options = io.SocketOptions()
+        socket_options.connect_timeout_ms = ms
+        try:
+            client = mqtt5_client_builder.mtls_from_bytes(
+                cert_bytes=credentials.certificate_pem,
+                pri_key_bytes=credentials.private_key_pem,
+                endpoint=s.endpoint.host,
+                port=s.endpoint.port,
+                ca_filepath=s.root_ca_path,
+                client_id=client_id,
+                keep_alive_interval_sec=s.keep_alive,
+                ping_timeout_ms=PING_TIMEOUT_MS,
+                connack_timeout_ms=ms,
+                socket_options=socket_options,
+                # We stop the client on its first failure; a long delay keeps awscrt from retrying meanwhile.
+                min_reconnect_delay_ms=ms,
+                max_reconnect_delay_ms=max(ms, 60_000),
+                session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+                enable_metrics_collection=False,
+                on_lifecycle_connection_success=on_success,
+                on_lifecycle_connection_failure=on_failure,
+                on_lifecycle_disconnection=on_disconnection,
+                on_lifecycle_stopped=on_stopped,
+            )
+        except Exception as exc:
+            # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
+            error = MqttConnectionError(f"could not set up the MQTT client for {s.endpoint}: {exc}; check "
+                                        "iot_root_ca_path and the certificate and key files")
+            error.retriable = False
+            raise error from None
+        description = f"{client_id!r} at {s.endpoint}"
+        conn = MqttConnection(client, stopped, description)
+        log.debug("connecting to %s as %r", s.endpoint, client_id)
+        client.start()
+        if not done.wait(timeout):
+            conn.close()
+            raise MqttConnectionError(
+                f"could not connect to {s.endpoint} as {client_id!r} within {timeout:g} s: check "
+                "endpoint_url and the network")
+        if "ok" not in outcome:
+            conn.close()
+            raise MqttConnectionError(describe_connect_failure(
+                outcome.get("error"), outcome.get("reason"), s.endpoint, client_id))
+        log.debug("connected to %s as %r", s.endpoint, client_id)
+        return conn
+
+    def verify(self, client_id: str, credentials: Credentials) -> None:
+        """Connect once and disconnect: AWS's documented reconnect step after RegisterThing."""
+        with self.connect(client_id, credentials):
+            pass
+
+    def provision_with_jitr(self, client_id: str, credentials: Credentials, timeout: float) -> int:
+        """Connect with the DHA certificate until it works or `timeout` seconds pass; return the attempts.
+
+        The first attempts are refused while the cloud registers and activates the certificate.
+        """
+        deadline = self._clock() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - self._clock()
+            try:
+                with self.connect(client_id, credentials,
+                                  timeout=min(self.settings.connect_timeout, max(remaining, 0.1))):
+                    return attempt
+            except MqttConnectionError as exc:
+                delay = self.backoff.delay(attempt - 1)
+                if self._clock() + delay >= deadline:
+                    raise MqttConnectionError(
+                        f"JITR: no connection within {timeout:g} s after {attempt} attempt(s); last error: "
+                        f"{exc.message}. Check that the CA is registered with auto-registration and that "
+                        "something activates new certificates and attaches a policy") from None
+                log.info("JITR attempt %d refused (%s); retrying in %.1f s", attempt, exc.message, delay)
+                self._sleep(delay)
