@@ -26,7 +26,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InvalidRequest
 
@@ -52,6 +52,7 @@ class _Malformed(ValueError):
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
 # IAM escapes: let a policy say a literal `*`, `?` or `$` where the plain character would be special.
 _ESCAPES = {"*": "*", "?": "?", "$": "$"}
+_VALUES_CACHE_SIZE = 1024
 
 
 @functools.lru_cache(maxsize=4096)
@@ -67,6 +68,12 @@ class _Pattern:
     parts: tuple[tuple[bool, str], ...]  # (is_variable, regex source or variable name)
     flags: int
     compiled: re.Pattern[str] | None  # precompiled when the pattern has no variable
+    names: tuple[str, ...]  # the variables, in order
+    # Per-pattern regexes for the variable values seen lately (a connection repeats its values on every
+    # publish, so the regex is built once per client, not once per message).
+    _by_values: dict[tuple[str, ...], re.Pattern[str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def parse(cls, text: str, *, wildcards: bool = True, ignore_case: bool = False) -> _Pattern:
@@ -82,21 +89,27 @@ class _Pattern:
             position = match.end()
         parts.extend(_literal_parts(text[position:], wildcards))
         flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
-        compiled = None
-        if not any(is_variable for is_variable, _ in parts):
-            compiled = re.compile("".join(source for _, source in parts), flags)
-        return cls(tuple(parts), flags, compiled)
+        names = tuple(name for is_variable, name in parts if is_variable)
+        compiled = None if names else re.compile("".join(source for _, source in parts), flags)
+        return cls(tuple(parts), flags, compiled, names)
 
     @property
     def variables(self) -> frozenset[str]:
-        return frozenset(name for is_variable, name in self.parts if is_variable)
+        return frozenset(self.names)
 
     def matches(self, value: str, variables: Mapping[str, str]) -> bool:
         """Whole-string match; the caller has checked that every variable is present."""
         compiled = self.compiled
         if compiled is None:
-            source = "".join(re.escape(variables[text]) if is_var else text for is_var, text in self.parts)
-            compiled = _regex(source, self.flags)
+            key = tuple(variables[name] for name in self.names)
+            compiled = self._by_values.get(key)
+            if compiled is None:
+                if len(self._by_values) >= _VALUES_CACHE_SIZE:
+                    self._by_values.clear()
+                source = "".join(
+                    re.escape(variables[text]) if is_var else text for is_var, text in self.parts
+                )
+                compiled = self._by_values[key] = _regex(source, self.flags)
         return compiled.fullmatch(value) is not None
 
 
