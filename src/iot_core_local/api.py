@@ -32,7 +32,7 @@ from typing import Any
 
 from botocore.model import OperationModel, ServiceModel, Shape, StructureShape
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -522,7 +522,7 @@ def _check_validity(cert: x509.Certificate, what: str) -> None:
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
@@ -707,6 +707,8 @@ def _register_ca_certificate(cp: ControlPlane, params: dict[str, Any]) -> Mappin
         is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
+    except ValueError as exc:  # an extension that does not parse
+        raise CertificateValidation(f"caCertificate has a malformed extension: {exc}") from None
     if not is_ca:
         raise CertificateValidation(
             "caCertificate is not a CA certificate (it lacks basicConstraints CA:TRUE)"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from iot_core_local.ca import certificate_id as _certificate_id
@@ -484,7 +484,7 @@ class Registry:
                 self._ca_cache[ca.certificate_id] = parsed
             try:
                 cert.verify_directly_issued_by(parsed)
-            except (ValueError, TypeError, InvalidSignature):
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 continue
             return ca
         return None

@@ -1,0 +1,295 @@
+"""The registry on its own: persistence, transactions, listeners, tokens and AWS's rules."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from iot_core_local.ca import CertificateAuthority, certificate_id
+from iot_core_local.errors import (
+    CertificateState,
+    DeleteConflict,
+    InvalidRequest,
+    ResourceAlreadyExists,
+    ResourceNotFound,
+    VersionConflict,
+)
+from iot_core_local.registry import Registry, TokenGrant, certificate_id_from_arn
+
+POLICY = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}'
+
+
+@pytest.fixture
+def cert_pem(cp_ca: CertificateAuthority) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return cp_ca.sign_csr(csr).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _self_signed_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _issued_by(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "device")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=5))
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_everything_survives_a_restart(tmp_path: Path, cert_pem: str) -> None:
+    path = tmp_path / "r.sqlite3"
+    registry = Registry(path)
+    cert = registry.add_certificate(cert_pem, "ACTIVE")
+    ca_cert, _ = _self_signed_ca("ca")
+    registry.add_ca_certificate(
+        _pem(ca_cert),
+        status="ACTIVE",
+        auto_registration=True,
+        registration_config={"roleArn": "r"},
+        mode="DEFAULT",
+    )
+    registry.create_policy("p", POLICY)
+    registry.attach_policy("p", cert.arn)
+    registry.create_thing("t", attributes={"a": "1"})
+    registry.attach_thing_principal("t", cert.arn)
+    registry.create_template(
+        "tpl",
+        "{}",
+        role_arn="arn:aws:iam::1:role/x",
+        enabled=True,
+        description="d",
+        hook={"targetArn": "http://h"},
+        template_type="FLEET_PROVISIONING",
+    )
+    code = registry.registration_code()
+    token = registry.issue_token(cert.certificate_id, None, 60)
+    registry.close()
+
+    again = Registry(path)
+    assert again.get_certificate(cert.certificate_id) == cert
+    assert again.list_ca_certificates()[0].registration_config == {"roleArn": "r"}
+    assert [p.name for p in again.list_attached_policies(cert.arn)] == ["p"]
+    assert again.get_thing("t").attributes == {"a": "1"}
+    assert again.list_thing_principals("t") == [cert.arn]
+    assert again.get_template("tpl").hook == {"targetArn": "http://h"}
+    assert again.registration_code() == code
+    assert again.consume_token(token) == TokenGrant(cert.certificate_id, None)
+    again.close()
+
+
+def test_transaction_is_all_or_nothing_and_listeners_wait_for_commit(
+    cp_registry: Registry, cert_pem: str
+) -> None:
+    events: list[tuple[str, str]] = []
+    cp_registry.add_listener(lambda cid, status: events.append((cid, status)))
+    cert = cp_registry.add_certificate(cert_pem, "PENDING_ACTIVATION")
+
+    with pytest.raises(RuntimeError), cp_registry.transaction():
+        cp_registry.create_thing("hub")
+        cp_registry.attach_thing_principal("hub", cert.arn)
+        cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
+        assert events == []  # not before the commit
+        raise RuntimeError("half way")
+    assert cp_registry.find_thing("hub") is None
+    assert cp_registry.get_certificate(cert.certificate_id).status == "PENDING_ACTIVATION"
+    assert events == []
+
+    with cp_registry.transaction():
+        cp_registry.create_thing("hub")
+        with pytest.raises(ResourceNotFound), cp_registry.transaction():  # nested: a savepoint
+            cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
+            cp_registry.get_policy("missing")
+        cp_registry.set_certificate_status(cert.certificate_id, "INACTIVE")
+    assert cp_registry.find_thing("hub") is not None
+    assert events == [(cert.certificate_id, "INACTIVE")]
+
+
+def test_listener_failure_does_not_break_the_change(cp_registry: Registry, cert_pem: str) -> None:
+    def boom(cid: str, status: str) -> None:
+        raise RuntimeError("listener bug")
+
+    seen: list[str] = []
+    cp_registry.add_listener(boom)
+    cp_registry.add_listener(lambda cid, status: seen.append(status))
+    cert = cp_registry.add_certificate(cert_pem, "ACTIVE")
+    cp_registry.set_certificate_status(cert.certificate_id, "REVOKED")
+    assert seen == ["REVOKED"]
+
+
+def test_certificate_rules(cp_registry: Registry, cert_pem: str) -> None:
+    cert = cp_registry.add_certificate(cert_pem, "ACTIVE")
+    assert cert.certificate_id == certificate_id(x509.load_pem_x509_certificate(cert_pem.encode()))
+    assert certificate_id_from_arn(cert.arn) == cert.certificate_id
+    with pytest.raises(ResourceAlreadyExists) as exc:
+        cp_registry.add_certificate(cert_pem, "ACTIVE")
+    assert exc.value.resource_id == cert.certificate_id
+    assert exc.value.resource_arn == cert.arn
+    with pytest.raises(CertificateState):
+        cp_registry.delete_certificate(cert.certificate_id)
+    cp_registry.create_policy("p", POLICY)
+    cp_registry.attach_policy("p", cert.arn)
+    cp_registry.set_certificate_status(cert.certificate_id, "INACTIVE")
+    with pytest.raises(DeleteConflict):
+        cp_registry.delete_certificate(cert.certificate_id)
+    cp_registry.create_thing("t")
+    cp_registry.attach_thing_principal("t", cert.arn)
+    with pytest.raises(DeleteConflict):
+        cp_registry.delete_certificate(cert.certificate_id, force=True)  # a thing blocks even forceDelete
+    cp_registry.detach_thing_principal("t", cert.arn)
+    events: list[str] = []
+    cp_registry.add_listener(lambda cid, status: events.append(status))
+    cp_registry.delete_certificate(cert.certificate_id, force=True)  # policies go with it
+    assert events == ["DELETED"]
+    assert cp_registry.list_targets_for_policy("p") == []
+    with pytest.raises(ResourceNotFound):
+        cp_registry.get_certificate(cert.certificate_id)
+    with pytest.raises(InvalidRequest):
+        cp_registry.add_certificate(cert_pem, "BOGUS")
+
+
+def test_revoked_is_final(cp_registry: Registry, cert_pem: str) -> None:
+    cert = cp_registry.add_certificate(cert_pem, "ACTIVE")
+    cp_registry.set_certificate_status(cert.certificate_id, "REVOKED")
+    with pytest.raises(CertificateState):
+        cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
+
+
+def test_find_ca_for_checks_the_signature(cp_registry: Registry) -> None:
+    ca_cert, ca_key = _self_signed_ca("Same Name")
+    impostor, impostor_key = _self_signed_ca("Same Name")
+    registered = cp_registry.add_ca_certificate(
+        _pem(ca_cert), status="ACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
+    )
+    assert cp_registry.find_ca_for(_issued_by(ca_cert, ca_key)) == registered
+    assert cp_registry.find_ca_for(_issued_by(impostor, impostor_key)) is None
+
+
+def test_ca_rules(cp_registry: Registry, cert_pem: str) -> None:
+    ca_cert, ca_key = _self_signed_ca("ca")
+    ca = cp_registry.add_ca_certificate(
+        _pem(ca_cert), status="INACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
+    )
+    device = cp_registry.add_certificate(
+        _pem(_issued_by(ca_cert, ca_key)), "INACTIVE", ca_certificate_id=ca.certificate_id
+    )
+    with pytest.raises(CertificateState):  # its CA is inactive
+        cp_registry.set_certificate_status(device.certificate_id, "ACTIVE")
+    updated = cp_registry.update_ca_certificate(
+        ca.certificate_id, status="ACTIVE", auto_registration=True, registration_config={"templateName": "x"}
+    )
+    assert (updated.status, updated.auto_registration, updated.customer_version) == ("ACTIVE", True, 2)
+    cp_registry.set_certificate_status(device.certificate_id, "ACTIVE")
+    assert (
+        cp_registry.update_ca_certificate(
+            ca.certificate_id, remove_registration_config=True
+        ).registration_config
+        is None
+    )
+    with pytest.raises(CertificateState):
+        cp_registry.delete_ca_certificate(ca.certificate_id)
+    cp_registry.update_ca_certificate(ca.certificate_id, status="INACTIVE")
+    cp_registry.delete_ca_certificate(ca.certificate_id)
+    assert cp_registry.find_ca_certificate(ca.certificate_id) is None
+
+
+def test_things(cp_registry: Registry) -> None:
+    thing = cp_registry.create_thing("t", attributes={"a": "1"})
+    assert cp_registry.create_thing("t", attributes={"a": "1"}) == thing  # same configuration: fine
+    with pytest.raises(ResourceAlreadyExists):
+        cp_registry.create_thing("t", attributes={"a": "2"})
+    merged = cp_registry.update_thing("t", attributes={"b": "2", "a": ""}, merge=True)
+    assert merged.attributes == {"b": "2"}
+    assert merged.version == 2
+    with pytest.raises(VersionConflict):
+        cp_registry.update_thing("t", attributes={}, expected_version=1)
+    assert cp_registry.update_thing("t", attributes={"c": "3"}, merge=False).attributes == {"c": "3"}
+    with pytest.raises(InvalidRequest):
+        cp_registry.create_thing("bad name")
+    cp_registry.delete_thing("t")
+    with pytest.raises(ResourceNotFound):
+        cp_registry.get_thing("t")
+
+
+def test_tokens_are_single_use_expire_and_are_stored_hashed(tmp_path: Path, cert_pem: str) -> None:
+    registry = Registry(tmp_path / "r.sqlite3")
+    token = registry.issue_token("a" * 64, "b" * 64, 60)
+    assert len(token) >= 43
+    expired = registry.issue_token("a" * 64, None, -1)
+    with pytest.raises(InvalidRequest, match="cannot be empty"):
+        registry.consume_token("")
+    with pytest.raises(InvalidRequest, match="is invalid"):
+        registry.consume_token("not-a-token")
+    with pytest.raises(InvalidRequest, match="has expired"):
+        registry.consume_token(expired)
+    assert registry.consume_token(token) == TokenGrant("a" * 64, "b" * 64)
+    with pytest.raises(InvalidRequest, match="already been used"):
+        registry.consume_token(token)
+    # Spent inside a transaction that fails: the token is not lost.
+    other = registry.issue_token("c" * 64, None, 60)
+    with pytest.raises(RuntimeError), registry.transaction():
+        registry.consume_token(other)
+        raise RuntimeError
+    assert registry.consume_token(other).certificate_id == "c" * 64
+    registry.close()
+    assert token.encode() not in (tmp_path / "r.sqlite3").read_bytes()
+    wal = tmp_path / "r.sqlite3-wal"
+    assert not wal.exists() or token.encode() not in wal.read_bytes()
+
+
+def test_concurrent_writers(cp_registry: Registry) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(50):
+                with cp_registry.transaction():
+                    cp_registry.create_thing(f"t{n}-{i}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(cp_registry.list_things()) == 200
+    assert time.perf_counter() - started < 5
