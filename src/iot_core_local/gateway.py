@@ -1,0 +1,1008 @@
+"""The device gateway: MQTT 5 over TLS with client certificates, in front of Mosquitto.
+
+Why it exists (see DESIGN.md): Mosquitto alone cannot refuse an inactive or revoked certificate at
+CONNECT, and would broadcast `$aws/certificates/create/json/accepted` (a private key) to every hub that
+shares a claim certificate. The gateway terminates TLS, applies IoT Core's connect rules, answers the
+fleet provisioning topics on the asking connection only, checks IoT policies on connect, publish,
+subscribe and delivery, and relays every other packet to Mosquitto unchanged.
+
+One connection, in order:
+
+    TCP accept -> TLS handshake (10 s) -> CONNECT (10 s) -> certificate rules (JITR/JITP) ->
+    iot:Connect -> a TCP connection to Mosquitto, CONNECT forwarded, CONNACK relayed -> two pumps:
+    client -> broker (inspects PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and broker -> client (iot:Receive)
+
+Packets are framed from their fixed header and parsed with the `mqtt5` package; anything relayed
+unchanged is written as the bytes that came in. A client that breaks the rules loses its own
+connection and nothing else. Registry reads for a CONNECT run on the loop (they are short); anything
+slow (key generation, the hook, provisioning transactions) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import mqtt5
+from cryptography import x509
+
+from . import policy
+from .ca import CertificateAuthority
+from .provisioning import (
+    ProvisioningService,
+    is_provisioning_filter,
+    parse_request_topic,
+    registration_event_topic,
+)
+from .registry import Certificate, Registry
+
+__all__ = ["MAX_PACKET_SIZE", "MAX_PAYLOAD_SIZE", "Gateway"]
+
+log = logging.getLogger("iot_core_local.gateway")
+
+T = TypeVar("T")
+
+MAX_PAYLOAD_SIZE = 128 * 1024  # AWS IoT Core's message size limit
+# What the CONNACK announces and the framing enforces: the payload limit plus room for topic and properties.
+MAX_PACKET_SIZE = MAX_PAYLOAD_SIZE + 8 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+BROKER_TIMEOUT = 10.0
+TRUST_POLL_INTERVAL = 1.0
+TRUST_RESCAN_INTERVAL = 1.0
+SWEEP_INTERVAL = 60.0
+READ_SIZE = 65536
+_DECISION_CACHE_SIZE = 1024
+
+ACTIVE = "ACTIVE"
+PENDING_ACTIVATION = "PENDING_ACTIVATION"
+
+# MQTT control packet types (the high nibble of the first byte).
+_CONNECT, _CONNACK, _PUBLISH = 1, 2, 3
+_SUBSCRIBE, _SUBACK, _UNSUBSCRIBE, _UNSUBACK = 8, 9, 10, 11
+# From the client, PUBACK PUBREC PUBREL PUBCOMP PINGREQ DISCONNECT AUTH go to Mosquitto untouched and
+# unparsed: Mosquitto validates them, and a bad one costs that client its own connection only.
+_RELAYED_FROM_CLIENT = frozenset({4, 5, 6, 7, 12, 14, 15})
+# An MQTT 3.1.1 CONNACK "unacceptable protocol version": the gateway speaks MQTT 5 only.
+_V3_CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
+
+Reason = mqtt5.DisconnectReasonCode
+
+
+class _Close(Exception):
+    """End this connection; `outcome` is logged, `reason` (if any) is sent in a DISCONNECT first."""
+
+    def __init__(self, outcome: str, reason: Reason | None = None, *, notable: bool = True) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.reason = reason
+        self.notable = notable  # logged at INFO: the gateway enforced something
+
+
+def _frame(buf: bytearray, start: int) -> tuple[int, int] | None:
+    """(header size, total size) of the packet at `start`, from its fixed header; None if incomplete.
+
+    Only the fixed header is read here, so an oversize packet is refused before it is buffered.
+    """
+    value = 0
+    multiplier = 1
+    end = len(buf)
+    for i in range(1, 5):
+        if start + i >= end:
+            return None
+        byte = buf[start + i]
+        value += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return 1 + i, 1 + i + value
+        multiplier *= 128
+    raise _Close("malformed packet (remaining length)", Reason.MALFORMED_PACKET)
+
+
+def _parse(buf: bytearray, start: int, size: int) -> mqtt5.Packet:
+    """Parse one complete frame; a malformed one closes the connection.
+
+    mqtt5 0.8 panics (a BaseException, with noise on stderr) on invalid UTF-8 strings, so the PUBLISH
+    topic, the one string a misbehaving client is likely to get wrong, is checked here first.
+    """
+    if buf[start] >> 4 == _PUBLISH:
+        header = _frame(buf, start)
+        assert header is not None
+        at = start + header[0]
+        if at + 2 <= start + size:
+            length = (buf[at] << 8) | buf[at + 1]
+            try:
+                bytes(buf[at + 2 : at + 2 + length]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Close("topic is not valid UTF-8", Reason.TOPIC_NAME_INVALID) from None
+    with memoryview(buf) as view:
+        try:
+            packet, used = mqtt5.read(view[start : start + size])
+        except (ValueError, IndexError) as e:
+            raise _Close(f"malformed packet ({e})", Reason.MALFORMED_PACKET) from None
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            raise _Close("malformed packet (undecodable string)", Reason.MALFORMED_PACKET) from None
+    if used != size:
+        raise _Close("malformed packet (length mismatch)", Reason.MALFORMED_PACKET)
+    return packet
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic filter matching, including the rule that wildcards do not match `$` topics at level 1."""
+    parts = topic_filter.split("/")
+    levels = topic.split("/")
+    for i, part in enumerate(parts):
+        if part == "#":
+            return not (i == 0 and topic.startswith("$"))
+        if i >= len(levels):
+            return False
+        if part == "+":
+            if i == 0 and topic.startswith("$"):
+                return False
+            continue
+        if part != levels[i]:
+            return False
+    return len(parts) == len(levels)
+
+
+class _Merge:
+    """A SUBSCRIBE or UNSUBSCRIBE answered partly here and partly by Mosquitto."""
+
+    __slots__ = ("codes", "positions")
+
+    def __init__(self, codes: list[int], positions: list[int]) -> None:
+        self.codes = codes
+        self.positions = positions
+
+
+class _Connection:
+    """One device connection and its relay connection to Mosquitto."""
+
+    def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.gw = gateway
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.certificate_id = "-"
+        self.client_id = "-"
+        self.buf = bytearray()
+        self.broker_reader: asyncio.StreamReader | None = None
+        self.broker_writer: asyncio.StreamWriter | None = None
+        self.documents: list[str] = []
+        self.variables: dict[str, str] = {}
+        self.decisions: dict[tuple[str, str], bool] = {}
+        self.local_filters: list[str] = []
+        self.pending_subacks: dict[int, _Merge] = {}
+        self.pending_unsubacks: dict[int, _Merge] = {}
+        self.client_aliases: dict[int, str] = {}
+        self.broker_aliases: dict[int, str] = {}
+        self.broker_buf = bytearray()
+        self.der = b""
+        self.kicked: _Close | None = None
+        self.started = time.monotonic()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"connection {self.peer} cert {self.certificate_id} client {self.client_id!r}"
+
+    async def run(self) -> None:
+        accepted = False
+        try:
+            if not await self._handshake():
+                return
+            connect, raw = await self._read_connect()
+            await self._authorize(connect)
+            await self._open_broker(raw)
+            accepted = True
+            self.gw.register(self)
+            log.info("%s: accepted", self.describe())
+            await self._relay()
+        except _Close as e:
+            closing = self.kicked or e
+            if closing.reason is not None:
+                self._send_client(mqtt5.DisconnectPacket(reason_code=closing.reason))
+            level = logging.INFO if closing.notable or not accepted else logging.DEBUG
+            after = f" after {time.monotonic() - self.started:.1f} s" if accepted else ""
+            log.log(level, "%s: closed%s: %s", self.describe(), after, closing.outcome)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            log.debug("%s: connection lost: %s", self.describe(), e)
+        finally:
+            if accepted:
+                self.gw.unregister(self)
+            self.abort()
+
+    def abort(self) -> None:
+        """Close both sides now; pending output to a dead or hostile peer is not worth waiting for."""
+        for writer in (self.writer, self.broker_writer):
+            if writer is not None:
+                transport = writer.transport
+                if not transport.is_closing():
+                    # close() flushes what is buffered (a DISCONNECT, say); the peer's reader ends then.
+                    transport.close()
+
+    def kick(self, outcome: str, reason: Reason) -> None:
+        """Disconnect from outside the pumps (certificate no longer ACTIVE, server stopping)."""
+        if self.kicked is None:
+            self.kicked = _Close(outcome, reason)
+            self._send_client(mqtt5.DisconnectPacket(reason_code=reason))
+            self.kicked = _Close(outcome, None)  # the DISCONNECT is sent; do not send it twice
+            self.abort()
+
+    def _send_client(self, packet: mqtt5.Packet) -> None:
+        self._write_client(packet.write())
+
+    def _write_client(self, data: bytes) -> None:
+        # Writing to a closed TLS transport makes asyncio log warnings; a closed peer needs nothing.
+        if not self.writer.transport.is_closing():
+            self.writer.write(data)
+
+    def _send_broker(self, data: bytes) -> None:
+        assert self.broker_writer is not None
+        if not self.broker_writer.transport.is_closing():
+            self.broker_writer.write(data)
+
+    # ---- TLS, CONNECT, connect rules ----------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        context = self.gw.tls_context()
+        try:
+            await asyncio.wait_for(
+                self.writer.start_tls(context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT),
+                HANDSHAKE_TIMEOUT + 1,
+            )
+        except ssl.SSLCertVerificationError as e:
+            self.gw.trust_may_be_stale()
+            log.info("connection %s: TLS handshake refused: %s", self.peer, e.verify_message or e.reason)
+            return False
+        except (ssl.SSLError, OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            log.info("connection %s: TLS handshake failed: %s", self.peer, _brief(e))
+            return False
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            log.info("connection %s: closed: no client certificate", self.peer)
+            return False
+        self.der = der
+        self.certificate_id = hashlib.sha256(der).hexdigest()
+        return True
+
+    async def _read_connect(self) -> tuple[mqtt5.ConnectPacket, bytes]:
+        try:
+            size = await asyncio.wait_for(self._fill_one(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise _Close(f"no CONNECT within {CONNECT_TIMEOUT:g} s") from None
+        if self.buf[0] >> 4 != _CONNECT:
+            raise _Close("first packet is not CONNECT")
+        try:
+            packet = _parse(self.buf, 0, size)
+        except _Close as e:
+            if b"MQTT\x04" in self.buf[:size] or b"MQIsdp" in self.buf[:size]:
+                self._write_client(_V3_CONNACK_BAD_VERSION)
+                raise _Close("MQTT 3.1.1 is not supported; use MQTT 5") from None
+            raise _Close(f"refused CONNECT: {e.outcome}") from None
+        assert isinstance(packet, mqtt5.ConnectPacket)
+        raw = bytes(self.buf[:size])
+        del self.buf[:size]
+        self.client_id = packet.client_id
+        return packet, raw
+
+    async def _fill_one(self) -> int:
+        while True:
+            frame = _frame(self.buf, 0)
+            if frame is not None:
+                if frame[1] > MAX_PACKET_SIZE:
+                    raise _Close("packet too large", Reason.PACKET_TOO_LARGE)
+                if len(self.buf) >= frame[1]:
+                    return frame[1]
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise _Close("closed by the client before CONNECT", notable=False)
+            self.buf += data
+
+    async def _authorize(self, connect: mqtt5.ConnectPacket) -> None:
+        gw = self.gw
+        record = gw.registry.find_certificate(self.certificate_id)
+        if record is None or record.status == PENDING_ACTIVATION:
+            record = await self._just_in_time(record)
+        if record is None:
+            raise _Close("refused without CONNACK: unknown certificate")
+        if record.status != ACTIVE:
+            raise _Close(f"refused without CONNACK: certificate is {record.status}")
+        ca_id = record.ca_certificate_id
+        if ca_id is not None and ca_id != gw.ca.issuing_ca_id:
+            ca = gw.registry.find_ca_certificate(ca_id)
+            if ca is None or ca.status != ACTIVE:
+                state = "not registered" if ca is None else ca.status
+                raise _Close(f"refused without CONNACK: the certificate's CA {ca_id} is {state}")
+
+        self.documents = [p.document for p in gw.registry.list_attached_policies(record.arn)]
+        things = gw.registry.list_principal_things(record.arn)
+        self.variables = {"iot:ClientId": connect.client_id}
+        if len(things) == 1:
+            self.variables["iot:Connection.Thing.ThingName"] = things[0]
+            self.variables["iot:Connection.Thing.IsAttached"] = "true"
+        else:
+            self.variables["iot:Connection.Thing.IsAttached"] = "false"
+        if not self.allowed("iot:Connect", f"client/{connect.client_id}"):
+            self._refuse_connect("iot:Connect is not allowed")
+        will = connect.will
+        if will is not None and (
+            will.topic.startswith("$") or not self.allowed("iot:Publish", f"topic/{will.topic}")
+        ):
+            self._refuse_connect(f"iot:Publish is not allowed on the will topic {will.topic!r}")
+
+    def _refuse_connect(self, why: str) -> None:
+        # AWS answers an MQTT 5 client it will not authorize with CONNACK "not authorized".
+        self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.NOT_AUTHORIZED))
+        raise _Close(f"refused with CONNACK 135: {why}")
+
+    async def _just_in_time(self, record: Certificate | None) -> Certificate | None:
+        gw = self.gw
+        cert = x509.load_der_x509_certificate(self.der)
+        ca = gw.registry.find_ca_for(cert)
+        if ca is None or ca.status != ACTIVE or not ca.auto_registration:
+            return record
+        try:
+            provisioned, event = await gw.in_thread(
+                gw.provisioning.just_in_time, cert, self.certificate_id, ca, record
+            )
+        except Exception as e:  # JITP template problems are the customer's; the device is refused
+            message = getattr(e, "message", None) or _brief(e)
+            raise _Close(f"refused without CONNACK: JITP failed: {message}") from None
+        if event is not None:
+            await gw.publish_event(registration_event_topic(ca.certificate_id), event)
+            raise _Close(
+                "JITR: certificate registered PENDING_ACTIVATION, event published; closed without CONNACK"
+            )
+        status = provisioned.status if provisioned is not None else "absent"
+        log.info("%s: JITP provisioned the certificate, now %s", self.describe(), status)
+        return provisioned
+
+    # ---- the relay ----------------------------------------------------------------------------
+
+    async def _open_broker(self, raw_connect: bytes) -> None:
+        gw = self.gw
+        try:
+            broker_reader, broker_writer = await asyncio.wait_for(
+                asyncio.open_connection(gw.broker_host, gw.broker_port), BROKER_TIMEOUT
+            )
+        except (OSError, TimeoutError) as e:
+            self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE))
+            raise _Close(f"broker unreachable: {_brief(e)}") from None
+        self.broker_reader, self.broker_writer = broker_reader, broker_writer
+        broker_writer.write(raw_connect)
+        buf = bytearray()
+        try:
+            size = await asyncio.wait_for(_read_frame(broker_reader, buf), BROKER_TIMEOUT)
+        except (TimeoutError, ConnectionError, OSError) as e:
+            self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE))
+            raise _Close(f"broker did not answer CONNECT: {_brief(e)}") from None
+        connack = _parse(buf, 0, size)
+        if not isinstance(connack, mqtt5.ConnAckPacket):
+            raise _Close("broker did not answer CONNECT with CONNACK")
+        if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            self._write_client(bytes(buf[:size]))
+            raise _Close(f"broker refused CONNECT: {connack.reason_code.name}")
+        # What AWS IoT Core announces: QoS 1 at most, 128 KB messages; the rest is Mosquitto's session.
+        self._send_client(
+            mqtt5.ConnAckPacket(
+                session_present=connack.session_present,
+                session_expiry_interval=connack.session_expiry_interval,
+                assigned_client_id=connack.assigned_client_id,
+                server_keep_alive=connack.server_keep_alive,
+                receive_max=connack.receive_max,
+                topic_alias_max=connack.topic_alias_max,
+                max_qos=mqtt5.QoS.AT_LEAST_ONCE,
+                retain_available=connack.retain_available,
+                max_packet_size=MAX_PACKET_SIZE,
+                wildcard_subscription_available=connack.wildcard_subscription_available,
+                subscription_id_available=connack.subscription_id_available,
+                shared_subscription_available=connack.shared_subscription_available,
+                user_properties=connack.user_properties,
+            )
+        )
+        if connack.assigned_client_id:
+            self.client_id = connack.assigned_client_id
+            self.variables["iot:ClientId"] = connack.assigned_client_id
+        del buf[:size]
+        self.broker_buf = buf
+
+    async def _relay(self) -> None:
+        to_broker = asyncio.create_task(self._from_client())
+        to_client = asyncio.create_task(self._from_broker())
+        try:
+            await asyncio.wait({to_broker, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            to_broker.cancel()
+            to_client.cancel()
+            # Collect both, so that no "exception was never retrieved" is logged for the loser.
+            results = await asyncio.gather(to_broker, to_client, return_exceptions=True)
+        for result in results:
+            if isinstance(result, _Close):
+                raise result
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                if isinstance(result, ConnectionError | OSError | asyncio.IncompleteReadError):
+                    raise _Close(f"connection lost: {_brief(result)}", notable=False)
+                raise result
+        if self.kicked is not None:
+            raise self.kicked
+        raise _Close("ended", notable=False)
+
+    def allowed(self, action: str, resource: str) -> bool:
+        key = (action, resource)
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = policy.evaluate(self.documents, action, self.gw.arn_prefix + resource, self.variables)
+            if len(self.decisions) >= _DECISION_CACHE_SIZE:
+                self.decisions.clear()
+            self.decisions[key] = decision
+        return decision
+
+    async def _from_client(self) -> None:
+        buf = self.buf
+        assert self.broker_writer is not None
+        broker = self.broker_writer
+        while True:
+            pos = 0
+            span = -1  # start of a run of packets relayed unchanged, written as one slice
+            while True:
+                frame = _frame(buf, pos)
+                if frame is None:
+                    break
+                size = frame[1]
+                if size > MAX_PACKET_SIZE:
+                    raise _Close("packet too large", Reason.PACKET_TOO_LARGE)
+                if pos + size > len(buf):
+                    break
+                kind = buf[pos] >> 4
+                relay = kind in _RELAYED_FROM_CLIENT
+                if not relay:
+                    packet = _parse(buf, pos, size)
+                    if span >= 0:
+                        self._send_broker(bytes(buf[span:pos]))
+                        span = -1
+                    relay = await self._client_packet(packet)
+                if relay:
+                    if span < 0:
+                        span = pos
+                elif span >= 0:
+                    self._send_broker(bytes(buf[span:pos]))
+                    span = -1
+                pos += size
+            if span >= 0:
+                self._send_broker(bytes(buf[span:pos]))
+            del buf[:pos]
+            await broker.drain()
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise _Close("closed by the client", notable=False)
+            buf += data
+
+    async def _client_packet(self, packet: mqtt5.Packet) -> bool:
+        """Handle one parsed packet from the client; True to relay its bytes unchanged."""
+        if isinstance(packet, mqtt5.PublishPacket):
+            return await self._client_publish(packet)
+        if isinstance(packet, mqtt5.SubscribePacket):
+            self._client_subscribe(packet)
+            return False
+        if isinstance(packet, mqtt5.UnsubscribePacket):
+            self._client_unsubscribe(packet)
+            return False
+        if isinstance(packet, mqtt5.ConnectPacket):
+            raise _Close("second CONNECT", Reason.PROTOCOL_ERROR)
+        raise _Close(f"unexpected {type(packet).__name__} from a client", Reason.PROTOCOL_ERROR)
+
+    async def _client_publish(self, packet: mqtt5.PublishPacket) -> bool:
+        topic = packet.topic
+        alias = packet.topic_alias
+        if alias is not None:
+            if topic:
+                self.client_aliases[alias] = topic
+            else:
+                resolved = self.client_aliases.get(alias)
+                if resolved is None:
+                    raise _Close(f"unknown topic alias {alias}", Reason.TOPIC_ALIAS_INVALID)
+                topic = resolved
+        if packet.qos == mqtt5.QoS.EXACTLY_ONCE:
+            raise _Close("QoS 2 is not supported", Reason.QOS_NOT_SUPPORTED)
+        if len(packet.payload) > MAX_PAYLOAD_SIZE:
+            raise _Close(f"payload of {len(packet.payload)} bytes exceeds 128 KB", Reason.PACKET_TOO_LARGE)
+        if not topic or "+" in topic or "#" in topic:
+            raise _Close("invalid topic name", Reason.TOPIC_NAME_INVALID)
+        request = parse_request_topic(topic)
+        if request is not None:
+            if not self.allowed("iot:Publish", f"topic/{topic}"):
+                self._refuse_publish(packet)
+                return False
+            if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+                self._send_client(mqtt5.PubAckPacket(packet.packet_id))
+            answer = await self.gw.in_thread(
+                self.gw.provisioning.handle,
+                request,
+                packet.payload,
+                claim_certificate_id=self.certificate_id,
+                client_id=self.client_id,
+            )
+            delivered = self.deliver_local(answer.topic, answer.payload)
+            log.info(
+                "provisioning %s cert %s client %r: %s%s",
+                answer.operation,
+                self.certificate_id,
+                self.client_id,
+                answer.summary,
+                "" if delivered else f" (not delivered: no subscription to {answer.topic})",
+            )
+            return False
+        # $aws/... and other $ topics belong to the service; clients may not publish there.
+        if topic.startswith("$") or not self.allowed("iot:Publish", f"topic/{topic}"):
+            self._refuse_publish(packet)
+            return False
+        if alias is not None:
+            # Aliases stop here: a refused PUBLISH may have set one that Mosquitto never saw.
+            self._send_broker(
+                mqtt5.PublishPacket(
+                    topic,
+                    packet.payload,
+                    qos=packet.qos,
+                    retain=packet.retain,
+                    packet_id=packet.packet_id,
+                    duplicate=packet.duplicate,
+                    payload_format_indicator=packet.payload_format_indicator,
+                    message_expiry_interval=packet.message_expiry_interval,
+                    content_type=packet.content_type,
+                    response_topic=packet.response_topic,
+                    correlation_data=packet.correlation_data,
+                    user_properties=packet.user_properties,
+                ).write()
+            )
+            return False
+        return True
+
+    def _refuse_publish(self, packet: mqtt5.PublishPacket) -> None:
+        if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+            self._send_client(
+                mqtt5.PubAckPacket(packet.packet_id, reason_code=mqtt5.PubAckReasonCode.NOT_AUTHORIZED)
+            )
+        log.debug("%s: PUBLISH to %r not authorized", self.describe(), packet.topic)
+
+    def deliver_local(self, topic: str, payload: bytes) -> bool:
+        """Publish an answer to this connection only, if it subscribed to it (AWS drops it otherwise)."""
+        if not any(topic_matches(f, topic) for f in self.local_filters):
+            return False
+        if not self.allowed("iot:Receive", f"topic/{topic}"):
+            return False
+        self._send_client(mqtt5.PublishPacket(topic, payload))
+        return True
+
+    def _client_subscribe(self, packet: mqtt5.SubscribePacket) -> None:
+        codes: list[int] = []
+        forward: list[mqtt5.TopicFilter] = []
+        positions: list[int] = []
+        for i, tf in enumerate(packet.topic_filters):
+            pattern = tf.pattern
+            if not self.allowed("iot:Subscribe", f"topicfilter/{pattern}"):
+                codes.append(mqtt5.SubAckReasonCode.NOT_AUTHORIZED)
+                continue
+            qos = min(int(tf.max_qos), 1)
+            codes.append(qos)
+            if pattern.startswith("$aws/") and pattern not in self.local_filters:
+                self.local_filters.append(pattern)  # provisioning answers may match it
+            if is_provisioning_filter(pattern):
+                continue
+            positions.append(i)
+            forward.append(
+                mqtt5.TopicFilter(
+                    pattern,
+                    max_qos=mqtt5.QoS(qos),
+                    no_local=tf.no_local,
+                    retain_as_published=tf.retain_as_published,
+                    retain_handling=tf.retain_handling,
+                )
+            )
+        if forward:
+            self.pending_subacks[packet.packet_id] = _Merge(codes, positions)
+            self._send_broker(
+                mqtt5.SubscribePacket(
+                    packet.packet_id,
+                    forward,
+                    subscription_id=packet.subscription_id,
+                    user_properties=packet.user_properties,
+                ).write()
+            )
+        else:
+            self._send_client(
+                mqtt5.SubAckPacket(packet.packet_id, [mqtt5.SubAckReasonCode(c) for c in codes])
+            )
+
+    def _client_unsubscribe(self, packet: mqtt5.UnsubscribePacket) -> None:
+        codes: list[int] = []
+        forward: list[str] = []
+        positions: list[int] = []
+        for i, pattern in enumerate(packet.patterns):
+            local = pattern in self.local_filters
+            if local:
+                self.local_filters.remove(pattern)
+            if is_provisioning_filter(pattern):
+                codes.append(
+                    mqtt5.UnsubAckReasonCode.SUCCESS
+                    if local
+                    else mqtt5.UnsubAckReasonCode.NO_SUBSCRIPTION_EXISTED
+                )
+                continue
+            codes.append(mqtt5.UnsubAckReasonCode.SUCCESS)
+            positions.append(i)
+            forward.append(pattern)
+        if forward:
+            self.pending_unsubacks[packet.packet_id] = _Merge(codes, positions)
+            self._send_broker(
+                mqtt5.UnsubscribePacket(
+                    packet.packet_id, forward, user_properties=packet.user_properties
+                ).write()
+            )
+        else:
+            self._send_client(
+                mqtt5.UnsubAckPacket(packet.packet_id, [mqtt5.UnsubAckReasonCode(c) for c in codes])
+            )
+
+    async def _from_broker(self) -> None:
+        assert self.broker_reader is not None
+        reader = self.broker_reader
+        buf = self.broker_buf
+        while True:
+            pos = 0
+            span = -1
+            while True:
+                frame = _frame(buf, pos)
+                if frame is None or pos + frame[1] > len(buf):
+                    break
+                size = frame[1]
+                kind = buf[pos] >> 4
+                verdict: bytes | bool = True
+                if kind in (_PUBLISH, _SUBACK, _UNSUBACK):
+                    verdict = self._broker_packet(_parse(buf, pos, size))
+                if verdict is True:
+                    if span < 0:
+                        span = pos
+                else:
+                    if span >= 0:
+                        self._write_client(bytes(buf[span:pos]))
+                        span = -1
+                    if verdict:
+                        self._write_client(verdict)
+                pos += size
+            if span >= 0:
+                self._write_client(bytes(buf[span:pos]))
+            del buf[:pos]
+            await self.writer.drain()
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise _Close("closed by the broker", notable=False)
+            buf += data
+
+    def _broker_packet(self, packet: mqtt5.Packet) -> bytes | bool:
+        """Handle one packet from Mosquitto: True relays it unchanged, bytes replace it, b"" drops it."""
+        if isinstance(packet, mqtt5.PublishPacket):
+            topic = packet.topic
+            if packet.topic_alias is not None:
+                if topic:
+                    self.broker_aliases[packet.topic_alias] = topic
+                else:
+                    topic = self.broker_aliases.get(packet.topic_alias, "")
+            if self.allowed("iot:Receive", f"topic/{topic}"):
+                return True
+            if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+                # Mosquitto must not redeliver what the policy withholds.
+                self._send_broker(mqtt5.PubAckPacket(packet.packet_id).write())
+            return b""
+        if isinstance(packet, mqtt5.SubAckPacket):
+            merge = self.pending_subacks.pop(packet.packet_id, None)
+            if merge is None:
+                return True
+            for position, code in zip(merge.positions, packet.reason_codes, strict=False):
+                merge.codes[position] = int(code)
+            return mqtt5.SubAckPacket(
+                packet.packet_id,
+                [mqtt5.SubAckReasonCode(c) for c in merge.codes],
+                reason_str=packet.reason_str,
+                user_properties=packet.user_properties,
+            ).write()
+        if isinstance(packet, mqtt5.UnsubAckPacket):
+            unmerge = self.pending_unsubacks.pop(packet.packet_id, None)
+            if unmerge is None:
+                return True
+            for position, ucode in zip(unmerge.positions, packet.reason_codes, strict=False):
+                unmerge.codes[position] = int(ucode)
+            return mqtt5.UnsubAckPacket(
+                packet.packet_id,
+                [mqtt5.UnsubAckReasonCode(c) for c in unmerge.codes],
+                reason_str=packet.reason_str,
+                user_properties=packet.user_properties,
+            ).write()
+        return True
+
+
+async def _read_frame(reader: asyncio.StreamReader, buf: bytearray) -> int:
+    while True:
+        frame = _frame(buf, 0)
+        if frame is not None and len(buf) >= frame[1]:
+            return frame[1]
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise ConnectionError("closed")
+        buf += data
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class _EventPublisher:
+    """The gateway's own client of Mosquitto, for events such as JITR registrations."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.client_id = f"iot-core-local-events-{uuid.uuid4().hex[:12]}"
+        self._writer: asyncio.StreamWriter | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._packet_id = 0
+        self._lock = asyncio.Lock()
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        async with self._lock:
+            if self._writer is None or self._writer.transport.is_closing():
+                await self._connect()
+            assert self._writer is not None
+            self._packet_id = self._packet_id % 65535 + 1
+            packet = mqtt5.PublishPacket(
+                topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=self._packet_id
+            )
+            self._writer.write(packet.write())
+            await self._writer.drain()
+
+    async def _connect(self) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), BROKER_TIMEOUT)
+        writer.write(mqtt5.ConnectPacket(self.client_id, clean_start=True, keep_alive=0).write())
+        buf = bytearray()
+        size = await asyncio.wait_for(_read_frame(reader, buf), BROKER_TIMEOUT)
+        connack = _parse(buf, 0, size)
+        if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
+            writer.close()
+            raise ConnectionError(f"broker refused the event publisher: {connack!r}")
+        self._writer = writer
+        self._drain_task = asyncio.create_task(self._discard(reader))
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader) -> None:
+        # PUBACKs only; reading them keeps the socket buffer from filling up.
+        with contextlib.suppress(ConnectionError, OSError):
+            while await reader.read(READ_SIZE):
+                pass
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError, OSError):
+                self._writer.write(mqtt5.DisconnectPacket().write())
+            self._writer.close()
+            self._writer = None
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+            self._drain_task = None
+
+
+class Gateway:
+    """The MQTT 5 / TLS endpoint devices connect to; `start()` binds, then `port` is the real port."""
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        ca: CertificateAuthority,
+        provisioning: ProvisioningService,
+        broker_host: str,
+        broker_port: int,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.ca = ca
+        self.provisioning = provisioning
+        self.broker_host = broker_host
+        self.broker_port = broker_port
+        self.host = host
+        self.port = port
+        self.arn_prefix = registry.arn("")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="iot-core-local-worker")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._by_certificate: dict[str, set[_Connection]] = {}
+        self._events = _EventPublisher(broker_host, broker_port)
+        self._context: ssl.SSLContext | None = None
+        self._anchors: frozenset[str] = frozenset()
+        self._ca_fingerprint: tuple[tuple[str, str], ...] = ()
+        self._own_certificates: set[str] = set()  # registered without CA, but issued by our issuing CA
+        self._rescan_requested = False
+        self._last_rescan = 0.0
+        self._stopping = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._context = await self.in_thread(self._build_context, True)
+        self.registry.add_listener(self._on_certificate_change)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._maintain())
+        log.info(
+            "gateway listening on %s:%d, relaying to %s:%d",
+            self.host,
+            self.port,
+            self.broker_host,
+            self.broker_port,
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for connections in list(self._by_certificate.values()):
+            for connection in list(connections):
+                connection.kick("server shutting down", Reason.SERVER_SHUTTING_DOWN)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await self._events.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._server = None
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        assert self._loop is not None
+        if kwargs:
+            return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        connection = _Connection(self, reader, writer)
+        try:
+            await connection.run()
+        except asyncio.CancelledError:
+            connection.abort()
+        except Exception:  # a bug of ours: log it, keep serving everyone else
+            log.exception("%s: internal error", connection.describe())
+            connection.abort()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    # ---- connections by certificate -----------------------------------------------------------
+
+    def register(self, connection: _Connection) -> None:
+        self._by_certificate.setdefault(connection.certificate_id, set()).add(connection)
+
+    def unregister(self, connection: _Connection) -> None:
+        connections = self._by_certificate.get(connection.certificate_id)
+        if connections is not None:
+            connections.discard(connection)
+            if not connections:
+                del self._by_certificate[connection.certificate_id]
+
+    def _on_certificate_change(self, certificate_id: str, status: str) -> None:
+        # Runs on whichever thread changed the registry (control plane, worker): hop to the loop.
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._stopping:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._certificate_changed, certificate_id, status)
+
+    def _certificate_changed(self, certificate_id: str, status: str) -> None:
+        if certificate_id in self._anchors:
+            self._rescan_requested = True
+        if status == ACTIVE:
+            return
+        for connection in list(self._by_certificate.get(certificate_id, ())):
+            connection.kick(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
+
+    async def publish_event(self, topic: str, payload: bytes) -> None:
+        try:
+            await self._events.publish(topic, payload)
+        except (OSError, TimeoutError, ConnectionError) as e:
+            log.warning("could not publish %s: %s", topic, _brief(e))
+
+    # ---- the TLS trust store ------------------------------------------------------------------
+
+    def tls_context(self) -> ssl.SSLContext:
+        assert self._context is not None
+        return self._context
+
+    def trust_may_be_stale(self) -> None:
+        """A client certificate did not verify: maybe one was registered without CA since the last scan."""
+        self._rescan_requested = True
+
+    def _build_context(self, scan_certificates: bool) -> ssl.SSLContext:
+        """A server context trusting the issuing CA, every registered CA and every certificate
+        registered without a CA (partial-chain verification makes such a leaf its own anchor)."""
+        pems = {self.ca.issuing_ca_id: self.ca.issuing_ca_pem}
+        cas = self.registry.list_ca_certificates()
+        for ca in cas:
+            pems[ca.certificate_id] = ca.pem
+        self._ca_fingerprint = tuple(sorted((ca.certificate_id, ca.status) for ca in cas))
+        if scan_certificates:
+            issuer = self.ca.issuing_ca.subject
+            for record in self.registry.list_certificates():
+                if record.ca_certificate_id is not None or record.certificate_id in self._own_certificates:
+                    continue
+                if record.status == "REVOKED":
+                    continue
+                cert = x509.load_pem_x509_certificate(record.pem.encode())
+                if cert.issuer == issuer:
+                    self._own_certificates.add(record.certificate_id)
+                else:
+                    pems[record.certificate_id] = record.pem
+        else:
+            for anchor in self._anchors:
+                if anchor not in pems:
+                    known = self.registry.find_certificate(anchor)
+                    if known is not None:
+                        pems[anchor] = known.pem
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.ca.server_cert_path, self.ca.server_key_path)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.load_verify_locations(cadata="".join(pems.values()))
+        self._anchors = frozenset(pems)
+        return context
+
+    async def _maintain(self) -> None:
+        """Keep the trust store current and sweep expired unregistered certificates."""
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(TRUST_POLL_INTERVAL)
+            try:
+                cas = await self.in_thread(self.registry.list_ca_certificates)
+                fingerprint = tuple(sorted((ca.certificate_id, ca.status) for ca in cas))
+                now = time.monotonic()
+                rescan = self._rescan_requested and now - self._last_rescan >= TRUST_RESCAN_INTERVAL
+                if rescan or fingerprint != self._ca_fingerprint:
+                    if rescan:
+                        self._rescan_requested = False
+                        self._last_rescan = now
+                    self._context = await self.in_thread(self._build_context, rescan)
+                    log.debug("trust store rebuilt: %d anchors", len(self._anchors))
+                if now - last_sweep >= min(SWEEP_INTERVAL, max(self.provisioning.token_ttl, 1.0)):
+                    last_sweep = now
+                    deleted = await self.in_thread(self.provisioning.sweep_expired)
+                    if deleted:
+                        log.info("deleted %d certificates whose ownership token expired unused", deleted)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("gateway maintenance failed; retrying")

@@ -1,0 +1,467 @@
+"""The fleet provisioning MQTT API and JITR/JITP, as AWS IoT Core runs them; called by the gateway.
+
+Every method here blocks (RSA key generation, the pre-provisioning hook's HTTP call, registry
+transactions), so the gateway calls them from worker threads, never on its event loop.
+
+The MQTT API (request topic -> operation; `{fmt}` is json or cbor, and the answer uses the same):
+
+    $aws/certificates/create/{fmt}                            CreateKeysAndCertificate
+    $aws/certificates/create-from-csr/{fmt}                   CreateCertificateFromCsr
+    $aws/provisioning-templates/{name}/provision/{fmt}        RegisterThing
+
+Each answers on `<request topic>/accepted` or `<request topic>/rejected`; a rejection is
+`{"statusCode", "errorCode", "errorMessage"}`. The gateway delivers the answer to the asking connection
+only: hubs share one claim certificate, and a broadcast would hand one hub's private key to all.
+
+Nothing here logs a private key or an ownership token; `Answer.summary` is what may be logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from . import templates
+from .ca import CertificateAuthority, certificate_id, load_csr
+from .errors import InvalidRequest, ResourceNotFound, ServiceError
+from .hook import HookDenied, call_hook
+from .registry import ACCOUNT_ID, CACertificate, Certificate, Registry, TokenGrant
+
+__all__ = [
+    "CREATE_FROM_CSR",
+    "CREATE_KEYS",
+    "REGISTER_THING",
+    "Answer",
+    "ProvisioningService",
+    "Request",
+    "is_provisioning_filter",
+    "parse_request_topic",
+    "registration_event_topic",
+]
+
+log = logging.getLogger("iot_core_local.gateway")
+
+CREATE_KEYS = "CreateKeysAndCertificate"
+CREATE_FROM_CSR = "CreateCertificateFromCsr"
+REGISTER_THING = "RegisterThing"
+FORMATS = ("json", "cbor")
+
+_CREATE_PREFIX = "$aws/certificates/create/"
+_CSR_PREFIX = "$aws/certificates/create-from-csr/"
+_TEMPLATES_PREFIX = "$aws/provisioning-templates/"
+# Subscriptions under these prefixes can only ever see provisioning answers, which never pass through
+# Mosquitto; the gateway keeps them to itself.
+_ANSWER_ONLY_PREFIXES = (_CREATE_PREFIX, _CSR_PREFIX, _TEMPLATES_PREFIX)
+
+PENDING_ACTIVATION = "PENDING_ACTIVATION"
+ACTIVE = "ACTIVE"
+_OVERRIDE_ACTIONS = ("DO_NOTHING", "REPLACE", "FAIL", "MERGE")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request topic, understood."""
+
+    operation: str
+    topic: str
+    payload_format: str
+    template_name: str | None = None
+
+
+def parse_request_topic(topic: str) -> Request | None:
+    """The provisioning request a topic names, or None if it names none (then it is just a topic)."""
+    if topic.startswith(_CREATE_PREFIX):
+        fmt, operation = topic[len(_CREATE_PREFIX) :], CREATE_KEYS
+    elif topic.startswith(_CSR_PREFIX):
+        fmt, operation = topic[len(_CSR_PREFIX) :], CREATE_FROM_CSR
+    elif topic.startswith(_TEMPLATES_PREFIX):
+        name, sep, rest = topic[len(_TEMPLATES_PREFIX) :].partition("/provision/")
+        if not sep or not name or "/" in name or rest not in FORMATS:
+            return None
+        return Request(REGISTER_THING, topic, rest, name)
+    else:
+        return None
+    return Request(operation, topic, fmt) if fmt in FORMATS else None
+
+
+def is_provisioning_filter(topic_filter: str) -> bool:
+    """True if a subscription can only match provisioning topics (so Mosquitto need not see it)."""
+    return topic_filter.startswith(_ANSWER_ONLY_PREFIXES)
+
+
+def registration_event_topic(ca_certificate_id: str) -> str:
+    return f"$aws/events/certificates/registered/{ca_certificate_id}"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to publish back on the asking connection, and a loggable summary (no secrets)."""
+
+    operation: str
+    topic: str
+    payload: bytes
+    accepted: bool
+    summary: str
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _PeekOnly(Exception):
+    """Rolls back a transaction whose only purpose was to look at a token without spending it."""
+
+
+def _token_error(message: str) -> _Rejected:
+    return _Rejected(400, "InvalidCertificateOwnershipToken", message)
+
+
+def _from_service_error(e: ServiceError) -> _Rejected:
+    if isinstance(e, templates.ProvisioningError):
+        return _Rejected(400, "InvalidParameters", e.message)
+    return _Rejected(e.status, e.error_type.removesuffix("Exception"), e.message)
+
+
+@functools.lru_cache(maxsize=256)
+def _validated_template(body: str) -> templates.Template:
+    # Keyed on the body itself, so an updated template is validated again and never served stale.
+    return templates.validate_template(body)
+
+
+def _decode(payload: bytes, payload_format: str) -> dict[str, Any]:
+    if not payload.strip():
+        return {}  # CreateKeysAndCertificate is sent with an empty payload by some SDKs
+    try:
+        data = json.loads(payload) if payload_format == "json" else cbor2.loads(payload)
+    except Exception as e:  # cbor2 raises several unrelated types for bad input
+        kind = "JSON" if payload_format == "json" else "CBOR"
+        raise _Rejected(400, "InvalidPayload", f"The request payload is not valid {kind}: {e}") from None
+    if not isinstance(data, dict):
+        raise _Rejected(400, "InvalidPayload", "The request payload must be an object")
+    return data
+
+
+def _encode(data: dict[str, Any], payload_format: str) -> bytes:
+    if payload_format == "json":
+        return json.dumps(data, separators=(",", ":")).encode()
+    return bytes(cbor2.dumps(data))
+
+
+def _string_map(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _Rejected(400, "InvalidParameters", f"{what} must be an object of string values")
+    return dict(value)
+
+
+class ProvisioningService:
+    """Fleet provisioning (by claim) and just-in-time registration/provisioning over one registry."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        ca: CertificateAuthority,
+        *,
+        token_ttl: float = 3600.0,
+        hook_timeout: float = 5.0,
+    ) -> None:
+        self.registry = registry
+        self.ca = ca
+        self.token_ttl = token_ttl
+        self.hook_timeout = hook_timeout
+        # Certificates issued over MQTT and not yet registered, with the expiry of their token: AWS deletes
+        # them when the token expires unused. Kept in memory; a restart forgets them (they stay PENDING).
+        self._unregistered: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # ---- the MQTT API -------------------------------------------------------------------------
+
+    def handle(
+        self, request: Request, payload: bytes, *, claim_certificate_id: str, client_id: str
+    ) -> Answer:
+        """Run one request; every failure becomes a /rejected answer, never an exception."""
+        try:
+            body = _decode(payload, request.payload_format)
+            if request.operation == CREATE_KEYS:
+                result, summary = self._create_keys(claim_certificate_id)
+            elif request.operation == CREATE_FROM_CSR:
+                result, summary = self._create_from_csr(body, claim_certificate_id)
+            else:
+                result, summary = self._register_thing(request, body, claim_certificate_id, client_id)
+        except _Rejected as e:
+            return self._rejected(request, e)
+        except ServiceError as e:
+            return self._rejected(request, _from_service_error(e))
+        except Exception:
+            log.exception("%s failed unexpectedly", request.operation)
+            return self._rejected(request, _Rejected(500, "InternalFailure", "Internal error"))
+        return Answer(
+            request.operation,
+            f"{request.topic}/accepted",
+            _encode(result, request.payload_format),
+            True,
+            f"accepted ({summary})",
+        )
+
+    def _rejected(self, request: Request, e: _Rejected) -> Answer:
+        body = {"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}
+        return Answer(
+            request.operation,
+            f"{request.topic}/rejected",
+            _encode(body, request.payload_format),
+            False,
+            f"rejected {e.status} {e.code}: {e.message}",
+        )
+
+    def _register_new(self, pem: str, claim_certificate_id: str) -> tuple[str, str]:
+        cid = certificate_id(x509.load_pem_x509_certificate(pem.encode()))
+        with self.registry.transaction():
+            self.registry.add_certificate(pem, PENDING_ACTIVATION, ca_certificate_id=self.ca.issuing_ca_id)
+            token = self.registry.issue_token(cid, claim_certificate_id, self.token_ttl)
+        with self._lock:
+            self._unregistered[cid] = time.time() + self.token_ttl
+        return cid, token
+
+    def _create_keys(self, claim_certificate_id: str) -> tuple[dict[str, Any], str]:
+        certificate_pem, private_key = self.ca.create_keys_and_certificate()
+        cid, token = self._register_new(certificate_pem, claim_certificate_id)
+        result = {
+            "certificateId": cid,
+            "certificatePem": certificate_pem,
+            "privateKey": private_key,
+            "certificateOwnershipToken": token,
+        }
+        return result, f"certificate {cid}"
+
+    def _create_from_csr(self, body: dict[str, Any], claim_certificate_id: str) -> tuple[dict[str, Any], str]:
+        csr_pem = body.get("certificateSigningRequest")
+        if not isinstance(csr_pem, str) or not csr_pem.strip():
+            raise _Rejected(400, "InvalidCsr", "certificateSigningRequest must be a PEM string")
+        try:
+            csr = load_csr(csr_pem)
+        except InvalidRequest as e:
+            raise _Rejected(400, "InvalidCsr", e.message) from None
+        cert = self.ca.sign_csr(csr)
+        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        cid, token = self._register_new(certificate_pem, claim_certificate_id)
+        result = {"certificateId": cid, "certificatePem": certificate_pem, "certificateOwnershipToken": token}
+        return result, f"certificate {cid}"
+
+    def _peek_token(self, token: str) -> TokenGrant:
+        """The certificate id a token grants, checked as spending it would, but left unspent.
+
+        The token is spent in the same transaction that registers the thing, so a request that fails
+        on the way (hook, missing parameter) leaves the token usable, as it leaves everything else.
+        """
+        grant = None
+        try:
+            with self.registry.transaction():
+                grant = self.registry.consume_token(token)
+                raise _PeekOnly
+        except _PeekOnly:
+            pass
+        except InvalidRequest as e:
+            raise _token_error(e.message) from None
+        assert grant is not None
+        return grant
+
+    def _register_thing(
+        self, request: Request, body: dict[str, Any], claim_certificate_id: str, client_id: str
+    ) -> tuple[dict[str, Any], str]:
+        name = request.template_name or ""
+        token = body.get("certificateOwnershipToken")
+        if token is None or token == "":
+            raise _token_error("Certificate ownership token cannot be empty")
+        if not isinstance(token, str):
+            raise _token_error("Certificate ownership token must be a string")
+        parameters = _string_map(body.get("parameters"), "parameters")
+        stored = self.registry.find_template(name)
+        if stored is None:
+            raise _Rejected(404, "ResourceNotFound", f"The provisioning template {name} does not exist")
+        if not stored.enabled:
+            raise _Rejected(400, "InvalidRequest", f"The provisioning template {name} is disabled")
+        if stored.template_type != "FLEET_PROVISIONING":
+            raise _Rejected(
+                400, "InvalidRequest", f"The provisioning template {name} is not of type FLEET_PROVISIONING"
+            )
+        template = _validated_template(stored.body)
+
+        grant = self._peek_token(token)
+        cid = grant.certificate_id
+        # Bound to the claim certificate that asked for it: a token overheard elsewhere is worthless.
+        if grant.claim_certificate_id is not None and grant.claim_certificate_id != claim_certificate_id:
+            raise _token_error("Certificate ownership token was issued to another claim certificate")
+        certificate = self.registry.find_certificate(cid)
+        if certificate is None:
+            raise _token_error("Certificate ownership token is invalid")
+
+        hook = stored.hook or {}
+        target = hook.get("targetArn")
+        if target:
+            hook_input: dict[str, object] = {
+                "claimCertificateId": claim_certificate_id,
+                "certificateId": cid,
+                "certificatePem": certificate.pem,
+                "templateArn": stored.arn,
+                "clientId": client_id,
+                "parameters": parameters,
+            }
+            try:
+                result = call_hook(target, hook_input, self.hook_timeout)
+            except HookDenied as e:
+                raise _Rejected(403, "AccessDenied", e.message) from None
+            parameters = {**parameters, **result.parameter_overrides}
+
+        plan = templates.evaluate(template, parameters, {"AWS::IoT::Certificate::Id": cid})
+        if plan.certificate is not None and plan.certificate.certificate_id != cid:
+            raise _Rejected(
+                400,
+                "InvalidParameters",
+                "The template's certificate must be the one the ownership token was issued for",
+            )
+        with self.registry.transaction():
+            self.registry.consume_token(token)
+            self.apply_plan(plan, certificate)
+        with self._lock:
+            self._unregistered.pop(cid, None)
+        result_body: dict[str, Any] = {"deviceConfiguration": plan.device_configuration}
+        thing = plan.thing.name if plan.thing is not None else None
+        if thing is not None:
+            result_body["thingName"] = thing
+        return result_body, f"certificate {cid}, thing {thing}"
+
+    # ---- what RegisterThing and JITP do -------------------------------------------------------
+
+    def apply_plan(self, plan: templates.Plan, certificate: Certificate) -> None:
+        """Create or update the thing, attach certificate and policies, set the status: all or nothing."""
+        registry = self.registry
+        with registry.transaction():
+            if plan.thing is not None:
+                self._apply_thing(plan.thing)
+                registry.attach_thing_principal(plan.thing.name, certificate.arn)
+            for policy_plan in plan.policies:
+                name = policy_plan.name
+                if policy_plan.policy_document is not None and registry.find_policy(name) is None:
+                    registry.create_policy(name, policy_plan.policy_document)
+                else:
+                    registry.get_policy(name)  # ResourceNotFound names the missing policy
+                registry.attach_policy(name, certificate.arn)
+            status = plan.certificate.status if plan.certificate is not None else ACTIVE
+            registry.set_certificate_status(certificate.certificate_id, status)
+
+    def _apply_thing(self, thing: templates.ThingPlan) -> None:
+        existing = self.registry.find_thing(thing.name)
+        if existing is None:
+            self.registry.create_thing(
+                thing.name, thing_type_name=thing.thing_type_name, attributes=thing.attributes
+            )
+            return
+        # An existing thing changes only as OverrideSettings say; a property not named: DO_NOTHING.
+        attributes_action = thing.overrides.get("AttributePayload", "DO_NOTHING")
+        type_action = thing.overrides.get("ThingTypeName", "DO_NOTHING")
+        if attributes_action == "FAIL" and thing.attributes != existing.attributes:
+            raise _Rejected(
+                400, "InvalidParameters", f"Thing {thing.name} exists with other attributes (override FAIL)"
+            )
+        if type_action == "FAIL" and thing.thing_type_name not in (None, existing.thing_type_name):
+            raise _Rejected(
+                400, "InvalidParameters", f"Thing {thing.name} exists with another thing type (override FAIL)"
+            )
+        new_attributes = None
+        merge = True
+        if attributes_action in ("REPLACE", "MERGE"):
+            new_attributes = thing.attributes
+            merge = attributes_action == "MERGE"
+        new_type = thing.thing_type_name if type_action == "REPLACE" else None
+        if new_attributes is not None or new_type is not None:
+            self.registry.update_thing(
+                thing.name, thing_type_name=new_type, attributes=new_attributes, merge=merge
+            )
+
+    # ---- JITR / JITP --------------------------------------------------------------------------
+
+    def just_in_time(
+        self, cert: x509.Certificate, cid: str, ca: CACertificate, known: Certificate | None
+    ) -> tuple[Certificate | None, bytes | None]:
+        """An unknown (or still pending) certificate signed by an auto-registration CA connects.
+
+        Returns (certificate, None) when JITP provisioned it (the connection may go on if it is ACTIVE),
+        or (None, registration event payload) for JITR (publish it, close the connection).
+        """
+        body = self._jitp_template_body(ca)
+        if body is not None and known is None:
+            template = _validated_template(body)
+            plan = templates.evaluate(template, {}, templates.certificate_builtins(cert, cid))
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            with self.registry.transaction():
+                record = self.registry.add_certificate(
+                    pem, PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
+                )
+                self.apply_plan(plan, record)
+            return self.registry.get_certificate(cid), None
+        if known is None:
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            try:
+                known = self.registry.add_certificate(
+                    pem, PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
+                )
+            except ServiceError:
+                known = self.registry.get_certificate(cid)  # a concurrent connect registered it first
+        event = {
+            "certificateId": cid,
+            "caCertificateId": ca.certificate_id,
+            "timestamp": int(time.time() * 1000),
+            "certificateStatus": known.status,
+            "awsAccountId": ACCOUNT_ID,
+            "certificateRegistrationTimestamp": int(known.created * 1000),
+        }
+        return None, json.dumps(event, separators=(",", ":")).encode()
+
+    def _jitp_template_body(self, ca: CACertificate) -> str | None:
+        config = ca.registration_config or {}
+        if config.get("templateBody"):
+            return config["templateBody"]
+        if config.get("templateName"):
+            stored = self.registry.find_template(config["templateName"])
+            if stored is None:
+                raise ResourceNotFound(f"The provisioning template {config['templateName']} does not exist")
+            return stored.body
+        return None
+
+    # ---- housekeeping -------------------------------------------------------------------------
+
+    def sweep_expired(self) -> int:
+        """Delete certificates whose ownership token expired before RegisterThing; how many went."""
+        now = time.time()
+        with self._lock:
+            expired = [cid for cid, expiry in self._unregistered.items() if expiry < now]
+            for cid in expired:
+                del self._unregistered[cid]
+        deleted = 0
+        for cid in expired:
+            cert = self.registry.find_certificate(cid)
+            if cert is None or cert.status != PENDING_ACTIVATION:
+                continue
+            try:
+                self.registry.delete_certificate(cid)
+            except ServiceError as e:
+                log.debug("kept unregistered certificate %s: %s", cid, e.message)
+                continue
+            deleted += 1
+        return deleted
