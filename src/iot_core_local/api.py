@@ -574,7 +574,9 @@ def _initial_status(params: Mapping[str, Any]) -> str:
 @_operation("CreateKeysAndCertificate")
 def _create_keys_and_certificate(cp: ControlPlane, params: dict[str, Any]) -> Mapping[str, Any]:
     cert_pem, key_pem = cp.ca.create_keys_and_certificate()
-    cert = cp.registry.add_certificate(cert_pem, _initial_status(params), ca_certificate_id=None)
+    cert = cp.registry.add_certificate(
+        cert_pem, _initial_status(params), ca_certificate_id=cp.ca.issuing_ca_id
+    )
     return {
         "certificateArn": cert.arn,
         "certificateId": cert.certificate_id,
@@ -588,7 +590,8 @@ def _create_certificate_from_csr(cp: ControlPlane, params: dict[str, Any]) -> Ma
     csr = load_csr(params["certificateSigningRequest"])
     issued = cp.ca.sign_csr(csr)
     pem = issued.public_bytes(serialization.Encoding.PEM).decode()
-    cert = cp.registry.add_certificate(pem, _initial_status(params))
+    # The issuing CA's id, as the MQTT provisioning API records it: ListCertificatesByCA finds both.
+    cert = cp.registry.add_certificate(pem, _initial_status(params), ca_certificate_id=cp.ca.issuing_ca_id)
     return {"certificateArn": cert.arn, "certificateId": cert.certificate_id, "certificatePem": cert.pem}
 
 
@@ -1110,7 +1113,7 @@ def _create_provisioning_claim(cp: ControlPlane, params: dict[str, Any]) -> Mapp
         raise InvalidRequest(f"Provisioning template {template.name} is not a FLEET_PROVISIONING template")
     expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=cp.claim_ttl)
     cert_pem, key_pem = cp.ca.create_keys_and_certificate(not_after=expiration)
-    cert = cp.registry.add_certificate(cert_pem, "ACTIVE")
+    cert = cp.registry.add_certificate(cert_pem, "ACTIVE", ca_certificate_id=cp.ca.issuing_ca_id)
     return {
         "certificateId": cert.certificate_id,
         "certificatePem": cert.pem,

@@ -129,6 +129,8 @@ def test_create_certificate_from_csr(cp_client: Any, cp_ca: CertificateAuthority
     cert = x509.load_pem_x509_certificate(created["certificatePem"].encode())
     cert.verify_directly_issued_by(cp_ca.issuing_ca)
     assert cert.subject.rfc4514_string() == "CN=AWS IoT Certificate"
+    by_ca = cp_client.list_certificates_by_ca(caCertificateId=cp_ca.issuing_ca_id)["certificates"]
+    assert [c["certificateId"] for c in by_ca] == [created["certificateId"]]
     weak = _error(
         lambda: cp_client.create_certificate_from_csr(
             certificateSigningRequest=_csr(rsa.generate_private_key(65537, 1024))
