@@ -8,7 +8,7 @@ import http.client
 import json
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -633,7 +633,7 @@ def test_unexpected_errors_stay_clean(
 def test_state_survives_a_restart(tmp_path: Path, cp_ca: CertificateAuthority) -> None:
     path = tmp_path / "restart.sqlite3"
 
-    def serve() -> Iterator[Any]:
+    def serve() -> Generator[Any, None, None]:
         registry = Registry(path)
         plane = ControlPlane(registry, cp_ca, port=0)
         plane.start()

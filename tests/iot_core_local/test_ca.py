@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from iot_core_local.ca import (
     DEVICE_CERT_NOT_AFTER,
@@ -67,7 +67,7 @@ def test_loose_permissions_are_tightened(tmp_path: Path) -> None:
 def test_server_certificate_chains_to_root_for_localhost(ca: CertificateAuthority) -> None:
     server = load_certificate(ca.server_cert_path.read_bytes())
     server.verify_directly_issued_by(load_certificate(ca.root_ca_path.read_bytes()))
-    sans = server.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in sans.get_values_for_type(x509.DNSName)
     assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
     # The standard library accepts the pair as a TLS server identity and the root as a trust anchor.
