@@ -1,0 +1,115 @@
+"""`hub-onboard` through main(argv): exit codes, JSON output, reset's guard, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hub_onboarding.cli import main
+
+from .conftest import HubFactory
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["provision"]) == 2  # --config is required
+    assert main(["bogus"]) == 2
+    assert main(["--help"]) == 0
+    assert "provision" in capsys.readouterr().out
+
+
+def test_status(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub()
+    assert main(["status", "--config", str(hub.config)]) == 0
+    assert "state: NOT_PROVISIONED" in capsys.readouterr().out
+    assert main(["status", "--config", str(hub.config), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["state"] == "NOT_PROVISIONED" and info["method"] == "FLEET_PROVISIONING"
+
+
+def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--config", str(tmp_path / "nope.json")]) == 3
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_provision_config_error_json(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub(ro={"UPC": 7})
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False
+    assert out["error"]["type"] == "ConfigError" and out["error"]["key"] == "ro.UPC"
+
+
+def test_provision_credential_error(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub()
+    (hub.dir / "claim.key").chmod(0o644)
+    assert main(["provision", "--config", str(hub.config)]) == 4
+    err = capsys.readouterr().err
+    assert "chmod 600" in err and "Traceback" not in err
+
+
+def test_provision_already_provisioned_is_a_no_op(make_hub: HubFactory,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["changed"] is False and out["client_id"] == "c1"
+    assert main(["provision", "--config", str(hub.config)]) == 0
+    assert "already provisioned" in capsys.readouterr().out
+
+
+def test_reset_needs_yes(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
+    before = hub.config.read_bytes()
+    assert main(["reset", "--config", str(hub.config)]) == 2
+    assert "--yes" in capsys.readouterr().err
+    assert hub.config.read_bytes() == before
+
+
+def test_reset(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
+    certs = hub.dir / "certs"
+    certs.mkdir(mode=0o700)
+    (certs / "certificate.pem.crt").write_text("x")
+    (certs / "private.pem.key").write_text("y")
+    assert main(["reset", "--config", str(hub.config), "--yes", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["deleted"]) == 2
+    assert hub.doc()["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert "client_id" not in hub.doc()["rw"]
+
+
+def test_provision_network_error_exit_code(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real awscrt path against a closed port: a typed error within the retry deadline."""
+    hub = make_hub(ro={"endpoint_url": "127.0.0.1:1", "mqtt_retry_timeout_seconds": 1})
+    start = time.monotonic()
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 11
+    assert time.monotonic() - start < 10
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"]["status"] == "FP_STATUS_MQTT_CONNECTION_ERROR"
+    assert "CONNECTION_REFUSED" in out["error"]["message"]
+
+
+def test_status_does_not_import_awscrt(make_hub: HubFactory) -> None:
+    hub = make_hub()
+    code = ("import sys; from hub_onboarding.cli import main; "
+            "rc = main(['status', '--config', sys.argv[1]]); "
+            "assert 'awscrt' not in sys.modules and 'awsiot' not in sys.modules, 'eager import'; "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(hub.config)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_public_api() -> None:
+    import hub_onboarding
+
+    for name in hub_onboarding.__all__:
+        assert getattr(hub_onboarding, name) is not None
+    assert hub_onboarding.HubOnboarding.__name__ == "HubOnboarding"

@@ -1,0 +1,245 @@
+"""Config parsing, validation (a table of bad configs), atomic writes, the lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub_onboarding import config as cfg
+from hub_onboarding.errors import BusyError, ConfigError, StorageError
+
+from .conftest import HubFactory
+
+# (id, changes to ro, keys dropped from ro, the key the error must name)
+BAD_RO: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+    ("no endpoint", {}, ("endpoint_url",), "ro.endpoint_url"),
+    ("endpoint not a string", {"endpoint_url": 42}, (), "ro.endpoint_url"),
+    ("endpoint empty", {"endpoint_url": " "}, (), "ro.endpoint_url"),
+    ("endpoint with scheme", {"endpoint_url": "mqtts://iot.example.com"}, (), "ro.endpoint_url"),
+    ("endpoint with path", {"endpoint_url": "iot.example.com/mqtt"}, (), "ro.endpoint_url"),
+    ("endpoint port not a number", {"endpoint_url": "iot.example.com:abc"}, (), "ro.endpoint_url"),
+    ("endpoint port zero", {"endpoint_url": "iot.example.com:0"}, (), "ro.endpoint_url"),
+    ("endpoint port too big", {"endpoint_url": "iot.example.com:70000"}, (), "ro.endpoint_url"),
+    ("endpoint empty host", {"endpoint_url": ":8883"}, (), "ro.endpoint_url"),
+    ("bare ipv6", {"endpoint_url": "::1:8883"}, (), "ro.endpoint_url"),
+    ("sh_endpoint_url bad", {"sh_endpoint_url": "a b"}, ("endpoint_url",), "ro.sh_endpoint_url"),
+    ("SN missing", {}, ("SN",), "ro.SN"),
+    ("SN empty", {"SN": ""}, (), "ro.SN"),
+    ("SN not a string", {"SN": 12345}, (), "ro.SN"),
+    ("SN too long", {"SN": "x" * 129}, (), "ro.SN"),
+    ("UPC missing", {}, ("UPC",), "ro.UPC"),
+    ("UPC list", {"UPC": ["1"]}, (), "ro.UPC"),
+    ("template missing", {}, ("fp_template_name",), "ro.fp_template_name"),
+    ("template bad characters", {"fp_template_name": "my template!"}, (), "ro.fp_template_name"),
+    ("template too long", {"fp_template_name": "t" * 37}, (), "ro.fp_template_name"),
+    ("claim cert missing", {}, ("iot_claim_cert_path",), "ro.iot_claim_cert_path"),
+    ("claim key not a string", {"iot_claim_pk_path": True}, (), "ro.iot_claim_pk_path"),
+    ("half secure storage", {"iot_claim_pk_path": "SECURE_STORAGE"}, (), "ro.iot_claim_pk_path"),
+    ("unknown certificate method", {"fp_certificate_method": "MakeMeACert"}, (), "ro.fp_certificate_method"),
+    ("template parameters not an object", {"fp_template_parameters": "a=b"}, (), "ro.fp_template_parameters"),
+    ("template parameter not a string", {"fp_template_parameters": {"Room": 3}}, (),
+     "ro.fp_template_parameters"),
+    ("template parameter overrides SN", {"fp_template_parameters": {"SerialNumber": "x"}}, (),
+     "ro.fp_template_parameters"),
+    ("root CA missing file", {"iot_root_ca_path": "/nonexistent/ca.pem"}, (), "ro.iot_root_ca_path"),
+    ("root CA is a folder", {"iot_root_ca_path": "/"}, (), "ro.iot_root_ca_path"),
+    ("keep alive too short", {"mqtt_keep_alive_interval": 5}, (), "ro.mqtt_keep_alive_interval"),
+    ("keep alive too long", {"mqtt_keep_alive_interval": 5000}, (), "ro.mqtt_keep_alive_interval"),
+    ("keep alive a bool", {"mqtt_keep_alive_interval": True}, (), "ro.mqtt_keep_alive_interval"),
+    ("keep alive fractional", {"mqtt_keep_alive_interval": 60.5}, (), "ro.mqtt_keep_alive_interval"),
+    ("retry timeout negative", {"mqtt_retry_timeout_seconds": -1}, (), "ro.mqtt_retry_timeout_seconds"),
+    ("retry timeout a string", {"mqtt_retry_timeout_seconds": "300"}, (), "ro.mqtt_retry_timeout_seconds"),
+    ("SECURE_STORAGE for the root CA", {"iot_root_ca_path": "SECURE_STORAGE"}, (), "ro.iot_root_ca_path"),
+]
+
+
+@pytest.mark.parametrize(("changes", "drop", "key"), [c[1:] for c in BAD_RO], ids=[c[0] for c in BAD_RO])
+def test_bad_ro_value_names_the_key(make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...],
+                                    key: str) -> None:
+    hub = make_hub(ro=changes, drop=drop)
+    before = hub.config.read_bytes()
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_config(hub.config)
+    assert info.value.key == key
+    assert key in info.value.message
+    assert info.value.exit_code == 3
+    assert hub.config.read_bytes() == before  # validation writes nothing
+
+
+BAD_JITR: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
+    ("no DHA cert", {}, ("iot_dha_cert_path",), "ro.iot_dha_cert_path"),
+    ("no DHA key", {}, ("iot_dha_pk_path",), "ro.iot_dha_pk_path"),
+    ("DHA key SECURE_STORAGE", {"iot_dha_pk_path": "SECURE_STORAGE"}, (), "ro.iot_dha_pk_path"),
+    ("client id override too long", {"client_id": "c" * 200}, (), "ro.client_id"),
+]
+
+
+@pytest.mark.parametrize(("changes", "drop", "key"), [c[1:] for c in BAD_JITR], ids=[c[0] for c in BAD_JITR])
+def test_bad_jitr_value_names_the_key(make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...],
+                                      key: str) -> None:
+    hub = make_hub("JITR", ro=changes, drop=drop)
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_config(hub.config)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("", "empty"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"rw": {}}', "ro"),
+    ('{"ro": []}', "ro"),
+    ('{"ro": {}, "rw": 3}', "rw"),
+    ('{"ro": {}, "rw": {"iot_provisioning_state": "HALF_DONE"}}', "rw.iot_provisioning_state"),
+])
+def test_bad_file_shape(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "iotmi_config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        cfg.provisioning_state(cfg.read_document(path))
+    assert problem in info.value.message
+
+
+def test_missing_and_folder_and_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfg.read_document(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="is a folder"):
+        cfg.read_document(tmp_path)
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        cfg.read_document(path)
+    if os.geteuid() != 0:  # root reads anything
+        path.write_text("{}")
+        path.chmod(0)
+        with pytest.raises(ConfigError, match="not readable"):
+            cfg.read_document(path)
+
+
+@pytest.mark.parametrize(("value", "host", "port"), [
+    ("iot.example.com", "iot.example.com", 8883),
+    ("iot.example.com:443", "iot.example.com", 443),
+    ("127.0.0.1:18883", "127.0.0.1", 18883),
+    ("[::1]:9000", "::1", 9000),
+    ("[::1]", "::1", 8883),
+])
+def test_parse_endpoint(value: str, host: str, port: int) -> None:
+    assert cfg.parse_endpoint(value, "ro.endpoint_url") == cfg.Endpoint(host, port)
+
+
+@pytest.mark.parametrize("key", ["endpoint_url", "iot_endpoint_url", "sh_endpoint_url"])
+def test_endpoint_spellings(make_hub: HubFactory, key: str) -> None:
+    hub = make_hub(ro={key: "a.example.com:1234"}, drop=("endpoint_url",) if key != "endpoint_url" else ())
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.endpoint == cfg.Endpoint("a.example.com", 1234)
+    assert parsed.endpoint_key == key
+
+
+@pytest.mark.parametrize("method", [None, "SOMETHING_ELSE", 7])
+def test_missing_or_invalid_method_falls_back_to_jitr(make_hub: HubFactory, method: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    hub = make_hub(ro={"iot_provisioning_method": method} if method is not None else {},
+                   drop=("iot_provisioning_method",) if method is None else ())
+    with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
+        parsed = cfg.parse_config(hub.config)
+    assert parsed.method is cfg.ProvisioningMethod.JITR
+    assert any("falling back to JITR" in r.getMessage() for r in caplog.records)
+    assert parsed.warnings
+
+
+def test_defaults(make_hub: HubFactory) -> None:
+    hub = make_hub(ro={"fp_template_parameters": {"Room": "kitchen"}})
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.method is cfg.ProvisioningMethod.FLEET_PROVISIONING
+    assert parsed.certificate_method is cfg.CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
+    assert parsed.keep_alive == 300
+    assert parsed.retry_timeout == 300.0
+    assert parsed.permanent_cert_dir == hub.dir / "certs"
+    assert parsed.register_parameters() == {"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905",
+                                            "Room": "kitchen"}
+
+
+def test_jitr_does_not_need_fp_keys(make_hub: HubFactory) -> None:
+    hub = make_hub("JITR", drop=("SN", "UPC", "fp_template_name", "iot_claim_cert_path", "iot_claim_pk_path"))
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.method is cfg.ProvisioningMethod.JITR
+    assert parsed.dha_cert_path
+
+
+def test_keep_alive_from_rw(make_hub: HubFactory) -> None:
+    hub = make_hub(rw={"mqtt_keep_alive_interval": 60})
+    assert cfg.parse_config(hub.config).keep_alive == 60
+
+
+def test_update_rw_is_atomic_keeps_unknown_keys_and_mode(make_hub: HubFactory) -> None:
+    hub = make_hub(ro={"vendor_key": {"nested": [1, 2]}}, rw={"other_process": "keep me"},
+                   extra_section={"x": 1})
+    hub.config.chmod(0o640)
+    cfg.update_rw(hub.config, {"client_id": "abc"}, clock=lambda: 1700000000.7)
+    doc = hub.doc()
+    assert doc["ro"]["vendor_key"] == {"nested": [1, 2]}
+    assert doc["extra_section"] == {"x": 1}
+    assert doc["rw"]["other_process"] == "keep me"
+    assert doc["rw"]["client_id"] == "abc"
+    assert doc["rw"]["metadata"]["last_updated_epoch_time"] == 1700000000
+    assert stat.S_IMODE(hub.config.stat().st_mode) == 0o640
+    assert [p.name for p in hub.dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_failed_write_leaves_the_file_as_it_was(make_hub: HubFactory,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub()
+    before = hub.config.read_bytes()
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(StorageError, match="disk is full"):
+        cfg.update_rw(hub.config, {"client_id": "x"})
+    assert hub.config.read_bytes() == before
+    assert [p.name for p in hub.dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_reset_rw_keeps_ro_and_top_level(make_hub: HubFactory) -> None:
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c", "junk": 1}, other={"a": 1})
+    ro_before = hub.doc()["ro"]
+    cfg.reset_rw(hub.config, clock=lambda: 5.0)
+    doc = hub.doc()
+    assert doc["ro"] == ro_before
+    assert doc["other"] == {"a": 1}
+    assert doc["rw"] == {"iot_provisioning_state": "NOT_PROVISIONED",
+                         "metadata": {"last_updated_epoch_time": 5}}
+
+
+def test_lock_contention(tmp_path: Path) -> None:
+    path = tmp_path / "iotmi_config.json"
+    path.write_text(json.dumps({"ro": {}}))
+    with cfg.onboarding_lock(path, timeout=1):
+        # flock is per open file: a second open in the same process contends like another process.
+        with pytest.raises(BusyError) as info, cfg.onboarding_lock(path, timeout=0.2):
+            pass
+        assert info.value.exit_code == 6
+        assert "another hub-onboard" in info.value.message
+    with cfg.onboarding_lock(path, timeout=0):
+        pass  # released when the holder left
+
+
+def test_lock_in_read_only_folder(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "iotmi_config.json").write_text("{}")
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StorageError), cfg.onboarding_lock(folder / "iotmi_config.json", timeout=0):
+            pass
+    finally:
+        folder.chmod(0o700)

@@ -1,0 +1,201 @@
+"""Error mapping and answer validation of the fleet provisioning client (no network)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hub_onboarding import errors
+from hub_onboarding.device_provisioner import is_retriable, raise_for_status, status_of
+from hub_onboarding.errors import (
+    FpStatus,
+    IdentityError,
+    MqttConnectionError,
+    PublishTimeoutError,
+    SubscribeTimeoutError,
+)
+from hub_onboarding.fleet import map_request_error, validate_issued, validate_registered
+
+from .conftest import make_pair
+
+
+@dataclass
+class V2ErrorResponse:  # the shape of awsiot.iotidentity.V2ErrorResponse
+    status_code: Any = None
+    error_code: Any = None
+    error_message: Any = None
+
+
+class V2ServiceException(Exception):  # the shape of awsiot.V2ServiceException
+    def __init__(self, message: str, inner_error: Exception | None, modeled_error: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.inner_error = inner_error
+        self.modeled_error = modeled_error
+
+
+class AwsCrtError(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def test_the_real_sdk_types_have_the_shape_we_map() -> None:
+    from awsiot import V2ServiceException as Real
+    from awsiot.iotidentity import V2ErrorResponse as RealError
+
+    modeled = RealError.from_payload({"statusCode": 400, "errorCode": "InvalidParameters",
+                                      "errorMessage": "Missing SerialNumber"})
+    exc = map_request_error(Real("register_thing failure", None, modeled), "RegisterThing", 30)
+    assert isinstance(exc, IdentityError)
+    assert (exc.status_code, exc.error_code, exc.error_message) == (400, "InvalidParameters",
+                                                                    "Missing SerialNumber")
+
+
+@pytest.mark.parametrize(("status", "code", "message", "hint", "retriable"), [
+    (400, "InvalidCertificateOwnershipToken", "Certificate ownership token cannot be empty", "token", False),
+    (400, "InvalidParameters", "bad", "check the provisioning template", False),
+    (403, "AccessDenied", "hook said no", "pre-provisioning hook", False),
+    (404, "ResourceNotFoundException", "no such template", "fp_template_name", False),
+    (429, "Throttling", "slow down", "throttling", True),
+    (400, "ThrottlingException", "Rate exceeded", "throttling", True),
+    (500, "InternalFailure", "oops", "check", True),
+])
+def test_rejection_keeps_the_service_words(status: int, code: str, message: str, hint: str,
+                                           retriable: bool) -> None:
+    exc = map_request_error(V2ServiceException("x", None, V2ErrorResponse(status, code, message)),
+                            "RegisterThing", 30)
+    assert isinstance(exc, IdentityError)
+    assert exc.status is FpStatus.FP_STATUS_IDENTITY_ERROR
+    assert (exc.status_code, exc.error_code, exc.error_message) == (status, code, message)
+    assert code in exc.message and message in exc.message and hint in exc.message
+    assert exc.retriable is retriable
+    assert exc.exit_code == 12
+    assert exc.to_dict()["error_code"] == code
+
+
+@pytest.mark.parametrize(("crt_name", "cls"), [
+    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE", SubscribeTimeoutError),
+    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", PublishTimeoutError),
+    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE", PublishTimeoutError),
+    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN", MqttConnectionError),
+    ("AWS_ERROR_MQTT5_OPERATION_FAILED_DUE_TO_OFFLINE_QUEUE_POLICY", MqttConnectionError),
+    ("AWS_IO_SOCKET_CLOSED", MqttConnectionError),
+])
+def test_crt_errors_map_to_status_codes(crt_name: str, cls: type[errors.ProvisioningError]) -> None:
+    exc = map_request_error(V2ServiceException("x", AwsCrtError(crt_name), None), "CreateKeysAndCertificate",
+                            30)
+    assert type(exc) is cls
+    assert exc.retriable
+
+
+def test_our_own_deadline_is_a_publish_timeout() -> None:
+    exc = map_request_error(concurrent.futures.TimeoutError(), "RegisterThing", 12)
+    assert isinstance(exc, PublishTimeoutError) and "12 s" in exc.message
+
+
+def test_undecodable_answer_is_an_identity_error_without_the_payload() -> None:
+    secret = '{"privateKey": "-----BEGIN RSA PRIVATE KEY-----SECRET'
+    try:
+        json.loads(secret)
+    except json.JSONDecodeError as decode_error:
+        exc = map_request_error(V2ServiceException("x", decode_error, None), "CreateKeysAndCertificate", 30)
+    assert isinstance(exc, IdentityError) and not exc.retriable
+    assert "SECRET" not in exc.message
+
+
+def test_status_translation_table() -> None:
+    raise_for_status(FpStatus.FP_STATUS_OK)
+    for status, cls in [(FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR, MqttConnectionError),
+                        (FpStatus.FP_STATUS_IDENTITY_ERROR, IdentityError),
+                        (FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR, SubscribeTimeoutError),
+                        (FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR, PublishTimeoutError)]:
+        with pytest.raises(cls) as info:
+            raise_for_status(status, "detail")
+        assert status_of(info.value) is status
+    assert status_of(None) is FpStatus.FP_STATUS_OK
+    assert errors.FP_STATUS_OK == 0
+
+
+def test_exit_codes_are_distinct() -> None:
+    classes: list[type[errors.OnboardingError]] = [
+        errors.OnboardingError, errors.ConfigError, errors.CredentialError, errors.StorageError,
+        errors.BusyError, errors.ProvisioningError, MqttConnectionError, IdentityError,
+        SubscribeTimeoutError, PublishTimeoutError]
+    codes = [c.exit_code for c in classes]
+    assert len(set(codes)) == len(codes)
+    assert not {0, 2} & set(codes)
+
+
+def test_retriable_policy() -> None:
+    assert is_retriable(MqttConnectionError("x"))
+    assert not is_retriable(IdentityError.from_rejection("RegisterThing", 400, "InvalidParameters", "x"))
+    assert not is_retriable(errors.ConfigError("x"))
+
+
+class Resp:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def test_validate_issued_good_answer() -> None:
+    pair = make_pair("new")
+    issued = validate_issued("CreateKeysAndCertificate", Resp(
+        certificate_id="abc", certificate_pem=pair.cert_pem.decode(), private_key=pair.key_pem.decode(),
+        certificate_ownership_token="TOKEN-123"))
+    assert issued.ownership_token == "TOKEN-123"
+    assert "TOKEN-123" not in repr(issued)
+    assert issued.certificate_id == issued.credentials.certificate_id
+
+
+def test_validate_issued_csr_answer_must_match_our_key() -> None:
+    ours, other = make_pair(), make_pair()
+    with pytest.raises(IdentityError, match="does not belong"):
+        validate_issued("CreateCertificateFromCsr",
+                        Resp(certificate_id="x", certificate_pem=other.cert_pem.decode(),
+                             certificate_ownership_token="t"), ours.key_pem)
+
+
+junk = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.booleans(), st.text(max_size=50),
+                 st.lists(st.integers(), max_size=3),
+                 st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+                 st.just("-----BEGIN CERTIFICATE-----\n" + "A" * 70_000), st.binary(max_size=20))
+
+
+@settings(max_examples=150, deadline=None)
+@given(cert=junk, key=junk, token=junk, cert_id=junk)
+def test_malformed_issued_answers_are_identity_errors(cert: Any, key: Any, token: Any, cert_id: Any) -> None:
+    with pytest.raises(IdentityError) as info:
+        validate_issued("CreateKeysAndCertificate", Resp(certificate_pem=cert, private_key=key,
+                                                        certificate_ownership_token=token,
+                                                        certificate_id=cert_id))
+    assert not info.value.retriable
+
+
+@settings(max_examples=150, deadline=None)
+@given(thing=junk, config=st.one_of(junk, st.dictionaries(st.text(max_size=5), junk, max_size=3)))
+def test_malformed_register_answers_never_crash(thing: Any, config: Any) -> None:
+    try:
+        registered = validate_registered(Resp(thing_name=thing, device_configuration=config))
+    except IdentityError:
+        return
+    assert isinstance(registered.thing_name, str) and registered.thing_name.strip()
+    assert all(isinstance(v, str) for v in registered.device_configuration.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=junk, code=junk, message=st.one_of(junk, st.text(min_size=600, max_size=2000)))
+def test_malformed_rejections_are_identity_errors(status: Any, code: Any, message: Any) -> None:
+    exc = map_request_error(V2ServiceException("x", None, V2ErrorResponse(status, code, message)),
+                            "RegisterThing", 30)
+    assert isinstance(exc, IdentityError)
+    assert exc.status_code is None or isinstance(exc.status_code, int)
+    assert exc.error_message is None or len(exc.error_message) <= 515
+    assert "\n" not in exc.message.replace("\\n", "")
+    json.dumps(exc.to_dict())

@@ -1,0 +1,456 @@
+"""HubOnboarding's flows against a fake cloud: order of writes, resume after a crash, retries, secrets.
+
+Everything above the MQTT client is real (HubOnboarding, DeviceProvisioner, CertHandler, config, progress);
+the fake replaces IotProvisioning's connections and FleetProvisioning's requests. The real MQTT path is
+covered by tests/e2e against iot-core-local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from hub_onboarding import config as cfgmod
+from hub_onboarding import device_provisioner as dpmod
+from hub_onboarding.certs import Credentials
+from hub_onboarding.device_provisioner import DeviceProvisioner
+from hub_onboarding.errors import (
+    BusyError,
+    CredentialError,
+    IdentityError,
+    MqttConnectionError,
+    OnboardingError,
+)
+from hub_onboarding.fleet import IssuedCertificate, RegisteredThing, validate_issued
+from hub_onboarding.onboarding import HubOnboarding, Timeouts
+from hub_onboarding.progress import ProgressStore, Step
+from hub_onboarding.provisioning import Backoff
+
+from .conftest import Hub, HubFactory, Pair, make_pair
+
+
+class Crash(BaseException):
+    """Stands for a power cut: not an Exception, so nothing in the product catches it."""
+
+
+@dataclass
+class FakeCloud:
+    ca: Pair
+    device_configuration: dict[str, str] | None = None
+    connections: list[tuple[str, str]] = field(default_factory=list)  # (client id, certificate id)
+    calls: list[str] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> certificate id
+    issued_keys: list[bytes] = field(default_factory=list)
+    register_params: list[dict[str, str]] = field(default_factory=list)
+    fail: dict[str, list[BaseException]] = field(default_factory=dict)  # operation -> errors to raise in turn
+    jitr_refusals: int = 0
+
+    def maybe_fail(self, operation: str) -> None:
+        pending = self.fail.get(operation)
+        if pending:
+            raise pending.pop(0)
+
+    def issue(self, public_key: Any) -> tuple[bytes, str]:
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "AWS IoT Cert")]))
+                .issuer_name(x509.load_pem_x509_certificate(self.ca.cert_pem).subject)
+                .public_key(public_key).serial_number(x509.random_serial_number())
+                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
+                .sign(self.ca.key, hashes.SHA256()))
+        token = f"OWNERSHIP-TOKEN-{len(self.tokens)}-SECRET"
+        return cert.public_bytes(serialization.Encoding.PEM), token
+
+
+class FakeFleet:
+    def __init__(self, cloud: FakeCloud) -> None:
+        self.cloud = cloud
+
+    def create_keys_and_certificate(self) -> IssuedCertificate:
+        self.cloud.calls.append("CreateKeysAndCertificate")
+        self.cloud.maybe_fail("CreateKeysAndCertificate")
+        pair = make_pair("unused")
+        cert_pem, token = self.cloud.issue(pair.key.public_key())
+        self.cloud.issued_keys.append(pair.key_pem)
+        issued = validate_issued("CreateKeysAndCertificate", type("R", (), {
+            "certificate_pem": cert_pem.decode(), "private_key": pair.key_pem.decode(),
+            "certificate_ownership_token": token, "certificate_id": "x"})())
+        self.cloud.tokens[token] = issued.certificate_id
+        return issued
+
+    def create_certificate_from_csr(self, csr_pem: bytes, key_pem: bytes) -> IssuedCertificate:
+        self.cloud.calls.append("CreateCertificateFromCsr")
+        self.cloud.maybe_fail("CreateCertificateFromCsr")
+        csr = x509.load_pem_x509_csr(csr_pem)
+        cert_pem, token = self.cloud.issue(csr.public_key())
+        issued = validate_issued("CreateCertificateFromCsr", type("R", (), {
+            "certificate_pem": cert_pem.decode(), "certificate_ownership_token": token,
+            "certificate_id": "x"})(), key_pem)
+        self.cloud.tokens[token] = issued.certificate_id
+        return issued
+
+    def register_thing(self, template: str, token: str, params: dict[str, str]) -> RegisteredThing:
+        self.cloud.calls.append("RegisterThing")
+        self.cloud.maybe_fail("RegisterThing")
+        if token not in self.cloud.tokens:
+            raise IdentityError.from_rejection("RegisterThing", 400, "InvalidCertificateOwnershipToken",
+                                               "Certificate ownership token is invalid")
+        del self.cloud.tokens[token]
+        self.cloud.register_params.append(dict(params))
+        thing = f"thing-{params['SerialNumber']}"
+        dev = self.cloud.device_configuration
+        if dev is None:
+            dev = {"ClientId": f"client-{params['SerialNumber']}", "ManagedThingId": "mt-123"}
+        return RegisteredThing(thing, dev)
+
+
+class FakeConnection:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __enter__(self) -> FakeConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class FakeIot:
+    def __init__(self, cloud: FakeCloud) -> None:
+        self.cloud = cloud
+
+    def connect(self, client_id: str, credentials: Credentials,
+                timeout: float | None = None) -> FakeConnection:
+        self.cloud.calls.append("connect")
+        self.cloud.maybe_fail("connect")
+        self.cloud.connections.append((client_id, credentials.certificate_id))
+        return FakeConnection(self.cloud)
+
+    def verify(self, client_id: str, credentials: Credentials) -> None:
+        self.cloud.calls.append("verify")
+        self.cloud.maybe_fail("verify")
+        self.cloud.connections.append((client_id, credentials.certificate_id))
+
+    def provision_with_jitr(self, client_id: str, credentials: Credentials, timeout: float) -> int:
+        self.cloud.calls.append("jitr")
+        self.cloud.maybe_fail("jitr")
+        self.cloud.connections.append((client_id, credentials.certificate_id))
+        return 1 + self.cloud.jitr_refusals
+
+
+@pytest.fixture
+def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
+    ca = make_pair("Fake AWS CA")
+    fake = FakeCloud(ca)
+    sleeps: list[float] = []
+
+    def provisioner(self: HubOnboarding, cfg: cfgmod.HubConfig) -> DeviceProvisioner:
+        retry = self.timeouts.retry if self.timeouts.retry is not None else cfg.retry_timeout
+        return DeviceProvisioner(FakeIot(fake), operation_timeout=1, retry_timeout=retry,  # type: ignore[arg-type]
+                                 backoff=Backoff(rng=lambda: 0.5), sleep=sleeps.append)
+
+    monkeypatch.setattr(HubOnboarding, "_device_provisioner", provisioner)
+    monkeypatch.setattr(dpmod, "FleetProvisioning", lambda client, timeout: FakeFleet(client))
+    yield fake
+
+
+def rw(hub: Hub) -> dict[str, Any]:
+    result: dict[str, Any] = hub.doc()["rw"]
+    return result
+
+
+def test_fleet_provisioning_happy_path(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"fp_template_parameters": {"Room": "hall"}, "vendor": {"keep": True}},
+                   rw={"other_process": 1}, top_level_extra=[1])
+    steps: list[str] = []
+    result = HubOnboarding(hub.config, on_step=steps.append).process_device()
+
+    assert result.changed and result.state == "PROVISIONED"
+    doc = hub.doc()
+    assert doc["ro"]["vendor"] == {"keep": True} and doc["top_level_extra"] == [1]
+    assert doc["rw"]["other_process"] == 1
+    assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
+    assert doc["rw"]["client_id"] == "client-SN-0001"
+    assert doc["rw"]["managed_thing_id"] == "mt-123"
+    assert isinstance(doc["rw"]["metadata"]["last_updated_epoch_time"], int)
+    cert_path, key_path = Path(doc["rw"]["iot_permanent_cert_path"]), Path(doc["rw"]["iot_permanent_pk_path"])
+    assert cert_path.parent == hub.dir / "certs"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_path.parent.stat().st_mode) == 0o700
+    assert key_path.read_bytes() == cloud.issued_keys[0]
+    assert cloud.calls == ["connect", "CreateKeysAndCertificate", "RegisterThing", "verify"]
+    assert cloud.connections[0][0] == "SN-0001"  # claim connection: client id is the SN
+    assert cloud.connections[1][0] == "client-SN-0001"  # verification uses the new identity
+    assert cloud.register_params == [{"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905",
+                                      "Room": "hall"}]
+    assert not ProgressStore(hub.dir / "certs").path.exists()
+    assert len(steps) >= 5
+
+
+def test_csr_key_is_made_on_the_hub(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"fp_certificate_method": "CreateCertificateFromCsr"})
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls[1] == "CreateCertificateFromCsr"
+    assert cloud.issued_keys == []
+    key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(Path(rw(hub)["iot_permanent_cert_path"]).read_bytes())
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    assert key.public_key().public_bytes(serialization.Encoding.DER, spki) == \
+        cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+
+
+def test_provisioned_hub_never_touches_the_network(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    HubOnboarding(hub.config).process_device()
+    calls = list(cloud.calls)
+    before = hub.config.read_bytes()
+    # even with the claim credentials gone, a second run is a no-op
+    (hub.dir / "claim.key").unlink()
+    hub2 = HubOnboarding(hub.config)
+    assert hub2.is_provisioned()
+    result = hub2.process_device()
+    assert not result.changed and result.state == "PROVISIONED"
+    assert cloud.calls == calls
+    assert hub.config.read_bytes() == before
+
+
+def test_resume_after_certificate_issued_uses_the_saved_token(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    saved = ProgressStore(hub.dir / "certs").load()
+    assert saved is not None and saved.step is Step.CERTIFICATE_ISSUED
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 1  # no second certificate
+    assert cloud.calls.count("RegisterThing") == 2
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+def test_resume_after_register_does_not_need_the_claim(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["verify"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    assert ProgressStore(hub.dir / "certs").load().step is Step.THING_REGISTERED  # type: ignore[union-attr]
+    (hub.dir / "claim.key").unlink()  # the claim credentials are never used again
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls.count("RegisterThing") == 1
+    assert cloud.calls[-1] == "verify"
+    assert rw(hub)["client_id"] == "client-SN-0001"
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
+def test_crash_between_config_writes(make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch,
+                                     crash_at: int) -> None:
+    hub = make_hub(rw={"other_process": "x"})
+    real = cfgmod.update_rw
+    count = {"n": 0}
+
+    def flaky(path: Any, changes: Any, **kw: Any) -> Any:
+        count["n"] += 1
+        if count["n"] == crash_at:
+            raise Crash()
+        return real(path, changes, **kw)
+
+    monkeypatch.setattr(cfgmod, "update_rw", flaky)
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+    monkeypatch.setattr(cfgmod, "update_rw", real)
+    HubOnboarding(hub.config).process_device()
+    doc = rw(hub)
+    assert doc["iot_provisioning_state"] == "PROVISIONED" and doc["other_process"] == "x"
+    assert cloud.calls.count("CreateKeysAndCertificate") == 1 and cloud.calls.count("RegisterThing") == 1
+    cert = x509.load_pem_x509_certificate(Path(doc["iot_permanent_cert_path"]).read_bytes())
+    key = serialization.load_pem_private_key(Path(doc["iot_permanent_pk_path"]).read_bytes(), None)
+    assert cert.public_key() == key.public_key()
+
+
+def test_expired_saved_token_means_a_new_certificate(make_hub: HubFactory, cloud: FakeCloud,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    later = time.time() + 3600
+    monkeypatch.setattr("hub_onboarding.onboarding.time.time", lambda: later)
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 2
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+def test_refused_saved_token_starts_over_once(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    cloud.tokens.clear()  # e.g. the first RegisterThing did reach the cloud and spent the token
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 2
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+def test_throttling_is_retried(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 429, "ThrottlingException",
+                                                                "Rate exceeded")]
+    cloud.fail["connect"] = [MqttConnectionError("endpoint down")]
+    HubOnboarding(hub.config).process_device()
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+    assert cloud.calls.count("CreateKeysAndCertificate") == 1  # the retry resumed with the same token
+
+
+def test_rejection_is_final_and_writes_no_state(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 403, "AccessDenied",
+                                                                "hook refused SN-0001")]
+    with pytest.raises(IdentityError) as info:
+        HubOnboarding(hub.config).process_device()
+    assert info.value.error_message == "hook refused SN-0001" and info.value.exit_code == 12
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert "client_id" not in rw(hub)
+
+
+def test_retry_deadline(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"mqtt_retry_timeout_seconds": 0.01})
+    cloud.fail["connect"] = [MqttConnectionError("down") for _ in range(50)]
+    with pytest.raises(MqttConnectionError, match="gave up after"):
+        HubOnboarding(hub.config).process_device()
+
+
+def test_missing_device_configuration_falls_back_to_thing_name(make_hub: HubFactory, cloud: FakeCloud,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    hub = make_hub()
+    cloud.device_configuration = {}
+    with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
+        HubOnboarding(hub.config).process_device()
+    assert rw(hub)["client_id"] == "thing-SN-0001"
+    assert rw(hub)["managed_thing_id"] == "thing-SN-0001"
+    assert any("ClientId" in r.getMessage() for r in caplog.records)
+
+
+def test_jitr(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR")
+    result = HubOnboarding(hub.config).process_device()
+    doc = rw(hub)
+    assert result.client_id == "dha-device-0001" == doc["client_id"]
+    assert doc["iot_permanent_cert_path"] == str(hub.dir / "dha.crt")
+    assert doc["iot_permanent_pk_path"] == str(hub.dir / "dha.key")
+    assert "managed_thing_id" not in doc
+    assert cloud.calls == ["jitr"]
+
+
+def test_jitr_client_id_override(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR", ro={"client_id": "my-hub"})
+    HubOnboarding(hub.config).process_device()
+    assert rw(hub)["client_id"] == "my-hub"
+    assert cloud.connections[0][0] == "my-hub"
+
+
+@pytest.mark.parametrize("method", ["FLEET_PROVISIONING", "JITR"])
+def test_bad_credentials_write_nothing_and_send_nothing(make_hub: HubFactory, cloud: FakeCloud,
+                                                        method: str) -> None:
+    hub = make_hub(method)
+    (hub.dir / ("claim.key" if method == "FLEET_PROVISIONING" else "dha.key")).chmod(0o644)
+    listing = sorted(p.name for p in hub.dir.iterdir())
+    before = hub.config.read_bytes()
+    with pytest.raises(CredentialError, match=r"ro\.iot_"):
+        HubOnboarding(hub.config).process_device()
+    assert sorted(p.name for p in hub.dir.iterdir()) == listing  # not even a lock file
+    assert hub.config.read_bytes() == before
+    assert cloud.calls == []
+
+
+def test_secrets_never_logged(make_hub: HubFactory, cloud: FakeCloud, caplog: pytest.LogCaptureFixture,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 429, "Throttling", "slow")]
+    steps: list[str] = []
+    with caplog.at_level(logging.DEBUG):
+        HubOnboarding(hub.config, on_step=steps.append).process_device()
+    text = caplog.text + "\n".join(steps) + "".join(capsys.readouterr())
+    secrets = [b"OWNERSHIP-TOKEN-0-SECRET", hub.claim.key_pem, cloud.issued_keys[0]]
+    for secret in secrets:
+        body = secret.decode().splitlines()
+        needle = body[1] if len(body) > 1 else body[0]  # a line of the PEM body, or the token
+        assert needle not in text
+
+
+def test_lock_held_by_another_run(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    with cfgmod.onboarding_lock(hub.config, timeout=1), pytest.raises(BusyError):
+        HubOnboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
+    assert cloud.calls == []
+
+
+def test_waiter_reports_the_other_runs_result(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    holding = threading.Event()
+    release = threading.Event()
+
+    def other_run() -> None:
+        with cfgmod.onboarding_lock(hub.config, timeout=1):
+            holding.set()
+            release.wait(5)
+            cfgmod.update_rw(hub.config, {"iot_provisioning_state": "PROVISIONED", "client_id": "other"})
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    holding.wait(5)
+    threading.Timer(0.3, release.set).start()
+    result = HubOnboarding(hub.config, timeouts=Timeouts(lock=5)).process_device()
+    t.join()
+    assert not result.changed and result.client_id == "other"
+    assert cloud.calls == []
+
+
+def test_reset_deletes_only_what_onboarding_created(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"x": 1})
+    HubOnboarding(hub.config).process_device()
+    ro_before = hub.doc()["ro"]
+    deleted = HubOnboarding(hub.config).reset()
+    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key"}
+    doc = hub.doc()
+    assert doc["ro"] == ro_before
+    assert set(doc["rw"]) == {"iot_provisioning_state", "metadata"}
+    assert (hub.dir / "claim.key").exists()
+
+
+def test_reset_after_jitr_keeps_the_dha_pair(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR", ro={"iot_permanent_cert_dir": "."})  # even if the DHA pair sits in the cert dir
+    HubOnboarding(hub.config).process_device()
+    HubOnboarding(hub.config).reset()
+    assert (hub.dir / "dha.key").exists() and (hub.dir / "dha.crt").exists()
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+def test_status(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with contextlib.suppress(Crash):
+        HubOnboarding(hub.config).process_device()
+    info = HubOnboarding(hub.config).status()
+    assert info["state"] == "NOT_PROVISIONED" and info["progress"] == "CERTIFICATE_ISSUED"
+    assert "SECRET" not in json.dumps(info)
+
+
+def test_every_error_is_an_onboarding_error(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"SN": ""})
+    with pytest.raises(OnboardingError):
+        HubOnboarding(hub.config).process_device()

@@ -1,0 +1,78 @@
+"""The resume state machine (pure) and its sidecar record."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub_onboarding.progress import (
+    TOKEN_USABLE_FOR,
+    Action,
+    Progress,
+    ProgressStore,
+    Step,
+    next_action,
+)
+
+BINDING = {"endpoint": "e:8883", "template": "T"}
+
+
+def issued(at: float = 1000.0, token: str | None = "SECRET-TOKEN-9") -> Progress:
+    return Progress(step=Step.CERTIFICATE_ISSUED, binding=BINDING, certificate_id="c" * 64,
+                    certificate_path="/x/cert", private_key_path="/x/key", token_issued_at=at,
+                    ownership_token=token)
+
+
+@pytest.mark.parametrize(("progress", "binding", "now", "action"), [
+    (None, BINDING, 0.0, Action.CREATE_CERTIFICATE),
+    (issued(), BINDING, 1000.0, Action.REGISTER_THING),
+    (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR - 1, Action.REGISTER_THING),
+    (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR + 1, Action.CREATE_CERTIFICATE),  # token too old
+    (issued(), BINDING, 500.0, Action.CREATE_CERTIFICATE),  # clock went backwards: do not trust the token
+    (issued(token=None), BINDING, 1000.0, Action.CREATE_CERTIFICATE),
+    (issued(), {"endpoint": "other:8883", "template": "T"}, 1000.0, Action.CREATE_CERTIFICATE),
+    (issued().registered("thing", {"ClientId": "c"}), BINDING, 99999.0, Action.VERIFY),
+    (issued().registered("thing", {}).verified(), BINDING, 99999.0, Action.WRITE_CONFIG),
+])
+def test_next_action(progress: Progress | None, binding: dict[str, str], now: float, action: Action) -> None:
+    assert next_action(progress, binding, now) is action
+
+
+def test_registered_drops_the_token() -> None:
+    p = issued().registered("thing", {"ClientId": "c"})
+    assert p.ownership_token is None
+    assert p.step is Step.THING_REGISTERED
+    assert "SECRET-TOKEN-9" not in repr(issued())
+
+
+def test_round_trip_and_mode(tmp_path: Path) -> None:
+    store = ProgressStore(tmp_path / "certs")
+    assert store.load() is None
+    store.save(issued())
+    assert store.load() == issued()
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.path.parent.stat().st_mode) == 0o700
+    store.clear()
+    store.clear()
+    assert store.load() is None
+
+
+@pytest.mark.parametrize("content", [
+    "not json", "[]", '{"version": 99}', '{"version": 1, "step": "NOPE"}',
+    json.dumps({**issued().to_json(), "binding": {"a": 1}}),
+    json.dumps({**issued().to_json(), "token_issued_at": "yesterday"}),
+    json.dumps({**issued().to_json(), "ownership_token": 5}),
+])
+def test_invalid_records_are_ignored(tmp_path: Path, content: str) -> None:
+    store = ProgressStore(tmp_path)
+    store.path.write_text(content)
+    assert store.load() is None
+
+
+def test_to_json_is_serialisable() -> None:
+    data: dict[str, Any] = issued().registered("t", {"k": "v"}).to_json()
+    assert json.loads(json.dumps(data))["device_configuration"] == {"k": "v"}
