@@ -140,7 +140,13 @@ def test_state_survives_restart(tmp_path: Path) -> None:
         created = iot.create_keys_and_certificate(setAsActive=True)
         iot.create_thing(thingName="kept")
         iot.create_policy(
-            policyName="kept-policy", policyDocument='{"Version": "2012-10-17", "Statement": []}'
+            policyName="kept-policy",
+            policyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}],
+                }
+            ),
         )
         root_ca = core.endpoint.root_ca_path.read_bytes()
     with LocalIotCore(data_dir) as core:
