@@ -78,17 +78,25 @@ class DeviceProvisioner:
         self._clock = clock
         self._sleep = sleep
 
+    def _budget(self, limit: float, deadline: float | None) -> float:
+        """`limit`, shortened so a single wait never runs far past the overall deadline (at least 1 s)."""
+        if deadline is None:
+            return limit
+        return min(limit, max(1.0, deadline - self._clock()))
+
     @contextlib.contextmanager
-    def claim_session(self, client_id: str, claim: Credentials) -> Iterator[FleetProvisioning]:
+    def claim_session(self, client_id: str, claim: Credentials,
+                      deadline: float | None = None) -> Iterator[FleetProvisioning]:
         """One connection with the claim certificate, and the fleet provisioning API on it."""
-        with self.iot.connect(client_id, claim) as conn:
-            yield FleetProvisioning(conn.client, self.operation_timeout)
+        connect_timeout = self._budget(self.iot.settings.connect_timeout, deadline)
+        with self.iot.connect(client_id, claim, connect_timeout) as conn:
+            yield FleetProvisioning(conn.client, self._budget(self.operation_timeout, deadline))
 
     def provision_jitr(self, client_id: str, dha: Credentials) -> int:
         return self.iot.provision_with_jitr(client_id, dha, self.retry_timeout)
 
-    def verify(self, client_id: str, credentials: Credentials) -> None:
-        self.iot.verify(client_id, credentials)
+    def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None:
+        self.iot.verify(client_id, credentials, self._budget(self.iot.settings.connect_timeout, deadline))
 
     def deadline(self) -> float:
         return self._clock() + self.retry_timeout

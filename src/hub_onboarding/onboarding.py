@@ -263,7 +263,7 @@ class HubOnboarding:
             try:
                 if action in (Action.CREATE_CERTIFICATE, Action.REGISTER_THING):
                     claim = claim or self._read_claim(cfg, handler)
-                    with dp.claim_session(cfg.serial_number, claim) as fp:
+                    with dp.claim_session(cfg.serial_number, claim, deadline) as fp:
                         self._step(f"connected with the claim certificate as {cfg.serial_number!r}")
                         if action is Action.CREATE_CERTIFICATE or progress is None:
                             progress = self._create_certificate(cfg, handler, store, fp, binding)
@@ -282,7 +282,7 @@ class HubOnboarding:
                     action = Action.VERIFY
                 if action is Action.VERIFY:
                     assert progress is not None
-                    progress = self._verify(handler, store, dp, progress)
+                    progress = self._verify(handler, store, dp, progress, deadline)
                 break
             except ProvisioningError as exc:
                 attempt += 1
@@ -320,7 +320,8 @@ class HubOnboarding:
         self._step(f"thing registered: {registered.thing_name}")
         return progress
 
-    def _verify(self, handler: CertHandler, store: ProgressStore, dp: Any, progress: Progress) -> Progress:
+    def _verify(self, handler: CertHandler, store: ProgressStore, dp: Any, progress: Progress,
+                deadline: float) -> Progress:
         creds = handler.read_cert_and_private_key(CertType.PERMANENT, progress.certificate_path,
                                                   progress.private_key_path)
         if creds.certificate_id != progress.certificate_id:
@@ -328,7 +329,7 @@ class HubOnboarding:
             raise CredentialError(f"{progress.certificate_path} does not hold certificate "
                                   f"{progress.certificate_id[:16]}...; run reset, then provision again")
         client_id, _ = self._identity(progress)
-        dp.verify(client_id, creds)
+        dp.verify(client_id, creds, deadline)
         progress = progress.verified()
         store.save(progress)
         self._step(f"connected with the new certificate as {client_id!r}")

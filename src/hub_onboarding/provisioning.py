@@ -26,7 +26,7 @@ from hub_onboarding.errors import MqttConnectionError
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 3.0  # a clean stop takes milliseconds; a stuck one must not hold the hub
 PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allowed in the config
 
 # awscrt error names, and what to tell the user about each.
@@ -188,7 +188,7 @@ class IotProvisioning:
             conn.close()
             raise MqttConnectionError(
                 f"could not connect to {s.endpoint} as {client_id!r} within {timeout:g} s: check "
-                "endpoint_url and the network")
+                "endpoint_url, the network, and that iot_root_ca_path is the CA of this endpoint")
         if "ok" not in outcome:
             conn.close()
             raise MqttConnectionError(describe_connect_failure(
@@ -196,9 +196,9 @@ class IotProvisioning:
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn
 
-    def verify(self, client_id: str, credentials: Credentials) -> None:
+    def verify(self, client_id: str, credentials: Credentials, timeout: float | None = None) -> None:
         """Connect once and disconnect: AWS's documented reconnect step after RegisterThing."""
-        with self.connect(client_id, credentials):
+        with self.connect(client_id, credentials, timeout):
             pass
 
     def provision_with_jitr(self, client_id: str, credentials: Credentials, timeout: float) -> int:

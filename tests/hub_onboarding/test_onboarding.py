@@ -131,6 +131,7 @@ class FakeConnection:
 class FakeIot:
     def __init__(self, cloud: FakeCloud) -> None:
         self.cloud = cloud
+        self.settings = type("Settings", (), {"connect_timeout": 30.0})()
 
     def connect(self, client_id: str, credentials: Credentials,
                 timeout: float | None = None) -> FakeConnection:
@@ -139,7 +140,7 @@ class FakeIot:
         self.cloud.connections.append((client_id, credentials.certificate_id))
         return FakeConnection(self.cloud)
 
-    def verify(self, client_id: str, credentials: Credentials) -> None:
+    def verify(self, client_id: str, credentials: Credentials, timeout: float | None = None) -> None:
         self.cloud.calls.append("verify")
         self.cloud.maybe_fail("verify")
         self.cloud.connections.append((client_id, credentials.certificate_id))

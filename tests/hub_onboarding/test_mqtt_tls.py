@@ -1,0 +1,141 @@
+"""The real awscrt MQTT 5 path against a plain Mosquitto with mutual TLS (no fleet provisioning there).
+
+What a plain broker can show: a connection with a good certificate, TLS verification of the endpoint,
+a refused client certificate (JITR's first attempts), and a request nobody answers (the identity
+client's deadline). Fleet provisioning itself is exercised by tests/e2e against iot-core-local.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hub_onboarding.certs import CertType, Credentials, check_pair
+from hub_onboarding.cli import main
+from hub_onboarding.config import Endpoint
+from hub_onboarding.errors import MqttConnectionError, PublishTimeoutError
+from hub_onboarding.fleet import FleetProvisioning
+from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisioning
+
+from .conftest import HubFactory, Pair, make_pair, write_private
+
+trustme = pytest.importorskip("trustme")
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+
+
+@dataclass
+class Broker:
+    endpoint: Endpoint
+    ca_path: Path
+    client: Credentials
+    client_pair: Pair
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    d = tmp_path_factory.mktemp("mosquitto")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    server.private_key_pem.write_to_path(str(d / "server.key"))
+    # the client certificate is signed by the broker's CA, so Mosquitto accepts it
+    client = ca.issue_cert("hub-client-1")
+    client_pair = Pair(client.cert_chain_pems[0].bytes(), client.private_key_pem.bytes(), None)  # type: ignore[arg-type]
+    port = _free_port()
+    (d / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
+        "require_certificate true\nallow_anonymous true\npersistence false\n"
+        # as root, Mosquitto would switch to user 'mosquitto', who cannot read pytest's 0700 tmp folders
+        f"user {getpass.getuser()}\n")
+    proc = subprocess.Popen([str(MOSQUITTO), "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.skip("mosquitto did not start")
+        creds = check_pair(client_pair.cert_pem, client_pair.key_pem, str(CertType.DHA), check_validity=False)
+        yield Broker(Endpoint("127.0.0.1", port), d / "ca.pem", creds, client_pair)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def engine(broker: Broker, ca_path: Path | None = None, timeout: float = 5) -> IotProvisioning:
+    settings = ConnectionSettings(broker.endpoint, str(ca_path or broker.ca_path), 60,
+                                  connect_timeout=timeout)
+    return IotProvisioning(settings, backoff=Backoff(base=0.1, cap=0.2))
+
+
+def test_connect_and_verify(broker: Broker) -> None:
+    iot = engine(broker)
+    start = time.monotonic()
+    iot.verify("hub-client-1", broker.client)
+    assert time.monotonic() - start < 5
+    assert iot.provision_with_jitr("hub-client-1", broker.client, timeout=5) == 1
+
+
+def test_endpoint_with_another_ca_is_refused(broker: Broker, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(make_pair("Some Other CA").cert_pem)
+    # awscrt reports the TLS failure only once the peer closes; Mosquitto waits, so our deadline decides.
+    start = time.monotonic()
+    with pytest.raises(MqttConnectionError, match=r"iot_root_ca_path|TLS"):
+        engine(broker, other, timeout=2).verify("hub-client-1", broker.client)
+    assert time.monotonic() - start < 8
+
+
+def test_unknown_client_certificate_jitr_gives_up_at_the_deadline(broker: Broker) -> None:
+    stranger = make_pair("stranger")  # self-signed: Mosquitto refuses it, like IoT Core before activation
+    creds = check_pair(stranger.cert_pem, stranger.key_pem, "DHA", check_validity=False)
+    start = time.monotonic()
+    with pytest.raises(MqttConnectionError, match="JITR: no connection within 2 s") as info:
+        engine(broker, timeout=1).provision_with_jitr("stranger", creds, timeout=2)
+    assert time.monotonic() - start < 6
+    assert "attempt" in info.value.message
+
+
+def test_unanswered_request_times_out(broker: Broker) -> None:
+    with engine(broker).connect("hub-client-1", broker.client) as conn:
+        fleet = FleetProvisioning(conn.client, operation_timeout=1)
+        start = time.monotonic()
+        with pytest.raises(PublishTimeoutError):
+            fleet.create_keys_and_certificate()
+        assert time.monotonic() - start < 8
+
+
+def test_cli_provision_against_a_broker_without_fleet_provisioning(
+        broker: Broker, make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    hub = make_hub(ro={"endpoint_url": str(broker.endpoint), "iot_root_ca_path": str(broker.ca_path),
+                       "mqtt_retry_timeout_seconds": 2})
+    (hub.dir / "claim.crt").write_bytes(broker.client_pair.cert_pem)
+    write_private(hub.dir / "claim.key", broker.client_pair.key_pem)
+    start = time.monotonic()
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 14
+    assert time.monotonic() - start < 10  # each wait is capped by the 2 s retry budget
+    out = capsys.readouterr().out
+    assert "FP_STATUS_PUBLISH_TIMEOUT_ERROR" in out
+    assert hub.doc()["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
