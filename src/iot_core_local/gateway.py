@@ -57,7 +57,6 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 BROKER_TIMEOUT = 10.0
 TRUST_POLL_INTERVAL = 1.0
-TRUST_RESCAN_INTERVAL = 1.0
 SWEEP_INTERVAL = 60.0
 READ_SIZE = 65536
 _DECISION_CACHE_SIZE = 1024
@@ -167,13 +166,20 @@ class _Merge:
 class _Connection:
     """One device connection and its relay connection to Mosquitto."""
 
-    def __init__(self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        der: bytes,
+    ) -> None:
         self.gw = gateway
         self.reader = reader
         self.writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.certificate_id = "-"
+        self.peer = peer
+        self.der = der
+        self.certificate_id = hashlib.sha256(der).hexdigest()
         self.client_id = "-"
         self.buf = bytearray()
         self.broker_reader: asyncio.StreamReader | None = None
@@ -187,7 +193,6 @@ class _Connection:
         self.client_aliases: dict[int, str] = {}
         self.broker_aliases: dict[int, str] = {}
         self.broker_buf = bytearray()
-        self.der = b""
         self.kicked: _Close | None = None
         self.started = time.monotonic()
 
@@ -199,8 +204,6 @@ class _Connection:
     async def run(self) -> None:
         accepted = False
         try:
-            if not await self._handshake():
-                return
             connect, raw = await self._read_connect()
             await self._authorize(connect)
             await self._open_broker(raw)
@@ -253,29 +256,6 @@ class _Connection:
             self.broker_writer.write(data)
 
     # ---- TLS, CONNECT, connect rules ----------------------------------------------------------
-
-    async def _handshake(self) -> bool:
-        context = self.gw.tls_context()
-        try:
-            await asyncio.wait_for(
-                self.writer.start_tls(context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT),
-                HANDSHAKE_TIMEOUT + 1,
-            )
-        except ssl.SSLCertVerificationError as e:
-            self.gw.trust_may_be_stale()
-            log.info("connection %s: TLS handshake refused: %s", self.peer, e.verify_message or e.reason)
-            return False
-        except (ssl.SSLError, OSError, TimeoutError, asyncio.IncompleteReadError) as e:
-            log.info("connection %s: TLS handshake failed: %s", self.peer, _brief(e))
-            return False
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if not der:
-            log.info("connection %s: closed: no client certificate", self.peer)
-            return False
-        self.der = der
-        self.certificate_id = hashlib.sha256(der).hexdigest()
-        return True
 
     async def _read_connect(self) -> tuple[mqtt5.ConnectPacket, bytes]:
         try:
@@ -623,7 +603,7 @@ class _Connection:
             )
         else:
             self._send_client(
-                mqtt5.SubAckPacket(packet.packet_id, [mqtt5.SubAckReasonCode(c) for c in codes])
+                mqtt5.SubAckPacket(packet.packet_id, [mqtt5.SubAckReasonCode(int(c)) for c in codes])
             )
 
     def _client_unsubscribe(self, packet: mqtt5.UnsubscribePacket) -> None:
@@ -653,7 +633,7 @@ class _Connection:
             )
         else:
             self._send_client(
-                mqtt5.UnsubAckPacket(packet.packet_id, [mqtt5.UnsubAckReasonCode(c) for c in codes])
+                mqtt5.UnsubAckPacket(packet.packet_id, [mqtt5.UnsubAckReasonCode(int(c)) for c in codes])
             )
 
     async def _from_broker(self) -> None:
@@ -714,7 +694,7 @@ class _Connection:
                 merge.codes[position] = int(code)
             return mqtt5.SubAckPacket(
                 packet.packet_id,
-                [mqtt5.SubAckReasonCode(c) for c in merge.codes],
+                [mqtt5.SubAckReasonCode(int(c)) for c in merge.codes],
                 reason_str=packet.reason_str,
                 user_properties=packet.user_properties,
             ).write()
@@ -726,7 +706,7 @@ class _Connection:
                 unmerge.codes[position] = int(ucode)
             return mqtt5.UnsubAckPacket(
                 packet.packet_id,
-                [mqtt5.UnsubAckReasonCode(c) for c in unmerge.codes],
+                [mqtt5.UnsubAckReasonCode(int(c)) for c in unmerge.codes],
                 reason_str=packet.reason_str,
                 user_properties=packet.user_properties,
             ).write()
@@ -805,6 +785,18 @@ class _EventPublisher:
             self._drain_task = None
 
 
+class _PlainAccept(asyncio.Protocol):
+    """Accepts TCP and pauses reading at once; the gateway then starts TLS on the transport."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.gateway.accept(transport)
+
+
 class Gateway:
     """The MQTT 5 / TLS endpoint devices connect to; `start()` binds, then `port` is the real port."""
 
@@ -828,26 +820,28 @@ class Gateway:
         self.port = port
         self.arn_prefix = registry.arn("")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="iot-core-local-worker")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._by_certificate: dict[str, set[_Connection]] = {}
+        self._by_client_id: dict[str, _Connection] = {}
         self._events = _EventPublisher(broker_host, broker_port)
         self._context: ssl.SSLContext | None = None
         self._anchors: frozenset[str] = frozenset()
-        self._ca_fingerprint: tuple[tuple[str, str], ...] = ()
+        self._ca_ids: frozenset[str] = frozenset()
         self._own_certificates: set[str] = set()  # registered without CA, but issued by our issuing CA
         self._rescan_requested = False
-        self._last_rescan = 0.0
         self._stopping = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._context = await self.in_thread(self._build_context, True)
+        self._install(await self.in_thread(lambda: self._build_context(None, frozenset(), scan=True)))
         self.registry.add_listener(self._on_certificate_change)
-        self._server = await asyncio.start_server(self._accept, self.host, self.port, backlog=1024)
+        self._server = await self._loop.create_server(
+            lambda: _PlainAccept(self), self.host, self.port, backlog=1024
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._maintain())
         log.info(
@@ -886,28 +880,87 @@ class Gateway:
             return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        connection = _Connection(self, reader, writer)
+    def accept(self, transport: asyncio.Transport) -> None:
+        if self._stopping:
+            transport.abort()
+            return
+        self._spawn(self._serve(transport))
+
+    async def _serve(self, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        opened = await self._handshake(transport, peer)
+        if opened is None:
+            return
+        reader, writer, der = opened
+        connection = _Connection(self, reader, writer, peer, der)
         try:
             await connection.run()
         except asyncio.CancelledError:
             connection.abort()
+            raise
         except Exception:  # a bug of ours: log it, keep serving everyone else
             log.exception("%s: internal error", connection.describe())
             connection.abort()
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+
+    async def _handshake(
+        self, transport: asyncio.Transport, peer: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
+        """TLS on a connection whose reading was paused at accept; None (logged) if it fails.
+
+        Reading stays paused until TLS takes over the transport, so no byte of the ClientHello can be
+        consumed as plain data first (the race StreamWriter.start_tls has on the server side).
+        """
+        assert self._loop is not None
+        reader = asyncio.StreamReader(limit=READ_SIZE, loop=self._loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        try:
+            tls = await asyncio.wait_for(
+                self._loop.start_tls(
+                    transport,
+                    protocol,
+                    self.tls_context(),
+                    server_side=True,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                ),
+                HANDSHAKE_TIMEOUT + 1,
+            )
+        except ssl.SSLCertVerificationError as e:
+            transport.abort()
+            self.trust_may_be_stale()
+            log.info("connection %s: TLS handshake refused: %s", peer, e.verify_message or e.reason)
+            return None
+        except (ssl.SSLError, OSError, TimeoutError, EOFError) as e:
+            transport.abort()
+            log.info("connection %s: TLS handshake failed: %s", peer, _brief(e))
+            return None
+        if tls is None:  # the peer went away during the handshake
+            transport.abort()
+            return None
+        protocol.connection_made(tls)
+        writer = asyncio.StreamWriter(tls, protocol, reader, self._loop)
+        ssl_object = tls.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            log.info("connection %s: closed: no client certificate", peer)
+            tls.abort()
+            return None
+        return reader, writer, der
 
     # ---- connections by certificate -----------------------------------------------------------
 
     def register(self, connection: _Connection) -> None:
         self._by_certificate.setdefault(connection.certificate_id, set()).add(connection)
+        # Mosquitto has already taken the session over, but closes the old socket without a word;
+        # AWS tells the old client why.
+        previous = self._by_client_id.get(connection.client_id)
+        self._by_client_id[connection.client_id] = connection
+        if previous is not None and previous is not connection:
+            previous.kick("session taken over by a new connection", Reason.SESSION_TAKEN_OVER)
 
     def unregister(self, connection: _Connection) -> None:
+        if self._by_client_id.get(connection.client_id) is connection:
+            del self._by_client_id[connection.client_id]
         connections = self._by_certificate.get(connection.certificate_id)
         if connections is not None:
             connections.discard(connection)
@@ -939,6 +992,14 @@ class Gateway:
     # ---- the TLS trust store ------------------------------------------------------------------
 
     def tls_context(self) -> ssl.SSLContext:
+        """The server context for the next handshake, rebuilt first if the registered CAs changed.
+
+        Checked per connection because a CA registered a moment ago must work for the very next
+        connect (JITR, JITP): one small query is cheap next to a TLS handshake.
+        """
+        ca_ids = frozenset(ca.certificate_id for ca in self.registry.list_ca_certificates())
+        if self._context is None or ca_ids != self._ca_ids:
+            self._install(self._build_context(ca_ids, self._anchors, scan=False))
         assert self._context is not None
         return self._context
 
@@ -946,15 +1007,26 @@ class Gateway:
         """A client certificate did not verify: maybe one was registered without CA since the last scan."""
         self._rescan_requested = True
 
-    def _build_context(self, scan_certificates: bool) -> ssl.SSLContext:
+    def _install(self, built: tuple[ssl.SSLContext, frozenset[str], frozenset[str]]) -> None:
+        self._context, self._ca_ids, self._anchors = built
+        log.debug("trust store: %d anchors", len(self._anchors))
+
+    def _build_context(
+        self, ca_ids: frozenset[str] | None, previous: frozenset[str], *, scan: bool
+    ) -> tuple[ssl.SSLContext, frozenset[str], frozenset[str]]:
         """A server context trusting the issuing CA, every registered CA and every certificate
-        registered without a CA (partial-chain verification makes such a leaf its own anchor)."""
+        registered without a CA (partial-chain verification makes such a leaf its own anchor).
+
+        Trusting a CA or certificate at the TLS layer only lets it reach the connect rules, which check
+        statuses; so an anchor kept a little too long is harmless, and one missing refuses a device.
+        `scan` looks through all certificates (slow, in a worker thread); otherwise the certificates
+        trusted before are kept.
+        """
         pems = {self.ca.issuing_ca_id: self.ca.issuing_ca_pem}
         cas = self.registry.list_ca_certificates()
         for ca in cas:
             pems[ca.certificate_id] = ca.pem
-        self._ca_fingerprint = tuple(sorted((ca.certificate_id, ca.status) for ca in cas))
-        if scan_certificates:
+        if scan:
             issuer = self.ca.issuing_ca.subject
             for record in self.registry.list_certificates():
                 if record.ca_certificate_id is not None or record.certificate_id in self._own_certificates:
@@ -967,7 +1039,7 @@ class Gateway:
                 else:
                     pems[record.certificate_id] = record.pem
         else:
-            for anchor in self._anchors:
+            for anchor in previous:
                 if anchor not in pems:
                     known = self.registry.find_certificate(anchor)
                     if known is not None:
@@ -978,25 +1050,24 @@ class Gateway:
         context.verify_mode = ssl.CERT_REQUIRED
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         context.load_verify_locations(cadata="".join(pems.values()))
-        self._anchors = frozenset(pems)
-        return context
+        return (
+            context,
+            frozenset(ca.certificate_id for ca in cas) if ca_ids is None else ca_ids,
+            frozenset(pems),
+        )
 
     async def _maintain(self) -> None:
-        """Keep the trust store current and sweep expired unregistered certificates."""
+        """Rescan the trust store when asked to, and sweep expired unregistered certificates."""
         last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(TRUST_POLL_INTERVAL)
             try:
-                cas = await self.in_thread(self.registry.list_ca_certificates)
-                fingerprint = tuple(sorted((ca.certificate_id, ca.status) for ca in cas))
+                if self._rescan_requested:
+                    self._rescan_requested = False
+                    self._install(
+                        await self.in_thread(lambda: self._build_context(None, self._anchors, scan=True))
+                    )
                 now = time.monotonic()
-                rescan = self._rescan_requested and now - self._last_rescan >= TRUST_RESCAN_INTERVAL
-                if rescan or fingerprint != self._ca_fingerprint:
-                    if rescan:
-                        self._rescan_requested = False
-                        self._last_rescan = now
-                    self._context = await self.in_thread(self._build_context, rescan)
-                    log.debug("trust store rebuilt: %d anchors", len(self._anchors))
                 if now - last_sweep >= min(SWEEP_INTERVAL, max(self.provisioning.token_ttl, 1.0)):
                     last_sweep = now
                     deleted = await self.in_thread(self.provisioning.sweep_expired)

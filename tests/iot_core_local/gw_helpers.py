@@ -1,0 +1,337 @@
+"""Shared helpers of the gateway and provisioning tests: real TLS, real Mosquitto, real clients.
+
+`RawClient` is a deliberately small synchronous MQTT 5 client over `ssl` + the `mqtt5` codec, for
+the assertions paho hides (no CONNACK at all, the exact DISCONNECT reason, a malformed packet on purpose).
+`Paho` wraps paho-mqtt 2.x in MQTT 5 mode with queues; `aws_identity` builds awsiotsdk's
+IotIdentityClientV2 over an awscrt MQTT 5 client, exactly as a hub does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import queue
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import mqtt5
+import paho.mqtt.client as paho
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iot_core_local.server import LocalIotCore
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+ARN = f"arn:aws:iot:{REGION}:{ACCOUNT}"
+
+# PUBACK reason codes of a publish that went through: Mosquitto says 16 when nobody subscribed.
+OK = (0, 16)
+
+OPEN_POLICY = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    certificate_id: str
+    cert_path: str
+    key_path: str
+    certificate_pem: str
+    private_key_pem: str
+
+
+def write_credentials(folder: Path, name: str, certificate_id: str, cert_pem: str, key_pem: str) -> Credentials:
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_text(cert_pem)
+    key_path.write_text(key_pem)
+    key_path.chmod(0o600)
+    return Credentials(certificate_id, str(cert_path), str(key_path), cert_pem, key_pem)
+
+
+def new_device(core: LocalIotCore, folder: Path, name: str, *, policy: str | None = OPEN_POLICY,
+               status: str = "ACTIVE") -> Credentials:
+    """A certificate created through the registry (as CreateKeysAndCertificate would) with a policy."""
+    iot = core.client()
+    created = iot.create_keys_and_certificate(setAsActive=status == "ACTIVE")
+    if status != "ACTIVE":
+        iot.update_certificate(certificateId=created["certificateId"], newStatus=status)
+    if policy is not None:
+        policy_name = f"policy-{name}-{uuid.uuid4().hex[:8]}"
+        iot.create_policy(policyName=policy_name, policyDocument=policy)
+        iot.attach_policy(policyName=policy_name, target=created["certificateArn"])
+    return write_credentials(
+        folder, name, created["certificateId"], created["certificatePem"], created["keyPair"]["PrivateKey"]
+    )
+
+
+def client_context(core: LocalIotCore, creds: Credentials | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(core.endpoint.root_ca_path))
+    if creds is not None:
+        ctx.load_cert_chain(creds.cert_path, creds.key_path)
+    return ctx
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+class RawClient:
+    """A synchronous MQTT 5 client, one packet at a time."""
+
+    def __init__(self, core: LocalIotCore, creds: Credentials | None, *, timeout: float = 5.0) -> None:
+        raw = socket.create_connection((core.endpoint.mqtt_host, core.endpoint.mqtt_port), timeout=timeout)
+        self.sock = client_context(core, creds).wrap_socket(raw, server_hostname="localhost")
+        self.sock.settimeout(timeout)
+        self.buffer = bytearray()
+        self.backlog: list[mqtt5.Packet] = []
+        self._next_id = 0
+
+    def packet_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def send(self, packet: mqtt5.Packet) -> None:
+        self.sock.sendall(packet.write())
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> mqtt5.Packet:
+        """The next packet; Closed if the server closes first."""
+        if self.backlog:
+            return self.backlog.pop(0)
+        return self._read()
+
+    def _read(self) -> mqtt5.Packet:
+        while True:
+            if self.buffer:
+                try:
+                    packet, size = mqtt5.read(memoryview(self.buffer))
+                except IndexError:
+                    pass
+                else:
+                    del self.buffer[:size]
+                    return packet
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionError, ssl.SSLError) as e:
+                raise Closed(str(e)) from None
+            if not chunk:
+                raise Closed("closed")
+            self.buffer += chunk
+
+    def receive_type(self, kind: type[Any]) -> Any:
+        """The next packet of this type; others are kept for later `receive` calls."""
+        for i, packet in enumerate(self.backlog):
+            if isinstance(packet, kind):
+                return self.backlog.pop(i)
+        while True:
+            packet = self._read()
+            if isinstance(packet, kind):
+                return packet
+            self.backlog.append(packet)
+
+    def connect(self, client_id: str, **options: Any) -> mqtt5.ConnAckPacket:
+        self.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60, **options))
+        packet = self.receive()
+        assert isinstance(packet, mqtt5.ConnAckPacket), packet
+        return packet
+
+    def subscribe(self, *patterns: str) -> list[int]:
+        pid = self.packet_id()
+        self.send(
+            mqtt5.SubscribePacket(pid, [mqtt5.TopicFilter(p, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for p in patterns])
+        )
+        suback = self.receive_type(mqtt5.SubAckPacket)
+        assert suback.packet_id == pid
+        return [int(code) for code in suback.reason_codes]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, **options: Any) -> int | None:
+        """Publish; for QoS 1 return the PUBACK reason code."""
+        pid = self.packet_id() if qos else None
+        self.send(mqtt5.PublishPacket(topic, payload, qos=mqtt5.QoS(qos), packet_id=pid, **options))
+        if not qos:
+            return None
+        puback = self.receive_type(mqtt5.PubAckPacket)
+        assert puback.packet_id == pid
+        return int(puback.reason_code)
+
+    def expect_closed(self, within: float = 5.0) -> list[mqtt5.Packet]:
+        """Read until the server closes; return what came before (e.g. a DISCONNECT)."""
+        self.sock.settimeout(within)
+        seen = []
+        with contextlib.suppress(Closed):
+            while True:
+                seen.append(self.receive())
+        return seen
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def connect_refused_without_connack(core: LocalIotCore, creds: Credentials, client_id: str) -> bool:
+    """True if the server closes the connection (during TLS or after CONNECT) and never sends CONNACK."""
+    try:
+        client = RawClient(core, creds)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        client.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60))
+        seen = client.expect_closed()
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        client.close()
+    return not any(isinstance(p, mqtt5.ConnAckPacket) for p in seen)
+
+
+class Paho:
+    """paho-mqtt 2.x, MQTT 5, TLS with a client certificate; events arrive on queues."""
+
+    def __init__(self, core: LocalIotCore, creds: Credentials, client_id: str) -> None:
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        self.client.tls_set(ca_certs=str(core.endpoint.root_ca_path), certfile=creds.cert_path,
+                            keyfile=creds.key_path)
+        self.core = core
+        self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
+        self.connacks: queue.Queue[int] = queue.Queue()
+        self.subacks: queue.Queue[list[int]] = queue.Queue()
+        self.pubacks: queue.Queue[int] = queue.Queue()
+        self.disconnects: queue.Queue[int] = queue.Queue()
+        self.client.on_connect = lambda c, u, f, rc, p: self.connacks.put(rc.value)
+        self.client.on_message = lambda c, u, m: self.messages.put(m)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subacks.put([x.value for x in codes])
+        self.client.on_publish = lambda c, u, mid, rc, p: self.pubacks.put(rc.value)
+        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(rc.value)
+
+    def connect(self, timeout: float = 5.0) -> int:
+        self.client.connect(self.core.endpoint.mqtt_host, self.core.endpoint.mqtt_port, keepalive=30)
+        self.client.loop_start()
+        return self.connacks.get(timeout=timeout)
+
+    def subscribe(self, *patterns: str, qos: int = 1) -> list[int]:
+        self.client.subscribe([(p, qos) for p in patterns])
+        return self.subacks.get(timeout=5)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+        return self.pubacks.get(timeout=5) if qos else None
+
+    def message(self, timeout: float = 5.0) -> paho.MQTTMessage:
+        return self.messages.get(timeout=timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def make_csr(common_name: str = "hub", *, weak: bool = False) -> str:
+    key = ec.generate_private_key(ec.SECP192R1() if weak else ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class DeviceCA:
+    """A manufacturer CA (for JITR/JITP) and the device certificates it signs."""
+
+    def __init__(self, name: str = "Test Device CA") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def device(self, folder: Path, common_name: str) -> Credentials:
+        import hashlib
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(self.key, hashes.SHA256())
+        )
+        cid = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        return write_credentials(
+            folder, common_name, cid, cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+        )
+
+
+@contextlib.contextmanager
+def hook_server(answer: Any, delay: float = 0.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A pre-provisioning hook on a free port: records each input, answers `answer` (JSON)."""
+    seen: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            seen.append(json.loads(body))
+            time.sleep(delay)
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,430 @@
+"""The device gateway through real clients: TLS, connect rules, policies, relay, JITR/JITP, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mqtt5
+import pytest
+
+from iot_core_local import gateway
+from iot_core_local.server import LocalIotCore
+
+from .gw_helpers import (
+    ARN,
+    OK,
+    Closed,
+    Credentials,
+    DeviceCA,
+    Paho,
+    RawClient,
+    connect_refused_without_connack,
+    new_device,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
+    with LocalIotCore(tmp_path_factory.mktemp("gw") / "data") as running:
+        yield running
+
+
+@pytest.fixture
+def creds_dir(tmp_path: Path) -> Path:
+    return tmp_path / "creds"
+
+
+def test_relay_publish_subscribe_and_retained(core: LocalIotCore, creds_dir: Path) -> None:
+    creds = new_device(core, creds_dir, "relay")
+    publisher, subscriber = Paho(core, creds, "relay-pub"), Paho(core, creds, "relay-sub")
+    try:
+        assert publisher.connect() == 0
+        assert publisher.publish("home/retained", b"kept", qos=1, retain=True) in OK
+        assert subscriber.connect() == 0
+        assert subscriber.subscribe("home/#") == [1]
+        retained = subscriber.message()
+        assert (retained.topic, retained.payload, retained.retain) == ("home/retained", b"kept", True)
+        assert publisher.publish("home/live", b"hello", qos=0) is None
+        assert publisher.publish("home/live", b"again", qos=1) in OK
+        got = [subscriber.message(), subscriber.message()]
+        assert sorted(m.payload for m in got) == [b"again", b"hello"]
+        assert {m.topic for m in got} == {"home/live"}
+    finally:
+        publisher.close()
+        subscriber.close()
+
+
+def test_connack_announces_aws_limits(core: LocalIotCore, creds_dir: Path) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "limits"))
+    try:
+        connack = client.connect("limits")
+        assert connack.reason_code == 0
+        assert connack.max_qos == mqtt5.QoS.AT_LEAST_ONCE
+        assert connack.max_packet_size == gateway.MAX_PACKET_SIZE
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("status", ["INACTIVE", "REVOKED", "PENDING_ACTIVATION"])
+def test_not_active_certificate_is_closed_without_connack(
+    core: LocalIotCore, creds_dir: Path, status: str
+) -> None:
+    creds = new_device(core, creds_dir, f"st-{status}")
+    core.registry.set_certificate_status(creds.certificate_id, status)
+    assert connect_refused_without_connack(core, creds, f"st-{status}")
+
+
+def test_unknown_certificates_are_closed_without_connack(core: LocalIotCore, creds_dir: Path) -> None:
+    from .gw_helpers import write_credentials
+
+    # Signed by our issuing CA but never registered: TLS passes, CONNECT is refused.
+    pem, key = core.ca.create_keys_and_certificate()
+    unregistered = write_credentials(creds_dir, "unregistered", "-", pem, key)
+    assert connect_refused_without_connack(core, unregistered, "unregistered")
+    # Signed by a CA nobody registered: the TLS handshake itself fails.
+    stranger = DeviceCA("Stranger CA").device(creds_dir, "stranger")
+    assert connect_refused_without_connack(core, stranger, "stranger")
+
+
+def test_policy_denies_connect_with_connack_135(core: LocalIotCore, creds_dir: Path) -> None:
+    only_a = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{ARN}:client/a"}],
+        }
+    )
+    creds = new_device(core, creds_dir, "connect-policy", policy=only_a)
+    client = RawClient(core, creds)
+    assert client.connect("b").reason_code == mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+    client.close()
+    client = RawClient(core, creds)
+    assert client.connect("a").reason_code == 0
+    client.close()
+
+
+def test_certificate_revoked_while_connected_is_disconnected(core: LocalIotCore, creds_dir: Path) -> None:
+    creds = new_device(core, creds_dir, "revoke-live")
+    client = RawClient(core, creds)
+    assert client.connect("revoke-live").reason_code == 0
+    started = time.monotonic()
+    core.client().update_certificate(certificateId=creds.certificate_id, newStatus="REVOKED")
+    seen = client.expect_closed(within=5)
+    assert time.monotonic() - started < 5
+    assert any(
+        isinstance(p, mqtt5.DisconnectPacket)
+        and p.reason_code == mqtt5.DisconnectReasonCode.ADMINISTRATIVE_ACTION
+        for p in seen
+    )
+    assert connect_refused_without_connack(core, creds, "revoke-live")
+
+
+def test_same_client_id_disconnects_the_first(core: LocalIotCore, creds_dir: Path) -> None:
+    creds = new_device(core, creds_dir, "takeover")
+    first, second = RawClient(core, creds), RawClient(core, creds)
+    try:
+        assert first.connect("same-id").reason_code == 0
+        assert second.connect("same-id").reason_code == 0
+        seen = first.expect_closed()
+        assert any(
+            isinstance(p, mqtt5.DisconnectPacket)
+            and p.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER
+            for p in seen
+        )
+        assert second.subscribe("takeover/x") == [1]  # the new connection is fine
+    finally:
+        first.close()
+        second.close()
+
+
+def test_qos2_publish_is_refused(core: LocalIotCore, creds_dir: Path) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "qos2"))
+    assert client.connect("qos2").reason_code == 0
+    client.send(mqtt5.PublishPacket("a/b", b"x", qos=mqtt5.QoS.EXACTLY_ONCE, packet_id=1))
+    seen = client.expect_closed()
+    assert seen and isinstance(seen[-1], mqtt5.DisconnectPacket)
+    assert seen[-1].reason_code == mqtt5.DisconnectReasonCode.QOS_NOT_SUPPORTED
+    client.close()
+
+
+def test_subscribe_qos2_is_granted_qos1(core: LocalIotCore, creds_dir: Path) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "subqos2"))
+    assert client.connect("subqos2").reason_code == 0
+    client.send(mqtt5.SubscribePacket(7, [mqtt5.TopicFilter("q/#", max_qos=mqtt5.QoS.EXACTLY_ONCE)]))
+    suback = client.receive_type(mqtt5.SubAckPacket)
+    assert [int(c) for c in suback.reason_codes] == [1]
+    client.close()
+
+
+def test_claim_certificate_is_refused_outside_its_policy(core: LocalIotCore, creds_dir: Path) -> None:
+    from iot_core_local.claims import claim_policy_document
+
+    claim = new_device(core, creds_dir, "claim-only", policy=claim_policy_document("us-east-1", "123456789012", "T"))
+    client = RawClient(core, claim)
+    try:
+        assert client.connect("claim-only").reason_code == 0
+        assert client.publish("home/lights", b"on") == mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+        assert client.publish("$aws/events/certificates/registered/x", b"{}") == 135
+        assert client.subscribe("#", "home/+", "$aws/certificates/create/json/accepted") == [135, 135, 1]
+        assert client.subscribe("$aws/provisioning-templates/Other/provision/json/accepted") == [135]
+        # The connection itself survives refusals.
+        assert client.subscribe("$aws/certificates/create-from-csr/json/rejected") == [1]
+    finally:
+        client.close()
+
+
+def test_receive_is_checked_on_delivery(core: LocalIotCore, creds_dir: Path) -> None:
+    no_receive = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": ["iot:Connect", "iot:Subscribe", "iot:Publish"], "Resource": "*"},
+                {"Effect": "Allow", "Action": "iot:Receive", "Resource": f"{ARN}:topic/open/*"},
+            ],
+        }
+    )
+    client = RawClient(core, new_device(core, creds_dir, "recv", policy=no_receive))
+    try:
+        assert client.connect("recv").reason_code == 0
+        assert client.subscribe("open/#", "closed/#") == [1, 1]
+        assert client.publish("closed/x", b"secret") in OK
+        assert client.publish("open/x", b"public") in OK
+        message = client.receive_type(mqtt5.PublishPacket)
+        assert (message.topic, message.payload) == ("open/x", b"public")
+    finally:
+        client.close()
+
+
+def _jitr_activator(core: LocalIotCore, admin: Credentials, hub_policy: str) -> tuple[Paho, list[dict[str, str]]]:
+    """What a customer's rule + Lambda function do: hear the event, activate, attach a policy."""
+    events: list[dict[str, str]] = []
+    listener = Paho(core, admin, "jitr-activator")
+
+    def on_message(client: object, userdata: object, message: object) -> None:
+        event = json.loads(message.payload)  # type: ignore[attr-defined]
+        events.append(event)
+        iot = core.client()
+        iot.update_certificate(certificateId=event["certificateId"], newStatus="ACTIVE")
+        iot.attach_policy(policyName=hub_policy, target=f"{ARN}:cert/{event['certificateId']}")
+
+    listener.client.on_message = on_message
+    assert listener.connect() == 0
+    assert listener.subscribe("$aws/events/certificates/registered/#") == [1]
+    return listener, events
+
+
+def test_jitr_round_trip(core: LocalIotCore, creds_dir: Path) -> None:
+    iot = core.client()
+    device_ca = DeviceCA("JITR CA")
+    ca_id = iot.register_ca_certificate(
+        caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True,
+        certificateMode="SNI_ONLY",
+    )["certificateId"]
+    iot.create_policy(policyName="jitr-hub", policyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+    ))
+    listener, events = _jitr_activator(core, new_device(core, creds_dir, "jitr-admin"), "jitr-hub")
+    device = device_ca.device(creds_dir, "jitr-device-1")
+    try:
+        # First connect: registered PENDING_ACTIVATION, event published, closed without CONNACK.
+        assert connect_refused_without_connack(core, device, "jitr-device-1")
+        assert wait_for(lambda: len(events) >= 1)
+        event = events[0]
+        assert event["certificateId"] == device.certificate_id
+        assert event["caCertificateId"] == ca_id
+        assert event["certificateStatus"] == "PENDING_ACTIVATION"
+        assert event["awsAccountId"] == "123456789012"
+        assert {"timestamp", "certificateRegistrationTimestamp"} <= set(event)
+        assert wait_for(lambda: core.registry.get_certificate(device.certificate_id).status == "ACTIVE")
+        # The device's retry connects.
+        client = RawClient(core, device)
+        assert client.connect("jitr-device-1").reason_code == 0
+        client.close()
+    finally:
+        listener.close()
+
+
+def test_jitr_event_repeats_while_pending(core: LocalIotCore, creds_dir: Path) -> None:
+    iot = core.client()
+    device_ca = DeviceCA("JITR pending CA")
+    iot.register_ca_certificate(caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True,
+                                certificateMode="SNI_ONLY")
+    admin = new_device(core, creds_dir, "jitr-watch")
+    watcher = Paho(core, admin, "jitr-watcher")
+    try:
+        assert watcher.connect() == 0
+        assert watcher.subscribe("$aws/events/certificates/registered/#") == [1]
+        device = device_ca.device(creds_dir, "jitr-pending")
+        assert connect_refused_without_connack(core, device, "jitr-pending")
+        assert connect_refused_without_connack(core, device, "jitr-pending")
+        first, second = json.loads(watcher.message().payload), json.loads(watcher.message().payload)
+        assert first["certificateId"] == second["certificateId"] == device.certificate_id
+        assert core.registry.get_certificate(device.certificate_id).status == "PENDING_ACTIVATION"
+    finally:
+        watcher.close()
+
+
+def test_jitp_provisions_on_first_connect(core: LocalIotCore, creds_dir: Path) -> None:
+    iot = core.client()
+    iot.create_policy(policyName="jitp-policy", policyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+    ))
+    body = json.dumps({
+        "Parameters": {"AWS::IoT::Certificate::CommonName": {"Type": "String"},
+                       "AWS::IoT::Certificate::Id": {"Type": "String"}},
+        "Resources": {
+            "thing": {"Type": "AWS::IoT::Thing",
+                      "Properties": {"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}}},
+            "certificate": {"Type": "AWS::IoT::Certificate",
+                            "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
+                                           "Status": "ACTIVE"}},
+            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "jitp-policy"}},
+        },
+    })
+    device_ca = DeviceCA("JITP CA")
+    iot.register_ca_certificate(
+        caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True, certificateMode="SNI_ONLY",
+        registrationConfig={"templateBody": body, "roleArn": "arn:aws:iam::123456789012:role/JITP"},
+    )
+    device = device_ca.device(creds_dir, "jitp-thing-7")
+    client = RawClient(core, device)
+    try:
+        assert client.connect("jitp-thing-7").reason_code == 0
+    finally:
+        client.close()
+    assert core.registry.get_certificate(device.certificate_id).status == "ACTIVE"
+    assert core.registry.list_principal_things(f"{ARN}:cert/{device.certificate_id}") == ["jitp-thing-7"]
+
+
+def test_certificate_registered_without_ca_connects(core: LocalIotCore, creds_dir: Path) -> None:
+    own = DeviceCA("Self managed")
+    device = own.device(creds_dir, "no-ca-device")
+    iot = core.client()
+    arn = iot.register_certificate_without_ca(certificatePem=device.certificate_pem, status="ACTIVE")[
+        "certificateArn"
+    ]
+    iot.create_policy(policyName="no-ca", policyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+    ))
+    iot.attach_policy(policyName="no-ca", target=arn)
+
+    def connects() -> bool:
+        try:
+            client = RawClient(core, device)
+        except (ssl.SSLError, ConnectionError):
+            return False  # the trust store catches up with a registration within a second
+        try:
+            return client.connect("no-ca-device").reason_code == 0
+        except Closed:
+            return False  # with TLS 1.3 the client learns of the refusal only when it reads
+        finally:
+            client.close()
+
+    assert wait_for(connects, timeout=5, interval=0.3)
+
+
+# ---- bad input: only that connection suffers -------------------------------------------------
+
+
+@pytest.fixture
+def bystander(core: LocalIotCore, creds_dir: Path) -> Iterator[RawClient]:
+    """A well-behaved client connected throughout a bad-input test; it must notice nothing."""
+    client = RawClient(core, new_device(core, creds_dir, "bystander"))
+    assert client.connect("bystander").reason_code == 0
+    assert client.subscribe("bystander/echo") == [1]
+    yield client
+    assert client.publish("bystander/echo", b"still here") in OK
+    message = client.receive_type(mqtt5.PublishPacket)
+    assert message.payload == b"still here"
+    client.close()
+
+
+def test_silent_client_after_tls_is_closed(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway, "CONNECT_TIMEOUT", 0.5)
+    silent = RawClient(core, new_device(core, creds_dir, "silent"))
+    started = time.monotonic()
+    assert silent.expect_closed(within=5) == []
+    assert time.monotonic() - started < 3
+    silent.close()
+
+
+def test_garbage_instead_of_tls(core: LocalIotCore, bystander: RawClient) -> None:
+    host, port = core.endpoint.mqtt_host, core.endpoint.mqtt_port
+    garbage = socket.create_connection((host, port), timeout=5)
+    garbage.sendall(b"\x16\x03\x01\x00\x30" + bytes(range(48)) + b"GET / HTTP/1.1\r\n\r\n")
+    try:
+        data = garbage.recv(1024)
+        while data:
+            data = garbage.recv(1024)
+    except (ConnectionError, TimeoutError):
+        pass
+    garbage.close()
+    half_open = socket.create_connection((host, port), timeout=5)  # never says anything at all
+    half_open.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("malformed", b"\x30\x05\x00\x09abc", mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
+        ("non-utf8-topic", b"\x30\x06\x00\x03\xff\xfe\xfd\x00", mqtt5.DisconnectReasonCode.TOPIC_NAME_INVALID),
+        ("bad-varint", b"\x30\xff\xff\xff\xff\x01", mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
+        ("huge-header", b"\x30\xff\xff\xff\x7f", mqtt5.DisconnectReasonCode.PACKET_TOO_LARGE),
+        ("second-connect", mqtt5.ConnectPacket("again").write(), mqtt5.DisconnectReasonCode.PROTOCOL_ERROR),
+    ],
+)
+def test_bad_packets_close_only_that_connection(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient, name: str, data: bytes, reason: int
+) -> None:
+    client = RawClient(core, new_device(core, creds_dir, f"bad-{name}"))
+    assert client.connect(f"bad-{name}").reason_code == 0
+    client.send_raw(data)
+    seen = client.expect_closed()
+    assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [int(reason)]
+    client.close()
+
+
+def test_oversize_payload_is_refused(core: LocalIotCore, creds_dir: Path, bystander: RawClient) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "oversize"))
+    assert client.connect("oversize").reason_code == 0
+    client.send(mqtt5.PublishPacket("big/topic", b"x" * (128 * 1024 + 1), qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1))
+    seen = client.expect_closed()
+    assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [149]
+    client.close()
+    # Exactly 128 KB passes.
+    ok = RawClient(core, new_device(core, creds_dir, "fullsize"))
+    assert ok.connect("fullsize").reason_code == 0
+    assert ok.publish("big/topic", b"x" * (128 * 1024)) in OK
+    ok.close()
+
+
+def test_many_bad_clients_at_once_leave_a_good_one_alone(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient
+) -> None:
+    host, port = core.endpoint.mqtt_host, core.endpoint.mqtt_port
+
+    def attack(i: int) -> None:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(bytes((i * 7 + j) % 256 for j in range(512)))
+                s.settimeout(5)
+                while s.recv(1024):
+                    pass
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        assert bystander.publish("bystander/other", f"{i}".encode()) in OK
+    for t in threads:
+        t.join(10)
