@@ -54,7 +54,9 @@ class Credentials:
     private_key_pem: str
 
 
-def write_credentials(folder: Path, name: str, certificate_id: str, cert_pem: str, key_pem: str) -> Credentials:
+def write_credentials(
+    folder: Path, name: str, certificate_id: str, cert_pem: str, key_pem: str
+) -> Credentials:
     folder.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_text(cert_pem)
@@ -63,8 +65,9 @@ def write_credentials(folder: Path, name: str, certificate_id: str, cert_pem: st
     return Credentials(certificate_id, str(cert_path), str(key_path), cert_pem, key_pem)
 
 
-def new_device(core: LocalIotCore, folder: Path, name: str, *, policy: str | None = OPEN_POLICY,
-               status: str = "ACTIVE") -> Credentials:
+def new_device(
+    core: LocalIotCore, folder: Path, name: str, *, policy: str | None = OPEN_POLICY, status: str = "ACTIVE"
+) -> Credentials:
     """A certificate created through the registry (as CreateKeysAndCertificate would) with a policy."""
     iot = core.client()
     created = iot.create_keys_and_certificate(setAsActive=status == "ACTIVE")
@@ -155,7 +158,9 @@ class RawClient:
     def subscribe(self, *patterns: str) -> list[int]:
         pid = self.packet_id()
         self.send(
-            mqtt5.SubscribePacket(pid, [mqtt5.TopicFilter(p, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for p in patterns])
+            mqtt5.SubscribePacket(
+                pid, [mqtt5.TopicFilter(p, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for p in patterns]
+            )
         )
         suback = self.receive_type(mqtt5.SubAckPacket)
         assert suback.packet_id == pid
@@ -208,8 +213,9 @@ class Paho:
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
-        self.client.tls_set(ca_certs=str(core.endpoint.root_ca_path), certfile=creds.cert_path,
-                            keyfile=creds.key_path)
+        self.client.tls_set(
+            ca_certs=str(core.endpoint.root_ca_path), certfile=creds.cert_path, keyfile=creds.key_path
+        )
         self.core = core
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.connacks: queue.Queue[int] = queue.Queue()

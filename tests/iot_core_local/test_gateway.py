@@ -165,7 +165,9 @@ def test_subscribe_qos2_is_granted_qos1(core: LocalIotCore, creds_dir: Path) -> 
 def test_claim_certificate_is_refused_outside_its_policy(core: LocalIotCore, creds_dir: Path) -> None:
     from iot_core_local.claims import claim_policy_document
 
-    claim = new_device(core, creds_dir, "claim-only", policy=claim_policy_document("us-east-1", "123456789012", "T"))
+    claim = new_device(
+        core, creds_dir, "claim-only", policy=claim_policy_document("us-east-1", "123456789012", "T")
+    )
     client = RawClient(core, claim)
     try:
         assert client.connect("claim-only").reason_code == 0
@@ -184,7 +186,11 @@ def test_receive_is_checked_on_delivery(core: LocalIotCore, creds_dir: Path) -> 
         {
             "Version": "2012-10-17",
             "Statement": [
-                {"Effect": "Allow", "Action": ["iot:Connect", "iot:Subscribe", "iot:Publish"], "Resource": "*"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["iot:Connect", "iot:Subscribe", "iot:Publish"],
+                    "Resource": "*",
+                },
                 {"Effect": "Allow", "Action": "iot:Receive", "Resource": f"{ARN}:topic/open/*"},
             ],
         }
@@ -201,7 +207,9 @@ def test_receive_is_checked_on_delivery(core: LocalIotCore, creds_dir: Path) -> 
         client.close()
 
 
-def _jitr_activator(core: LocalIotCore, admin: Credentials, hub_policy: str) -> tuple[Paho, list[dict[str, str]]]:
+def _jitr_activator(
+    core: LocalIotCore, admin: Credentials, hub_policy: str
+) -> tuple[Paho, list[dict[str, str]]]:
     """What a customer's rule + Lambda function do: hear the event, activate, attach a policy."""
     events: list[dict[str, str]] = []
     listener = Paho(core, admin, "jitr-activator")
@@ -223,12 +231,17 @@ def test_jitr_round_trip(core: LocalIotCore, creds_dir: Path) -> None:
     iot = core.client()
     device_ca = DeviceCA("JITR CA")
     ca_id = iot.register_ca_certificate(
-        caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True,
+        caCertificate=device_ca.pem,
+        setAsActive=True,
+        allowAutoRegistration=True,
         certificateMode="SNI_ONLY",
     )["certificateId"]
-    iot.create_policy(policyName="jitr-hub", policyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
-    ))
+    iot.create_policy(
+        policyName="jitr-hub",
+        policyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+        ),
+    )
     listener, events = _jitr_activator(core, new_device(core, creds_dir, "jitr-admin"), "jitr-hub")
     device = device_ca.device(creds_dir, "jitr-device-1")
     try:
@@ -253,8 +266,9 @@ def test_jitr_round_trip(core: LocalIotCore, creds_dir: Path) -> None:
 def test_jitr_event_repeats_while_pending(core: LocalIotCore, creds_dir: Path) -> None:
     iot = core.client()
     device_ca = DeviceCA("JITR pending CA")
-    iot.register_ca_certificate(caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True,
-                                certificateMode="SNI_ONLY")
+    iot.register_ca_certificate(
+        caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True, certificateMode="SNI_ONLY"
+    )
     admin = new_device(core, creds_dir, "jitr-watch")
     watcher = Paho(core, admin, "jitr-watcher")
     try:
@@ -272,24 +286,37 @@ def test_jitr_event_repeats_while_pending(core: LocalIotCore, creds_dir: Path) -
 
 def test_jitp_provisions_on_first_connect(core: LocalIotCore, creds_dir: Path) -> None:
     iot = core.client()
-    iot.create_policy(policyName="jitp-policy", policyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
-    ))
-    body = json.dumps({
-        "Parameters": {"AWS::IoT::Certificate::CommonName": {"Type": "String"},
-                       "AWS::IoT::Certificate::Id": {"Type": "String"}},
-        "Resources": {
-            "thing": {"Type": "AWS::IoT::Thing",
-                      "Properties": {"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}}},
-            "certificate": {"Type": "AWS::IoT::Certificate",
-                            "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
-                                           "Status": "ACTIVE"}},
-            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "jitp-policy"}},
-        },
-    })
+    iot.create_policy(
+        policyName="jitp-policy",
+        policyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+        ),
+    )
+    body = json.dumps(
+        {
+            "Parameters": {
+                "AWS::IoT::Certificate::CommonName": {"Type": "String"},
+                "AWS::IoT::Certificate::Id": {"Type": "String"},
+            },
+            "Resources": {
+                "thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}},
+                },
+                "certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"},
+                },
+                "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "jitp-policy"}},
+            },
+        }
+    )
     device_ca = DeviceCA("JITP CA")
     iot.register_ca_certificate(
-        caCertificate=device_ca.pem, setAsActive=True, allowAutoRegistration=True, certificateMode="SNI_ONLY",
+        caCertificate=device_ca.pem,
+        setAsActive=True,
+        allowAutoRegistration=True,
+        certificateMode="SNI_ONLY",
         registrationConfig={"templateBody": body, "roleArn": "arn:aws:iam::123456789012:role/JITP"},
     )
     device = device_ca.device(creds_dir, "jitp-thing-7")
@@ -309,9 +336,12 @@ def test_certificate_registered_without_ca_connects(core: LocalIotCore, creds_di
     arn = iot.register_certificate_without_ca(certificatePem=device.certificate_pem, status="ACTIVE")[
         "certificateArn"
     ]
-    iot.create_policy(policyName="no-ca", policyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
-    ))
+    iot.create_policy(
+        policyName="no-ca",
+        policyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+        ),
+    )
     iot.attach_policy(policyName="no-ca", target=arn)
 
     def connects() -> bool:
@@ -375,7 +405,11 @@ def test_garbage_instead_of_tls(core: LocalIotCore, bystander: RawClient) -> Non
     ("name", "data", "reason"),
     [
         ("malformed", b"\x30\x05\x00\x09abc", mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
-        ("non-utf8-topic", b"\x30\x06\x00\x03\xff\xfe\xfd\x00", mqtt5.DisconnectReasonCode.TOPIC_NAME_INVALID),
+        (
+            "non-utf8-topic",
+            b"\x30\x06\x00\x03\xff\xfe\xfd\x00",
+            mqtt5.DisconnectReasonCode.TOPIC_NAME_INVALID,
+        ),
         ("bad-varint", b"\x30\xff\xff\xff\xff\x01", mqtt5.DisconnectReasonCode.MALFORMED_PACKET),
         ("huge-header", b"\x30\xff\xff\xff\x7f", mqtt5.DisconnectReasonCode.PACKET_TOO_LARGE),
         ("second-connect", mqtt5.ConnectPacket("again").write(), mqtt5.DisconnectReasonCode.PROTOCOL_ERROR),
@@ -395,7 +429,9 @@ def test_bad_packets_close_only_that_connection(
 def test_oversize_payload_is_refused(core: LocalIotCore, creds_dir: Path, bystander: RawClient) -> None:
     client = RawClient(core, new_device(core, creds_dir, "oversize"))
     assert client.connect("oversize").reason_code == 0
-    client.send(mqtt5.PublishPacket("big/topic", b"x" * (128 * 1024 + 1), qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1))
+    client.send(
+        mqtt5.PublishPacket("big/topic", b"x" * (128 * 1024 + 1), qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1)
+    )
     seen = client.expect_closed()
     assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [149]
     client.close()

@@ -1,0 +1,474 @@
+"""The fleet provisioning MQTT API through real clients: awsiotsdk's IotIdentityClientV2 and paho."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import mqtt5
+import pytest
+
+from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.server import LocalIotCore
+
+from .gw_helpers import (
+    Credentials,
+    Paho,
+    RawClient,
+    hook_server,
+    make_csr,
+    write_credentials,
+)
+
+CSR_TOPIC = "$aws/certificates/create-from-csr/json"
+KEYS_TOPIC = "$aws/certificates/create/json"
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
+    with LocalIotCore(tmp_path_factory.mktemp("prov") / "data", hook_timeout=1.0) as running:
+        yield running
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def claim(core: LocalIotCore, tmp_path: Path) -> tuple[ClaimSetup, Credentials]:
+    setup = set_up_fleet_provisioning(core.client(), f"Tmpl{next(_counter)}")
+    creds = write_credentials(
+        tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+    )
+    return setup, creds
+
+
+def register_topic(template: str, fmt: str = "json") -> str:
+    return f"$aws/provisioning-templates/{template}/provision/{fmt}"
+
+
+def request(client: RawClient, topic: str, payload: bytes) -> tuple[str, Any]:
+    """Subscribe to both answers, publish, return (accepted|rejected, decoded answer)."""
+    codes = client.subscribe(f"{topic}/accepted", f"{topic}/rejected")
+    assert codes == [1, 1]
+    assert client.publish(topic, payload) == 0
+    answer = client.receive_type(mqtt5.PublishPacket)
+    decoded = cbor2.loads(answer.payload) if topic.endswith("/cbor") else json.loads(answer.payload)
+    return answer.topic.rsplit("/", 1)[1], decoded
+
+
+def connect_claim(core: LocalIotCore, creds: Credentials, client_id: str) -> RawClient:
+    client = RawClient(core, creds)
+    assert client.connect(client_id).reason_code == 0
+    return client
+
+
+# ---- the whole flow through AWS's own device SDK ---------------------------------------------
+
+
+def _aws_connect(core: LocalIotCore, creds: Credentials, client_id: str) -> Any:
+    from awscrt import mqtt5 as crt_mqtt5
+    from awsiot import mqtt5_client_builder
+
+    connected: Future[bool] = Future()
+    client = mqtt5_client_builder.mtls_from_path(
+        cert_filepath=creds.cert_path,
+        pri_key_filepath=creds.key_path,
+        endpoint=core.endpoint.mqtt_host,
+        port=core.endpoint.mqtt_port,
+        ca_filepath=str(core.endpoint.root_ca_path),
+        client_id=client_id,
+        session_behavior=crt_mqtt5.ClientSessionBehaviorType.CLEAN,
+        on_lifecycle_connection_success=lambda data: connected.done() or connected.set_result(True),
+        on_lifecycle_connection_failure=lambda data: connected.done() or connected.set_result(False),
+    )
+    client.start()
+    assert connected.result(10), f"awscrt could not connect as {client_id}"
+    return client
+
+
+def _aws_stop(client: Any) -> None:
+    stopped = threading.Event()
+    client.on_lifecycle_stopped = lambda data: stopped.set()
+    client.stop()
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("operation", ["CreateKeysAndCertificate", "CreateCertificateFromCsr"])
+def test_claim_flow_with_iot_identity_client_v2(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], tmp_path: Path, operation: str
+) -> None:
+    from awscrt import mqtt_request_response
+    from awsiot import iotidentity
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    setup, claim_creds = claim
+    crt = _aws_connect(core, claim_creds, f"hub-{operation}")
+    try:
+        identity = iotidentity.IotIdentityClientV2(
+            crt,
+            mqtt_request_response.ClientOptions(
+                max_request_response_subscriptions=2,
+                max_streaming_subscriptions=0,
+                operation_timeout_in_seconds=10,
+            ),
+        )
+        if operation == "CreateKeysAndCertificate":
+            issued = identity.create_keys_and_certificate(
+                iotidentity.CreateKeysAndCertificateRequest()
+            ).result(10)
+            key_pem = issued.private_key
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            from cryptography import x509
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.x509.oid import NameOID
+
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hub")]))
+                .sign(key, hashes.SHA256())
+                .public_bytes(serialization.Encoding.PEM)
+                .decode()
+            )
+            issued = identity.create_certificate_from_csr(
+                iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr)
+            ).result(10)
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode()
+        assert core.registry.get_certificate(issued.certificate_id).status == "PENDING_ACTIVATION"
+        registered = identity.register_thing(
+            iotidentity.RegisterThingRequest(
+                template_name=setup.template_name,
+                certificate_ownership_token=issued.certificate_ownership_token,
+                parameters={"SerialNumber": f"SN-{operation}", "UniversalProductCode": "012345"},
+            )
+        ).result(10)
+    finally:
+        _aws_stop(crt)
+    thing = f"hub-SN-{operation}"
+    assert registered.thing_name == thing
+    assert registered.device_configuration == {"ClientId": thing, "ManagedThingId": f"mt-SN-{operation}"}
+    assert core.registry.get_certificate(issued.certificate_id).status == "ACTIVE"
+    assert core.registry.get_thing(thing).attributes == {"upc": "012345"}
+
+    # The device reconnects with its new certificate, as its thing (the hub policy wants that).
+    device = write_credentials(tmp_path, "device", issued.certificate_id, issued.certificate_pem, key_pem)
+    client = RawClient(core, device)
+    assert client.connect(thing).reason_code == 0
+    assert client.subscribe(f"things/{thing}/cmd") == [1]
+    client.close()
+    wrong = RawClient(core, device)
+    assert wrong.connect("someone-else").reason_code == mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+    wrong.close()
+
+
+def test_cbor_flow_with_paho(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
+    setup, creds = claim
+    hub = Paho(core, creds, "cbor-hub")
+    try:
+        assert hub.connect() == 0
+        assert hub.subscribe(
+            "$aws/certificates/create/cbor/+", f"{register_topic(setup.template_name, 'cbor')}/+"
+        ) == [1, 1]
+        hub.publish("$aws/certificates/create/cbor", b"", qos=1)
+        created = hub.message()
+        assert created.topic == "$aws/certificates/create/cbor/accepted"
+        issued = cbor2.loads(created.payload)
+        assert {"certificateId", "certificatePem", "privateKey", "certificateOwnershipToken"} <= set(issued)
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "CB1"},
+        }
+        hub.publish(register_topic(setup.template_name, "cbor"), cbor2.dumps(body), qos=1)
+        registered = hub.message()
+        assert registered.topic.endswith("/cbor/accepted")
+        assert cbor2.loads(registered.payload)["thingName"] == "hub-CB1"
+    finally:
+        hub.close()
+
+
+def test_two_hubs_on_one_claim_each_see_only_their_answer(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
+) -> None:
+    _, creds = claim
+    first, second = connect_claim(core, creds, "hub-a"), connect_claim(core, creds, "hub-b")
+    try:
+        for client in (first, second):
+            assert client.subscribe(f"{KEYS_TOPIC}/accepted", f"{KEYS_TOPIC}/rejected") == [1, 1]
+        assert first.publish(KEYS_TOPIC, b"{}") == 0
+        assert second.publish(KEYS_TOPIC, b"{}") == 0
+        mine = [json.loads(c.receive_type(mqtt5.PublishPacket).payload) for c in (first, second)]
+        assert mine[0]["certificateId"] != mine[1]["certificateId"]
+        # Nothing else arrives: neither hub sees the other's private key.
+        for client in (first, second):
+            client.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                client.receive_type(mqtt5.PublishPacket)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_answer_without_subscription_is_dropped(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
+) -> None:
+    _, creds = claim
+    client = connect_claim(core, creds, "no-sub")
+    try:
+        assert client.publish(KEYS_TOPIC, b"{}") == 0
+        client.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            client.receive_type(mqtt5.PublishPacket)
+    finally:
+        client.close()
+
+
+# ---- every failure is a /rejected answer ------------------------------------------------------
+
+
+def _rejected(answer: tuple[str, Any], status: int, code: str, fragment: str) -> None:
+    outcome, body = answer
+    assert outcome == "rejected", body
+    assert body["statusCode"] == status, body
+    assert body["errorCode"] == code, body
+    assert fragment.lower() in body["errorMessage"].lower(), body
+
+
+def _issue(client: RawClient) -> dict[str, Any]:
+    outcome, body = request(client, CSR_TOPIC, json.dumps({"certificateSigningRequest": make_csr()}).encode())
+    assert outcome == "accepted", body
+    return dict(body)
+
+
+def test_rejections(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
+    setup, creds = claim
+    template = setup.template_name
+    client = connect_claim(core, creds, "rejections")
+    try:
+        _rejected(request(client, CSR_TOPIC, b"{not json"), 400, "InvalidPayload", "JSON")
+        _rejected(
+            request(client, "$aws/certificates/create-from-csr/cbor", b"\xff\x00garbage"),
+            400,
+            "InvalidPayload",
+            "CBOR",
+        )
+        _rejected(
+            request(
+                client, CSR_TOPIC, json.dumps({"certificateSigningRequest": make_csr(weak=True)}).encode()
+            ),
+            400,
+            "InvalidCsr",
+            "curve",
+        )
+        _rejected(
+            request(client, CSR_TOPIC, json.dumps({"certificateSigningRequest": "nope"}).encode()),
+            400,
+            "InvalidCsr",
+            "does not parse",
+        )
+        topic = register_topic(template)
+        _rejected(
+            request(client, topic, json.dumps({"parameters": {"SerialNumber": "X"}}).encode()),
+            400,
+            "InvalidCertificateOwnershipToken",
+            "cannot be empty",
+        )
+        _rejected(
+            request(client, topic, json.dumps({"certificateOwnershipToken": "forged"}).encode()),
+            400,
+            "InvalidCertificateOwnershipToken",
+            "invalid",
+        )
+        issued = _issue(client)
+        # Missing parameter: rejected, and the token stays usable (nothing happened).
+        _rejected(
+            request(
+                client,
+                topic,
+                json.dumps(
+                    {"certificateOwnershipToken": issued["certificateOwnershipToken"], "parameters": {}}
+                ).encode(),
+            ),
+            400,
+            "InvalidParameters",
+            "SerialNumber",
+        )
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "R1"},
+        }
+        assert request(client, topic, json.dumps(body).encode())[0] == "accepted"
+        _rejected(
+            request(client, topic, json.dumps(body).encode()), 400, "InvalidCertificateOwnershipToken", "used"
+        )
+    finally:
+        client.close()
+
+
+def test_unknown_and_disabled_templates(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
+    setup, creds = claim
+    iot = core.client()
+    # The claim policy only allows its own template, so widen it for this test.
+    iot.create_policy(
+        policyName=f"{setup.template_name}-any",
+        policyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}
+        ),
+    )
+    iot.attach_policy(
+        policyName=f"{setup.template_name}-any", target=core.registry.cert_arn(setup.certificate_id)
+    )
+    client = connect_claim(core, creds, "templates")
+    try:
+        token = _issue(client)["certificateOwnershipToken"]
+        body = json.dumps({"certificateOwnershipToken": token, "parameters": {"SerialNumber": "T"}}).encode()
+        _rejected(
+            request(client, register_topic("NoSuchTemplate"), body), 404, "ResourceNotFound", "NoSuchTemplate"
+        )
+        iot.update_provisioning_template(templateName=setup.template_name, enabled=False)
+        _rejected(
+            request(client, register_topic(setup.template_name), body), 400, "InvalidRequest", "disabled"
+        )
+    finally:
+        client.close()
+
+
+def test_expired_token(tmp_path: Path) -> None:
+    with LocalIotCore(tmp_path / "short", token_ttl=0.2) as short:
+        setup = set_up_fleet_provisioning(short.client(), "Short")
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        client = connect_claim(short, creds, "expired")
+        try:
+            token = _issue(client)["certificateOwnershipToken"]
+            time.sleep(0.4)
+            body = json.dumps(
+                {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "E"}}
+            ).encode()
+            _rejected(
+                request(client, register_topic("Short"), body),
+                400,
+                "InvalidCertificateOwnershipToken",
+                "expired",
+            )
+        finally:
+            client.close()
+
+
+# ---- the pre-provisioning hook ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "delay", "fragment"),
+    [
+        ({"allowProvisioning": False}, 0.0, "denied"),
+        ({"something": "else"}, 0.0, "allowProvisioning"),
+        ({"allowProvisioning": True}, 1.5, "within"),
+    ],
+)
+def test_hook_that_denies(
+    core: LocalIotCore, tmp_path: Path, answer: dict[str, Any], delay: float, fragment: str
+) -> None:
+    with hook_server(answer, delay) as (url, seen):
+        name = f"Hook{next(_counter)}"
+        setup = set_up_fleet_provisioning(core.client(), name, hook_url=url)
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        client = connect_claim(core, creds, "hooked")
+        try:
+            issued = _issue(client)
+            body = {
+                "certificateOwnershipToken": issued["certificateOwnershipToken"],
+                "parameters": {"SerialNumber": "H"},
+            }
+            _rejected(
+                request(client, register_topic(name), json.dumps(body).encode()),
+                403,
+                "AccessDenied",
+                fragment,
+            )
+        finally:
+            client.close()
+        assert core.registry.find_thing("hub-H") is None
+        assert seen[0]["certificateId"] == issued["certificateId"]
+        assert seen[0]["claimCertificateId"] == setup.certificate_id
+        assert seen[0]["clientId"] == "hooked"
+        assert seen[0]["parameters"] == {"SerialNumber": "H"}
+        assert seen[0]["templateArn"].endswith(f":provisioningtemplate/{name}")
+        assert "BEGIN CERTIFICATE" in seen[0]["certificatePem"]
+
+
+def test_hook_that_overrides_parameters(core: LocalIotCore, tmp_path: Path) -> None:
+    answer = {"allowProvisioning": True, "parameterOverrides": {"SerialNumber": "FROM-HOOK"}}
+    with hook_server(answer) as (url, _):
+        name = f"Hook{next(_counter)}"
+        setup = set_up_fleet_provisioning(core.client(), name, hook_url=url)
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        client = connect_claim(core, creds, "overridden")
+        try:
+            issued = _issue(client)
+            body = {
+                "certificateOwnershipToken": issued["certificateOwnershipToken"],
+                "parameters": {"SerialNumber": "DEV"},
+            }
+            outcome, registered = request(client, register_topic(name), json.dumps(body).encode())
+        finally:
+            client.close()
+    assert outcome == "accepted", registered
+    assert registered["thingName"] == "hub-FROM-HOOK"
+
+
+# ---- logs ---------------------------------------------------------------------------------------
+
+
+def test_logs_name_connections_and_requests_but_no_secrets(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], caplog: pytest.LogCaptureFixture
+) -> None:
+    setup, creds = claim
+    caplog.set_level(logging.DEBUG)
+    client = connect_claim(core, creds, "logged-hub")
+    try:
+        outcome, issued = request(client, KEYS_TOPIC, b"")
+        assert outcome == "accepted"
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "L"},
+        }
+        assert (
+            request(client, register_topic(setup.template_name), json.dumps(body).encode())[0] == "accepted"
+        )
+        used = request(client, register_topic(setup.template_name), json.dumps(body).encode())
+        assert used[0] == "rejected"
+    finally:
+        client.close()
+    time.sleep(0.1)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    key_body = issued["privateKey"].split("-----")[2].strip().splitlines()[1]
+    assert key_body not in text
+    assert "PRIVATE KEY" not in text
+    assert issued["certificateOwnershipToken"] not in text
+    gateway_lines = [r.getMessage() for r in caplog.records if r.name == "iot_core_local.gateway"]
+    assert any(
+        "logged-hub" in line and "accepted" in line and setup.certificate_id in line for line in gateway_lines
+    )
+    assert any(
+        line.startswith("provisioning CreateKeysAndCertificate") and "logged-hub" in line
+        for line in gateway_lines
+    )
+    assert any(
+        line.startswith("provisioning RegisterThing") and "InvalidCertificateOwnershipToken" in line
+        for line in gateway_lines
+    )
