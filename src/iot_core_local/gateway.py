@@ -930,7 +930,8 @@ class Gateway:
             self.trust_may_be_stale()
             log.info("connection %s: TLS handshake refused: %s", peer, e.verify_message or e.reason)
             return None
-        except (ssl.SSLError, OSError, TimeoutError, EOFError) as e:
+        except (ssl.SSLError, OSError, TimeoutError, EOFError, RuntimeError) as e:
+            # RuntimeError: asyncio refuses start_tls on a transport the peer already closed.
             transport.abort()
             log.info("connection %s: TLS handshake failed: %s", peer, _brief(e))
             return None
