@@ -80,7 +80,7 @@ class MqttConnection:
         while True:
             packet = await self.receive()
             if isinstance(packet, mqtt5.SubAckPacket) and packet.packet_id == pid:
-                if any(code > 2 for code in packet.reason_codes):
+                if any(int(code) > 2 for code in packet.reason_codes):
                     raise PermissionError(f"SUBSCRIBE refused: {packet.reason_codes}")
                 return
 
