@@ -81,9 +81,14 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
     inner = getattr(exc, "inner_error", None) or exc
     name = getattr(inner, "name", None)
     if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE":
-        return SubscribeTimeoutError(
-            f"{operation}: subscribing to its /accepted and /rejected topics failed or timed out; check that "
-            "the claim certificate's policy allows iot:Subscribe and iot:Receive on them")
+        # The broker refused the SUBSCRIBE (a SUBACK failure): an authorization answer, so retrying
+        # cannot help. A silent broker shows up as a request timeout instead.
+        error = SubscribeTimeoutError(
+            f"{operation}: the endpoint refused the subscription to its /accepted and /rejected topics; "
+            "check fp_template_name and that the claim certificate's policy allows iot:Subscribe and "
+            "iot:Receive on that template's provisioning topics")
+        error.retriable = False
+        return error
     if name in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", "AWS_ERROR_MQTT_TIMEOUT"):
         return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; try again")
     if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE":

@@ -92,7 +92,8 @@ def test_crt_errors_map_to_status_codes(crt_name: str, cls: type[errors.Provisio
     exc = map_request_error(V2ServiceException("x", AwsCrtError(crt_name), None), "CreateKeysAndCertificate",
                             30)
     assert type(exc) is cls
-    assert exc.retriable
+    # a refused SUBSCRIBE is an authorization answer: final; everything else may pass on retry
+    assert exc.retriable is (crt_name != "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE")
 
 
 def test_our_own_deadline_is_a_publish_timeout() -> None:
