@@ -1,0 +1,440 @@
+"""`hub-onboard fleet-sim`: rehearse a factory line, N simulated hubs onboarding against one endpoint.
+
+    hub-onboard fleet-sim [--hubs N] [--concurrency C]
+                          [--method CreateCertificateFromCsr|CreateKeysAndCertificate]
+                          [--config CLOUD.json] [--json]
+
+Each simulated hub is what the line puts on a real one: its own folder, claim credentials, serial number
+and `iotmi_config.json` (`factory.write_claim_hub`). Hubs onboard through the product itself
+(`HubOnboarding(config).process_device()`), C at a time on threads: awscrt does the network I/O in C, so
+threads are enough to keep C onboardings in flight.
+
+With no `--config`, iot-core-local starts embedded in a temporary folder and the claim (template,
+policies, claim certificate) is created through its boto3 control plane. With `--config CLOUD.json` the
+hubs target that endpoint, for example real AWS IoT Core (format in docs/performance.md):
+
+    {"endpoint_url": "abc-ats.iot.eu-west-1.amazonaws.com:8883", "root_ca_path": "AmazonRootCA1.pem",
+     "claim_certificate_path": "claim.pem.crt", "claim_private_key_path": "claim.pem.key",
+     "template_name": "HubTemplate"}
+
+Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
+config is invalid. The engine (`write_hubs`, `onboard_fleet`, `run_fleet`) is importable; the benchmark
+uses it. Only the standard library is imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+METHODS = ("CreateCertificateFromCsr", "CreateKeysAndCertificate")
+DEFAULT_TEMPLATE = "FleetSimTemplate"
+
+
+class CloudConfigError(ValueError):
+    """The `--config` file is missing, is not JSON, or lacks a key; the message names it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the simulated hubs onboard and with which claim: what a factory line knows."""
+
+    endpoint_url: str
+    root_ca_path: Path
+    claim_certificate_pem: str
+    claim_private_key_pem: str = field(repr=False)
+    template_name: str
+    template_parameters: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Target:
+        """Read a cloud config (see the module docstring); relative paths are relative to the file."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CloudConfigError(f"{path}: does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CloudConfigError(f"{path}: cannot be read as JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CloudConfigError(f"{path}: expected a JSON object")
+        base = path.absolute().parent
+
+        def text(key: str, required: bool = True) -> str | None:
+            value = data.get(key)
+            if value is None and not required:
+                return None
+            if not isinstance(value, str) or not value.strip():
+                raise CloudConfigError(f"{path}: {key!r} is missing or not a non-empty string")
+            return value
+
+        def file(key: str, required: bool = True) -> Path | None:
+            value = text(key, required)
+            if value is None:
+                return None
+            p = Path(value)
+            p = p if p.is_absolute() else base / p
+            if not p.is_file():
+                raise CloudConfigError(f"{path}: {key!r} names {p}, which is not a file")
+            return p
+
+        cert, key = file("claim_certificate_path"), file("claim_private_key_path")
+        root_ca = file("root_ca_path")
+        assert cert is not None and key is not None and root_ca is not None
+        params = data.get("template_parameters") or {}
+        if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+            raise CloudConfigError(f"{path}: 'template_parameters' must be an object of strings")
+        return cls(
+            endpoint_url=str(text("endpoint_url")),
+            root_ca_path=root_ca,
+            claim_certificate_pem=cert.read_text(encoding="utf-8"),
+            claim_private_key_pem=key.read_text(encoding="utf-8"),
+            template_name=str(text("template_name")),
+            template_parameters=dict(params),
+        )
+
+
+@dataclass(frozen=True)
+class HubOutcome:
+    """One simulated hub: did it end PROVISIONED, how long its process_device() took, and why not."""
+
+    serial: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    exit_code: int = 0
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of an already sorted sequence; 0 when empty."""
+    if not sorted_values:
+        return 0.0
+    rank = (len(sorted_values) - 1) * q / 100.0
+    lo = int(rank)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
+
+
+@dataclass(frozen=True)
+class FleetReport:
+    hubs: int
+    concurrency: int
+    method: str
+    onboarded: int
+    failed: int
+    wall_s: float
+    latencies_s: list[float] = field(repr=False)
+    errors: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.onboarded / self.wall_s if self.wall_s > 0 else 0.0
+
+    def quantile_ms(self, q: float) -> float:
+        return percentile(sorted(self.latencies_s), q) * 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hubs": self.hubs,
+            "concurrency": self.concurrency,
+            "method": self.method,
+            "onboarded": self.onboarded,
+            "failed": self.failed,
+            "wall_s": round(self.wall_s, 3),
+            "provisionings_per_s": round(self.per_second, 1),
+            "latency_p50_ms": round(self.quantile_ms(50), 1),
+            "latency_p95_ms": round(self.quantile_ms(95), 1),
+            "latency_p99_ms": round(self.quantile_ms(99), 1),
+            "retries": self.retries,
+            "errors": self.errors,
+        }
+
+
+def write_hubs(target: Target, work_dir: Path, count: int, *, method: str = METHODS[0],
+               serial_prefix: str | None = None, extra_ro: dict[str, Any] | None = None) -> list[Path]:
+    """Write `count` factory-fresh hubs under `work_dir` (hub-000000, ...); return their config paths."""
+    from hub_onboarding.factory import write_claim_hub
+
+    prefix = serial_prefix or f"SIM-{uuid.uuid4().hex[:8]}"
+    ro: dict[str, Any] = dict(extra_ro or {})
+    if target.template_parameters:
+        ro.setdefault("fp_template_parameters", dict(target.template_parameters))
+    width = max(6, len(str(count - 1)))
+    return [
+        write_claim_hub(
+            work_dir / f"hub-{i:0{width}d}",
+            endpoint_url=target.endpoint_url,
+            root_ca_path=target.root_ca_path,
+            claim_certificate_pem=target.claim_certificate_pem,
+            claim_private_key_pem=target.claim_private_key_pem,
+            template_name=target.template_name,
+            serial=f"{prefix}-{i:0{width}d}",
+            certificate_method=method,
+            extra_ro=ro,
+        )
+        for i in range(count)
+    ]
+
+
+class _RetryCounter(logging.Handler):
+    """Counts the product's 'retrying' warnings (a retried hub still counts as onboarded)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            with self._guard:
+                self.count += 1
+
+
+def _onboard_one(config_path: Path, retry_timeout: float | None) -> HubOutcome:
+    from hub_onboarding.errors import OnboardingError
+    from hub_onboarding.onboarding import HubOnboarding, Timeouts
+
+    serial = config_path.parent.name
+    started = time.perf_counter()
+    try:
+        result = HubOnboarding(config_path, timeouts=Timeouts(retry=retry_timeout)).process_device()
+    except OnboardingError as exc:
+        error = f"{type(exc).__name__}: {exc.message}"
+        return HubOutcome(serial, False, time.perf_counter() - started, error, exc.exit_code)
+    except Exception as exc:  # a simulator counts every failure; it does not stop the line
+        return HubOutcome(serial, False, time.perf_counter() - started, f"{type(exc).__name__}: {exc}", 1)
+    seconds = time.perf_counter() - started
+    if result.state != "PROVISIONED":
+        return HubOutcome(serial, False, seconds, f"ended in state {result.state}", 1)
+    return HubOutcome(serial, True, seconds)
+
+
+def onboard_fleet(configs: Sequence[Path], concurrency: int, *, method: str = METHODS[0],
+                  retry_timeout: float | None = None,
+                  on_result: Callable[[HubOutcome], None] | None = None) -> FleetReport:
+    """Onboard every hub, at most `concurrency` at once; never raises for a hub that fails."""
+    # Import the product once before the clock starts (a factory line's hubs each pay it once, on boot).
+    for module in ("awsiot.mqtt5_client_builder", "hub_onboarding.device_provisioner",
+                   "hub_onboarding.onboarding"):
+        importlib.import_module(module)
+
+    counter = _RetryCounter()
+    product_log = logging.getLogger("hub_onboarding")
+    product_log.addHandler(counter)
+    outcomes: list[HubOutcome] = []
+    lock = threading.Lock()
+
+    def one(path: Path) -> None:
+        outcome = _onboard_one(path, retry_timeout)
+        with lock:
+            outcomes.append(outcome)
+        if on_result is not None:
+            on_result(outcome)
+
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="hub") as pool:
+            for future in [pool.submit(one, p) for p in configs]:
+                future.result()
+    finally:
+        product_log.removeHandler(counter)
+    wall = time.perf_counter() - started
+    errors = Counter(o.error or "" for o in outcomes if not o.ok)
+    return FleetReport(
+        hubs=len(configs), concurrency=concurrency, method=method,
+        onboarded=sum(o.ok for o in outcomes), failed=sum(not o.ok for o in outcomes), wall_s=wall,
+        latencies_s=[o.seconds for o in outcomes if o.ok], errors=dict(errors.most_common(10)),
+        retries=counter.count,
+    )
+
+
+def run_fleet(target: Target, work_dir: Path, hubs: int, concurrency: int, *, method: str = METHODS[0],
+              serial_prefix: str | None = None, extra_ro: dict[str, Any] | None = None,
+              retry_timeout: float | None = None,
+              on_result: Callable[[HubOutcome], None] | None = None) -> FleetReport:
+    """Write `hubs` hubs, then onboard them (only the onboarding is timed)."""
+    configs = write_hubs(target, work_dir, hubs, method=method, serial_prefix=serial_prefix,
+                         extra_ro=extra_ro)
+    return onboard_fleet(configs, concurrency, method=method, retry_timeout=retry_timeout,
+                         on_result=on_result)
+
+
+@contextlib.contextmanager
+def embedded_cloud(data_dir: Path, template_name: str = DEFAULT_TEMPLATE) -> Iterator[tuple[Target, Any]]:
+    """Start iot-core-local in `data_dir`, create the claim through boto3; yield (target, boto3 client)."""
+    from iot_core_local.claims import set_up_fleet_provisioning
+    from iot_core_local.server import LocalIotCore
+
+    with LocalIotCore(data_dir) as core:
+        iot = core.client()
+        claim = set_up_fleet_provisioning(iot, template_name)
+        yield Target(
+            endpoint_url=core.endpoint.mqtt_address,
+            root_ca_path=core.endpoint.root_ca_path,
+            claim_certificate_pem=claim.certificate_pem,
+            claim_private_key_pem=claim.private_key_pem,
+            template_name=claim.template_name,
+        ), iot
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hub-onboard fleet-sim",
+        description="Rehearse a factory line: N simulated hubs, each with its own config folder and "
+                    "serial, onboard through hub-onboarding with bounded concurrency. Without --config, "
+                    "iot-core-local runs embedded in a temporary folder.")
+    parser.add_argument("--hubs", type=int, default=100, metavar="N", help="number of hubs (default 100)")
+    parser.add_argument("--concurrency", type=int, default=10, metavar="C",
+                        help="hubs onboarding at once (default 10)")
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0],
+                        help="certificate method (default CreateCertificateFromCsr)")
+    parser.add_argument("--config", type=Path, metavar="CLOUD.json",
+                        help="target this endpoint and claim instead of an embedded iot-core-local "
+                             "(see docs/performance.md)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    parser.add_argument("--work-dir", type=Path, metavar="DIR",
+                        help="write the hub folders here and keep them (default: a temporary folder)")
+    parser.add_argument("--serial-prefix", metavar="TEXT", help="serials are TEXT-000000... (default random)")
+    parser.add_argument("--retry-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="each hub's retry budget (default 60; a real hub uses 300)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the verification connect with the new certificate (fp_verify_connection)")
+    return parser
+
+
+class _Display:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+        self._failed = 0
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:  # rich is in the [bench] extra; without it, no bar
+            return
+        self._progress = Progress(
+            TextColumn("onboarding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]}"),
+            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self._task = self._progress.add_task("hubs", total=total, failed="")
+
+    def __enter__(self) -> _Display:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, outcome: HubOutcome) -> None:
+        if self._progress is None:
+            return
+        if not outcome.ok:
+            self._failed += 1
+        self._progress.update(self._task, advance=1,
+                              failed=f"[red]{self._failed} failed[/red]" if self._failed else "")
+
+
+def _print_summary(report: FleetReport, endpoint: str) -> None:
+    d = report.to_dict()
+    rows = [
+        ("endpoint", endpoint),
+        ("method", report.method),
+        ("hubs / concurrency", f"{report.hubs} / {report.concurrency}"),
+        ("onboarded", str(report.onboarded)),
+        ("failed", str(report.failed)),
+        ("wall time", f"{d['wall_s']:.2f} s"),
+        ("provisionings/s", f"{d['provisionings_per_s']:.1f}"),
+        ("p50", f"{d['latency_p50_ms']:.0f} ms"),
+        ("p95", f"{d['latency_p95_ms']:.0f} ms"),
+        ("p99", f"{d['latency_p99_ms']:.0f} ms"),
+        ("retries", str(report.retries)),
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    else:
+        table = Table(title="fleet-sim", show_header=False)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+    for error, count in report.errors.items():
+        print(f"{count} x {error}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.hubs < 1 or args.concurrency < 1:
+        print("hub-onboard fleet-sim: --hubs and --concurrency must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    logging.getLogger("hub_onboarding").setLevel(logging.ERROR)  # per-hub warnings would flood a line
+    extra_ro = {"fp_verify_connection": False} if args.no_verify else None
+
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is not None:
+            work = args.work_dir
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-sim-")))
+        if args.config is not None:
+            try:
+                target = Target.from_file(args.config)
+            except CloudConfigError as exc:
+                print(f"hub-onboard fleet-sim: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        else:
+            try:
+                target, _ = stack.enter_context(embedded_cloud(work / "cloud"))
+            except ImportError as exc:
+                print(f"hub-onboard fleet-sim: the embedded iot-core-local needs the [server] extra "
+                      f"({exc}); pip install 'hub-onboarding[server]', or pass --config", file=sys.stderr)
+                return EXIT_FAILED
+        configs = write_hubs(target, work / "hubs", args.hubs, method=args.method,
+                             serial_prefix=args.serial_prefix, extra_ro=extra_ro)
+        display = _Display(args.hubs, enabled=not args.json and sys.stderr.isatty())
+        with display:
+            report = onboard_fleet(configs, args.concurrency, method=args.method,
+                                   retry_timeout=args.retry_timeout, on_result=display.advance)
+    if args.json:
+        print(json.dumps({"endpoint": target.endpoint_url, **report.to_dict()}, indent=2))
+    else:
+        _print_summary(report, target.endpoint_url)
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
