@@ -49,7 +49,7 @@ def run_demo() -> int:
                 template_name=claim.template_name,
                 serial="SN-DEMO-0001",
             )
-            hub = HubOnboarding(config_path)
+            hub = HubOnboarding(config_path, on_step=lambda text: print(f"    hub: {text}", flush=True))
             print(f"    {config_path}: provisioned = {hub.is_provisioned()}")
             _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
             hub.process_device()
