@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from hub_onboarding.certs import CertType, Credentials, check_pair
 from hub_onboarding.cli import main
@@ -27,10 +28,8 @@ from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisio
 
 from .conftest import HubFactory, Pair, make_pair, write_private
 
-trustme = pytest.importorskip("trustme")
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 
 @dataclass
