@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -185,10 +184,6 @@ class ProvisioningService:
         self.ca = ca
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
-        # Certificates issued over MQTT and not yet registered, with the expiry of their token: AWS deletes
-        # them when the token expires unused. Kept in memory; a restart forgets them (they stay PENDING).
-        self._unregistered: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     # ---- the MQTT API -------------------------------------------------------------------------
 
@@ -219,6 +214,10 @@ class ProvisioningService:
             f"accepted ({summary})",
         )
 
+    def throttled(self, request: Request) -> Answer:
+        """The answer AWS gives a request over its rate limit (used by the fault switch)."""
+        return self._rejected(request, _Rejected(429, "ThrottlingException", "Rate exceeded"))
+
     def _rejected(self, request: Request, e: _Rejected) -> Answer:
         body = {"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}
         return Answer(
@@ -234,8 +233,6 @@ class ProvisioningService:
         with self.registry.transaction():
             self.registry.add_certificate(pem, PENDING_ACTIVATION, ca_certificate_id=self.ca.issuing_ca_id)
             token = self.registry.issue_token(cid, claim_certificate_id, self.token_ttl)
-        with self._lock:
-            self._unregistered[cid] = time.time() + self.token_ttl
         return cid, token
 
     def _create_keys(self, claim_certificate_id: str) -> tuple[dict[str, Any], str]:
@@ -338,8 +335,6 @@ class ProvisioningService:
         with self.registry.transaction():
             self.registry.consume_token(token)
             self.apply_plan(plan, certificate)
-        with self._lock:
-            self._unregistered.pop(cid, None)
         result_body: dict[str, Any] = {"deviceConfiguration": plan.device_configuration}
         thing = plan.thing.name if plan.thing is not None else None
         if thing is not None:
@@ -448,13 +443,10 @@ class ProvisioningService:
 
     def sweep_expired(self) -> int:
         """Delete certificates whose ownership token expired before RegisterThing; how many went."""
-        now = time.time()
-        with self._lock:
-            expired = [cid for cid, expiry in self._unregistered.items() if expiry < now]
-            for cid in expired:
-                del self._unregistered[cid]
+        # From the registry (pending certificates whose tokens all expired unused), so a restart in the
+        # middle of onboarding forgets nothing.
         deleted = 0
-        for cid in expired:
+        for cid in self.registry.expired_unregistered_certificates():
             cert = self.registry.find_certificate(cid)
             if cert is None or cert.status != PENDING_ACTIVATION:
                 continue

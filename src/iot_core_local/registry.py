@@ -193,6 +193,8 @@ CREATE TABLE IF NOT EXISTS templates (
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, certificate_id TEXT NOT NULL, claim_certificate_id TEXT,
     expires REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires);
+CREATE INDEX IF NOT EXISTS tokens_by_certificate ON tokens (certificate_id);
 """
 
 
@@ -206,6 +208,12 @@ class Registry:
         self._depth = 0
         self._pending: list[tuple[str, str]] = []
         self._listeners: list[Callable[[str, str], None]] = []
+        self._policy_listeners: list[Callable[[str], None]] = []
+        self._pending_targets: list[str] = []
+        self._pending_trust = False
+        # Moves after every commit that changes what the TLS layer must trust (CAs, certificates
+        # registered without a CA): the gateway compares one int per handshake instead of querying.
+        self.trust_generation = 0
         self._ca_cache: dict[str, x509.Certificate] = {}
         # isolation_level=None: this class issues BEGIN/SAVEPOINT itself, so nesting is explicit.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -239,6 +247,7 @@ class Registry:
         mark = len(self._pending)
         self._depth += 1
         events: list[tuple[str, str]] = []
+        targets: list[str] = []
         try:
             self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT level{depth}")
             try:
@@ -247,6 +256,8 @@ class Registry:
                 if depth == 0:
                     self._db.execute("ROLLBACK")
                     self._pending.clear()
+                    self._pending_targets.clear()
+                    self._pending_trust = False
                 else:
                     self._db.execute(f"ROLLBACK TO level{depth}")
                     self._db.execute(f"RELEASE level{depth}")
@@ -255,6 +266,10 @@ class Registry:
             if depth == 0:
                 self._db.execute("COMMIT")
                 events, self._pending = self._pending, []
+                targets, self._pending_targets = self._pending_targets, []
+                if self._pending_trust:
+                    self._pending_trust = False
+                    self.trust_generation += 1
             else:
                 self._db.execute(f"RELEASE level{depth}")
         finally:
@@ -267,6 +282,12 @@ class Registry:
                     listener(certificate_id, status)
                 except Exception:
                     log.exception("certificate listener failed for %s", certificate_id)
+        for target in dict.fromkeys(targets):
+            for policy_listener in list(self._policy_listeners):
+                try:
+                    policy_listener(target)
+                except Exception:
+                    log.exception("policy listener failed for %s", target)
 
     def add_listener(self, fn: Callable[[str, str], None]) -> None:
         """`fn(certificate_id, new_status)` after each committed status change or deletion ("DELETED").
@@ -274,6 +295,12 @@ class Registry:
         It runs on the thread that made the change: hand work to your own thread or loop from it.
         """
         self._listeners.append(fn)
+
+    def add_policy_listener(self, fn: Callable[[str], None]) -> None:
+        """`fn(target)` after each commit that changed what applies to `target` (a certificate ARN):
+        a policy attached or detached, a thing attached or detached (policy variables). Same thread rules.
+        """
+        self._policy_listeners.append(fn)
 
     def _notify(self, certificate_id: str, status: str) -> None:
         self._pending.append((certificate_id, status))
@@ -324,6 +351,8 @@ class Registry:
                 f"INSERT INTO certificates ({self._CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (cid, _normal_pem(cert), status, ca_certificate_id, mode, now, now, 1, str(uuid.uuid4())),
             )
+            if ca_certificate_id is None:
+                self._pending_trust = True  # its own trust anchor from now on
             return self.get_certificate(cid)
 
     def find_certificate(self, certificate_id: str) -> Certificate | None:
@@ -345,6 +374,14 @@ class Registry:
                 f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id = ? ORDER BY created, rowid",
                 (ca_certificate_id,),
             )
+        return [self._certificate(row) for row in rows]
+
+    def list_certificates_without_ca(self) -> list[Certificate]:
+        """Certificates registered without a CA (RegisterCertificateWithoutCA), REVOKED ones left out."""
+        rows = self._query(
+            f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id IS NULL AND status != 'REVOKED'"
+            " ORDER BY created, rowid"
+        )
         return [self._certificate(row) for row in rows]
 
     def set_certificate_status(self, certificate_id: str, status: str) -> Certificate:
@@ -398,6 +435,9 @@ class Registry:
             self._db.execute("DELETE FROM policy_targets WHERE target = ?", (arn,))
             self._db.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
             self._notify(certificate_id, DELETED)
+            self._pending_targets.append(arn)
+            if cert.ca_certificate_id is None:
+                self._pending_trust = True
 
     # ---- CA certificates ------------------------------------------------------------------------
 
@@ -457,6 +497,7 @@ class Registry:
                     cert.subject.public_bytes(),
                 ),
             )
+            self._pending_trust = True
             return self.get_ca_certificate(cid)
 
     def find_ca_certificate(self, certificate_id: str) -> CACertificate | None:
@@ -527,6 +568,7 @@ class Registry:
                     certificate_id,
                 ),
             )
+            self._pending_trust = True
             return self.get_ca_certificate(certificate_id)
 
     def delete_ca_certificate(self, certificate_id: str) -> None:
@@ -539,6 +581,7 @@ class Registry:
                 )
             self._db.execute("DELETE FROM ca_certificates WHERE id = ?", (certificate_id,))
             self._ca_cache.pop(certificate_id, None)
+            self._pending_trust = True
 
     def registration_code(self) -> str:
         """The account's registration code (RegisterCACertificate's proof of possession); stable."""
@@ -616,11 +659,13 @@ class Registry:
             self._db.execute(
                 "INSERT OR IGNORE INTO policy_targets (policy, target) VALUES (?, ?)", (name, target)
             )
+            self._pending_targets.append(target)
 
     def detach_policy(self, name: str, target: str) -> None:
         with self.transaction():
             self.get_policy(name)
             self._db.execute("DELETE FROM policy_targets WHERE policy = ? AND target = ?", (name, target))
+            self._pending_targets.append(target)
 
     def list_attached_policies(self, target: str) -> list[Policy]:
         rows = self._query(
@@ -748,6 +793,7 @@ class Registry:
             self._db.execute(
                 "INSERT OR IGNORE INTO thing_principals (thing, principal) VALUES (?, ?)", (name, principal)
             )
+            self._pending_targets.append(principal)
 
     def detach_thing_principal(self, name: str, principal: str) -> None:
         with self.transaction():
@@ -755,6 +801,7 @@ class Registry:
             self._db.execute(
                 "DELETE FROM thing_principals WHERE thing = ? AND principal = ?", (name, principal)
             )
+            self._pending_targets.append(principal)
 
     def list_thing_principals(self, name: str) -> list[str]:
         with self._lock:
@@ -888,6 +935,23 @@ class Registry:
                 (_hash_token(token), certificate_id, claim_certificate_id, now + ttl),
             )
         return token
+
+    def expired_unregistered_certificates(self, now: float | None = None) -> list[str]:
+        """Certificates still PENDING_ACTIVATION whose every ownership token expired unused.
+
+        Derived from stored state (not from memory), so the sweep that deletes them, as AWS does,
+        survives a restart. Token hashes are kept a day after expiry; a server down longer than that
+        leaves such certificates PENDING_ACTIVATION, which connects nothing.
+        """
+        at = time.time() if now is None else now
+        rows = self._query(
+            "SELECT DISTINCT t.certificate_id FROM tokens t JOIN certificates c ON c.id = t.certificate_id"
+            " WHERE t.expires < ? AND t.used = 0 AND c.status = 'PENDING_ACTIVATION'"
+            " AND NOT EXISTS (SELECT 1 FROM tokens u WHERE u.certificate_id = t.certificate_id"
+            " AND (u.used = 1 OR u.expires >= ?))",
+            (at, at),
+        )
+        return [row[0] for row in rows]
 
     def consume_token(self, token: str) -> TokenGrant:
         """Spend a token once. Inside a transaction that rolls back, the token stays unspent."""
