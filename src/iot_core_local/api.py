@@ -45,6 +45,8 @@ from iot_core_local.errors import (
     ResourceNotFound,
     ServiceError,
 )
+from iot_core_local.faults import FaultInjector
+from iot_core_local.faults import from_json as faults_from_json
 from iot_core_local.registry import (
     ACCOUNT_ID,
     CACertificate,
@@ -61,6 +63,8 @@ __all__ = ["CLAIM_TTL", "MAX_BODY", "ControlPlane", "RegistrationCodeValidation"
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # AWS IoT's largest request (a 64 KiB PEM, a 10 KiB template) fits many times over
+# The stand-in's own endpoints (the fault switch); no AWS IoT REST path starts with this.
+_LOCAL_PREFIX = "/_local/"
 CLAIM_TTL = 300.0  # CreateProvisioningClaim: AWS's temporary claim certificates last five minutes
 HOOK_PAYLOAD_VERSION = "2020-04-01"
 
@@ -1192,6 +1196,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             url = urllib.parse.urlsplit(self.path)
+            if url.path.startswith(_LOCAL_PREFIX):
+                operation_name = "_local"
+                status, extra_headers, payload = self._local(url.path, body)
+                self._send(status, extra_headers, payload)
+                log.info("%s %s -> %d", self.command, url.path, status)
+                return
             query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
             operation, labels = _route(self.command, url.path, query)
             operation_name = operation.name
@@ -1217,6 +1227,26 @@ class _Handler(BaseHTTPRequestHandler):
             status,
             (time.perf_counter() - started) * 1000,
         )
+
+    def _local(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """The stand-in's own endpoints, outside AWS's API: `/_local/faults` (see faults.py)."""
+        faults = self.server.control_plane.faults
+        if path.rstrip("/") != _LOCAL_PREFIX + "faults" or faults is None:
+            return 404, {}, json.dumps({"message": f"No such local endpoint: {_clip(path)}"}).encode()
+        if self.command == "POST":
+            try:
+                data = json.loads(body or b"null")
+                fault = faults.arm(faults_from_json(data))
+            except ValueError as e:  # JSONDecodeError is a ValueError
+                return 400, {}, json.dumps({"message": f"Bad fault: {e}"}).encode()
+            log.info("fault armed over HTTP: %s", fault.describe())
+            return 200, {}, json.dumps({"fault": fault.to_json(), "faults": faults.to_json()}).encode()
+        if self.command == "DELETE":
+            faults.clear()
+            log.info("faults cleared over HTTP")
+        elif self.command not in ("GET", "HEAD"):
+            return 405, {}, json.dumps({"message": "Use GET, POST or DELETE"}).encode()
+        return 200, {}, json.dumps({"faults": faults.to_json()}).encode()
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
@@ -1273,8 +1303,10 @@ class ControlPlane:
         port: int = 0,
         endpoint_address: Callable[[], str] = lambda: "127.0.0.1",
         claim_ttl: float = CLAIM_TTL,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.registry = registry
+        self.faults = faults
         self.ca = ca
         self.host = host
         self.endpoint_address = endpoint_address

@@ -38,6 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
     )
+    serve.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        type=_fault,
+        metavar="SPEC",
+        help="arm a fault, KIND[:OPERATION[:COUNT[:SECONDS]]], e.g. throttle:RegisterThing:2; "
+        "kinds throttle, drop, ignore, delay, refuse; operations Connect, CreateKeysAndCertificate, "
+        "CreateCertificateFromCsr, RegisterThing, any (repeatable; also POST API_URL/_local/faults)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     return parser
 
@@ -50,6 +60,16 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
     return port
+
+
+def _fault(text: str) -> str:
+    from .faults import parse_spec
+
+    try:
+        parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,
         token_ttl=args.token_ttl,
+        faults=args.fault,
     )
     try:
         endpoint = core.start()

@@ -15,13 +15,14 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import ServerError
+from .faults import FaultInjector
 
 if TYPE_CHECKING:
     from .api import ControlPlane
@@ -102,8 +103,14 @@ class LocalIotCore:
         region: str = "us-east-1",
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
+        faults: Iterable[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
+        # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
+        # but this object; specs are checked now, so a typo fails at once rather than at the first connect.
+        self.faults = FaultInjector()
+        for spec in faults:
+            self.faults.add_spec(spec)
         self.host = host
         self.mqtt_port = mqtt_port
         self.api_port = api_port
@@ -201,6 +208,7 @@ class LocalIotCore:
                 broker_port=self._broker.port,
                 host=self.host,
                 port=self.mqtt_port,
+                faults=self.faults,
             )
             asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
 
@@ -210,6 +218,7 @@ class LocalIotCore:
                 host=self.host,
                 port=self.api_port,
                 endpoint_address=lambda: self.host,
+                faults=self.faults,
             )
             self._api.start()
 
