@@ -56,6 +56,7 @@ PERMANENT_CERT_DIR = "iot_permanent_cert_dir"
 RETRY_TIMEOUT = "mqtt_retry_timeout_seconds"
 CLIENT_ID_OVERRIDE = "client_id"  # in ro: JITR's client id instead of the DHA certificate's CN
 SECURE_STORAGE_HANDLER = "secure_storage_handler"
+VERIFY_CONNECTION = "fp_verify_connection"  # bool, default true: connect once with the new certificate
 # rw keys
 PROVISIONING_STATE = "iot_provisioning_state"
 CLIENT_ID = "client_id"
@@ -130,6 +131,7 @@ class HubConfig:
     client_id_override: str | None
     secure_storage_handler: str | None
     warnings: tuple[str, ...] = field(default=())
+    verify_connection: bool = True
 
     def register_parameters(self) -> dict[str, str]:
         """RegisterThing parameters: SerialNumber, UniversalProductCode, then fp_template_parameters."""
@@ -360,6 +362,10 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
         raise ConfigError(f"{key_name(RO, CLIENT_ID_OVERRIDE)}: longer than {MAX_CLIENT_ID_LENGTH} "
                           "characters", key=key_name(RO, CLIENT_ID_OVERRIDE))
     handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
+    verify = ro.get(VERIFY_CONNECTION, True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{key_name(RO, VERIFY_CONNECTION)}: expected true or false, got {verify!r}",
+                          key=key_name(RO, VERIFY_CONNECTION))
 
     for text in warnings:
         log.warning("%s", text)
@@ -370,6 +376,7 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
         dha_cert_path=dha_cert, dha_pk_path=dha_pk, root_ca_path=root_ca, permanent_cert_dir=cert_dir,
         keep_alive=keep_alive, retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
         client_id_override=client_id_override, secure_storage_handler=handler, warnings=tuple(warnings),
+        verify_connection=verify,
     )
 
 

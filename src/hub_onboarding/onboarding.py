@@ -282,7 +282,11 @@ class HubOnboarding:
                     action = Action.VERIFY
                 if action is Action.VERIFY:
                     assert progress is not None
-                    progress = self._verify(handler, store, dp, progress, deadline)
+                    if cfg.verify_connection:
+                        progress = self._verify(handler, store, dp, progress, deadline)
+                    else:
+                        progress = progress.verified()
+                        self._step(f"verification connect skipped (ro.{cfgmod.VERIFY_CONNECTION} is false)")
                 break
             except ProvisioningError as exc:
                 attempt += 1
