@@ -4,6 +4,7 @@
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
     hub-onboard demo
+    hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json] [--json]
 
 Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
 error, 2 usage error, 3 config, 4 credentials, 5 storage, 6 busy (another onboarding holds the lock),
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
+    # Its options live in fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
+    sub.add_parser("fleet-sim", add_help=False,
+                   help="rehearse a factory line: N simulated hubs onboarding at once (fleet-sim --help)")
     return parser
 
 
@@ -130,6 +134,11 @@ def _reset(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (never raises for an expected failure)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fleet-sim"]:
+        from hub_onboarding.fleet_sim import main as fleet_sim_main
+
+        return fleet_sim_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors

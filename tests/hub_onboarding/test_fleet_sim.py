@@ -106,3 +106,13 @@ def test_percentile() -> None:
     assert fleet_sim.percentile([], 50) == 0.0
     assert fleet_sim.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert fleet_sim.percentile([1.0, 2.0, 3.0], 100) == 3.0
+
+
+@pytest.mark.timeout(60)
+def test_hub_onboard_fleet_sim_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hub-onboard fleet-sim ...` hands its arguments to fleet_sim.main (here without the reconnect)."""
+    from hub_onboarding import cli
+
+    assert cli.main(["fleet-sim", "--hubs", "2", "--concurrency", "2", "--json", "--no-verify"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["onboarded"] == 2 and summary["failed"] == 0
