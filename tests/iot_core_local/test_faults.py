@@ -500,3 +500,35 @@ def test_publish_nobody_hears_is_puback_0(core: LocalIotCore, tmp_path: Path) ->
         assert client.publish("nobody/listens/here", b"x") == 0  # Mosquitto says 16; AWS says 0
     finally:
         client.close()
+
+
+def test_fault_paths_are_logged_with_ids_and_no_secrets(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, creds = claim
+    caplog.set_level(logging.INFO)
+    core.faults.add("refuse", "Connect")
+    assert connack_or_close(core, creds, "logged-refused") is None
+    client = connect(core, creds, "logged-faults")
+    try:
+        outcome, issued = ask(client, KEYS_TOPIC, b"")
+        assert outcome == "accepted"
+        core.faults.add("ignore", "CreateCertificateFromCsr")
+        assert client.publish(CSR_TOPIC, csr_body()) == 0
+        core.faults.add("drop", "any")
+        client.send(mqtt5.PublishPacket(KEYS_TOPIC, b"", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=77))
+        client.expect_closed()
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "iot_core_local.gateway"]
+    cid = creds.certificate_id
+    for fragment, client_id in [
+        ("fault injected at CONNECT: refuse", "logged-refused"),
+        ("fault injected: ignore", "logged-faults"),
+        ("fault injected: drop", "logged-faults"),
+    ]:
+        assert any(fragment in line and client_id in line and cid in line for line in lines), fragment
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "PRIVATE KEY" not in text
+    assert issued["privateKey"].split("-----")[2].strip().splitlines()[1] not in text
+    assert issued["certificateOwnershipToken"] not in text
