@@ -90,7 +90,12 @@ class DeviceProvisioner:
         """One connection with the claim certificate, and the fleet provisioning API on it."""
         connect_timeout = self._budget(self.iot.settings.connect_timeout, deadline)
         with self.iot.connect(client_id, claim, connect_timeout) as conn:
-            yield FleetProvisioning(conn.client, self._budget(self.operation_timeout, deadline))
+            timeout = self._budget(self.operation_timeout, deadline)
+            lost = getattr(conn, "lost", None)  # a real connection reports a drop; a test double may not
+            if lost is None:
+                yield FleetProvisioning(conn.client, timeout)
+            else:
+                yield FleetProvisioning(conn.client, timeout, lost=lost)
 
     def provision_jitr(self, client_id: str, dha: Credentials) -> int:
         return self.iot.provision_with_jitr(client_id, dha, self.retry_timeout)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,8 @@ _MAX_PEM_CHARS = 64 * 1024
 _MAX_TOKEN_CHARS = 16 * 1024
 # Extra time on top of awscrt's own operation timeout before we stop waiting for its future.
 _FUTURE_GRACE = 5.0
+# How often a waiting request checks whether its connection dropped.
+_LOST_POLL = 0.05
 
 _CONNECTION_ERRORS = {
     "AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN",
@@ -148,12 +152,16 @@ def validate_registered(response: Any) -> RegisteredThing:
 class FleetProvisioning:
     """CreateKeysAndCertificate / CreateCertificateFromCsr and RegisterThing on one connected client."""
 
-    def __init__(self, mqtt5_client: Any, operation_timeout: float = 30.0) -> None:
+    def __init__(self, mqtt5_client: Any, operation_timeout: float = 30.0, *,
+                 lost: threading.Event | None = None) -> None:
         from awscrt import mqtt_request_response
         from awsiot import iotidentity
 
         self._iotidentity = iotidentity
         self._timeout = operation_timeout
+        # Set by the connection when it drops: awscrt would otherwise keep the request queued until its
+        # operation timeout and then report a subscribe failure, which is not what happened.
+        self._lost = lost
         options = mqtt_request_response.ClientOptions(
             # one request at a time, each needing its /accepted and /rejected subscriptions
             max_request_response_subscriptions=2,
@@ -163,10 +171,24 @@ class FleetProvisioning:
         self._client = iotidentity.IotIdentityClientV2(mqtt5_client, options)
 
     def _wait(self, future: concurrent.futures.Future[Any], operation: str) -> Any:
+        deadline = time.monotonic() + self._timeout + _FUTURE_GRACE
+        while self._lost is not None and not future.done():
+            if self._lost.is_set():
+                raise self._connection_lost(operation)
+            if time.monotonic() >= deadline:
+                break
+            concurrent.futures.wait([future], timeout=_LOST_POLL)
         try:
-            return future.result(timeout=self._timeout + _FUTURE_GRACE)
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except Exception as exc:
+            if self._lost is not None and self._lost.is_set():
+                raise self._connection_lost(operation) from None
             raise map_request_error(exc, operation, self._timeout) from None
+
+    @staticmethod
+    def _connection_lost(operation: str) -> MqttConnectionError:
+        return MqttConnectionError(f"{operation}: the connection was lost during the request; check the "
+                                   "network and retry")
 
     def create_keys_and_certificate(self) -> IssuedCertificate:
         log.debug("requesting %s", CREATE_KEYS_AND_CERTIFICATE)

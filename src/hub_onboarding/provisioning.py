@@ -81,8 +81,12 @@ class ConnectionSettings:
 class MqttConnection:
     """A started and connected awscrt mqtt5.Client; `close()` stops it within a deadline."""
 
-    def __init__(self, client: Any, stopped: threading.Event, description: str) -> None:
+    def __init__(self, client: Any, stopped: threading.Event, description: str,
+                 lost: threading.Event | None = None) -> None:
         self.client = client
+        # Set when an established connection goes away (not by our stop): a request waiting on it can
+        # fail at once instead of waiting out its operation timeout.
+        self.lost = lost if lost is not None else threading.Event()
         self._stopped = stopped
         self._description = description
         self._closed = False
@@ -143,8 +147,11 @@ class IotProvisioning:
                     outcome.setdefault("reason", getattr(reason, "name", str(reason)))
             done.set()
 
+        lost = threading.Event()
+
         def on_disconnection(data: Any) -> None:
             log.debug("MQTT disconnected from %s: %s", s.endpoint, getattr(data, "exception", None))
+            lost.set()
 
         def on_stopped(data: Any) -> None:
             stopped.set()
@@ -181,7 +188,7 @@ class IotProvisioning:
             error.retriable = False
             raise error from None
         description = f"{client_id!r} at {s.endpoint}"
-        conn = MqttConnection(client, stopped, description)
+        conn = MqttConnection(client, stopped, description, lost)
         log.debug("connecting to %s as %r", s.endpoint, client_id)
         client.start()
         if not done.wait(timeout):
