@@ -388,8 +388,10 @@ def snapshot(folder: Path) -> Snapshot:
             result[rel] = ("link", 0, os.readlink(path).encode())
         elif stat.S_ISDIR(st.st_mode):
             result[rel] = ("dir", stat.S_IMODE(st.st_mode), b"")
-        else:
+        elif stat.S_ISREG(st.st_mode):
             result[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+        else:  # a FIFO or a device: never read it
+            result[rel] = ("other", stat.S_IMODE(st.st_mode), b"")
     return result
 
 

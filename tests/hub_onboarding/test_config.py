@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -231,15 +232,27 @@ def test_lock_contention(tmp_path: Path) -> None:
         pass  # released when the holder left
 
 
-def test_lock_in_read_only_folder(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+def test_lock_in_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
     (folder / "iotmi_config.json").write_text("{}")
-    folder.chmod(0o500)
+    folder.chmod(0o500)  # enough when not root
+    if os.geteuid() == 0:
+        # Root writes through permission bits; simulate what the kernel says for a read-only folder or
+        # mount instead: creating a file there fails with EACCES (or EROFS).
+        real_open = os.open
+
+        def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if flags & os.O_CREAT and Path(os.fsdecode(path)).parent == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", fake_open)
     try:
-        with pytest.raises(StorageError), cfg.onboarding_lock(folder / "iotmi_config.json", timeout=0):
+        config_path = folder / "iotmi_config.json"
+        with pytest.raises(StorageError) as info, cfg.onboarding_lock(config_path, timeout=0):
             pass
+        assert "cannot create the lock file" in info.value.message
+        assert not (folder / "iotmi_config.json.lock").exists()
     finally:
         folder.chmod(0o700)

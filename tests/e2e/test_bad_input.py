@@ -1,0 +1,509 @@
+"""Bad input: a table of cases driven through the command line (`hub_onboarding.cli.main`), each giving a
+clear message naming the problem, its documented exit code (errors.py), no traceback, and no write.
+
+The hub folder (config, claim credentials, everything under it: names, bytes, permission bits, link
+targets) is snapshotted before and after each case and must be identical. Tests run as root in CI, where
+permission bits do not stop reads or writes: the unreadable config, the read-only folder and the full disk
+are simulated by making the file-system call raise the errno the kernel would give (EACCES, EROFS,
+ENOSPC), in addition to setting the real permission bits (which a non-root run then honours).
+
+docs/reliability.md points at this table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub_onboarding.cli import main
+from iot_core_local.server import LocalIotCore
+
+from ..hub_onboarding.conftest import make_pair
+from .conftest import HubFactory, certificate_ids, read_config, run_hub, snapshot
+from .test_power_cut import assert_recovered
+
+pytestmark = pytest.mark.e2e
+
+
+class BadHub:
+    """A factory-fresh fleet-provisioning hub, and ways to break it."""
+
+    def __init__(self, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.config = config
+        self.dir = config.parent
+        self.doc = read_config(config)
+        self.claim_cert = Path(self.doc["ro"]["iot_claim_cert_path"])
+        self.claim_key = Path(self.doc["ro"]["iot_claim_pk_path"])
+        self.monkeypatch = monkeypatch
+        self.argv: list[str] | None = None
+
+    def ro(self, **changes: Any) -> None:
+        doc = read_config(self.config)
+        for key, value in changes.items():
+            if value is DELETE:
+                doc["ro"].pop(key, None)
+            else:
+                doc["ro"][key] = value
+        self.config.write_text(json.dumps(doc, indent=2))
+
+    def raw(self, data: bytes) -> None:
+        self.config.write_bytes(data)
+
+    def replace_file(self, path: Path, data: bytes, mode: int = 0o600) -> None:
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, mode)
+
+    def claim_pair(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self.replace_file(self.claim_cert, cert_pem, 0o644)
+        self.replace_file(self.claim_key, key_pem)
+
+    def folder_instead_of(self, path: Path) -> None:
+        path.unlink()
+        path.mkdir(mode=0o700)
+
+    def fail_os_call(self, name: str, err: int, matches: Callable[[Any], bool]) -> None:
+        """Make os.<name> raise OSError(err) for arguments `matches` accepts (everything else unchanged)."""
+        real = getattr(os, name)
+
+        def fake(*args: Any, **kwargs: Any) -> Any:
+            if matches(args[0]):
+                raise OSError(err, os.strerror(err))
+            return real(*args, **kwargs)
+
+        self.monkeypatch.setattr(os, name, fake)
+
+
+DELETE = object()
+Setup = Callable[[BadHub], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    setup: Setup
+    exit_code: int
+    message: str
+
+
+def _expired(hub: BadHub) -> None:
+    pair = make_pair("claim", days_valid=10, starts_in_days=-20)
+    hub.claim_pair(pair.cert_pem, pair.key_pem)
+
+
+def _not_yet_valid(hub: BadHub) -> None:
+    pair = make_pair("claim", days_valid=10, starts_in_days=5)
+    hub.claim_pair(pair.cert_pem, pair.key_pem)
+
+
+def _mismatched(hub: BadHub) -> None:
+    hub.replace_file(hub.claim_key, make_pair("other").key_pem)
+
+
+def _encrypted(hub: BadHub) -> None:
+    pair = make_pair("claim", password=b"secret-passphrase")
+    hub.claim_pair(pair.cert_pem, pair.key_pem)
+
+
+def _symlinked_key(hub: BadHub) -> None:
+    real = hub.claim_key.with_name("real.pem.key")
+    os.rename(hub.claim_key, real)
+    os.symlink(real, hub.claim_key)
+
+
+def _fifo_cert(hub: BadHub) -> None:
+    hub.claim_cert.unlink()
+    os.mkfifo(hub.claim_cert)
+
+
+def _unreadable_config(hub: BadHub) -> None:
+    os.chmod(hub.config, 0)  # honoured when not root
+    # As root, the read itself is made to fail the way it fails for anyone else: EACCES.
+    real = Path.read_text
+
+    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        if _same(self, hub.config):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    hub.monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def _read_only_folder(hub: BadHub) -> None:
+    os.chmod(hub.dir, 0o500)  # honoured when not root
+    # As root, the kernel would still refuse a read-only mount: EROFS on any create in the folder.
+    hub.fail_os_call("open", errno.EROFS, lambda p: _inside(p, hub.dir) and not Path(p).exists())
+    hub.fail_os_call("mkdir", errno.EROFS, lambda p: _inside(p, hub.dir))
+
+
+def _same(path: Any, other: Path) -> bool:
+    with contextlib.suppress(TypeError, ValueError):
+        return Path(os.fsdecode(path)).absolute() == other.absolute()
+    return False
+
+
+def _inside(path: Any, folder: Path) -> bool:
+    with contextlib.suppress(TypeError, ValueError):
+        return Path(os.fsdecode(path)).absolute().is_relative_to(folder.absolute())
+    return False
+
+
+def _argv(*argv: str) -> Setup:
+    def setup(hub: BadHub) -> None:
+        hub.argv = [a.replace("{config}", str(hub.config)).replace("{dir}", str(hub.dir)) for a in argv]
+
+    return setup
+
+
+def _ro(**changes: Any) -> Setup:
+    return lambda hub: hub.ro(**changes)
+
+
+def _raw(data: bytes) -> Setup:
+    return lambda hub: hub.raw(data)
+
+
+PEM_CA = "-----BEGIN CERTIFICATE-----"
+CASES = [
+    # the config file itself (exit 3)
+    Case("config missing", _argv("provision", "--config", "{config}.missing"), 3, "does not exist"),
+    Case("config empty", _raw(b""), 3, "is empty"),
+    Case("config only whitespace", _raw(b" \n\t\n"), 3, "is empty"),
+    Case("config not JSON", _raw(b"{ro: nope"), 3, "is not valid JSON (line 1"),
+    Case("config truncated JSON", _raw(b'{"ro": {"SN": "x"'), 3, "is not valid JSON"),
+    Case("config not UTF-8", _raw(b'\xff\xfe{"ro": {}}'), 3, "is not UTF-8"),
+    Case("config unreadable (EACCES)", _unreadable_config, 3, "is not readable by this user"),
+    Case("config is a folder", _argv("provision", "--config", "{dir}"), 3, "is a folder"),
+    Case("config a JSON array", _raw(b"[1, 2]"), 3, "must hold a JSON object"),
+    Case("ro missing", _raw(b'{"rw": {}}'), 3, "ro: missing or not an object"),
+    Case("ro a string", _raw(b'{"ro": "x"}'), 3, "ro: missing or not an object"),
+    Case(
+        "rw a list",
+        lambda h: h.raw(json.dumps({"ro": h.doc["ro"], "rw": []}).encode()),
+        3,
+        "rw: must be an object",
+    ),
+    Case(
+        "rw state unknown",
+        lambda h: h.raw(json.dumps({"ro": h.doc["ro"], "rw": {"iot_provisioning_state": "MAYBE"}}).encode()),
+        3,
+        "rw.iot_provisioning_state: expected NOT_PROVISIONED or PROVISIONED",
+    ),
+    # wrong types and values (exit 3, naming the key)
+    Case("SN a number", _ro(SN=12345), 3, "ro.SN: expected a string, got int"),
+    Case("UPC a list", _ro(UPC=["0123"]), 3, "ro.UPC: expected a string, got list"),
+    Case(
+        "retry timeout a string",
+        _ro(mqtt_retry_timeout_seconds="10"),
+        3,
+        "ro.mqtt_retry_timeout_seconds: expected a number",
+    ),
+    Case(
+        "retry timeout a bool",
+        _ro(mqtt_retry_timeout_seconds=True),
+        3,
+        "ro.mqtt_retry_timeout_seconds: expected a number",
+    ),
+    Case(
+        "retry timeout negative",
+        _ro(mqtt_retry_timeout_seconds=-1),
+        3,
+        "ro.mqtt_retry_timeout_seconds: expected seconds",
+    ),
+    Case(
+        "keep-alive out of range",
+        _ro(mqtt_keep_alive_interval=5),
+        3,
+        "ro.mqtt_keep_alive_interval: expected whole seconds from 30 to 1200",
+    ),
+    Case(
+        "template parameters a list",
+        _ro(fp_template_parameters=["a"]),
+        3,
+        "ro.fp_template_parameters: expected an object",
+    ),
+    Case(
+        "template parameter not a string",
+        _ro(fp_template_parameters={"Room": 3}),
+        3,
+        "ro.fp_template_parameters: value of 'Room' must be a string",
+    ),
+    Case(
+        "template parameters override SN",
+        _ro(fp_template_parameters={"SerialNumber": "x"}),
+        3,
+        "is set from ro.SN / ro.UPC",
+    ),
+    # method (exit 3)
+    Case(
+        "unknown provisioning method (falls back to JITR)",
+        _ro(iot_provisioning_method="FLEET"),
+        3,
+        "ro.iot_dha_cert_path: missing; JITR needs",
+    ),
+    Case(
+        "unknown certificate method",
+        _ro(fp_certificate_method="CreateKeys"),
+        3,
+        "ro.fp_certificate_method: expected CreateKeysAndCertificate or CreateCertificateFromCsr",
+    ),
+    # missing values (exit 3)
+    Case("SN missing", _ro(SN=DELETE), 3, "ro.SN: missing; fleet provisioning needs it"),
+    Case("SN empty", _ro(SN="  "), 3, "ro.SN: is empty"),
+    Case("SN too long", _ro(SN="S" * 129), 3, "ro.SN: longer than 128 characters"),
+    Case("UPC missing", _ro(UPC=DELETE), 3, "ro.UPC: missing"),
+    Case("template name missing", _ro(fp_template_name=DELETE), 3, "ro.fp_template_name: missing"),
+    Case(
+        "template name invalid",
+        _ro(fp_template_name="my template!"),
+        3,
+        "ro.fp_template_name: must be 1 to 36 characters",
+    ),
+    Case("endpoint missing", _ro(endpoint_url=DELETE), 3, "ro.endpoint_url: missing"),
+    Case(
+        "endpoint with a scheme",
+        _ro(endpoint_url="mqtts://iot.example.com"),
+        3,
+        "ro.endpoint_url: expected a host name or host:port without scheme or path",
+    ),
+    Case(
+        "endpoint port not a number",
+        _ro(endpoint_url="iot.example.com:88x"),
+        3,
+        "ro.endpoint_url: port must be a number from 1 to 65535",
+    ),
+    Case(
+        "claim certificate path missing",
+        _ro(iot_claim_cert_path=DELETE),
+        3,
+        "ro.iot_claim_cert_path: missing",
+    ),
+    Case("claim key path a number", _ro(iot_claim_pk_path=7), 3, "ro.iot_claim_pk_path: expected a string"),
+    Case(
+        "root CA file missing",
+        _ro(iot_root_ca_path="/nonexistent/AmazonRootCA1.pem"),
+        3,
+        "ro.iot_root_ca_path: /nonexistent/AmazonRootCA1.pem does not exist",
+    ),
+    Case(
+        "root CA not a PEM certificate",
+        lambda h: h.ro(iot_root_ca_path=str(h.claim_key)),
+        3,
+        "holds no PEM certificate",
+    ),
+    Case(
+        "credentials folder is a file",
+        lambda h: h.ro(iot_permanent_cert_dir=str(h.claim_cert)),
+        3,
+        "ro.iot_permanent_cert_dir",
+    ),
+    Case(
+        "SECURE_STORAGE with no handler installed",
+        _ro(iot_claim_cert_path="SECURE_STORAGE", iot_claim_pk_path="SECURE_STORAGE"),
+        3,
+        "ro.secure_storage_handler",
+    ),
+    # credentials (exit 4, naming the file and the config key)
+    Case(
+        "claim certificate file missing",
+        lambda h: h.claim_cert.unlink(),
+        4,
+        "claim certificate: {claim_cert} does not exist",
+    ),
+    Case(
+        "claim key file missing",
+        lambda h: h.claim_key.unlink(),
+        4,
+        "claim private key: {claim_key} does not exist",
+    ),
+    Case("claim certificate and key do not match", _mismatched, 4, "does not belong to the certificate"),
+    Case("claim certificate expired", _expired, 4, "claim certificate expired on"),
+    Case("claim certificate not yet valid", _not_yet_valid, 4, "not valid yet"),
+    Case("claim key encrypted", _encrypted, 4, "the key is encrypted"),
+    Case(
+        "claim key readable by others",
+        lambda h: os.chmod(h.claim_key, 0o644),
+        4,
+        "has mode 0644, readable or writable by other users; run 'chmod 600",
+    ),
+    Case("claim key group-writable", lambda h: os.chmod(h.claim_key, 0o620), 4, "has mode 0620"),
+    Case(
+        "claim key is a folder", lambda h: h.folder_instead_of(h.claim_key), 4, "is a folder, not a PEM file"
+    ),
+    Case("claim certificate is a folder", lambda h: h.folder_instead_of(h.claim_cert), 4, "is a folder"),
+    Case("claim certificate is a FIFO", _fifo_cert, 4, "is not a regular file"),
+    Case("claim key is a symlink", _symlinked_key, 4, "is a symbolic link"),
+    Case(
+        "claim certificate garbage",
+        lambda h: h.replace_file(h.claim_cert, b"hello", 0o644),
+        4,
+        "not a PEM X.509 certificate",
+    ),
+    Case(
+        "claim key garbage",
+        lambda h: h.replace_file(h.claim_key, b"-----BEGIN PRIVATE KEY-----\nAAAA\n"),
+        4,
+        "not a PEM private key",
+    ),
+    Case(
+        "claim key huge", lambda h: h.replace_file(h.claim_key, b"A" * 200_000), 4, "too large for a PEM file"
+    ),
+    Case(
+        "claim certificate is the CA of another chain",
+        lambda h: h.replace_file(h.claim_cert, Path(h.doc["ro"]["iot_root_ca_path"]).read_bytes(), 0o644),
+        4,
+        "does not belong to the certificate",
+    ),
+    # storage (exit 5)
+    Case("read-only config folder (EROFS)", _read_only_folder, 5, "cannot create the lock file"),
+    # command line (exit 2)
+    Case("no --config", _argv("provision"), 2, "--config"),
+    Case("unknown command", _argv("onboard", "--config", "{config}"), 2, "invalid choice"),
+    Case("reset without --yes", _argv("reset", "--config", "{config}"), 2, "run again with --yes"),
+    Case(
+        "lock wait not a number",
+        _argv("provision", "--config", "{config}", "--lock-wait", "soon"),
+        2,
+        "invalid float value",
+    ),
+]
+
+TRIED: list[str] = []
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(
+    case: Case, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_hub()
+    hub = BadHub(config, monkeypatch)
+    try:
+        case.setup(hub)
+        before = snapshot(hub.dir)
+        code = main(hub.argv or ["provision", "--config", str(config)])
+        out = capsys.readouterr()
+        monkeypatch.undo()
+        after = snapshot(hub.dir)
+    finally:
+        monkeypatch.undo()
+        os.chmod(hub.dir, 0o755)
+    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key)
+    assert code == case.exit_code, out.err
+    assert message in out.err, out.err
+    assert "Traceback" not in out.err + out.out
+    if code != 2:
+        assert out.err.rstrip().splitlines()[-1].startswith("hub-onboard: error: "), "one clear last line"
+    assert after == before, "a bad input writes nothing"
+    TRIED.append(case.name)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in CASES
+        if c.name
+        in (
+            "config missing",
+            "config not JSON",
+            "SN missing",
+            "claim certificate and key do not match",
+            "claim key readable by others",
+            "claim key is a symlink",
+            "claim certificate expired",
+        )
+    ],
+    ids=lambda c: c.name,
+)
+def test_bad_input_in_a_real_process(
+    case: Case, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same cases through a real `hub-onboard` process, with --json: the error is machine-readable too."""
+    config = make_hub()
+    hub = BadHub(config, monkeypatch)
+    case.setup(hub)
+    before = snapshot(hub.dir)
+    argv = (hub.argv or ["provision", "--config", str(config)])[1:]
+    done = run_hub(Path(argv[1]), *argv[2:], "--json", verbosity="")
+    assert done.returncode == case.exit_code, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["exit_code"] == case.exit_code
+    assert case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key) in error["message"]
+    assert "Traceback" not in done.stderr
+    assert snapshot(hub.dir) == before
+    TRIED.append(f"process:{case.name}")
+
+
+# ------------------------------------------------------------------------------ full disk
+
+
+def _full_disk(hub: BadHub, temp_prefix: str) -> None:
+    """ENOSPC on the fsync of an atomic write's temp file in the hub folder (where a full disk shows)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if _inside(name, hub.dir) and Path(name).name.startswith(temp_prefix):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    hub.monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_full_disk_writing_the_credentials(
+    iot: Any, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_hub()
+    hub = BadHub(config, monkeypatch)
+    before = snapshot(hub.dir)
+    _full_disk(hub, ".private.pem.key.")
+    code = main(["provision", "--config", str(config)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 5, err  # StorageError
+    assert "No space left on device; nothing was left half-written" in err and "Traceback" not in err
+    after = snapshot(hub.dir)
+    # What remains: the lock file (never deleted, empty) and the empty 0700 credentials folder.
+    assert after.pop("iotmi_config.json.lock") == ("file", 0o600, b"")
+    assert after.pop("certs") == ("dir", 0o700, b"")
+    assert after == before
+    TRIED.append("full disk writing the credentials")
+
+
+def test_full_disk_writing_the_config_then_space_comes_back(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_hub: HubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = make_hub()
+    hub = BadHub(config, monkeypatch)
+    original = read_config(config)
+    config_bytes = config.read_bytes()
+    certificates = certificate_ids(iot)
+    _full_disk(hub, ".iotmi_config.json.")
+    code = main(["provision", "--config", str(config), "-v"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert f"could not write {config}: the disk is full; the file was left as it was" in err
+    assert config.read_bytes() == config_bytes, "the config is untouched"
+    assert not [p for p in hub.dir.iterdir() if p.name.endswith(".tmp")], "no temp file left"
+    # Space is back: the next run resumes after the verification and writes the config; no new certificate.
+    assert main(["provision", "--config", str(config), "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming after VERIFIED" in err and "certificate issued" not in err
+    cert_id = assert_recovered(cloud, iot, config, original)
+    assert certificate_ids(iot) - certificates == {cert_id}
+    TRIED.append("full disk writing the config")
