@@ -1,15 +1,40 @@
-"""Run every benchmark once and record the numbers with the commit they measured."""
+"""Run every benchmark against one iot-core-local and record the numbers with the commit they measured.
+
+    python -m bench            # what `make bench` runs (about 10 minutes on a 2-core machine)
+    python -m bench --quick    # a smaller run to check the machinery (not for the record)
+
+Writes bench/results/<date>-<commit>.json and .md, and bench/results/latency.png and fleet.png
+(the charts of the latest run).
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from bench import gateway
+from bench import fleet, footprint, gateway, latency, profile, report
+from bench.gateway import ServerProcess
+
+FINDING = (
+    "Profiled with py-spy at concurrency 200 (bench/profile.py): on the hubs' side, 67-75% of the time a "
+    "hub thread held the GIL was in awscrt's `ClientTlsContext.__init__`, and a native profile shows why: "
+    "`s2n_config_new()` parses the whole system CA bundle (SSL_CERT_FILE, ~140 certificates) for every "
+    "new TLS context, and then `override_default_trust_store` throws it away for `iot_root_ca_path`. "
+    "Two contexts per hub (claim connect, verification connect). fleet-sim now points SSL_CERT_FILE at "
+    "the root CA the hubs trust anyway while they onboard (`fleet_sim.skip_system_trust_store`; the "
+    "trust of every connection is unchanged). On the stand-in's side the time goes to TLS handshakes "
+    "on the gateway's single event loop (`SSLObject.do_handshake`) and to SQLite commits "
+    "(`Registry.transaction`)."
+)
 
 
 def _commit() -> str:
@@ -22,19 +47,62 @@ def _commit() -> str:
     return out.stdout.strip()
 
 
-def main() -> int:
-    results = {
+def _step(name: str, fn: Any, results: dict[str, Any], timings: dict[str, float]) -> None:
+    print(f"== {name}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    results[name] = fn()
+    timings[name] = round(time.perf_counter() - started, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the machinery")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results; --quick: a "
+                        "temporary folder, so a check never replaces the committed results)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "gateway": gateway.run(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "quick": quick,
     }
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"{dt.date.today().isoformat()}-{results['commit']}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    print(f"written: {out}", file=sys.stderr)
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, ServerProcess(Path(tmp) / "data") as server:
+        work = Path(tmp)
+        _step("gateway", lambda: gateway.run(server, hubs=400 if quick else 2000,
+                                             round_trips=200 if quick else 2000), results, timings)
+        _step("latency", lambda: latency.run(server, n=5 if quick else latency.N), results, timings)
+        _step("footprint", lambda: footprint.run(server, runs=2 if quick else footprint.RUNS),
+              results, timings)
+        hubs = 100 if quick else fleet.HUBS
+        _step("fleet", lambda: fleet.run(server, hubs=hubs, budget_s=60 if quick else 360), results, timings)
+
+        def bottleneck() -> dict[str, Any]:
+            before = fleet.run_level(server, work, hubs, 200, tag="Before", trim_tls=False)
+            after = next(lv for lv in results["fleet"]["levels"] if lv["concurrency"] == 200)
+            before.pop("latencies_ms")
+            return {"finding": FINDING, "before": before,
+                    "after": {k: v for k, v in after.items() if k != "latencies_ms"}}
+
+        _step("bottleneck", bottleneck, results, timings)
+    # The profiles run on a server of their own: py-spy attaches to its process.
+    if not quick:
+        _step("profile_after", lambda: profile.run(400, 200, trim_tls=True), results["bottleneck"], timings)
+        _step("profile_before", lambda: profile.run(400, 200, trim_tls=False), results["bottleneck"], timings)
+    results["seconds_per_part"] = timings
+
+    out_dir: Path = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if quick
+                                 else Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if quick else ''}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(report.markdown(results))
+    charts = report.charts(results, out_dir)
+    print(report.markdown(results))
+    print(f"written: {out_dir / stem}.json, .md; charts: {', '.join(str(c) for c in charts)}",
+          file=sys.stderr)
     return 0
 
 

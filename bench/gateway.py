@@ -183,12 +183,16 @@ async def _added_latency(server: ServerProcess, work: Path, count: int) -> dict[
     }
 
 
-def run(hubs: int = 2000, concurrency: int = 200, round_trips: int = 2000) -> dict[str, Any]:
+def run(server: ServerProcess | None = None, hubs: int = 2000, concurrency: int = 200,
+        round_trips: int = 2000) -> dict[str, Any]:
+    """Both measurements, against `server` (one the caller runs) or a server of its own."""
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         work = Path(tmp)
-        with ServerProcess(work / "data") as server:
-            throughput = asyncio.run(_throughput(server, work, hubs, concurrency))
-            latency = asyncio.run(_added_latency(server, work, round_trips))
+        if server is None:
+            with ServerProcess(work / "data") as own:
+                return run(own, hubs, concurrency, round_trips)
+        throughput = asyncio.run(_throughput(server, work, hubs, concurrency))
+        latency = asyncio.run(_added_latency(server, work, round_trips))
     return {"throughput": throughput, "latency": latency}
 
 
