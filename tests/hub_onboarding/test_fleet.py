@@ -200,3 +200,116 @@ def test_malformed_rejections_are_identity_errors(status: Any, code: Any, messag
     assert exc.error_message is None or len(exc.error_message) <= 515
     assert "\n" not in exc.message.replace("\\n", "")
     json.dumps(exc.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same malformed answers through the whole flow (HubOnboarding, CertHandler, progress record, config):
+# a typed IdentityError every time, and nothing half-written: the config is byte for byte what it was, and
+# the credentials folder holds either nothing or a complete, matching, resumable pair.
+
+def _flow_hub(folder: Any) -> Any:
+    from pathlib import Path
+
+    from .conftest import write_private
+
+    hub_dir = Path(folder)
+    ca = make_pair("Test Root CA")
+    claim = make_pair("claim", issuer=ca)
+    (hub_dir / "ca.pem").write_bytes(ca.cert_pem)
+    (hub_dir / "claim.crt").write_bytes(claim.cert_pem)
+    write_private(hub_dir / "claim.key", claim.key_pem)
+    ro = {"iot_provisioning_method": "FLEET_PROVISIONING", "iot_claim_cert_path": str(hub_dir / "claim.crt"),
+          "iot_claim_pk_path": str(hub_dir / "claim.key"), "fp_template_name": "HubTemplate",
+          "fp_certificate_method": "CreateKeysAndCertificate", "endpoint_url": "iot.example.com",
+          "iot_root_ca_path": str(hub_dir / "ca.pem"), "SN": "SN-1", "UPC": "0123", "vendor": [1]}
+    config = hub_dir / "iotmi_config.json"
+    config.write_text(json.dumps({"ro": ro, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}))
+    return config
+
+
+def _run_flow(config: Any, fleet: Any) -> Exception | None:
+    from hub_onboarding import device_provisioner as dpmod
+    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.onboarding import HubOnboarding
+    from hub_onboarding.provisioning import Backoff
+
+    from .test_onboarding import FakeCloud, FakeIot
+
+    def provisioner(self: HubOnboarding, cfg: Any) -> DeviceProvisioner:
+        return DeviceProvisioner(FakeIot(FakeCloud(make_pair("ca"))), operation_timeout=1,  # type: ignore[arg-type]
+                                 retry_timeout=5, backoff=Backoff(rng=lambda: 0.0), sleep=lambda s: None)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HubOnboarding, "_device_provisioner", provisioner)
+        mp.setattr(dpmod, "FleetProvisioning", lambda client, timeout: fleet)
+        try:
+            HubOnboarding(config).process_device()
+        except Exception as exc:  # the property: only IdentityError may come out
+            return exc
+    return None
+
+
+class _JunkFleet:
+    def __init__(self, issued: Any = None, registered: Any = None) -> None:
+        self.issued, self.registered = issued, registered
+
+    def create_keys_and_certificate(self) -> Any:
+        return validate_issued("CreateKeysAndCertificate", self.issued)
+
+    def register_thing(self, template: str, token: str, params: Any) -> Any:
+        return validate_registered(self.registered)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cert=junk, key=junk, token=junk, cert_id=junk)
+def test_malformed_issued_answers_through_the_flow_write_nothing(cert: Any, key: Any, token: Any,
+                                                                   cert_id: Any) -> None:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = _flow_hub(folder)
+        before = config.read_bytes()
+        error = _run_flow(config, _JunkFleet(issued=Resp(certificate_pem=cert, private_key=key,
+                                                         certificate_ownership_token=token,
+                                                         certificate_id=cert_id)))
+        assert isinstance(error, IdentityError), repr(error)
+        assert config.read_bytes() == before
+        certs = Path(folder) / "certs"
+        assert not certs.exists() or list(certs.iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(thing=junk, config_value=st.one_of(junk, st.dictionaries(st.text(max_size=5), junk, max_size=3)))
+def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any, config_value: Any) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from hub_onboarding.certs import check_pair
+    from hub_onboarding.progress import ProgressStore, Step
+
+    good = make_pair("issued")
+    issued = Resp(certificate_pem=good.cert_pem.decode(), private_key=good.key_pem.decode(),
+                  certificate_ownership_token="TOKEN-1", certificate_id="x")
+    with tempfile.TemporaryDirectory() as folder:
+        config = _flow_hub(folder)
+        before = config.read_bytes()
+        error = _run_flow(config, _JunkFleet(issued=issued, registered=Resp(thing_name=thing,
+                                                                            device_configuration=config_value)))
+        doc = json.loads(config.read_text())
+        certs = Path(folder) / "certs"
+        if error is None:
+            assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
+            assert isinstance(doc["rw"]["client_id"], str) and doc["rw"]["client_id"]
+            rw = doc["rw"]
+            check_pair(Path(rw["iot_permanent_cert_path"]).read_bytes(),
+                       Path(rw["iot_permanent_pk_path"]).read_bytes(), "permanent", check_validity=False)
+        else:
+            assert isinstance(error, IdentityError), repr(error)
+            assert config.read_bytes() == before
+            # What is on disk is complete and resumable: the pair matches and the record names it.
+            progress = ProgressStore(certs).load()
+            assert progress is not None and progress.step is Step.CERTIFICATE_ISSUED
+            check_pair((certs / "certificate.pem.crt").read_bytes(), (certs / "private.pem.key").read_bytes(),
+                       "permanent", check_validity=False)
+            assert not [p for p in certs.iterdir() if p.name.endswith(".tmp")]
