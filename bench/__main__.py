@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, footprint, gateway, latency, profile, report
+from bench import delayed_ack, fleet, footprint, gateway, latency, profile, report
 from bench.gateway import ServerProcess
 
 FINDING = (
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         _step("gateway", lambda: gateway.run(server, hubs=400 if quick else 2000,
                                              round_trips=200 if quick else 2000), results, timings)
         _step("latency", lambda: latency.run(server, n=5 if quick else latency.N), results, timings)
+        _step("delayed_ack", lambda: delayed_ack.run(server, n=5 if quick else delayed_ack.N),
+              results, timings)
         _step("footprint", lambda: footprint.run(server, runs=2 if quick else footprint.RUNS),
               results, timings)
         hubs = 100 if quick else fleet.HUBS

@@ -39,7 +39,8 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        frames = [f for f in stack.split(";")
+                  if f.strip() and not f.startswith(("process ", "thread "))]
         names = [f.split(" (")[0] + (" (" + f.split("(")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
                                      if "(" in f else "") for f in frames]
         for name in set(names):

@@ -73,6 +73,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(_row(key, r["n"], f"{r['product_median_ms']} ms", f"{r['product_p95_ms']} ms",
                               f"{r['floor_median_ms']} ms", f"{r['floor_p95_ms']} ms", r["ratio_median"]))
 
+    ack = results.get("delayed_ack")
+    if ack:
+        lines += ["", "## Nagle + delayed ACK on each awscrt connect (bench/delayed_ack.py)", "",
+                  _row("n", "awscrt connect, direct to the gateway", "through a TCP_QUICKACK relay", "saved"),
+                  _row(*["---"] * 4),
+                  _row(ack["n"], f"{ack['direct_connect_median_ms']} ms",
+                       f"{ack['quickack_relay_connect_median_ms']} ms", f"{ack['saved_per_connect_ms']} ms")]
+
     fp = results.get("footprint")
     if fp:
         lines += ["", "## Process footprint (medians; RSS: the largest run)", "",
