@@ -9,7 +9,6 @@ IotIdentityClientV2 over an awscrt MQTT 5 client, exactly as a hub does.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import queue
 import socket
@@ -31,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from iot_core_local import jitr
+from iot_core_local.ca import certificate_id
 from iot_core_local.server import LocalIotCore
 
 REGION = "us-east-1"
@@ -269,48 +270,21 @@ def make_csr(common_name: str = "hub", *, weak: bool = False) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-class DeviceCA:
-    """A manufacturer CA (for JITR/JITP) and the device certificates it signs."""
+class DeviceCA(jitr.DeviceCA):
+    """The product's maker CA (iot_core_local.jitr), writing credentials where these tests read them."""
 
-    def __init__(self, name: str = "Test Device CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
+    @property
+    def cert(self) -> x509.Certificate:
+        return self.certificate
+
+    @property
+    def pem(self) -> str:
+        return self.certificate_pem
 
     def device(self, folder: Path, common_name: str) -> Credentials:
-        import hashlib
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .sign(self.key, hashes.SHA256())
-        )
-        cid = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
-        return write_credentials(
-            folder, common_name, cid, cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
-        )
+        issued = self.issue_device(common_name)
+        cid = certificate_id(x509.load_pem_x509_certificate(issued.certificate_pem.encode()))
+        return write_credentials(folder, common_name, cid, issued.certificate_pem, issued.private_key_pem)
 
 
 @contextlib.contextmanager
