@@ -24,7 +24,6 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -118,6 +117,9 @@ class FileCredentialStore:
 
 def load_store(name: str | None) -> CredentialStore:
     """The secure-storage handler registered under `name` (or the only non-file one when None)."""
+    # Imported here: importlib.metadata costs ~10 ms at start-up and only SECURE_STORAGE hubs need it.
+    from importlib import metadata
+
     eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     if name is None:
         candidates = sorted(n for n in eps if n != FILE_STORE_NAME)
