@@ -18,6 +18,7 @@ command starts fast on a small hub. This module is the only place that configure
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,7 @@ def _provision(args: argparse.Namespace) -> int:
     from hub_onboarding.onboarding import HubOnboarding, Timeouts
 
     show_steps = not args.json and sys.stderr.isatty()
-    counter = iter(range(1, 1000))
+    counter = itertools.count(1)
 
     def on_step(text: str) -> None:
         if show_steps:
