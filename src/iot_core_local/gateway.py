@@ -709,13 +709,22 @@ class _Connection:
                     return False
             elif packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
                 self._send_client(mqtt5.PubAckPacket(packet.packet_id))
-            answer = await self.gw.in_thread(
-                self.gw.provisioning.handle,
-                request,
-                packet.payload,
-                claim_certificate_id=self.certificate_id,
-                client_id=self.client_id,
-            )
+            provisioning = self.gw.provisioning
+            if provisioning.blocks(request):
+                answer = await self.gw.in_thread(
+                    provisioning.handle,
+                    request,
+                    packet.payload,
+                    claim_certificate_id=self.certificate_id,
+                    client_id=self.client_id,
+                )
+            else:
+                answer = provisioning.handle(
+                    request,
+                    packet.payload,
+                    claim_certificate_id=self.certificate_id,
+                    client_id=self.client_id,
+                )
             delivered = self.deliver_local(answer.topic, answer.payload)
             log.info(
                 "provisioning %s cert %s client %r: %s%s",

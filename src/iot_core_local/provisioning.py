@@ -187,6 +187,20 @@ class ProvisioningService:
 
     # ---- the MQTT API -------------------------------------------------------------------------
 
+    def blocks(self, request: Request) -> bool:
+        """Whether `request` may take long enough to stall an event loop, so it must run in a thread.
+
+        RSA key generation (CreateKeysAndCertificate) takes 50-150 ms and a pre-provisioning hook up to
+        5 s. Signing a CSR and a RegisterThing without a hook take well under a millisecond: running
+        them in a thread would cost more in hand-offs and GIL contention than the work itself.
+        """
+        if request.operation == CREATE_KEYS:
+            return True
+        if request.operation == REGISTER_THING and request.template_name is not None:
+            stored = self.registry.find_template(request.template_name)
+            return stored is not None and bool((stored.hook or {}).get("targetArn"))
+        return False
+
     def handle(
         self, request: Request, payload: bytes, *, claim_certificate_id: str, client_id: str
     ) -> Answer:
