@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -254,7 +255,15 @@ def _number(section: Mapping[str, Any], sect: str, key: str) -> float | None:
     # bool is an int in Python; `true` is not a number of seconds
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key_name(sect, key)}: expected a number, got {value!r}", key=key_name(sect, key))
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        number = math.inf
+    # Python's json accepts NaN, Infinity and 1e400 (= inf); none of them is a number of seconds.
+    if not math.isfinite(number):
+        raise ConfigError(f"{key_name(sect, key)}: expected a finite number, got {value!r}",
+                          key=key_name(sect, key))
+    return number
 
 
 def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = None) -> HubConfig:

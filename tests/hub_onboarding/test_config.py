@@ -256,3 +256,25 @@ def test_lock_in_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert not (folder / "iotmi_config.json.lock").exists()
     finally:
         folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400])
+@pytest.mark.parametrize(("section", "key"), [("ro", "mqtt_keep_alive_interval"),
+                                              ("rw", "mqtt_keep_alive_interval"),
+                                              ("ro", "mqtt_retry_timeout_seconds")])
+def test_non_finite_numbers_are_config_errors(make_hub: HubFactory, capsys: pytest.CaptureFixture[str],
+                                              literal: str, section: str, key: str) -> None:
+    # Python's json reads NaN, Infinity and 1e400 (inf); they must end in ConfigError (exit 3) naming the
+    # key, never in a ValueError/OverflowError traceback.
+    from hub_onboarding.cli import main
+
+    hub = make_hub()
+    doc = hub.doc()
+    doc[section][key] = "@NUMBER@"
+    hub.config.write_text(json.dumps(doc).replace('"@NUMBER@"', literal))
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_config(hub.config)
+    assert info.value.key == f"{section}.{key}"
+    assert main(["provision", "--config", str(hub.config)]) == 3
+    err = capsys.readouterr().err
+    assert f"{section}.{key}" in err and "Traceback" not in err
