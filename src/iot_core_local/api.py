@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -1167,6 +1168,15 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             self._connections.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr by default. A client that hangs up, or stop()
+        # closing a keep-alive connection under its thread, is not an error; anything else is logged.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("control plane: connection from %s ended: %s", client_address, exc)
+        else:
+            log.exception("control plane: error while serving %s", client_address)
 
     def close_connections(self) -> None:
         # Keep-alive connections would otherwise keep their threads reading after stop().
