@@ -195,7 +195,7 @@ class IdentityError(ProvisioningError):
         words = f"statusCode={code} errorCode={err} errorMessage={msg!r}"
         if is_throttling(code, err):
             hint = "the service is throttling requests; retry later"
-        elif "token" in (msg or "").lower() or (err or "") == "InvalidCertificateOwnershipToken":
+        elif is_token_refusal(code, err, msg):
             hint = "the certificate ownership token was refused; run provision again to get a new certificate"
         elif code == 403 or (err or "").lower() in ("accessdenied", "access_denied", "accessdeniedexception"):
             hint = ("the template or its pre-provisioning hook refused this hub; check SN, UPC and "
@@ -222,6 +222,11 @@ class IdentityError(ProvisioningError):
             error_code="InvalidResponse",
         )
 
+    @property
+    def token_refused(self) -> bool:
+        """True when the service refused the certificate ownership token (spent, expired or unknown)."""
+        return is_token_refusal(self.status_code, self.error_code, self.error_message)
+
     def to_dict(self) -> dict[str, object]:
         return {
             **super().to_dict(),
@@ -235,3 +240,18 @@ class IdentityError(ProvisioningError):
 def is_throttling(status_code: int | None, error_code: str | None) -> bool:
     """True for the answers AWS gives when a caller goes too fast."""
     return status_code == 429 or "throttl" in (error_code or "").lower()
+
+
+TOKEN_ERROR_CODE = "InvalidCertificateOwnershipToken"  # noqa: S105 (an error code, not a secret)
+
+
+def is_token_refusal(status_code: int | None, error_code: str | None, error_message: str | None) -> bool:
+    """True when a rejection says the certificate ownership token was refused.
+
+    Any 4xx answer (AWS documents the error code; iot-core-local sends 400 and the word "token" in its
+    message) whose errorCode is InvalidCertificateOwnershipToken or whose errorMessage mentions the token.
+    Throttling is never a refusal, even if its message mentions a token bucket: it is worth a retry.
+    """
+    if status_code is None or not 400 <= status_code < 500 or is_throttling(status_code, error_code):
+        return False
+    return error_code == TOKEN_ERROR_CODE or "token" in (error_message or "").lower()

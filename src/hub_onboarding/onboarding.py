@@ -270,7 +270,7 @@ class HubOnboarding:
                         try:
                             progress = self._register_thing(cfg, store, fp, progress)
                         except IdentityError as exc:
-                            if restarted or not _token_refused(exc):
+                            if restarted or not exc.token_refused:
                                 raise
                             # The saved token was spent or expired (e.g. the answer to a RegisterThing
                             # was lost): the only way forward is a new certificate, once.
@@ -382,8 +382,3 @@ class HubOnboarding:
         self._step(f"PROVISIONED: client_id {client_id!r}"
                    + (f", managed_thing_id {managed_thing_id!r}" if managed_thing_id else ""))
         return _result_from(doc, changed=True, thing_name=thing_name)
-
-
-def _token_refused(exc: IdentityError) -> bool:
-    text = f"{exc.error_code or ''} {exc.error_message or ''}".lower()
-    return exc.status_code == 400 and "token" in text

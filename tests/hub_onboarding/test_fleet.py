@@ -313,3 +313,22 @@ def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any
             check_pair((certs / "certificate.pem.crt").read_bytes(), (certs / "private.pem.key").read_bytes(),
                        "permanent", check_validity=False)
             assert not [p for p in certs.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(("status", "code", "message", "refused"), [
+    (400, "InvalidRequest", "Certificate ownership token has already been used", True),  # iot-core-local
+    (400, "InvalidCertificateOwnershipToken", "Invalid ownership", True),
+    (401, "InvalidCertificateOwnershipToken", None, True),
+    (403, "AccessDenied", "ownership token expired", True),
+    (404, "ResourceNotFound", "Template HubTemplate not found", False),
+    (429, "ThrottlingException", "token bucket empty", False),  # throttling is retried, never a refusal
+    (500, "InternalFailure", "token store unavailable", False),
+    (None, "InvalidCertificateOwnershipToken", None, False),
+])
+def test_token_refusal_is_one_predicate(status: int | None, code: str, message: str | None,
+                                        refused: bool) -> None:
+    exc = IdentityError.from_rejection("RegisterThing", status, code, message)
+    assert exc.token_refused is refused
+    assert errors.is_token_refusal(status, code, message) is refused
+    # the hint the user reads agrees with what the flow does
+    assert ("ownership token was refused" in exc.message) is refused

@@ -455,3 +455,21 @@ def test_every_error_is_an_onboarding_error(make_hub: HubFactory, cloud: FakeClo
     hub = make_hub(ro={"SN": ""})
     with pytest.raises(OnboardingError):
         HubOnboarding(hub.config).process_device()
+
+
+@pytest.mark.parametrize(("status", "code", "message"), [
+    (401, "InvalidCertificateOwnershipToken", "The ownership was refused"),
+    (403, "Forbidden", "Certificate ownership token expired"),
+])
+def test_refused_token_in_other_words_starts_over_once(make_hub: HubFactory, cloud: FakeCloud, status: int,
+                                                       code: str, message: str) -> None:
+    # Real AWS need not answer exactly as iot-core-local does (400 + "token"): any 4xx refusal of the token
+    # means a new certificate, instead of re-sending the spent token on every run.
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", status, code, message)]
+    HubOnboarding(hub.config).process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 2
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
