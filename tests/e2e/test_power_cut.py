@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,11 @@ VERIFIED_LINE = "connected with the new certificate"
 @dataclass(frozen=True)
 class KillPoint:
     name: str
-    freeze: dict[str, Any]            # the shim's spec; "{config}" is replaced by the config's path
-    certificates: int                 # new certificates in the cloud once the hub is provisioned
-    resumed_logs: tuple[str, ...] = ()     # lines the second run must write
-    resumed_never: tuple[str, ...] = ()    # lines the second run must not write (steps not repeated)
-    delay_verify_connect: bool = False     # kill while the verification CONNECT waits for its CONNACK
+    freeze: dict[str, Any]  # the shim's spec; "{config}" is replaced by the config's path
+    certificates: int  # new certificates in the cloud once the hub is provisioned
+    resumed_logs: tuple[str, ...] = ()  # lines the second run must write
+    resumed_never: tuple[str, ...] = ()  # lines the second run must not write (steps not repeated)
+    delay_verify_connect: bool = False  # kill while the verification CONNECT waits for its CONNACK
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,22 +90,45 @@ KILL_POINTS = [
     KillPoint("certificate issued", _line(ISSUED_LINE), 2),
     KillPoint("middle of the key write", _mid_write(".private.pem.key."), 2),
     # Credentials and the token are saved: the second run finishes RegisterThing with that token.
-    KillPoint("credentials written", _line(STORED_LINE), 1,
-              ("resuming after CERTIFICATE_ISSUED", REGISTERED_LINE), (ISSUED_LINE,)),
-    KillPoint("RegisterThing accepted", _line(REGISTERED_LINE), 1,
-              (*AFTER_REGISTER, VERIFIED_LINE), NO_CLAIM),
-    KillPoint("during the verification connect", _line(REGISTERED_LINE), 1,
-              (*AFTER_REGISTER, VERIFIED_LINE), NO_CLAIM, delay_verify_connect=True),
+    KillPoint(
+        "credentials written",
+        _line(STORED_LINE),
+        1,
+        ("resuming after CERTIFICATE_ISSUED", REGISTERED_LINE),
+        (ISSUED_LINE,),
+    ),
+    KillPoint(
+        "RegisterThing accepted", _line(REGISTERED_LINE), 1, (*AFTER_REGISTER, VERIFIED_LINE), NO_CLAIM
+    ),
+    KillPoint(
+        "during the verification connect",
+        _line(REGISTERED_LINE),
+        1,
+        (*AFTER_REGISTER, VERIFIED_LINE),
+        NO_CLAIM,
+        delay_verify_connect=True,
+    ),
     KillPoint("verification connected", _line(VERIFIED_LINE), 1, ("resuming after VERIFIED",), NO_NETWORK),
     KillPoint("config write 1 (paths)", _config_write(1), 1, ("resuming after VERIFIED",), NO_NETWORK),
     KillPoint("config write 2 (client_id)", _config_write(2), 1, ("resuming after VERIFIED",), NO_NETWORK),
-    KillPoint("config write 3 (managed_thing_id)", _config_write(3), 1, ("resuming after VERIFIED",),
-              NO_NETWORK),
+    KillPoint(
+        "config write 3 (managed_thing_id)", _config_write(3), 1, ("resuming after VERIFIED",), NO_NETWORK
+    ),
     KillPoint("config write 4 (PROVISIONED)", _config_write(4), 1, ("already PROVISIONED",), NO_NETWORK),
-    KillPoint("middle of config write 1", _mid_write(".iotmi_config.json.", 1), 1,
-              ("resuming after VERIFIED",), NO_NETWORK),
-    KillPoint("middle of config write 4", _mid_write(".iotmi_config.json.", 4), 1,
-              ("resuming after VERIFIED",), NO_NETWORK),
+    KillPoint(
+        "middle of config write 1",
+        _mid_write(".iotmi_config.json.", 1),
+        1,
+        ("resuming after VERIFIED",),
+        NO_NETWORK,
+    ),
+    KillPoint(
+        "middle of config write 4",
+        _mid_write(".iotmi_config.json.", 4),
+        1,
+        ("resuming after VERIFIED",),
+        NO_NETWORK,
+    ),
 ]
 
 
@@ -118,7 +142,13 @@ def _with_unknown_keys(config_path: Path) -> dict[str, Any]:
     return doc
 
 
-def assert_recovered(cloud: LocalIotCore, iot: Any, config_path: Path, original: dict[str, Any]) -> str:
+def assert_recovered(
+    cloud: LocalIotCore,
+    iot: Any,
+    config_path: Path,
+    original: dict[str, Any],
+    token_spent_before_cut: Iterable[str] = (),
+) -> str:
     """Everything a hub must be after a power cut and one more run; returns the certificate id."""
     doc = read_config(config_path)  # parses
     assert doc["ro"] == original["ro"], "ro is never written"
@@ -140,14 +170,25 @@ def assert_recovered(cloud: LocalIotCore, iot: Any, config_path: Path, original:
     cert_id = pem_certificate_id(cert_pem)
     described = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
     assert described["status"] == "ACTIVE"
-    principals = iot.list_thing_principals(thingName=rw["client_id"])["principals"]
-    assert [p.rsplit("/", 1)[1] for p in principals] == [cert_id], "the thing has exactly this certificate"
+    principals = {
+        p.rsplit("/", 1)[1] for p in iot.list_thing_principals(thingName=rw["client_id"])["principals"]
+    }
+    assert cert_id in principals
+    # Besides it, only a certificate whose RegisterThing the service accepted just before the cut, before
+    # the hub could record the answer: its token is then spent, so the hub had to start over.
+    assert principals - {cert_id} <= set(token_spent_before_cut), "the thing has no stray certificate"
     assert connects(cloud, rw["iot_permanent_cert_path"], key_path, rw["client_id"])
     return cert_id
 
 
-ONBOARDING_RW_KEYS = {"iot_provisioning_state", "client_id", "managed_thing_id", "iot_permanent_cert_path",
-                      "iot_permanent_pk_path", "metadata"}
+ONBOARDING_RW_KEYS = {
+    "iot_provisioning_state",
+    "client_id",
+    "managed_thing_id",
+    "iot_permanent_cert_path",
+    "iot_permanent_pk_path",
+    "metadata",
+}
 KILLS: list[str] = []
 
 
@@ -219,13 +260,16 @@ def test_power_cut_from_outside_on_log_lines(
     read_config(config_path)  # parses at every moment
     second = run_hub(config_path)
     assert second.returncode == 0, second.stderr
-    cert_id = assert_recovered(cloud, iot, config_path, original)
     new = certificate_ids(iot) - before
+    # The one race a cut from outside can hit: the service accepted RegisterThing (token spent) and the
+    # kill landed before the hub recorded the answer. The hub then starts over, once, and says why.
+    spent = "ownership token refused" in second.stderr
+    cert_id = assert_recovered(cloud, iot, config_path, original, token_spent_before_cut=new if spent else ())
     assert cert_id in new and len(new) <= 2
     if line in (STORED_LINE, REGISTERED_LINE, VERIFIED_LINE, "PROVISIONED:"):
-        # The token was saved before the line was written: whatever the kill hit, no new certificate.
-        assert len(new) == 1
-        assert ISSUED_LINE not in second.stderr
+        # The token was saved before the line was written: no new certificate, unless it was spent.
+        assert len(new) == (2 if spent else 1)
+        assert spent or ISSUED_LINE not in second.stderr
     KILLS.append(f"outside:{line}")
 
 
