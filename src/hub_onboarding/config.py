@@ -3,7 +3,8 @@
 Every key name lives here as a constant. The file has two sections: `ro` (factory / integrator) and `rw`
 (written by the SDK at run time). Other hub processes read the same file, so every write is atomic
 (temp file in the same folder, fsync, os.replace, fsync of the folder), keeps every key it does not
-know, and keeps the file's mode. Validation (`parse_config`) runs before any network traffic and each
+know, and keeps the file's mode, owner and group; a symlinked config stays a symlink (its target is
+replaced). Validation (`parse_config`) runs before any network traffic and each
 ConfigError names the key ("ro.SN") and what is wrong with it.
 
 The lock: `<config>.lock` beside the config, held with fcntl.flock for the whole onboarding, so two
@@ -413,15 +414,23 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never a mix.
 
     The temp file is created with `mode` from its first byte (O_CREAT|O_EXCL, then fchmod to defeat
-    the umask), in the same folder so os.replace is a rename on one filesystem.
+    the umask), in the same folder so os.replace is a rename on one filesystem. `owner` (uid, gid) is
+    given to the temp file before any data when it differs from ours; EPERM (not root) is ignored.
     """
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        if owner is not None:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != owner:
+                try:
+                    os.fchown(fd, *owner)
+                except PermissionError:
+                    log.debug("cannot give %s to uid %d gid %d (not root); it keeps ours", path, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -436,15 +445,21 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int) -> None:
 
 
 def write_document(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
-    """Atomically write the whole config, keeping the existing file's permission bits."""
-    p = Path(path)
+    """Atomically write the whole config, keeping the existing file's permission bits, owner and group.
+
+    A symlinked config stays a symlink: the file it points at is the one replaced (the temp file goes
+    in that file's folder, so the rename stays on one filesystem).
+    """
+    p = Path(os.path.realpath(path))
+    owner: tuple[int, int] | None
     try:
-        mode = stat.S_IMODE(p.stat().st_mode)
+        st = p.stat()
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        mode = 0o644
+        mode, owner = 0o644, None
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
     try:
-        atomic_write_bytes(p, data, mode)
+        atomic_write_bytes(p, data, mode, owner)
     except OSError as exc:
         hint = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         raise StorageError(f"could not write {p}: {hint}; the file was left as it was") from None

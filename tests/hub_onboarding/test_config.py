@@ -278,3 +278,51 @@ def test_non_finite_numbers_are_config_errors(make_hub: HubFactory, capsys: pyte
     assert main(["provision", "--config", str(hub.config)]) == 3
     err = capsys.readouterr().err
     assert f"{section}.{key}" in err and "Traceback" not in err
+
+
+def test_write_through_a_symlinked_config_keeps_the_link(make_hub: HubFactory, tmp_path: Path) -> None:
+    hub = make_hub(rw={"other": 1})
+    target_dir = tmp_path / "real"
+    target_dir.mkdir()
+    target = target_dir / "iotmi_config.json"
+    hub.config.rename(target)
+    hub.config.symlink_to(target)
+    target.chmod(0o640)
+    cfg.update_rw(hub.config, {"client_id": "c"})
+    assert hub.config.is_symlink() and os.readlink(hub.config) == str(target)
+    rw = json.loads(target.read_text())["rw"]
+    assert rw["client_id"] == "c" and rw["other"] == 1
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert [p.name for p in target_dir.iterdir()] == ["iotmi_config.json"]  # no temp file left anywhere
+    assert sorted(p.name for p in hub.dir.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_write_keeps_owner_and_group(make_hub: HubFactory) -> None:
+    hub = make_hub()
+    os.chown(hub.config, 65534, 65534)
+    cfg.update_rw(hub.config, {"client_id": "c"})
+    st = hub.config.stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert cfg.read_document(hub.config)["rw"]["client_id"] == "c"
+
+
+def test_write_as_another_user_ignores_eperm(make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub()
+    calls: list[tuple[int, int]] = []
+
+    def fake_fchown(fd: int, uid: int, gid: int) -> None:
+        calls.append((uid, gid))
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    class Owned:  # the config belongs to someone else; our temp file to us
+        def __init__(self, st: os.stat_result) -> None:
+            self.st = st
+
+        def __getattr__(self, name: str) -> Any:
+            return {"st_uid": self.st.st_uid + 1}.get(name, getattr(self.st, name))
+
+    monkeypatch.setattr(os, "fchown", fake_fchown)
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: Owned(os.stat(self)))
+    cfg.update_rw(hub.config, {"client_id": "c"})
+    assert calls and cfg.read_document(hub.config)["rw"]["client_id"] == "c"
