@@ -240,6 +240,8 @@ def _parse(buf: bytearray, start: int, size: int) -> mqtt5.Packet:
         try:
             packet, used = mqtt5.read(view[start : start + size])
         except (ValueError, IndexError) as e:
+            if "Topic alias" in str(e):  # the codec refuses alias 0 while reading
+                raise _Close(f"topic alias invalid ({e})", Reason.TOPIC_ALIAS_INVALID) from None
             raise _Close(f"malformed packet ({e})", Reason.MALFORMED_PACKET) from None
         except BaseException as e:
             if type(e).__name__ != "PanicException":
@@ -307,6 +309,7 @@ class _Connection:
         self.pending_subacks: dict[int, _Merge] = {}
         self.pending_unsubacks: dict[int, _Merge] = {}
         self.client_aliases: dict[int, str] = {}
+        self.topic_alias_max = 0  # what the CONNACK announced: the client may use aliases 1..this
         self.broker_aliases: dict[int, str] = {}
         self.broker_buf = bytearray()
         self.kicked: _Close | None = None
@@ -576,6 +579,7 @@ class _Connection:
                 user_properties=connack.user_properties,
             )
         )
+        self.topic_alias_max = connack.topic_alias_max or 0
         if connack.assigned_client_id:
             self.client_id = connack.assigned_client_id
             self.variables["iot:ClientId"] = connack.assigned_client_id
@@ -685,9 +689,12 @@ class _Connection:
         topic = packet.topic
         alias = packet.topic_alias
         if alias is not None:
-            if topic:
-                self.client_aliases[alias] = topic
-            else:
+            if not 0 < alias <= self.topic_alias_max:
+                raise _Close(
+                    f"topic alias {alias} outside 1..{self.topic_alias_max} (the CONNACK's maximum)",
+                    Reason.TOPIC_ALIAS_INVALID,
+                )
+            if not topic:
                 resolved = self.client_aliases.get(alias)
                 if resolved is None:
                     raise _Close(f"unknown topic alias {alias}", Reason.TOPIC_ALIAS_INVALID)
@@ -698,6 +705,8 @@ class _Connection:
             raise _Close(f"payload of {len(packet.payload)} bytes exceeds 128 KB", Reason.PACKET_TOO_LARGE)
         if not topic or "+" in topic or "#" in topic:
             raise _Close("invalid topic name", Reason.TOPIC_NAME_INVALID)
+        if alias is not None and packet.topic:
+            self.client_aliases[alias] = topic  # at most topic_alias_max of them, each a valid topic
         request = parse_request_topic(topic)
         if request is not None:
             if not self.allowed("iot:Publish", f"topic/{topic}"):

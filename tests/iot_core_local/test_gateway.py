@@ -464,3 +464,32 @@ def test_many_bad_clients_at_once_leave_a_good_one_alone(
         assert bystander.publish("bystander/other", f"{i}".encode()) in OK
     for t in threads:
         t.join(10)
+
+
+@pytest.mark.parametrize("beyond", [False, True])
+def test_topic_alias_outside_the_connack_maximum_is_refused(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient, beyond: bool
+) -> None:
+    client = RawClient(core, new_device(core, creds_dir, f"alias-{beyond}"))
+    connack = client.connect(f"alias-{beyond}")
+    maximum = connack.topic_alias_max or 0
+    assert maximum >= 1
+    # Within the announced range an alias is set and then used alone.
+    assert client.publish("alias/topic", b"set", topic_alias=maximum) in OK
+    assert client.publish("", b"used", topic_alias=maximum) in OK
+    packet = mqtt5.PublishPacket(
+        "alias/other",
+        b"x",
+        qos=mqtt5.QoS.AT_LEAST_ONCE,
+        packet_id=client.packet_id(),
+        topic_alias=maximum + 1,
+    ).write()
+    if not beyond:  # alias 0 (the codec will not write it): patch the alias property's value
+        at = packet.index(bytes((0x23, 0, maximum + 1)))
+        packet = packet[: at + 1] + b"\x00\x00" + packet[at + 3 :]
+    client.send_raw(packet)
+    seen = client.expect_closed()
+    assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [
+        int(mqtt5.DisconnectReasonCode.TOPIC_ALIAS_INVALID)
+    ]
+    client.close()
