@@ -12,7 +12,8 @@ Checks (each failure is a CredentialError that names the config key and the path
 - a claim certificate must be within its validity period.
 
 Writing: the folder is made 0700 and the key 0600 from their first byte whatever the umask (O_EXCL
-temp file with mode 0600, fchmod, fsync, rename, fsync of the folder).
+temp file with mode 0600, fchmod, fsync, rename, fsync of the folder). An existing folder is never
+narrowed (it may be shared, e.g. the config's own folder): one open to others is refused.
 """
 
 from __future__ import annotations
@@ -236,16 +237,43 @@ class CertHandler:
         return check_pair(cert_pem, key_pem, str(cert_type), check_validity=cert_type is CertType.CLAIM)
 
     @staticmethod
-    def ensure_private_dir(directory: Path) -> None:
-        """Create `directory` as 0700 (or narrow an existing one we own to 0700)."""
+    def check_private_dir(directory: Path) -> None:
+        """Refuse an existing credentials folder that other users can enter or list (a missing one is fine).
+
+        Onboarding never changes the mode of a folder it did not create: with iot_permanent_cert_dir "."
+        or a shared folder, narrowing it would lock the other hub processes out of their files.
+        CredentialError (exit 4), like a key file readable by others: the key would not be private there.
+        """
         try:
-            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            # mkdir's mode is filtered by the umask; chmod sets exactly 0700 either way.
             st = os.stat(directory)
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                os.chmod(directory, DIR_MODE)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot examine the credentials folder {directory}: "
+                               f"{exc.strerror or exc}") from None
+        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+            raise CredentialError(
+                f"the credentials folder {directory} (ro.iot_permanent_cert_dir) has mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, open to other users, and onboarding does not narrow a "
+                f"folder it did not create; set ro.iot_permanent_cert_dir to a folder of its own (onboarding "
+                f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it")
+
+    @staticmethod
+    def ensure_private_dir(directory: Path) -> None:
+        """Create `directory` with mode 0700; an existing one must already be private (check_private_dir)."""
+        try:
+            directory.mkdir(mode=DIR_MODE, parents=True)
+        except FileExistsError:
+            CertHandler.check_private_dir(directory)
+            return
         except OSError as exc:
             raise StorageError(f"cannot create the credentials folder {directory} with mode 0700: "
+                               f"{exc.strerror or exc}") from None
+        try:
+            # mkdir's mode is filtered by the umask; chmod sets exactly 0700 on the folder we just made.
+            os.chmod(directory, DIR_MODE)
+        except OSError as exc:
+            raise StorageError(f"cannot set mode 0700 on the credentials folder {directory}: "
                                f"{exc.strerror or exc}") from None
 
     def write_file(self, path: Path, data: bytes, mode: int) -> None:

@@ -138,6 +138,9 @@ class HubOnboarding:
         # Credentials are read and checked before the lock file or any connection exists, so a bad
         # input writes nothing and sends nothing.
         creds = self._read_initial_credentials(cfg, handler)
+        if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
+            # New credentials go there: refuse a folder open to others before a certificate is minted.
+            CertHandler.check_private_dir(cfg.permanent_cert_dir)
         with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
             if self.is_provisioned():
                 self._step("another run provisioned this hub meanwhile")

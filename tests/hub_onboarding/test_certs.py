@@ -67,12 +67,26 @@ def test_key_is_never_readable_by_others_while_written(tmp_path: Path,
     assert seen and all(m & 0o077 == 0 for m in seen)
 
 
-def test_existing_wide_folder_is_narrowed(tmp_path: Path) -> None:
-    folder = tmp_path / "certs"
+def test_existing_wide_folder_is_refused_not_narrowed(tmp_path: Path) -> None:
+    # It may be shared (the config's own folder, with iot_permanent_cert_dir "."): narrowing it would lock
+    # the other hub processes out.
+    folder = tmp_path / "shared"
     folder.mkdir()
     folder.chmod(0o755)
-    CertHandler.ensure_private_dir(folder)
-    assert mode(folder) == 0o700
+    with pytest.raises(CredentialError, match=r"ro\.iot_permanent_cert_dir") as info:
+        CertHandler().write_file(folder / "key.pem", make_pair().key_pem, 0o600)
+    assert str(folder) in info.value.message and "chmod 700" in info.value.message
+    assert info.value.exit_code == 4
+    assert mode(folder) == 0o755
+    assert list(folder.iterdir()) == []
+
+
+def test_existing_private_folder_is_used_as_it_is(tmp_path: Path) -> None:
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    folder.chmod(0o700)
+    CertHandler().write_file(folder / "key.pem", make_pair().key_pem, 0o600)
+    assert mode(folder) == 0o700 and mode(folder / "key.pem") == 0o600
 
 
 def test_read_good_pair(tmp_path: Path) -> None:

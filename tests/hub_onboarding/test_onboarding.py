@@ -473,3 +473,14 @@ def test_refused_token_in_other_words_starts_over_once(make_hub: HubFactory, clo
     HubOnboarding(hub.config).process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 2
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+def test_shared_cert_dir_is_refused_before_any_traffic(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub(ro={"iot_permanent_cert_dir": "."})  # the config's own folder, read by other processes
+    hub.dir.chmod(0o755)
+    with pytest.raises(CredentialError, match="iot_permanent_cert_dir") as info:
+        HubOnboarding(hub.config).process_device()
+    assert str(hub.dir) in info.value.message
+    assert stat.S_IMODE(hub.dir.stat().st_mode) == 0o755  # not narrowed
+    assert cloud.calls == []  # no certificate minted for nothing
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
