@@ -68,6 +68,13 @@ SWEEP_INTERVAL = 60.0
 IGNORE_HOLD = 600.0  # how long an ignored CONNECT keeps its connection, at most
 READ_SIZE = 65536
 _DECISION_CACHE_SIZE = 1024
+# AWS IoT Core's message broker limits (developerguide/limits: "Message broker and protocol limits").
+MAX_TOPIC_BYTES = 256  # topic name or topic filter, UTF-8
+MAX_TOPIC_SLASHES = 7
+MAX_FILTERS_PER_SUBSCRIBE = 8
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 50
+_BASIC_INGEST_PREFIX = "$aws/rules/"  # `$aws/rules/<rule>/` counts toward neither topic limit
+_SHARED_PREFIX = "$share/"  # nor does `$share/<name>/` in a topic filter
 
 ACTIVE = "ACTIVE"
 PENDING_ACTIVATION = "PENDING_ACTIVATION"
@@ -252,6 +259,20 @@ def _parse(buf: bytearray, start: int, size: int) -> mqtt5.Packet:
     return packet
 
 
+def topic_limit_problem(topic: str) -> str | None:
+    """Why a topic name or filter breaks AWS's size or depth limit, or None if it does not."""
+    counted = topic
+    if topic.startswith((_BASIC_INGEST_PREFIX, _SHARED_PREFIX)):
+        skip = 3 if topic.startswith(_BASIC_INGEST_PREFIX) else 2
+        parts = topic.split("/", skip)
+        counted = parts[skip] if len(parts) > skip else ""
+    if len(counted) > MAX_TOPIC_BYTES or len(counted.encode()) > MAX_TOPIC_BYTES:
+        return f"longer than {MAX_TOPIC_BYTES} bytes"
+    if counted.count("/") > MAX_TOPIC_SLASHES:
+        return f"more than {MAX_TOPIC_SLASHES} forward slashes"
+    return None
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT topic filter matching, including the rule that wildcards do not match `$` topics at level 1."""
     parts = topic_filter.split("/")
@@ -273,11 +294,12 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 class _Merge:
     """A SUBSCRIBE or UNSUBSCRIBE answered partly here and partly by Mosquitto."""
 
-    __slots__ = ("codes", "positions")
+    __slots__ = ("codes", "patterns", "positions")
 
-    def __init__(self, codes: list[int], positions: list[int]) -> None:
+    def __init__(self, codes: list[int], positions: list[int], patterns: list[str]) -> None:
         self.codes = codes
         self.positions = positions
+        self.patterns = patterns  # the forwarded filters, by position
 
 
 class _Connection:
@@ -305,7 +327,8 @@ class _Connection:
         self.variables: dict[str, str] = {}
         self.decisions: dict[tuple[str, str], bool] = {}
         self.policies_stale = False  # set from the registry's policy listener (on the loop)
-        self.local_filters: list[str] = []
+        self.local_filters: set[str] = set()  # subscriptions provisioning answers may match
+        self.subscriptions: set[str] = set()  # every filter granted on this connection (at most 50)
         self.pending_subacks: dict[int, _Merge] = {}
         self.pending_unsubacks: dict[int, _Merge] = {}
         self.client_aliases: dict[int, str] = {}
@@ -705,6 +728,9 @@ class _Connection:
             raise _Close(f"payload of {len(packet.payload)} bytes exceeds 128 KB", Reason.PACKET_TOO_LARGE)
         if not topic or "+" in topic or "#" in topic:
             raise _Close("invalid topic name", Reason.TOPIC_NAME_INVALID)
+        problem = topic_limit_problem(topic)
+        if problem is not None:
+            raise _Close(f"topic name {problem}", Reason.TOPIC_NAME_INVALID)
         if alias is not None and packet.topic:
             self.client_aliases[alias] = topic  # at most topic_alias_max of them, each a valid topic
         request = parse_request_topic(topic)
@@ -789,18 +815,34 @@ class _Connection:
         codes: list[int] = []
         forward: list[mqtt5.TopicFilter] = []
         positions: list[int] = []
-        for i, tf in enumerate(packet.topic_filters):
+        patterns: list[str] = []
+        filters = packet.topic_filters
+        if len(filters) > MAX_FILTERS_PER_SUBSCRIBE:
+            # AWS takes at most 8 filters per SUBSCRIBE: the whole request is over quota.
+            log.debug("%s: SUBSCRIBE with %d filters refused", self.describe(), len(filters))
+            filters = []
+            codes = [int(mqtt5.SubAckReasonCode.QUOTA_EXCEEDED)] * len(packet.topic_filters)
+        subscriptions = self.subscriptions
+        for i, tf in enumerate(filters):
             pattern = tf.pattern
+            if topic_limit_problem(pattern) is not None:
+                codes.append(mqtt5.SubAckReasonCode.TOPIC_FILTER_INVALID)
+                continue
             if not self.allowed("iot:Subscribe", f"topicfilter/{pattern}"):
                 codes.append(mqtt5.SubAckReasonCode.NOT_AUTHORIZED)
                 continue
+            if pattern not in subscriptions and len(subscriptions) >= MAX_SUBSCRIPTIONS_PER_CONNECTION:
+                codes.append(mqtt5.SubAckReasonCode.QUOTA_EXCEEDED)
+                continue
             qos = min(int(tf.max_qos), 1)
             codes.append(qos)
-            if pattern.startswith("$aws/") and pattern not in self.local_filters:
-                self.local_filters.append(pattern)  # provisioning answers may match it
+            subscriptions.add(pattern)
+            if pattern.startswith("$aws/"):
+                self.local_filters.add(pattern)  # provisioning answers may match it
             if is_provisioning_filter(pattern):
                 continue
             positions.append(i)
+            patterns.append(pattern)
             forward.append(
                 mqtt5.TopicFilter(
                     pattern,
@@ -811,7 +853,7 @@ class _Connection:
                 )
             )
         if forward:
-            self.pending_subacks[packet.packet_id] = _Merge(codes, positions)
+            self.pending_subacks[packet.packet_id] = _Merge(codes, positions, patterns)
             self._send_broker(
                 mqtt5.SubscribePacket(
                     packet.packet_id,
@@ -831,8 +873,8 @@ class _Connection:
         positions: list[int] = []
         for i, pattern in enumerate(packet.patterns):
             local = pattern in self.local_filters
-            if local:
-                self.local_filters.remove(pattern)
+            self.local_filters.discard(pattern)
+            self.subscriptions.discard(pattern)
             if is_provisioning_filter(pattern):
                 codes.append(
                     mqtt5.UnsubAckReasonCode.SUCCESS
@@ -844,7 +886,7 @@ class _Connection:
             positions.append(i)
             forward.append(pattern)
         if forward:
-            self.pending_unsubacks[packet.packet_id] = _Merge(codes, positions)
+            self.pending_unsubacks[packet.packet_id] = _Merge(codes, positions, forward)
             self._send_broker(
                 mqtt5.UnsubscribePacket(
                     packet.packet_id, forward, user_properties=packet.user_properties
@@ -913,8 +955,12 @@ class _Connection:
             merge = self.pending_subacks.pop(packet.packet_id, None)
             if merge is None:
                 return True
-            for position, code in zip(merge.positions, packet.reason_codes, strict=False):
+            for position, pattern, code in zip(
+                merge.positions, merge.patterns, packet.reason_codes, strict=False
+            ):
                 merge.codes[position] = int(code)
+                if int(code) >= 0x80:  # Mosquitto refused it: it does not count toward the quota
+                    self.subscriptions.discard(pattern)
             return mqtt5.SubAckPacket(
                 packet.packet_id,
                 [mqtt5.SubAckReasonCode(int(c)) for c in merge.codes],

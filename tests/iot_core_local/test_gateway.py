@@ -493,3 +493,69 @@ def test_topic_alias_outside_the_connack_maximum_is_refused(
         int(mqtt5.DisconnectReasonCode.TOPIC_ALIAS_INVALID)
     ]
     client.close()
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "t/" + "x" * 255,  # 257 bytes
+        "t/" + "\u00e9" * 128,  # 130 characters, 258 bytes
+        "a/b/c/d/e/f/g/h/i",  # 8 slashes
+        "$aws/rules/my_rule/" + "a/" * 8 + "b",  # Basic Ingest: 8 slashes after its prefix
+    ],
+)
+def test_topic_over_aws_limits_is_disconnected_0x90(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient, topic: str
+) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "long-topic"))
+    assert client.connect(f"long-topic-{len(topic)}").reason_code == 0
+    # At the limits, a publish goes through (Basic Ingest's `$aws/rules/<rule>/` is not counted).
+    assert client.publish("t/" + "x" * 254, b"256 bytes") in OK
+    assert client.publish("a/b/c/d/e/f/g/h", b"7 slashes") in OK
+    client.send(mqtt5.PublishPacket(topic, b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=client.packet_id()))
+    seen = client.expect_closed()
+    assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [
+        int(mqtt5.DisconnectReasonCode.TOPIC_NAME_INVALID)
+    ]
+    client.close()
+
+
+def test_subscribe_limits(core: LocalIotCore, creds_dir: Path, bystander: RawClient) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "sub-limits"))
+    assert client.connect("sub-limits").reason_code == 0
+    quota, invalid = (
+        int(mqtt5.SubAckReasonCode.QUOTA_EXCEEDED),
+        int(mqtt5.SubAckReasonCode.TOPIC_FILTER_INVALID),
+    )
+    try:
+        # More than 8 filters in one SUBSCRIBE: all refused, none counted.
+        assert client.subscribe(*(f"lim/nine/{i}" for i in range(9))) == [quota] * 9
+        # A filter over 256 bytes or 7 slashes is invalid; its neighbours are granted.
+        assert client.subscribe("lim/" + "x" * 253, "lim/ok", "a/b/c/d/e/f/g/h/#") == [invalid, 1, invalid]
+        assert client.subscribe("$share/group/a/b/c/d/e/f/g/h") == [1]  # `$share/group/` not counted
+        # 50 subscriptions per connection: 2 so far, 48 more fit, the 51st is over quota.
+        for start in range(0, 48, 8):
+            assert client.subscribe(*(f"lim/{i}" for i in range(start, start + 8))) == [1] * 8
+        assert client.subscribe("lim/one-too-many", "lim/ok") == [quota, 1]  # a granted one again is fine
+        # Provisioning answer filters count too.
+        assert client.subscribe("$aws/certificates/create/json/accepted") == [quota]
+        # Unsubscribing frees a place.
+        client.send(mqtt5.UnsubscribePacket(client.packet_id(), ["lim/0"]))
+        client.receive_type(mqtt5.UnsubAckPacket)
+        assert client.subscribe("lim/one-too-many") == [1]
+        assert client.publish("lim/one-too-many", b"delivered") in OK
+        assert client.receive_type(mqtt5.PublishPacket).payload == b"delivered"
+    finally:
+        client.close()
+
+
+def test_provisioning_and_shadow_topics_fit_aws_limits() -> None:
+    name = "t" * 36  # the longest provisioning template name
+    for topic in (
+        f"$aws/provisioning-templates/{name}/provision/json/accepted",
+        f"$aws/provisioning-templates/{name}/provision/cbor/rejected",
+        "$aws/certificates/create-from-csr/json/accepted",
+        f"$aws/events/certificates/registered/{'a' * 64}",
+        "$aws/things/thing/shadow/name/shadow/update/accepted",
+    ):
+        assert gateway.topic_limit_problem(topic) is None, topic
