@@ -240,13 +240,37 @@ def _string(section: Mapping[str, Any], sect: str, key: str, *, required: bool, 
     return value
 
 
-def _path(section: Mapping[str, Any], key: str, *, required: bool, why: str = "",
+def resolve_path(config_path: str | os.PathLike[str], value: str) -> str:
+    """An ro path as onboarding uses it: absolute, a relative one taken from the config's folder.
+
+    Every hub process reads the same config from its own working directory, so a relative path can only
+    mean one thing: relative to the file that names it. SECURE_STORAGE is not a path and stays as it is.
+    """
+    if value == SECURE_STORAGE:
+        return value
+    p = Path(value)
+    return str(p if p.is_absolute() else Path(config_path).absolute().parent / p)
+
+
+def permanent_cert_dir(config_path: str | os.PathLike[str], ro: Mapping[str, Any]) -> Path:
+    """Where onboarding puts new credentials: ro.iot_permanent_cert_dir, default `certs` beside the config.
+
+    The one place this is decided (parse_config, and status/reset, which must work on a config that no
+    longer validates, both use it).
+    """
+    raw = ro.get(PERMANENT_CERT_DIR)
+    if isinstance(raw, str) and raw.strip():
+        return Path(resolve_path(config_path, raw))
+    return Path(config_path).absolute().parent / "certs"
+
+
+def _path(section: Mapping[str, Any], key: str, config_path: Path, *, required: bool, why: str = "",
           allow_secure_storage: bool = False) -> str | None:
     value = _string(section, RO, key, required=required, why=why)
     if value is not None and value == SECURE_STORAGE and not allow_secure_storage:
         raise ConfigError(f"{key_name(RO, key)}: {SECURE_STORAGE} is only supported for claim credentials",
                           key=key_name(RO, key))
-    return value
+    return None if value is None else resolve_path(config_path, value)
 
 
 def _number(section: Mapping[str, Any], sect: str, key: str) -> float | None:
@@ -332,23 +356,21 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
                 raise ConfigError(f"{name}: {k!r} is set from ro.SN / ro.UPC; remove it here", key=name)
             params[k] = v
 
-    claim_cert = _path(ro, CLAIM_CERT_PATH, required=fp, why=why_fp, allow_secure_storage=True)
-    claim_pk = _path(ro, CLAIM_PK_PATH, required=fp, why=why_fp, allow_secure_storage=True)
+    claim_cert = _path(ro, CLAIM_CERT_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
+    claim_pk = _path(ro, CLAIM_PK_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
     if fp and (claim_cert == SECURE_STORAGE) != (claim_pk == SECURE_STORAGE):
         raise ConfigError(f"{key_name(RO, CLAIM_PK_PATH)}: the claim certificate and key must both be "
                           f"{SECURE_STORAGE} or both be paths", key=key_name(RO, CLAIM_PK_PATH))
     why_jitr = "JITR needs the device (DHA) certificate and key"
-    dha_cert = _path(ro, DHA_CERT_PATH, required=not fp, why=why_jitr)
-    dha_pk = _path(ro, DHA_PK_PATH, required=not fp, why=why_jitr)
+    dha_cert = _path(ro, DHA_CERT_PATH, p, required=not fp, why=why_jitr)
+    dha_pk = _path(ro, DHA_PK_PATH, p, required=not fp, why=why_jitr)
 
-    root_ca = _path(ro, ROOT_CA_PATH, required=False)
+    root_ca = _path(ro, ROOT_CA_PATH, p, required=False)
     if root_ca is not None:
         _check_readable_pem(root_ca, key_name(RO, ROOT_CA_PATH))
 
-    cert_dir_raw = _path(ro, PERMANENT_CERT_DIR, required=False)
-    cert_dir = Path(cert_dir_raw) if cert_dir_raw else p.absolute().parent / "certs"
-    if not cert_dir.is_absolute():
-        cert_dir = p.absolute().parent / cert_dir
+    _path(ro, PERMANENT_CERT_DIR, p, required=False)  # type check only
+    cert_dir = permanent_cert_dir(p, ro)
     if cert_dir.exists() and not cert_dir.is_dir():
         raise ConfigError(f"{key_name(RO, PERMANENT_CERT_DIR)}: {cert_dir} exists and is not a folder",
                           key=key_name(RO, PERMANENT_CERT_DIR))

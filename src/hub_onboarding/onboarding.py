@@ -99,16 +99,6 @@ def _result_from(doc: Mapping[str, Any], *, changed: bool, thing_name: str | Non
     )
 
 
-def permanent_cert_dir(config_path: Path, ro: Mapping[str, Any]) -> Path:
-    """Where onboarding puts new credentials: ro.iot_permanent_cert_dir, default `certs` by the config."""
-    raw = ro.get(cfgmod.PERMANENT_CERT_DIR)
-    base = config_path.absolute().parent
-    if isinstance(raw, str) and raw.strip():
-        p = Path(raw)
-        return p if p.is_absolute() else base / p
-    return base / "certs"
-
-
 class HubOnboarding:
     """The SDK's HubOnboarding, in Python. `on_step` receives one short line per step (for a CLI)."""
 
@@ -158,7 +148,7 @@ class HubOnboarding:
         result.pop("changed")
         result.pop("thing_name")
         result["config_path"] = str(self.config_path)
-        progress = ProgressStore(permanent_cert_dir(self.config_path, doc[cfgmod.RO])).load()
+        progress = ProgressStore(cfgmod.permanent_cert_dir(self.config_path, doc[cfgmod.RO])).load()
         result["progress"] = progress.step.value if progress else None
         return result
 
@@ -172,8 +162,9 @@ class HubOnboarding:
         with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
             doc = cfgmod.read_document(self.config_path)
             ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
-            cert_dir = permanent_cert_dir(self.config_path, ro)
-            protected = {Path(v).absolute() for v in ro.values() if isinstance(v, str) and v.strip()}
+            cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
+            protected = {Path(cfgmod.resolve_path(self.config_path, v)) for v in ro.values()
+                         if isinstance(v, str) and v.strip()}
             candidates = [cert_dir / PERMANENT_CERT_NAME, cert_dir / PERMANENT_KEY_NAME,
                           ProgressStore(cert_dir).path]
             for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):

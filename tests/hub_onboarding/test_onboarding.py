@@ -39,7 +39,7 @@ from hub_onboarding.onboarding import HubOnboarding, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
 from hub_onboarding.provisioning import Backoff
 
-from .conftest import Hub, HubFactory, Pair, make_pair
+from .conftest import Hub, HubFactory, Pair, make_pair, write_private
 
 
 class Crash(BaseException):
@@ -484,3 +484,45 @@ def test_shared_cert_dir_is_refused_before_any_traffic(make_hub: HubFactory, clo
     assert stat.S_IMODE(hub.dir.stat().st_mode) == 0o755  # not narrowed
     assert cloud.calls == []  # no certificate minted for nothing
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+RELATIVE_RO_PATHS = {"iot_claim_cert_path": "claim.crt", "iot_claim_pk_path": "./claim.key",
+                     "iot_dha_cert_path": "dha.crt", "iot_dha_pk_path": "dha.key",
+                     "iot_root_ca_path": "ca.pem"}
+
+
+@pytest.mark.parametrize("method", ["FLEET_PROVISIONING", "JITR"])
+def test_relative_ro_paths_are_relative_to_the_config(make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    hub = make_hub(method)
+    doc = hub.doc()
+    doc["ro"].update(RELATIVE_RO_PATHS)
+    hub.write(doc)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another hub process, another working directory
+    cfg = cfgmod.parse_config(hub.config)
+    assert cfg.root_ca_path == str(hub.dir / "ca.pem")
+    assert cfg.claim_pk_path is not None and Path(cfg.claim_pk_path).resolve() == hub.dir / "claim.key"
+    HubOnboarding(hub.config).process_device()
+    doc_rw = rw(hub)
+    for key in ("iot_permanent_cert_path", "iot_permanent_pk_path"):
+        assert Path(doc_rw[key]).is_absolute() and Path(doc_rw[key]).exists(), doc_rw[key]
+    if method == "JITR":
+        assert doc_rw["iot_permanent_cert_path"] == str(hub.dir / "dha.crt")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_reset_protects_relative_ro_paths(make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A DHA pair kept where onboarding would put its own files, named relative to the config.
+    hub = make_hub("JITR", ro={"iot_dha_cert_path": "certs/certificate.pem.crt",
+                               "iot_dha_pk_path": "certs/private.pem.key"})
+    certs_dir = hub.dir / "certs"
+    certs_dir.mkdir(mode=0o700)
+    (certs_dir / "certificate.pem.crt").write_bytes(hub.dha.cert_pem)
+    write_private(certs_dir / "private.pem.key", hub.dha.key_pem)
+    monkeypatch.chdir(tmp_path)
+    HubOnboarding(hub.config).process_device()
+    HubOnboarding(hub.config).reset()
+    assert (certs_dir / "private.pem.key").exists() and (certs_dir / "certificate.pem.crt").exists()
