@@ -67,6 +67,11 @@ TRIM_AFTER_CLOSED = 64  # connections closed since the last heap trim that make 
 SWEEP_INTERVAL = 60.0
 IGNORE_HOLD = 600.0  # how long an ignored CONNECT keeps its connection, at most
 READ_SIZE = 65536
+# Answers the gateway writes itself (PUBACK 135, local SUBACKs, provisioning answers) to a client that
+# sends but does not read: past this many buffered bytes the client pump stops reading from that client
+# until its output drains, and closes it if that takes longer than CLIENT_DRAIN_TIMEOUT.
+CLIENT_WRITE_LIMIT = 256 * 1024
+CLIENT_DRAIN_TIMEOUT = 30.0
 _DECISION_CACHE_SIZE = 1024
 # AWS IoT Core's message broker limits (developerguide/limits: "Message broker and protocol limits").
 MAX_TOPIC_BYTES = 256  # topic name or topic filter, UTF-8
@@ -689,10 +694,21 @@ class _Connection:
                 self._send_broker(bytes(buf[span:pos]))
             del buf[:pos]
             await broker.drain()
+            if self.writer.transport.get_write_buffer_size() > CLIENT_WRITE_LIMIT:
+                await self._drain_client()
             data = await self.reader.read(READ_SIZE)
             if not data:
                 raise _Close("closed by the client", notable=False)
             buf += data
+
+    async def _drain_client(self) -> None:
+        """Wait (bounded) until the client has read what the gateway owes it."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), CLIENT_DRAIN_TIMEOUT)
+        except TimeoutError:
+            raise _Close(
+                f"the client did not read its answers for {CLIENT_DRAIN_TIMEOUT:g} s", notable=True
+            ) from None
 
     async def _client_packet(self, packet: mqtt5.Packet) -> bool:
         """Handle one parsed packet from the client; True to relay its bytes unchanged."""

@@ -559,3 +559,33 @@ def test_provisioning_and_shadow_topics_fit_aws_limits() -> None:
         "$aws/things/thing/shadow/name/shadow/update/accepted",
     ):
         assert gateway.topic_limit_problem(topic) is None, topic
+
+
+def test_client_that_does_not_read_is_throttled_then_closed(
+    core: LocalIotCore, creds_dir: Path, bystander: RawClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway, "CLIENT_DRAIN_TIMEOUT", 2.0, raising=False)
+    client = RawClient(core, new_device(core, creds_dir, "deaf"))
+    assert client.connect("deaf").reason_code == 0
+    connections = core.gateway._by_client_id
+    assert wait_for(lambda: "deaf" in connections)  # registered just after the CONNACK
+    connection = connections["deaf"]
+    # Each PUBLISH to a reserved topic is answered by the gateway itself with PUBACK 135; never read them.
+    batch = b"".join(
+        mqtt5.PublishPacket("$aws/x", b"", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=i % 65535 + 1).write()
+        for i in range(2000)
+    )
+    client.sock.settimeout(1.0)
+    peak = 0
+    sent = 0
+    try:
+        while sent < 40 * 1024 * 1024:
+            client.sock.sendall(batch)
+            sent += len(batch)
+            peak = max(peak, connection.writer.transport.get_write_buffer_size())
+    except (TimeoutError, ssl.SSLError, OSError):
+        pass  # the gateway stopped reading: back-pressure reached the client (or it was closed)
+    peak = max(peak, connection.writer.transport.get_write_buffer_size())
+    assert peak < 1024 * 1024, peak  # bounded: the limit plus what one read's packets are answered with
+    assert wait_for(lambda: connection.writer.transport.is_closing(), timeout=10)
+    client.close()
