@@ -761,13 +761,15 @@ class _Connection:
             elif packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
                 self._send_client(mqtt5.PubAckPacket(packet.packet_id))
             provisioning = self.gw.provisioning
-            if provisioning.blocks(request):
+            prepared = provisioning.prepare(request)
+            if prepared.blocks:
                 answer = await self.gw.in_thread(
                     provisioning.handle,
                     request,
                     packet.payload,
                     claim_certificate_id=self.certificate_id,
                     client_id=self.client_id,
+                    prepared=prepared,
                 )
             else:
                 answer = provisioning.handle(
@@ -775,6 +777,7 @@ class _Connection:
                     packet.payload,
                     claim_certificate_id=self.certificate_id,
                     client_id=self.client_id,
+                    prepared=prepared,
                 )
             delivered = self.deliver_local(answer.topic, answer.payload)
             log.info(

@@ -33,13 +33,14 @@ from . import templates
 from .ca import CertificateAuthority, certificate_id, load_csr
 from .errors import InvalidRequest, ResourceNotFound, ServiceError
 from .hook import HookDenied, call_hook
-from .registry import ACCOUNT_ID, CACertificate, Certificate, Registry, TokenGrant
+from .registry import ACCOUNT_ID, CACertificate, Certificate, ProvisioningTemplate, Registry, TokenGrant
 
 __all__ = [
     "CREATE_FROM_CSR",
     "CREATE_KEYS",
     "REGISTER_THING",
     "Answer",
+    "Prepared",
     "ProvisioningService",
     "Request",
     "is_provisioning_filter",
@@ -110,6 +111,23 @@ class Answer:
     payload: bytes
     accepted: bool
     summary: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the gateway needs to know before running a request, read once.
+
+    `template` is RegisterThing's stored template (None if it does not exist); `handle` works from this
+    same snapshot, so a template updated in between (a hook added, say) cannot make a request that was
+    judged quick run the hook on the event loop.
+    """
+
+    blocks: bool
+    template: ProvisioningTemplate | None = None
+
+
+_QUICK = Prepared(False)
+_SLOW = Prepared(True)
 
 
 class _Rejected(Exception):
@@ -187,24 +205,34 @@ class ProvisioningService:
 
     # ---- the MQTT API -------------------------------------------------------------------------
 
-    def blocks(self, request: Request) -> bool:
-        """Whether `request` may take long enough to stall an event loop, so it must run in a thread.
+    def prepare(self, request: Request) -> Prepared:
+        """Whether `request` may take long enough to stall an event loop (so it must run in a thread),
+        and for RegisterThing the template it is to use; pass the result to `handle`.
 
         RSA key generation (CreateKeysAndCertificate) takes 50-150 ms and a pre-provisioning hook up to
         5 s. Signing a CSR and a RegisterThing without a hook take well under a millisecond: running
         them in a thread would cost more in hand-offs and GIL contention than the work itself.
         """
         if request.operation == CREATE_KEYS:
-            return True
+            return _SLOW
         if request.operation == REGISTER_THING and request.template_name is not None:
             stored = self.registry.find_template(request.template_name)
-            return stored is not None and bool((stored.hook or {}).get("targetArn"))
-        return False
+            return Prepared(stored is not None and bool((stored.hook or {}).get("targetArn")), stored)
+        return _QUICK
 
     def handle(
-        self, request: Request, payload: bytes, *, claim_certificate_id: str, client_id: str
+        self,
+        request: Request,
+        payload: bytes,
+        *,
+        claim_certificate_id: str,
+        client_id: str,
+        prepared: Prepared | None = None,
     ) -> Answer:
-        """Run one request; every failure becomes a /rejected answer, never an exception."""
+        """Run one request; every failure becomes a /rejected answer, never an exception.
+
+        `prepared` is what `prepare(request)` said; without it the template is read here.
+        """
         try:
             body = _decode(payload, request.payload_format)
             if request.operation == CREATE_KEYS:
@@ -212,7 +240,11 @@ class ProvisioningService:
             elif request.operation == CREATE_FROM_CSR:
                 result, summary = self._create_from_csr(body, claim_certificate_id)
             else:
-                result, summary = self._register_thing(request, body, claim_certificate_id, client_id)
+                if prepared is None:
+                    prepared = self.prepare(request)
+                result, summary = self._register_thing(
+                    request, prepared.template, body, claim_certificate_id, client_id
+                )
         except _Rejected as e:
             return self._rejected(request, e)
         except ServiceError as e:
@@ -293,7 +325,12 @@ class ProvisioningService:
         return grant
 
     def _register_thing(
-        self, request: Request, body: dict[str, Any], claim_certificate_id: str, client_id: str
+        self,
+        request: Request,
+        stored: ProvisioningTemplate | None,
+        body: dict[str, Any],
+        claim_certificate_id: str,
+        client_id: str,
     ) -> tuple[dict[str, Any], str]:
         name = request.template_name or ""
         token = body.get("certificateOwnershipToken")
@@ -302,7 +339,6 @@ class ProvisioningService:
         if not isinstance(token, str):
             raise _token_error("Certificate ownership token must be a string")
         parameters = _string_map(body.get("parameters"), "parameters")
-        stored = self.registry.find_template(name)
         if stored is None:
             raise _Rejected(404, "ResourceNotFound", f"The provisioning template {name} does not exist")
         if not stored.enabled:

@@ -472,3 +472,40 @@ def test_logs_name_connections_and_requests_but_no_secrets(
         line.startswith("provisioning RegisterThing") and "InvalidCertificateOwnershipToken" in line
         for line in gateway_lines
     )
+
+
+def test_register_thing_uses_the_template_it_was_judged_by(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook added just after the gateway decided the request needs no thread must not be called
+    (on the event loop): decision and work use one snapshot of the template."""
+    setup, creds = claim
+    name = setup.template_name
+    registry = core.registry
+    original = registry.find_template
+    with hook_server({"allowProvisioning": False}, delay=0.5) as (url, seen):
+        hook = {"targetArn": url, "payloadVersion": "2020-04-01"}
+        updated: list[bool] = []
+
+        def find_template_then_update(template_name: str) -> Any:
+            found = original(template_name)
+            if template_name == name and not updated:
+                updated.append(True)
+                registry.update_template(name, hook=hook)  # UpdateProvisioningTemplate commits now
+            return found
+
+        client = connect_claim(core, creds, "snapshot")
+        try:
+            issued = _issue(client)
+            monkeypatch.setattr(registry, "find_template", find_template_then_update)
+            body = {
+                "certificateOwnershipToken": issued["certificateOwnershipToken"],
+                "parameters": {"SerialNumber": "SNAP"},
+            }
+            outcome, registered = request(client, register_topic(name), json.dumps(body).encode())
+        finally:
+            client.close()
+            monkeypatch.undo()
+    assert updated == [True]
+    assert seen == []  # the hook was not in the snapshot the request was judged by
+    assert outcome == "accepted", registered
