@@ -519,7 +519,8 @@ def reset_rw(path: str | os.PathLike[str], *, clock: Callable[[], float] = time.
 # ------------------------------------------------------------------------------------------------ lock
 
 def lock_path_for(config_path: str | os.PathLike[str]) -> Path:
-    p = Path(config_path)
+    """`<config>.lock` beside the real file, so two names for one config (a symlink) share one lock."""
+    p = Path(os.path.realpath(config_path))
     return p.with_name(p.name + ".lock")
 
 

@@ -18,6 +18,7 @@ Order of work in process_device, so that a power cut anywhere leaves a hub that 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -163,18 +164,21 @@ class HubOnboarding:
             doc = cfgmod.read_document(self.config_path)
             ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
             cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
-            protected = {Path(cfgmod.resolve_path(self.config_path, v)) for v in ro.values()
+            # Compared as real paths: a file named through `..` or a symlinked folder is still that file.
+            protected = {os.path.realpath(cfgmod.resolve_path(self.config_path, v)) for v in ro.values()
                          if isinstance(v, str) and v.strip()}
             candidates = [cert_dir / PERMANENT_CERT_NAME, cert_dir / PERMANENT_KEY_NAME,
                           ProgressStore(cert_dir).path]
             for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):
                 value = rw.get(key)
                 if isinstance(value, str) and value.strip():
-                    p = Path(value).absolute()
+                    p = Path(cfgmod.resolve_path(self.config_path, value))
                     # only what onboarding wrote: inside its credentials folder
-                    if p.parent == cert_dir.absolute():
+                    if os.path.realpath(p.parent) == os.path.realpath(cert_dir):
                         candidates.append(p)
-            targets = sorted({p.absolute() for p in candidates} - protected)
+            # The names themselves are deleted (a symlink, not what it points at), once per real file.
+            by_real = {os.path.realpath(p): p for p in reversed(candidates)}
+            targets = sorted(p for real, p in by_real.items() if real not in protected)
             cfgmod.reset_rw(self.config_path)
             deleted = CertHandler.delete(targets)
             self._doc = cfgmod.read_document(self.config_path)
@@ -234,8 +238,10 @@ class HubOnboarding:
             "template": cfg.template_name or "",
             "serial_number": cfg.serial_number or "",
             "certificate_method": cfg.certificate_method.value,
-            "certificate_path": str(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
-            "private_key_path": str(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
+            # Real paths: after a power cut the hub may reach the same files through another name
+            # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
+            "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
+            "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
         }
 
     def _fleet_provisioning(self, cfg: HubConfig, handler: CertHandler,

@@ -526,3 +526,63 @@ def test_reset_protects_relative_ro_paths(make_hub: HubFactory, cloud: FakeCloud
     HubOnboarding(hub.config).process_device()
     HubOnboarding(hub.config).reset()
     assert (certs_dir / "private.pem.key").exists() and (certs_dir / "certificate.pem.crt").exists()
+
+
+def test_resume_through_another_name_for_the_same_folder(make_hub: HubFactory, cloud: FakeCloud,
+                                                         tmp_path: Path) -> None:
+    hub = make_hub()
+    link = tmp_path / "hub-link"
+    link.symlink_to(hub.dir)
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(link / "iotmi_config.json").process_device()
+    # After the power cut the boot script names the real folder (or one with `..`): the same files.
+    HubOnboarding(hub.dir / ".." / "hub" / "iotmi_config.json").process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 1  # resumed, no second certificate
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+@pytest.mark.parametrize("name", ["dotdot", "symlink"])
+def test_reset_never_deletes_an_ro_file_named_another_way(make_hub: HubFactory, cloud: FakeCloud,
+                                                          name: str) -> None:
+    hub = make_hub("JITR")
+    certs_dir = hub.dir / "certs"
+    certs_dir.mkdir(mode=0o700)
+    (certs_dir / "certificate.pem.crt").write_bytes(hub.dha.cert_pem)
+    write_private(certs_dir / "private.pem.key", hub.dha.key_pem)
+    if name == "symlink":
+        (hub.dir / "factory").symlink_to(certs_dir)
+        folder = str(hub.dir / "factory")
+    else:
+        folder = str(certs_dir / ".." / "certs")
+    doc = hub.doc()
+    doc["ro"].update(iot_dha_cert_path=f"{folder}/certificate.pem.crt",
+                     iot_dha_pk_path=f"{folder}/private.pem.key")
+    hub.write(doc)
+    HubOnboarding(hub.config).process_device()
+    HubOnboarding(hub.config).reset()
+    assert (certs_dir / "private.pem.key").read_bytes() == hub.dha.key_pem
+    assert (certs_dir / "certificate.pem.crt").exists()
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+def test_reset_deletes_a_symlink_not_what_it_points_at(make_hub: HubFactory, cloud: FakeCloud,
+                                                       tmp_path: Path) -> None:
+    hub = make_hub()
+    HubOnboarding(hub.config).process_device()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not onboarding's")
+    (hub.dir / "certs" / "onboarding-progress.json").symlink_to(outside)
+    HubOnboarding(hub.config).reset()
+    assert outside.read_text() == "not onboarding's"
+    assert not (hub.dir / "certs" / "onboarding-progress.json").is_symlink()
+
+
+def test_two_names_for_one_config_share_one_lock(make_hub: HubFactory, cloud: FakeCloud,
+                                                 tmp_path: Path) -> None:
+    hub = make_hub()
+    link = tmp_path / "link.json"
+    link.symlink_to(hub.config)
+    with cfgmod.onboarding_lock(link, timeout=1), pytest.raises(BusyError):
+        HubOnboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
+    assert cloud.calls == []
