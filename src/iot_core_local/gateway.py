@@ -354,10 +354,13 @@ class _Connection:
             connect, raw = await self._read_connect()
             if self.gw.faults.armed:
                 await self._connect_fault()
+            changes = self.gw.changes  # certificate/policy changes heard so far (see below)
             await self._authorize(connect)
             await self._open_broker(raw)
             accepted = True
             self.gw.register(self)
+            if self.gw.changes != changes:
+                self._recheck()
             log.info("%s: accepted", self.describe())
             await self._relay()
         except _Close as e:
@@ -536,6 +539,15 @@ class _Connection:
         else:
             self.variables["iot:Connection.Thing.IsAttached"] = "false"
         self.decisions.clear()
+
+    def _recheck(self) -> None:
+        """A certificate or policy changed while this connection was being authorized and waited for
+        Mosquitto's CONNACK, before the gateway could tell it: check the status again, re-read policies."""
+        record = self.gw.registry.find_certificate(self.certificate_id)
+        if record is None or record.status != ACTIVE:
+            status = "DELETED" if record is None else record.status
+            raise _Close(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
+        self.policies_stale = True
 
     def _refuse_connect(self, why: str) -> None:
         # AWS answers an MQTT 5 client it will not authorize with CONNACK "not authorized".
@@ -1184,6 +1196,9 @@ class Gateway:
         self._own_certificates: set[str] = set()  # registered without CA, but issued by our issuing CA
         self._trust_generation = -1
         self._live = 0  # connections accepted and not yet closed (any stage)
+        # Moves with every certificate status or policy change the loop hears of; a connection compares
+        # it across its CONNECT window, when it is not yet registered to be told.
+        self.changes = 0
         self._live_peak = 0  # the most since memory was last trimmed
         self._stopping = False
 
@@ -1340,6 +1355,7 @@ class Gateway:
     def _certificate_changed(self, certificate_id: str, status: str) -> None:
         if status == ACTIVE:
             return
+        self.changes += 1
         for connection in list(self._by_certificate.get(certificate_id, ())):
             connection.kick(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
 
@@ -1357,6 +1373,7 @@ class Gateway:
             loop.call_soon_threadsafe(self._policies_changed, certificate_id)
 
     def _policies_changed(self, certificate_id: str) -> None:
+        self.changes += 1
         for connection in self._by_certificate.get(certificate_id, ()):
             connection.policies_stale = True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -589,3 +590,46 @@ def test_client_that_does_not_read_is_throttled_then_closed(
     assert peak < 1024 * 1024, peak  # bounded: the limit plus what one read's packets are answered with
     assert wait_for(lambda: connection.writer.transport.is_closing(), timeout=10)
     client.close()
+
+
+@pytest.mark.parametrize("change", ["revoke", "detach"])
+def test_change_during_the_connect_window_is_not_missed(
+    core: LocalIotCore, creds_dir: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """A certificate revoked, or a policy detached, while the gateway waits for Mosquitto's CONNACK
+    (before the connection is registered to hear of it) still applies to that connection."""
+    creds = new_device(core, creds_dir, f"window-{change}")
+    iot = core.client()
+    arn = f"{ARN}:cert/{creds.certificate_id}"
+    original = gateway._Connection._open_broker
+
+    def detach_all() -> None:
+        for policy in iot.list_attached_policies(target=arn)["policies"]:
+            iot.detach_policy(policyName=policy["policyName"], target=arn)
+
+    async def open_broker_then_change(self: gateway._Connection, raw: bytes) -> None:
+        await original(self, raw)
+        if self.certificate_id != creds.certificate_id:
+            return
+        if change == "revoke":
+            await asyncio.to_thread(
+                iot.update_certificate, certificateId=creds.certificate_id, newStatus="REVOKED"
+            )
+        else:
+            await asyncio.to_thread(detach_all)
+        for _ in range(5):
+            await asyncio.sleep(0.01)  # the registry's listener hops to the loop meanwhile
+
+    monkeypatch.setattr(gateway._Connection, "_open_broker", open_broker_then_change)
+    client = RawClient(core, creds)
+    try:
+        assert client.connect(f"window-{change}").reason_code == 0
+        if change == "revoke":
+            seen = client.expect_closed()
+            assert [int(p.reason_code) for p in seen if isinstance(p, mqtt5.DisconnectPacket)] == [
+                int(mqtt5.DisconnectReasonCode.ADMINISTRATIVE_ACTION)
+            ]
+        else:
+            assert client.publish("window/topic", b"x") == 135
+    finally:
+        client.close()
