@@ -1195,6 +1195,7 @@ class Gateway:
         self._context: ssl.SSLContext | None = None
         self._own_certificates: set[str] = set()  # registered without CA, but issued by our issuing CA
         self._trust_generation = -1
+        self._rebuild: asyncio.Task[None] | None = None  # the trust store build under way, shared
         self._live = 0  # connections accepted and not yet closed (any stage)
         # Moves with every certificate status or policy change the loop hears of; a connection compares
         # it across its CONNECT window, when it is not yet registered to be told.
@@ -1299,7 +1300,7 @@ class Gateway:
         protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
         try:
             tls = await asyncio.wait_for(
-                _start_tls(self._loop, transport, protocol, self.tls_context(), HANDSHAKE_TIMEOUT),
+                _start_tls(self._loop, transport, protocol, await self.tls_context(), HANDSHAKE_TIMEOUT),
                 HANDSHAKE_TIMEOUT + 1,
             )
         except ssl.SSLCertVerificationError as e:
@@ -1385,17 +1386,33 @@ class Gateway:
 
     # ---- the TLS trust store ------------------------------------------------------------------
 
-    def tls_context(self) -> ssl.SSLContext:
+    async def tls_context(self) -> ssl.SSLContext:
         """The server context for the next handshake, rebuilt first if the registry's trust moved.
 
         Checked per connection because a CA or a certificate registered without a CA a moment ago must
         work for the very next connect (JITR, JITP, RegisterCertificateWithoutCA); the registry bumps
-        `trust_generation` on every such commit, so the check is one integer comparison.
+        `trust_generation` on every such commit, so the check is one integer comparison. The rebuild
+        (a parse of every certificate registered without a CA, the server key read) runs in a worker
+        thread, once for all the handshakes that wait for it; if it fails, the previous context stays.
         """
         if self._context is None or self.registry.trust_generation != self._trust_generation:
-            self._install(self._build_context())
-        assert self._context is not None
+            if self._rebuild is None:
+                self._rebuild = self._spawn(self._rebuild_context())
+            await asyncio.shield(self._rebuild)
+        if self._context is None:
+            raise ssl.SSLError("no TLS trust store")
         return self._context
+
+    async def _rebuild_context(self) -> None:
+        generation = self.registry.trust_generation
+        try:
+            self._install(await self.in_thread(self._build_context))
+        except Exception:
+            # Keep serving with what was trusted before; retry after the next trust change.
+            log.exception("could not rebuild the TLS trust store; keeping the previous one")
+            self._trust_generation = generation
+        finally:
+            self._rebuild = None
 
     def _install(self, built: tuple[ssl.SSLContext, int, int]) -> None:
         self._context, self._trust_generation, anchors = built

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 import pytest
@@ -631,5 +632,41 @@ def test_change_during_the_connect_window_is_not_missed(
             ]
         else:
             assert client.publish("window/topic", b"x") == 135
+    finally:
+        client.close()
+
+
+def test_trust_store_rebuilt_in_a_worker_and_kept_if_the_rebuild_fails(
+    core: LocalIotCore, creds_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = new_device(core, creds_dir, "trusted-before")
+    gw = core.gateway
+    original = gw._build_context
+    threads: list[str] = []
+
+    def failing_build() -> Any:
+        threads.append(threading.current_thread().name)
+        raise ssl.SSLError("load_verify_locations failed")
+
+    monkeypatch.setattr(gw, "_build_context", failing_build)
+    DeviceCA("Trust Rebuild CA").register(core.client())  # moves the registry's trust generation
+    client = RawClient(core, device)  # the next handshake: rebuild fails, the previous context serves
+    try:
+        assert client.connect("trusted-before").reason_code == 0
+    finally:
+        client.close()
+    assert threads and all(name.startswith("iot-core-local-worker") for name in threads), threads
+    assert "could not rebuild the TLS trust store" in caplog.text
+    # Once the build works again, the next trust change is picked up.
+    monkeypatch.setattr(gw, "_build_context", original)
+    own = DeviceCA("After Rebuild")
+    later = own.device(creds_dir, "after-rebuild")
+    arn = core.client().register_certificate_without_ca(
+        certificatePem=later.certificate_pem, status="ACTIVE"
+    )["certificateArn"]
+    assert arn
+    client = RawClient(core, later)
+    try:
+        assert client.connect("after-rebuild").reason_code in (0, 135)  # TLS accepted it: it is trusted
     finally:
         client.close()
