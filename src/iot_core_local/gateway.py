@@ -1236,7 +1236,9 @@ class Gateway:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self._events.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Wait for work already running (a hook, a RegisterThing transaction): the registry it writes to
+        # is closed right after this returns. Queued work that has not started is dropped.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._server = None
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:

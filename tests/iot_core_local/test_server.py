@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -178,3 +179,31 @@ def test_data_dir_and_keys_are_private(tmp_path: Path) -> None:
     assert keys
     for key in keys:
         assert key.stat().st_mode & 0o077 == 0, key
+
+
+def test_stop_waits_for_worker_threads_before_closing_the_registry(tmp_path: Path) -> None:
+    """Work already running in the gateway's threads (a hook, a RegisterThing) finishes against an
+    open registry; only then is the registry closed."""
+    import asyncio
+
+    outcome: list[object] = []
+    core = LocalIotCore(tmp_path / "data")
+    core.start()
+    try:
+        gateway, registry, loop = core.gateway, core.registry, core._loop
+        assert loop is not None
+        started = threading.Event()
+
+        def slow_worker_job() -> None:
+            started.set()
+            time.sleep(0.5)
+            try:
+                outcome.append(len(registry.list_policies()))
+            except Exception as e:  # a closed database
+                outcome.append(e)
+
+        asyncio.run_coroutine_threadsafe(gateway.in_thread(slow_worker_job), loop)
+        assert started.wait(5)
+    finally:
+        core.stop()
+    assert outcome == [0]
