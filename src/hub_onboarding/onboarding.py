@@ -280,10 +280,13 @@ class HubOnboarding:
                             store.clear()
                             continue
                     action = Action.VERIFY
+                assert progress is not None
+                # The pair on disk must be the certificate RegisterThing activated, verification connect
+                # or not: a hub must never be marked PROVISIONED with a key that does not match.
+                creds = self._stored_pair(handler, progress)
                 if action is Action.VERIFY:
-                    assert progress is not None
                     if cfg.verify_connection:
-                        progress = self._verify(handler, store, dp, progress, deadline)
+                        progress = self._verify(creds, store, dp, progress, deadline)
                     else:
                         progress = progress.verified()
                         self._step(f"verification connect skipped (ro.{cfgmod.VERIFY_CONNECTION} is false)")
@@ -305,6 +308,10 @@ class HubOnboarding:
         self._step(f"certificate issued ({cfg.certificate_method.value}): {issued.certificate_id[:16]}...")
         cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
+        # A record we are not resuming (another binding, a spent token) names these same files: it goes
+        # before they are overwritten, so a cut between the key and the certificate can never leave an
+        # old record that a later run would resume with a mismatched pair.
+        store.clear()
         # Credentials first, then the record that names them (and carries the token).
         handler.write_permanent_cert_and_private_key(
             issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path)
@@ -324,14 +331,19 @@ class HubOnboarding:
         self._step(f"thing registered: {registered.thing_name}")
         return progress
 
-    def _verify(self, handler: CertHandler, store: ProgressStore, dp: Any, progress: Progress,
-                deadline: float) -> Progress:
+    @staticmethod
+    def _stored_pair(handler: CertHandler, progress: Progress) -> Credentials:
+        """The permanent pair on disk, checked: key and certificate match, and it is the recorded one."""
         creds = handler.read_cert_and_private_key(CertType.PERMANENT, progress.certificate_path,
                                                   progress.private_key_path)
         if creds.certificate_id != progress.certificate_id:
             # The file on disk is not the certificate RegisterThing activated; nothing safe to resume.
             raise CredentialError(f"{progress.certificate_path} does not hold certificate "
                                   f"{progress.certificate_id[:16]}...; run reset, then provision again")
+        return creds
+
+    def _verify(self, creds: Credentials, store: ProgressStore, dp: Any, progress: Progress,
+                deadline: float) -> Progress:
         client_id, _ = self._identity(progress)
         dp.verify(client_id, creds, deadline)
         progress = progress.verified()

@@ -19,7 +19,6 @@ The token is dropped from the record as soon as RegisterThing has accepted it (i
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import logging
@@ -150,5 +149,11 @@ class ProgressStore:
         CertHandler().write_file(self.path, data, KEY_MODE)
 
     def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """Delete the record, durably (a power cut right after must not bring it back)."""
+        from hub_onboarding.config import fsync_dir
+
+        try:
             self.path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.path.parent)

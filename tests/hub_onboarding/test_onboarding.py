@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from hub_onboarding import config as cfgmod
 from hub_onboarding import device_provisioner as dpmod
-from hub_onboarding.certs import Credentials
+from hub_onboarding.certs import CertHandler, Credentials
 from hub_onboarding.device_provisioner import DeviceProvisioner
 from hub_onboarding.errors import (
     BusyError,
@@ -586,3 +586,60 @@ def test_two_names_for_one_config_share_one_lock(make_hub: HubFactory, cloud: Fa
     with cfgmod.onboarding_lock(link, timeout=1), pytest.raises(BusyError):
         HubOnboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
     assert cloud.calls == []
+
+
+def test_mismatched_pair_is_caught_without_the_verification_connect(make_hub: HubFactory, cloud: FakeCloud,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub(ro={"fp_verify_connection": False})
+    real = cfgmod.update_rw
+
+    def crash_on_first_write(path: Any, changes: Any, **kw: Any) -> Any:
+        raise Crash()
+
+    monkeypatch.setattr(cfgmod, "update_rw", crash_on_first_write)
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    monkeypatch.setattr(cfgmod, "update_rw", real)
+    key_path = hub.dir / "certs" / "private.pem.key"
+    write_private(key_path, make_pair("other").key_pem)  # whatever put it there, it is not our key
+    with pytest.raises(CredentialError):
+        HubOnboarding(hub.config).process_device()
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert "verify" not in cloud.calls
+
+
+def test_unresumable_record_goes_before_the_files_are_overwritten(make_hub: HubFactory, cloud: FakeCloud,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()  # record 1: endpoint A, token 1, certificate 1
+    store = ProgressStore(hub.dir / "certs")
+    assert store.load() is not None
+
+    # The endpoint changes: record 1 cannot be resumed; the power goes between the new key and new cert.
+    doc = hub.doc()
+    endpoint_a = doc["ro"]["endpoint_url"]
+    doc["ro"]["endpoint_url"] = "other.example.com"
+    hub.write(doc)
+    real_write = CertHandler.write_file
+
+    def cut_before_the_certificate(self: CertHandler, path: Path, data: bytes, mode: int) -> None:
+        if path.name == "certificate.pem.crt":
+            raise Crash()
+        real_write(self, path, data, mode)
+
+    monkeypatch.setattr(CertHandler, "write_file", cut_before_the_certificate)
+    with pytest.raises(Crash):
+        HubOnboarding(hub.config).process_device()
+    monkeypatch.setattr(CertHandler, "write_file", real_write)
+    assert store.load() is None  # record 1 no longer names a key that is not its own
+
+    # Back to endpoint A: nothing stale to resume, so a fresh certificate, and a matching pair.
+    doc["ro"]["endpoint_url"] = endpoint_a
+    hub.write(doc)
+    HubOnboarding(hub.config).process_device()
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+    cert = x509.load_pem_x509_certificate(Path(rw(hub)["iot_permanent_cert_path"]).read_bytes())
+    key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
+    assert cert.public_key() == key.public_key()
