@@ -407,6 +407,13 @@ def _page(
     Tokens are base64 offsets (the model's Marker pattern is base64): cheap, and stable enough for a
     registry that changes slowly while someone pages through it.
     """
+    start, size = _page_bounds(params, default_size)
+    end = start + size
+    return items[start:end], _token(end) if end < len(items) else None
+
+
+def _page_bounds(params: Mapping[str, Any], default_size: int = 250) -> tuple[int, int]:
+    """(offset, page size) from pageSize/maxResults and marker/nextToken."""
     size = params.get("pageSize") or params.get("maxResults") or default_size
     token = params.get("marker") or params.get("nextToken")
     start = 0
@@ -417,9 +424,11 @@ def _page(
             raise InvalidRequest(f"The pagination token {_clip(token)!r} is not valid") from None
         if start < 0:
             raise InvalidRequest(f"The pagination token {_clip(token)!r} is not valid")
-    end = start + size
-    next_token = base64.b64encode(str(end).encode()).decode() if end < len(items) else None
-    return items[start:end], next_token
+    return start, int(size)
+
+
+def _token(offset: int) -> str:
+    return base64.b64encode(str(offset).encode()).decode()
 
 
 def _ordered(items: list[Any], params: Mapping[str, Any]) -> list[Any]:
@@ -670,17 +679,19 @@ def _update_certificate(cp: ControlPlane, params: dict[str, Any]) -> Mapping[str
 
 
 @_operation("ListCertificates")
-def _list_certificates(cp: ControlPlane, params: dict[str, Any]) -> Mapping[str, Any]:
-    certs = _ordered(cp.registry.list_certificates(), params)
-    page, marker = _page(certs, params)
-    return {"certificates": [_certificate_summary(c) for c in page], "nextMarker": marker}
-
-
 @_operation("ListCertificatesByCA")
-def _list_certificates_by_ca(cp: ControlPlane, params: dict[str, Any]) -> Mapping[str, Any]:
-    certs = _ordered(cp.registry.list_certificates(params["caCertificateId"]), params)
-    page, marker = _page(certs, params)
-    return {"certificates": [_certificate_summary(c) for c in page], "nextMarker": marker}
+def _list_certificates(cp: ControlPlane, params: dict[str, Any]) -> Mapping[str, Any]:
+    # Paged in SQL, PEMs left out: a page costs its own rows, not the whole table's.
+    start, size = _page_bounds(params)
+    certs = cp.registry.list_certificates(
+        params.get("caCertificateId"),
+        ascending=bool(params.get("ascendingOrder")),
+        offset=start,
+        limit=size + 1,
+        with_pem=False,
+    )
+    marker = _token(start + size) if len(certs) > size else None
+    return {"certificates": [_certificate_summary(c) for c in certs[:size]], "nextMarker": marker}
 
 
 @_operation("DeleteCertificate")

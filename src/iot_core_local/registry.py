@@ -318,6 +318,9 @@ class Registry:
     # ---- certificates ---------------------------------------------------------------------------
 
     _CERT_COLUMNS = "id, pem, status, ca_id, mode, created, last_modified, customer_version, generation_id"
+    _CERT_SUMMARY_COLUMNS = (
+        "id, '', status, ca_id, mode, created, last_modified, customer_version, generation_id"
+    )
 
     def _certificate(self, row: Any) -> Certificate:
         return Certificate(
@@ -365,15 +368,27 @@ class Registry:
             raise ResourceNotFound(f"The certificate {certificate_id} does not exist")
         return cert
 
-    def list_certificates(self, ca_certificate_id: str | None = None) -> list[Certificate]:
-        """Oldest first."""
-        if ca_certificate_id is None:
-            rows = self._query(f"SELECT {self._CERT_COLUMNS} FROM certificates ORDER BY created, rowid")
-        else:
-            rows = self._query(
-                f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id = ? ORDER BY created, rowid",
-                (ca_certificate_id,),
-            )
+    def list_certificates(
+        self,
+        ca_certificate_id: str | None = None,
+        *,
+        ascending: bool = True,
+        offset: int = 0,
+        limit: int | None = None,
+        with_pem: bool = True,
+    ) -> list[Certificate]:
+        """Oldest first (newest first if not `ascending`); a page of them with offset/limit, paged in SQL.
+
+        `with_pem=False` leaves the PEM out (`pem` is ""): a listing's summaries do not show it.
+        """
+        columns = self._CERT_COLUMNS if with_pem else self._CERT_SUMMARY_COLUMNS
+        order = "ASC" if ascending else "DESC"
+        where, params = ("", ()) if ca_certificate_id is None else (" WHERE ca_id = ?", (ca_certificate_id,))
+        rows = self._query(
+            f"SELECT {columns} FROM certificates{where}"
+            f" ORDER BY created {order}, rowid {order} LIMIT ? OFFSET ?",
+            (*params, -1 if limit is None else limit, offset),
+        )
         return [self._certificate(row) for row in rows]
 
     def list_certificates_without_ca(self) -> list[Certificate]:

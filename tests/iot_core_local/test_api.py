@@ -780,3 +780,28 @@ def test_fuzz_never_500_and_the_server_keeps_serving(cp_plane: ControlPlane) -> 
     client = cp_make_client(cp_plane.url)
     assert client.create_thing(thingName="still-here")["thingName"] == "still-here"
     assert client.describe_thing(thingName="still-here")["version"] == 1
+
+
+def test_list_certificates_pages_in_sql_without_pems(cp_client: Any, cp_registry: Registry) -> None:
+    ids = [cp_client.create_keys_and_certificate(setAsActive=True)["certificateId"] for _ in range(5)]
+    statements: list[str] = []
+    cp_registry._db.set_trace_callback(statements.append)
+    try:
+        for order in (True, False):
+            paged = [
+                c["certificateId"]
+                for page in cp_client.get_paginator("list_certificates").paginate(
+                    ascendingOrder=order, PaginationConfig={"PageSize": 2}
+                )
+                for c in page["certificates"]
+            ]
+            assert paged == (ids if order else ids[::-1])
+        by_ca = cp_client.list_certificates_by_ca(caCertificateId="0" * 64)
+        assert by_ca["certificates"] == []
+    finally:
+        cp_registry._db.set_trace_callback(None)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM certificates" in s]
+    assert selects
+    for statement in selects:
+        assert "LIMIT" in statement, statement  # one page of rows, not the table
+        assert " pem" not in statement, statement  # summaries do not carry PEMs
