@@ -14,8 +14,10 @@ One connection, in order:
 
 Packets are framed from their fixed header and parsed with the `mqtt5` package; anything relayed
 unchanged is written as the bytes that came in. A client that breaks the rules loses its own
-connection and nothing else. Registry reads for a CONNECT run on the loop (they are short); anything
-slow (key generation, the hook, provisioning transactions) runs in a worker thread.
+connection and nothing else. Registry reads for a CONNECT run on the loop (they are short), and so do
+CreateCertificateFromCsr and a RegisterThing without a hook (under a millisecond each); only RSA key
+generation (CreateKeysAndCertificate), a pre-provisioning hook, JITR/JITP and the TLS trust store rebuild
+run in a worker thread.
 """
 
 from __future__ import annotations
@@ -1055,13 +1057,16 @@ class _EventPublisher:
 
     async def _connect(self) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), BROKER_TIMEOUT)
-        writer.write(mqtt5.ConnectPacket(self.client_id, clean_start=True, keep_alive=0).write())
-        buf = bytearray()
-        size = await asyncio.wait_for(_read_frame(reader, buf), BROKER_TIMEOUT)
-        connack = _parse(buf, 0, size)
-        if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
-            writer.close()
-            raise ConnectionError(f"broker refused the event publisher: {connack!r}")
+        try:
+            writer.write(mqtt5.ConnectPacket(self.client_id, clean_start=True, keep_alive=0).write())
+            buf = bytearray()
+            size = await asyncio.wait_for(_read_frame(reader, buf), BROKER_TIMEOUT)
+            connack = _parse(buf, 0, size)
+            if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
+                raise ConnectionError(f"broker refused the event publisher: {connack!r}")
+        except BaseException:
+            writer.close()  # no CONNACK in time, a refusal, a bad packet: the socket goes too
+            raise
         self._writer = writer
         self._drain_task = asyncio.create_task(self._discard(reader))
 

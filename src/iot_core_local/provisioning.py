@@ -1,7 +1,9 @@
 """The fleet provisioning MQTT API and JITR/JITP, as AWS IoT Core runs them; called by the gateway.
 
-Every method here blocks (RSA key generation, the pre-provisioning hook's HTTP call, registry
-transactions), so the gateway calls them from worker threads, never on its event loop.
+Every method here is synchronous. `ProvisioningService.prepare` tells the gateway which requests may
+block long enough to stall its event loop: RSA key generation (CreateKeysAndCertificate) and a
+RegisterThing whose template has a pre-provisioning hook (HTTP, up to 5 s) run in a worker thread;
+CreateCertificateFromCsr and a hook-less RegisterThing (well under a millisecond) run on the loop.
 
 The MQTT API (request topic -> operation; `{fmt}` is json or cbor, and the answer uses the same):
 
@@ -64,7 +66,6 @@ _ANSWER_ONLY_PREFIXES = (_CREATE_PREFIX, _CSR_PREFIX, _TEMPLATES_PREFIX)
 
 PENDING_ACTIVATION = "PENDING_ACTIVATION"
 ACTIVE = "ACTIVE"
-_OVERRIDE_ACTIONS = ("DO_NOTHING", "REPLACE", "FAIL", "MERGE")
 
 
 @dataclass(frozen=True)

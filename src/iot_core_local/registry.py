@@ -245,6 +245,8 @@ class Registry:
         self._lock.acquire()
         depth = self._depth
         mark = len(self._pending)
+        targets_mark = len(self._pending_targets)
+        trust_mark = self._pending_trust
         self._depth += 1
         events: list[tuple[str, str]] = []
         targets: list[str] = []
@@ -262,6 +264,8 @@ class Registry:
                     self._db.execute(f"ROLLBACK TO level{depth}")
                     self._db.execute(f"RELEASE level{depth}")
                     del self._pending[mark:]
+                    del self._pending_targets[targets_mark:]
+                    self._pending_trust = trust_mark
                 raise
             if depth == 0:
                 self._db.execute("COMMIT")

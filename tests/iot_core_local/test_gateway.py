@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -670,3 +672,36 @@ def test_trust_store_rebuilt_in_a_worker_and_kept_if_the_rebuild_fails(
         assert client.connect("after-rebuild").reason_code in (0, 135)  # TLS accepted it: it is trusted
     finally:
         client.close()
+
+
+def test_event_publisher_closes_its_socket_when_no_connack_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway, "BROKER_TIMEOUT", 0.2)
+
+    async def scenario() -> bool:
+        closed = asyncio.Event()
+
+        async def silent_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(1024):  # takes the CONNECT, never answers
+                pass
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(silent_broker, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        publisher = gateway._EventPublisher("127.0.0.1", port)
+        with pytest.raises(TimeoutError):
+            await publisher.publish("$aws/events/x", b"{}")
+        try:
+            await asyncio.wait_for(closed.wait(), 2)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            server.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert asyncio.run(scenario())
+        gc.collect()
+    # The publisher hung up itself; it did not leave the socket for the garbage collector to find.
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -293,3 +293,24 @@ def test_concurrent_writers(cp_registry: Registry) -> None:
     assert errors == []
     assert len(cp_registry.list_things()) == 200
     assert time.perf_counter() - started < 5
+
+
+def test_nested_rollback_forgets_its_policy_targets_and_trust_change(
+    cp_registry: Registry, cert_pem: str
+) -> None:
+    targets: list[str] = []
+    cp_registry.add_policy_listener(targets.append)
+    cert = cp_registry.add_certificate(cert_pem, "ACTIVE")
+    cp_registry.create_policy("p", POLICY)
+    ca, ca_key = _self_signed_ca("Rolled back")
+    own = _pem(_issued_by(ca, ca_key))
+    generation = cp_registry.trust_generation
+    with cp_registry.transaction():
+        with pytest.raises(RuntimeError), cp_registry.transaction():  # a savepoint, rolled back
+            cp_registry.attach_policy("p", cert.arn)
+            cp_registry.add_certificate(own, "ACTIVE")  # registered without a CA: a trust change
+            raise RuntimeError("rolled back")
+        cp_registry.create_thing("kept")
+    assert cp_registry.list_attached_policies(cert.arn) == []
+    assert targets == []  # nothing changed for the certificate
+    assert cp_registry.trust_generation == generation  # nor for the TLS trust store
