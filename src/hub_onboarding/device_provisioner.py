@@ -1,7 +1,7 @@
 """DeviceProvisioner: the adapter between HubOnboarding and the provisioning library.
 
-It gives HubOnboarding the SDK's operations (a claim session for fleet provisioning, JITR, the
-verification connect), translates FP_STATUS codes into exceptions (`raise_for_status`, as the SDK's
+It gives HubOnboarding the SDK's operations (a claim session for fleet provisioning, JITR's connect
+loop, the verification connect), translates FP_STATUS codes into exceptions (`raise_for_status`, as the SDK's
 device_provisioner.cpp does) and owns the retry policy: which failures deserve another attempt
 (`is_retriable`) and how long to wait before it (exponential backoff with full jitter, bounded by a
 deadline). HubOnboarding decides *what* to do next from its saved progress; this class decides
@@ -98,7 +98,32 @@ class DeviceProvisioner:
                 yield FleetProvisioning(conn.client, timeout, lost=lost)
 
     def provision_jitr(self, client_id: str, dha: Credentials) -> int:
-        return self.iot.provision_with_jitr(client_id, dha, self.retry_timeout)
+        """Connect with the DHA certificate until it works; return the number of attempts.
+
+        The first attempts are refused while the cloud registers and activates the certificate, so a
+        refusal is retried with the same policy as fleet provisioning (backoff, deadline); a failure that
+        cannot succeed later (unusable credentials or CA file: `retriable` False) ends at once.
+        """
+        deadline = self.deadline()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                timeout = self._budget(self.iot.settings.connect_timeout, deadline)
+                with self.iot.connect(client_id, dha, timeout):
+                    return attempt
+            except MqttConnectionError as exc:
+                last = exc.message
+                try:
+                    self.wait_before_retry(exc, attempt, deadline)
+                except MqttConnectionError:
+                    if not exc.retriable:
+                        raise
+                    raise MqttConnectionError(
+                        f"JITR: no connection within {self.retry_timeout:g} s after {attempt} attempt(s); "
+                        f"last error: {last}. Check that the CA is registered with auto-registration and "
+                        "that something activates new certificates and attaches a policy (the limit is "
+                        "ro.mqtt_retry_timeout_seconds)") from None
 
     def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None:
         self.iot.verify(client_id, credentials, self._budget(self.iot.settings.connect_timeout, deadline))

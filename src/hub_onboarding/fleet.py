@@ -96,9 +96,13 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
     if name in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", "AWS_ERROR_MQTT_TIMEOUT"):
         return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; try again")
     if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE":
-        return PublishTimeoutError(
+        # The broker refused the PUBLISH (a PUBACK failure, e.g. not authorized): like a refused
+        # subscription, the same request will be refused again, so it is not retried.
+        refused = PublishTimeoutError(
             f"{operation}: the request could not be published; check that the claim certificate's policy "
             "allows iot:Publish on the provisioning topics")
+        refused.retriable = False
+        return refused
     if name in _CONNECTION_ERRORS or (
             isinstance(name, str) and name.startswith(("AWS_IO_", "AWS_ERROR_MQTT5"))):
         return MqttConnectionError(f"{operation}: the connection was lost during the request ({name}); "

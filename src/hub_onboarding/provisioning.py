@@ -1,9 +1,10 @@
-"""IotProvisioning: MQTT 5 connections to AWS IoT Core (awscrt), JITR retry, verification connect.
+"""IotProvisioning: MQTT 5 connections to AWS IoT Core (awscrt): claim, JITR and verification connects.
 
 Every wait has a deadline: a connection attempt waits at most `connect_timeout` for CONNACK (the TCP
 connect, TLS handshake and CONNACK are each bounded inside awscrt too), and stopping a client waits at
 most STOP_TIMEOUT. A client is stopped after its first failed attempt, so awscrt's own reconnect loop
-never runs behind our back: retries are ours, with exponential backoff and full jitter.
+never runs behind our back: retries are ours (DeviceProvisioner's policy: exponential backoff with full
+jitter, only for failures that can succeed later).
 
 TLS verification is always on. The trust store is `iot_root_ca_path` when set, else the system's.
 awscrt is imported here only when a connection is made: it is the largest import of the package.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -112,15 +112,13 @@ class MqttConnection:
 
 
 class IotProvisioning:
-    """The provisioning engine of the SDK: connections, JITR, and the verification connect."""
+    """The SDK's provisioning engine: connections (each JITR attempt is one) and the verification connect.
 
-    def __init__(self, settings: ConnectionSettings, *, backoff: Backoff | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    It makes one attempt per call; whether and when to try again is DeviceProvisioner's retry policy.
+    """
+
+    def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
-        self.backoff = backoff or Backoff()
-        self._clock = clock
-        self._sleep = sleep
 
     def connect(self, client_id: str, credentials: Credentials,
                 timeout: float | None = None) -> MqttConnection:
@@ -207,27 +205,3 @@ class IotProvisioning:
         """Connect once and disconnect: AWS's documented reconnect step after RegisterThing."""
         with self.connect(client_id, credentials, timeout):
             pass
-
-    def provision_with_jitr(self, client_id: str, credentials: Credentials, timeout: float) -> int:
-        """Connect with the DHA certificate until it works or `timeout` seconds pass; return the attempts.
-
-        The first attempts are refused while the cloud registers and activates the certificate.
-        """
-        deadline = self._clock() + timeout
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - self._clock()
-            try:
-                with self.connect(client_id, credentials,
-                                  timeout=min(self.settings.connect_timeout, max(remaining, 0.1))):
-                    return attempt
-            except MqttConnectionError as exc:
-                delay = self.backoff.delay(attempt - 1)
-                if self._clock() + delay >= deadline:
-                    raise MqttConnectionError(
-                        f"JITR: no connection within {timeout:g} s after {attempt} attempt(s); last error: "
-                        f"{exc.message}. Check that the CA is registered with auto-registration and that "
-                        "something activates new certificates and attaches a policy") from None
-                log.info("JITR attempt %d refused (%s); retrying in %.1f s", attempt, exc.message, delay)
-                self._sleep(delay)

@@ -92,8 +92,10 @@ def test_crt_errors_map_to_status_codes(crt_name: str, cls: type[errors.Provisio
     exc = map_request_error(V2ServiceException("x", AwsCrtError(crt_name), None), "CreateKeysAndCertificate",
                             30)
     assert type(exc) is cls
-    # a refused SUBSCRIBE is an authorization answer: final; everything else may pass on retry
-    assert exc.retriable is (crt_name != "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE")
+    # a refused SUBSCRIBE or PUBLISH is an authorization answer: final; everything else may pass on retry
+    assert exc.retriable is (crt_name not in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE",
+                                              "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE"))
+    assert is_retriable(exc) is exc.retriable
 
 
 def test_our_own_deadline_is_a_publish_timeout() -> None:
@@ -332,3 +334,31 @@ def test_token_refusal_is_one_predicate(status: int | None, code: str, message: 
     assert errors.is_token_refusal(status, code, message) is refused
     # the hint the user reads agrees with what the flow does
     assert ("ownership token was refused" in exc.message) is refused
+
+
+
+def test_jitr_does_not_retry_a_failure_that_cannot_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through the real IotProvisioning: awscrt refusing the CA file (retriable False) used to be retried
+    # until ro.mqtt_retry_timeout_seconds (5 minutes by default) ran out.
+    from hub_onboarding.certs import check_pair
+    from hub_onboarding.config import Endpoint
+    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisioning
+
+    iot = IotProvisioning(ConnectionSettings(Endpoint("iot.example.com"), None, 60, connect_timeout=1))
+    attempts: list[str] = []
+
+    def connect(client_id: str, credentials: Any, timeout: float | None = None) -> Any:
+        attempts.append(client_id)
+        error = MqttConnectionError("could not set up the MQTT client: bad CA file")
+        error.retriable = False
+        raise error
+
+    monkeypatch.setattr(iot, "connect", connect)
+    sleeps: list[float] = []
+    dp = DeviceProvisioner(iot, operation_timeout=1, retry_timeout=2, backoff=Backoff(rng=lambda: 0.1),
+                           sleep=sleeps.append)
+    pair = make_pair("dha")
+    with pytest.raises(MqttConnectionError, match="bad CA file"):
+        dp.provision_jitr("dha", check_pair(pair.cert_pem, pair.key_pem, "DHA", check_validity=False))
+    assert attempts == ["dha"] and sleeps == []

@@ -22,6 +22,7 @@ import trustme
 from hub_onboarding.certs import CertType, Credentials, check_pair
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
+from hub_onboarding.device_provisioner import DeviceProvisioner
 from hub_onboarding.errors import MqttConnectionError, PublishTimeoutError
 from hub_onboarding.fleet import FleetProvisioning
 from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisioning
@@ -86,7 +87,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def engine(broker: Broker, ca_path: Path | None = None, timeout: float = 5) -> IotProvisioning:
     settings = ConnectionSettings(broker.endpoint, str(ca_path or broker.ca_path), 60,
                                   connect_timeout=timeout)
-    return IotProvisioning(settings, backoff=Backoff(base=0.1, cap=0.2))
+    return IotProvisioning(settings)
+
+
+def jitr(iot: IotProvisioning, client_id: str, creds: Credentials, timeout: float) -> int:
+    dp = DeviceProvisioner(iot, operation_timeout=5, retry_timeout=timeout,
+                           backoff=Backoff(base=0.1, cap=0.2))
+    return dp.provision_jitr(client_id, creds)
 
 
 def test_connect_and_verify(broker: Broker) -> None:
@@ -94,7 +101,7 @@ def test_connect_and_verify(broker: Broker) -> None:
     start = time.monotonic()
     iot.verify("hub-client-1", broker.client)
     assert time.monotonic() - start < 5
-    assert iot.provision_with_jitr("hub-client-1", broker.client, timeout=5) == 1
+    assert jitr(iot, "hub-client-1", broker.client, timeout=5) == 1
 
 
 def test_endpoint_with_another_ca_is_refused(broker: Broker, tmp_path: Path) -> None:
@@ -112,7 +119,7 @@ def test_unknown_client_certificate_jitr_gives_up_at_the_deadline(broker: Broker
     creds = check_pair(stranger.cert_pem, stranger.key_pem, "DHA", check_validity=False)
     start = time.monotonic()
     with pytest.raises(MqttConnectionError, match="JITR: no connection within 2 s") as info:
-        engine(broker, timeout=1).provision_with_jitr("stranger", creds, timeout=2)
+        jitr(engine(broker, timeout=1), "stranger", creds, timeout=2)
     assert time.monotonic() - start < 6
     assert "attempt" in info.value.message
 

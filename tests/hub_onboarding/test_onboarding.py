@@ -56,7 +56,6 @@ class FakeCloud:
     issued_keys: list[bytes] = field(default_factory=list)
     register_params: list[dict[str, str]] = field(default_factory=list)
     fail: dict[str, list[BaseException]] = field(default_factory=dict)  # operation -> errors to raise in turn
-    jitr_refusals: int = 0
 
     def maybe_fail(self, operation: str) -> None:
         pending = self.fail.get(operation)
@@ -144,12 +143,6 @@ class FakeIot:
         self.cloud.calls.append("verify")
         self.cloud.maybe_fail("verify")
         self.cloud.connections.append((client_id, credentials.certificate_id))
-
-    def provision_with_jitr(self, client_id: str, credentials: Credentials, timeout: float) -> int:
-        self.cloud.calls.append("jitr")
-        self.cloud.maybe_fail("jitr")
-        self.cloud.connections.append((client_id, credentials.certificate_id))
-        return 1 + self.cloud.jitr_refusals
 
 
 @pytest.fixture
@@ -354,7 +347,7 @@ def test_jitr(make_hub: HubFactory, cloud: FakeCloud) -> None:
     assert doc["iot_permanent_cert_path"] == str(hub.dir / "dha.crt")
     assert doc["iot_permanent_pk_path"] == str(hub.dir / "dha.key")
     assert "managed_thing_id" not in doc
-    assert cloud.calls == ["jitr"]
+    assert cloud.calls == ["connect"]
 
 
 def test_jitr_client_id_override(make_hub: HubFactory, cloud: FakeCloud) -> None:
@@ -643,3 +636,31 @@ def test_unresumable_record_goes_before_the_files_are_overwritten(make_hub: HubF
     cert = x509.load_pem_x509_certificate(Path(rw(hub)["iot_permanent_cert_path"]).read_bytes())
     key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
     assert cert.public_key() == key.public_key()
+
+
+def test_jitr_retries_refusals_with_the_provisioner_policy(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR")
+    cloud.fail["connect"] = [MqttConnectionError("closed: not active yet") for _ in range(3)]
+    steps: list[str] = []
+    HubOnboarding(hub.config, on_step=steps.append).process_device()
+    assert cloud.calls == ["connect"] * 4
+    assert any("attempt 4" in s for s in steps)
+    assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
+
+
+def test_jitr_gives_up_at_once_on_what_cannot_succeed(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR")
+    final = MqttConnectionError("could not set up the MQTT client: bad CA file")
+    final.retriable = False
+    cloud.fail["connect"] = [final] + [MqttConnectionError("x") for _ in range(5)]
+    with pytest.raises(MqttConnectionError, match="bad CA file"):
+        HubOnboarding(hub.config).process_device()
+    assert cloud.calls == ["connect"]
+
+
+def test_jitr_deadline_says_what_to_check(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("JITR", ro={"mqtt_retry_timeout_seconds": 0.01})
+    cloud.fail["connect"] = [MqttConnectionError("closed") for _ in range(50)]
+    with pytest.raises(MqttConnectionError, match=r"JITR: no connection within 0\.01 s after 1 att") as info:
+        HubOnboarding(hub.config).process_device()
+    assert "auto-registration" in info.value.message and "last error: closed" in info.value.message
