@@ -293,15 +293,29 @@ class CertHandler:
 
     @staticmethod
     def delete(paths: list[Path]) -> list[Path]:
-        """Delete the files that exist among `paths`; return the ones deleted."""
-        deleted = []
-        for p in paths:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        """Delete the files that exist among `paths`; return the ones deleted.
+
+        StorageError when one cannot be deleted (permissions, read-only folder); the message names what
+        was deleted before it, and what is left.
+        """
+        deleted: list[Path] = []
+        try:
+            for i, p in enumerate(paths):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    left = ", ".join(str(q) for q in paths[i:])
+                    done = ", ".join(str(q) for q in deleted) or "nothing"
+                    raise StorageError(
+                        f"cannot delete {p}: {exc.strerror or exc} (deleted so far: {done}; left: {left}); "
+                        "fix the folder's permissions and run reset again, or delete them by hand") from None
                 deleted.append(p)
-        if deleted:
-            with contextlib.suppress(OSError):
-                fsync_dir(deleted[0].parent)
+        finally:
+            for folder in {q.parent for q in deleted}:
+                with contextlib.suppress(OSError):
+                    fsync_dir(folder)
         return deleted
 
 

@@ -549,6 +549,12 @@ def onboarding_lock(config_path: str | os.PathLike[str], timeout: float,
                         f"another hub-onboard is onboarding with {config_path} (lock {lp} held for more than "
                         f"{timeout:g} s); wait for it to finish, then run provision again") from None
                 time.sleep(poll)
+            except InterruptedError:
+                continue
+            except OSError as exc:  # ENOLCK (no lock support, e.g. some network filesystems), EBADF...
+                raise StorageError(
+                    f"cannot lock {lp}: {exc.strerror or exc}; the config's folder must be on a filesystem "
+                    "that supports file locks (flock), e.g. a local one") from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock

@@ -149,11 +149,20 @@ class ProgressStore:
         CertHandler().write_file(self.path, data, KEY_MODE)
 
     def clear(self) -> None:
-        """Delete the record, durably (a power cut right after must not bring it back)."""
+        """Delete the record, durably (a power cut right after must not bring it back).
+
+        StorageError when it cannot be deleted (read-only folder, permissions): a stale record must not
+        be left for a later run to trust, so onboarding stops there.
+        """
         from hub_onboarding.config import fsync_dir
+        from hub_onboarding.errors import StorageError
 
         try:
             self.path.unlink()
+            fsync_dir(self.path.parent)
         except FileNotFoundError:
             return
-        fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot delete the onboarding progress record {self.path}: "
+                               f"{exc.strerror or exc}; make its folder writable by onboarding (or delete "
+                               "the file by hand), then run the same command again") from None

@@ -188,7 +188,15 @@ class IotProvisioning:
         description = f"{client_id!r} at {s.endpoint}"
         conn = MqttConnection(client, stopped, description, lost)
         log.debug("connecting to %s as %r", s.endpoint, client_id)
-        client.start()
+        try:
+            client.start()
+        except Exception as exc:
+            # Nothing was sent: awscrt could not start its client here (memory, threads, descriptors).
+            error = MqttConnectionError(f"could not start the MQTT client for {s.endpoint} as {client_id!r}: "
+                                        f"{exc}; this is a problem on the hub, not the network: check its "
+                                        "free memory and open files, then run provision again")
+            error.retriable = False
+            raise error from None
         if not done.wait(timeout):
             conn.close()
             raise MqttConnectionError(
