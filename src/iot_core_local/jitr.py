@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from iot_core_local.provisioning import registration_event_topic
+
 log = logging.getLogger("iot_core_local.jitr")
 
-REGISTRATION_TOPIC = "$aws/events/certificates/registered/{ca_id}"
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -201,7 +202,7 @@ class JitrActivator:
             raise TimeoutError(
                 f"JITR activator could not connect to {self._host}:{self._port} in {timeout} s"
             )
-        topic = REGISTRATION_TOPIC.format(ca_id=self._ca_id)
+        topic = registration_event_topic(self._ca_id)
         suback = self._mqtt.subscribe(
             mqtt5.SubscribePacket(
                 subscriptions=[mqtt5.Subscription(topic_filter=topic, qos=mqtt5.QoS.AT_LEAST_ONCE)]

@@ -397,6 +397,12 @@ class ProvisioningService:
     def apply_plan(self, plan: templates.Plan, certificate: Certificate) -> None:
         """Create or update the thing, attach certificate and policies, set the status: all or nothing."""
         registry = self.registry
+        if plan.thing is not None and (plan.thing.thing_groups or plan.thing.billing_group):
+            # The registry has no thing groups or billing groups; say so rather than pretend.
+            log.warning(
+                "thing %s: ThingGroups/BillingGroup in the template are ignored (iot-core-local has none)",
+                plan.thing.name,
+            )
         with registry.transaction():
             if plan.thing is not None:
                 self._apply_thing(plan.thing)

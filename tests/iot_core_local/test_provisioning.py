@@ -509,3 +509,41 @@ def test_register_thing_uses_the_template_it_was_judged_by(
     assert updated == [True]
     assert seen == []  # the hook was not in the snapshot the request was judged by
     assert outcome == "accepted", registered
+
+
+def test_thing_groups_in_a_template_are_reported_as_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from iot_core_local import templates
+    from iot_core_local.ca import CertificateAuthority
+    from iot_core_local.provisioning import ProvisioningService
+    from iot_core_local.registry import Registry
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    registry = Registry(tmp_path / "registry.sqlite3")
+    pem, _key = ca.create_keys_and_certificate()
+    cert = registry.add_certificate(pem, "PENDING_ACTIVATION")
+    body = json.dumps(
+        {
+            "Parameters": {"AWS::IoT::Certificate::Id": {"Type": "String"}},
+            "Resources": {
+                "thing": {
+                    "Type": "AWS::IoT::Thing",
+                    "Properties": {"ThingName": "grouped", "ThingGroups": ["line-1"]},
+                },
+                "certificate": {
+                    "Type": "AWS::IoT::Certificate",
+                    "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}},
+                },
+            },
+        }
+    )
+    plan = templates.evaluate(
+        templates.validate_template(body), {}, {"AWS::IoT::Certificate::Id": cert.certificate_id}
+    )
+    with caplog.at_level("WARNING"):
+        ProvisioningService(registry, ca).apply_plan(plan, cert)
+    assert "ThingGroups/BillingGroup in the template are ignored" in caplog.text
+    assert registry.get_thing("grouped").name == "grouped"
+    assert registry.get_certificate(cert.certificate_id).status == "ACTIVE"
+    registry.close()
