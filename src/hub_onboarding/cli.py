@@ -23,11 +23,11 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+# The exit codes live with the exception tree (errors.py is tiny: importing it costs nothing).
+from hub_onboarding.errors import EXIT_USAGE
+
 if TYPE_CHECKING:
     from hub_onboarding.errors import OnboardingError
-
-EXIT_UNEXPECTED = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ hubs target that endpoint, for example real AWS IoT Core (format in docs/perform
 
 Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
 config is invalid. The engine (`write_hubs`, `onboard_fleet`, `run_fleet`) is importable; the benchmark
-uses it. Only the standard library is imported at module level.
+uses it. Only the standard library and hub_onboarding.errors (the exit codes) are imported at module level.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
+from hub_onboarding.errors import EXIT_OK, EXIT_USAGE, ConfigError
+
+EXIT_FAILED = 1  # at least one hub failed (fleet-sim's own meaning of 1)
+EXIT_CONFIG = ConfigError.exit_code
 
 METHODS = ("CreateCertificateFromCsr", "CreateKeysAndCertificate")
 DEFAULT_TEMPLATE = "FleetSimTemplate"

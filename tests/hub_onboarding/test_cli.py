@@ -113,3 +113,24 @@ def test_public_api() -> None:
     for name in hub_onboarding.__all__:
         assert getattr(hub_onboarding, name) is not None
     assert hub_onboarding.HubOnboarding.__name__ == "HubOnboarding"
+
+
+def test_exit_codes_are_defined_once() -> None:
+    # errors.py is the one home of the exit codes; the commands use its constants instead of copies.
+    import ast
+
+    import hub_onboarding
+    from hub_onboarding import cli, errors, fleet_sim
+
+    package = Path(hub_onboarding.__file__).parent
+    shared = {"EXIT_OK", "EXIT_USAGE", "EXIT_UNEXPECTED"}
+    for module in sorted(package.glob("*.py")):
+        if module.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Assign):
+                names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+                assert not names & shared, f"{module.name} defines its own {names & shared}"
+    assert cli.EXIT_USAGE is errors.EXIT_USAGE and fleet_sim.EXIT_USAGE is errors.EXIT_USAGE
+    assert fleet_sim.EXIT_OK is errors.EXIT_OK
+    assert errors.ConfigError.exit_code == fleet_sim.EXIT_CONFIG
