@@ -5,8 +5,9 @@
     if not hub.is_provisioned():
         hub.process_device()
 
-The names are imported lazily (PEP 562) so that `import hub_onboarding` stays cheap on a hub: awscrt and
-cryptography load only when a connection or a certificate needs them.
+FP_STATUS codes and the exception tree map onto each other with `raise_for_status(status)` and
+`status_of(exc)`. The names are imported lazily (PEP 562) so that `import hub_onboarding` stays cheap
+on a hub: awscrt and cryptography load only when a connection or a certificate needs them.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ __all__ = [
     "SubscribeTimeoutError",
     "Timeouts",
     "parse_config",
+    "raise_for_status",
+    "status_of",
 ]
 
 _WHERE = {
     "HubOnboarding": "onboarding", "OnboardingResult": "onboarding", "Timeouts": "onboarding",
-    "DeviceProvisioner": "device_provisioner",
+    "DeviceProvisioner": "device_provisioner", "raise_for_status": "device_provisioner",
+    "status_of": "device_provisioner",
     "IotProvisioning": "provisioning",
     "FleetProvisioning": "fleet",
     "CertHandler": "certs", "CertType": "certs", "Credentials": "certs", "CredentialStore": "certs",
@@ -78,7 +82,7 @@ _WHERE = {
 if TYPE_CHECKING:
     from hub_onboarding.certs import CertHandler, CertType, Credentials, CredentialStore, FileCredentialStore
     from hub_onboarding.config import HubConfig, parse_config
-    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.device_provisioner import DeviceProvisioner, raise_for_status, status_of
     from hub_onboarding.fleet import FleetProvisioning
     from hub_onboarding.onboarding import HubOnboarding, OnboardingResult, Timeouts
     from hub_onboarding.provisioning import IotProvisioning

@@ -1,11 +1,11 @@
 """DeviceProvisioner: the adapter between HubOnboarding and the provisioning library.
 
 It gives HubOnboarding the SDK's operations (a claim session for fleet provisioning, JITR's connect
-loop, the verification connect), translates FP_STATUS codes into exceptions (`raise_for_status`, as the SDK's
-device_provisioner.cpp does) and owns the retry policy: which failures deserve another attempt
-(`is_retriable`) and how long to wait before it (exponential backoff with full jitter, bounded by a
-deadline). HubOnboarding decides *what* to do next from its saved progress; this class decides
-*whether and when* to try again.
+loop, the verification connect), translates FP_STATUS codes into exceptions and back
+(`raise_for_status`, `status_of`: the public mapping, as the SDK's device_provisioner.cpp does) and owns
+the retry policy: which failures deserve another attempt (`is_retriable`) and how long to wait before
+it (exponential backoff with full jitter, bounded by a deadline). HubOnboarding decides *what* to do
+next from its saved progress; this class decides *whether and when* to try again.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from hub_onboarding.provisioning import Backoff, IotProvisioning
 
 log = logging.getLogger(__name__)
 
+# FP_STATUS -> exception class, read off the tree itself (each class names its status), so the
+# table and the classes cannot disagree.
 _STATUS_ERRORS: dict[FpStatus, type[ProvisioningError]] = {
-    FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR: MqttConnectionError,
-    FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR: SubscribeTimeoutError,
-    FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR: PublishTimeoutError,
+    cls.status: cls
+    for cls in (MqttConnectionError, IdentityError, SubscribeTimeoutError, PublishTimeoutError)
 }
 _STATUS_MESSAGES = {
     FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR: "Failed due to MQTT Connection error",
@@ -44,7 +45,13 @@ _STATUS_MESSAGES = {
 
 
 def raise_for_status(status: FpStatus, detail: str = "") -> None:
-    """FP_STATUS_OK returns; every other code raises its exception (the SDK's translation table)."""
+    """FP_STATUS_OK returns; every other code raises its exception (the SDK's translation table).
+
+    Public (`hub_onboarding.raise_for_status`): the mapping the SDK chapter asks for, FP_STATUS codes onto
+    the one exception tree, for code that speaks status codes (a wrapped C provisioning library, a
+    supervisor). This package's own provisioning raises the typed exceptions directly, so it needs
+    the inverse only: `status_of`, which `ProvisioningError.status` agrees with.
+    """
     if status is FpStatus.FP_STATUS_OK:
         return
     message = _STATUS_MESSAGES[status] + (f": {detail}" if detail else "")
@@ -54,7 +61,11 @@ def raise_for_status(status: FpStatus, detail: str = "") -> None:
 
 
 def status_of(exc: BaseException | None) -> FpStatus:
-    """The FP_STATUS code for an outcome (None: success)."""
+    """The FP_STATUS code for an outcome (None: success); public as `hub_onboarding.status_of`.
+
+    A ProvisioningError carries its own; anything else that stopped provisioning counts as the SDK's
+    generic connection failure.
+    """
     if exc is None:
         return FpStatus.FP_STATUS_OK
     if isinstance(exc, ProvisioningError):

@@ -362,3 +362,20 @@ def test_jitr_does_not_retry_a_failure_that_cannot_succeed(monkeypatch: pytest.M
     with pytest.raises(MqttConnectionError, match="bad CA file"):
         dp.provision_jitr("dha", check_pair(pair.cert_pem, pair.key_pem, "DHA", check_validity=False))
     assert attempts == ["dha"] and sleeps == []
+
+
+def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:
+    import hub_onboarding
+    from hub_onboarding import device_provisioner
+
+    assert {"raise_for_status", "status_of"} <= set(hub_onboarding.__all__)
+    assert hub_onboarding.raise_for_status is device_provisioner.raise_for_status
+    assert hub_onboarding.status_of is device_provisioner.status_of
+    for status in FpStatus:
+        if status is FpStatus.FP_STATUS_OK:
+            assert hub_onboarding.raise_for_status(status) is None
+            continue
+        with pytest.raises(errors.ProvisioningError) as info:
+            hub_onboarding.raise_for_status(status)
+        assert type(info.value).status is status  # the class raised is the one the tree names for it
+        assert hub_onboarding.status_of(info.value) is status
