@@ -146,7 +146,7 @@ class DeviceProvisioner:
         """Sleep before attempt `attempt + 1`, or re-raise `exc` when it is final or time is up."""
         if not is_retriable(exc):
             raise exc
-        delay = self.backoff.delay(attempt)
+        delay = self.backoff.delay(attempt - 1)  # the first retry waits up to `base`, then doubling
         if self._clock() + delay >= deadline:
             exc.message = (f"{exc.message} (gave up after {attempt} attempt(s) in {self.retry_timeout:g} s; "
                            f"the limit is ro.mqtt_retry_timeout_seconds)")

@@ -379,3 +379,22 @@ def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:
             hub_onboarding.raise_for_status(status)
         assert type(info.value).status is status  # the class raised is the one the tree names for it
         assert hub_onboarding.status_of(info.value) is status
+
+
+def test_retry_delays_start_at_the_base_and_double() -> None:
+    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.errors import MqttConnectionError
+    from hub_onboarding.provisioning import Backoff
+
+    slept: list[float] = []
+    dp = DeviceProvisioner(
+        None,  # type: ignore[arg-type]  # the retry policy needs no connection
+        operation_timeout=1,
+        retry_timeout=1000,
+        backoff=Backoff(base=1.0, cap=30.0, rng=lambda: 1.0),  # the top of each jitter window
+        clock=lambda: 0.0,
+        sleep=slept.append,
+    )
+    for attempt in range(1, 7):
+        dp.wait_before_retry(MqttConnectionError("refused"), attempt, deadline=1000.0)
+    assert slept == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
