@@ -44,6 +44,7 @@ from . import policy
 from .ca import CertificateAuthority
 from .faults import CONNECT, Fault, FaultInjector
 from .provisioning import (
+    Answer,
     ProvisioningService,
     Request,
     is_provisioning_filter,
@@ -488,17 +489,20 @@ class _Connection:
             await asyncio.sleep(fault.seconds)
             return True
         if fault.kind == "throttle":
-            answer = self.gw.provisioning.throttled(request)
-            delivered = self.deliver_local(answer.topic, answer.payload)
-            log.info(
-                "provisioning %s cert %s client %r: %s%s",
-                answer.operation,
-                self.certificate_id,
-                self.client_id,
-                answer.summary,
-                "" if delivered else f" (not delivered: no subscription to {answer.topic})",
-            )
+            self._answer(self.gw.provisioning.throttled(request))
         return False  # ignore (and throttle, answered): nothing more
+
+    def _answer(self, answer: Answer) -> None:
+        """Send a provisioning answer on this connection only, and log the request (ids, never secrets)."""
+        delivered = self.deliver_local(answer.topic, answer.payload)
+        log.info(
+            "provisioning %s cert %s client %r: %s%s",
+            answer.operation,
+            self.certificate_id,
+            self.client_id,
+            answer.summary,
+            "" if delivered else f" (not delivered: no subscription to {answer.topic})",
+        )
 
     async def _authorize(self, connect: mqtt5.ConnectPacket) -> None:
         gw = self.gw
@@ -793,15 +797,7 @@ class _Connection:
                     client_id=self.client_id,
                     prepared=prepared,
                 )
-            delivered = self.deliver_local(answer.topic, answer.payload)
-            log.info(
-                "provisioning %s cert %s client %r: %s%s",
-                answer.operation,
-                self.certificate_id,
-                self.client_id,
-                answer.summary,
-                "" if delivered else f" (not delivered: no subscription to {answer.topic})",
-            )
+            self._answer(answer)
             return False
         # $aws/... and other $ topics belong to the service; clients may not publish there.
         if topic.startswith("$") or not self.allowed("iot:Publish", f"topic/{topic}"):
