@@ -43,8 +43,10 @@ from iot_core_local.errors import (
     CertificateValidation,
     DeleteConflict,
     InvalidRequest,
+    RegistrationCodeValidation,
     ResourceNotFound,
     ServiceError,
+    UnknownOperation,
 )
 from iot_core_local.faults import FaultInjector
 from iot_core_local.faults import from_json as faults_from_json
@@ -68,20 +70,6 @@ MAX_BODY = 1 << 20  # AWS IoT's largest request (a 64 KiB PEM, a 10 KiB template
 _LOCAL_PREFIX = "/_local/"
 CLAIM_TTL = 300.0  # CreateProvisioningClaim: AWS's temporary claim certificates last five minutes
 HOOK_PAYLOAD_VERSION = "2020-04-01"
-
-
-class RegistrationCodeValidation(ServiceError):
-    """RegisterCACertificate: the verification certificate does not carry the registration code."""
-
-    error_type = "RegistrationCodeValidationException"
-    status = 400
-
-
-class UnknownOperation(ServiceError):
-    """No operation of the model has this method and path."""
-
-    error_type = "UnknownOperationException"
-    status = 404
 
 
 @functools.cache

@@ -4,9 +4,12 @@
     ├── ServerError                 the server itself cannot run (data dir in use, Mosquitto missing)
     └── ServiceError                an API answer AWS would give; carries the AWS error type and status
         ├── InvalidRequest          400 InvalidRequestException
+        │   └── MalformedPolicy     400 MalformedPolicyException (CreatePolicy)
+        ├── RegistrationCodeValidation 400 RegistrationCodeValidationException (RegisterCACertificate)
         ├── CertificateValidation   400 CertificateValidationException
         ├── Throttling              400 ThrottlingException (botocore's model says 400, not 429)
         ├── ResourceNotFound        404 ResourceNotFoundException
+        ├── UnknownOperation        404 UnknownOperationException (no operation has this method and path)
         ├── CertificateState        406 CertificateStateException
         ├── ResourceAlreadyExists   409 ResourceAlreadyExistsException (with resourceId, resourceArn)
         ├── DeleteConflict          409 DeleteConflictException
@@ -45,6 +48,27 @@ class ServiceError(IotCoreLocalError):
 class InvalidRequest(ServiceError):
     error_type = "InvalidRequestException"
     status = 400
+
+
+class MalformedPolicy(InvalidRequest):
+    """CreatePolicy's answer to a bad document (botocore: MalformedPolicyException, 400)."""
+
+    error_type = "MalformedPolicyException"
+    status = 400
+
+
+class RegistrationCodeValidation(ServiceError):
+    """RegisterCACertificate: the verification certificate does not carry the registration code."""
+
+    error_type = "RegistrationCodeValidationException"
+    status = 400
+
+
+class UnknownOperation(ServiceError):
+    """No operation of the model has this method and path."""
+
+    error_type = "UnknownOperationException"
+    status = 404
 
 
 class CertificateValidation(ServiceError):

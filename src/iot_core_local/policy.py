@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import InvalidRequest
+from .errors import MalformedPolicy
 
 __all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "MalformedPolicy", "evaluate", "validate_policy"]
 
@@ -36,13 +36,6 @@ __all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "MalformedPolicy", "evalu
 MAX_DOCUMENT_SIZE = 2048
 VERSIONS = ("2012-10-17", "2008-10-17")
 EFFECTS = ("Allow", "Deny")
-
-
-class MalformedPolicy(InvalidRequest):
-    """CreatePolicy's answer to a bad document (botocore: MalformedPolicyException, 400)."""
-
-    error_type = "MalformedPolicyException"
-    status = 400
 
 
 class _Malformed(ValueError):
