@@ -18,16 +18,22 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _credentials_dir(hub_dir: Path, name: str) -> Path:
+def _write_credentials(
+    hub_dir: Path, name: str, certificate_pem: str, private_key_pem: str
+) -> tuple[Path, Path]:
+    """`<hub>/<name>/<name>.pem.crt` and `.pem.key`: the folder 0700, the key 0600 from its first byte."""
     folder = hub_dir / name
     folder.mkdir(parents=True, mode=0o700)
     os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask; be sure
-    return folder
+    cert_path, key_path = folder / f"{name}.pem.crt", folder / f"{name}.pem.key"
+    cert_path.write_text(certificate_pem, encoding="utf-8")
+    _write_private(key_path, private_key_pem)
+    return cert_path, key_path
 
 
-def _write_config(hub_dir: Path, ro: dict[str, Any]) -> Path:
+def _write_config(hub_dir: Path, ro: dict[str, Any], extra_ro: dict[str, Any] | None) -> Path:
     config_path = hub_dir / "iotmi_config.json"
-    config = {"ro": ro, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}
+    config = {"ro": {**ro, **(extra_ro or {})}, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config_path
 
@@ -46,10 +52,7 @@ def write_claim_hub(
     extra_ro: dict[str, Any] | None = None,
 ) -> Path:
     """A hub set up for fleet provisioning by claim; returns the path of its config."""
-    creds = _credentials_dir(hub_dir, "claim")
-    cert_path, key_path = creds / "claim.pem.crt", creds / "claim.pem.key"
-    cert_path.write_text(claim_certificate_pem, encoding="utf-8")
-    _write_private(key_path, claim_private_key_pem)
+    cert_path, key_path = _write_credentials(hub_dir, "claim", claim_certificate_pem, claim_private_key_pem)
     ro: dict[str, Any] = {
         "iot_provisioning_method": "FLEET_PROVISIONING",
         "iot_claim_cert_path": str(cert_path),
@@ -61,8 +64,7 @@ def write_claim_hub(
         "SN": serial,
         "UPC": upc,
     }
-    ro.update(extra_ro or {})
-    return _write_config(hub_dir, ro)
+    return _write_config(hub_dir, ro, extra_ro)
 
 
 def write_jitr_hub(
@@ -77,10 +79,7 @@ def write_jitr_hub(
     extra_ro: dict[str, Any] | None = None,
 ) -> Path:
     """A hub with a factory-installed device (DHA) certificate, onboarding by JITR."""
-    creds = _credentials_dir(hub_dir, "dha")
-    cert_path, key_path = creds / "dha.pem.crt", creds / "dha.pem.key"
-    cert_path.write_text(device_certificate_pem, encoding="utf-8")
-    _write_private(key_path, device_private_key_pem)
+    cert_path, key_path = _write_credentials(hub_dir, "dha", device_certificate_pem, device_private_key_pem)
     ro: dict[str, Any] = {
         "iot_provisioning_method": "JITR",
         "iot_dha_cert_path": str(cert_path),
@@ -90,5 +89,4 @@ def write_jitr_hub(
         "SN": serial,
         "UPC": upc,
     }
-    ro.update(extra_ro or {})
-    return _write_config(hub_dir, ro)
+    return _write_config(hub_dir, ro, extra_ro)

@@ -18,20 +18,24 @@ from iot_core_local.errors import ServerError
 from iot_core_local.server import Endpoint, LocalIotCore
 
 
+def _serve_command(data_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "iot_core_local",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--mqtt-port",
+        "0",
+        "--api-port",
+        "0",
+    ]
+
+
 def _serve(data_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "iot_core_local",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--mqtt-port",
-            "0",
-            "--api-port",
-            "0",
-        ],
+        _serve_command(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,18 +80,7 @@ def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: 
         assert iot.list_things()["things"] == []
 
         second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "iot_core_local",
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--mqtt-port",
-                "0",
-                "--api-port",
-                "0",
-            ],
+            _serve_command(data_dir),
             capture_output=True,
             text=True,
             timeout=60,
