@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/hub-onboard demo
 
 test: setup
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -57,27 +57,40 @@ def _step(name: str, fn: Any, results: dict[str, Any], timings: dict[str, float]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the machinery")
-    parser.add_argument("--out", type=Path, help="results folder (default bench/results; --quick: a "
-                        "temporary folder, so a check never replaces the committed results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default bench/results; --quick: a "
+        "temporary folder, so a check never replaces the committed results)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": _commit(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
         "quick": quick,
     }
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, ServerProcess(Path(tmp) / "data") as server:
         work = Path(tmp)
-        _step("gateway", lambda: gateway.run(server, hubs=400 if quick else 2000,
-                                             round_trips=200 if quick else 2000), results, timings)
+        _step(
+            "gateway",
+            lambda: gateway.run(server, hubs=400 if quick else 2000, round_trips=200 if quick else 2000),
+            results,
+            timings,
+        )
         _step("latency", lambda: latency.run(server, n=5 if quick else latency.N), results, timings)
-        _step("delayed_ack", lambda: delayed_ack.run(server, n=5 if quick else delayed_ack.N),
-              results, timings)
-        _step("footprint", lambda: footprint.run(server, runs=2 if quick else footprint.RUNS),
-              results, timings)
+        _step(
+            "delayed_ack", lambda: delayed_ack.run(server, n=5 if quick else delayed_ack.N), results, timings
+        )
+        _step(
+            "footprint", lambda: footprint.run(server, runs=2 if quick else footprint.RUNS), results, timings
+        )
         hubs = 100 if quick else fleet.HUBS
         _step("fleet", lambda: fleet.run(server, hubs=hubs, budget_s=60 if quick else 360), results, timings)
 
@@ -85,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             before = fleet.run_level(server, work, hubs, 200, tag="Before", trim_tls=False)
             after = next(lv for lv in results["fleet"]["levels"] if lv["concurrency"] == 200)
             before.pop("latencies_ms")
-            return {"finding": FINDING, "before": before,
-                    "after": {k: v for k, v in after.items() if k != "latencies_ms"}}
+            return {
+                "finding": FINDING,
+                "before": before,
+                "after": {k: v for k, v in after.items() if k != "latencies_ms"},
+            }
 
         _step("bottleneck", bottleneck, results, timings)
     # The profiles run on a server of their own: py-spy attaches to its process.
@@ -95,16 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         _step("profile_before", lambda: profile.run(400, 200, trim_tls=False), results["bottleneck"], timings)
     results["seconds_per_part"] = timings
 
-    out_dir: Path = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if quick
-                                 else Path(__file__).parent / "results")
+    out_dir: Path = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) if quick else Path(__file__).parent / "results"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if quick else ''}"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(report.markdown(results))
     charts = report.charts(results, out_dir)
     print(report.markdown(results))
-    print(f"written: {out_dir / stem}.json, .md; charts: {', '.join(str(c) for c in charts)}",
-          file=sys.stderr)
+    print(
+        f"written: {out_dir / stem}.json, .md; charts: {', '.join(str(c) for c in charts)}", file=sys.stderr
+    )
     return 0
 
 

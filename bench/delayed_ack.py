@@ -70,8 +70,10 @@ class QuickAckRelay:
 
 def run(server: ServerProcess | None = None, n: int = N) -> dict[str, Any]:
     if server is None:
-        with (tempfile.TemporaryDirectory(prefix="bench-ack-") as tmp,
-              ServerProcess(Path(tmp) / "data") as own):
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-ack-") as tmp,
+            ServerProcess(Path(tmp) / "data") as own,
+        ):
             return run(own, n)
     claim = set_up_fleet_provisioning(server.client(), "DelayedAck")
     ca = Path(server.endpoint["rootCaPath"]).read_bytes()
@@ -80,8 +82,9 @@ def run(server: ServerProcess | None = None, n: int = N) -> dict[str, Any]:
 
     def connect(target_port: int, client_id: str) -> float:
         started = time.perf_counter()
-        client, stopped = raw_sdk._connect(host, target_port, claim.certificate_pem.encode(),
-                                           claim.private_key_pem.encode(), ca, client_id)
+        client, stopped = raw_sdk._connect(
+            host, target_port, claim.certificate_pem.encode(), claim.private_key_pem.encode(), ca, client_id
+        )
         elapsed = time.perf_counter() - started
         raw_sdk._stop(client, stopped)
         return elapsed
@@ -97,12 +100,18 @@ def run(server: ServerProcess | None = None, n: int = N) -> dict[str, Any]:
     finally:
         relay.close()
     d, r = statistics.median(direct), statistics.median(relayed)
-    result = {"n": n, "direct_connect_median_ms": round(d * 1000, 1),
-              "quickack_relay_connect_median_ms": round(r * 1000, 1),
-              "saved_per_connect_ms": round((d - r) * 1000, 1)}
-    print(f"delayed ack: awscrt connect {result['direct_connect_median_ms']} ms direct, "
-          f"{result['quickack_relay_connect_median_ms']} ms through a TCP_QUICKACK relay",
-          file=sys.stderr, flush=True)
+    result = {
+        "n": n,
+        "direct_connect_median_ms": round(d * 1000, 1),
+        "quickack_relay_connect_median_ms": round(r * 1000, 1),
+        "saved_per_connect_ms": round((d - r) * 1000, 1),
+    }
+    print(
+        f"delayed ack: awscrt connect {result['direct_connect_median_ms']} ms direct, "
+        f"{result['quickack_relay_connect_median_ms']} ms through a TCP_QUICKACK relay",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 

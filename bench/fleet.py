@@ -70,12 +70,21 @@ def target_for(server: ServerProcess, template_name: str) -> Target:
     )
 
 
-def run_level(server: ServerProcess, work: Path, hubs: int, concurrency: int, *, tag: str = "",
-              extra_ro: dict[str, Any] | None = None, trim_tls: bool = True) -> dict[str, Any]:
+def run_level(
+    server: ServerProcess,
+    work: Path,
+    hubs: int,
+    concurrency: int,
+    *,
+    tag: str = "",
+    extra_ro: dict[str, Any] | None = None,
+    trim_tls: bool = True,
+) -> dict[str, Any]:
     """One level; `trim_tls=False` is fleet-sim before the bottleneck fix (see skip_system_trust_store)."""
     target = target_for(server, f"Fleet{tag}{concurrency}")
-    configs = write_hubs(target, work / f"c{tag}{concurrency}", hubs, serial_prefix=f"F{tag}{concurrency}",
-                         extra_ro=extra_ro)
+    configs = write_hubs(
+        target, work / f"c{tag}{concurrency}", hubs, serial_prefix=f"F{tag}{concurrency}", extra_ro=extra_ro
+    )
     assert server.proc is not None
     cpu0 = server.cpu_seconds()
     self0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -86,18 +95,26 @@ def run_level(server: ServerProcess, work: Path, hubs: int, concurrency: int, *,
     result = report.to_dict()
     result["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 2)
     result["server_peak_rss_mb"] = round(rss.peak_kb / 1024, 1)
-    result["client_cpu_s"] = round(
-        (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime), 2)
+    result["client_cpu_s"] = round((self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime), 2)
     result["latencies_ms"] = [round(s * 1000, 2) for s in report.latencies_s]
     result["system_trust_store_skipped"] = trim_tls
     label = "fleet" if trim_tls else "fleet (before the fix)"
-    print(f"{label}: {hubs} hubs at concurrency {concurrency}: {result['provisionings_per_s']}/s, "
-          f"p50 {result['latency_p50_ms']} ms, failed {result['failed']}", file=sys.stderr, flush=True)
+    print(
+        f"{label}: {hubs} hubs at concurrency {concurrency}: {result['provisionings_per_s']}/s, "
+        f"p50 {result['latency_p50_ms']} ms, failed {result['failed']}",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
-def run(server: ServerProcess | None = None, *, hubs: int = HUBS, levels: tuple[int, ...] = LEVELS,
-        budget_s: float = 360.0) -> dict[str, Any]:
+def run(
+    server: ServerProcess | None = None,
+    *,
+    hubs: int = HUBS,
+    levels: tuple[int, ...] = LEVELS,
+    budget_s: float = 360.0,
+) -> dict[str, Any]:
     """Run every level; when the whole matrix would exceed `budget_s`, concurrency 1 gets fewer hubs."""
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
@@ -115,12 +132,18 @@ def run(server: ServerProcess | None = None, *, hubs: int = HUBS, levels: tuple[
                 left = budget_s - (time.perf_counter() - started)
                 if per_hub * hubs > left:
                     n = max(100, int(left / per_hub) // 100 * 100)
-                    notes.append(f"concurrency 1 ran {n} hubs instead of {hubs} to keep the run within "
-                                 f"{budget_s:.0f} s (throughput and latencies need no more at that level)")
+                    notes.append(
+                        f"concurrency 1 ran {n} hubs instead of {hubs} to keep the run within "
+                        f"{budget_s:.0f} s (throughput and latencies need no more at that level)"
+                    )
             results.append(run_level(server, work, n, concurrency))
         results.sort(key=lambda r: r["concurrency"])
-        return {"levels": results, "notes": notes, "method": "CreateCertificateFromCsr",
-                "verification_connect": True}
+        return {
+            "levels": results,
+            "notes": notes,
+            "method": "CreateCertificateFromCsr",
+            "verification_connect": True,
+        }
 
 
 if __name__ == "__main__":
@@ -131,8 +154,16 @@ if __name__ == "__main__":
     levels = tuple(int(x) for x in sys.argv[2:]) or LEVELS
     if os.environ.get("BENCH_BEFORE_FIX"):
         with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "data") as srv:
-            print(json.dumps({k: v for k, v in run_level(srv, Path(tmp), hubs, levels[0], trim_tls=False)
-                              .items() if k != "latencies_ms"}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        k: v
+                        for k, v in run_level(srv, Path(tmp), hubs, levels[0], trim_tls=False).items()
+                        if k != "latencies_ms"
+                    },
+                    indent=2,
+                )
+            )
         sys.exit(0)
     out = run(hubs=hubs, levels=levels)
     for level in out["levels"]:

@@ -106,16 +106,20 @@ def measure(cmd: list[str], forwarder: FirstByteForwarder | None = None) -> dict
     time.perf_counter is CLOCK_MONOTONIC, shared by the launcher and the forwarder in this process.
     """
     since = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], check=False, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *cmd], check=False, capture_output=True, text=True
+    )
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         report = {"code": proc.returncode}
     if proc.returncode != 0 or report.get("code") != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {(proc.stdout + proc.stderr)[-2000:]}")
-    result = {"wall_ms": round(report["wall"] * 1000, 1), "peak_rss_mb": round(report["maxrss_kb"] / 1024, 1),
-              "cpu_ms": round(report["cpu"] * 1000, 1)}
+    result = {
+        "wall_ms": round(report["wall"] * 1000, 1),
+        "peak_rss_mb": round(report["maxrss_kb"] / 1024, 1),
+        "cpu_ms": round(report["cpu"] * 1000, 1),
+    }
     if forwarder is not None:
         first = forwarder.take_first(since)
         result["first_byte_ms"] = round((first - report["spawned"]) * 1000, 1) if first is not None else None
@@ -124,13 +128,14 @@ def measure(cmd: list[str], forwarder: FirstByteForwarder | None = None) -> dict
 
 def import_time(statement: str, top: int = 12) -> dict[str, Any]:
     """`python -X importtime -c statement`: total, and the modules with the largest cumulative time."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", statement], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True, check=True
+    )
     rows = []
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
-        self_us, cumulative_us, name = line[len("import time:"):].split("|")
+        self_us, cumulative_us, name = line[len("import time:") :].split("|")
         rows.append((int(cumulative_us), int(self_us), name[1:]))  # nesting shows as leading spaces
     top_level = [r for r in rows if not r[2].startswith(" ")]  # the outermost imports
     ranked = sorted(rows, key=lambda r: r[0], reverse=True)[:top]
@@ -138,8 +143,9 @@ def import_time(statement: str, top: int = 12) -> dict[str, Any]:
         "statement": statement,
         "total_ms": round(sum(r[0] for r in top_level) / 1000, 1),
         "modules": len(rows),
-        "top_cumulative_ms": [[name.strip(), round(cum / 1000, 1), round(own / 1000, 1)]
-                              for cum, own, name in ranked],
+        "top_cumulative_ms": [
+            [name.strip(), round(cum / 1000, 1), round(own / 1000, 1)] for cum, own, name in ranked
+        ],
     }
 
 
@@ -157,26 +163,42 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
         claim = set_up_fleet_provisioning(server.client(), "Footprint")
         forwarder = FirstByteForwarder((server.endpoint["mqttHost"], int(server.endpoint["mqttPort"])))
         hub_onboard = Path(sys.executable).parent / "hub-onboard"
-        product_cmd = ([str(hub_onboard)] if hub_onboard.exists()
-                       else [sys.executable, "-m", "hub_onboarding.cli"])
+        product_cmd = (
+            [str(hub_onboard)] if hub_onboard.exists() else [sys.executable, "-m", "hub_onboarding.cli"]
+        )
 
         def hub(side: str, i: int) -> Path:
             return write_claim_hub(
-                work / f"{side}-{i}", endpoint_url=f"127.0.0.1:{forwarder.port}",
+                work / f"{side}-{i}",
+                endpoint_url=f"127.0.0.1:{forwarder.port}",
                 root_ca_path=Path(server.endpoint["rootCaPath"]),
                 claim_certificate_pem=claim.certificate_pem,
-                claim_private_key_pem=claim.private_key_pem, template_name=claim.template_name,
-                serial=f"FOOT-{side}-{i}", certificate_method="CreateCertificateFromCsr")
+                claim_private_key_pem=claim.private_key_pem,
+                template_name=claim.template_name,
+                serial=f"FOOT-{side}-{i}",
+                certificate_method="CreateCertificateFromCsr",
+            )
 
         rows: dict[str, list[dict[str, Any]]] = {
-            "hub-onboard provision": [], "raw_sdk.py --csr --verify": [], "python -c pass": []}
+            "hub-onboard provision": [],
+            "raw_sdk.py --csr --verify": [],
+            "python -c pass": [],
+        }
         try:
             for i in range(runs + 1):  # run 0 warms the page cache for both; it is not counted
                 sides = [
-                    ("hub-onboard provision", lambda i=i: measure(
-                        [*product_cmd, "provision", "--config", str(hub("p", i))], forwarder)),
-                    ("raw_sdk.py --csr --verify", lambda i=i: measure(
-                        [sys.executable, str(RAW_SDK), str(hub("r", i)), "--csr", "--verify"], forwarder)),
+                    (
+                        "hub-onboard provision",
+                        lambda i=i: measure(
+                            [*product_cmd, "provision", "--config", str(hub("p", i))], forwarder
+                        ),
+                    ),
+                    (
+                        "raw_sdk.py --csr --verify",
+                        lambda i=i: measure(
+                            [sys.executable, str(RAW_SDK), str(hub("r", i)), "--csr", "--verify"], forwarder
+                        ),
+                    ),
                     ("python -c pass", lambda: measure([sys.executable, "-c", "pass"])),
                 ]
                 if i % 2:
@@ -208,10 +230,12 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
             "hub_onboarding.cli": import_time("import hub_onboarding.cli"),
             "provision's imports": import_time(
                 "import hub_onboarding.cli, hub_onboarding.onboarding, hub_onboarding.device_provisioner, "
-                "awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"),
+                "awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"
+            ),
             "raw_sdk.py's imports": import_time(
                 "import awscrt.mqtt5, awscrt.mqtt_request_response, awsiot.iotidentity, "
-                "awsiot.mqtt5_client_builder"),
+                "awsiot.mqtt5_client_builder"
+            ),
         },
         "goals": {
             "peak_rss_mb<=45": product["peak_rss_mb_max"] <= 45,
@@ -219,9 +243,13 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
             "wall<=1.5x_script": wall_ratio <= 1.5,
         },
     }
-    print(f"footprint: provision {product['wall_ms_median']} ms / {product['peak_rss_mb_max']} MB / "
-          f"first byte {product['first_byte_ms_median']} ms; script {raw['wall_ms_median']} ms / "
-          f"{raw['peak_rss_mb_max']} MB; ratio {wall_ratio}", file=sys.stderr, flush=True)
+    print(
+        f"footprint: provision {product['wall_ms_median']} ms / {product['peak_rss_mb_max']} MB / "
+        f"first byte {product['first_byte_ms_median']} ms; script {raw['wall_ms_median']} ms / "
+        f"{raw['peak_rss_mb_max']} MB; ratio {wall_ratio}",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 

@@ -183,8 +183,9 @@ async def _added_latency(server: ServerProcess, work: Path, count: int) -> dict[
     }
 
 
-def run(server: ServerProcess | None = None, hubs: int = 2000, concurrency: int = 200,
-        round_trips: int = 2000) -> dict[str, Any]:
+def run(
+    server: ServerProcess | None = None, hubs: int = 2000, concurrency: int = 200, round_trips: int = 2000
+) -> dict[str, Any]:
     """Both measurements, against `server` (one the caller runs) or a server of its own."""
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         work = Path(tmp)

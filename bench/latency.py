@@ -61,8 +61,9 @@ def _alternate(n: int, product: Any, floor: Any) -> tuple[list[float], list[floa
     return p, f
 
 
-def fleet_provisioning(server: ServerProcess, work: Path, method: str, verify: bool,
-                       n: int) -> dict[str, Any]:
+def fleet_provisioning(
+    server: ServerProcess, work: Path, method: str, verify: bool, n: int
+) -> dict[str, Any]:
     tag = f"{'Csr' if 'Csr' in method else 'Keys'}{'V' if verify else 'N'}"
     claim = set_up_fleet_provisioning(server.client(), f"Lat{tag}")
     endpoint = f"{server.endpoint['mqttHost']}:{server.endpoint['mqttPort']}"
@@ -70,11 +71,16 @@ def fleet_provisioning(server: ServerProcess, work: Path, method: str, verify: b
 
     def hub(side: str, i: int) -> Path:
         return write_claim_hub(
-            work / tag / f"{side}-{i:03d}", endpoint_url=endpoint,
+            work / tag / f"{side}-{i:03d}",
+            endpoint_url=endpoint,
             root_ca_path=Path(server.endpoint["rootCaPath"]),
-            claim_certificate_pem=claim.certificate_pem, claim_private_key_pem=claim.private_key_pem,
-            template_name=claim.template_name, serial=f"L{tag}-{side}-{i:03d}", certificate_method=method,
-            extra_ro=extra)
+            claim_certificate_pem=claim.certificate_pem,
+            claim_private_key_pem=claim.private_key_pem,
+            template_name=claim.template_name,
+            serial=f"L{tag}-{side}-{i:03d}",
+            certificate_method=method,
+            extra_ro=extra,
+        )
 
     # one more of each than measured: index n warms both paths (imports, first TLS context) unmeasured
     product_configs = [hub("p", i) for i in range(n + 1)]
@@ -97,8 +103,9 @@ def fleet_provisioning(server: ServerProcess, work: Path, method: str, verify: b
     return _summary(p, f)
 
 
-def _jitr_floor(host: str, port: int, ca: bytes, cert: bytes, key: bytes, client_id: str,
-                timeout: float = 60.0) -> int:
+def _jitr_floor(
+    host: str, port: int, ca: bytes, cert: bytes, key: bytes, client_id: str, timeout: float = 60.0
+) -> int:
     """What a user writes by hand: connect, and on refusal sleep with backoff and try again."""
     deadline = time.monotonic() + timeout
     attempt = 0
@@ -119,22 +126,40 @@ def jitr(server: ServerProcess, work: Path, n: int) -> dict[str, Any]:
     iot = server.client()
     device_ca = DeviceCA("Bench Device CA")
     ca_id = device_ca.register(iot)
-    iot.create_policy(policyName="bench-jitr-device", policyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]}))
+    iot.create_policy(
+        policyName="bench-jitr-device",
+        policyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}],
+            }
+        ),
+    )
     root_ca = Path(server.endpoint["rootCaPath"])
     host, port = server.endpoint["mqttHost"], int(server.endpoint["mqttPort"])
-    activator = JitrActivator(iot, host=host, port=port, root_ca_pem=root_ca.read_bytes(),
-                              ca_certificate_id=ca_id, device_policy_name="bench-jitr-device",
-                              client_id="bench-jitr-activator")
+    activator = JitrActivator(
+        iot,
+        host=host,
+        port=port,
+        root_ca_pem=root_ca.read_bytes(),
+        ca_certificate_id=ca_id,
+        device_policy_name="bench-jitr-device",
+        client_id="bench-jitr-activator",
+    )
     activator.start()
     attempts: dict[str, list[int]] = {"product": [], "floor": []}
     try:
+
         def product(i: int) -> float:
             creds = device_ca.issue_device(f"jitr-p-{i:03d}")
-            config = write_jitr_hub(work / "jitr" / f"p-{i:03d}", endpoint_url=f"{host}:{port}",
-                                    root_ca_path=root_ca, device_certificate_pem=creds.certificate_pem,
-                                    device_private_key_pem=creds.private_key_pem, serial=f"JP{i:03d}")
+            config = write_jitr_hub(
+                work / "jitr" / f"p-{i:03d}",
+                endpoint_url=f"{host}:{port}",
+                root_ca_path=root_ca,
+                device_certificate_pem=creds.certificate_pem,
+                device_private_key_pem=creds.private_key_pem,
+                serial=f"JP{i:03d}",
+            )
             random.seed(i)
             started = time.perf_counter()
             result = HubOnboarding(config).process_device()
@@ -146,17 +171,26 @@ def jitr(server: ServerProcess, work: Path, n: int) -> dict[str, Any]:
             creds = device_ca.issue_device(f"jitr-f-{i:03d}")
             random.seed(i)
             started = time.perf_counter()
-            attempts["floor"].append(_jitr_floor(host, port, root_ca.read_bytes(),
-                                                 creds.certificate_pem.encode(),
-                                                 creds.private_key_pem.encode(), f"jitr-f-{i:03d}"))
+            attempts["floor"].append(
+                _jitr_floor(
+                    host,
+                    port,
+                    root_ca.read_bytes(),
+                    creds.certificate_pem.encode(),
+                    creds.private_key_pem.encode(),
+                    f"jitr-f-{i:03d}",
+                )
+            )
             return time.perf_counter() - started
 
         p, f = _alternate(n, product, floor)
     finally:
         activator.stop()
     out = _summary(p, f)
-    out["note"] = ("both sides sleep the same seeded backoff (U(0, 2^attempt) s) between refused connects, "
-                   "so the ratio compares the work, not the luck of the jitter")
+    out["note"] = (
+        "both sides sleep the same seeded backoff (U(0, 2^attempt) s) between refused connects, "
+        "so the ratio compares the work, not the luck of the jitter"
+    )
     out["floor_attempts_median"] = statistics.median(attempts["floor"]) if attempts["floor"] else None
     return out
 
@@ -172,9 +206,12 @@ def run(server: ServerProcess | None = None, n: int = N) -> dict[str, Any]:
             for verify in (True, False):
                 key = f"{method}{'' if verify else ' (no verification connect)'}"
                 results[key] = fleet_provisioning(server, work, method, verify, n)
-                print(f"latency: {key}: product {results[key]['product_median_ms']} ms, floor "
-                      f"{results[key]['floor_median_ms']} ms, ratio {results[key]['ratio_median']}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"latency: {key}: product {results[key]['product_median_ms']} ms, floor "
+                    f"{results[key]['floor_median_ms']} ms, ratio {results[key]['ratio_median']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         results["JITR"] = jitr(server, work, n)
         print(f"latency: JITR: ratio {results['JITR']['ratio_median']}", file=sys.stderr, flush=True)
         return results

@@ -39,10 +39,12 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         n = int(count)
         total += n
-        frames = [f for f in stack.split(";")
-                  if f.strip() and not f.startswith(("process ", "thread "))]
-        names = [f.split(" (")[0] + (" (" + f.split("(")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                                     if "(" in f else "") for f in frames]
+        frames = [f for f in stack.split(";") if f.strip() and not f.startswith(("process ", "thread "))]
+        names = [
+            f.split(" (")[0]
+            + (" (" + f.split("(")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if "(" in f else "")
+            for f in frames
+        ]
         for name in set(names):
             inclusive[name] += n
         if names:
@@ -55,8 +57,19 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 def _record(py_spy: str, pid: int, out: Path, *, gil: bool) -> subprocess.Popen[bytes]:
-    cmd = [py_spy, "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--output", str(out),
-           "--nonblocking"]
+    cmd = [
+        py_spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "50",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--nonblocking",
+    ]
     if gil:
         cmd.append("--gil")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

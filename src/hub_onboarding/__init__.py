@@ -69,14 +69,21 @@ __all__ = [
 ]
 
 _WHERE = {
-    "HubOnboarding": "onboarding", "OnboardingResult": "onboarding", "Timeouts": "onboarding",
-    "DeviceProvisioner": "device_provisioner", "raise_for_status": "device_provisioner",
+    "HubOnboarding": "onboarding",
+    "OnboardingResult": "onboarding",
+    "Timeouts": "onboarding",
+    "DeviceProvisioner": "device_provisioner",
+    "raise_for_status": "device_provisioner",
     "status_of": "device_provisioner",
     "IotProvisioning": "provisioning",
     "FleetProvisioning": "fleet",
-    "CertHandler": "certs", "CertType": "certs", "Credentials": "certs", "CredentialStore": "certs",
+    "CertHandler": "certs",
+    "CertType": "certs",
+    "Credentials": "certs",
+    "CredentialStore": "certs",
     "FileCredentialStore": "certs",
-    "HubConfig": "config", "parse_config": "config",
+    "HubConfig": "config",
+    "parse_config": "config",
 }
 
 if TYPE_CHECKING:
@@ -86,7 +93,6 @@ if TYPE_CHECKING:
     from hub_onboarding.fleet import FleetProvisioning
     from hub_onboarding.onboarding import HubOnboarding, OnboardingResult, Timeouts
     from hub_onboarding.provisioning import IotProvisioning
-
 
 
 def __getattr__(name: str) -> Any:

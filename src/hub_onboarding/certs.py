@@ -90,7 +90,8 @@ def _read_pem_file(path: str, label: str, *, is_key: bool) -> bytes:
     if is_key and st.st_mode & 0o077:
         raise CredentialError(
             f"{label}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by other users; "
-            f"run 'chmod 600 {path}' (0600 or narrower is accepted)")
+            f"run 'chmod 600 {path}' (0600 or narrower is accepted)"
+        )
     if st.st_size > _MAX_PEM_BYTES:
         raise CredentialError(f"{label}: {path} is {st.st_size} bytes, too large for a PEM file")
     try:
@@ -109,8 +110,10 @@ class FileCredentialStore:
 
     def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> tuple[bytes, bytes]:
         if SECURE_STORAGE in (cert_ref, key_ref):
-            raise CredentialError(f"the file credential store cannot read {SECURE_STORAGE} {cert_type} "
-                                  "credentials; install a secure-storage handler")
+            raise CredentialError(
+                f"the file credential store cannot read {SECURE_STORAGE} {cert_type} "
+                "credentials; install a secure-storage handler"
+            )
         cert = _read_pem_file(cert_ref, f"{cert_type} certificate", is_key=False)
         key = _read_pem_file(key_ref, f"{cert_type} private key", is_key=True)
         return cert, key
@@ -130,24 +133,33 @@ def load_store(name: str | None) -> CredentialStore:
                 f"ro.secure_storage_handler: claim credentials are {SECURE_STORAGE} but the handler to use "
                 f"is not set (installed handlers: {found}); install one in entry-point group "
                 f"{ENTRY_POINT_GROUP} and name it in ro.secure_storage_handler",
-                key="ro.secure_storage_handler")
+                key="ro.secure_storage_handler",
+            )
         name = candidates[0]
     if name not in eps:
-        raise ConfigError(f"ro.secure_storage_handler: no handler named {name!r} is installed in entry-point "
-                          f"group {ENTRY_POINT_GROUP}", key="ro.secure_storage_handler")
+        raise ConfigError(
+            f"ro.secure_storage_handler: no handler named {name!r} is installed in entry-point "
+            f"group {ENTRY_POINT_GROUP}",
+            key="ro.secure_storage_handler",
+        )
     try:
         factory = eps[name].load()
         store = factory()
     except Exception as exc:
-        raise ConfigError(f"ro.secure_storage_handler: handler {name!r} failed to load: {exc}",
-                          key="ro.secure_storage_handler") from None
+        raise ConfigError(
+            f"ro.secure_storage_handler: handler {name!r} failed to load: {exc}",
+            key="ro.secure_storage_handler",
+        ) from None
     if not isinstance(store, CredentialStore):
-        raise ConfigError(f"ro.secure_storage_handler: handler {name!r} has no read_credentials method",
-                          key="ro.secure_storage_handler")
+        raise ConfigError(
+            f"ro.secure_storage_handler: handler {name!r} has no read_credentials method",
+            key="ro.secure_storage_handler",
+        )
     return store
 
 
 # ------------------------------------------------------------------------------------------ parsing
+
 
 def load_certificate(pem: bytes, label: str) -> x509.Certificate:
     from cryptography import x509
@@ -166,8 +178,10 @@ def load_private_key(pem: bytes, label: str) -> object:
         # public key here, to compare it with the certificate's; the TLS stack loads the key itself.
         return serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
     except TypeError:
-        raise CredentialError(f"{label}: the key is encrypted (has a passphrase); the hub needs an "
-                              "unencrypted key protected by file permissions or secure storage") from None
+        raise CredentialError(
+            f"{label}: the key is encrypted (has a passphrase); the hub needs an "
+            "unencrypted key protected by file permissions or secure storage"
+        ) from None
     except (ValueError, Exception):  # cryptography raises ValueError or UnsupportedAlgorithm
         raise CredentialError(f"{label}: not a PEM private key this hub can use") from None
 
@@ -191,8 +205,9 @@ def common_name(cert: x509.Certificate) -> str | None:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
-def check_pair(cert_pem: bytes, key_pem: bytes, label: str, *, check_validity: bool,
-               now: datetime.datetime | None = None) -> Credentials:
+def check_pair(
+    cert_pem: bytes, key_pem: bytes, label: str, *, check_validity: bool, now: datetime.datetime | None = None
+) -> Credentials:
     """Parse both, check they belong together (and the validity period when asked); return Credentials."""
     from cryptography.hazmat.primitives import serialization
 
@@ -202,22 +217,27 @@ def check_pair(cert_pem: bytes, key_pem: bytes, label: str, *, check_validity: b
     der = serialization.Encoding.DER
     pub = key.public_key()  # type: ignore[attr-defined]
     if pub.public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
-        raise CredentialError(f"{label}: the private key does not belong to the certificate "
-                              "(their public keys differ); install the matching pair")
+        raise CredentialError(
+            f"{label}: the private key does not belong to the certificate "
+            "(their public keys differ); install the matching pair"
+        )
     if check_validity:
         now = now or datetime.datetime.now(datetime.UTC)
         if now < cert.not_valid_before_utc:
             raise CredentialError(
                 f"{label} certificate is not valid yet (valid from "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock")
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock"
+            )
         if now > cert.not_valid_after_utc:
             raise CredentialError(
                 f"{label} certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-                "install a current one")
+                "install a current one"
+            )
     return Credentials(cert_pem, key_pem, certificate_id(cert))
 
 
 # ------------------------------------------------------------------------------------------ handler
+
 
 class CertHandler:
     """Reads claim, DHA and permanent credentials and writes the permanent pair (the SDK's CertHandler)."""
@@ -249,14 +269,16 @@ class CertHandler:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StorageError(f"cannot examine the credentials folder {directory}: "
-                               f"{exc.strerror or exc}") from None
+            raise StorageError(
+                f"cannot examine the credentials folder {directory}: {exc.strerror or exc}"
+            ) from None
         if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
             raise CredentialError(
                 f"the credentials folder {directory} (ro.iot_permanent_cert_dir) has mode "
                 f"{stat.S_IMODE(st.st_mode):04o}, open to other users, and onboarding does not narrow a "
                 f"folder it did not create; set ro.iot_permanent_cert_dir to a folder of its own (onboarding "
-                f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it")
+                f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it"
+            )
 
     @staticmethod
     def ensure_private_dir(directory: Path) -> None:
@@ -267,14 +289,16 @@ class CertHandler:
             CertHandler.check_private_dir(directory)
             return
         except OSError as exc:
-            raise StorageError(f"cannot create the credentials folder {directory} with mode 0700: "
-                               f"{exc.strerror or exc}") from None
+            raise StorageError(
+                f"cannot create the credentials folder {directory} with mode 0700: {exc.strerror or exc}"
+            ) from None
         try:
             # mkdir's mode is filtered by the umask; chmod sets exactly 0700 on the folder we just made.
             os.chmod(directory, DIR_MODE)
         except OSError as exc:
-            raise StorageError(f"cannot set mode 0700 on the credentials folder {directory}: "
-                               f"{exc.strerror or exc}") from None
+            raise StorageError(
+                f"cannot set mode 0700 on the credentials folder {directory}: {exc.strerror or exc}"
+            ) from None
 
     def write_file(self, path: Path, data: bytes, mode: int) -> None:
         """Write one file atomically with `mode` from its first byte."""
@@ -282,11 +306,13 @@ class CertHandler:
         try:
             atomic_write_bytes(path, data, mode)
         except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror or exc}; nothing was left half-written") \
-                from None
+            raise StorageError(
+                f"cannot write {path}: {exc.strerror or exc}; nothing was left half-written"
+            ) from None
 
-    def write_permanent_cert_and_private_key(self, cert_pem: bytes, key_pem: bytes,
-                                             cert_path: Path, key_path: Path) -> None:
+    def write_permanent_cert_and_private_key(
+        self, cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path
+    ) -> None:
         """Store the permanent pair: key first (0600), then certificate, both atomic and durable."""
         self.write_file(key_path, key_pem, KEY_MODE)
         self.write_file(cert_path, cert_pem, CERT_MODE)
@@ -310,7 +336,8 @@ class CertHandler:
                     done = ", ".join(str(q) for q in deleted) or "nothing"
                     raise StorageError(
                         f"cannot delete {p}: {exc.strerror or exc} (deleted so far: {done}; left: {left}); "
-                        "fix the folder's permissions and run reset again, or delete them by hand") from None
+                        "fix the folder's permissions and run reset again, or delete them by hand"
+                    ) from None
                 deleted.append(p)
         finally:
             for folder in {q.parent for q in deleted}:

@@ -34,30 +34,40 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hub-onboard",
         description="Onboard a smart-home hub to AWS IoT Core (fleet provisioning or JITR), as configured "
-                    "in iotmi_config.json.")
+        "in iotmi_config.json.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("provision", help="onboard the hub unless it already is (exit 0 when PROVISIONED)")
     p.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
     p.add_argument("--json", action="store_true", help="print the result (or the error) as JSON on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv: debug)")
-    p.add_argument("--lock-wait", type=float, default=600.0, metavar="SECONDS",
-                   help="how long to wait for another onboarding of the same config (default 600)")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for another onboarding of the same config (default 600)",
+    )
 
     s = sub.add_parser("status", help="show the provisioning state of the hub")
     s.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
     s.add_argument("--json", action="store_true", help="print JSON")
 
-    r = sub.add_parser("reset",
-                       help="local offboarding: rw back to NOT_PROVISIONED, delete onboarding's files")
+    r = sub.add_parser(
+        "reset", help="local offboarding: rw back to NOT_PROVISIONED, delete onboarding's files"
+    )
     r.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
     r.add_argument("--yes", action="store_true", help="really reset (required)")
     r.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
     # Its options live in fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
-    sub.add_parser("fleet-sim", add_help=False,
-                   help="rehearse a factory line: N simulated hubs onboarding at once (fleet-sim --help)")
+    sub.add_parser(
+        "fleet-sim",
+        add_help=False,
+        help="rehearse a factory line: N simulated hubs onboarding at once (fleet-sim --help)",
+    )
     return parser
 
 
@@ -112,16 +122,27 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
-        for key in ("config_path", "state", "method", "client_id", "managed_thing_id", "certificate_path",
-                    "private_key_path", "progress"):
+        for key in (
+            "config_path",
+            "state",
+            "method",
+            "client_id",
+            "managed_thing_id",
+            "certificate_path",
+            "private_key_path",
+            "progress",
+        ):
             print(f"{key}: {info.get(key) if info.get(key) is not None else '-'}")
     return 0
 
 
 def _reset(args: argparse.Namespace) -> int:
     if not args.yes:
-        print("hub-onboard: reset deletes this hub's permanent credentials and marks it NOT_PROVISIONED; "
-              "run again with --yes to do it", file=sys.stderr)
+        print(
+            "hub-onboard: reset deletes this hub's permanent credentials and marks it NOT_PROVISIONED; "
+            "run again with --yes to do it",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     from hub_onboarding.onboarding import HubOnboarding
 

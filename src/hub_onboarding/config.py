@@ -148,6 +148,7 @@ def key_name(section: str, key: str) -> str:
 
 # --------------------------------------------------------------------------------------------- reading
 
+
 def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read the config file as JSON, checking only its outer shape (`ro`/`rw` objects)."""
     p = Path(path)
@@ -168,8 +169,9 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                          f"{exc.msg})") from None
+        raise ConfigError(
+            f"config file {p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {p} must hold a JSON object with 'ro' and 'rw' sections")
     if not isinstance(doc.get(RO), dict):
@@ -198,14 +200,15 @@ def parse_endpoint(value: object, key: str) -> Endpoint:
         raise ConfigError(f"{key}: expected a host name or host:port, got {value!r}", key=key)
     text = value.strip()
     if "://" in text or "/" in text or any(ch.isspace() for ch in text):
-        raise ConfigError(f"{key}: expected a host name or host:port without scheme or path, got {value!r}",
-                          key=key)
+        raise ConfigError(
+            f"{key}: expected a host name or host:port without scheme or path, got {value!r}", key=key
+        )
     host, port_text = text, None
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
             raise ConfigError(f"{key}: unbalanced '[' in {value!r}", key=key)
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"{key}: expected [host]:port, got {value!r}", key=key)
@@ -264,12 +267,21 @@ def permanent_cert_dir(config_path: str | os.PathLike[str], ro: Mapping[str, Any
     return Path(config_path).absolute().parent / "certs"
 
 
-def _path(section: Mapping[str, Any], key: str, config_path: Path, *, required: bool, why: str = "",
-          allow_secure_storage: bool = False) -> str | None:
+def _path(
+    section: Mapping[str, Any],
+    key: str,
+    config_path: Path,
+    *,
+    required: bool,
+    why: str = "",
+    allow_secure_storage: bool = False,
+) -> str | None:
     value = _string(section, RO, key, required=required, why=why)
     if value is not None and value == SECURE_STORAGE and not allow_secure_storage:
-        raise ConfigError(f"{key_name(RO, key)}: {SECURE_STORAGE} is only supported for claim credentials",
-                          key=key_name(RO, key))
+        raise ConfigError(
+            f"{key_name(RO, key)}: {SECURE_STORAGE} is only supported for claim credentials",
+            key=key_name(RO, key),
+        )
     return None if value is None else resolve_path(config_path, value)
 
 
@@ -286,8 +298,9 @@ def _number(section: Mapping[str, Any], sect: str, key: str) -> float | None:
         number = math.inf
     # Python's json accepts NaN, Infinity and 1e400 (= inf); none of them is a number of seconds.
     if not math.isfinite(number):
-        raise ConfigError(f"{key_name(sect, key)}: expected a finite number, got {value!r}",
-                          key=key_name(sect, key))
+        raise ConfigError(
+            f"{key_name(sect, key)}: expected a finite number, got {value!r}", key=key_name(sect, key)
+        )
     return number
 
 
@@ -309,28 +322,37 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
         # The SDK chapter: a missing or invalid method falls back to JITR.
         method = ProvisioningMethod.JITR
         problem = "missing" if raw_method is None else "invalid"
-        warnings.append(f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw_method!r}); "
-                        "falling back to JITR")
+        warnings.append(
+            f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw_method!r}); falling back to JITR"
+        )
     state = provisioning_state(doc)
 
     endpoint_key = next((k for k in ENDPOINT_KEYS if k in ro), None)
     if endpoint_key is None:
-        raise ConfigError(f"{key_name(RO, ENDPOINT_KEYS[0])}: missing (also looked for "
-                          f"{', '.join(ENDPOINT_KEYS[1:])}); set it to the IoT Core device endpoint",
-                          key=key_name(RO, ENDPOINT_KEYS[0]))
+        raise ConfigError(
+            f"{key_name(RO, ENDPOINT_KEYS[0])}: missing (also looked for "
+            f"{', '.join(ENDPOINT_KEYS[1:])}); set it to the IoT Core device endpoint",
+            key=key_name(RO, ENDPOINT_KEYS[0]),
+        )
     endpoint = parse_endpoint(ro[endpoint_key], key_name(RO, endpoint_key))
 
     fp = method is ProvisioningMethod.FLEET_PROVISIONING
     why_fp = "fleet provisioning needs it"
     serial = _string(ro, RO, SERIAL_NUMBER, required=fp, why=why_fp + " (it is the MQTT client id)")
     if serial is not None and len(serial) > MAX_CLIENT_ID_LENGTH:
-        raise ConfigError(f"{key_name(RO, SERIAL_NUMBER)}: longer than {MAX_CLIENT_ID_LENGTH} characters, "
-                          "too long for an MQTT client id", key=key_name(RO, SERIAL_NUMBER))
+        raise ConfigError(
+            f"{key_name(RO, SERIAL_NUMBER)}: longer than {MAX_CLIENT_ID_LENGTH} characters, "
+            "too long for an MQTT client id",
+            key=key_name(RO, SERIAL_NUMBER),
+        )
     upc = _string(ro, RO, UPC, required=fp, why=why_fp)
     template = _string(ro, RO, TEMPLATE_NAME, required=fp, why=why_fp)
     if template is not None and not _TEMPLATE_NAME_RE.match(template):
-        raise ConfigError(f"{key_name(RO, TEMPLATE_NAME)}: must be 1 to 36 characters of letters, digits, "
-                          f"'_' or '-', got {template!r}", key=key_name(RO, TEMPLATE_NAME))
+        raise ConfigError(
+            f"{key_name(RO, TEMPLATE_NAME)}: must be 1 to 36 characters of letters, digits, "
+            f"'_' or '-', got {template!r}",
+            key=key_name(RO, TEMPLATE_NAME),
+        )
 
     raw_cm = ro.get(CERTIFICATE_METHOD)
     if raw_cm is None:
@@ -339,9 +361,11 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
         try:
             cert_method = CertificateMethod(raw_cm)
         except ValueError:
-            raise ConfigError(f"{key_name(RO, CERTIFICATE_METHOD)}: expected CreateKeysAndCertificate or "
-                              f"CreateCertificateFromCsr, got {raw_cm!r}",
-                              key=key_name(RO, CERTIFICATE_METHOD)) from None
+            raise ConfigError(
+                f"{key_name(RO, CERTIFICATE_METHOD)}: expected CreateKeysAndCertificate or "
+                f"CreateCertificateFromCsr, got {raw_cm!r}",
+                key=key_name(RO, CERTIFICATE_METHOD),
+            ) from None
 
     params_raw = ro.get(TEMPLATE_PARAMETERS)
     params: dict[str, str] = {}
@@ -359,8 +383,11 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
     claim_cert = _path(ro, CLAIM_CERT_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
     claim_pk = _path(ro, CLAIM_PK_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
     if fp and (claim_cert == SECURE_STORAGE) != (claim_pk == SECURE_STORAGE):
-        raise ConfigError(f"{key_name(RO, CLAIM_PK_PATH)}: the claim certificate and key must both be "
-                          f"{SECURE_STORAGE} or both be paths", key=key_name(RO, CLAIM_PK_PATH))
+        raise ConfigError(
+            f"{key_name(RO, CLAIM_PK_PATH)}: the claim certificate and key must both be "
+            f"{SECURE_STORAGE} or both be paths",
+            key=key_name(RO, CLAIM_PK_PATH),
+        )
     why_jitr = "JITR needs the device (DHA) certificate and key"
     dha_cert = _path(ro, DHA_CERT_PATH, p, required=not fp, why=why_jitr)
     dha_pk = _path(ro, DHA_PK_PATH, p, required=not fp, why=why_jitr)
@@ -372,8 +399,10 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
     _path(ro, PERMANENT_CERT_DIR, p, required=False)  # type check only
     cert_dir = permanent_cert_dir(p, ro)
     if cert_dir.exists() and not cert_dir.is_dir():
-        raise ConfigError(f"{key_name(RO, PERMANENT_CERT_DIR)}: {cert_dir} exists and is not a folder",
-                          key=key_name(RO, PERMANENT_CERT_DIR))
+        raise ConfigError(
+            f"{key_name(RO, PERMANENT_CERT_DIR)}: {cert_dir} exists and is not a folder",
+            key=key_name(RO, PERMANENT_CERT_DIR),
+        )
 
     keep_alive_sect = RO if KEEP_ALIVE in ro else RW
     keep_alive_raw = _number(ro if keep_alive_sect == RO else rw, keep_alive_sect, KEEP_ALIVE)
@@ -381,33 +410,57 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
     if keep_alive_raw is not None:
         lo, hi = KEEP_ALIVE_RANGE
         if keep_alive_raw != int(keep_alive_raw) or not lo <= keep_alive_raw <= hi:
-            raise ConfigError(f"{key_name(keep_alive_sect, KEEP_ALIVE)}: expected whole seconds from {lo} to "
-                              f"{hi}, got {keep_alive_raw:g}", key=key_name(keep_alive_sect, KEEP_ALIVE))
+            raise ConfigError(
+                f"{key_name(keep_alive_sect, KEEP_ALIVE)}: expected whole seconds from {lo} to "
+                f"{hi}, got {keep_alive_raw:g}",
+                key=key_name(keep_alive_sect, KEEP_ALIVE),
+            )
         keep_alive = int(keep_alive_raw)
 
     retry = _number(ro, RO, RETRY_TIMEOUT)
     if retry is not None and not 0 < retry <= 86400:
-        raise ConfigError(f"{key_name(RO, RETRY_TIMEOUT)}: expected seconds, more than 0 and at most 86400, "
-                          f"got {retry:g}", key=key_name(RO, RETRY_TIMEOUT))
+        raise ConfigError(
+            f"{key_name(RO, RETRY_TIMEOUT)}: expected seconds, more than 0 and at most 86400, got {retry:g}",
+            key=key_name(RO, RETRY_TIMEOUT),
+        )
     client_id_override = _string(ro, RO, CLIENT_ID_OVERRIDE, required=False)
     if client_id_override is not None and len(client_id_override) > MAX_CLIENT_ID_LENGTH:
-        raise ConfigError(f"{key_name(RO, CLIENT_ID_OVERRIDE)}: longer than {MAX_CLIENT_ID_LENGTH} "
-                          "characters", key=key_name(RO, CLIENT_ID_OVERRIDE))
+        raise ConfigError(
+            f"{key_name(RO, CLIENT_ID_OVERRIDE)}: longer than {MAX_CLIENT_ID_LENGTH} characters",
+            key=key_name(RO, CLIENT_ID_OVERRIDE),
+        )
     handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
     verify = ro.get(VERIFY_CONNECTION, True)
     if not isinstance(verify, bool):
-        raise ConfigError(f"{key_name(RO, VERIFY_CONNECTION)}: expected true or false, got {verify!r}",
-                          key=key_name(RO, VERIFY_CONNECTION))
+        raise ConfigError(
+            f"{key_name(RO, VERIFY_CONNECTION)}: expected true or false, got {verify!r}",
+            key=key_name(RO, VERIFY_CONNECTION),
+        )
 
     for text in warnings:
         log.warning("%s", text)
     return HubConfig(
-        path=p, method=method, state=state, endpoint=endpoint, endpoint_key=endpoint_key,
-        serial_number=serial, upc=upc, template_name=template, certificate_method=cert_method,
-        template_parameters=params, claim_cert_path=claim_cert, claim_pk_path=claim_pk,
-        dha_cert_path=dha_cert, dha_pk_path=dha_pk, root_ca_path=root_ca, permanent_cert_dir=cert_dir,
-        keep_alive=keep_alive, retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
-        client_id_override=client_id_override, secure_storage_handler=handler, warnings=tuple(warnings),
+        path=p,
+        method=method,
+        state=state,
+        endpoint=endpoint,
+        endpoint_key=endpoint_key,
+        serial_number=serial,
+        upc=upc,
+        template_name=template,
+        certificate_method=cert_method,
+        template_parameters=params,
+        claim_cert_path=claim_cert,
+        claim_pk_path=claim_pk,
+        dha_cert_path=dha_cert,
+        dha_pk_path=dha_pk,
+        root_ca_path=root_ca,
+        permanent_cert_dir=cert_dir,
+        keep_alive=keep_alive,
+        retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
+        client_id_override=client_id_override,
+        secure_storage_handler=handler,
+        warnings=tuple(warnings),
         verify_connection=verify,
     )
 
@@ -426,6 +479,7 @@ def _check_readable_pem(path: str, key: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- writing
+
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable (a power cut after os.replace keeps the new name)."""
@@ -487,8 +541,9 @@ def write_document(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None
         raise StorageError(f"could not write {p}: {hint}; the file was left as it was") from None
 
 
-def update_rw(path: str | os.PathLike[str], changes: Mapping[str, Any], *,
-              clock: Callable[[], float] = time.time) -> dict[str, Any]:
+def update_rw(
+    path: str | os.PathLike[str], changes: Mapping[str, Any], *, clock: Callable[[], float] = time.time
+) -> dict[str, Any]:
     """Re-read the config, set `changes` in `rw` (and metadata.last_updated_epoch_time), write atomically.
 
     Re-reading right before writing keeps keys other processes added meanwhile.
@@ -518,6 +573,7 @@ def reset_rw(path: str | os.PathLike[str], *, clock: Callable[[], float] = time.
 
 # ------------------------------------------------------------------------------------------------ lock
 
+
 def lock_path_for(config_path: str | os.PathLike[str]) -> Path:
     """`<config>.lock` beside the real file, so two names for one config (a symlink) share one lock."""
     p = Path(os.path.realpath(config_path))
@@ -525,8 +581,7 @@ def lock_path_for(config_path: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def onboarding_lock(config_path: str | os.PathLike[str], timeout: float,
-                    poll: float = 0.1) -> Iterator[None]:
+def onboarding_lock(config_path: str | os.PathLike[str], timeout: float, poll: float = 0.1) -> Iterator[None]:
     """Hold an exclusive flock on `<config>.lock`, waiting at most `timeout` seconds for it.
 
     flock is released by the kernel when the process dies, so a crash never leaves a stale lock.
@@ -535,8 +590,10 @@ def onboarding_lock(config_path: str | os.PathLike[str], timeout: float,
     try:
         fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StorageError(f"cannot create the lock file {lp}: {exc.strerror or exc}; the config's folder "
-                           "must be writable by onboarding") from None
+        raise StorageError(
+            f"cannot create the lock file {lp}: {exc.strerror or exc}; the config's folder "
+            "must be writable by onboarding"
+        ) from None
     try:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
@@ -547,14 +604,16 @@ def onboarding_lock(config_path: str | os.PathLike[str], timeout: float,
                 if time.monotonic() >= deadline:
                     raise BusyError(
                         f"another hub-onboard is onboarding with {config_path} (lock {lp} held for more than "
-                        f"{timeout:g} s); wait for it to finish, then run provision again") from None
+                        f"{timeout:g} s); wait for it to finish, then run provision again"
+                    ) from None
                 time.sleep(poll)
             except InterruptedError:
                 continue
             except OSError as exc:  # ENOLCK (no lock support, e.g. some network filesystems), EBADF...
                 raise StorageError(
                     f"cannot lock {lp}: {exc.strerror or exc}; the config's folder must be on a filesystem "
-                    "that supports file locks (flock), e.g. a local one") from None
+                    "that supports file locks (flock), e.g. a local one"
+                ) from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock

@@ -79,9 +79,16 @@ def is_retriable(exc: OnboardingError) -> bool:
 
 
 class DeviceProvisioner:
-    def __init__(self, iot: IotProvisioning, *, operation_timeout: float, retry_timeout: float,
-                 backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        iot: IotProvisioning,
+        *,
+        operation_timeout: float,
+        retry_timeout: float,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.iot = iot
         self.operation_timeout = operation_timeout
         self.retry_timeout = retry_timeout
@@ -96,8 +103,9 @@ class DeviceProvisioner:
         return min(limit, max(1.0, deadline - self._clock()))
 
     @contextlib.contextmanager
-    def claim_session(self, client_id: str, claim: Credentials,
-                      deadline: float | None = None) -> Iterator[FleetProvisioning]:
+    def claim_session(
+        self, client_id: str, claim: Credentials, deadline: float | None = None
+    ) -> Iterator[FleetProvisioning]:
         """One connection with the claim certificate, and the fleet provisioning API on it."""
         connect_timeout = self._budget(self.iot.settings.connect_timeout, deadline)
         with self.iot.connect(client_id, claim, connect_timeout) as conn:
@@ -134,7 +142,8 @@ class DeviceProvisioner:
                         f"JITR: no connection within {self.retry_timeout:g} s after {attempt} attempt(s); "
                         f"last error: {last}. Check that the CA is registered with auto-registration and "
                         "that something activates new certificates and attaches a policy (the limit is "
-                        "ro.mqtt_retry_timeout_seconds)") from None
+                        "ro.mqtt_retry_timeout_seconds)"
+                    ) from None
 
     def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None:
         self.iot.verify(client_id, credentials, self._budget(self.iot.settings.connect_timeout, deadline))
@@ -148,8 +157,10 @@ class DeviceProvisioner:
             raise exc
         delay = self.backoff.delay(attempt - 1)  # the first retry waits up to `base`, then doubling
         if self._clock() + delay >= deadline:
-            exc.message = (f"{exc.message} (gave up after {attempt} attempt(s) in {self.retry_timeout:g} s; "
-                           f"the limit is ro.mqtt_retry_timeout_seconds)")
+            exc.message = (
+                f"{exc.message} (gave up after {attempt} attempt(s) in {self.retry_timeout:g} s; "
+                f"the limit is ro.mqtt_retry_timeout_seconds)"
+            )
             exc.args = (exc.message,)
             raise exc
         log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, exc.message, delay)

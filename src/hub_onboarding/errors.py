@@ -198,8 +198,10 @@ class IdentityError(ProvisioningError):
         elif is_token_refusal(code, err, msg):
             hint = "the certificate ownership token was refused; run provision again to get a new certificate"
         elif code == 403 or (err or "").lower() in ("accessdenied", "access_denied", "accessdeniedexception"):
-            hint = ("the template or its pre-provisioning hook refused this hub; check SN, UPC and "
-                    "fp_template_parameters and the hook's rules")
+            hint = (
+                "the template or its pre-provisioning hook refused this hub; check SN, UPC and "
+                "fp_template_parameters and the hook's rules"
+            )
         elif code == 404 or (err or "").lower().startswith("resourcenotfound"):
             hint = "check fp_template_name: the template does not exist in this account and region"
         else:

@@ -72,8 +72,10 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
     if isinstance(exc, ProvisioningError):
         return exc
     if isinstance(exc, concurrent.futures.TimeoutError | TimeoutError):
-        return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; the endpoint may be "
-                                   "overloaded or the connection stalled; try again")
+        return PublishTimeoutError(
+            f"{operation}: no answer within {timeout:g} s; the endpoint may be "
+            "overloaded or the connection stalled; try again"
+        )
     modeled = getattr(exc, "modeled_error", None)
     if modeled is not None:
         return IdentityError.from_rejection(
@@ -90,7 +92,8 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
         error = SubscribeTimeoutError(
             f"{operation}: the endpoint refused the subscription to its /accepted and /rejected topics; "
             "check fp_template_name and that the claim certificate's policy allows iot:Subscribe and "
-            "iot:Receive on that template's provisioning topics")
+            "iot:Receive on that template's provisioning topics"
+        )
         error.retriable = False
         return error
     if name in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", "AWS_ERROR_MQTT_TIMEOUT"):
@@ -100,13 +103,16 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
         # subscription, the same request will be refused again, so it is not retried.
         refused = PublishTimeoutError(
             f"{operation}: the request could not be published; check that the claim certificate's policy "
-            "allows iot:Publish on the provisioning topics")
+            "allows iot:Publish on the provisioning topics"
+        )
         refused.retriable = False
         return refused
     if name in _CONNECTION_ERRORS or (
-            isinstance(name, str) and name.startswith(("AWS_IO_", "AWS_ERROR_MQTT5"))):
-        return MqttConnectionError(f"{operation}: the connection was lost during the request ({name}); "
-                                   "check the network and retry")
+        isinstance(name, str) and name.startswith(("AWS_IO_", "AWS_ERROR_MQTT5"))
+    ):
+        return MqttConnectionError(
+            f"{operation}: the connection was lost during the request ({name}); check the network and retry"
+        )
     # The answer came but could not be decoded (not JSON, not an object...): the type of the problem
     # only, never the payload itself, which may hold a private key.
     what = f"{name}" if isinstance(name, str) else type(inner).__name__
@@ -124,20 +130,29 @@ def _text(value: object, operation: str, field_name: str, limit: int) -> str:
 def validate_issued(operation: str, response: Any, private_key_pem: bytes | None = None) -> IssuedCertificate:
     """Check an /accepted answer of CreateKeysAndCertificate or CreateCertificateFromCsr (pure)."""
     cert_pem = _text(getattr(response, "certificate_pem", None), operation, "certificatePem", _MAX_PEM_CHARS)
-    token = _text(getattr(response, "certificate_ownership_token", None), operation,
-                  "certificateOwnershipToken", _MAX_TOKEN_CHARS)
+    token = _text(
+        getattr(response, "certificate_ownership_token", None),
+        operation,
+        "certificateOwnershipToken",
+        _MAX_TOKEN_CHARS,
+    )
     cert_id = getattr(response, "certificate_id", None)
     if private_key_pem is None:
-        private_key_pem = _text(getattr(response, "private_key", None), operation, "privateKey",
-                                _MAX_PEM_CHARS).encode()
+        private_key_pem = _text(
+            getattr(response, "private_key", None), operation, "privateKey", _MAX_PEM_CHARS
+        ).encode()
     try:
         creds = check_pair(cert_pem.encode(), private_key_pem, "new", check_validity=False)
     except CredentialError as exc:
         raise IdentityError.malformed(operation, exc.message) from None
     if cert_id != creds.certificate_id:
         # AWS's id is the SHA-256 of the DER; we trust what we can compute.
-        log.warning("%s: certificateId %r differs from the certificate's SHA-256 %s", operation,
-                    cert_id if isinstance(cert_id, str) else None, creds.certificate_id)
+        log.warning(
+            "%s: certificateId %r differs from the certificate's SHA-256 %s",
+            operation,
+            cert_id if isinstance(cert_id, str) else None,
+            creds.certificate_id,
+        )
     return IssuedCertificate(creds, creds.certificate_id, token)
 
 
@@ -148,7 +163,8 @@ def validate_registered(response: Any) -> RegisteredThing:
     if config is None:
         config = {}
     if not isinstance(config, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+    ):
         raise IdentityError.malformed(REGISTER_THING, "deviceConfiguration is not an object of strings")
     return RegisteredThing(thing, dict(config))
 
@@ -156,8 +172,9 @@ def validate_registered(response: Any) -> RegisteredThing:
 class FleetProvisioning:
     """CreateKeysAndCertificate / CreateCertificateFromCsr and RegisterThing on one connected client."""
 
-    def __init__(self, mqtt5_client: Any, operation_timeout: float = 30.0, *,
-                 lost: threading.Event | None = None) -> None:
+    def __init__(
+        self, mqtt5_client: Any, operation_timeout: float = 30.0, *, lost: threading.Event | None = None
+    ) -> None:
         from awscrt import mqtt_request_response
         from awsiot import iotidentity
 
@@ -191,14 +208,16 @@ class FleetProvisioning:
 
     @staticmethod
     def _connection_lost(operation: str) -> MqttConnectionError:
-        return MqttConnectionError(f"{operation}: the connection was lost during the request; check the "
-                                   "network and retry")
+        return MqttConnectionError(
+            f"{operation}: the connection was lost during the request; check the network and retry"
+        )
 
     def create_keys_and_certificate(self) -> IssuedCertificate:
         log.debug("requesting %s", CREATE_KEYS_AND_CERTIFICATE)
         try:
             future = self._client.create_keys_and_certificate(
-                self._iotidentity.CreateKeysAndCertificateRequest())
+                self._iotidentity.CreateKeysAndCertificateRequest()
+            )
         except Exception as exc:
             raise map_request_error(exc, CREATE_KEYS_AND_CERTIFICATE, self._timeout) from None
         return validate_issued(CREATE_KEYS_AND_CERTIFICATE, self._wait(future, CREATE_KEYS_AND_CERTIFICATE))
@@ -207,23 +226,33 @@ class FleetProvisioning:
         log.debug("requesting %s", CREATE_CERTIFICATE_FROM_CSR)
         try:
             future = self._client.create_certificate_from_csr(
-                self._iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=csr_pem.decode()))
+                self._iotidentity.CreateCertificateFromCsrRequest(
+                    certificate_signing_request=csr_pem.decode()
+                )
+            )
         except Exception as exc:
             raise map_request_error(exc, CREATE_CERTIFICATE_FROM_CSR, self._timeout) from None
-        return validate_issued(CREATE_CERTIFICATE_FROM_CSR,
-                               self._wait(future, CREATE_CERTIFICATE_FROM_CSR), private_key_pem)
+        return validate_issued(
+            CREATE_CERTIFICATE_FROM_CSR, self._wait(future, CREATE_CERTIFICATE_FROM_CSR), private_key_pem
+        )
 
-    def register_thing(self, template_name: str, ownership_token: str,
-                       parameters: Mapping[str, str]) -> RegisteredThing:
-        log.debug("requesting %s with template %r and parameters %s", REGISTER_THING, template_name,
-                  sorted(parameters))
+    def register_thing(
+        self, template_name: str, ownership_token: str, parameters: Mapping[str, str]
+    ) -> RegisteredThing:
+        log.debug(
+            "requesting %s with template %r and parameters %s",
+            REGISTER_THING,
+            template_name,
+            sorted(parameters),
+        )
         try:
-            future = self._client.register_thing(self._iotidentity.RegisterThingRequest(
-                template_name=template_name,
-                certificate_ownership_token=ownership_token,
-                parameters=dict(parameters),
-            ))
+            future = self._client.register_thing(
+                self._iotidentity.RegisterThingRequest(
+                    template_name=template_name,
+                    certificate_ownership_token=ownership_token,
+                    parameters=dict(parameters),
+                )
+            )
         except Exception as exc:
             raise map_request_error(exc, REGISTER_THING, self._timeout) from None
         return validate_registered(self._wait(future, REGISTER_THING))
-

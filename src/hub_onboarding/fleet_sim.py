@@ -99,7 +99,9 @@ class Target:
 
         cert, key = file("claim_certificate_path"), file("claim_private_key_path")
         root_ca = file("root_ca_path")
-        assert cert is not None and key is not None and root_ca is not None
+        assert cert is not None
+        assert key is not None
+        assert root_ca is not None
         params = data.get("template_parameters") or {}
         if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
             raise CloudConfigError(f"{path}: 'template_parameters' must be an object of strings")
@@ -170,8 +172,15 @@ class FleetReport:
         }
 
 
-def write_hubs(target: Target, work_dir: Path, count: int, *, method: str = METHODS[0],
-               serial_prefix: str | None = None, extra_ro: dict[str, Any] | None = None) -> list[Path]:
+def write_hubs(
+    target: Target,
+    work_dir: Path,
+    count: int,
+    *,
+    method: str = METHODS[0],
+    serial_prefix: str | None = None,
+    extra_ro: dict[str, Any] | None = None,
+) -> list[Path]:
     """Write `count` factory-fresh hubs under `work_dir` (hub-000000, ...); return their config paths."""
     from hub_onboarding.factory import write_claim_hub
 
@@ -255,13 +264,21 @@ def skip_system_trust_store(root_ca_path: Path | None) -> Iterator[bool]:
             os.environ["SSL_CERT_FILE"] = saved
 
 
-def onboard_fleet(configs: Sequence[Path], concurrency: int, *, method: str = METHODS[0],
-                  retry_timeout: float | None = None,
-                  on_result: Callable[[HubOutcome], None] | None = None) -> FleetReport:
+def onboard_fleet(
+    configs: Sequence[Path],
+    concurrency: int,
+    *,
+    method: str = METHODS[0],
+    retry_timeout: float | None = None,
+    on_result: Callable[[HubOutcome], None] | None = None,
+) -> FleetReport:
     """Onboard every hub, at most `concurrency` at once; never raises for a hub that fails."""
     # Import the product once before the clock starts (a factory line's hubs each pay it once, on boot).
-    for module in ("awsiot.mqtt5_client_builder", "hub_onboarding.device_provisioner",
-                   "hub_onboarding.onboarding"):
+    for module in (
+        "awsiot.mqtt5_client_builder",
+        "hub_onboarding.device_provisioner",
+        "hub_onboarding.onboarding",
+    ):
         importlib.import_module(module)
 
     counter = _RetryCounter()
@@ -287,23 +304,38 @@ def onboard_fleet(configs: Sequence[Path], concurrency: int, *, method: str = ME
     wall = time.perf_counter() - started
     errors = Counter(o.error or "" for o in outcomes if not o.ok)
     return FleetReport(
-        hubs=len(configs), concurrency=concurrency, method=method,
-        onboarded=sum(o.ok for o in outcomes), failed=sum(not o.ok for o in outcomes), wall_s=wall,
-        latencies_s=[o.seconds for o in outcomes if o.ok], errors=dict(errors.most_common(10)),
+        hubs=len(configs),
+        concurrency=concurrency,
+        method=method,
+        onboarded=sum(o.ok for o in outcomes),
+        failed=sum(not o.ok for o in outcomes),
+        wall_s=wall,
+        latencies_s=[o.seconds for o in outcomes if o.ok],
+        errors=dict(errors.most_common(10)),
         retries=counter.count,
     )
 
 
-def run_fleet(target: Target, work_dir: Path, hubs: int, concurrency: int, *, method: str = METHODS[0],
-              serial_prefix: str | None = None, extra_ro: dict[str, Any] | None = None,
-              retry_timeout: float | None = None,
-              on_result: Callable[[HubOutcome], None] | None = None) -> FleetReport:
+def run_fleet(
+    target: Target,
+    work_dir: Path,
+    hubs: int,
+    concurrency: int,
+    *,
+    method: str = METHODS[0],
+    serial_prefix: str | None = None,
+    extra_ro: dict[str, Any] | None = None,
+    retry_timeout: float | None = None,
+    on_result: Callable[[HubOutcome], None] | None = None,
+) -> FleetReport:
     """Write `hubs` hubs, then onboard them (only the onboarding is timed)."""
-    configs = write_hubs(target, work_dir, hubs, method=method, serial_prefix=serial_prefix,
-                         extra_ro=extra_ro)
+    configs = write_hubs(
+        target, work_dir, hubs, method=method, serial_prefix=serial_prefix, extra_ro=extra_ro
+    )
     with skip_system_trust_store(target.root_ca_path):
-        return onboard_fleet(configs, concurrency, method=method, retry_timeout=retry_timeout,
-                             on_result=on_result)
+        return onboard_fleet(
+            configs, concurrency, method=method, retry_timeout=retry_timeout, on_result=on_result
+        )
 
 
 @contextlib.contextmanager
@@ -315,39 +347,64 @@ def embedded_cloud(data_dir: Path, template_name: str = DEFAULT_TEMPLATE) -> Ite
     with LocalIotCore(data_dir) as core:
         iot = core.client()
         claim = set_up_fleet_provisioning(iot, template_name)
-        yield Target(
-            endpoint_url=core.endpoint.mqtt_address,
-            root_ca_path=core.endpoint.root_ca_path,
-            claim_certificate_pem=claim.certificate_pem,
-            claim_private_key_pem=claim.private_key_pem,
-            template_name=claim.template_name,
-        ), iot
+        yield (
+            Target(
+                endpoint_url=core.endpoint.mqtt_address,
+                root_ca_path=core.endpoint.root_ca_path,
+                claim_certificate_pem=claim.certificate_pem,
+                claim_private_key_pem=claim.private_key_pem,
+                template_name=claim.template_name,
+            ),
+            iot,
+        )
 
 
 # ------------------------------------------------------------------------------------------ command line
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hub-onboard fleet-sim",
         description="Rehearse a factory line: N simulated hubs, each with its own config folder and "
-                    "serial, onboard through hub-onboarding with bounded concurrency. Without --config, "
-                    "iot-core-local runs embedded in a temporary folder.")
+        "serial, onboard through hub-onboarding with bounded concurrency. Without --config, "
+        "iot-core-local runs embedded in a temporary folder.",
+    )
     parser.add_argument("--hubs", type=int, default=100, metavar="N", help="number of hubs (default 100)")
-    parser.add_argument("--concurrency", type=int, default=10, metavar="C",
-                        help="hubs onboarding at once (default 10)")
-    parser.add_argument("--method", choices=METHODS, default=METHODS[0],
-                        help="certificate method (default CreateCertificateFromCsr)")
-    parser.add_argument("--config", type=Path, metavar="CLOUD.json",
-                        help="target this endpoint and claim instead of an embedded iot-core-local "
-                             "(see docs/performance.md)")
+    parser.add_argument(
+        "--concurrency", type=int, default=10, metavar="C", help="hubs onboarding at once (default 10)"
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=METHODS[0],
+        help="certificate method (default CreateCertificateFromCsr)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="CLOUD.json",
+        help="target this endpoint and claim instead of an embedded iot-core-local (see docs/performance.md)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    parser.add_argument("--work-dir", type=Path, metavar="DIR",
-                        help="write the hub folders here and keep them (default: a temporary folder)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="write the hub folders here and keep them (default: a temporary folder)",
+    )
     parser.add_argument("--serial-prefix", metavar="TEXT", help="serials are TEXT-000000... (default random)")
-    parser.add_argument("--retry-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="each hub's retry budget (default 60; a real hub uses 300)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the verification connect with the new certificate (fp_verify_connection)")
+    parser.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="each hub's retry budget (default 60; a real hub uses 300)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the verification connect with the new certificate (fp_verify_connection)",
+    )
     return parser
 
 
@@ -366,8 +423,14 @@ class _Display:
         except ImportError:  # rich is in the [bench] extra; without it, no bar
             return
         self._progress = Progress(
-            TextColumn("onboarding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]}"),
-            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            TextColumn("onboarding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self._task = self._progress.add_task("hubs", total=total, failed="")
 
     def __enter__(self) -> _Display:
@@ -384,8 +447,9 @@ class _Display:
             return
         if not outcome.ok:
             self._failed += 1
-        self._progress.update(self._task, advance=1,
-                              failed=f"[red]{self._failed} failed[/red]" if self._failed else "")
+        self._progress.update(
+            self._task, advance=1, failed=f"[red]{self._failed} failed[/red]" if self._failed else ""
+        )
 
 
 def _print_summary(report: FleetReport, endpoint: str) -> None:
@@ -448,15 +512,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 target, _ = stack.enter_context(embedded_cloud(work / "cloud"))
             except ImportError as exc:
-                print(f"hub-onboard fleet-sim: the embedded iot-core-local needs the [server] extra "
-                      f"({exc}); pip install 'hub-onboarding[server]', or pass --config", file=sys.stderr)
+                print(
+                    f"hub-onboard fleet-sim: the embedded iot-core-local needs the [server] extra "
+                    f"({exc}); pip install 'hub-onboarding[server]', or pass --config",
+                    file=sys.stderr,
+                )
                 return EXIT_FAILED
-        configs = write_hubs(target, work / "hubs", args.hubs, method=args.method,
-                             serial_prefix=args.serial_prefix, extra_ro=extra_ro)
+        configs = write_hubs(
+            target,
+            work / "hubs",
+            args.hubs,
+            method=args.method,
+            serial_prefix=args.serial_prefix,
+            extra_ro=extra_ro,
+        )
         display = _Display(args.hubs, enabled=not args.json and sys.stderr.isatty())
         with skip_system_trust_store(target.root_ca_path), display:
-            report = onboard_fleet(configs, args.concurrency, method=args.method,
-                                   retry_timeout=args.retry_timeout, on_result=display.advance)
+            report = onboard_fleet(
+                configs,
+                args.concurrency,
+                method=args.method,
+                retry_timeout=args.retry_timeout,
+                on_result=display.advance,
+            )
     if args.json:
         print(json.dumps({"endpoint": target.endpoint_url, **report.to_dict()}, indent=2))
     else:

@@ -75,9 +75,14 @@ class OnboardingResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "state": self.state, "method": self.method, "client_id": self.client_id,
-            "managed_thing_id": self.managed_thing_id, "certificate_path": self.certificate_path,
-            "private_key_path": self.private_key_path, "thing_name": self.thing_name, "changed": self.changed,
+            "state": self.state,
+            "method": self.method,
+            "client_id": self.client_id,
+            "managed_thing_id": self.managed_thing_id,
+            "certificate_path": self.certificate_path,
+            "private_key_path": self.private_key_path,
+            "thing_name": self.thing_name,
+            "changed": self.changed,
         }
 
 
@@ -103,8 +108,13 @@ def _result_from(doc: Mapping[str, Any], *, changed: bool, thing_name: str | Non
 class HubOnboarding:
     """The SDK's HubOnboarding, in Python. `on_step` receives one short line per step (for a CLI)."""
 
-    def __init__(self, config_path: str | Path = DEFAULT_CONFIG_PATH, *, timeouts: Timeouts | None = None,
-                 on_step: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: str | Path = DEFAULT_CONFIG_PATH,
+        *,
+        timeouts: Timeouts | None = None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> None:
         self.config_path = Path(config_path)
         self.timeouts = timeouts or Timeouts()
         self._on_step = on_step
@@ -165,10 +175,16 @@ class HubOnboarding:
             ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
             cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
             # Compared as real paths: a file named through `..` or a symlinked folder is still that file.
-            protected = {os.path.realpath(cfgmod.resolve_path(self.config_path, v)) for v in ro.values()
-                         if isinstance(v, str) and v.strip()}
-            candidates = [cert_dir / PERMANENT_CERT_NAME, cert_dir / PERMANENT_KEY_NAME,
-                          ProgressStore(cert_dir).path]
+            protected = {
+                os.path.realpath(cfgmod.resolve_path(self.config_path, v))
+                for v in ro.values()
+                if isinstance(v, str) and v.strip()
+            }
+            candidates = [
+                cert_dir / PERMANENT_CERT_NAME,
+                cert_dir / PERMANENT_KEY_NAME,
+                ProgressStore(cert_dir).path,
+            ]
             for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):
                 value = rw.get(key)
                 if isinstance(value, str) and value.strip():
@@ -201,22 +217,28 @@ class HubOnboarding:
         from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
 
         settings = ConnectionSettings(cfg.endpoint, cfg.root_ca_path, cfg.keep_alive, self.timeouts.connect)
-        return DeviceProvisioner(IotProvisioning(settings), operation_timeout=self.timeouts.operation,
-                                 retry_timeout=self._retry_timeout(cfg))
+        return DeviceProvisioner(
+            IotProvisioning(settings),
+            operation_timeout=self.timeouts.operation,
+            retry_timeout=self._retry_timeout(cfg),
+        )
 
     def _read_initial_credentials(self, cfg: HubConfig, handler: CertHandler) -> Credentials | None:
         if cfg.method is ProvisioningMethod.JITR:
-            assert cfg.dha_cert_path is not None and cfg.dha_pk_path is not None
-            return self._read(handler, CertType.DHA, cfg.dha_cert_path, cfg.dha_pk_path,
-                              cfgmod.DHA_CERT_PATH)
+            assert cfg.dha_cert_path is not None
+            assert cfg.dha_pk_path is not None
+            return self._read(handler, CertType.DHA, cfg.dha_cert_path, cfg.dha_pk_path, cfgmod.DHA_CERT_PATH)
         progress = ProgressStore(cfg.permanent_cert_dir).load()
-        if next_action(progress, self._binding(cfg), time.time()) in (Action.CREATE_CERTIFICATE,
-                                                                     Action.REGISTER_THING):
+        if next_action(progress, self._binding(cfg), time.time()) in (
+            Action.CREATE_CERTIFICATE,
+            Action.REGISTER_THING,
+        ):
             return self._read_claim(cfg, handler)
         return None  # resuming after RegisterThing: the claim credentials are not needed any more
 
-    def _read(self, handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str,
-              key: str) -> Credentials:
+    def _read(
+        self, handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str, key: str
+    ) -> Credentials:
         try:
             return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
         except CredentialError as exc:
@@ -226,9 +248,11 @@ class HubOnboarding:
             raise
 
     def _read_claim(self, cfg: HubConfig, handler: CertHandler) -> Credentials:
-        assert cfg.claim_cert_path is not None and cfg.claim_pk_path is not None
-        return self._read(handler, CertType.CLAIM, cfg.claim_cert_path, cfg.claim_pk_path,
-                          cfgmod.CLAIM_CERT_PATH)
+        assert cfg.claim_cert_path is not None
+        assert cfg.claim_pk_path is not None
+        return self._read(
+            handler, CertType.CLAIM, cfg.claim_cert_path, cfg.claim_pk_path, cfgmod.CLAIM_CERT_PATH
+        )
 
     @staticmethod
     def _binding(cfg: HubConfig) -> dict[str, str]:
@@ -244,9 +268,11 @@ class HubOnboarding:
             "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
         }
 
-    def _fleet_provisioning(self, cfg: HubConfig, handler: CertHandler,
-                            claim: Credentials | None) -> OnboardingResult:
-        assert cfg.serial_number is not None and cfg.template_name is not None
+    def _fleet_provisioning(
+        self, cfg: HubConfig, handler: CertHandler, claim: Credentials | None
+    ) -> OnboardingResult:
+        assert cfg.serial_number is not None
+        assert cfg.template_name is not None
         store = ProgressStore(cfg.permanent_cert_dir)
         binding = self._binding(cfg)
         dp = self._device_provisioner(cfg)
@@ -274,8 +300,10 @@ class HubOnboarding:
                                 raise
                             # The saved token was spent or expired (e.g. the answer to a RegisterThing
                             # was lost): the only way forward is a new certificate, once.
-                            log.warning("ownership token refused (%s); requesting a new certificate",
-                                        exc.error_message)
+                            log.warning(
+                                "ownership token refused (%s); requesting a new certificate",
+                                exc.error_message,
+                            )
                             restarted = True
                             store.clear()
                             continue
@@ -295,11 +323,17 @@ class HubOnboarding:
                 attempt += 1
                 dp.wait_before_retry(exc, attempt, deadline)
         assert progress is not None
-        return self._record(progress.certificate_path, progress.private_key_path,
-                            *self._identity(progress), thing_name=progress.thing_name, store=store)
+        return self._record(
+            progress.certificate_path,
+            progress.private_key_path,
+            *self._identity(progress),
+            thing_name=progress.thing_name,
+            store=store,
+        )
 
-    def _create_certificate(self, cfg: HubConfig, handler: CertHandler, store: ProgressStore, fp: Any,
-                            binding: Mapping[str, str]) -> Progress:
+    def _create_certificate(
+        self, cfg: HubConfig, handler: CertHandler, store: ProgressStore, fp: Any, binding: Mapping[str, str]
+    ) -> Progress:
         if cfg.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
             key_pem, csr_pem = generate_key_and_csr((cfg.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fp.create_certificate_from_csr(csr_pem, key_pem)
@@ -314,17 +348,24 @@ class HubOnboarding:
         store.clear()
         # Credentials first, then the record that names them (and carries the token).
         handler.write_permanent_cert_and_private_key(
-            issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path)
-        progress = Progress(step=Step.CERTIFICATE_ISSUED, binding=dict(binding),
-                            certificate_id=issued.certificate_id, certificate_path=str(cert_path),
-                            private_key_path=str(key_path), token_issued_at=time.time(),
-                            ownership_token=issued.ownership_token)
+            issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path
+        )
+        progress = Progress(
+            step=Step.CERTIFICATE_ISSUED,
+            binding=dict(binding),
+            certificate_id=issued.certificate_id,
+            certificate_path=str(cert_path),
+            private_key_path=str(key_path),
+            token_issued_at=time.time(),
+            ownership_token=issued.ownership_token,
+        )
         store.save(progress)
         self._step(f"credentials stored in {cfg.permanent_cert_dir}")
         return progress
 
     def _register_thing(self, cfg: HubConfig, store: ProgressStore, fp: Any, progress: Progress) -> Progress:
-        assert cfg.template_name is not None and progress.ownership_token
+        assert cfg.template_name is not None
+        assert progress.ownership_token
         registered = fp.register_thing(cfg.template_name, progress.ownership_token, cfg.register_parameters())
         progress = progress.registered(registered.thing_name, registered.device_configuration)
         store.save(progress)
@@ -334,16 +375,20 @@ class HubOnboarding:
     @staticmethod
     def _stored_pair(handler: CertHandler, progress: Progress) -> Credentials:
         """The permanent pair on disk, checked: key and certificate match, and it is the recorded one."""
-        creds = handler.read_cert_and_private_key(CertType.PERMANENT, progress.certificate_path,
-                                                  progress.private_key_path)
+        creds = handler.read_cert_and_private_key(
+            CertType.PERMANENT, progress.certificate_path, progress.private_key_path
+        )
         if creds.certificate_id != progress.certificate_id:
             # The file on disk is not the certificate RegisterThing activated; nothing safe to resume.
-            raise CredentialError(f"{progress.certificate_path} does not hold certificate "
-                                  f"{progress.certificate_id[:16]}...; run reset, then provision again")
+            raise CredentialError(
+                f"{progress.certificate_path} does not hold certificate "
+                f"{progress.certificate_id[:16]}...; run reset, then provision again"
+            )
         return creds
 
-    def _verify(self, creds: Credentials, store: ProgressStore, dp: Any, progress: Progress,
-                deadline: float) -> Progress:
+    def _verify(
+        self, creds: Credentials, store: ProgressStore, dp: Any, progress: Progress, deadline: float
+    ) -> Progress:
         client_id, _ = self._identity(progress)
         dp.verify(client_id, creds, deadline)
         progress = progress.verified()
@@ -359,28 +404,44 @@ class HubOnboarding:
         client_id = dev.get(cfgmod.DEVICE_CONFIG_CLIENT_ID)
         managed = dev.get(cfgmod.DEVICE_CONFIG_MANAGED_THING_ID)
         if not client_id:
-            log.warning("deviceConfiguration has no %s; using the thing name %r as client id",
-                        cfgmod.DEVICE_CONFIG_CLIENT_ID, thing)
+            log.warning(
+                "deviceConfiguration has no %s; using the thing name %r as client id",
+                cfgmod.DEVICE_CONFIG_CLIENT_ID,
+                thing,
+            )
             client_id = thing
         if not managed:
-            log.warning("deviceConfiguration has no %s; using the thing name %r as managed thing id",
-                        cfgmod.DEVICE_CONFIG_MANAGED_THING_ID, thing)
+            log.warning(
+                "deviceConfiguration has no %s; using the thing name %r as managed thing id",
+                cfgmod.DEVICE_CONFIG_MANAGED_THING_ID,
+                thing,
+            )
             managed = thing
         return client_id, managed
 
     def _jitr(self, cfg: HubConfig, dha: Credentials) -> OnboardingResult:
-        assert cfg.dha_cert_path is not None and cfg.dha_pk_path is not None
+        assert cfg.dha_cert_path is not None
+        assert cfg.dha_pk_path is not None
         client_id = cfg.client_id_override or common_name(load_certificate(dha.certificate_pem, "DHA"))
         if not client_id:
-            raise CredentialError("the DHA certificate has no common name to use as client id; "
-                                  "set ro.client_id")
+            raise CredentialError(
+                "the DHA certificate has no common name to use as client id; set ro.client_id"
+            )
         dp = self._device_provisioner(cfg)
         attempts = dp.provision_jitr(client_id, dha)
         self._step(f"connected with the DHA certificate as {client_id!r} (attempt {attempts})")
         return self._record(cfg.dha_cert_path, cfg.dha_pk_path, client_id, None, thing_name=None, store=None)
 
-    def _record(self, cert_path: str, key_path: str, client_id: str, managed_thing_id: str | None, *,
-                thing_name: str | None, store: ProgressStore | None) -> OnboardingResult:
+    def _record(
+        self,
+        cert_path: str,
+        key_path: str,
+        client_id: str,
+        managed_thing_id: str | None,
+        *,
+        thing_name: str | None,
+        store: ProgressStore | None,
+    ) -> OnboardingResult:
         """Update the config in the SDK's order; PROVISIONED comes last, so a crash before it resumes."""
         path = self.config_path
         cfgmod.update_rw(path, {cfgmod.PERMANENT_CERT_PATH: cert_path, cfgmod.PERMANENT_PK_PATH: key_path})
@@ -391,6 +452,8 @@ class HubOnboarding:
         self._doc = doc
         if store is not None:
             store.clear()
-        self._step(f"PROVISIONED: client_id {client_id!r}"
-                   + (f", managed_thing_id {managed_thing_id!r}" if managed_thing_id else ""))
+        self._step(
+            f"PROVISIONED: client_id {client_id!r}"
+            + (f", managed_thing_id {managed_thing_id!r}" if managed_thing_id else "")
+        )
         return _result_from(doc, changed=True, thing_name=thing_name)

@@ -84,23 +84,41 @@ class Progress:
             strings = (data["certificate_id"], data["certificate_path"], data["private_key_path"])
             issued = data.get("token_issued_at", 0.0)
             thing = data.get("thing_name")
-            if not (isinstance(binding, dict) and all(isinstance(v, str) for v in binding.values())
-                    and isinstance(dev, dict) and all(isinstance(v, str) for v in dev.values())
-                    and all(isinstance(s, str) for s in strings)
-                    and (token is None or isinstance(token, str))
-                    and (thing is None or isinstance(thing, str))
-                    and isinstance(issued, int | float) and not isinstance(issued, bool)):
+            if not (
+                isinstance(binding, dict)
+                and all(isinstance(v, str) for v in binding.values())
+                and isinstance(dev, dict)
+                and all(isinstance(v, str) for v in dev.values())
+                and all(isinstance(s, str) for s in strings)
+                and (token is None or isinstance(token, str))
+                and (thing is None or isinstance(thing, str))
+                and isinstance(issued, int | float)
+                and not isinstance(issued, bool)
+            ):
                 return None
         except (KeyError, ValueError, TypeError):
             return None
-        return cls(step=step, binding=binding, certificate_id=strings[0], certificate_path=strings[1],
-                   private_key_path=strings[2], token_issued_at=float(issued), ownership_token=token,
-                   thing_name=thing, device_configuration=dev)
+        return cls(
+            step=step,
+            binding=binding,
+            certificate_id=strings[0],
+            certificate_path=strings[1],
+            private_key_path=strings[2],
+            token_issued_at=float(issued),
+            ownership_token=token,
+            thing_name=thing,
+            device_configuration=dev,
+        )
 
     def registered(self, thing_name: str, device_configuration: Mapping[str, str]) -> Progress:
         # The token is spent once RegisterThing accepted it: do not keep a secret we no longer need.
-        return replace(self, step=Step.THING_REGISTERED, ownership_token=None, thing_name=thing_name,
-                       device_configuration=dict(device_configuration))
+        return replace(
+            self,
+            step=Step.THING_REGISTERED,
+            ownership_token=None,
+            thing_name=thing_name,
+            device_configuration=dict(device_configuration),
+        )
 
     def verified(self) -> Progress:
         return replace(self, step=Step.VERIFIED)
@@ -163,6 +181,8 @@ class ProgressStore:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StorageError(f"cannot delete the onboarding progress record {self.path}: "
-                               f"{exc.strerror or exc}; make its folder writable by onboarding (or delete "
-                               "the file by hand), then run the same command again") from None
+            raise StorageError(
+                f"cannot delete the onboarding progress record {self.path}: "
+                f"{exc.strerror or exc}; make its folder writable by onboarding (or delete "
+                "the file by hand), then run the same command again"
+            ) from None

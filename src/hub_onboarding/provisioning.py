@@ -31,9 +31,8 @@ PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allow
 
 # awscrt error names, and what to tell the user about each.
 _CONNECT_HINTS = {
-    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE":
-        "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
-        "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)",
+    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
+    "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)",
     "AWS_IO_SOCKET_CONNECTION_REFUSED": "nothing listens at the endpoint: check endpoint_url and its port",
     "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check endpoint_url and the network",
     "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check endpoint_url and DNS",
@@ -42,17 +41,22 @@ _CONNECT_HINTS = {
     "AWS_IO_SOCKET_NETWORK_DOWN": "the network is down",
     "AWS_ERROR_MQTT5_CONNACK_TIMEOUT": "the endpoint accepted TLS but sent no CONNACK in time",
 }
-_CLOSED_HINT = ("the endpoint closed the connection: the certificate may be unknown, inactive or revoked, or "
-                "its policy may not allow iot:Connect for this client id")
+_CLOSED_HINT = (
+    "the endpoint closed the connection: the certificate may be unknown, inactive or revoked, or "
+    "its policy may not allow iot:Connect for this client id"
+)
 
 
-def describe_connect_failure(exc: object, connack_reason: str | None, endpoint: Endpoint,
-                             client_id: str) -> str:
+def describe_connect_failure(
+    exc: object, connack_reason: str | None, endpoint: Endpoint, client_id: str
+) -> str:
     """A message for a failed connection attempt that says what to check (pure, testable)."""
     name = getattr(exc, "name", None) or type(exc).__name__
     if connack_reason:
-        hint = (f"the endpoint refused the connection with reason {connack_reason}: check that the "
-                f"certificate is ACTIVE and its policy allows iot:Connect for client id {client_id!r}")
+        hint = (
+            f"the endpoint refused the connection with reason {connack_reason}: check that the "
+            f"certificate is ACTIVE and its policy allows iot:Connect for client id {client_id!r}"
+        )
     else:
         hint = _CONNECT_HINTS.get(str(name), _CLOSED_HINT)
     return f"could not connect to {endpoint} as {client_id!r} ({name}): {hint}"
@@ -81,8 +85,9 @@ class ConnectionSettings:
 class MqttConnection:
     """A started and connected awscrt mqtt5.Client; `close()` stops it within a deadline."""
 
-    def __init__(self, client: Any, stopped: threading.Event, description: str,
-                 lost: threading.Event | None = None) -> None:
+    def __init__(
+        self, client: Any, stopped: threading.Event, description: str, lost: threading.Event | None = None
+    ) -> None:
         self.client = client
         # Set when an established connection goes away (not by our stop): a request waiting on it can
         # fail at once instead of waiting out its operation timeout.
@@ -106,8 +111,9 @@ class MqttConnection:
     def __enter__(self) -> MqttConnection:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -120,8 +126,9 @@ class IotProvisioning:
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
 
-    def connect(self, client_id: str, credentials: Credentials,
-                timeout: float | None = None) -> MqttConnection:
+    def connect(
+        self, client_id: str, credentials: Credentials, timeout: float | None = None
+    ) -> MqttConnection:
         """Open one MQTT 5 connection with mutual TLS; MqttConnectionError when it fails or times out."""
         from awscrt import io, mqtt5
         from awsiot import mqtt5_client_builder
@@ -181,8 +188,10 @@ class IotProvisioning:
             )
         except Exception as exc:
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
-            error = MqttConnectionError(f"could not set up the MQTT client for {s.endpoint}: {exc}; check "
-                                        "iot_root_ca_path and the certificate and key files")
+            error = MqttConnectionError(
+                f"could not set up the MQTT client for {s.endpoint}: {exc}; check "
+                "iot_root_ca_path and the certificate and key files"
+            )
             error.retriable = False
             raise error from None
         description = f"{client_id!r} at {s.endpoint}"
@@ -192,20 +201,24 @@ class IotProvisioning:
             client.start()
         except Exception as exc:
             # Nothing was sent: awscrt could not start its client here (memory, threads, descriptors).
-            error = MqttConnectionError(f"could not start the MQTT client for {s.endpoint} as {client_id!r}: "
-                                        f"{exc}; this is a problem on the hub, not the network: check its "
-                                        "free memory and open files, then run provision again")
+            error = MqttConnectionError(
+                f"could not start the MQTT client for {s.endpoint} as {client_id!r}: "
+                f"{exc}; this is a problem on the hub, not the network: check its "
+                "free memory and open files, then run provision again"
+            )
             error.retriable = False
             raise error from None
         if not done.wait(timeout):
             conn.close()
             raise MqttConnectionError(
                 f"could not connect to {s.endpoint} as {client_id!r} within {timeout:g} s: check "
-                "endpoint_url, the network, and that iot_root_ca_path is the CA of this endpoint")
+                "endpoint_url, the network, and that iot_root_ca_path is the CA of this endpoint"
+            )
         if "ok" not in outcome:
             conn.close()
-            raise MqttConnectionError(describe_connect_failure(
-                outcome.get("error"), outcome.get("reason"), s.endpoint, client_id))
+            raise MqttConnectionError(
+                describe_connect_failure(outcome.get("error"), outcome.get("reason"), s.endpoint, client_id)
+            )
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn
 

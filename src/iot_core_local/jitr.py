@@ -27,7 +27,6 @@ from iot_core_local.provisioning import registration_event_topic
 log = logging.getLogger("iot_core_local.jitr")
 
 
-
 def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 

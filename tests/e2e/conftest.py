@@ -143,7 +143,7 @@ def read_config(path: Path) -> dict[str, Any]:
 #   {"kind": "fsync", "prefix": ..., "nth": n}  right after the n-th fsync of a temp file named prefix*.tmp,
 #                                               i.e. in the middle of an atomic write (before its rename)
 # HUBTEST_OPENLOG=path records every file the child opens (Python's audit hook), one per line.
-_SHIM = r'''
+_SHIM = r"""
 import json, os, signal, sys
 
 def _freeze():
@@ -202,7 +202,7 @@ if _openlog:
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             os.write(_fd, os.fsencode(os.fspath(args[0])) + b"\n")
     sys.addaudithook(_audit)
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -231,9 +231,17 @@ class Finished:
 class HubProcess:
     """`hub-onboard provision --config X -vv` as a real child process (python -m hub_onboarding.cli)."""
 
-    def __init__(self, config: Path, *args: str, shim_dir: Path | None = None,
-                 freeze: dict[str, Any] | None = None, openlog: Path | None = None,
-                 umask: int | None = None, command: str = "provision", verbosity: str = "-vv") -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        shim_dir: Path | None = None,
+        freeze: dict[str, Any] | None = None,
+        openlog: Path | None = None,
+        umask: int | None = None,
+        command: str = "provision",
+        verbosity: str = "-vv",
+    ) -> None:
         env = dict(os.environ)
         if shim_dir is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim_dir), env.get("PYTHONPATH")]))
@@ -247,7 +255,11 @@ class HubProcess:
         argv.extend(args)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
             preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
         )
         self.lines: list[str] = []
@@ -275,7 +287,8 @@ class HubProcess:
         """The first stderr line containing `text` (as soon as the child writes it)."""
         with self._changed:
             found = self._changed.wait_for(
-                lambda: any(text in line for line in self.lines) or self.proc.poll() is not None, timeout)
+                lambda: any(text in line for line in self.lines) or self.proc.poll() is not None, timeout
+            )
             for line in self.lines:
                 if text in line:
                     return line
@@ -327,8 +340,14 @@ def run_hub(config: Path, *args: str, timeout: float = 60.0, **options: Any) -> 
     return HubProcess(config, *args, **options).finish(timeout)
 
 
-def connects(cloud: LocalIotCore, cert: str | Path, key: str | Path, client_id: str,
-             host: str | None = None, port: int | None = None) -> bool:
+def connects(
+    cloud: LocalIotCore,
+    cert: str | Path,
+    key: str | Path,
+    client_id: str,
+    host: str | None = None,
+    port: int | None = None,
+) -> bool:
     """Connect with paho (an MQTT 5 client that is not the hub's) and report whether CONNACK was success."""
     import ssl
 
@@ -337,8 +356,12 @@ def connects(cloud: LocalIotCore, cert: str | Path, key: str | Path, client_id: 
     result: dict[str, Any] = {}
     done = threading.Event()
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    client.tls_set(ca_certs=str(cloud.endpoint.root_ca_path), certfile=str(cert), keyfile=str(key),
-                   cert_reqs=ssl.CERT_REQUIRED)
+    client.tls_set(
+        ca_certs=str(cloud.endpoint.root_ca_path),
+        certfile=str(cert),
+        keyfile=str(key),
+        cert_reqs=ssl.CERT_REQUIRED,
+    )
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         result["ok"] = not reason.is_failure

@@ -471,7 +471,8 @@ def test_full_disk_writing_the_credentials(
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert code == 5, err  # StorageError
-    assert "No space left on device; nothing was left half-written" in err and "Traceback" not in err
+    assert "No space left on device; nothing was left half-written" in err
+    assert "Traceback" not in err
     after = snapshot(hub.dir)
     # What remains: the lock file (never deleted, empty) and the empty 0700 credentials folder.
     assert after.pop("iotmi_config.json.lock") == ("file", 0o600, b"")
@@ -503,7 +504,8 @@ def test_full_disk_writing_the_config_then_space_comes_back(
     # Space is back: the next run resumes after the verification and writes the config; no new certificate.
     assert main(["provision", "--config", str(config), "-v"]) == 0
     err = capsys.readouterr().err
-    assert "resuming after VERIFIED" in err and "certificate issued" not in err
+    assert "resuming after VERIFIED" in err
+    assert "certificate issued" not in err
     cert_id = assert_recovered(cloud, iot, config, original)
     assert certificate_ids(iot) - certificates == {cert_id}
     TRIED.append("full disk writing the config")

@@ -48,8 +48,11 @@ def test_the_second_run_waits_and_a_third_gives_up(
     original = read_config(config_path)
     before = certificate_ids(iot)
     # The first run is frozen in the middle of onboarding, holding the lock.
-    first = HubProcess(config_path, shim_dir=shim_dir,
-                       freeze={"kind": "line", "text": "connected with the claim certificate"})
+    first = HubProcess(
+        config_path,
+        shim_dir=shim_dir,
+        freeze={"kind": "line", "text": "connected with the claim certificate"},
+    )
     first.wait_frozen()
     second = HubProcess(config_path, verbosity="-v")  # waits for the lock (default: 600 s)
     files = snapshot(config_path.parent)
@@ -80,8 +83,9 @@ def test_the_waiting_run_takes_over_when_the_first_dies(
     config_path = make_hub()
     original = read_config(config_path)
     before = certificate_ids(iot)
-    first = HubProcess(config_path, shim_dir=shim_dir,
-                       freeze={"kind": "line", "text": "credentials stored in"})
+    first = HubProcess(
+        config_path, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"}
+    )
     first.wait_frozen()
     second = HubProcess(config_path)
     time.sleep(0.5)
@@ -89,6 +93,7 @@ def test_the_waiting_run_takes_over_when_the_first_dies(
     first.kill()
     done = second.finish(30)
     assert done.returncode == 0, done.stderr
-    assert "resuming after CERTIFICATE_ISSUED" in done.stderr and "certificate issued (" not in done.stderr
+    assert "resuming after CERTIFICATE_ISSUED" in done.stderr
+    assert "certificate issued (" not in done.stderr
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}

@@ -51,13 +51,15 @@ def _hub(make_hub: HubFactory, budget: float, **overrides: Any) -> tuple[Path, d
     return config_path, read_config(config_path)
 
 
-def _provisioned(cloud: LocalIotCore, iot: Any, config_path: Path, before: set[str],
-                 original: dict[str, Any]) -> None:
+def _provisioned(
+    cloud: LocalIotCore, iot: Any, config_path: Path, before: set[str], original: dict[str, Any]
+) -> None:
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}, "exactly one new certificate"
 
 
 # ------------------------------------------------------------------------------ endpoint down
+
 
 def test_endpoint_down_at_start_then_up(
     cloud: LocalIotCore, iot: Any, make_hub: HubFactory, tcp_proxy: Callable[..., TcpProxy]
@@ -84,7 +86,8 @@ def test_endpoint_stays_down(make_hub: HubFactory, tcp_proxy: Callable[..., TcpP
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 11, done.stderr  # MqttConnectionError
     assert "nothing listens at the endpoint: check endpoint_url and its port" in done.stderr
-    assert "gave up after" in done.stderr and "mqtt_retry_timeout_seconds" in done.stderr
+    assert "gave up after" in done.stderr
+    assert "mqtt_retry_timeout_seconds" in done.stderr
     assert "Traceback" not in done.stderr
     assert done.elapsed < 12
     after = snapshot(hub_dir)
@@ -98,7 +101,8 @@ def test_connack_never_comes(cloud: LocalIotCore, make_hub: HubFactory) -> None:
     config_path, _ = _hub(make_hub, 3)
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 11, done.stderr
-    assert "could not connect" in done.stderr and "Traceback" not in done.stderr
+    assert "could not connect" in done.stderr
+    assert "Traceback" not in done.stderr
     assert done.elapsed < 15
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     FAULTS.append("CONNACK never comes")
@@ -121,8 +125,10 @@ def test_connect_refused_or_throttled_then_accepted(
 
 # ------------------------------------------------------------------------------ mid-request
 
-@pytest.mark.parametrize("operation", ["CreateCertificateFromCsr", "CreateKeysAndCertificate",
-                                       "RegisterThing"])
+
+@pytest.mark.parametrize(
+    "operation", ["CreateCertificateFromCsr", "CreateKeysAndCertificate", "RegisterThing"]
+)
 def test_connection_dropped_in_the_middle_of_a_request(
     cloud: LocalIotCore, iot: Any, make_hub: HubFactory, operation: str
 ) -> None:
@@ -161,6 +167,7 @@ def test_proxy_cuts_the_connection_before_register_thing(
 
 # ------------------------------------------------------------------------------ no answer
 
+
 def test_answer_never_comes_is_a_publish_timeout_then_resumes(
     cloud: LocalIotCore, iot: Any, make_hub: HubFactory
 ) -> None:
@@ -170,14 +177,16 @@ def test_answer_never_comes_is_a_publish_timeout_then_resumes(
     done = run_hub(config_path)
     assert done.returncode == 14, done.stderr  # PublishTimeoutError
     assert "RegisterThing: no answer within" in done.stderr
-    assert "gave up after" in done.stderr and "Traceback" not in done.stderr
+    assert "gave up after" in done.stderr
+    assert "Traceback" not in done.stderr
     assert done.elapsed < 15, "bounded by mqtt_retry_timeout_seconds (4 s) plus one operation"
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     # The service comes back: the saved token finishes the job; no second certificate.
     cloud.faults.clear()
     again = run_hub(config_path)
     assert again.returncode == 0, again.stderr
-    assert "resuming after CERTIFICATE_ISSUED" in again.stderr and "certificate issued (" not in again.stderr
+    assert "resuming after CERTIFICATE_ISSUED" in again.stderr
+    assert "certificate issued (" not in again.stderr
     _provisioned(cloud, iot, config_path, before, original)
     FAULTS.append("answer never comes (PublishTimeoutError), then resumed")
 
@@ -188,14 +197,18 @@ def test_blackholed_connection_ends_in_a_typed_error_within_the_deadline(
     """The network swallows everything after the claim connect: bounded, typed, nothing PROVISIONED."""
     proxy = tcp_proxy()
     config_path, _ = _hub(make_hub, 4, endpoint_url=proxy.address)
-    hub = HubProcess(config_path, shim_dir=shim_dir,
-                     freeze={"kind": "line", "text": "connected with the claim certificate"})
+    hub = HubProcess(
+        config_path,
+        shim_dir=shim_dir,
+        freeze={"kind": "line", "text": "connected with the claim certificate"},
+    )
     hub.wait_frozen()
     proxy.blackhole = True
     hub.resume()
     done = hub.finish(30)
     assert done.returncode in (11, 14), done.stderr  # connection error or publish timeout, both typed
-    assert "gave up after" in done.stderr and "Traceback" not in done.stderr
+    assert "gave up after" in done.stderr
+    assert "Traceback" not in done.stderr
     assert done.elapsed < 20
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     FAULTS.append("blackhole")
@@ -215,6 +228,7 @@ def test_slow_answer_within_the_deadline_succeeds(
 
 
 # ------------------------------------------------------------------------------ throttling
+
 
 @pytest.mark.parametrize("operation", ["CreateCertificateFromCsr", "RegisterThing"])
 def test_throttling_is_retried_with_backoff(
@@ -241,13 +255,16 @@ def test_throttling_that_does_not_stop_gives_up_with_the_services_words(
     config_path, _ = _hub(make_hub, 3)
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 12, done.stderr  # IdentityError, the service's words kept
-    assert "statusCode=429" in done.stderr and "ThrottlingException" in done.stderr
-    assert "retry later" in done.stderr and "gave up after" in done.stderr
+    assert "statusCode=429" in done.stderr
+    assert "ThrottlingException" in done.stderr
+    assert "retry later" in done.stderr
+    assert "gave up after" in done.stderr
     assert done.elapsed < 12
     FAULTS.append("throttled beyond the budget")
 
 
 # ------------------------------------------------------------------------------ server restart
+
 
 def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: Path) -> None:
     data = tmp_path / "cloud"
@@ -261,14 +278,19 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
         from hub_onboarding.factory import write_claim_hub
 
         config_path = write_claim_hub(
-            tmp_path / "hub", endpoint_url=core.endpoint.mqtt_address,
+            tmp_path / "hub",
+            endpoint_url=core.endpoint.mqtt_address,
             root_ca_path=core.endpoint.root_ca_path,
-            claim_certificate_pem=claim.certificate_pem, claim_private_key_pem=claim.private_key_pem,
-            template_name=claim.template_name, serial="SN-RESTART",
-            extra_ro={"mqtt_retry_timeout_seconds": 40})
+            claim_certificate_pem=claim.certificate_pem,
+            claim_private_key_pem=claim.private_key_pem,
+            template_name=claim.template_name,
+            serial="SN-RESTART",
+            extra_ro={"mqtt_retry_timeout_seconds": 40},
+        )
         before = certificate_ids(iot)
-        hub = HubProcess(config_path, shim_dir=shim_dir,
-                         freeze={"kind": "line", "text": "credentials stored in"})
+        hub = HubProcess(
+            config_path, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"}
+        )
         hub.wait_frozen()
         core.stop()
         hub.resume()  # RegisterThing meets a server that is gone
@@ -295,6 +317,7 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
 
 # ------------------------------------------------------------------------------ slow hook
 
+
 @pytest.mark.parametrize(("delay", "ok"), [(3.0, True), (6.5, False)])
 def test_slow_hook(
     cloud: LocalIotCore, iot: Any, tmp_path: Path, hook_server: Any, delay: float, ok: bool
@@ -304,10 +327,15 @@ def test_slow_hook(
     hook = hook_server({"allowProvisioning": True}, delay=delay)
     claim = set_up_fleet_provisioning(iot, f"SlowHook{int(delay * 10)}", hook_url=hook.url)
     config_path = write_claim_hub(
-        tmp_path / "hub", endpoint_url=cloud.endpoint.mqtt_address, root_ca_path=cloud.endpoint.root_ca_path,
-        claim_certificate_pem=claim.certificate_pem, claim_private_key_pem=claim.private_key_pem,
-        template_name=claim.template_name, serial=f"SN-HOOK-{int(delay * 10)}",
-        extra_ro={"mqtt_retry_timeout_seconds": 30})
+        tmp_path / "hub",
+        endpoint_url=cloud.endpoint.mqtt_address,
+        root_ca_path=cloud.endpoint.root_ca_path,
+        claim_certificate_pem=claim.certificate_pem,
+        claim_private_key_pem=claim.private_key_pem,
+        template_name=claim.template_name,
+        serial=f"SN-HOOK-{int(delay * 10)}",
+        extra_ro={"mqtt_retry_timeout_seconds": 30},
+    )
     done = run_hub(config_path, verbosity="")
     assert hook.requests, "the hook was called"
     assert done.elapsed < 20
@@ -317,6 +345,7 @@ def test_slow_hook(
     else:
         assert done.returncode == 12, done.stderr  # IdentityError with the service's words
         assert "did not answer within 5 seconds" in done.stderr
-        assert "RegisterThing was rejected by the service" in done.stderr and "Traceback" not in done.stderr
+        assert "RegisterThing was rejected by the service" in done.stderr
+        assert "Traceback" not in done.stderr
         assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     FAULTS.append(f"hook {delay:g} s")

@@ -179,7 +179,8 @@ def test_unknown_template_is_an_identity_error_with_the_services_words(
     assert "NoSuchTemplate" in (error.error_message or "")
     assert main(["provision", "--config", str(config_path)]) == IdentityError.exit_code
     err = capsys.readouterr().err
-    assert "NoSuchTemplate" in err and "Traceback" not in err
+    assert "NoSuchTemplate" in err
+    assert "Traceback" not in err
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert json.loads(config_path.read_bytes()) == json.loads(before)
 
@@ -192,7 +193,8 @@ def test_denying_hook_is_an_identity_error(
     config_path = _claim_hub(cloud, claim, tmp_path / "hub", "SN-DENIED")
     error = _provision_error(config_path)
     assert error.status_code == 403
-    assert hook.requests and hook.requests[0]["parameters"]["SerialNumber"] == "SN-DENIED"
+    assert hook.requests
+    assert hook.requests[0]["parameters"]["SerialNumber"] == "SN-DENIED"
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert iot.list_things()["things"] == [] or all(
         t["thingName"] != "hub-SN-DENIED" for t in iot.list_things()["things"]
@@ -276,7 +278,8 @@ def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp
     assert rw["iot_permanent_pk_path"] == doc["ro"]["iot_dha_pk_path"]
     cert_id = _certificate_id(dha.certificate_pem.encode())
     assert activator.activated == [cert_id]
-    assert activator.events and activator.events[0]["caCertificateId"] == ca_id
+    assert activator.events
+    assert activator.events[0]["caCertificateId"] == ca_id
     described = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
     assert described["status"] == "ACTIVE"
     assert described["caCertificateId"] == ca_id
@@ -297,7 +300,8 @@ def test_reset_then_onboard_again(iot: Any, make_hub: HubFactory) -> None:
     assert after["ro"] == provisioned["ro"]
     assert after["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert set(after["rw"]) <= {"iot_provisioning_state", "metadata"}
-    assert not old_cert.exists() and not old_key.exists()
+    assert not old_cert.exists()
+    assert not old_key.exists()
     assert claim_key.exists(), "reset never deletes the factory's claim credentials"
 
     assert main(["provision", "--config", str(config_path)]) == 0

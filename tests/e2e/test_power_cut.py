@@ -219,7 +219,8 @@ def test_power_cut_at_every_step(
     # The state the cut left: the config still parses, keeps its unknown keys and is not yet PROVISIONED
     # (except after the last config write).
     left = read_config(config_path)
-    assert left["ro"] == original["ro"] and left["rw"]["proxy_state"] == "kept"
+    assert left["ro"] == original["ro"]
+    assert left["rw"]["proxy_state"] == "kept"
     provisioned = left["rw"].get("iot_provisioning_state") == "PROVISIONED"
     assert provisioned == (point.name == "config write 4 (PROVISIONED)")
     after_kill = certificate_ids(iot)
@@ -265,7 +266,8 @@ def test_power_cut_from_outside_on_log_lines(
     # kill landed before the hub recorded the answer. The hub then starts over, once, and says why.
     spent = "ownership token refused" in second.stderr
     cert_id = assert_recovered(cloud, iot, config_path, original, token_spent_before_cut=new if spent else ())
-    assert cert_id in new and len(new) <= 2
+    assert cert_id in new
+    assert len(new) <= 2
     if line in (STORED_LINE, REGISTERED_LINE, VERIFIED_LINE, "PROVISIONED:"):
         # The token was saved before the line was written: no new certificate, unless it was spent.
         assert len(new) == (2 if spent else 1)

@@ -37,23 +37,40 @@ def _pem_lines(pem: str | bytes) -> list[str]:
 def _jitr_hub(cloud: LocalIotCore, iot: Any, folder: Path) -> tuple[Path, str, JitrActivator]:
     device_ca = DeviceCA()
     ca_id = device_ca.register(iot)
-    iot.create_policy(policyName="secrets-jitr-hub",
-                      policyDocument=hub_policy_document("us-east-1", "123456789012"))
-    activator = JitrActivator(iot, host=cloud.endpoint.mqtt_host, port=cloud.endpoint.mqtt_port,
-                              root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(), ca_certificate_id=ca_id,
-                              device_policy_name="secrets-jitr-hub", client_id="secrets-activator")
+    iot.create_policy(
+        policyName="secrets-jitr-hub", policyDocument=hub_policy_document("us-east-1", "123456789012")
+    )
+    activator = JitrActivator(
+        iot,
+        host=cloud.endpoint.mqtt_host,
+        port=cloud.endpoint.mqtt_port,
+        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
+        ca_certificate_id=ca_id,
+        device_policy_name="secrets-jitr-hub",
+        client_id="secrets-activator",
+    )
     dha = device_ca.issue_device("hub-JITR-SECRETS")
-    config = write_jitr_hub(folder, endpoint_url=cloud.endpoint.mqtt_address,
-                            root_ca_path=cloud.endpoint.root_ca_path,
-                            device_certificate_pem=dha.certificate_pem,
-                            device_private_key_pem=dha.private_key_pem, serial="JITR-SECRETS",
-                            extra_ro={"mqtt_retry_timeout_seconds": 60})
+    config = write_jitr_hub(
+        folder,
+        endpoint_url=cloud.endpoint.mqtt_address,
+        root_ca_path=cloud.endpoint.root_ca_path,
+        device_certificate_pem=dha.certificate_pem,
+        device_private_key_pem=dha.private_key_pem,
+        serial="JITR-SECRETS",
+        extra_ro={"mqtt_retry_timeout_seconds": 60},
+    )
     return config, dha.private_key_pem, activator
 
 
 def test_no_secret_in_any_log_or_output_at_debug(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, claim: ClaimSetup, shim_dir: Path, tmp_path: Path,
-    hook_server: Any, caplog: pytest.LogCaptureFixture,
+    cloud: LocalIotCore,
+    iot: Any,
+    make_hub: HubFactory,
+    claim: ClaimSetup,
+    shim_dir: Path,
+    tmp_path: Path,
+    hook_server: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)  # the stand-in runs in this process: its own logs are searched too
     texts: list[str] = []
@@ -75,7 +92,8 @@ def test_no_secret_in_any_log_or_output_at_debug(
     record_path = config.parent / "certs" / "onboarding-progress.json"
     record = json.loads(record_path.read_text())
     token = record["ownership_token"]
-    assert isinstance(token, str) and len(token) >= 16
+    assert isinstance(token, str)
+    assert len(token) >= 16
     assert record_path.stat().st_mode & 0o777 == 0o600, "the record holds a secret: 0600"
     killed = hub.kill()
     texts += [killed.stdout, killed.stderr]
@@ -86,13 +104,17 @@ def test_no_secret_in_any_log_or_output_at_debug(
     texts += [done.stdout, done.stderr]
     secrets["ownership token"] = [token]
     secrets["permanent key (resumed)"] = _pem_lines(
-        Path(read_config(config)["rw"]["iot_permanent_pk_path"]).read_text())
+        Path(read_config(config)["rw"]["iot_permanent_pk_path"]).read_text()
+    )
 
     # 4. a rejection (the hook refuses), with --json too
     hook = hook_server({"allowProvisioning": False})
     denied = set_up_fleet_provisioning(iot, "SecretsDenyTemplate", hook_url=hook.url)
-    config = make_hub(template_name=denied.template_name, claim_certificate_pem=denied.certificate_pem,
-                      claim_private_key_pem=denied.private_key_pem)
+    config = make_hub(
+        template_name=denied.template_name,
+        claim_certificate_pem=denied.certificate_pem,
+        claim_private_key_pem=denied.private_key_pem,
+    )
     for extra in ((), ("--json",)):
         done = run_hub(config, *extra, verbosity="-vv")
         assert done.returncode == 12, done.stderr
@@ -117,8 +139,11 @@ def test_no_secret_in_any_log_or_output_at_debug(
 
     # The product's and the stand-in's log records (botocore's own DEBUG dump of the test's boto3 calls,
     # e.g. the claim key CreateKeysAndCertificate returns to the test, is the test's client, not ours).
-    ours = [f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records
-            if r.name.startswith(("hub_onboarding", "iot_core_local"))]
+    ours = [
+        f"{r.name} {r.getMessage()} {r.exc_text or ''}"
+        for r in caplog.records
+        if r.name.startswith(("hub_onboarding", "iot_core_local"))
+    ]
     assert any(r.startswith("iot_core_local.gateway") for r in ours), "the stand-in's logs were captured"
     everything = "\n".join(texts + ours)
     assert "DEBUG hub_onboarding" in everything and "requesting RegisterThing" in everything, "logs captured"
@@ -137,8 +162,9 @@ def test_credentials_private_from_the_first_byte_whatever_the_umask(
     os.chmod(config, 0o640)
     certs = config.parent / "certs"
     # Frozen right after the key's temp file was written and fsynced, before its rename.
-    hub = HubProcess(config, shim_dir=shim_dir, umask=0o000,
-                     freeze={"kind": "fsync", "prefix": ".private.pem.key."})
+    hub = HubProcess(
+        config, shim_dir=shim_dir, umask=0o000, freeze={"kind": "fsync", "prefix": ".private.pem.key."}
+    )
     hub.wait_frozen()
     (temp,) = [p for p in certs.iterdir() if p.name.startswith(".private.pem.key.")]
     assert temp.stat().st_mode & 0o777 == 0o600
@@ -153,8 +179,12 @@ def test_credentials_private_from_the_first_byte_whatever_the_umask(
     assert config.stat().st_mode & 0o777 == 0o640, "the config keeps its mode"
     # The progress record (it holds the token) is 0600 from its first byte too.
     config = make_hub(certificate_method="CreateCertificateFromCsr")
-    hub = HubProcess(config, shim_dir=shim_dir, umask=0o000,
-                     freeze={"kind": "fsync", "prefix": ".onboarding-progress.json."})
+    hub = HubProcess(
+        config,
+        shim_dir=shim_dir,
+        umask=0o000,
+        freeze={"kind": "fsync", "prefix": ".onboarding-progress.json."},
+    )
     hub.wait_frozen()
     (temp,) = [p for p in (config.parent / "certs").iterdir() if p.name.startswith(".onboarding-progress")]
     assert temp.stat().st_mode & 0o777 == 0o600
@@ -183,7 +213,8 @@ def test_claim_credentials_are_never_used_once_provisioned(
     assert "already provisioned" in done.stdout
     opened = _opened(log)
     assert str(config.absolute()) in opened, "the open log works"
-    assert str(claim_key) not in opened and str(claim_cert) not in opened
+    assert str(claim_key) not in opened
+    assert str(claim_cert) not in opened
     assert claim_key.read_bytes() == b"garbage"
     assert read_config(config) == doc
 
@@ -205,14 +236,18 @@ def test_resume_after_register_thing_does_not_read_the_claim(
     assert "resuming after THING_REGISTERED" in done.stderr
     opened = _opened(log)
     assert str(config.absolute()) in opened
-    assert str(claim_cert) not in opened and str(claim_key) not in opened
+    assert str(claim_cert) not in opened
+    assert str(claim_key) not in opened
     assert read_config(config)["rw"]["iot_provisioning_state"] == "PROVISIONED"
 
 
 # ------------------------------------------------------------------------------ TLS verification
 
-_TLS_OFF = re.compile(r"insecure|tls|ssl|verify_peer|verify_cert|no_verify|skip_verif|check_hostname|"
-                      r"untrusted|cert_reqs|unverified", re.IGNORECASE)
+_TLS_OFF = re.compile(
+    r"insecure|tls|ssl|verify_peer|verify_cert|no_verify|skip_verif|check_hostname|"
+    r"untrusted|cert_reqs|unverified",
+    re.IGNORECASE,
+)
 
 
 def test_there_is_no_switch_that_turns_tls_verification_off() -> None:
@@ -222,24 +257,37 @@ def test_there_is_no_switch_that_turns_tls_verification_off() -> None:
     for action in parser._actions:
         for sub in getattr(action, "choices", None) or {}:
             flags += [o for a in action.choices[sub]._actions for o in a.option_strings]  # type: ignore[index]
-    assert "--config" in flags and "--lock-wait" in flags
+    assert "--config" in flags
+    assert "--lock-wait" in flags
     assert not [f for f in flags if _TLS_OFF.search(f)], flags
     # every config key the code knows (the string constants of config.py)
     tree = ast.parse((SRC / "config.py").read_text())
-    keys = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
-            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
-    assert cfgmod.ROOT_CA_PATH in keys and cfgmod.SERIAL_NUMBER in keys
+    keys = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    assert cfgmod.ROOT_CA_PATH in keys
+    assert cfgmod.SERIAL_NUMBER in keys
     assert not [k for k in keys if _TLS_OFF.search(k)], keys
     # and nothing in the product turns peer verification off in awscrt or ssl
     source = "\n".join(p.read_text() for p in SRC.glob("*.py"))
-    for forbidden in ("verify_peer = False", "verify_peer=False", "CERT_NONE", "check_hostname = False",
-                      "set_verify_peer(False)"):
+    for forbidden in (
+        "verify_peer = False",
+        "verify_peer=False",
+        "CERT_NONE",
+        "check_hostname = False",
+        "set_verify_peer(False)",
+    ):
         assert forbidden not in source
 
 
 @pytest.mark.parametrize("root_ca", ["another CA", "the system's trust store"])
-def test_an_endpoint_the_root_ca_does_not_vouch_for_is_refused(make_hub: HubFactory, tmp_path: Path,
-                                                                root_ca: str) -> None:
+def test_an_endpoint_the_root_ca_does_not_vouch_for_is_refused(
+    make_hub: HubFactory, tmp_path: Path, root_ca: str
+) -> None:
     if root_ca == "another CA":
         other = tmp_path / "other-ca.pem"
         other.write_text(DeviceCA("Not The Endpoint's CA").certificate_pem)

@@ -24,9 +24,15 @@ class Pair:
     key: ec.EllipticCurvePrivateKey
 
 
-def make_pair(cn: str = "hub", *, days_valid: int = 30, starts_in_days: int = -1,
-              issuer: Pair | None = None, key: ec.EllipticCurvePrivateKey | None = None,
-              password: bytes | None = None) -> Pair:
+def make_pair(
+    cn: str = "hub",
+    *,
+    days_valid: int = 30,
+    starts_in_days: int = -1,
+    issuer: Pair | None = None,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    password: bytes | None = None,
+) -> Pair:
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -34,15 +40,20 @@ def make_pair(cn: str = "hub", *, days_valid: int = 30, starts_in_days: int = -1
     signer = issuer.key if issuer else key
     start = now + datetime.timedelta(days=starts_in_days)
     builder = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start)
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days_valid))
     )
     if issuer is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     cert = builder.sign(signer, hashes.SHA256())
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     return Pair(cert.public_bytes(serialization.Encoding.PEM), key_pem, key)
 
@@ -78,8 +89,13 @@ HubFactory = Callable[..., Hub]
 def make_hub(tmp_path: Path) -> HubFactory:
     """A hub folder with claim and DHA credentials and a config; `ro`/`rw` keyword arguments override."""
 
-    def make(method: str = "FLEET_PROVISIONING", ro: dict[str, Any] | None = None,
-             rw: dict[str, Any] | None = None, drop: tuple[str, ...] = (), **top: Any) -> Hub:
+    def make(
+        method: str = "FLEET_PROVISIONING",
+        ro: dict[str, Any] | None = None,
+        rw: dict[str, Any] | None = None,
+        drop: tuple[str, ...] = (),
+        **top: Any,
+    ) -> Hub:
         hub_dir = tmp_path / "hub"
         hub_dir.mkdir(exist_ok=True)
         ca = make_pair("Test Root CA")

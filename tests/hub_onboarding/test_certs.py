@@ -41,8 +41,9 @@ def pair_files(tmp_path: Path, pair: Pair, key_mode: int = 0o600) -> tuple[str, 
 def test_write_permanent_pair_modes_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     pair = make_pair()
     folder = tmp_path / "certs" / "nested"
-    CertHandler().write_permanent_cert_and_private_key(pair.cert_pem, pair.key_pem, folder / "cert.pem",
-                                                       folder / "key.pem")
+    CertHandler().write_permanent_cert_and_private_key(
+        pair.cert_pem, pair.key_pem, folder / "cert.pem", folder / "key.pem"
+    )
     assert mode(folder) == 0o700
     assert mode(folder / "key.pem") == 0o600
     assert mode(folder / "cert.pem") == 0o644
@@ -50,8 +51,9 @@ def test_write_permanent_pair_modes_whatever_the_umask(tmp_path: Path, umask: in
     assert sorted(p.name for p in folder.iterdir()) == ["cert.pem", "key.pem"]  # no temp files left
 
 
-def test_key_is_never_readable_by_others_while_written(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_is_never_readable_by_others_while_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Watch every fd the writer opens: the key's temp file is 0600 before its first byte."""
     os.umask(0)
     seen: list[int] = []
@@ -64,7 +66,8 @@ def test_key_is_never_readable_by_others_while_written(tmp_path: Path,
     monkeypatch.setattr(os, "fdopen", spy)
     pair = make_pair()
     CertHandler().write_file(tmp_path / "d" / "key.pem", pair.key_pem, 0o600)
-    assert seen and all(m & 0o077 == 0 for m in seen)
+    assert seen
+    assert all(m & 0o077 == 0 for m in seen)
 
 
 def test_existing_wide_folder_is_refused_not_narrowed(tmp_path: Path) -> None:
@@ -75,7 +78,8 @@ def test_existing_wide_folder_is_refused_not_narrowed(tmp_path: Path) -> None:
     folder.chmod(0o755)
     with pytest.raises(CredentialError, match=r"ro\.iot_permanent_cert_dir") as info:
         CertHandler().write_file(folder / "key.pem", make_pair().key_pem, 0o600)
-    assert str(folder) in info.value.message and "chmod 700" in info.value.message
+    assert str(folder) in info.value.message
+    assert "chmod 700" in info.value.message
     assert info.value.exit_code == 4
     assert mode(folder) == 0o755
     assert list(folder.iterdir()) == []
@@ -86,7 +90,8 @@ def test_existing_private_folder_is_used_as_it_is(tmp_path: Path) -> None:
     folder.mkdir()
     folder.chmod(0o700)
     CertHandler().write_file(folder / "key.pem", make_pair().key_pem, 0o600)
-    assert mode(folder) == 0o700 and mode(folder / "key.pem") == 0o600
+    assert mode(folder) == 0o700
+    assert mode(folder / "key.pem") == 0o600
 
 
 def test_read_good_pair(tmp_path: Path) -> None:
@@ -154,13 +159,16 @@ def test_expired_dha_is_not_refused_by_the_hub(tmp_path: Path) -> None:
     CertHandler().read_cert_and_private_key(CertType.DHA, cert, key)
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    ("missing", "does not exist"),
-    ("folder", "is a folder"),
-    ("garbage", "not a PEM"),
-    ("huge", "too large"),
-    ("fifo", "not a regular file"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "does not exist"),
+        ("folder", "is a folder"),
+        ("garbage", "not a PEM"),
+        ("huge", "too large"),
+        ("fifo", "not a regular file"),
+    ],
+)
 def test_unusable_files(tmp_path: Path, setup: str, message: str) -> None:
     pair = make_pair()
     cert = tmp_path / "c.pem"
@@ -211,8 +219,9 @@ def test_secure_storage_selects_the_installed_handler(monkeypatch: pytest.Monkey
 
 
 def test_secure_storage_without_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("importlib.metadata.entry_points",
-                        lambda group: [FakeEntryPoint("file", certs.FileCredentialStore)])
+    monkeypatch.setattr(
+        "importlib.metadata.entry_points", lambda group: [FakeEntryPoint("file", certs.FileCredentialStore)]
+    )
     with pytest.raises(ConfigError, match="secure_storage_handler") as info:
         CertHandler().read_cert_and_private_key(CertType.CLAIM, "SECURE_STORAGE", "SECURE_STORAGE")
     assert info.value.key == "ro.secure_storage_handler"
@@ -234,7 +243,8 @@ def test_generate_key_and_csr() -> None:
     csr = x509.load_pem_x509_csr(csr_pem)
     assert csr.is_signature_valid
     public = csr.public_key()
-    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.curve.name == "secp256r1"
     assert b"PRIVATE KEY" in key_pem
 
 

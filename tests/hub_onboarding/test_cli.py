@@ -29,13 +29,15 @@ def test_status(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> Non
     assert "state: NOT_PROVISIONED" in capsys.readouterr().out
     assert main(["status", "--config", str(hub.config), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["state"] == "NOT_PROVISIONED" and info["method"] == "FLEET_PROVISIONING"
+    assert info["state"] == "NOT_PROVISIONED"
+    assert info["method"] == "FLEET_PROVISIONING"
 
 
 def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--config", str(tmp_path / "nope.json")]) == 3
     err = capsys.readouterr().err
-    assert "does not exist" in err and "Traceback" not in err
+    assert "does not exist" in err
+    assert "Traceback" not in err
 
 
 def test_provision_config_error_json(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +45,8 @@ def test_provision_config_error_json(make_hub: HubFactory, capsys: pytest.Captur
     assert main(["provision", "--config", str(hub.config), "--json"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False
-    assert out["error"]["type"] == "ConfigError" and out["error"]["key"] == "ro.UPC"
+    assert out["error"]["type"] == "ConfigError"
+    assert out["error"]["key"] == "ro.UPC"
 
 
 def test_provision_credential_error(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,15 +54,19 @@ def test_provision_credential_error(make_hub: HubFactory, capsys: pytest.Capture
     (hub.dir / "claim.key").chmod(0o644)
     assert main(["provision", "--config", str(hub.config)]) == 4
     err = capsys.readouterr().err
-    assert "chmod 600" in err and "Traceback" not in err
+    assert "chmod 600" in err
+    assert "Traceback" not in err
 
 
-def test_provision_already_provisioned_is_a_no_op(make_hub: HubFactory,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_provision_already_provisioned_is_a_no_op(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
     assert main(["provision", "--config", str(hub.config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ok"] and out["changed"] is False and out["client_id"] == "c1"
+    assert out["ok"]
+    assert out["changed"] is False
+    assert out["client_id"] == "c1"
     assert main(["provision", "--config", str(hub.config)]) == 0
     assert "already provisioned" in capsys.readouterr().out
 
@@ -98,12 +105,15 @@ def test_provision_network_error_exit_code(make_hub: HubFactory, capsys: pytest.
 
 def test_status_does_not_import_awscrt(make_hub: HubFactory) -> None:
     hub = make_hub()
-    code = ("import sys; from hub_onboarding.cli import main; "
-            "rc = main(['status', '--config', sys.argv[1]]); "
-            "assert 'awscrt' not in sys.modules and 'awsiot' not in sys.modules, 'eager import'; "
-            "sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, str(hub.config)], capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        "import sys; from hub_onboarding.cli import main; "
+        "rc = main(['status', '--config', sys.argv[1]]); "
+        "assert 'awscrt' not in sys.modules and 'awsiot' not in sys.modules, 'eager import'; "
+        "sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(hub.config)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -131,6 +141,7 @@ def test_exit_codes_are_defined_once() -> None:
             if isinstance(node, ast.Assign):
                 names = {t.id for t in node.targets if isinstance(t, ast.Name)}
                 assert not names & shared, f"{module.name} defines its own {names & shared}"
-    assert cli.EXIT_USAGE is errors.EXIT_USAGE and fleet_sim.EXIT_USAGE is errors.EXIT_USAGE
+    assert cli.EXIT_USAGE is errors.EXIT_USAGE
+    assert fleet_sim.EXIT_USAGE is errors.EXIT_USAGE
     assert fleet_sim.EXIT_OK is errors.EXIT_OK
     assert errors.ConfigError.exit_code == fleet_sim.EXIT_CONFIG

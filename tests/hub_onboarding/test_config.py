@@ -44,10 +44,18 @@ BAD_RO: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("half secure storage", {"iot_claim_pk_path": "SECURE_STORAGE"}, (), "ro.iot_claim_pk_path"),
     ("unknown certificate method", {"fp_certificate_method": "MakeMeACert"}, (), "ro.fp_certificate_method"),
     ("template parameters not an object", {"fp_template_parameters": "a=b"}, (), "ro.fp_template_parameters"),
-    ("template parameter not a string", {"fp_template_parameters": {"Room": 3}}, (),
-     "ro.fp_template_parameters"),
-    ("template parameter overrides SN", {"fp_template_parameters": {"SerialNumber": "x"}}, (),
-     "ro.fp_template_parameters"),
+    (
+        "template parameter not a string",
+        {"fp_template_parameters": {"Room": 3}},
+        (),
+        "ro.fp_template_parameters",
+    ),
+    (
+        "template parameter overrides SN",
+        {"fp_template_parameters": {"SerialNumber": "x"}},
+        (),
+        "ro.fp_template_parameters",
+    ),
     ("root CA missing file", {"iot_root_ca_path": "/nonexistent/ca.pem"}, (), "ro.iot_root_ca_path"),
     ("root CA is a folder", {"iot_root_ca_path": "/"}, (), "ro.iot_root_ca_path"),
     ("keep alive too short", {"mqtt_keep_alive_interval": 5}, (), "ro.mqtt_keep_alive_interval"),
@@ -61,8 +69,9 @@ BAD_RO: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
 
 
 @pytest.mark.parametrize(("changes", "drop", "key"), [c[1:] for c in BAD_RO], ids=[c[0] for c in BAD_RO])
-def test_bad_ro_value_names_the_key(make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...],
-                                    key: str) -> None:
+def test_bad_ro_value_names_the_key(
+    make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...], key: str
+) -> None:
     hub = make_hub(ro=changes, drop=drop)
     before = hub.config.read_bytes()
     with pytest.raises(ConfigError) as info:
@@ -82,23 +91,27 @@ BAD_JITR: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
 
 
 @pytest.mark.parametrize(("changes", "drop", "key"), [c[1:] for c in BAD_JITR], ids=[c[0] for c in BAD_JITR])
-def test_bad_jitr_value_names_the_key(make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...],
-                                      key: str) -> None:
+def test_bad_jitr_value_names_the_key(
+    make_hub: HubFactory, changes: dict[str, Any], drop: tuple[str, ...], key: str
+) -> None:
     hub = make_hub("JITR", ro=changes, drop=drop)
     with pytest.raises(ConfigError) as info:
         cfg.parse_config(hub.config)
     assert info.value.key == key
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("", "empty"),
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    ('{"rw": {}}', "ro"),
-    ('{"ro": []}', "ro"),
-    ('{"ro": {}, "rw": 3}', "rw"),
-    ('{"ro": {}, "rw": {"iot_provisioning_state": "HALF_DONE"}}', "rw.iot_provisioning_state"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "empty"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"rw": {}}', "ro"),
+        ('{"ro": []}', "ro"),
+        ('{"ro": {}, "rw": 3}', "rw"),
+        ('{"ro": {}, "rw": {"iot_provisioning_state": "HALF_DONE"}}', "rw.iot_provisioning_state"),
+    ],
+)
 def test_bad_file_shape(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "iotmi_config.json"
     path.write_text(text)
@@ -123,13 +136,16 @@ def test_missing_and_folder_and_unreadable(tmp_path: Path) -> None:
             cfg.read_document(path)
 
 
-@pytest.mark.parametrize(("value", "host", "port"), [
-    ("iot.example.com", "iot.example.com", 8883),
-    ("iot.example.com:443", "iot.example.com", 443),
-    ("127.0.0.1:18883", "127.0.0.1", 18883),
-    ("[::1]:9000", "::1", 9000),
-    ("[::1]", "::1", 8883),
-])
+@pytest.mark.parametrize(
+    ("value", "host", "port"),
+    [
+        ("iot.example.com", "iot.example.com", 8883),
+        ("iot.example.com:443", "iot.example.com", 443),
+        ("127.0.0.1:18883", "127.0.0.1", 18883),
+        ("[::1]:9000", "::1", 9000),
+        ("[::1]", "::1", 8883),
+    ],
+)
 def test_parse_endpoint(value: str, host: str, port: int) -> None:
     assert cfg.parse_endpoint(value, "ro.endpoint_url") == cfg.Endpoint(host, port)
 
@@ -143,10 +159,13 @@ def test_endpoint_spellings(make_hub: HubFactory, key: str) -> None:
 
 
 @pytest.mark.parametrize("method", [None, "SOMETHING_ELSE", 7])
-def test_missing_or_invalid_method_falls_back_to_jitr(make_hub: HubFactory, method: Any,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    hub = make_hub(ro={"iot_provisioning_method": method} if method is not None else {},
-                   drop=("iot_provisioning_method",) if method is None else ())
+def test_missing_or_invalid_method_falls_back_to_jitr(
+    make_hub: HubFactory, method: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = make_hub(
+        ro={"iot_provisioning_method": method} if method is not None else {},
+        drop=("iot_provisioning_method",) if method is None else (),
+    )
     with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
         parsed = cfg.parse_config(hub.config)
     assert parsed.method is cfg.ProvisioningMethod.JITR
@@ -162,8 +181,11 @@ def test_defaults(make_hub: HubFactory) -> None:
     assert parsed.keep_alive == 300
     assert parsed.retry_timeout == 300.0
     assert parsed.permanent_cert_dir == hub.dir / "certs"
-    assert parsed.register_parameters() == {"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905",
-                                            "Room": "kitchen"}
+    assert parsed.register_parameters() == {
+        "SerialNumber": "SN-0001",
+        "UniversalProductCode": "012345678905",
+        "Room": "kitchen",
+    }
 
 
 def test_jitr_does_not_need_fp_keys(make_hub: HubFactory) -> None:
@@ -179,8 +201,9 @@ def test_keep_alive_from_rw(make_hub: HubFactory) -> None:
 
 
 def test_update_rw_is_atomic_keeps_unknown_keys_and_mode(make_hub: HubFactory) -> None:
-    hub = make_hub(ro={"vendor_key": {"nested": [1, 2]}}, rw={"other_process": "keep me"},
-                   extra_section={"x": 1})
+    hub = make_hub(
+        ro={"vendor_key": {"nested": [1, 2]}}, rw={"other_process": "keep me"}, extra_section={"x": 1}
+    )
     hub.config.chmod(0o640)
     cfg.update_rw(hub.config, {"client_id": "abc"}, clock=lambda: 1700000000.7)
     doc = hub.doc()
@@ -193,8 +216,9 @@ def test_update_rw_is_atomic_keeps_unknown_keys_and_mode(make_hub: HubFactory) -
     assert [p.name for p in hub.dir.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_failed_write_leaves_the_file_as_it_was(make_hub: HubFactory,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_the_file_as_it_was(
+    make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = make_hub()
     before = hub.config.read_bytes()
 
@@ -215,8 +239,10 @@ def test_reset_rw_keeps_ro_and_top_level(make_hub: HubFactory) -> None:
     doc = hub.doc()
     assert doc["ro"] == ro_before
     assert doc["other"] == {"a": 1}
-    assert doc["rw"] == {"iot_provisioning_state": "NOT_PROVISIONED",
-                         "metadata": {"last_updated_epoch_time": 5}}
+    assert doc["rw"] == {
+        "iot_provisioning_state": "NOT_PROVISIONED",
+        "metadata": {"last_updated_epoch_time": 5},
+    }
 
 
 def test_lock_contention(tmp_path: Path) -> None:
@@ -259,11 +285,17 @@ def test_lock_in_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400])
-@pytest.mark.parametrize(("section", "key"), [("ro", "mqtt_keep_alive_interval"),
-                                              ("rw", "mqtt_keep_alive_interval"),
-                                              ("ro", "mqtt_retry_timeout_seconds")])
-def test_non_finite_numbers_are_config_errors(make_hub: HubFactory, capsys: pytest.CaptureFixture[str],
-                                              literal: str, section: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("ro", "mqtt_keep_alive_interval"),
+        ("rw", "mqtt_keep_alive_interval"),
+        ("ro", "mqtt_retry_timeout_seconds"),
+    ],
+)
+def test_non_finite_numbers_are_config_errors(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str], literal: str, section: str, key: str
+) -> None:
     # Python's json reads NaN, Infinity and 1e400 (inf); they must end in ConfigError (exit 3) naming the
     # key, never in a ValueError/OverflowError traceback.
     from hub_onboarding.cli import main
@@ -277,7 +309,8 @@ def test_non_finite_numbers_are_config_errors(make_hub: HubFactory, capsys: pyte
     assert info.value.key == f"{section}.{key}"
     assert main(["provision", "--config", str(hub.config)]) == 3
     err = capsys.readouterr().err
-    assert f"{section}.{key}" in err and "Traceback" not in err
+    assert f"{section}.{key}" in err
+    assert "Traceback" not in err
 
 
 def test_write_through_a_symlinked_config_keeps_the_link(make_hub: HubFactory, tmp_path: Path) -> None:
@@ -289,9 +322,11 @@ def test_write_through_a_symlinked_config_keeps_the_link(make_hub: HubFactory, t
     hub.config.symlink_to(target)
     target.chmod(0o640)
     cfg.update_rw(hub.config, {"client_id": "c"})
-    assert hub.config.is_symlink() and os.readlink(hub.config) == str(target)
+    assert hub.config.is_symlink()
+    assert os.readlink(hub.config) == str(target)
     rw = json.loads(target.read_text())["rw"]
-    assert rw["client_id"] == "c" and rw["other"] == 1
+    assert rw["client_id"] == "c"
+    assert rw["other"] == 1
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert [p.name for p in target_dir.iterdir()] == ["iotmi_config.json"]  # no temp file left anywhere
     assert sorted(p.name for p in hub.dir.iterdir() if p.name.startswith(".")) == []
@@ -325,4 +360,5 @@ def test_write_as_another_user_ignores_eperm(make_hub: HubFactory, monkeypatch: 
     monkeypatch.setattr(os, "fchown", fake_fchown)
     monkeypatch.setattr(Path, "stat", lambda self, **kw: Owned(os.stat(self)))
     cfg.update_rw(hub.config, {"client_id": "c"})
-    assert calls and cfg.read_document(hub.config)["rw"]["client_id"] == "c"
+    assert calls
+    assert cfg.read_document(hub.config)["rw"]["client_id"] == "c"

@@ -31,15 +31,17 @@ def _fail_unlink_of(monkeypatch: pytest.MonkeyPatch, names: set[str]) -> None:
     monkeypatch.setattr(Path, "unlink", unlink)
 
 
-def test_progress_clear_that_fails_is_a_storage_error(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_clear_that_fails_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ProgressStore(tmp_path / "missing").clear()  # nothing to delete is fine
     store = ProgressStore(tmp_path)
     store.path.write_text("{}")
     _fail_unlink_of(monkeypatch, {store.path.name})
     with pytest.raises(StorageError, match="cannot delete the onboarding progress record") as info:
         store.clear()
-    assert str(store.path) in info.value.message and info.value.exit_code == 5
+    assert str(store.path) in info.value.message
+    assert info.value.exit_code == 5
 
 
 def test_delete_that_fails_midway_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,14 +52,17 @@ def test_delete_that_fails_midway_is_a_storage_error(tmp_path: Path, monkeypatch
     with pytest.raises(StorageError) as info:
         CertHandler.delete(files)
     message = info.value.message
-    assert f"cannot delete {files[1]}" in message and f"deleted so far: {files[0]}" in message
+    assert f"cannot delete {files[1]}" in message
+    assert f"deleted so far: {files[0]}" in message
     assert "run reset again" in message
-    assert not files[0].exists() and files[1].exists() and files[2].exists()
+    assert not files[0].exists()
+    assert files[1].exists()
+    assert files[2].exists()
 
 
-def test_reset_that_cannot_delete_exits_5_without_a_traceback(make_hub: HubFactory,
-                                                               monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_reset_that_cannot_delete_exits_5_without_a_traceback(
+    make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub = make_hub()
     certs_dir = hub.dir / "certs"
     certs_dir.mkdir(mode=0o700)
@@ -65,7 +70,8 @@ def test_reset_that_cannot_delete_exits_5_without_a_traceback(make_hub: HubFacto
     _fail_unlink_of(monkeypatch, {"private.pem.key"})
     assert main(["reset", "--config", str(hub.config), "--yes"]) == 5
     err = capsys.readouterr().err
-    assert "private.pem.key" in err and "Traceback" not in err
+    assert "private.pem.key" in err
+    assert "Traceback" not in err
 
 
 def test_lock_on_a_filesystem_without_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,4 +103,5 @@ def test_mqtt_client_that_does_not_start(monkeypatch: pytest.MonkeyPatch) -> Non
     iot = IotProvisioning(ConnectionSettings(Endpoint("iot.example.com"), None, 60, connect_timeout=1))
     with pytest.raises(MqttConnectionError, match="could not start the MQTT client") as info:
         iot.connect("hub", creds)
-    assert "AWS_ERROR_OOM" in info.value.message and info.value.retriable is False
+    assert "AWS_ERROR_OOM" in info.value.message
+    assert info.value.retriable is False

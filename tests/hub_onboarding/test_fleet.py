@@ -50,57 +50,84 @@ def test_the_real_sdk_types_have_the_shape_we_map() -> None:
     from awsiot import V2ServiceException as Real
     from awsiot.iotidentity import V2ErrorResponse as RealError
 
-    modeled = RealError.from_payload({"statusCode": 400, "errorCode": "InvalidParameters",
-                                      "errorMessage": "Missing SerialNumber"})
+    modeled = RealError.from_payload(
+        {"statusCode": 400, "errorCode": "InvalidParameters", "errorMessage": "Missing SerialNumber"}
+    )
     exc = map_request_error(Real("register_thing failure", None, modeled), "RegisterThing", 30)
     assert isinstance(exc, IdentityError)
-    assert (exc.status_code, exc.error_code, exc.error_message) == (400, "InvalidParameters",
-                                                                    "Missing SerialNumber")
+    assert (exc.status_code, exc.error_code, exc.error_message) == (
+        400,
+        "InvalidParameters",
+        "Missing SerialNumber",
+    )
 
 
-@pytest.mark.parametrize(("status", "code", "message", "hint", "retriable"), [
-    (400, "InvalidCertificateOwnershipToken", "Certificate ownership token cannot be empty", "token", False),
-    (400, "InvalidParameters", "bad", "check the provisioning template", False),
-    (403, "AccessDenied", "hook said no", "pre-provisioning hook", False),
-    (404, "ResourceNotFoundException", "no such template", "fp_template_name", False),
-    (429, "Throttling", "slow down", "throttling", True),
-    (400, "ThrottlingException", "Rate exceeded", "throttling", True),
-    (500, "InternalFailure", "oops", "check", True),
-])
-def test_rejection_keeps_the_service_words(status: int, code: str, message: str, hint: str,
-                                           retriable: bool) -> None:
-    exc = map_request_error(V2ServiceException("x", None, V2ErrorResponse(status, code, message)),
-                            "RegisterThing", 30)
+@pytest.mark.parametrize(
+    ("status", "code", "message", "hint", "retriable"),
+    [
+        (
+            400,
+            "InvalidCertificateOwnershipToken",
+            "Certificate ownership token cannot be empty",
+            "token",
+            False,
+        ),
+        (400, "InvalidParameters", "bad", "check the provisioning template", False),
+        (403, "AccessDenied", "hook said no", "pre-provisioning hook", False),
+        (404, "ResourceNotFoundException", "no such template", "fp_template_name", False),
+        (429, "Throttling", "slow down", "throttling", True),
+        (400, "ThrottlingException", "Rate exceeded", "throttling", True),
+        (500, "InternalFailure", "oops", "check", True),
+    ],
+)
+def test_rejection_keeps_the_service_words(
+    status: int, code: str, message: str, hint: str, retriable: bool
+) -> None:
+    exc = map_request_error(
+        V2ServiceException("x", None, V2ErrorResponse(status, code, message)), "RegisterThing", 30
+    )
     assert isinstance(exc, IdentityError)
     assert exc.status is FpStatus.FP_STATUS_IDENTITY_ERROR
     assert (exc.status_code, exc.error_code, exc.error_message) == (status, code, message)
-    assert code in exc.message and message in exc.message and hint in exc.message
+    assert code in exc.message
+    assert message in exc.message
+    assert hint in exc.message
     assert exc.retriable is retriable
     assert exc.exit_code == 12
     assert exc.to_dict()["error_code"] == code
 
 
-@pytest.mark.parametrize(("crt_name", "cls"), [
-    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE", SubscribeTimeoutError),
-    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", PublishTimeoutError),
-    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE", PublishTimeoutError),
-    ("AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN", MqttConnectionError),
-    ("AWS_ERROR_MQTT5_OPERATION_FAILED_DUE_TO_OFFLINE_QUEUE_POLICY", MqttConnectionError),
-    ("AWS_IO_SOCKET_CLOSED", MqttConnectionError),
-])
+@pytest.mark.parametrize(
+    ("crt_name", "cls"),
+    [
+        ("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE", SubscribeTimeoutError),
+        ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", PublishTimeoutError),
+        ("AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE", PublishTimeoutError),
+        ("AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN", MqttConnectionError),
+        ("AWS_ERROR_MQTT5_OPERATION_FAILED_DUE_TO_OFFLINE_QUEUE_POLICY", MqttConnectionError),
+        ("AWS_IO_SOCKET_CLOSED", MqttConnectionError),
+    ],
+)
 def test_crt_errors_map_to_status_codes(crt_name: str, cls: type[errors.ProvisioningError]) -> None:
-    exc = map_request_error(V2ServiceException("x", AwsCrtError(crt_name), None), "CreateKeysAndCertificate",
-                            30)
+    exc = map_request_error(
+        V2ServiceException("x", AwsCrtError(crt_name), None), "CreateKeysAndCertificate", 30
+    )
     assert type(exc) is cls
     # a refused SUBSCRIBE or PUBLISH is an authorization answer: final; everything else may pass on retry
-    assert exc.retriable is (crt_name not in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE",
-                                              "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE"))
+    assert exc.retriable is (
+        crt_name
+        not in (
+            "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE",
+            "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE",
+        )
+    )
     assert is_retriable(exc) is exc.retriable
 
 
 def test_our_own_deadline_is_a_publish_timeout() -> None:
     exc = map_request_error(concurrent.futures.TimeoutError(), "RegisterThing", 12)
-    assert isinstance(exc, PublishTimeoutError) and "12 s" in exc.message
+    assert isinstance(exc, PublishTimeoutError)
+    assert "12 s" in exc.message
 
 
 def test_undecodable_answer_is_an_identity_error_without_the_payload() -> None:
@@ -109,16 +136,19 @@ def test_undecodable_answer_is_an_identity_error_without_the_payload() -> None:
         json.loads(secret)
     except json.JSONDecodeError as decode_error:
         exc = map_request_error(V2ServiceException("x", decode_error, None), "CreateKeysAndCertificate", 30)
-    assert isinstance(exc, IdentityError) and not exc.retriable
+    assert isinstance(exc, IdentityError)
+    assert not exc.retriable
     assert "SECRET" not in exc.message
 
 
 def test_status_translation_table() -> None:
     raise_for_status(FpStatus.FP_STATUS_OK)
-    for status, cls in [(FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR, MqttConnectionError),
-                        (FpStatus.FP_STATUS_IDENTITY_ERROR, IdentityError),
-                        (FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR, SubscribeTimeoutError),
-                        (FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR, PublishTimeoutError)]:
+    for status, cls in [
+        (FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR, MqttConnectionError),
+        (FpStatus.FP_STATUS_IDENTITY_ERROR, IdentityError),
+        (FpStatus.FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR, SubscribeTimeoutError),
+        (FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR, PublishTimeoutError),
+    ]:
         with pytest.raises(cls) as info:
             raise_for_status(status, "detail")
         assert status_of(info.value) is status
@@ -128,9 +158,17 @@ def test_status_translation_table() -> None:
 
 def test_exit_codes_are_distinct() -> None:
     classes: list[type[errors.OnboardingError]] = [
-        errors.OnboardingError, errors.ConfigError, errors.CredentialError, errors.StorageError,
-        errors.BusyError, errors.ProvisioningError, MqttConnectionError, IdentityError,
-        SubscribeTimeoutError, PublishTimeoutError]
+        errors.OnboardingError,
+        errors.ConfigError,
+        errors.CredentialError,
+        errors.StorageError,
+        errors.BusyError,
+        errors.ProvisioningError,
+        MqttConnectionError,
+        IdentityError,
+        SubscribeTimeoutError,
+        PublishTimeoutError,
+    ]
     codes = [c.exit_code for c in classes]
     assert len(set(codes)) == len(codes)
     assert not {0, 2} & set(codes)
@@ -149,9 +187,15 @@ class Resp:
 
 def test_validate_issued_good_answer() -> None:
     pair = make_pair("new")
-    issued = validate_issued("CreateKeysAndCertificate", Resp(
-        certificate_id="abc", certificate_pem=pair.cert_pem.decode(), private_key=pair.key_pem.decode(),
-        certificate_ownership_token="TOKEN-123"))
+    issued = validate_issued(
+        "CreateKeysAndCertificate",
+        Resp(
+            certificate_id="abc",
+            certificate_pem=pair.cert_pem.decode(),
+            private_key=pair.key_pem.decode(),
+            certificate_ownership_token="TOKEN-123",
+        ),
+    )
     assert issued.ownership_token == "TOKEN-123"
     assert "TOKEN-123" not in repr(issued)
     assert issued.certificate_id == issued.credentials.certificate_id
@@ -160,24 +204,41 @@ def test_validate_issued_good_answer() -> None:
 def test_validate_issued_csr_answer_must_match_our_key() -> None:
     ours, other = make_pair(), make_pair()
     with pytest.raises(IdentityError, match="does not belong"):
-        validate_issued("CreateCertificateFromCsr",
-                        Resp(certificate_id="x", certificate_pem=other.cert_pem.decode(),
-                             certificate_ownership_token="t"), ours.key_pem)
+        validate_issued(
+            "CreateCertificateFromCsr",
+            Resp(
+                certificate_id="x", certificate_pem=other.cert_pem.decode(), certificate_ownership_token="t"
+            ),
+            ours.key_pem,
+        )
 
 
-junk = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.booleans(), st.text(max_size=50),
-                 st.lists(st.integers(), max_size=3),
-                 st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
-                 st.just("-----BEGIN CERTIFICATE-----\n" + "A" * 70_000), st.binary(max_size=20))
+junk = st.one_of(
+    st.none(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.text(max_size=50),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.just("-----BEGIN CERTIFICATE-----\n" + "A" * 70_000),
+    st.binary(max_size=20),
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(cert=junk, key=junk, token=junk, cert_id=junk)
 def test_malformed_issued_answers_are_identity_errors(cert: Any, key: Any, token: Any, cert_id: Any) -> None:
     with pytest.raises(IdentityError) as info:
-        validate_issued("CreateKeysAndCertificate", Resp(certificate_pem=cert, private_key=key,
-                                                        certificate_ownership_token=token,
-                                                        certificate_id=cert_id))
+        validate_issued(
+            "CreateKeysAndCertificate",
+            Resp(
+                certificate_pem=cert,
+                private_key=key,
+                certificate_ownership_token=token,
+                certificate_id=cert_id,
+            ),
+        )
     assert not info.value.retriable
 
 
@@ -188,15 +249,17 @@ def test_malformed_register_answers_never_crash(thing: Any, config: Any) -> None
         registered = validate_registered(Resp(thing_name=thing, device_configuration=config))
     except IdentityError:
         return
-    assert isinstance(registered.thing_name, str) and registered.thing_name.strip()
+    assert isinstance(registered.thing_name, str)
+    assert registered.thing_name.strip()
     assert all(isinstance(v, str) for v in registered.device_configuration.values())
 
 
 @settings(max_examples=200, deadline=None)
 @given(status=junk, code=junk, message=st.one_of(junk, st.text(min_size=600, max_size=2000)))
 def test_malformed_rejections_are_identity_errors(status: Any, code: Any, message: Any) -> None:
-    exc = map_request_error(V2ServiceException("x", None, V2ErrorResponse(status, code, message)),
-                            "RegisterThing", 30)
+    exc = map_request_error(
+        V2ServiceException("x", None, V2ErrorResponse(status, code, message)), "RegisterThing", 30
+    )
     assert isinstance(exc, IdentityError)
     assert exc.status_code is None or isinstance(exc.status_code, int)
     assert exc.error_message is None or len(exc.error_message) <= 515
@@ -209,6 +272,7 @@ def test_malformed_rejections_are_identity_errors(status: Any, code: Any, messag
 # a typed IdentityError every time, and nothing half-written: the config is byte for byte what it was, and
 # the credentials folder holds either nothing or a complete, matching, resumable pair.
 
+
 def _flow_hub(folder: Any) -> Any:
     from pathlib import Path
 
@@ -220,10 +284,18 @@ def _flow_hub(folder: Any) -> Any:
     (hub_dir / "ca.pem").write_bytes(ca.cert_pem)
     (hub_dir / "claim.crt").write_bytes(claim.cert_pem)
     write_private(hub_dir / "claim.key", claim.key_pem)
-    ro = {"iot_provisioning_method": "FLEET_PROVISIONING", "iot_claim_cert_path": str(hub_dir / "claim.crt"),
-          "iot_claim_pk_path": str(hub_dir / "claim.key"), "fp_template_name": "HubTemplate",
-          "fp_certificate_method": "CreateKeysAndCertificate", "endpoint_url": "iot.example.com",
-          "iot_root_ca_path": str(hub_dir / "ca.pem"), "SN": "SN-1", "UPC": "0123", "vendor": [1]}
+    ro = {
+        "iot_provisioning_method": "FLEET_PROVISIONING",
+        "iot_claim_cert_path": str(hub_dir / "claim.crt"),
+        "iot_claim_pk_path": str(hub_dir / "claim.key"),
+        "fp_template_name": "HubTemplate",
+        "fp_certificate_method": "CreateKeysAndCertificate",
+        "endpoint_url": "iot.example.com",
+        "iot_root_ca_path": str(hub_dir / "ca.pem"),
+        "SN": "SN-1",
+        "UPC": "0123",
+        "vendor": [1],
+    }
     config = hub_dir / "iotmi_config.json"
     config.write_text(json.dumps({"ro": ro, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}))
     return config
@@ -238,8 +310,13 @@ def _run_flow(config: Any, fleet: Any) -> Exception | None:
     from .test_onboarding import FakeCloud, FakeIot
 
     def provisioner(self: HubOnboarding, cfg: Any) -> DeviceProvisioner:
-        return DeviceProvisioner(FakeIot(FakeCloud(make_pair("ca"))), operation_timeout=1,  # type: ignore[arg-type]
-                                 retry_timeout=5, backoff=Backoff(rng=lambda: 0.0), sleep=lambda s: None)
+        return DeviceProvisioner(
+            FakeIot(FakeCloud(make_pair("ca"))),
+            operation_timeout=1,  # type: ignore[arg-type]
+            retry_timeout=5,
+            backoff=Backoff(rng=lambda: 0.0),
+            sleep=lambda s: None,
+        )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(HubOnboarding, "_device_provisioner", provisioner)
@@ -264,17 +341,26 @@ class _JunkFleet:
 
 @settings(max_examples=60, deadline=None)
 @given(cert=junk, key=junk, token=junk, cert_id=junk)
-def test_malformed_issued_answers_through_the_flow_write_nothing(cert: Any, key: Any, token: Any,
-                                                                   cert_id: Any) -> None:
+def test_malformed_issued_answers_through_the_flow_write_nothing(
+    cert: Any, key: Any, token: Any, cert_id: Any
+) -> None:
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as folder:
         config = _flow_hub(folder)
         before = config.read_bytes()
-        error = _run_flow(config, _JunkFleet(issued=Resp(certificate_pem=cert, private_key=key,
-                                                         certificate_ownership_token=token,
-                                                         certificate_id=cert_id)))
+        error = _run_flow(
+            config,
+            _JunkFleet(
+                issued=Resp(
+                    certificate_pem=cert,
+                    private_key=key,
+                    certificate_ownership_token=token,
+                    certificate_id=cert_id,
+                )
+            ),
+        )
         assert isinstance(error, IdentityError), repr(error)
         assert config.read_bytes() == before
         certs = Path(folder) / "certs"
@@ -291,50 +377,69 @@ def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any
     from hub_onboarding.progress import ProgressStore, Step
 
     good = make_pair("issued")
-    issued = Resp(certificate_pem=good.cert_pem.decode(), private_key=good.key_pem.decode(),
-                  certificate_ownership_token="TOKEN-1", certificate_id="x")
+    issued = Resp(
+        certificate_pem=good.cert_pem.decode(),
+        private_key=good.key_pem.decode(),
+        certificate_ownership_token="TOKEN-1",
+        certificate_id="x",
+    )
     with tempfile.TemporaryDirectory() as folder:
         config = _flow_hub(folder)
         before = config.read_bytes()
-        error = _run_flow(config, _JunkFleet(issued=issued, registered=Resp(thing_name=thing,
-                                                                            device_configuration=config_value)))
+        error = _run_flow(
+            config,
+            _JunkFleet(issued=issued, registered=Resp(thing_name=thing, device_configuration=config_value)),
+        )
         doc = json.loads(config.read_text())
         certs = Path(folder) / "certs"
         if error is None:
             assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
-            assert isinstance(doc["rw"]["client_id"], str) and doc["rw"]["client_id"]
+            assert isinstance(doc["rw"]["client_id"], str)
+            assert doc["rw"]["client_id"]
             rw = doc["rw"]
-            check_pair(Path(rw["iot_permanent_cert_path"]).read_bytes(),
-                       Path(rw["iot_permanent_pk_path"]).read_bytes(), "permanent", check_validity=False)
+            check_pair(
+                Path(rw["iot_permanent_cert_path"]).read_bytes(),
+                Path(rw["iot_permanent_pk_path"]).read_bytes(),
+                "permanent",
+                check_validity=False,
+            )
         else:
             assert isinstance(error, IdentityError), repr(error)
             assert config.read_bytes() == before
             # What is on disk is complete and resumable: the pair matches and the record names it.
             progress = ProgressStore(certs).load()
-            assert progress is not None and progress.step is Step.CERTIFICATE_ISSUED
-            check_pair((certs / "certificate.pem.crt").read_bytes(), (certs / "private.pem.key").read_bytes(),
-                       "permanent", check_validity=False)
+            assert progress is not None
+            assert progress.step is Step.CERTIFICATE_ISSUED
+            check_pair(
+                (certs / "certificate.pem.crt").read_bytes(),
+                (certs / "private.pem.key").read_bytes(),
+                "permanent",
+                check_validity=False,
+            )
             assert not [p for p in certs.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize(("status", "code", "message", "refused"), [
-    (400, "InvalidRequest", "Certificate ownership token has already been used", True),  # iot-core-local
-    (400, "InvalidCertificateOwnershipToken", "Invalid ownership", True),
-    (401, "InvalidCertificateOwnershipToken", None, True),
-    (403, "AccessDenied", "ownership token expired", True),
-    (404, "ResourceNotFound", "Template HubTemplate not found", False),
-    (429, "ThrottlingException", "token bucket empty", False),  # throttling is retried, never a refusal
-    (500, "InternalFailure", "token store unavailable", False),
-    (None, "InvalidCertificateOwnershipToken", None, False),
-])
-def test_token_refusal_is_one_predicate(status: int | None, code: str, message: str | None,
-                                        refused: bool) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "message", "refused"),
+    [
+        (400, "InvalidRequest", "Certificate ownership token has already been used", True),  # iot-core-local
+        (400, "InvalidCertificateOwnershipToken", "Invalid ownership", True),
+        (401, "InvalidCertificateOwnershipToken", None, True),
+        (403, "AccessDenied", "ownership token expired", True),
+        (404, "ResourceNotFound", "Template HubTemplate not found", False),
+        (429, "ThrottlingException", "token bucket empty", False),  # throttling is retried, never a refusal
+        (500, "InternalFailure", "token store unavailable", False),
+        (None, "InvalidCertificateOwnershipToken", None, False),
+    ],
+)
+def test_token_refusal_is_one_predicate(
+    status: int | None, code: str, message: str | None, refused: bool
+) -> None:
     exc = IdentityError.from_rejection("RegisterThing", status, code, message)
     assert exc.token_refused is refused
     assert errors.is_token_refusal(status, code, message) is refused
     # the hint the user reads agrees with what the flow does
     assert ("ownership token was refused" in exc.message) is refused
-
 
 
 def test_jitr_does_not_retry_a_failure_that_cannot_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,12 +461,14 @@ def test_jitr_does_not_retry_a_failure_that_cannot_succeed(monkeypatch: pytest.M
 
     monkeypatch.setattr(iot, "connect", connect)
     sleeps: list[float] = []
-    dp = DeviceProvisioner(iot, operation_timeout=1, retry_timeout=2, backoff=Backoff(rng=lambda: 0.1),
-                           sleep=sleeps.append)
+    dp = DeviceProvisioner(
+        iot, operation_timeout=1, retry_timeout=2, backoff=Backoff(rng=lambda: 0.1), sleep=sleeps.append
+    )
     pair = make_pair("dha")
     with pytest.raises(MqttConnectionError, match="bad CA file"):
         dp.provision_jitr("dha", check_pair(pair.cert_pem, pair.key_pem, "DHA", check_validity=False))
-    assert attempts == ["dha"] and sleeps == []
+    assert attempts == ["dha"]
+    assert sleeps == []
 
 
 def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:

@@ -42,21 +42,27 @@ def _capture_cloud(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(60)
-def test_fleet_sim_onboards_every_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_fleet_sim_onboards_every_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     seen = _capture_cloud(monkeypatch)
-    code = fleet_sim.main(["--hubs", "5", "--concurrency", "3", "--json", "--serial-prefix", "T",
-                           "--work-dir", str(tmp_path)])
+    code = fleet_sim.main(
+        ["--hubs", "5", "--concurrency", "3", "--json", "--serial-prefix", "T", "--work-dir", str(tmp_path)]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["onboarded"] == 5 and summary["failed"] == 0
-    assert summary["hubs"] == 5 and summary["concurrency"] == 3
-    assert summary["latency_p50_ms"] > 0 and summary["provisionings_per_s"] > 0
+    assert summary["onboarded"] == 5
+    assert summary["failed"] == 0
+    assert summary["hubs"] == 5
+    assert summary["concurrency"] == 3
+    assert summary["latency_p50_ms"] > 0
+    assert summary["provisionings_per_s"] > 0
     # In the cloud: no thing before, one thing per hub after, one certificate per hub plus the claim.
     assert seen["things"] == []
     assert sorted(seen["things_after"]) == [f"hub-T-{i:06d}" for i in range(5)]
     active = [c for c in seen["certificates_after"] if c["status"] == "ACTIVE"]
-    assert len(seen["certificates_after"]) == 6 and len(active) == 6
+    assert len(seen["certificates_after"]) == 6
+    assert len(active) == 6
     # On the hubs: every config PROVISIONED, each with its own client id.
     configs = sorted((tmp_path / "hubs").glob("hub-*/iotmi_config.json"))
     rws = [json.loads(p.read_text())["rw"] for p in configs]
@@ -83,12 +89,24 @@ def test_fleet_sim_exits_non_zero_when_hubs_fail(tmp_path: Path, capsys: pytest.
             "template_name": "NoSuchTemplate",
         }
         (tmp_path / "cloud.json").write_text(json.dumps(cloud))
-        code = fleet_sim.main(["--hubs", "2", "--concurrency", "2", "--json",
-                               "--config", str(tmp_path / "cloud.json"), "--work-dir", str(tmp_path / "w")])
+        code = fleet_sim.main(
+            [
+                "--hubs",
+                "2",
+                "--concurrency",
+                "2",
+                "--json",
+                "--config",
+                str(tmp_path / "cloud.json"),
+                "--work-dir",
+                str(tmp_path / "w"),
+            ]
+        )
         assert core.client().list_things()["things"] == []
     assert code == fleet_sim.EXIT_FAILED
     summary = json.loads(capsys.readouterr().out)
-    assert summary["onboarded"] == 0 and summary["failed"] == 2
+    assert summary["onboarded"] == 0
+    assert summary["failed"] == 2
     # The claim policy covers RealTemplate's topics only, so the hubs are refused at SUBSCRIBE.
     assert sum(summary["errors"].values()) == 2
     assert all(e.startswith("SubscribeTimeoutError") for e in summary["errors"])
@@ -115,4 +133,5 @@ def test_hub_onboard_fleet_sim_subcommand(capsys: pytest.CaptureFixture[str]) ->
 
     assert cli.main(["fleet-sim", "--hubs", "2", "--concurrency", "2", "--json", "--no-verify"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["onboarded"] == 2 and summary["failed"] == 0
+    assert summary["onboarded"] == 2
+    assert summary["failed"] == 0

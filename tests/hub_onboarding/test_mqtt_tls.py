@@ -30,7 +30,8 @@ from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisio
 from .conftest import HubFactory, Pair, make_pair, write_private
 
 MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
 
 
 @dataclass
@@ -65,9 +66,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
         "require_certificate true\nallow_anonymous true\npersistence false\n"
         # as root, Mosquitto would switch to user 'mosquitto', who cannot read pytest's 0700 tmp folders
-        f"user {getpass.getuser()}\n")
-    proc = subprocess.Popen([str(MOSQUITTO), "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+        f"user {getpass.getuser()}\n"
+    )
+    proc = subprocess.Popen(
+        [str(MOSQUITTO), "-c", str(d / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -85,14 +90,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 def engine(broker: Broker, ca_path: Path | None = None, timeout: float = 5) -> IotProvisioning:
-    settings = ConnectionSettings(broker.endpoint, str(ca_path or broker.ca_path), 60,
-                                  connect_timeout=timeout)
+    settings = ConnectionSettings(
+        broker.endpoint, str(ca_path or broker.ca_path), 60, connect_timeout=timeout
+    )
     return IotProvisioning(settings)
 
 
 def jitr(iot: IotProvisioning, client_id: str, creds: Credentials, timeout: float) -> int:
-    dp = DeviceProvisioner(iot, operation_timeout=5, retry_timeout=timeout,
-                           backoff=Backoff(base=0.1, cap=0.2))
+    dp = DeviceProvisioner(
+        iot, operation_timeout=5, retry_timeout=timeout, backoff=Backoff(base=0.1, cap=0.2)
+    )
     return dp.provision_jitr(client_id, creds)
 
 
@@ -134,9 +141,15 @@ def test_unanswered_request_times_out(broker: Broker) -> None:
 
 
 def test_cli_provision_against_a_broker_without_fleet_provisioning(
-        broker: Broker, make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
-    hub = make_hub(ro={"endpoint_url": str(broker.endpoint), "iot_root_ca_path": str(broker.ca_path),
-                       "mqtt_retry_timeout_seconds": 2})
+    broker: Broker, make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub(
+        ro={
+            "endpoint_url": str(broker.endpoint),
+            "iot_root_ca_path": str(broker.ca_path),
+            "mqtt_retry_timeout_seconds": 2,
+        }
+    )
     (hub.dir / "claim.crt").write_bytes(broker.client_pair.cert_pem)
     write_private(hub.dir / "claim.key", broker.client_pair.key_pem)
     start = time.monotonic()

@@ -64,12 +64,16 @@ class FakeCloud:
 
     def issue(self, public_key: Any) -> tuple[bytes, str]:
         now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "AWS IoT Cert")]))
-                .issuer_name(x509.load_pem_x509_certificate(self.ca.cert_pem).subject)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
-                .sign(self.ca.key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "AWS IoT Cert")]))
+            .issuer_name(x509.load_pem_x509_certificate(self.ca.cert_pem).subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .sign(self.ca.key, hashes.SHA256())
+        )
         token = f"OWNERSHIP-TOKEN-{len(self.tokens)}-SECRET"
         return cert.public_bytes(serialization.Encoding.PEM), token
 
@@ -84,9 +88,19 @@ class FakeFleet:
         pair = make_pair("unused")
         cert_pem, token = self.cloud.issue(pair.key.public_key())
         self.cloud.issued_keys.append(pair.key_pem)
-        issued = validate_issued("CreateKeysAndCertificate", type("R", (), {
-            "certificate_pem": cert_pem.decode(), "private_key": pair.key_pem.decode(),
-            "certificate_ownership_token": token, "certificate_id": "x"})())
+        issued = validate_issued(
+            "CreateKeysAndCertificate",
+            type(
+                "R",
+                (),
+                {
+                    "certificate_pem": cert_pem.decode(),
+                    "private_key": pair.key_pem.decode(),
+                    "certificate_ownership_token": token,
+                    "certificate_id": "x",
+                },
+            )(),
+        )
         self.cloud.tokens[token] = issued.certificate_id
         return issued
 
@@ -95,9 +109,19 @@ class FakeFleet:
         self.cloud.maybe_fail("CreateCertificateFromCsr")
         csr = x509.load_pem_x509_csr(csr_pem)
         cert_pem, token = self.cloud.issue(csr.public_key())
-        issued = validate_issued("CreateCertificateFromCsr", type("R", (), {
-            "certificate_pem": cert_pem.decode(), "certificate_ownership_token": token,
-            "certificate_id": "x"})(), key_pem)
+        issued = validate_issued(
+            "CreateCertificateFromCsr",
+            type(
+                "R",
+                (),
+                {
+                    "certificate_pem": cert_pem.decode(),
+                    "certificate_ownership_token": token,
+                    "certificate_id": "x",
+                },
+            )(),
+            key_pem,
+        )
         self.cloud.tokens[token] = issued.certificate_id
         return issued
 
@@ -105,8 +129,12 @@ class FakeFleet:
         self.cloud.calls.append("RegisterThing")
         self.cloud.maybe_fail("RegisterThing")
         if token not in self.cloud.tokens:
-            raise IdentityError.from_rejection("RegisterThing", 400, "InvalidCertificateOwnershipToken",
-                                               "Certificate ownership token is invalid")
+            raise IdentityError.from_rejection(
+                "RegisterThing",
+                400,
+                "InvalidCertificateOwnershipToken",
+                "Certificate ownership token is invalid",
+            )
         del self.cloud.tokens[token]
         self.cloud.register_params.append(dict(params))
         thing = f"thing-{params['SerialNumber']}"
@@ -132,8 +160,9 @@ class FakeIot:
         self.cloud = cloud
         self.settings = type("Settings", (), {"connect_timeout": 30.0})()
 
-    def connect(self, client_id: str, credentials: Credentials,
-                timeout: float | None = None) -> FakeConnection:
+    def connect(
+        self, client_id: str, credentials: Credentials, timeout: float | None = None
+    ) -> FakeConnection:
         self.cloud.calls.append("connect")
         self.cloud.maybe_fail("connect")
         self.cloud.connections.append((client_id, credentials.certificate_id))
@@ -153,8 +182,13 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
 
     def provisioner(self: HubOnboarding, cfg: cfgmod.HubConfig) -> DeviceProvisioner:
         retry = self.timeouts.retry if self.timeouts.retry is not None else cfg.retry_timeout
-        return DeviceProvisioner(FakeIot(fake), operation_timeout=1, retry_timeout=retry,  # type: ignore[arg-type]
-                                 backoff=Backoff(rng=lambda: 0.5), sleep=sleeps.append)
+        return DeviceProvisioner(
+            FakeIot(fake),
+            operation_timeout=1,
+            retry_timeout=retry,  # type: ignore[arg-type]
+            backoff=Backoff(rng=lambda: 0.5),
+            sleep=sleeps.append,
+        )
 
     monkeypatch.setattr(HubOnboarding, "_device_provisioner", provisioner)
     monkeypatch.setattr(dpmod, "FleetProvisioning", lambda client, timeout: FakeFleet(client))
@@ -167,14 +201,19 @@ def rw(hub: Hub) -> dict[str, Any]:
 
 
 def test_fleet_provisioning_happy_path(make_hub: HubFactory, cloud: FakeCloud) -> None:
-    hub = make_hub(ro={"fp_template_parameters": {"Room": "hall"}, "vendor": {"keep": True}},
-                   rw={"other_process": 1}, top_level_extra=[1])
+    hub = make_hub(
+        ro={"fp_template_parameters": {"Room": "hall"}, "vendor": {"keep": True}},
+        rw={"other_process": 1},
+        top_level_extra=[1],
+    )
     steps: list[str] = []
     result = HubOnboarding(hub.config, on_step=steps.append).process_device()
 
-    assert result.changed and result.state == "PROVISIONED"
+    assert result.changed
+    assert result.state == "PROVISIONED"
     doc = hub.doc()
-    assert doc["ro"]["vendor"] == {"keep": True} and doc["top_level_extra"] == [1]
+    assert doc["ro"]["vendor"] == {"keep": True}
+    assert doc["top_level_extra"] == [1]
     assert doc["rw"]["other_process"] == 1
     assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
     assert doc["rw"]["client_id"] == "client-SN-0001"
@@ -188,8 +227,9 @@ def test_fleet_provisioning_happy_path(make_hub: HubFactory, cloud: FakeCloud) -
     assert cloud.calls == ["connect", "CreateKeysAndCertificate", "RegisterThing", "verify"]
     assert cloud.connections[0][0] == "SN-0001"  # claim connection: client id is the SN
     assert cloud.connections[1][0] == "client-SN-0001"  # verification uses the new identity
-    assert cloud.register_params == [{"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905",
-                                      "Room": "hall"}]
+    assert cloud.register_params == [
+        {"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905", "Room": "hall"}
+    ]
     assert not ProgressStore(hub.dir / "certs").path.exists()
     assert len(steps) >= 5
 
@@ -202,8 +242,9 @@ def test_csr_key_is_made_on_the_hub(make_hub: HubFactory, cloud: FakeCloud) -> N
     key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
     cert = x509.load_pem_x509_certificate(Path(rw(hub)["iot_permanent_cert_path"]).read_bytes())
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    assert key.public_key().public_bytes(serialization.Encoding.DER, spki) == \
-        cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+    assert key.public_key().public_bytes(serialization.Encoding.DER, spki) == cert.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    )
 
 
 def test_provisioned_hub_never_touches_the_network(make_hub: HubFactory, cloud: FakeCloud) -> None:
@@ -216,7 +257,8 @@ def test_provisioned_hub_never_touches_the_network(make_hub: HubFactory, cloud: 
     hub2 = HubOnboarding(hub.config)
     assert hub2.is_provisioned()
     result = hub2.process_device()
-    assert not result.changed and result.state == "PROVISIONED"
+    assert not result.changed
+    assert result.state == "PROVISIONED"
     assert cloud.calls == calls
     assert hub.config.read_bytes() == before
 
@@ -227,7 +269,8 @@ def test_resume_after_certificate_issued_uses_the_saved_token(make_hub: HubFacto
     with pytest.raises(Crash):
         HubOnboarding(hub.config).process_device()
     saved = ProgressStore(hub.dir / "certs").load()
-    assert saved is not None and saved.step is Step.CERTIFICATE_ISSUED
+    assert saved is not None
+    assert saved.step is Step.CERTIFICATE_ISSUED
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
 
     HubOnboarding(hub.config).process_device()
@@ -250,8 +293,9 @@ def test_resume_after_register_does_not_need_the_claim(make_hub: HubFactory, clo
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
-def test_crash_between_config_writes(make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch,
-                                     crash_at: int) -> None:
+def test_crash_between_config_writes(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
     hub = make_hub(rw={"other_process": "x"})
     real = cfgmod.update_rw
     count = {"n": 0}
@@ -269,15 +313,18 @@ def test_crash_between_config_writes(make_hub: HubFactory, cloud: FakeCloud, mon
     monkeypatch.setattr(cfgmod, "update_rw", real)
     HubOnboarding(hub.config).process_device()
     doc = rw(hub)
-    assert doc["iot_provisioning_state"] == "PROVISIONED" and doc["other_process"] == "x"
-    assert cloud.calls.count("CreateKeysAndCertificate") == 1 and cloud.calls.count("RegisterThing") == 1
+    assert doc["iot_provisioning_state"] == "PROVISIONED"
+    assert doc["other_process"] == "x"
+    assert cloud.calls.count("CreateKeysAndCertificate") == 1
+    assert cloud.calls.count("RegisterThing") == 1
     cert = x509.load_pem_x509_certificate(Path(doc["iot_permanent_cert_path"]).read_bytes())
     key = serialization.load_pem_private_key(Path(doc["iot_permanent_pk_path"]).read_bytes(), None)
     assert cert.public_key() == key.public_key()
 
 
-def test_expired_saved_token_means_a_new_certificate(make_hub: HubFactory, cloud: FakeCloud,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expired_saved_token_means_a_new_certificate(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
@@ -302,8 +349,9 @@ def test_refused_saved_token_starts_over_once(make_hub: HubFactory, cloud: FakeC
 
 def test_throttling_is_retried(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
-    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 429, "ThrottlingException",
-                                                                "Rate exceeded")]
+    cloud.fail["RegisterThing"] = [
+        IdentityError.from_rejection("RegisterThing", 429, "ThrottlingException", "Rate exceeded")
+    ]
     cloud.fail["connect"] = [MqttConnectionError("endpoint down")]
     HubOnboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
@@ -312,11 +360,13 @@ def test_throttling_is_retried(make_hub: HubFactory, cloud: FakeCloud) -> None:
 
 def test_rejection_is_final_and_writes_no_state(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
-    cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 403, "AccessDenied",
-                                                                "hook refused SN-0001")]
+    cloud.fail["RegisterThing"] = [
+        IdentityError.from_rejection("RegisterThing", 403, "AccessDenied", "hook refused SN-0001")
+    ]
     with pytest.raises(IdentityError) as info:
         HubOnboarding(hub.config).process_device()
-    assert info.value.error_message == "hook refused SN-0001" and info.value.exit_code == 12
+    assert info.value.error_message == "hook refused SN-0001"
+    assert info.value.exit_code == 12
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert "client_id" not in rw(hub)
 
@@ -328,8 +378,9 @@ def test_retry_deadline(make_hub: HubFactory, cloud: FakeCloud) -> None:
         HubOnboarding(hub.config).process_device()
 
 
-def test_missing_device_configuration_falls_back_to_thing_name(make_hub: HubFactory, cloud: FakeCloud,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_device_configuration_falls_back_to_thing_name(
+    make_hub: HubFactory, cloud: FakeCloud, caplog: pytest.LogCaptureFixture
+) -> None:
     hub = make_hub()
     cloud.device_configuration = {}
     with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
@@ -358,8 +409,9 @@ def test_jitr_client_id_override(make_hub: HubFactory, cloud: FakeCloud) -> None
 
 
 @pytest.mark.parametrize("method", ["FLEET_PROVISIONING", "JITR"])
-def test_bad_credentials_write_nothing_and_send_nothing(make_hub: HubFactory, cloud: FakeCloud,
-                                                        method: str) -> None:
+def test_bad_credentials_write_nothing_and_send_nothing(
+    make_hub: HubFactory, cloud: FakeCloud, method: str
+) -> None:
     hub = make_hub(method)
     (hub.dir / ("claim.key" if method == "FLEET_PROVISIONING" else "dha.key")).chmod(0o644)
     listing = sorted(p.name for p in hub.dir.iterdir())
@@ -371,8 +423,12 @@ def test_bad_credentials_write_nothing_and_send_nothing(make_hub: HubFactory, cl
     assert cloud.calls == []
 
 
-def test_secrets_never_logged(make_hub: HubFactory, cloud: FakeCloud, caplog: pytest.LogCaptureFixture,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_secrets_never_logged(
+    make_hub: HubFactory,
+    cloud: FakeCloud,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 429, "Throttling", "slow")]
     steps: list[str] = []
@@ -410,7 +466,8 @@ def test_waiter_reports_the_other_runs_result(make_hub: HubFactory, cloud: FakeC
     threading.Timer(0.3, release.set).start()
     result = HubOnboarding(hub.config, timeouts=Timeouts(lock=5)).process_device()
     t.join()
-    assert not result.changed and result.client_id == "other"
+    assert not result.changed
+    assert result.client_id == "other"
     assert cloud.calls == []
 
 
@@ -430,7 +487,8 @@ def test_reset_after_jitr_keeps_the_dha_pair(make_hub: HubFactory, cloud: FakeCl
     hub = make_hub("JITR", ro={"iot_permanent_cert_dir": "."})  # even if the DHA pair sits in the cert dir
     HubOnboarding(hub.config).process_device()
     HubOnboarding(hub.config).reset()
-    assert (hub.dir / "dha.key").exists() and (hub.dir / "dha.crt").exists()
+    assert (hub.dir / "dha.key").exists()
+    assert (hub.dir / "dha.crt").exists()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
 
 
@@ -440,7 +498,8 @@ def test_status(make_hub: HubFactory, cloud: FakeCloud) -> None:
     with contextlib.suppress(Crash):
         HubOnboarding(hub.config).process_device()
     info = HubOnboarding(hub.config).status()
-    assert info["state"] == "NOT_PROVISIONED" and info["progress"] == "CERTIFICATE_ISSUED"
+    assert info["state"] == "NOT_PROVISIONED"
+    assert info["progress"] == "CERTIFICATE_ISSUED"
     assert "SECRET" not in json.dumps(info)
 
 
@@ -450,12 +509,16 @@ def test_every_error_is_an_onboarding_error(make_hub: HubFactory, cloud: FakeClo
         HubOnboarding(hub.config).process_device()
 
 
-@pytest.mark.parametrize(("status", "code", "message"), [
-    (401, "InvalidCertificateOwnershipToken", "The ownership was refused"),
-    (403, "Forbidden", "Certificate ownership token expired"),
-])
-def test_refused_token_in_other_words_starts_over_once(make_hub: HubFactory, cloud: FakeCloud, status: int,
-                                                       code: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, "InvalidCertificateOwnershipToken", "The ownership was refused"),
+        (403, "Forbidden", "Certificate ownership token expired"),
+    ],
+)
+def test_refused_token_in_other_words_starts_over_once(
+    make_hub: HubFactory, cloud: FakeCloud, status: int, code: str, message: str
+) -> None:
     # Real AWS need not answer exactly as iot-core-local does (400 + "token"): any 4xx refusal of the token
     # means a new certificate, instead of re-sending the spent token on every run.
     hub = make_hub()
@@ -479,14 +542,19 @@ def test_shared_cert_dir_is_refused_before_any_traffic(make_hub: HubFactory, clo
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
 
 
-RELATIVE_RO_PATHS = {"iot_claim_cert_path": "claim.crt", "iot_claim_pk_path": "./claim.key",
-                     "iot_dha_cert_path": "dha.crt", "iot_dha_pk_path": "dha.key",
-                     "iot_root_ca_path": "ca.pem"}
+RELATIVE_RO_PATHS = {
+    "iot_claim_cert_path": "claim.crt",
+    "iot_claim_pk_path": "./claim.key",
+    "iot_dha_cert_path": "dha.crt",
+    "iot_dha_pk_path": "dha.key",
+    "iot_root_ca_path": "ca.pem",
+}
 
 
 @pytest.mark.parametrize("method", ["FLEET_PROVISIONING", "JITR"])
-def test_relative_ro_paths_are_relative_to_the_config(make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+def test_relative_ro_paths_are_relative_to_the_config(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
     hub = make_hub(method)
     doc = hub.doc()
     doc["ro"].update(RELATIVE_RO_PATHS)
@@ -496,7 +564,8 @@ def test_relative_ro_paths_are_relative_to_the_config(make_hub: HubFactory, clou
     monkeypatch.chdir(elsewhere)  # another hub process, another working directory
     cfg = cfgmod.parse_config(hub.config)
     assert cfg.root_ca_path == str(hub.dir / "ca.pem")
-    assert cfg.claim_pk_path is not None and Path(cfg.claim_pk_path).resolve() == hub.dir / "claim.key"
+    assert cfg.claim_pk_path is not None
+    assert Path(cfg.claim_pk_path).resolve() == hub.dir / "claim.key"
     HubOnboarding(hub.config).process_device()
     doc_rw = rw(hub)
     for key in ("iot_permanent_cert_path", "iot_permanent_pk_path"):
@@ -506,11 +575,14 @@ def test_relative_ro_paths_are_relative_to_the_config(make_hub: HubFactory, clou
     assert list(elsewhere.iterdir()) == []
 
 
-def test_reset_protects_relative_ro_paths(make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reset_protects_relative_ro_paths(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A DHA pair kept where onboarding would put its own files, named relative to the config.
-    hub = make_hub("JITR", ro={"iot_dha_cert_path": "certs/certificate.pem.crt",
-                               "iot_dha_pk_path": "certs/private.pem.key"})
+    hub = make_hub(
+        "JITR",
+        ro={"iot_dha_cert_path": "certs/certificate.pem.crt", "iot_dha_pk_path": "certs/private.pem.key"},
+    )
     certs_dir = hub.dir / "certs"
     certs_dir.mkdir(mode=0o700)
     (certs_dir / "certificate.pem.crt").write_bytes(hub.dha.cert_pem)
@@ -518,11 +590,13 @@ def test_reset_protects_relative_ro_paths(make_hub: HubFactory, cloud: FakeCloud
     monkeypatch.chdir(tmp_path)
     HubOnboarding(hub.config).process_device()
     HubOnboarding(hub.config).reset()
-    assert (certs_dir / "private.pem.key").exists() and (certs_dir / "certificate.pem.crt").exists()
+    assert (certs_dir / "private.pem.key").exists()
+    assert (certs_dir / "certificate.pem.crt").exists()
 
 
-def test_resume_through_another_name_for_the_same_folder(make_hub: HubFactory, cloud: FakeCloud,
-                                                         tmp_path: Path) -> None:
+def test_resume_through_another_name_for_the_same_folder(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> None:
     hub = make_hub()
     link = tmp_path / "hub-link"
     link.symlink_to(hub.dir)
@@ -536,8 +610,9 @@ def test_resume_through_another_name_for_the_same_folder(make_hub: HubFactory, c
 
 
 @pytest.mark.parametrize("name", ["dotdot", "symlink"])
-def test_reset_never_deletes_an_ro_file_named_another_way(make_hub: HubFactory, cloud: FakeCloud,
-                                                          name: str) -> None:
+def test_reset_never_deletes_an_ro_file_named_another_way(
+    make_hub: HubFactory, cloud: FakeCloud, name: str
+) -> None:
     hub = make_hub("JITR")
     certs_dir = hub.dir / "certs"
     certs_dir.mkdir(mode=0o700)
@@ -549,8 +624,9 @@ def test_reset_never_deletes_an_ro_file_named_another_way(make_hub: HubFactory, 
     else:
         folder = str(certs_dir / ".." / "certs")
     doc = hub.doc()
-    doc["ro"].update(iot_dha_cert_path=f"{folder}/certificate.pem.crt",
-                     iot_dha_pk_path=f"{folder}/private.pem.key")
+    doc["ro"].update(
+        iot_dha_cert_path=f"{folder}/certificate.pem.crt", iot_dha_pk_path=f"{folder}/private.pem.key"
+    )
     hub.write(doc)
     HubOnboarding(hub.config).process_device()
     HubOnboarding(hub.config).reset()
@@ -559,8 +635,9 @@ def test_reset_never_deletes_an_ro_file_named_another_way(make_hub: HubFactory, 
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
 
 
-def test_reset_deletes_a_symlink_not_what_it_points_at(make_hub: HubFactory, cloud: FakeCloud,
-                                                       tmp_path: Path) -> None:
+def test_reset_deletes_a_symlink_not_what_it_points_at(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> None:
     hub = make_hub()
     HubOnboarding(hub.config).process_device()
     outside = tmp_path / "outside.txt"
@@ -571,8 +648,9 @@ def test_reset_deletes_a_symlink_not_what_it_points_at(make_hub: HubFactory, clo
     assert not (hub.dir / "certs" / "onboarding-progress.json").is_symlink()
 
 
-def test_two_names_for_one_config_share_one_lock(make_hub: HubFactory, cloud: FakeCloud,
-                                                 tmp_path: Path) -> None:
+def test_two_names_for_one_config_share_one_lock(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> None:
     hub = make_hub()
     link = tmp_path / "link.json"
     link.symlink_to(hub.config)
@@ -581,8 +659,9 @@ def test_two_names_for_one_config_share_one_lock(make_hub: HubFactory, cloud: Fa
     assert cloud.calls == []
 
 
-def test_mismatched_pair_is_caught_without_the_verification_connect(make_hub: HubFactory, cloud: FakeCloud,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mismatched_pair_is_caught_without_the_verification_connect(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = make_hub(ro={"fp_verify_connection": False})
     real = cfgmod.update_rw
 
@@ -601,8 +680,9 @@ def test_mismatched_pair_is_caught_without_the_verification_connect(make_hub: Hu
     assert "verify" not in cloud.calls
 
 
-def test_unresumable_record_goes_before_the_files_are_overwritten(make_hub: HubFactory, cloud: FakeCloud,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unresumable_record_goes_before_the_files_are_overwritten(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
@@ -663,4 +743,5 @@ def test_jitr_deadline_says_what_to_check(make_hub: HubFactory, cloud: FakeCloud
     cloud.fail["connect"] = [MqttConnectionError("closed") for _ in range(50)]
     with pytest.raises(MqttConnectionError, match=r"JITR: no connection within 0\.01 s after 1 att") as info:
         HubOnboarding(hub.config).process_device()
-    assert "auto-registration" in info.value.message and "last error: closed" in info.value.message
+    assert "auto-registration" in info.value.message
+    assert "last error: closed" in info.value.message

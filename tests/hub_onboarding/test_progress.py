@@ -22,22 +22,31 @@ BINDING = {"endpoint": "e:8883", "template": "T"}
 
 
 def issued(at: float = 1000.0, token: str | None = "SECRET-TOKEN-9") -> Progress:
-    return Progress(step=Step.CERTIFICATE_ISSUED, binding=BINDING, certificate_id="c" * 64,
-                    certificate_path="/x/cert", private_key_path="/x/key", token_issued_at=at,
-                    ownership_token=token)
+    return Progress(
+        step=Step.CERTIFICATE_ISSUED,
+        binding=BINDING,
+        certificate_id="c" * 64,
+        certificate_path="/x/cert",
+        private_key_path="/x/key",
+        token_issued_at=at,
+        ownership_token=token,
+    )
 
 
-@pytest.mark.parametrize(("progress", "binding", "now", "action"), [
-    (None, BINDING, 0.0, Action.CREATE_CERTIFICATE),
-    (issued(), BINDING, 1000.0, Action.REGISTER_THING),
-    (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR - 1, Action.REGISTER_THING),
-    (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR + 1, Action.CREATE_CERTIFICATE),  # token too old
-    (issued(), BINDING, 500.0, Action.CREATE_CERTIFICATE),  # clock went backwards: do not trust the token
-    (issued(token=None), BINDING, 1000.0, Action.CREATE_CERTIFICATE),
-    (issued(), {"endpoint": "other:8883", "template": "T"}, 1000.0, Action.CREATE_CERTIFICATE),
-    (issued().registered("thing", {"ClientId": "c"}), BINDING, 99999.0, Action.VERIFY),
-    (issued().registered("thing", {}).verified(), BINDING, 99999.0, Action.WRITE_CONFIG),
-])
+@pytest.mark.parametrize(
+    ("progress", "binding", "now", "action"),
+    [
+        (None, BINDING, 0.0, Action.CREATE_CERTIFICATE),
+        (issued(), BINDING, 1000.0, Action.REGISTER_THING),
+        (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR - 1, Action.REGISTER_THING),
+        (issued(), BINDING, 1000.0 + TOKEN_USABLE_FOR + 1, Action.CREATE_CERTIFICATE),  # token too old
+        (issued(), BINDING, 500.0, Action.CREATE_CERTIFICATE),  # clock went backwards: do not trust the token
+        (issued(token=None), BINDING, 1000.0, Action.CREATE_CERTIFICATE),
+        (issued(), {"endpoint": "other:8883", "template": "T"}, 1000.0, Action.CREATE_CERTIFICATE),
+        (issued().registered("thing", {"ClientId": "c"}), BINDING, 99999.0, Action.VERIFY),
+        (issued().registered("thing", {}).verified(), BINDING, 99999.0, Action.WRITE_CONFIG),
+    ],
+)
 def test_next_action(progress: Progress | None, binding: dict[str, str], now: float, action: Action) -> None:
     assert next_action(progress, binding, now) is action
 
@@ -61,12 +70,18 @@ def test_round_trip_and_mode(tmp_path: Path) -> None:
     assert store.load() is None
 
 
-@pytest.mark.parametrize("content", [
-    "not json", "[]", '{"version": 99}', '{"version": 1, "step": "NOPE"}',
-    json.dumps({**issued().to_json(), "binding": {"a": 1}}),
-    json.dumps({**issued().to_json(), "token_issued_at": "yesterday"}),
-    json.dumps({**issued().to_json(), "ownership_token": 5}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"version": 99}',
+        '{"version": 1, "step": "NOPE"}',
+        json.dumps({**issued().to_json(), "binding": {"a": 1}}),
+        json.dumps({**issued().to_json(), "token_issued_at": "yesterday"}),
+        json.dumps({**issued().to_json(), "ownership_token": 5}),
+    ],
+)
 def test_invalid_records_are_ignored(tmp_path: Path, content: str) -> None:
     store = ProgressStore(tmp_path)
     store.path.write_text(content)

@@ -44,13 +44,19 @@ def test_hub_without_verification_connect_is_provisioned(tmp_path: Path) -> None
     with LocalIotCore(tmp_path / "cloud") as core:
         claim = set_up_fleet_provisioning(core.client(), "NoVerify")
         config = write_claim_hub(
-            tmp_path / "hub", endpoint_url=core.endpoint.mqtt_address,
+            tmp_path / "hub",
+            endpoint_url=core.endpoint.mqtt_address,
             root_ca_path=core.endpoint.root_ca_path,
-            claim_certificate_pem=claim.certificate_pem, claim_private_key_pem=claim.private_key_pem,
-            template_name=claim.template_name, serial="NV-1", extra_ro={"fp_verify_connection": False})
+            claim_certificate_pem=claim.certificate_pem,
+            claim_private_key_pem=claim.private_key_pem,
+            template_name=claim.template_name,
+            serial="NV-1",
+            extra_ro={"fp_verify_connection": False},
+        )
         steps: list[str] = []
         result = HubOnboarding(config, on_step=steps.append).process_device()
-    assert result.state == "PROVISIONED" and result.changed
+    assert result.state == "PROVISIONED"
+    assert result.changed
     assert any("verification connect skipped" in s for s in steps)
     assert not any("connected with the new certificate" in s for s in steps)
     assert json.loads(config.read_text())["ro"]["fp_verify_connection"] is False

@@ -152,7 +152,8 @@ def test_qos2_publish_is_refused(core: LocalIotCore, creds_dir: Path) -> None:
     assert client.connect("qos2").reason_code == 0
     client.send(mqtt5.PublishPacket("a/b", b"x", qos=mqtt5.QoS.EXACTLY_ONCE, packet_id=1))
     seen = client.expect_closed()
-    assert seen and isinstance(seen[-1], mqtt5.DisconnectPacket)
+    assert seen
+    assert isinstance(seen[-1], mqtt5.DisconnectPacket)
     assert seen[-1].reason_code == mqtt5.DisconnectReasonCode.QOS_NOT_SUPPORTED
     client.close()
 
