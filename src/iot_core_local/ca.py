@@ -22,6 +22,8 @@ import logging
 import os
 import secrets
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -115,10 +117,6 @@ def _check_key_strength(key: object, what: str) -> None:
         )
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [
@@ -168,8 +166,11 @@ def _same_key(cert: x509.Certificate, key: _CaKey) -> bool:
 class CertificateAuthority:
     """Root CA, server certificate and issuing CA, kept in `directory` (created 0700 if missing)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """`clock` (epoch seconds) dates every certificate and decides when the server certificate is
+        renewed; tests pass one they advance."""
         self.directory = Path(directory)
+        self.clock = clock
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # "No wider than" 0700: tighten a directory someone created more loosely, never fail on a tighter one.
         if self.directory.stat().st_mode & 0o077:
@@ -187,7 +188,7 @@ class CertificateAuthority:
         )
         self.root_ca_pem = _cert_pem(self.root_ca).decode()
         # Device certificates are valid until 2049, so the CA that signs them must outlive them.
-        issuing_lifetime = DEVICE_CERT_NOT_AFTER + datetime.timedelta(days=366) - _now()
+        issuing_lifetime = DEVICE_CERT_NOT_AFTER + datetime.timedelta(days=366) - self._now()
         self.issuing_ca, self._issuing_key = self._load_or_create_ca(
             self.issuing_ca_path, self.issuing_key_path, "iot-core-local Device CA", issuing_lifetime
         )
@@ -195,7 +196,10 @@ class CertificateAuthority:
         self.issuing_ca_id = certificate_id(self.issuing_ca)
         self._issuing_ski = x509.SubjectKeyIdentifier.from_public_key(self._issuing_key.public_key())
         self._issuing_aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._issuing_ski)
-        self.server_cert = self._load_or_create_server_cert()
+        self._ensure_server_cert()
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
 
     # ---- creation and loading -------------------------------------------------------------------
 
@@ -224,7 +228,7 @@ class CertificateAuthority:
             return pair
         key = ec.generate_private_key(ec.SECP256R1())
         name = _name(common_name)
-        now = _now()
+        now = self._now()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -259,20 +263,21 @@ class CertificateAuthority:
         log.info("created %s (%s)", cert_path.name, common_name)
         return cert, key
 
-    def _load_or_create_server_cert(self) -> x509.Certificate:
+    def _ensure_server_cert(self) -> None:
+        """Keep `server.pem` if the root signed it and it is valid 30 more days; make a new one otherwise."""
         pair = self._read_pair(self.server_cert_path, self.server_key_path)
         if pair is not None:
             cert = pair[0]
-            fresh = cert.not_valid_after_utc - _now() > _SERVER_RENEW_BEFORE
+            fresh = cert.not_valid_after_utc - self._now() > _SERVER_RENEW_BEFORE
             try:
                 cert.verify_directly_issued_by(self.root_ca)
                 signed_by_root = True
             except (ValueError, TypeError, InvalidSignature):
                 signed_by_root = False
             if fresh and signed_by_root:
-                return cert
+                return
         key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
+        now = self._now()
         root_ski = x509.SubjectKeyIdentifier.from_public_key(self._root_key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -303,7 +308,6 @@ class CertificateAuthority:
         _write_private(self.server_key_path, _key_pem(key))
         _write_public(self.server_cert_path, _cert_pem(cert))
         log.info("created server certificate for localhost, 127.0.0.1, ::1")
-        return cert
 
     # ---- issuing device certificates ------------------------------------------------------------
 
@@ -317,7 +321,7 @@ class CertificateAuthority:
 
         `not_after` shortens the validity (provisioning claims last minutes).
         """
-        now = _now()
+        now = self._now()
         # Random 159-bit serials, as RFC 5280 suggests; AWS's are random too.
         serial = int.from_bytes(secrets.token_bytes(20), "big") >> 1
         return (

@@ -2,12 +2,17 @@
 
     IotCoreLocalError
     ├── ServerError                 the server itself cannot run (data dir in use, Mosquitto missing)
+    ├── HookDenied                  the pre-provisioning hook refused, failed or did not answer in time
+    ├── InvalidFault (ValueError)   a fault switch spec or body that does not parse (CLI --fault, HTTP)
     └── ServiceError                an API answer AWS would give; carries the AWS error type and status
         ├── InvalidRequest          400 InvalidRequestException
-        │   └── MalformedPolicy     400 MalformedPolicyException (CreatePolicy)
+        │   ├── MalformedPolicy     400 MalformedPolicyException (CreatePolicy)
+        │   ├── TemplateError       400 a template body is wrong (CreateProvisioningTemplate)
+        │   └── TemplateEvaluationError
+        │                           400 a valid template cannot be evaluated with these values
+        │                               (RegisterThing, JITP); answered as InvalidParameters
         ├── RegistrationCodeValidation 400 RegistrationCodeValidationException (RegisterCACertificate)
         ├── CertificateValidation   400 CertificateValidationException
-        ├── Throttling              400 ThrottlingException (botocore's model says 400, not 429)
         ├── ResourceNotFound        404 ResourceNotFoundException
         ├── UnknownOperation        404 UnknownOperationException (no operation has this method and path)
         ├── CertificateState        406 CertificateStateException
@@ -16,7 +21,10 @@
         └── VersionConflict         409 VersionConflictException
 
 The control plane turns a ServiceError into the HTTP answer botocore expects; the gateway turns it
-into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`).
+into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`). A throttled
+request is answered by the fault switch directly (a `/rejected` 429 ThrottlingException), so no class
+stands for it. Exceptions that only carry control flow inside one module (a connection to close, a
+transaction to roll back, a policy statement to skip) are private to that module and never leave it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,18 @@ class IotCoreLocalError(Exception):
 
 class ServerError(IotCoreLocalError):
     """The server cannot start or keep running (not a client's fault)."""
+
+
+class HookDenied(IotCoreLocalError):
+    """The pre-provisioning hook refused, timed out, failed, or answered something that is not a verdict."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidFault(IotCoreLocalError, ValueError):
+    """A fault for the fault switch that does not parse; a ValueError, as callers of `faults` expect."""
 
 
 class ServiceError(IotCoreLocalError):
@@ -57,6 +77,14 @@ class MalformedPolicy(InvalidRequest):
     status = 400
 
 
+class TemplateError(InvalidRequest):
+    """The template body is wrong (CreateProvisioningTemplate answers 400)."""
+
+
+class TemplateEvaluationError(InvalidRequest):
+    """The template cannot be evaluated with these values (RegisterThing answers /rejected, 400)."""
+
+
 class RegistrationCodeValidation(ServiceError):
     """RegisterCACertificate: the verification certificate does not carry the registration code."""
 
@@ -73,11 +101,6 @@ class UnknownOperation(ServiceError):
 
 class CertificateValidation(ServiceError):
     error_type = "CertificateValidationException"
-    status = 400
-
-
-class Throttling(ServiceError):
-    error_type = "ThrottlingException"
     status = 400
 
 

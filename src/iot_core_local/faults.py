@@ -32,6 +32,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidFault
+
 __all__ = ["ANY", "CONNECT", "KINDS", "OPERATIONS", "Fault", "FaultInjector", "parse_spec"]
 
 CONNECT = "Connect"
@@ -73,23 +75,23 @@ class Fault:
 
 def _checked(kind: str, operation: str, count: int, seconds: float) -> Fault:
     if kind not in KINDS:
-        raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
+        raise InvalidFault(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
     canonical = _BY_LOWER.get(operation.lower())
     if canonical is None:
-        raise ValueError(f"unknown operation {operation!r}; one of {', '.join((*OPERATIONS, ANY))}")
+        raise InvalidFault(f"unknown operation {operation!r}; one of {', '.join((*OPERATIONS, ANY))}")
     if kind == "refuse" and canonical not in (CONNECT, ANY):
-        raise ValueError("refuse applies to Connect only")
+        raise InvalidFault("refuse applies to Connect only")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive integer, not {count!r}")
+        raise InvalidFault(f"count must be a positive integer, not {count!r}")
     if (
         isinstance(seconds, bool)
         or not isinstance(seconds, int | float)
         or not math.isfinite(seconds)
         or not 0 <= seconds <= MAX_SECONDS
     ):
-        raise ValueError(f"seconds must be a number from 0 to {MAX_SECONDS:g}, not {seconds!r}")
+        raise InvalidFault(f"seconds must be a number from 0 to {MAX_SECONDS:g}, not {seconds!r}")
     if kind == "delay" and seconds <= 0:
-        raise ValueError("delay needs seconds > 0 (KIND:OPERATION:COUNT:SECONDS)")
+        raise InvalidFault("delay needs seconds > 0 (KIND:OPERATION:COUNT:SECONDS)")
     return Fault(kind, canonical, count, float(seconds))
 
 
@@ -97,30 +99,30 @@ def parse_spec(spec: str) -> Fault:
     """`KIND[:OPERATION[:COUNT[:SECONDS]]]`, e.g. `throttle:RegisterThing:2`, `delay:any:1:3.5`."""
     parts = spec.strip().split(":")
     if not parts[0] or len(parts) > 4:
-        raise ValueError(f"bad fault {spec!r}: expected KIND[:OPERATION[:COUNT[:SECONDS]]]")
+        raise InvalidFault(f"bad fault {spec!r}: expected KIND[:OPERATION[:COUNT[:SECONDS]]]")
     kind = parts[0].lower()
     operation = parts[1] if len(parts) > 1 and parts[1] else ANY
     try:
         count = int(parts[2]) if len(parts) > 2 and parts[2] else 1
         seconds = float(parts[3]) if len(parts) > 3 and parts[3] else 0.0
     except ValueError:
-        raise ValueError(f"bad fault {spec!r}: COUNT is an integer, SECONDS a number") from None
+        raise InvalidFault(f"bad fault {spec!r}: COUNT is an integer, SECONDS a number") from None
     return _checked(kind, operation, count, seconds)
 
 
 def from_json(data: object) -> Fault:
     """A fault from the HTTP form: {"spec": "..."} or {"kind", "operation"?, "count"?, "seconds"?}."""
     if not isinstance(data, dict):
-        raise ValueError("the body must be a JSON object")
+        raise InvalidFault("the body must be a JSON object")
     if "spec" in data:
         spec = data["spec"]
         if not isinstance(spec, str):
-            raise ValueError("spec must be a string")
+            raise InvalidFault("spec must be a string")
         return parse_spec(spec)
     kind = data.get("kind")
     operation = data.get("operation", ANY)
     if not isinstance(kind, str) or not isinstance(operation, str):
-        raise ValueError('kind (and operation, if given) must be strings, e.g. {"kind": "throttle"}')
+        raise InvalidFault('kind (and operation, if given) must be strings, e.g. {"kind": "throttle"}')
     return _checked(kind.lower(), operation, data.get("count", 1), data.get("seconds", 0.0))
 
 

@@ -16,17 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-__all__ = ["HookDenied", "HookResult", "call_hook", "is_http_target"]
+from .errors import HookDenied
+
+__all__ = ["HookResult", "call_hook", "is_http_target"]
 
 _MAX_ANSWER = 64 * 1024
-
-
-class HookDenied(Exception):
-    """The hook refused, timed out, failed, or answered something that is not a verdict."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from .errors import MalformedPolicy
 
-__all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "MalformedPolicy", "evaluate", "validate_policy"]
+__all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "evaluate", "validate_policy"]
 
 # AWS IoT quota: a policy document holds at most 2048 characters, whitespace not counted.
 MAX_DOCUMENT_SIZE = 2048

@@ -15,6 +15,7 @@ control plane and the MQTT provisioning API can pass them through unchanged.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import logging
@@ -25,9 +26,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -43,113 +43,33 @@ from iot_core_local.errors import (
     ResourceNotFound,
     VersionConflict,
 )
+from iot_core_local.model import (
+    DELETED,
+    CACertificate,
+    CaStatus,
+    Certificate,
+    CertificateMode,
+    CertificateStatus,
+    Policy,
+    ProvisioningTemplate,
+    TemplateType,
+    Thing,
+    TokenGrant,
+)
 
-__all__ = [
-    "ACCOUNT_ID",
-    "CA_STATUSES",
-    "CERTIFICATE_STATUSES",
-    "CACertificate",
-    "Certificate",
-    "Policy",
-    "ProvisioningTemplate",
-    "Registry",
-    "Thing",
-    "TokenGrant",
-    "certificate_id_from_arn",
-]
+__all__ = ["ACCOUNT_ID", "Registry", "certificate_id_from_arn"]
 
 log = logging.getLogger(__name__)
 
 ACCOUNT_ID = "123456789012"
-CERTIFICATE_STATUSES = (
-    "ACTIVE",
-    "INACTIVE",
-    "REVOKED",
-    "PENDING_TRANSFER",
-    "REGISTER_INACTIVE",
-    "PENDING_ACTIVATION",
-)
-CA_STATUSES = ("ACTIVE", "INACTIVE")
-CERTIFICATE_MODES = ("DEFAULT", "SNI_ONLY")
-TEMPLATE_TYPES = ("FLEET_PROVISIONING", "JITP")
-DELETED = "DELETED"
 
 _CERT_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:cert/([0-9a-f]{64})")
 _THING_GROUP_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:thinggroup/[a-zA-Z0-9:_-]{1,128}")
 _THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _POLICY_NAME = re.compile(r"[\w+=,.@-]{1,128}")
 _TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
 _TOKEN_HASH_KEEP = 86400.0  # expired token hashes are purged a day later; until then they say "expired"
-
-
-@dataclass(frozen=True)
-class Certificate:
-    certificate_id: str
-    arn: str
-    pem: str
-    status: str
-    ca_certificate_id: str | None
-    mode: str
-    created: float
-    last_modified: float
-    customer_version: int
-    generation_id: str
-
-
-@dataclass(frozen=True)
-class CACertificate:
-    certificate_id: str
-    arn: str
-    pem: str
-    status: str
-    auto_registration: bool
-    registration_config: dict[str, str] | None
-    mode: str
-    created: float
-    last_modified: float
-    customer_version: int
-    generation_id: str
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    arn: str
-    document: str
-    version_id: str
-    created: float
-    last_modified: float
-
-
-@dataclass(frozen=True)
-class Thing:
-    name: str
-    arn: str
-    thing_id: str
-    thing_type_name: str | None
-    attributes: dict[str, str]
-    version: int
-
-
-@dataclass(frozen=True)
-class ProvisioningTemplate:
-    name: str
-    arn: str
-    description: str | None
-    body: str
-    enabled: bool
-    role_arn: str
-    hook: dict[str, str] | None
-    template_type: str
-    created: float
-    last_modified: float
-    version_id: int
-
-
-@dataclass(frozen=True)
-class TokenGrant:
-    certificate_id: str
-    claim_certificate_id: str | None
 
 
 def certificate_id_from_arn(arn: str) -> str | None:
@@ -201,9 +121,13 @@ CREATE INDEX IF NOT EXISTS tokens_by_certificate ON tokens (certificate_id);
 class Registry:
     """SQLite-backed state of one iot-core-local; thread-safe."""
 
-    def __init__(self, path: Path, region: str = "us-east-1") -> None:
+    def __init__(
+        self, path: Path, region: str = "us-east-1", *, clock: Callable[[], float] = time.time
+    ) -> None:
+        """`clock` gives every timestamp and expiry (epoch seconds); tests pass one they advance."""
         self.path = Path(path)
         self.region = region
+        self.clock = clock
         self._lock = threading.RLock()
         self._depth = 0
         self._pending: list[tuple[str, str]] = []
@@ -294,7 +218,7 @@ class Registry:
                     log.exception("policy listener failed for %s", target)
 
     def add_listener(self, fn: Callable[[str, str], None]) -> None:
-        """`fn(certificate_id, new_status)` after each committed status change or deletion ("DELETED").
+        """`fn(certificate_id, new_status)` after each committed status change or deletion (`model.DELETED`).
 
         It runs on the thread that made the change: hand work to your own thread or loop from it.
         """
@@ -331,9 +255,9 @@ class Registry:
             certificate_id=row[0],
             arn=self.cert_arn(row[0]),
             pem=row[1],
-            status=row[2],
+            status=CertificateStatus(row[2]),
             ca_certificate_id=row[3],
-            mode=row[4],
+            mode=CertificateMode(row[4]),
             created=row[5],
             last_modified=row[6],
             customer_version=row[7],
@@ -341,14 +265,19 @@ class Registry:
         )
 
     def add_certificate(
-        self, pem: str, status: str, *, ca_certificate_id: str | None = None, mode: str = "DEFAULT"
+        self,
+        pem: str,
+        status: str,
+        *,
+        ca_certificate_id: str | None = None,
+        mode: str = CertificateMode.DEFAULT,
     ) -> Certificate:
         """Register a device certificate; ResourceAlreadyExists (with its id and ARN) if it is known."""
-        _check_choice("status", status, CERTIFICATE_STATUSES)
-        _check_choice("certificateMode", mode, CERTIFICATE_MODES)
+        status = _check_choice("status", status, CertificateStatus)
+        mode = _check_choice("certificateMode", mode, CertificateMode)
         cert = load_certificate(pem)
         cid = _certificate_id(cert)
-        now = time.time()
+        now = self.clock()
         with self.transaction():
             if self._one("SELECT 1 FROM certificates WHERE id = ?", (cid,)) is not None:
                 raise ResourceAlreadyExists(
@@ -398,25 +327,26 @@ class Registry:
     def list_certificates_without_ca(self) -> list[Certificate]:
         """Certificates registered without a CA (RegisterCertificateWithoutCA), REVOKED ones left out."""
         rows = self._query(
-            f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id IS NULL AND status != 'REVOKED'"
-            " ORDER BY created, rowid"
+            f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE ca_id IS NULL AND status != ?"
+            " ORDER BY created, rowid",
+            (CertificateStatus.REVOKED,),
         )
         return [self._certificate(row) for row in rows]
 
     def set_certificate_status(self, certificate_id: str, status: str) -> Certificate:
         """Change a status as UpdateCertificate does; REVOKED is final (CertificateState)."""
-        _check_choice("status", status, CERTIFICATE_STATUSES)
+        status = _check_choice("status", status, CertificateStatus)
         with self.transaction():
             cert = self.get_certificate(certificate_id)
             if cert.status == status:
                 return cert
-            if cert.status == "REVOKED":
+            if cert.status == CertificateStatus.REVOKED:
                 raise CertificateState(
                     f"The certificate {certificate_id} is REVOKED; a revoked certificate cannot change status"
                 )
-            if status == "ACTIVE" and cert.ca_certificate_id is not None:
+            if status == CertificateStatus.ACTIVE and cert.ca_certificate_id is not None:
                 ca = self.find_ca_certificate(cert.ca_certificate_id)
-                if ca is not None and ca.status != "ACTIVE":
+                if ca is not None and ca.status != CaStatus.ACTIVE:
                     raise CertificateState(
                         f"The CA certificate {ca.certificate_id} that signed certificate {certificate_id} "
                         f"is {ca.status}; activate the CA first"
@@ -424,7 +354,7 @@ class Registry:
             self._db.execute(
                 "UPDATE certificates SET status = ?, last_modified = ?,"
                 " customer_version = customer_version + 1, generation_id = ? WHERE id = ?",
-                (status, time.time(), str(uuid.uuid4()), certificate_id),
+                (status, self.clock(), str(uuid.uuid4()), certificate_id),
             )
             self._notify(certificate_id, status)
             return self.get_certificate(certificate_id)
@@ -437,7 +367,7 @@ class Registry:
         """
         with self.transaction():
             cert = self.get_certificate(certificate_id)
-            if cert.status == "ACTIVE":
+            if cert.status == CertificateStatus.ACTIVE:
                 raise CertificateState(
                     f"The certificate {certificate_id} is ACTIVE; set it INACTIVE before deleting it"
                 )
@@ -470,10 +400,10 @@ class Registry:
             certificate_id=row[0],
             arn=self.arn(f"cacert/{row[0]}"),
             pem=row[1],
-            status=row[2],
+            status=CaStatus(row[2]),
             auto_registration=bool(row[3]),
             registration_config=None if row[4] is None else json.loads(row[4]),
-            mode=row[5],
+            mode=CertificateMode(row[5]),
             created=row[6],
             last_modified=row[7],
             customer_version=row[8],
@@ -489,11 +419,11 @@ class Registry:
         registration_config: dict[str, str] | None,
         mode: str,
     ) -> CACertificate:
-        _check_choice("status", status, CA_STATUSES)
-        _check_choice("certificateMode", mode, CERTIFICATE_MODES)
+        status = _check_choice("status", status, CaStatus)
+        mode = _check_choice("certificateMode", mode, CertificateMode)
         cert = load_certificate(pem)
         cid = _certificate_id(cert)
-        now = time.time()
+        now = self.clock()
         with self.transaction():
             if self._one("SELECT 1 FROM ca_certificates WHERE id = ?", (cid,)) is not None:
                 raise ResourceAlreadyExists(
@@ -533,8 +463,8 @@ class Registry:
         """The registered CA whose subject is `cert`'s issuer and whose key signed it (ACTIVE ones first)."""
         rows = self._query(
             f"SELECT {self._CA_COLUMNS} FROM ca_certificates WHERE subject = ?"
-            " ORDER BY status = 'ACTIVE' DESC, created",
-            (cert.issuer.public_bytes(),),
+            " ORDER BY status = ? DESC, created",
+            (cert.issuer.public_bytes(), CaStatus.ACTIVE),
         )
         for row in rows:
             ca = self._ca_certificate(row)
@@ -564,7 +494,7 @@ class Registry:
     ) -> CACertificate:
         """None leaves a field as it is; `remove_registration_config` clears the JITP configuration."""
         if status is not None:
-            _check_choice("newStatus", status, CA_STATUSES)
+            status = _check_choice("newStatus", status, CaStatus)
         with self.transaction():
             ca = self.get_ca_certificate(certificate_id)
             new_status = ca.status if status is None else status
@@ -582,7 +512,7 @@ class Registry:
                     new_status,
                     int(new_auto),
                     _config_json(config),
-                    time.time(),
+                    self.clock(),
                     str(uuid.uuid4()),
                     certificate_id,
                 ),
@@ -594,7 +524,7 @@ class Registry:
         """As DeleteCACertificate: only an INACTIVE CA may go (CertificateState otherwise)."""
         with self.transaction():
             ca = self.get_ca_certificate(certificate_id)
-            if ca.status == "ACTIVE":
+            if ca.status == CaStatus.ACTIVE:
                 raise CertificateState(
                     f"The CA certificate {certificate_id} is ACTIVE; set it INACTIVE before deleting it"
                 )
@@ -633,7 +563,7 @@ class Registry:
 
         _check_name("policyName", name, _POLICY_NAME)
         validate_policy(document)
-        now = time.time()
+        now = self.clock()
         with self.transaction():
             if self._one("SELECT 1 FROM policies WHERE name = ?", (name,)) is not None:
                 raise ResourceAlreadyExists(f"Policy {name} already exists", name, self.arn(f"policy/{name}"))
@@ -851,7 +781,7 @@ class Registry:
             enabled=bool(row[3]),
             role_arn=row[4],
             hook=None if row[5] is None else json.loads(row[5]),
-            template_type=row[6],
+            template_type=TemplateType(row[6]),
             created=row[7],
             last_modified=row[8],
             version_id=row[9],
@@ -870,8 +800,8 @@ class Registry:
     ) -> ProvisioningTemplate:
         """Stores the template; the body is checked by templates.validate_template, not here."""
         _check_name("templateName", name, _TEMPLATE_NAME)
-        _check_choice("type", template_type, TEMPLATE_TYPES)
-        now = time.time()
+        template_type = _check_choice("type", template_type, TemplateType)
+        now = self.clock()
         with self.transaction():
             if self.find_template(name) is not None:
                 raise ResourceAlreadyExists(
@@ -931,7 +861,7 @@ class Registry:
             version_step = 1 if "body" in changes else 0
             self._db.execute(
                 "UPDATE templates SET last_modified = ?, version_id = version_id + ? WHERE name = ?",
-                (time.time(), version_step, name),
+                (self.clock(), version_step, name),
             )
             return self.get_template(name)
 
@@ -945,7 +875,7 @@ class Registry:
     def issue_token(self, certificate_id: str, claim_certificate_id: str | None, ttl: float) -> str:
         """A fresh 256-bit token bound to `certificate_id`; only its SHA-256 is stored."""
         token = secrets.token_urlsafe(32)
-        now = time.time()
+        now = self.clock()
         with self.transaction():
             self._db.execute("DELETE FROM tokens WHERE expires < ?", (now - _TOKEN_HASH_KEEP,))
             self._db.execute(
@@ -955,20 +885,20 @@ class Registry:
             )
         return token
 
-    def expired_unregistered_certificates(self, now: float | None = None) -> list[str]:
+    def expired_unregistered_certificates(self) -> list[str]:
         """Certificates still PENDING_ACTIVATION whose every ownership token expired unused.
 
         Derived from stored state (not from memory), so the sweep that deletes them, as AWS does,
         survives a restart. Token hashes are kept a day after expiry; a server down longer than that
         leaves such certificates PENDING_ACTIVATION, which connects nothing.
         """
-        at = time.time() if now is None else now
+        at = self.clock()
         rows = self._query(
             "SELECT DISTINCT t.certificate_id FROM tokens t JOIN certificates c ON c.id = t.certificate_id"
-            " WHERE t.expires < ? AND t.used = 0 AND c.status = 'PENDING_ACTIVATION'"
+            " WHERE t.expires < ? AND t.used = 0 AND c.status = ?"
             " AND NOT EXISTS (SELECT 1 FROM tokens u WHERE u.certificate_id = t.certificate_id"
             " AND (u.used = 1 OR u.expires >= ?))",
-            (at, at),
+            (at, CertificateStatus.PENDING_ACTIVATION, at),
         )
         return [row[0] for row in rows]
 
@@ -985,15 +915,18 @@ class Registry:
                 raise InvalidRequest("Certificate ownership token is invalid")
             if row[3]:
                 raise InvalidRequest("Certificate ownership token has already been used")
-            if row[2] < time.time():
+            if row[2] < self.clock():
                 raise InvalidRequest("Certificate ownership token has expired")
             self._db.execute("UPDATE tokens SET used = 1 WHERE hash = ?", (_hash_token(token),))
             return TokenGrant(certificate_id=row[0], claim_certificate_id=row[1])
 
 
-def _check_choice(member: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InvalidRequest(f"{member} must be one of {', '.join(allowed)}, not {value!r}")
+def _check_choice(member: str, value: str, allowed: type[_Choice]) -> _Choice:
+    """`value` as a member of `allowed`; InvalidRequest naming the choices otherwise."""
+    try:
+        return allowed(value)
+    except ValueError:
+        raise InvalidRequest(f"{member} must be one of {', '.join(allowed)}, not {value!r}") from None
 
 
 def _check_name(member: str, value: str, pattern: re.Pattern[str]) -> None:

@@ -15,7 +15,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -91,6 +92,8 @@ class LocalIotCore:
     """A running iot-core-local: `with LocalIotCore(dir) as core: core.endpoint, core.client()`.
 
     Ports 0 mean "any free port"; the chosen ones are in `endpoint` and in `DIR/endpoint.json`.
+    `clock` (epoch seconds) stamps the registry's records and decides when ownership tokens expire, so a
+    test can advance it; certificates are dated by the real time, which every TLS stack checks them against.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class LocalIotCore:
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
         faults: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
         # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
@@ -117,6 +121,7 @@ class LocalIotCore:
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.clock = clock
         self._lock_file: TextIO | None = None
         self._ca: CertificateAuthority | None = None
         self._registry: Registry | None = None
@@ -153,6 +158,13 @@ class LocalIotCore:
             raise ServerError("iot-core-local is not running")
         return self._gateway
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the gateway runs on (in its own thread): schedule gateway work here."""
+        if self._loop is None:
+            raise ServerError("iot-core-local is not running")
+        return self._loop
+
     def client(self) -> Any:
         """A boto3 IoT client pointed at this server (any credentials work)."""
         import boto3
@@ -188,7 +200,9 @@ class LocalIotCore:
         self._acquire_lock()
         try:
             self._ca = CertificateAuthority(self.data_dir / "ca")
-            self._registry = Registry(self.data_dir / "registry.sqlite3", region=self.region)
+            self._registry = Registry(
+                self.data_dir / "registry.sqlite3", region=self.region, clock=self.clock
+            )
             self._broker = Broker(self.data_dir / "mosquitto")
             self._broker.start()
 
@@ -298,7 +312,7 @@ class LocalIotCore:
 
 @contextlib.contextmanager
 def running(data_dir: Path | str, **options: Any) -> Iterator[LocalIotCore]:
-    """Start a server for the duration of a `with` block."""
+    """Start a server for the duration of a `with` block (the README documents it next to LocalIotCore)."""
     core = LocalIotCore(data_dir, **options)
     core.start()
     try:

@@ -7,7 +7,9 @@ Two steps, as AWS splits them:
   is checked here and reported as `TemplateError`, naming the section, resource and property at fault.
 - `evaluate(template, parameters, builtins)` runs per RegisterThing or JITP connect. What depends on
   values (a missing parameter, `Fn::Select` out of range, a thing name AWS would refuse) is a
-  `ProvisioningError`, which the gateway sends back as a `/rejected` answer.
+  `TemplateEvaluationError`, which the gateway sends back as a `/rejected` answer.
+
+Both errors live in `errors.py` with the rest of the exception tree.
 
 The intrinsic functions live in one table, `FUNCTIONS`: each has a `check` (syntax, declared names,
 the kind of value it yields) and an `apply`. `apply` relies on `check` having run, which is why a
@@ -30,7 +32,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from . import policy
-from .errors import InvalidRequest
+from .errors import InvalidRequest, TemplateError, TemplateEvaluationError
+from .model import CertificateStatus
 
 __all__ = [
     "BUILTIN_PARAMETERS",
@@ -40,23 +43,13 @@ __all__ = [
     "Parameter",
     "Plan",
     "PolicyPlan",
-    "ProvisioningError",
     "Resource",
     "Template",
-    "TemplateError",
     "ThingPlan",
     "certificate_builtins",
     "evaluate",
     "validate_template",
 ]
-
-
-class TemplateError(InvalidRequest):
-    """The template body is wrong (CreateProvisioningTemplate answers 400)."""
-
-
-class ProvisioningError(InvalidRequest):
-    """The template cannot be evaluated with these values (RegisterThing answers /rejected, 400)."""
 
 
 MAX_BODY_SIZE = 10240  # CreateProvisioningTemplate's templateBody limit
@@ -86,7 +79,8 @@ BUILTIN_PARAMETERS = frozenset({"AWS::IoT::Certificate::Id", *_SUBJECT_FIELDS})
 
 _THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")  # botocore's ThingName shape
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
-_CERTIFICATE_STATUSES = ("ACTIVE", "INACTIVE")
+# What a template may set a certificate to; the other statuses are not a template's to give.
+_CERTIFICATE_STATUSES = (CertificateStatus.ACTIVE, CertificateStatus.INACTIVE)
 
 # Kinds of values an expression yields; ANY is a Fn::FindInMap whose map holds both.
 STR, LIST, ANY = "a string", "a list", "any"
@@ -136,7 +130,7 @@ class ThingPlan:
 @dataclass(frozen=True)
 class CertificatePlan:
     certificate_id: str
-    status: str  # ACTIVE | INACTIVE
+    status: CertificateStatus  # ACTIVE | INACTIVE
     overrides: dict[str, str] = field(default_factory=dict)  # {"Status": action} if the template says
 
 
@@ -189,12 +183,12 @@ class _Scope:
         value = self.builtins.get(name)
         if isinstance(value, str) and name in BUILTIN_PARAMETERS:
             return value
-        raise ProvisioningError(f"{where}: no value for {name}")
+        raise TemplateEvaluationError(f"{where}: no value for {name}")
 
 
 class Function(NamedTuple):
     check: Callable[[object, _Context, str], str]  # -> kind, or TemplateError
-    apply: Callable[[object, _Scope, str], Value]  # -> value, or ProvisioningError
+    apply: Callable[[object, _Scope, str], Value]  # -> value, or TemplateEvaluationError
 
 
 def _args(arg: object, count: int, name: str, where: str) -> list[object]:
@@ -258,10 +252,12 @@ def _apply_select(arg: object, scope: _Scope, where: str) -> Value:
     if index is None:
         index = _index(_string(index_expr, scope, f"{where}[0]"))
         if index is None:
-            raise ProvisioningError(f"{where}: Fn::Select's index is not a non-negative integer")
+            raise TemplateEvaluationError(f"{where}: Fn::Select's index is not a non-negative integer")
     values = _list(values_expr, scope, f"{where}[1]")
     if index >= len(values):
-        raise ProvisioningError(f"{where}: Fn::Select index {index} is out of range ({len(values)} values)")
+        raise TemplateEvaluationError(
+            f"{where}: Fn::Select index {index} is out of range ({len(values)} values)"
+        )
     return values[index]
 
 
@@ -301,7 +297,7 @@ def _apply_find_in_map(arg: object, scope: _Scope, where: str) -> Value:
     level: object = scope.mappings
     for key in keys:
         if not isinstance(level, Mapping) or key not in level:
-            raise ProvisioningError(f"{where}: Fn::FindInMap finds no {key!r} in Mappings")
+            raise TemplateEvaluationError(f"{where}: Fn::FindInMap finds no {key!r} in Mappings")
         level = level[key]
     assert isinstance(level, str | list)
     return level
@@ -404,20 +400,20 @@ def _value(expr: object, scope: _Scope, where: str) -> Value:
         assert isinstance(expr, dict)
         name, arg = next(iter(expr.items()))
         return FUNCTIONS[name].apply(arg, scope, f"{where}.{name}")
-    raise ProvisioningError(f"{where}: expected a string or a function, got {_json_type(expr)}")
+    raise TemplateEvaluationError(f"{where}: expected a string or a function, got {_json_type(expr)}")
 
 
 def _string(expr: object, scope: _Scope, where: str) -> str:
     value = _value(expr, scope, where)
     if not isinstance(value, str):
-        raise ProvisioningError(f"{where}: expected a string, got a list")
+        raise TemplateEvaluationError(f"{where}: expected a string, got a list")
     return value
 
 
 def _list(expr: object, scope: _Scope, where: str) -> list[str]:
     value = _value(expr, scope, where)
     if not isinstance(value, list):
-        raise ProvisioningError(f"{where}: expected a list, got a string")
+        raise TemplateEvaluationError(f"{where}: expected a list, got a string")
     return value
 
 
@@ -459,7 +455,8 @@ _RESOURCE_SPECS: Mapping[str, _ResourceSpec] = {
         overrides={},
     ),
 }
-# The guide spells override keys both ways: ATTRIBUTE_PAYLOAD in prose, AttributePayload in examples.
+# AWS IoT's provisioning-template documentation spells override keys both ways: ATTRIBUTE_PAYLOAD in
+# its prose, AttributePayload in its examples.
 _OVERRIDE_ALIASES = {
     "ATTRIBUTE_PAYLOAD": "AttributePayload",
     "THING_TYPE_NAME": "ThingTypeName",
@@ -481,7 +478,9 @@ def _check_property(name: str, expr: object, kind: str, ctx: _Context, where: st
             _check_kind(value, STR, ctx, f"{where}.{key}")
     elif kind == DOCUMENT:
         if isinstance(expr, dict) and not _is_call(expr):
-            _check_document(expr, ctx, where)  # an inline policy object (the fleet guide's example)
+            _check_document(
+                expr, ctx, where
+            )  # an inline policy object, as AWS's fleet provisioning example has
         else:
             _check_kind(expr, STR, ctx, where)
             if isinstance(expr, str):
@@ -607,7 +606,7 @@ def _check_parameters(section: Mapping[str, object]) -> dict[str, Parameter]:
 
 
 def _check_mappings(section: Mapping[str, object]) -> dict[str, dict[str, dict[str, object]]]:
-    # Mappings are plain data: no parameters, no functions (the guide says so).
+    # Mappings are plain data: AWS's template documentation allows no parameters and no functions in them.
     for map_name, top in section.items():
         if not isinstance(top, dict):
             raise TemplateError(f"Mappings.{map_name}: must be an object")
@@ -681,12 +680,14 @@ def _resolve_parameters(
             value = declaration.default
         if value is None:
             if name.startswith("AWS::"):
-                raise ProvisioningError(f"Parameter {name} has no value: the certificate does not provide it")
-            raise ProvisioningError(f"Parameter {name} is required and has no default")
+                raise TemplateEvaluationError(
+                    f"Parameter {name} has no value: the certificate does not provide it"
+                )
+            raise TemplateEvaluationError(f"Parameter {name} is required and has no default")
         if not isinstance(value, str):
-            raise ProvisioningError(f"Parameter {name} must be a string")
+            raise TemplateEvaluationError(f"Parameter {name} must be a string")
         if declaration.type == "Number" and not _NUMBER.fullmatch(value):
-            raise ProvisioningError(f"Parameter {name} must be a Number, not {value!r}")
+            raise TemplateEvaluationError(f"Parameter {name} must be a Number, not {value!r}")
         values[name] = value
     return values
 
@@ -700,7 +701,7 @@ def _thing_plan(resource: Resource, scope: _Scope) -> ThingPlan:
     props = resource.properties
     name = _string(props["ThingName"], scope, f"{where}.ThingName")
     if not _THING_NAME.fullmatch(name):
-        raise ProvisioningError(f"{where}.ThingName: {name!r} is not a valid thing name")
+        raise TemplateEvaluationError(f"{where}.ThingName: {name!r} is not a valid thing name")
     attribute_exprs = props.get("AttributePayload", {})
     assert isinstance(attribute_exprs, dict)
     attributes = {k: _string(v, scope, f"{where}.AttributePayload.{k}") for k, v in attribute_exprs.items()}
@@ -718,10 +719,10 @@ def _thing_plan(resource: Resource, scope: _Scope) -> ThingPlan:
 def _certificate_plan(resource: Resource, scope: _Scope) -> CertificatePlan:
     where = f"Resources.{resource.logical_name}.Properties"
     certificate_id = _string(resource.properties["CertificateId"], scope, f"{where}.CertificateId")
-    status = (_optional(resource.properties, "Status", scope, where) or "ACTIVE").upper()
+    status = (_optional(resource.properties, "Status", scope, where) or CertificateStatus.ACTIVE).upper()
     if status not in _CERTIFICATE_STATUSES:
-        raise ProvisioningError(f"{where}.Status: must be ACTIVE or INACTIVE, not {status!r}")
-    return CertificatePlan(certificate_id, status, dict(resource.overrides))
+        raise TemplateEvaluationError(f"{where}.Status: must be ACTIVE or INACTIVE, not {status!r}")
+    return CertificatePlan(certificate_id, CertificateStatus(status), dict(resource.overrides))
 
 
 def _policy_plan(resource: Resource, scope: _Scope) -> PolicyPlan:
@@ -738,12 +739,12 @@ def _policy_plan(resource: Resource, scope: _Scope) -> PolicyPlan:
     try:
         policy.validate_policy(document)
     except InvalidRequest as e:
-        raise ProvisioningError(f"{where}.PolicyDocument: {e.message}") from None
+        raise TemplateEvaluationError(f"{where}.PolicyDocument: {e.message}") from None
     return PolicyPlan(policy_document=document)
 
 
 def evaluate(template: Template, parameters: dict[str, str], builtins: dict[str, str]) -> Plan:
-    """Resolve every value of the template; ProvisioningError names what cannot be resolved.
+    """Resolve every value of the template; TemplateEvaluationError names what cannot be resolved.
 
     `parameters` are the device's (or the hook's overrides); extra ones are ignored. `builtins` are
     the server's: "AWS::IoT::Certificate::Id" and, for JITP, `certificate_builtins(...)`.

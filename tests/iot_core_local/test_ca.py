@@ -147,3 +147,30 @@ def test_unparsable_inputs_say_so(text: str) -> None:
         load_csr(text)
     with pytest.raises(InvalidRequest, match="does not parse"):
         load_certificate(text)
+
+
+def test_certificates_are_dated_by_the_clock(tmp_path: Path) -> None:
+    start = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    ca = CertificateAuthority(tmp_path / "ca", clock=start.timestamp)
+    cert_pem, _ = ca.create_keys_and_certificate()
+    backdated = start - datetime.timedelta(hours=1)  # absorbs a device's clock skew
+    assert load_certificate(cert_pem).not_valid_before_utc == backdated
+    assert load_certificate(ca.server_cert_path.read_bytes()).not_valid_before_utc == backdated
+
+
+def test_server_certificate_is_renewed_a_month_before_it_expires(tmp_path: Path) -> None:
+    start = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    ca = CertificateAuthority(tmp_path / "ca", clock=start.timestamp)
+    server_pem = ca.server_cert_path.read_bytes()
+    expires = load_certificate(server_pem).not_valid_after_utc
+
+    still_fresh = expires - datetime.timedelta(days=31)
+    CertificateAuthority(ca.directory, clock=still_fresh.timestamp)
+    assert ca.server_cert_path.read_bytes() == server_pem
+
+    due = expires - datetime.timedelta(days=29)
+    renewed = CertificateAuthority(ca.directory, clock=due.timestamp)
+    new_server = load_certificate(renewed.server_cert_path.read_bytes())
+    assert new_server.not_valid_after_utc > expires
+    new_server.verify_directly_issued_by(load_certificate(ca.root_ca_path.read_bytes()))
+    assert renewed.root_ca_path.read_bytes() == ca.root_ca_path.read_bytes(), "the root is kept"

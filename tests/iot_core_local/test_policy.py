@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.errors import InvalidRequest
-from iot_core_local.policy import MalformedPolicy, evaluate, validate_policy
+from iot_core_local.errors import InvalidRequest, MalformedPolicy
+from iot_core_local.policy import evaluate, validate_policy
 
 ARN = "arn:aws:iot:us-east-1:123456789012"
 CONNECT, PUBLISH, SUBSCRIBE, RECEIVE = "iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"
@@ -513,7 +513,8 @@ def test_claim_certificate_policy_allows_only_provisioning(
 
 
 def test_the_documented_registered_device_policy() -> None:
-    # pub-sub-policy.md: connect as the thing name, publish under it, except .../bar.
+    # AWS IoT developer guide's publish/subscribe policy example for registered devices: connect as
+    # the thing name, publish under it, except .../bar.
     document = doc(
         allow(CONNECT, client("${iot:Connection.Thing.ThingName}")),
         allow(PUBLISH, topic("${iot:Connection.Thing.ThingName}/*")),

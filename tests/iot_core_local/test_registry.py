@@ -20,7 +20,8 @@ from iot_core_local.errors import (
     ResourceNotFound,
     VersionConflict,
 )
-from iot_core_local.registry import Registry, TokenGrant, certificate_id_from_arn
+from iot_core_local.model import CertificateStatus, TokenGrant
+from iot_core_local.registry import Registry, certificate_id_from_arn
 
 POLICY = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}'
 
@@ -121,21 +122,29 @@ def test_transaction_is_all_or_nothing_and_listeners_wait_for_commit(
     cp_registry.add_listener(lambda cid, status: events.append((cid, status)))
     cert = cp_registry.add_certificate(cert_pem, "PENDING_ACTIVATION")
 
-    with pytest.raises(RuntimeError), cp_registry.transaction():
-        cp_registry.create_thing("hub")
-        cp_registry.attach_thing_principal("hub", cert.arn)
-        cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
-        assert events == []  # not before the commit
-        raise RuntimeError("half way")
+    def activate_then_fail() -> None:
+        with cp_registry.transaction():
+            cp_registry.create_thing("hub")
+            cp_registry.attach_thing_principal("hub", cert.arn)
+            cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
+            assert events == []  # not before the commit
+            raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        activate_then_fail()
     assert cp_registry.find_thing("hub") is None
     assert cp_registry.get_certificate(cert.certificate_id).status == "PENDING_ACTIVATION"
     assert events == []
 
-    with cp_registry.transaction():
-        cp_registry.create_thing("hub")
-        with pytest.raises(ResourceNotFound), cp_registry.transaction():  # nested: a savepoint
+    def activate_then_miss_a_policy() -> None:
+        with cp_registry.transaction():  # nested below: a savepoint
             cp_registry.set_certificate_status(cert.certificate_id, "ACTIVE")
             cp_registry.get_policy("missing")
+
+    with cp_registry.transaction():
+        cp_registry.create_thing("hub")
+        with pytest.raises(ResourceNotFound):
+            activate_then_miss_a_policy()
         cp_registry.set_certificate_status(cert.certificate_id, "INACTIVE")
     assert cp_registry.find_thing("hub") is not None
     assert events == [(cert.certificate_id, "INACTIVE")]
@@ -247,11 +256,26 @@ def test_things(cp_registry: Registry) -> None:
         cp_registry.get_thing("t")
 
 
+class FakeClock:
+    """Epoch seconds that move only when the test says so."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_tokens_are_single_use_expire_and_are_stored_hashed(tmp_path: Path, cert_pem: str) -> None:
-    registry = Registry(tmp_path / "r.sqlite3")
+    clock = FakeClock()
+    registry = Registry(tmp_path / "r.sqlite3", clock=clock)
     token = registry.issue_token("a" * 64, "b" * 64, 60)
     assert len(token) >= 43
-    expired = registry.issue_token("a" * 64, None, -1)
+    expired = registry.issue_token("a" * 64, None, 1)
+    clock.advance(2)
     with pytest.raises(InvalidRequest, match="cannot be empty"):
         registry.consume_token("")
     with pytest.raises(InvalidRequest, match="is invalid"):
@@ -263,9 +287,14 @@ def test_tokens_are_single_use_expire_and_are_stored_hashed(tmp_path: Path, cert
         registry.consume_token(token)
     # Spent inside a transaction that fails: the token is not lost.
     other = registry.issue_token("c" * 64, None, 60)
-    with pytest.raises(RuntimeError), registry.transaction():
-        registry.consume_token(other)
-        raise RuntimeError
+
+    def spend_then_fail() -> None:
+        with registry.transaction():
+            registry.consume_token(other)
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError, match="rolled back"):
+        spend_then_fail()
     assert registry.consume_token(other).certificate_id == "c" * 64
     registry.close()
     assert token.encode() not in (tmp_path / "r.sqlite3").read_bytes()
@@ -305,12 +334,66 @@ def test_nested_rollback_forgets_its_policy_targets_and_trust_change(
     ca, ca_key = _self_signed_ca("Rolled back")
     own = _pem(_issued_by(ca, ca_key))
     generation = cp_registry.trust_generation
-    with cp_registry.transaction():
-        with pytest.raises(RuntimeError), cp_registry.transaction():  # a savepoint, rolled back
+
+    def attach_and_register_then_fail() -> None:
+        with cp_registry.transaction():  # nested below: a savepoint, rolled back
             cp_registry.attach_policy("p", cert.arn)
             cp_registry.add_certificate(own, "ACTIVE")  # registered without a CA: a trust change
             raise RuntimeError("rolled back")
+
+    with cp_registry.transaction():
+        with pytest.raises(RuntimeError, match="rolled back"):
+            attach_and_register_then_fail()
         cp_registry.create_thing("kept")
     assert cp_registry.list_attached_policies(cert.arn) == []
     assert targets == []  # nothing changed for the certificate
     assert cp_registry.trust_generation == generation  # nor for the TLS trust store
+
+
+def test_a_token_expires_when_its_ttl_has_passed_on_the_clock(tmp_path: Path) -> None:
+    clock = FakeClock()
+    registry = Registry(tmp_path / "r.sqlite3", clock=clock)
+    on_time = registry.issue_token("a" * 64, None, 60)
+    late = registry.issue_token("b" * 64, None, 60)
+    clock.advance(60)  # the last second of its life: still good
+    assert registry.consume_token(on_time).certificate_id == "a" * 64
+    clock.advance(0.001)
+    with pytest.raises(InvalidRequest, match="has expired"):
+        registry.consume_token(late)
+    registry.close()
+
+
+def test_expired_unregistered_certificates_follow_the_clock(tmp_path: Path, cert_pem: str) -> None:
+    """A PENDING_ACTIVATION certificate is due for deletion once every token of it expired unused."""
+    clock = FakeClock()
+    registry = Registry(tmp_path / "r.sqlite3", clock=clock)
+    pending = registry.add_certificate(cert_pem, CertificateStatus.PENDING_ACTIVATION)
+    registry.issue_token(pending.certificate_id, None, 300)
+    clock.advance(200)
+    second = registry.issue_token(pending.certificate_id, None, 300)
+    clock.advance(200)  # the first token expired, the second has not
+    assert registry.expired_unregistered_certificates() == []
+    clock.advance(200)
+    assert registry.expired_unregistered_certificates() == [pending.certificate_id]
+    registry.close()
+
+    spent = Registry(tmp_path / "r.sqlite3", clock=clock)
+    clock.advance(-400)
+    spent.consume_token(second)  # a used token means the certificate was claimed: never swept
+    clock.advance(400)
+    assert spent.expired_unregistered_certificates() == []
+    spent.close()
+
+
+def test_timestamps_come_from_the_clock(tmp_path: Path, cert_pem: str) -> None:
+    clock = FakeClock(1_000.0)
+    registry = Registry(tmp_path / "r.sqlite3", clock=clock)
+    cert = registry.add_certificate(cert_pem, "ACTIVE")
+    assert (cert.created, cert.last_modified) == (1_000.0, 1_000.0)
+    clock.advance(5)
+    changed = registry.set_certificate_status(cert.certificate_id, "INACTIVE")
+    assert (changed.created, changed.last_modified) == (1_000.0, 1_005.0)
+    assert changed.status is CertificateStatus.INACTIVE
+    policy = registry.create_policy("p", POLICY)
+    assert policy.created == 1_005.0
+    registry.close()

@@ -17,14 +17,13 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.errors import InvalidRequest
+from iot_core_local.errors import InvalidRequest, TemplateError, TemplateEvaluationError
+from iot_core_local.model import CertificateStatus
 from iot_core_local.templates import (
     BUILTIN_PARAMETERS,
     CertificatePlan,
     Plan,
     PolicyPlan,
-    ProvisioningError,
-    TemplateError,
     ThingPlan,
     certificate_builtins,
     evaluate,
@@ -307,7 +306,7 @@ EVALUATION_ERRORS = [
     ("expr", "values", "message"), [c[1:] for c in EVALUATION_ERRORS], ids=[c[0] for c in EVALUATION_ERRORS]
 )
 def test_evaluation_errors(expr: Any, values: dict[str, str], message: str) -> None:
-    with pytest.raises(ProvisioningError) as raised:
+    with pytest.raises(TemplateEvaluationError) as raised:
         config_value(expr, {**VALUES, **values})
     assert message in raised.value.message
     assert raised.value.message.startswith("DeviceConfiguration.v")
@@ -561,10 +560,10 @@ def test_bad_templates(text: str, message: str | None) -> None:
     assert raised.value.status == 400
 
 
-def test_template_error_and_provisioning_error_are_invalid_requests() -> None:
+def test_template_error_and_template_evaluation_error_are_invalid_requests() -> None:
     assert issubclass(TemplateError, InvalidRequest)
-    assert issubclass(ProvisioningError, InvalidRequest)
-    assert ProvisioningError("x").error_type == "InvalidRequestException"
+    assert issubclass(TemplateEvaluationError, InvalidRequest)
+    assert TemplateEvaluationError("x").error_type == "InvalidRequestException"
 
 
 def test_body_of_exactly_the_limit_is_accepted() -> None:
@@ -574,7 +573,7 @@ def test_body_of_exactly_the_limit_is_accepted() -> None:
     validate_template(text)
 
 
-# --- the fleet provisioning template of the developer guide, and the JITP one -----------------
+# --- the fleet provisioning template of the AWS IoT developer guide, and its JITP one ----------
 
 FLEET_GUIDE_TEMPLATE = {
     "Parameters": {"SerialNumber": {"Type": "String"}, "DeviceLocation": {"Type": "String"}},
@@ -639,7 +638,7 @@ def test_fleet_provisioning_template_from_the_guide() -> None:
             billing_group="LightBulbBillingGroup",
             overrides={"AttributePayload": "MERGE", "ThingTypeName": "REPLACE", "ThingGroups": "DO_NOTHING"},
         ),
-        certificate=CertificatePlan(certificate_id=CERT_ID, status="ACTIVE"),
+        certificate=CertificatePlan(certificate_id=CERT_ID, status=CertificateStatus.ACTIVE),
         policies=[PolicyPlan(policy_document=document)],
         device_configuration={
             "FallbackUrl": "https://www.example.com/test-site",
@@ -738,7 +737,7 @@ def test_jitp_template_from_the_guide_with_certificate_builtins() -> None:
     assert plan.thing.name == "bulb-17"
     assert plan.thing.attributes == {"version": "v1", "serialNumber": "SN-17"}
     assert plan.thing.thing_groups == ["v1-lightbulbs", "US"]
-    assert plan.certificate == CertificatePlan(CERT_ID, "ACTIVE", {"Status": "DO_NOTHING"})
+    assert plan.certificate == CertificatePlan(CERT_ID, CertificateStatus.ACTIVE, {"Status": "DO_NOTHING"})
     assert plan.device_configuration == {}
 
 
@@ -747,7 +746,7 @@ def test_jitp_fails_when_the_certificate_lacks_a_declared_field() -> None:
         jitp_template("AWS::IoT::Certificate::CommonName", "AWS::IoT::Certificate::Country")
     )
     builtins = certificate_builtins(make_certificate((NameOID.COMMON_NAME, "bulb-17")), CERT_ID)
-    with pytest.raises(ProvisioningError, match="AWS::IoT::Certificate::Country has no value"):
+    with pytest.raises(TemplateEvaluationError, match="AWS::IoT::Certificate::Country has no value"):
         evaluate(template, {}, builtins)
 
 
@@ -783,14 +782,14 @@ def test_certificate_builtins_of_an_empty_subject() -> None:
 
 def test_missing_parameter_is_named() -> None:
     template = validate_template(body(DeviceConfiguration={"v": {"Ref": "Serial"}}))
-    with pytest.raises(ProvisioningError, match="Parameter Serial is required and has no default"):
+    with pytest.raises(TemplateEvaluationError, match="Parameter Serial is required and has no default"):
         evaluate(template, {}, BUILTINS)
 
 
 def test_unused_declared_parameter_is_still_required() -> None:
     # AWS checks every declared parameter, used or not (JITP fails on any subject field missing).
     template = validate_template(body())
-    with pytest.raises(ProvisioningError, match="Serial"):
+    with pytest.raises(TemplateEvaluationError, match="Serial"):
         evaluate(template, {}, BUILTINS)
 
 
@@ -836,7 +835,7 @@ def test_number_parameters(value: str, error: str | None) -> None:
     if error is None:
         assert evaluate(template, {"N": value}, {}).device_configuration == {"n": value}
     else:
-        with pytest.raises(ProvisioningError, match=error):
+        with pytest.raises(TemplateEvaluationError, match=error):
             evaluate(template, {"N": value}, {})
 
 
@@ -849,7 +848,7 @@ def test_number_default_may_be_a_json_number() -> None:
 
 def test_non_string_parameter_value_is_a_provisioning_error() -> None:
     template = validate_template(body())
-    with pytest.raises(ProvisioningError, match="Parameter Serial must be a string"):
+    with pytest.raises(TemplateEvaluationError, match="Parameter Serial must be a string"):
         evaluate(template, {"Serial": 5}, {})  # type: ignore[dict-item]
 
 
@@ -885,7 +884,7 @@ def test_thing_name_must_be_what_aws_accepts(name: str, error: str | None) -> No
     if error is None:
         assert plan_of(resources, {"Serial": name}).thing == ThingPlan(name, None, {}, [], None, {})
     else:
-        with pytest.raises(ProvisioningError, match=f"Resources.t.Properties.ThingName: .*{error}"):
+        with pytest.raises(TemplateEvaluationError, match=f"Resources.t.Properties.ThingName: .*{error}"):
             plan_of(resources, {"Serial": name})
 
 
@@ -909,11 +908,12 @@ def test_certificate_status(status: Any, expected: str | None, error: str | None
         properties["Status"] = status
     resources = {"c": {"Type": "AWS::IoT::Certificate", "Properties": properties}}
     if error is None:
+        assert expected is not None
         assert plan_of(resources, {"Serial": "inactive"}).certificate == CertificatePlan(
-            CERT_ID, expected or ""
+            CERT_ID, CertificateStatus(expected)
         )
     else:
-        with pytest.raises(ProvisioningError, match=error):
+        with pytest.raises(TemplateEvaluationError, match=error):
             plan_of(resources)
 
 
@@ -984,7 +984,7 @@ def test_policy_resources(properties: dict[str, Any], expected: PolicyPlan) -> N
 
 def test_policy_document_that_evaluates_to_a_bad_policy() -> None:
     message = "Resources.p.Properties.PolicyDocument: Policy document is not valid"
-    with pytest.raises(ProvisioningError, match=re.escape(message)):
+    with pytest.raises(TemplateEvaluationError, match=re.escape(message)):
         plan_of({"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": {"Ref": "Serial"}}}})
 
 
@@ -999,10 +999,10 @@ def test_several_policies_in_order_and_their_names() -> None:
 
 
 def test_certificate_id_from_the_builtin() -> None:
-    assert plan_of({"c": CERTIFICATE}).certificate == CertificatePlan(CERT_ID, "ACTIVE")
+    assert plan_of({"c": CERTIFICATE}).certificate == CertificatePlan(CERT_ID, CertificateStatus.ACTIVE)
 
 
-# --- properties: nothing but TemplateError / ProvisioningError, whatever comes in -------------
+# --- properties: nothing but TemplateError / TemplateEvaluationError, whatever comes in -------------
 
 _NAMES = ["Serial", "Location", "M", "k", "AWS::IoT::Certificate::Id", "AWS::IoT::Certificate::Country"]
 _FUNCTION_NAMES = ["Ref", "Fn::Join", "Fn::Select", "Fn::Split", "Fn::FindInMap", "Fn::Sub", "Fn::GetAtt"]
@@ -1075,7 +1075,7 @@ def test_arbitrary_json_only_raises_template_or_provisioning_errors(
         template = validate_template(json.dumps(document))
     except TemplateError:
         return
-    with contextlib.suppress(ProvisioningError):
+    with contextlib.suppress(TemplateEvaluationError):
         evaluate(template, values, BUILTINS)
 
 
@@ -1127,6 +1127,6 @@ def test_generated_expressions_evaluate_to_a_string_or_a_provisioning_error(
         return  # e.g. a literal Select index out of range, or a literal FindInMap key that is absent
     try:
         value = evaluate(template, {"Serial": serial, "Idx": idx}, BUILTINS).device_configuration["v"]
-    except ProvisioningError:
+    except TemplateEvaluationError:
         return
     assert isinstance(value, str)
