@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import raw_sdk
 from bench.gateway import ServerProcess
-from iot_core_local.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 N = 30
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.gateway import ServerProcess
 from hub_onboarding.fleet_sim import Target, onboard_fleet, skip_system_trust_store, write_hubs
-from iot_core_local.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 LEVELS = (1, 10, 100, 200)
 HUBS = 1000

@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.gateway import ServerProcess
 from hub_onboarding.factory import write_claim_hub
-from iot_core_local.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 RUNS = 7
 RAW_SDK = Path(__file__).resolve().parent / "raw_sdk.py"

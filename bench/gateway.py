@@ -27,7 +27,7 @@ from typing import Any
 import boto3
 
 from bench.loadgen import MqttConnection, client_context, make_csr, provision_one
-from iot_core_local.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 
 class ServerProcess:

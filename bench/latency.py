@@ -26,8 +26,8 @@ from bench import raw_sdk
 from bench.gateway import ServerProcess
 from hub_onboarding.factory import write_claim_hub, write_jitr_hub
 from hub_onboarding.onboarding import HubOnboarding
-from iot_core_local.claims import set_up_fleet_provisioning
-from iot_core_local.jitr import DeviceCA, JitrActivator
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 
 N = 50
 FP_METHODS = ("CreateKeysAndCertificate", "CreateCertificateFromCsr")

@@ -18,7 +18,7 @@ def _step(text: str) -> None:
 
 
 def run_demo() -> int:
-    from iot_core_local.claims import set_up_fleet_provisioning
+    from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
     from .factory import write_claim_hub

@@ -341,7 +341,7 @@ def run_fleet(
 @contextlib.contextmanager
 def embedded_cloud(data_dir: Path, template_name: str = DEFAULT_TEMPLATE) -> Iterator[tuple[Target, Any]]:
     """Start iot-core-local in `data_dir`, create the claim through boto3; yield (target, boto3 client)."""
-    from iot_core_local.claims import set_up_fleet_provisioning
+    from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
     with LocalIotCore(data_dir) as core:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hub_onboarding.factory import write_claim_hub
-from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 
 _names = itertools.count()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from iot_core_local.claims import set_up_fleet_provisioning
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 
 from .conftest import (

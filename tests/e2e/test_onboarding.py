@@ -24,8 +24,8 @@ from hub_onboarding.config import Endpoint
 from hub_onboarding.factory import write_jitr_hub
 from hub_onboarding.fleet import FleetProvisioning
 from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
-from iot_core_local.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
-from iot_core_local.jitr import DeviceCA, JitrActivator
+from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
+from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 
 from .conftest import HubFactory, read_config

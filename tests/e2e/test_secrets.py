@@ -17,8 +17,8 @@ import pytest
 from hub_onboarding import cli
 from hub_onboarding import config as cfgmod
 from hub_onboarding.factory import write_jitr_hub
-from iot_core_local.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
-from iot_core_local.jitr import DeviceCA, JitrActivator
+from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
+from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 
 from .conftest import HubFactory, HubProcess, read_config, run_hub

@@ -73,7 +73,7 @@ def test_fleet_sim_onboards_every_hub(
 @pytest.mark.timeout(60)
 def test_fleet_sim_exits_non_zero_when_hubs_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A cloud config whose template does not exist: every hub is refused, the exit code says so."""
-    from iot_core_local.claims import set_up_fleet_provisioning
+    from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
     with LocalIotCore(tmp_path / "cloud") as core:

@@ -38,7 +38,7 @@ def test_hub_without_verification_connect_is_provisioned(tmp_path: Path) -> None
     """Against the real stand-in: skipping the reconnect still ends PROVISIONED, with the steps saying so."""
     from hub_onboarding.factory import write_claim_hub
     from hub_onboarding.onboarding import HubOnboarding
-    from iot_core_local.claims import set_up_fleet_provisioning
+    from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
     with LocalIotCore(tmp_path / "cloud") as core:

@@ -22,7 +22,7 @@ import pytest
 from bench.loadgen import client_context as loadgen_context
 from bench.loadgen import provision_one
 
-from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.faults import parse_spec
 from iot_core_local.provisioning import ProvisioningService
 from iot_core_local.server import LocalIotCore

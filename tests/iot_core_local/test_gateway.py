@@ -168,7 +168,7 @@ def test_subscribe_qos2_is_granted_qos1(core: LocalIotCore, creds_dir: Path) -> 
 
 
 def test_claim_certificate_is_refused_outside_its_policy(core: LocalIotCore, creds_dir: Path) -> None:
-    from iot_core_local.claims import claim_policy_document
+    from iot_core_local.recipes.claims import claim_policy_document
 
     claim = new_device(
         core, creds_dir, "claim-only", policy=claim_policy_document("us-east-1", "123456789012", "T")

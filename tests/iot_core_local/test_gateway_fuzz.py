@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 
 from .gw_helpers import OK, Credentials, RawClient, new_device, write_credentials

@@ -15,7 +15,7 @@ import cbor2
 import mqtt5
 import pytest
 
-from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 
 from .gw_helpers import (

@@ -22,9 +22,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from iot_core_local.provisioning import registration_event_topic
+from iot_core_local.model import CertificateStatus
 
-log = logging.getLogger("iot_core_local.jitr")
+log = logging.getLogger(__name__)
+
+# Where AWS IoT Core publishes a JITR registration event: one topic per CA, under this prefix.
+REGISTRATION_EVENT_PREFIX = "$aws/events/certificates/registered/"
+
+
+def registration_event_topic(ca_certificate_id: str) -> str:
+    """The topic on which AWS announces certificates the CA `ca_certificate_id` signed, at their first
+    connect (status PENDING_ACTIVATION)."""
+    return REGISTRATION_EVENT_PREFIX + ca_certificate_id
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -126,12 +135,12 @@ def activator_policy_document(region: str, account: str) -> str:
                 {
                     "Effect": "Allow",
                     "Action": "iot:Subscribe",
-                    "Resource": f"{prefix}:topicfilter/$aws/events/certificates/registered/*",
+                    "Resource": f"{prefix}:topicfilter/{REGISTRATION_EVENT_PREFIX}*",
                 },
                 {
                     "Effect": "Allow",
                     "Action": "iot:Receive",
-                    "Resource": f"{prefix}:topic/$aws/events/certificates/registered/*",
+                    "Resource": f"{prefix}:topic/{REGISTRATION_EVENT_PREFIX}*",
                 },
             ],
         }
@@ -169,7 +178,7 @@ class JitrActivator:
         self._mqtt: Any = None
         self.activated: list[str] = []
         self.events: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # `events` and `activated` grow on awscrt's and the pool's threads
         self._stopped = threading.Event()
 
     def start(self, timeout: float = 10.0) -> None:
@@ -218,14 +227,14 @@ class JitrActivator:
         except ValueError:
             log.warning("JITR activator: ignoring a registration event that is not JSON")
             return
-        with self._changed:
+        with self._lock:
             self.events.append(event)
-            self._changed.notify_all()
         self._pool.submit(self._activate, event)
 
     def _activate(self, event: dict[str, Any]) -> None:
         certificate_id = event.get("certificateId", "")
-        if event.get("certificateStatus") != "PENDING_ACTIVATION" or certificate_id in self.activated:
+        pending = event.get("certificateStatus") == CertificateStatus.PENDING_ACTIVATION
+        if not pending or certificate_id in self.activated:
             return
         try:
             description = self._iot.describe_certificate(certificateId=certificate_id)[
@@ -239,18 +248,13 @@ class JitrActivator:
                 self._iot.create_thing(thingName=thing_name)
             self._iot.attach_thing_principal(thingName=thing_name, principal=arn)
             self._iot.attach_policy(policyName=self._device_policy, target=arn)
-            self._iot.update_certificate(certificateId=certificate_id, newStatus="ACTIVE")
+            self._iot.update_certificate(certificateId=certificate_id, newStatus=CertificateStatus.ACTIVE)
         except Exception:
             log.exception("JITR activator: could not activate certificate %s", certificate_id)
             return
         log.info("JITR activator: activated certificate %s as thing %s", certificate_id, thing_name)
-        with self._changed:
+        with self._lock:
             self.activated.append(certificate_id)
-            self._changed.notify_all()
-
-    def wait_for_activation(self, count: int = 1, timeout: float = 30.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self.activated) >= count, timeout)
 
     def stop(self) -> None:
         if self._mqtt is not None:

@@ -3,13 +3,19 @@
 The same calls work against iot-core-local and against real AWS IoT Core, so the demo, the tests, the
 benchmarks and a hub maker's own set-up script share one recipe: a provisioning template, the policy
 the provisioned hubs get, a claim policy that allows nothing but provisioning, and a claim certificate.
+Running it again is safe: the template and policies already there are kept, and a new claim certificate
+is made (a claim's private key cannot be fetched again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from iot_core_local.model import CertificateStatus
 
 # The parameter names the hub sends in RegisterThing and the deviceConfiguration keys it reads back.
 SERIAL_NUMBER_PARAMETER = "SerialNumber"
@@ -95,7 +101,10 @@ def hub_template_body(hub_policy_name: str) -> str:
                 },
                 "certificate": {
                     "Type": "AWS::IoT::Certificate",
-                    "Properties": {"CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"},
+                    "Properties": {
+                        "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
+                        "Status": CertificateStatus.ACTIVE,
+                    },
                 },
                 "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": hub_policy_name}},
             },
@@ -131,13 +140,23 @@ def set_up_fleet_provisioning(
     """Create the template, both policies and an ACTIVE claim certificate; return the claim material.
 
     Against real AWS pass your own account id and a role that IoT may assume to provision things.
+    A template or policy of the same name that already exists is kept as it is (a second run, or a second
+    factory line, gets its own claim certificate under the same template).
     """
     region = region or client.meta.region_name
     hub_policy = f"{template_name}-hub"
     claim_policy = f"{template_name}-claim"
-    client.create_policy(policyName=hub_policy, policyDocument=hub_policy_document(region, account))
-    client.create_policy(
-        policyName=claim_policy, policyDocument=claim_policy_document(region, account, template_name)
+    _create_unless_present(
+        client,
+        client.create_policy,
+        policyName=hub_policy,
+        policyDocument=hub_policy_document(region, account),
+    )
+    _create_unless_present(
+        client,
+        client.create_policy,
+        policyName=claim_policy,
+        policyDocument=claim_policy_document(region, account, template_name),
     )
     template: dict[str, Any] = {
         "templateName": template_name,
@@ -147,7 +166,7 @@ def set_up_fleet_provisioning(
     }
     if hook_url is not None:
         template["preProvisioningHook"] = {"targetArn": hook_url, "payloadVersion": "2020-04-01"}
-    client.create_provisioning_template(**template)
+    _create_unless_present(client, client.create_provisioning_template, **template)
     created = client.create_keys_and_certificate(setAsActive=True)
     client.attach_policy(policyName=claim_policy, target=created["certificateArn"])
     return ClaimSetup(
@@ -158,3 +177,9 @@ def set_up_fleet_provisioning(
         claim_policy_name=claim_policy,
         hub_policy_name=hub_policy,
     )
+
+
+def _create_unless_present(client: Any, create: Callable[..., object], **request: Any) -> None:
+    """Call `create(**request)`; a ResourceAlreadyExistsException means it is there already, which is fine."""
+    with contextlib.suppress(client.exceptions.ResourceAlreadyExistsException):
+        create(**request)

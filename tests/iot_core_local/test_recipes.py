@@ -1,0 +1,80 @@
+"""The customer-side recipes: fleet provisioning set-up (run twice), the JITR activator's topic and policy,
+and their independence from the server's modules."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import iot_core_local.recipes
+from iot_core_local.policy import evaluate, validate_policy
+from iot_core_local.recipes.claims import hub_template_body, set_up_fleet_provisioning
+from iot_core_local.recipes.jitr import activator_policy_document, registration_event_topic
+
+RECIPES = Path(iot_core_local.recipes.__file__).parent
+ARN = "arn:aws:iot:us-east-1:123456789012"
+
+
+def test_set_up_fleet_provisioning_twice_keeps_the_template_and_makes_a_new_claim(cp_client: Any) -> None:
+    first = set_up_fleet_provisioning(cp_client, "Twice")
+    second = set_up_fleet_provisioning(cp_client, "Twice")
+
+    assert second.template_name == first.template_name == "Twice"
+    assert (second.claim_policy_name, second.hub_policy_name) == (
+        first.claim_policy_name,
+        first.hub_policy_name,
+    )
+    assert second.certificate_id != first.certificate_id
+    assert [t["templateName"] for t in cp_client.list_provisioning_templates()["templates"]] == ["Twice"]
+    policies = sorted(p["policyName"] for p in cp_client.list_policies()["policies"])
+    assert policies == ["Twice-claim", "Twice-hub"]
+    for setup in (first, second):
+        arn = cp_client.describe_certificate(certificateId=setup.certificate_id)["certificateDescription"][
+            "certificateArn"
+        ]
+        attached = cp_client.list_attached_policies(target=arn)["policies"]
+        assert [p["policyName"] for p in attached] == ["Twice-claim"]
+
+
+def test_a_second_run_keeps_the_existing_template_as_it_is(cp_client: Any) -> None:
+    set_up_fleet_provisioning(cp_client, "Kept", hook_url="http://127.0.0.1:9/hook")
+    set_up_fleet_provisioning(cp_client, "Kept")
+    described = cp_client.describe_provisioning_template(templateName="Kept")
+    assert described["preProvisioningHook"]["targetArn"] == "http://127.0.0.1:9/hook"
+
+
+def test_the_hub_template_activates_the_certificate() -> None:
+    body = json.loads(hub_template_body("HubPolicy"))
+    assert body["Resources"]["certificate"]["Properties"]["Status"] == "ACTIVE"
+
+
+def test_registration_events_arrive_on_the_topic_aws_documents() -> None:
+    assert registration_event_topic("ab12") == "$aws/events/certificates/registered/ab12"
+
+
+def test_the_activator_may_hear_registration_events_and_nothing_else() -> None:
+    document = activator_policy_document("us-east-1", "123456789012")
+    validate_policy(document)
+    topic = registration_event_topic("ab12")
+    assert evaluate([document], "iot:Subscribe", f"{ARN}:topicfilter/{topic}", {})
+    assert evaluate([document], "iot:Receive", f"{ARN}:topic/{topic}", {})
+    assert not evaluate([document], "iot:Publish", f"{ARN}:topic/{topic}", {})
+    assert not evaluate([document], "iot:Subscribe", f"{ARN}:topicfilter/things/hub/shadow", {})
+
+
+def test_recipes_import_nothing_of_the_server() -> None:
+    """They run against real AWS too: boto3-style clients and MQTT only, plus the pure model for AWS's
+    status names."""
+    for path in sorted(RECIPES.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: relative import"
+                imported.add(node.module or "")
+        ours = {name for name in imported if name.split(".")[0] == "iot_core_local"}
+        assert ours <= {"iot_core_local.model"}, f"{path.name} imports {sorted(ours)}"
