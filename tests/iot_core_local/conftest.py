@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from iot_core_local.api import ControlPlane
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.registry import Registry
+from tests._support.clients import iot_client
 
 
 @pytest.fixture(scope="session")
@@ -40,16 +40,6 @@ def cp_plane(cp_registry: Registry, cp_ca: CertificateAuthority) -> Iterator[Con
     plane.stop()
 
 
-def cp_make_client(url: str) -> Any:
-    return boto3.client(
-        "iot",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
-
-
 @pytest.fixture
 def cp_client(cp_plane: ControlPlane) -> Any:
-    return cp_make_client(cp_plane.url)
+    return iot_client(cp_plane.url)

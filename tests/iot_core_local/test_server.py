@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import boto3
 import pytest
 
 from iot_core_local.errors import ServerError
 from iot_core_local.server import Endpoint, LocalIotCore
+from tests._support.clients import iot_client
 
 
 def _serve_command(data_dir: Path) -> list[str]:
@@ -43,68 +43,63 @@ def _serve(data_dir: Path) -> subprocess.Popen[str]:
 
 
 def _mosquitto_pids(data_dir: Path) -> list[int]:
+    # Compared as bytes: any process on the machine may have a command line that is not UTF-8, and
+    # decoding every one of them would fail the test for a process that has nothing to do with it.
+    wanted = os.fsencode(data_dir)
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # the process ended while we looked, or it is not ours to read
             continue
-        if "mosquitto" in cmdline and str(data_dir) in cmdline:
+        if b"mosquitto" in cmdline and wanted in cmdline:
             pids.append(int(entry.name))
     return pids
 
 
 def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    proc = _serve(data_dir)
-    try:
-        assert proc.stdout is not None
-        printed = json.loads(proc.stdout.readline())
-        on_disk = json.loads((data_dir / "endpoint.json").read_text())
-        assert printed == on_disk
-        assert set(on_disk) == {"mqttHost", "mqttPort", "apiUrl", "rootCaPath"}
-        assert on_disk["mqttPort"] > 0
-        assert on_disk["apiUrl"].startswith(f"http://{on_disk['mqttHost']}:")
-        assert Path(on_disk["rootCaPath"]).is_file()
-        assert _mosquitto_pids(data_dir), "serve should run its own Mosquitto"
+    with _serve(data_dir) as proc:  # leaving the block closes the pipes and reaps the process
+        try:
+            assert proc.stdout is not None
+            printed = json.loads(proc.stdout.readline())
+            on_disk = json.loads((data_dir / "endpoint.json").read_text())
+            assert printed == on_disk
+            assert set(on_disk) == {"mqttHost", "mqttPort", "apiUrl", "rootCaPath"}
+            assert on_disk["mqttPort"] > 0
+            assert on_disk["apiUrl"].startswith(f"http://{on_disk['mqttHost']}:")
+            assert Path(on_disk["rootCaPath"]).is_file()
+            assert _mosquitto_pids(data_dir), "serve should run its own Mosquitto"
 
-        iot = boto3.client(
-            "iot",
-            endpoint_url=on_disk["apiUrl"],
-            region_name="eu-west-1",
-            aws_access_key_id="a",
-            aws_secret_access_key="b",
-        )
-        assert iot.list_things()["things"] == []
+            iot = iot_client(on_disk["apiUrl"], region="eu-west-1")
+            assert iot.list_things()["things"] == []
 
-        second = subprocess.run(
-            _serve_command(data_dir),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert second.returncode == 3
-        assert "already served" in second.stderr
-        assert "Traceback" not in second.stderr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+            second = subprocess.run(
+                _serve_command(data_dir),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert second.returncode == 3
+            assert "already served" in second.stderr
+            assert "Traceback" not in second.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
     assert proc.returncode == 0
-    deadline = time.monotonic() + 10
-    while _mosquitto_pids(data_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # No waiting needed: the server waits for its Mosquitto child to exit (and reaps it) before it exits.
     assert _mosquitto_pids(data_dir) == [], "Mosquitto must stop with the server"
     assert not (data_dir / "endpoint.json").exists()
 
 
 def test_sigint_stops_too(tmp_path: Path) -> None:
-    proc = _serve(tmp_path / "data")
-    assert proc.stdout is not None
-    json.loads(proc.stdout.readline())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 0
+    with _serve(tmp_path / "data") as proc:
+        assert proc.stdout is not None
+        json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
 
 
 def test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
@@ -174,22 +169,32 @@ def test_data_dir_and_keys_are_private(tmp_path: Path) -> None:
         assert key.stat().st_mode & 0o077 == 0, key
 
 
-def test_stop_waits_for_worker_threads_before_closing_the_registry(tmp_path: Path) -> None:
+def test_stop_waits_for_worker_threads_before_closing_the_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Work already running in the gateway's threads (a hook, a RegisterThing) finishes against an
     open registry; only then is the registry closed."""
-    import asyncio
-
     outcome: list[object] = []
     core = LocalIotCore(tmp_path / "data")
     core.start()
     try:
-        gateway, registry, loop = core.gateway, core.registry, core._loop
-        assert loop is not None
+        gateway, registry, loop = core.gateway, core.registry, core.loop
         started = threading.Event()
+        closed = threading.Event()
+        close = registry.close
+
+        def close_and_tell() -> None:
+            closed.set()
+            close()
+
+        monkeypatch.setattr(registry, "close", close_and_tell)
 
         def slow_worker_job() -> None:
             started.set()
-            time.sleep(0.5)
+            # A stop() that did not wait for this job would close the registry now. An absence cannot be
+            # awaited as an event, so this waits a bounded time for the close that must not come (the
+            # only timed wait here; a broken stop() sets `closed` and ends it at once).
+            closed.wait(0.5)
             try:
                 outcome.append(len(registry.list_policies()))
             except Exception as e:  # a closed database
@@ -200,3 +205,4 @@ def test_stop_waits_for_worker_threads_before_closing_the_registry(tmp_path: Pat
     finally:
         core.stop()
     assert outcome == [0]
+    assert closed.is_set(), "the registry is closed, after the job"

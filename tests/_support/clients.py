@@ -1,0 +1,18 @@
+"""Clients of the stand-in, for tests: a boto3 IoT client pointed at a control plane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+
+
+def iot_client(url: str, region: str = "us-east-1") -> Any:
+    """A boto3 IoT client for the control plane at `url` (the stand-in checks no signature)."""
+    return boto3.client(
+        "iot",
+        endpoint_url=url,
+        region_name=region,
+        aws_access_key_id="x",
+        aws_secret_access_key="x",  # a dummy: the stand-in checks no credentials
+    )
