@@ -130,6 +130,8 @@ class Broker:
         raise ServerError(f"Mosquitto did not start: {last_error}")
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
+        # Polled with a deadline: Mosquitto is another process and tells nobody when its port is open,
+        # so trying to connect is the only way to know.
         deadline = time.monotonic() + _START_DEADLINE
         while time.monotonic() < deadline:
             if process.poll() is not None:

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SERVER
     try:
         print(json.dumps(endpoint.to_json()), flush=True)
+        # Woken twice a second: a signal handler runs only when the main thread gets back to Python code.
         while not stop.wait(0.5):
             pass
     finally:
