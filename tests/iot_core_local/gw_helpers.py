@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iot_core_local.recipes import jitr
 from iot_core_local.ca import certificate_id
+from iot_core_local.recipes import jitr
 from iot_core_local.server import LocalIotCore
 
 REGION = "us-east-1"
@@ -271,7 +271,8 @@ def make_csr(common_name: str = "hub", *, weak: bool = False) -> str:
 
 
 class DeviceCA(jitr.DeviceCA):
-    """The product's maker CA (iot_core_local.recipes.jitr), writing credentials where these tests read them."""
+    """The product's maker CA (iot_core_local.recipes.jitr), writing credentials where these tests
+    read them."""
 
     @property
     def cert(self) -> x509.Certificate:

@@ -22,9 +22,9 @@ import pytest
 from bench.loadgen import client_context as loadgen_context
 from bench.loadgen import provision_one
 
-from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.faults import parse_spec
 from iot_core_local.provisioning import ProvisioningService
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 
 from .gw_helpers import (
