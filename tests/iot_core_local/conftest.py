@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
-from iot_core_local.api import ControlPlane
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.registry import Registry
 

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.api import ControlPlane
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.registry import Registry
 
