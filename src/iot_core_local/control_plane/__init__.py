@@ -8,7 +8,7 @@ Imports go one way: http -> iot -> restjson. A second AWS service is a sibling o
 a `RestJsonService` built from its botocore model) that `ControlPlane.host_service` adds.
 """
 
-from iot_core_local.control_plane.http import MAX_BODY, ControlPlane, HostedServices
+from iot_core_local.control_plane.http import MAX_BODY, ControlPlane
 from iot_core_local.control_plane.iot import CLAIM_TTL, SUPPORTED_OPERATIONS
 from iot_core_local.control_plane.restjson import RestJsonService
 

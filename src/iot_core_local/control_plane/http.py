@@ -67,9 +67,6 @@ class HostedServices:
         self._in_order.append(hosted)
         self._by_signing_name[service.signing_name] = hosted
 
-    def __iter__(self) -> Any:
-        return iter(self._in_order)
-
     def resolve(
         self, method: str, path: str, query: Mapping[str, list[str]], headers: Mapping[str, str]
     ) -> tuple[_Hosted, OperationModel, dict[str, str]]:

@@ -74,14 +74,10 @@ class _Route:
     query: tuple[tuple[str, str | None], ...]  # literal query parts of requestUri ("?a=b", "?c")
     literal_chars: int  # more literal characters = more specific
 
-    def match(self, path: str, query: Mapping[str, list[str]]) -> dict[str, str] | None:
-        found = self.path.fullmatch(path)
-        if found is None:
-            return None
-        if any(
-            key not in query or (value is not None and value not in query[key]) for key, value in self.query
-        ):
-            return None
+    def query_matches(self, query: Mapping[str, list[str]]) -> bool:
+        return all(key in query and (value is None or value in query[key]) for key, value in self.query)
+
+    def labels_of(self, found: re.Match[str]) -> dict[str, str]:
         return {name: urllib.parse.unquote(found.group(i + 1)) for i, name in enumerate(self.labels)}
 
 
@@ -350,8 +346,7 @@ def validate(shape: Shape, value: Any, member: str) -> None:
 # ---- requests -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
     labels: Mapping[str, str]
     query: Mapping[str, list[str]]
     headers: Mapping[str, str]
@@ -397,12 +392,21 @@ def _from_nowhere(request: _Request, name: str, wire: str, member: Shape) -> Any
     return _MISSING  # a location this protocol subset does not read (a header prefix map, say)
 
 
-_READERS: dict[str | None, Callable[[_Request, str, str, Shape], Any]] = {
+_Reader = Callable[[_Request, str, str, Shape], Any]
+_READERS: dict[str | None, _Reader] = {
     "uri": _from_uri,
     "querystring": _from_query,
     "header": _from_header,
     None: _from_body,
 }
+
+
+class _InputPlan(NamedTuple):
+    """Where each input member of an operation is read from, worked out once per operation."""
+
+    shape: StructureShape | None
+    payload_member: str | None
+    members: tuple[tuple[str, str, Shape, _Reader], ...]  # (name, name on the wire, shape, reader)
 
 
 def _document(body: bytes, has_payload_member: bool) -> Any:
@@ -464,6 +468,7 @@ class RestJsonService(Generic[C]):
         self.title: str = model.metadata.get("serviceFullName", model.service_name)
         self.signing_name: str = model.signing_name
         self._routes = _compile_routes(model)
+        self._inputs: dict[str, _InputPlan] = {}
 
     @property
     def supported_operations(self) -> frozenset[str]:
@@ -473,10 +478,11 @@ class RestJsonService(Generic[C]):
         self, method: str, path: str, query: Mapping[str, list[str]]
     ) -> tuple[OperationModel, dict[str, str]] | None:
         """The operation at (method, raw path, query) and its decoded URI labels, or None."""
+        # The path regex first and inline: a method has up to a hundred routes, and this runs per request.
         for route in self._routes.get(method, ()):
-            labels = route.match(path, query)
-            if labels is not None:
-                return route.operation, labels
+            found = route.path.fullmatch(path)
+            if found is not None and (not route.query or route.query_matches(query)):
+                return route.operation, route.labels_of(found)
         return None
 
     def route(
@@ -500,22 +506,35 @@ class RestJsonService(Generic[C]):
 
         `headers` are keyed in lower case; `query` maps each name to all its values.
         """
-        shape = operation.input_shape
-        if shape is None:
+        plan = self._inputs.get(operation.name) or self._plan_input(operation)
+        if plan.shape is None:
             return {}
-        payload_member = shape.serialization.get("payload")
-        request = _Request(
-            labels, query, headers, body, _document(body, payload_member is not None), payload_member
-        )
+        document = _document(body, plan.payload_member is not None)
+        request = _Request(labels, query, headers, body, document, plan.payload_member)
         params: dict[str, Any] = {}
-        for name, member in shape.members.items():
-            serialization = member.serialization
-            read = _READERS.get(serialization.get("location"), _from_nowhere)
-            value = read(request, name, serialization.get("name", name), member)
+        for name, wire, member, read in plan.members:
+            value = read(request, name, wire, member)
             if value is not _MISSING:
                 params[name] = value
-        validate(shape, params, "")
+        validate(plan.shape, params, "")
         return params
+
+    def _plan_input(self, operation: OperationModel) -> _InputPlan:
+        # Computed on an operation's first request, then reused (a race computes it twice, harmlessly).
+        shape = operation.input_shape
+        members = tuple(
+            (
+                name,
+                member.serialization.get("name", name),
+                member,
+                _READERS.get(member.serialization.get("location"), _from_nowhere),
+            )
+            for name, member in (shape.members.items() if shape is not None else ())
+        )
+        payload_member = shape.serialization.get("payload") if shape is not None else None
+        plan = _InputPlan(shape, payload_member, members)
+        self._inputs[operation.name] = plan
+        return plan
 
     def serialise_response(self, operation: OperationModel, output: Mapping[str, Any]) -> Response:
         """A handler's output members as the model places them: status code, headers, JSON body."""
