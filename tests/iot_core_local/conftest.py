@@ -9,8 +9,8 @@ from typing import Any
 import boto3
 import pytest
 
-from iot_core_local.control_plane import ControlPlane
 from iot_core_local.ca import CertificateAuthority
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.registry import Registry
 
 

@@ -7,6 +7,7 @@ import datetime
 import http.client
 import json
 import socket
+import sqlite3
 import urllib.parse
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -21,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.control_plane import ControlPlane
 from iot_core_local.ca import CertificateAuthority
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.registry import Registry
 
 from .conftest import cp_make_client
@@ -782,24 +783,44 @@ def test_fuzz_never_500_and_the_server_keeps_serving(cp_plane: ControlPlane) -> 
     assert client.describe_thing(thingName="still-here")["version"] == 1
 
 
-def test_list_certificates_pages_in_sql_without_pems(cp_client: Any, cp_registry: Registry) -> None:
-    ids = [cp_client.create_keys_and_certificate(setAsActive=True)["certificateId"] for _ in range(5)]
+def test_list_certificates_pages_in_sql_without_pems(
+    tmp_path: Path, cp_ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry's SQL is watched through sqlite3's own trace hook, on the connection the registry opens.
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", recording_connect)
+        registry = Registry(tmp_path / "traced.sqlite3")
+    (connection,) = opened
     statements: list[str] = []
-    cp_registry._db.set_trace_callback(statements.append)
+    plane = ControlPlane(registry, cp_ca, port=0)
+    plane.start()
     try:
+        client = cp_make_client(plane.url)
+        ids = [client.create_keys_and_certificate(setAsActive=True)["certificateId"] for _ in range(5)]
+        connection.set_trace_callback(statements.append)
         for order in (True, False):
             paged = [
                 c["certificateId"]
-                for page in cp_client.get_paginator("list_certificates").paginate(
+                for page in client.get_paginator("list_certificates").paginate(
                     ascendingOrder=order, PaginationConfig={"PageSize": 2}
                 )
                 for c in page["certificates"]
             ]
             assert paged == (ids if order else ids[::-1])
-        by_ca = cp_client.list_certificates_by_ca(caCertificateId="0" * 64)
+        by_ca = client.list_certificates_by_ca(caCertificateId="0" * 64)
         assert by_ca["certificates"] == []
+        connection.set_trace_callback(None)
     finally:
-        cp_registry._db.set_trace_callback(None)
+        plane.stop()
+        registry.close()
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM certificates" in s]
     assert selects
     for statement in selects:
