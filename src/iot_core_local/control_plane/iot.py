@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import functools
 import hashlib
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +41,10 @@ from iot_core_local.registry import (
     Thing,
     certificate_id_from_arn,
 )
+from iot_core_local.templates import validate_template  # raises TemplateError, an InvalidRequest
 
 __all__ = ["CLAIM_TTL", "HOOK_PAYLOAD_VERSION", "SUPPORTED_OPERATIONS", "IotBackend", "service"]
 
-log = logging.getLogger(__name__)
 
 CLAIM_TTL = 300.0  # CreateProvisioningClaim: AWS's temporary claim certificates last five minutes
 HOOK_PAYLOAD_VERSION = "2020-04-01"
@@ -177,16 +176,6 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
-
-
-def _validate_template_body(body: str) -> None:
-    """templates.validate_template, if the template engine is installed (it raises TemplateError)."""
-    try:
-        from iot_core_local.templates import validate_template
-    except ImportError:  # pragma: no cover - only while the engine is being written
-        log.warning("templates.py is missing: template bodies are stored unchecked")
-        return
-    validate_template(body)
 
 
 def _hook(value: Mapping[str, Any] | None, template_type: str) -> dict[str, str] | None:
@@ -354,7 +343,7 @@ def _registration_config(backend: IotBackend, value: Mapping[str, Any] | None) -
                 "a CA needs a JITP template"
             )
     if config.get("templateBody"):
-        _validate_template_body(config["templateBody"])
+        validate_template(config["templateBody"])
     return config or None
 
 
@@ -662,7 +651,7 @@ def _list_principal_things(backend: IotBackend, params: dict[str, Any]) -> Mappi
 def _create_provisioning_template(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     template_type = params.get("type", "FLEET_PROVISIONING")
     hook = _hook(params.get("preProvisioningHook"), template_type)
-    _validate_template_body(params["templateBody"])
+    validate_template(params["templateBody"])
     template = backend.registry.create_template(
         params["templateName"],
         params["templateBody"],
@@ -737,7 +726,7 @@ def _create_provisioning_template_version(backend: IotBackend, params: dict[str,
         raise InvalidRequest(
             "iot-core-local keeps only the default version of a template; use setAsDefault=true"
         )
-    _validate_template_body(params["templateBody"])
+    validate_template(params["templateBody"])
     template = backend.registry.update_template(name, body=params["templateBody"])
     return {
         "templateArn": template.arn,
