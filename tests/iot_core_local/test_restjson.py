@@ -10,7 +10,7 @@ from typing import Any
 import botocore.session
 import pytest
 from botocore.model import ServiceModel
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iot_core_local.control_plane.restjson import Pager, Response, RestJsonService
@@ -345,6 +345,7 @@ _JSON = st.recursive(
 _MEMBERS = st.sampled_from(["colour", "Size", "Tags", "Parts", "Created", "Data", "Ratio", "Spec", "Token"])
 
 
+@settings(deadline=None)  # a busy machine must not fail a pure function for its pace
 @given(document=st.dictionaries(_MEMBERS, _JSON, max_size=6))
 def test_any_json_body_is_parsed_or_refused_with_invalid_request(document: dict[str, Any]) -> None:
     try:
@@ -405,6 +406,7 @@ def test_a_payload_member_is_the_whole_output_and_no_output_is_an_empty_object()
 _TIMESTAMPS = st.floats(min_value=0, max_value=4e9, allow_nan=False).map(lambda t: round(t, 3))
 
 
+@settings(deadline=None)  # a busy machine must not fail a pure function for its pace
 @given(
     created=_TIMESTAMPS,
     data=st.binary(max_size=4),
@@ -496,11 +498,13 @@ def test_the_largest_offset_is_still_a_token() -> None:
     assert _PAGER.bounds({"nextToken": Pager.token(2**63 - 1)}) == (2**63 - 1, 3)
 
 
+@settings(deadline=None)  # a busy machine must not fail a pure function for its pace
 @given(offset=st.integers(min_value=0, max_value=2**63 - 1))
 def test_a_token_stands_for_its_offset(offset: int) -> None:
     assert Pager.offset(Pager.token(offset)) == offset
 
 
+@settings(deadline=None)  # a busy machine must not fail a pure function for its pace
 @given(items=st.lists(st.integers(), max_size=30), size=st.integers(min_value=1, max_value=8))
 def test_paging_through_visits_every_item_once_in_order(items: list[int], size: int) -> None:
     seen: list[int] = []
