@@ -26,9 +26,9 @@ from .errors import ServerError
 from .faults import FaultInjector
 
 if TYPE_CHECKING:
-    from .api import ControlPlane
     from .broker import Broker
     from .ca import CertificateAuthority
+    from .control_plane import ControlPlane
     from .gateway import Gateway
     from .registry import Registry
 
@@ -189,9 +189,9 @@ class LocalIotCore:
         self.stop()
 
     def start(self) -> Endpoint:
-        from .api import ControlPlane
         from .broker import Broker
         from .ca import CertificateAuthority
+        from .control_plane import ControlPlane
         from .gateway import Gateway
         from .provisioning import ProvisioningService
         from .registry import Registry

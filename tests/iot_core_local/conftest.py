@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from iot_core_local.api import ControlPlane
 from iot_core_local.ca import CertificateAuthority
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.registry import Registry
 from tests._support.clients import iot_client
 

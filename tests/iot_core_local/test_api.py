@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import http.client
 import json
 import socket
+import sqlite3
 import urllib.parse
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+import boto3
+import botocore.session
 import pytest
 from botocore.exceptions import ClientError
 from cryptography import x509
@@ -21,8 +25,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.api import ControlPlane
 from iot_core_local.ca import CertificateAuthority
+from iot_core_local.control_plane import ControlPlane, RestJsonService
 from iot_core_local.registry import Registry
 
 from .conftest import cp_make_client
@@ -630,6 +634,80 @@ def test_unexpected_errors_stay_clean(
     assert b"Traceback" not in body
 
 
+def test_pagination_tokens_past_64_bits_are_invalid_requests(cp_client: Any) -> None:
+    # The certificate list is paged in SQL, whose integers stop at 2**63 - 1: not a 500 past that.
+    marker = base64.b64encode(str(2**63).encode()).decode()
+    cp_client.create_keys_and_certificate()
+    for call in (
+        lambda: cp_client.list_certificates(marker=marker),
+        lambda: cp_client.list_certificates_by_ca(caCertificateId="0" * 64, marker=marker),
+        lambda: cp_client.list_things(nextToken=marker),
+        lambda: cp_client.list_policies(marker=marker),
+    ):
+        error = _error(call)
+        assert error["Code"] == "InvalidRequestException"
+        assert "pagination token" in error["Message"]
+    largest = base64.b64encode(str(2**63 - 1).encode()).decode()
+    assert cp_client.list_certificates(marker=largest)["certificates"] == []
+
+
+def test_a_second_service_is_hosted_by_registering_it(
+    cp_registry: Registry, cp_ca: CertificateAuthority
+) -> None:
+    # AWS IoT and managed integrations both have GET /destinations/{...}: the signature's service decides.
+    model = botocore.session.get_session().get_service_model("iot-managed-integrations")
+    seen: list[tuple[str, str]] = []
+
+    def get_managed_thing(context: str, params: dict[str, Any]) -> dict[str, Any]:
+        seen.append((context, params["Identifier"]))
+        return {"Id": params["Identifier"], "Name": "hub"}
+
+    def get_destination(context: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"Name": params["Name"], "DeliveryDestinationArn": "arn:x"}
+
+    plane = ControlPlane(cp_registry, cp_ca, port=0)
+    plane.host_service(
+        RestJsonService[str](
+            model, {"GetManagedThing": get_managed_thing, "GetDestination": get_destination}
+        ),
+        "context",
+    )
+    plane.start()
+    try:
+        with pytest.raises(RuntimeError):
+            plane.host_service(RestJsonService[str](model, {}), "late")
+        managed = boto3.client(
+            "iot-managed-integrations",
+            endpoint_url=plane.url,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+        )
+        thing = managed.get_managed_thing(Identifier="thing-1")
+        assert (thing["Id"], thing["Name"]) == ("thing-1", "hub")
+        assert seen == [("context", "thing-1")]
+        assert managed.get_destination(Name="d1")["DeliveryDestinationArn"] == "arn:x"
+        iot = cp_make_client(plane.url)
+        unsupported = _error(lambda: iot.get_topic_rule_destination(arn="arn:aws:iot:us-east-1:1:d/x"))
+        assert (
+            unsupported["Message"] == "Operation GetTopicRuleDestination is not supported by iot-core-local"
+        )
+        assert iot.create_thing(thingName="still-iot")["thingName"] == "still-iot"
+        # Unsigned, a request goes to the first service with the route: AWS IoT, hosted first.
+        status, _, body = _raw(plane, "GET", "/destinations/d1")
+        assert (status, json.loads(body)["message"]) == (
+            400,
+            "Operation GetTopicRuleDestination is not supported by iot-core-local",
+        )
+        status, _, body = _raw(plane, "GET", "/managed-things/thing-2")
+        assert status == 200
+        assert json.loads(body) == {"Id": "thing-2", "Name": "hub"}
+        status, _, body = _raw(plane, "GET", "/nowhere")
+        assert (status, json.loads(body)["message"]) == (404, "No AWS IoT operation matches GET /nowhere")
+    finally:
+        plane.stop()
+
+
 def test_state_survives_a_restart(tmp_path: Path, cp_ca: CertificateAuthority) -> None:
     path = tmp_path / "restart.sqlite3"
 
@@ -782,24 +860,44 @@ def test_fuzz_never_500_and_the_server_keeps_serving(cp_plane: ControlPlane) -> 
     assert client.describe_thing(thingName="still-here")["version"] == 1
 
 
-def test_list_certificates_pages_in_sql_without_pems(cp_client: Any, cp_registry: Registry) -> None:
-    ids = [cp_client.create_keys_and_certificate(setAsActive=True)["certificateId"] for _ in range(5)]
+def test_list_certificates_pages_in_sql_without_pems(
+    tmp_path: Path, cp_ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry's SQL is watched through sqlite3's own trace hook, on the connection the registry opens.
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", recording_connect)
+        registry = Registry(tmp_path / "traced.sqlite3")
+    (connection,) = opened
     statements: list[str] = []
-    cp_registry._db.set_trace_callback(statements.append)
+    plane = ControlPlane(registry, cp_ca, port=0)
+    plane.start()
     try:
+        client = cp_make_client(plane.url)
+        ids = [client.create_keys_and_certificate(setAsActive=True)["certificateId"] for _ in range(5)]
+        connection.set_trace_callback(statements.append)
         for order in (True, False):
             paged = [
                 c["certificateId"]
-                for page in cp_client.get_paginator("list_certificates").paginate(
+                for page in client.get_paginator("list_certificates").paginate(
                     ascendingOrder=order, PaginationConfig={"PageSize": 2}
                 )
                 for c in page["certificates"]
             ]
             assert paged == (ids if order else ids[::-1])
-        by_ca = cp_client.list_certificates_by_ca(caCertificateId="0" * 64)
+        by_ca = client.list_certificates_by_ca(caCertificateId="0" * 64)
         assert by_ca["certificates"] == []
+        connection.set_trace_callback(None)
     finally:
-        cp_registry._db.set_trace_callback(None)
+        plane.stop()
+        registry.close()
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM certificates" in s]
     assert selects
     for statement in selects:

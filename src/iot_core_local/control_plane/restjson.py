@@ -1,0 +1,640 @@
+"""AWS's rest-json protocol, driven by botocore's model of a service: routing, parsing, validation, output.
+
+A `RestJsonService` is built from a botocore `ServiceModel` and a table of handlers (operation name to a
+function of a context and the parsed parameters). It knows nothing of HTTP servers or of what the handlers
+do: it turns (method, path, query, headers, body) into validated parameters, and a handler's result (or a
+`ServiceError`) into (status, headers, body). A path, a parameter's location, a timestamp's encoding or an
+error's status code is therefore never written down twice: the model says it once, for every service.
+
+Any operation of the model without a handler is recognised and answered "not supported".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import functools
+import json
+import math
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar, cast
+
+from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Shape, StructureShape
+
+from iot_core_local.errors import InvalidRequest, ServiceError, UnknownOperation
+
+__all__ = [
+    "Handler",
+    "Pager",
+    "Response",
+    "RestJsonService",
+    "clip",
+    "from_json",
+    "validate",
+]
+
+C = TypeVar("C")
+
+# A handler gets its service's context (whatever the service needs: a registry, a CA...) and the parsed,
+# validated input members by name; it returns the output members by name (None values are left out).
+Handler = Callable[[C, dict[str, Any]], Mapping[str, Any]]
+
+
+class Response(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """`text`, cut to a length that is fit to echo in an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _bad(member: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{member} {problem}")
+
+
+# ---- routing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Route:
+    operation: OperationModel
+    path: re.Pattern[str]
+    labels: tuple[str, ...]  # regex group i+1 is the URI label labels[i]
+    query: tuple[tuple[str, str | None], ...]  # literal query parts of requestUri ("?a=b", "?c")
+    literal_chars: int  # more literal characters = more specific
+
+    def query_matches(self, query: Mapping[str, list[str]]) -> bool:
+        return all(key in query and (value is None or value in query[key]) for key, value in self.query)
+
+    def labels_of(self, found: re.Match[str]) -> dict[str, str]:
+        return {name: urllib.parse.unquote(found.group(i + 1)) for i, name in enumerate(self.labels)}
+
+
+def _compile_route(operation: OperationModel) -> _Route:
+    uri = operation.http["requestUri"]
+    path, _, query = uri.partition("?")
+    labels: list[str] = []
+    pattern = ""
+    pos = 0
+    for match in re.finditer(r"\{([^}]+)\}", path):
+        pattern += re.escape(path[pos : match.start()])
+        name = match.group(1)
+        greedy = name.endswith("+")
+        labels.append(name.rstrip("+"))
+        # Labels match the raw (still percent-encoded) path: botocore encodes "/" in a non-greedy label.
+        pattern += "(.+)" if greedy else "([^/]+)"
+        pos = match.end()
+    pattern += re.escape(path[pos:])
+    literal_query = tuple(
+        (key, value if sep else None)
+        for key, sep, value in (part.partition("=") for part in query.split("&") if part)
+    )
+    literal = len(re.sub(r"\{[^}]+\}", "", path))
+    return _Route(operation, re.compile(pattern), tuple(labels), literal_query, literal)
+
+
+def _compile_routes(model: ServiceModel) -> dict[str, list[_Route]]:
+    by_method: dict[str, list[_Route]] = {}
+    for name in model.operation_names:
+        operation = model.operation_model(name)
+        by_method.setdefault(operation.http["method"], []).append(_compile_route(operation))
+    for routes in by_method.values():
+        # A route with literal query parts, then a longer literal path, wins over a more general one.
+        routes.sort(key=lambda r: (-len(r.query), -r.literal_chars))
+    return by_method
+
+
+# ---- values from the URI, the query string and headers ------------------------------------------
+
+
+def _integer_from_text(text: str, member: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad(member, f"must be an integer, not {text!r}") from None
+
+
+def _number_from_text(text: str, member: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _bad(member, f"must be a number, not {text!r}") from None
+
+
+def _boolean_from_text(text: str, member: str) -> bool:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise _bad(member, f"must be true or false, not {text!r}")
+
+
+def _timestamp_from_text(text: str, member: str) -> float:
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise _bad(member, f"must be a timestamp, not {text!r}") from None
+
+
+_FROM_TEXT: dict[str, Callable[[str, str], Any]] = {
+    "integer": _integer_from_text,
+    "long": _integer_from_text,
+    "double": _number_from_text,
+    "float": _number_from_text,
+    "boolean": _boolean_from_text,
+    "timestamp": _timestamp_from_text,
+}
+
+
+def _scalar_from_text(shape: Shape, text: str, member: str) -> Any:
+    """A value from the URI, the query string or a header (strings stay as they are)."""
+    parse = _FROM_TEXT.get(shape.type_name)
+    return text if parse is None else parse(text, member)
+
+
+# ---- values from a JSON body --------------------------------------------------------------------
+
+
+def _structure_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, dict):
+        raise _bad(member, "must be a JSON object")
+    result: dict[str, Any] = {}
+    for name, member_shape in cast(StructureShape, shape).members.items():
+        key = member_shape.serialization.get("name", name)
+        if key in value and value[key] is not None:
+            result[name] = from_json(member_shape, value[key], _join(member, name))
+    return result
+
+
+def _list_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, list):
+        raise _bad(member, "must be a JSON array")
+    item_shape = cast(ListShape, shape).member
+    return [from_json(item_shape, item, f"{member}[{i}]") for i, item in enumerate(value)]
+
+
+def _map_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, dict):
+        raise _bad(member, "must be a JSON object")
+    value_shape = cast(MapShape, shape).value
+    return {str(k): from_json(value_shape, v, f"{member}.{k}") for k, v in value.items()}
+
+
+def _string_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, str):
+        raise _bad(member, "must be a string")
+    return value
+
+
+def _boolean_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, bool):
+        raise _bad(member, "must be true or false")
+    return value
+
+
+def _integer_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(member, "must be an integer")
+    return value
+
+
+def _number_from_json(shape: Shape, value: Any, member: str) -> Any:
+    # Timestamps too: rest-json bodies carry them as epoch seconds.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(member, "must be a number")
+    if not math.isfinite(value):
+        raise _bad(member, "must be a finite number")
+    return value
+
+
+def _blob_from_json(shape: Shape, value: Any, member: str) -> Any:
+    if not isinstance(value, str):
+        raise _bad(member, "must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(member, "must be valid base64") from None
+
+
+def _any_from_json(shape: Shape, value: Any, member: str) -> Any:
+    return value
+
+
+_FROM_JSON: dict[str, Callable[[Shape, Any, str], Any]] = {
+    "structure": _structure_from_json,
+    "list": _list_from_json,
+    "map": _map_from_json,
+    "string": _string_from_json,
+    "boolean": _boolean_from_json,
+    "integer": _integer_from_json,
+    "long": _integer_from_json,
+    "double": _number_from_json,
+    "float": _number_from_json,
+    "timestamp": _number_from_json,
+    "blob": _blob_from_json,
+}
+
+
+def from_json(shape: Shape, value: Any, member: str) -> Any:
+    """A JSON body value checked against its shape (types only; `validate` checks the constraints).
+
+    `member` names the value in error messages ("attributePayload.attributes").
+    """
+    return _FROM_JSON.get(shape.type_name, _any_from_json)(shape, value, member)
+
+
+# ---- constraints --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _python_pattern(pattern: str) -> re.Pattern[str] | None:
+    # The model's patterns are Java regexes; \p{C} ("other": controls, format...) is the only Java-only
+    # class among those this subset meets. A pattern Python cannot read is skipped, not enforced wrongly.
+    translated = pattern.replace(r"\p{C}", r"\x00-\x1f\x7f-\x9f")
+    try:
+        return re.compile(translated)
+    except re.error:
+        return None
+
+
+_SIZE_UNITS = {"string": "characters", "blob": "bytes", "list": "items", "map": "items"}
+
+
+def _check_structure(shape: Shape, value: Any, member: str) -> None:
+    structure = cast(StructureShape, shape)
+    for name in structure.required_members:
+        if value.get(name) is None:
+            raise InvalidRequest(f"{_join(member, name)} is required")
+    for name, item in value.items():
+        validate(structure.members[name], item, _join(member, name))
+
+
+def _check_size(shape: Shape, value: Any, member: str) -> None:
+    meta = shape.metadata
+    size = len(value)
+    if "min" in meta and size < meta["min"]:
+        raise _bad(member, f"must have at least {meta['min']} {_SIZE_UNITS[shape.type_name]}")
+    if "max" in meta and size > meta["max"]:
+        raise _bad(member, f"must have at most {meta['max']} {_SIZE_UNITS[shape.type_name]}")
+
+
+def _check_enum(shape: Shape, value: Any, member: str) -> None:
+    meta = shape.metadata
+    if "enum" in meta and value not in meta["enum"]:
+        raise _bad(member, f"must be one of {', '.join(meta['enum'])}, not {value!r}")
+
+
+def _check_pattern(shape: Shape, value: Any, member: str) -> None:
+    meta = shape.metadata
+    pattern = _python_pattern(meta["pattern"]) if "pattern" in meta else None
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _bad(member, f"{clip(value)!r} does not match the pattern {meta['pattern']}")
+
+
+def _check_range(shape: Shape, value: Any, member: str) -> None:
+    meta = shape.metadata
+    if "min" in meta and value < meta["min"]:
+        raise _bad(member, f"must be at least {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise _bad(member, f"must be at most {meta['max']}")
+
+
+def _check_items(shape: Shape, value: Any, member: str) -> None:
+    item_shape = cast(ListShape, shape).member
+    for i, item in enumerate(value):
+        validate(item_shape, item, f"{member}[{i}]")
+
+
+def _check_entries(shape: Shape, value: Any, member: str) -> None:
+    map_shape = cast(MapShape, shape)
+    for key, item in value.items():
+        validate(map_shape.key, key, f"{member} key")
+        validate(map_shape.value, item, f"{member}.{key}")
+
+
+_Check = Callable[[Shape, Any, str], None]
+# The checks of each shape type, in the order their errors take precedence.
+_CHECKS: dict[str, tuple[_Check, ...]] = {
+    "structure": (_check_structure,),
+    "string": (_check_size, _check_enum, _check_pattern),
+    "blob": (_check_size,),
+    "list": (_check_size, _check_items),
+    "map": (_check_size, _check_entries),
+    "integer": (_check_range,),
+    "long": (_check_range,),
+}
+
+
+def validate(shape: Shape, value: Any, member: str) -> None:
+    """Required members, lengths, ranges, patterns and enums, as the model states them."""
+    for check in _CHECKS.get(shape.type_name, ()):
+        check(shape, value, member)
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+class _Request(NamedTuple):
+    labels: Mapping[str, str]
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]
+    body: bytes
+    document: Any  # the parsed JSON body ({} when there is none)
+    payload_member: str | None  # the member that is the whole body, if the input has one
+
+
+_MISSING: Any = object()
+
+
+def _from_uri(request: _Request, name: str, wire: str, member: Shape) -> Any:
+    if wire not in request.labels:
+        return _MISSING
+    return _scalar_from_text(member, request.labels[wire], name)
+
+
+def _from_query(request: _Request, name: str, wire: str, member: Shape) -> Any:
+    if wire not in request.query:
+        return _MISSING
+    if member.type_name == "list":
+        item_shape = cast(ListShape, member).member
+        return [_scalar_from_text(item_shape, v, name) for v in request.query[wire]]
+    return _scalar_from_text(member, request.query[wire][0], name)
+
+
+def _from_header(request: _Request, name: str, wire: str, member: Shape) -> Any:
+    if wire.lower() not in request.headers:
+        return _MISSING
+    return _scalar_from_text(member, request.headers[wire.lower()], name)
+
+
+def _from_body(request: _Request, name: str, wire: str, member: Shape) -> Any:
+    if name == request.payload_member:
+        return from_json(member, request.document, name) if request.body.strip() else _MISSING
+    document = request.document
+    if isinstance(document, dict) and document.get(wire) is not None:
+        return from_json(member, document[wire], name)
+    return _MISSING
+
+
+def _from_nowhere(request: _Request, name: str, wire: str, member: Shape) -> Any:
+    return _MISSING  # a location this protocol subset does not read (a header prefix map, say)
+
+
+_Reader = Callable[[_Request, str, str, Shape], Any]
+_READERS: dict[str | None, _Reader] = {
+    "uri": _from_uri,
+    "querystring": _from_query,
+    "header": _from_header,
+    None: _from_body,
+}
+
+
+class _InputPlan(NamedTuple):
+    """Where each input member of an operation is read from, worked out once per operation."""
+
+    shape: StructureShape | None
+    payload_member: str | None
+    members: tuple[tuple[str, str, Shape, _Reader], ...]  # (name, name on the wire, shape, reader)
+
+
+def _document(body: bytes, has_payload_member: bool) -> Any:
+    document: Any = {}
+    if body.strip():
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not has_payload_member and not isinstance(document, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    return document
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def _to_json(shape: Shape, value: Any) -> Any:
+    kind = shape.type_name
+    if kind == "structure":
+        return {
+            member.serialization.get("name", name): _to_json(member, value[name])
+            for name, member in cast(StructureShape, shape).members.items()
+            if value.get(name) is not None
+        }
+    if kind == "list":
+        return [_to_json(cast(ListShape, shape).member, item) for item in value]
+    if kind == "map":
+        return {k: _to_json(cast(MapShape, shape).value, v) for k, v in value.items()}
+    if kind == "timestamp":
+        # rest-json bodies carry epoch seconds, which botocore turns back into datetimes.
+        return value.timestamp() if isinstance(value, datetime.datetime) else float(value)
+    if kind == "blob":
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _header_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ---- the service --------------------------------------------------------------------------------
+
+
+class RestJsonService(Generic[C]):
+    """One rest-json service: botocore's model of it, and the handlers of the operations it answers.
+
+    Built once (the route table is compiled here); every method is then a pure function of its arguments,
+    safe to call from any number of threads.
+    """
+
+    def __init__(self, model: ServiceModel, handlers: Mapping[str, Handler[C]]) -> None:
+        unknown = sorted(set(handlers) - set(model.operation_names))
+        if unknown:
+            raise ValueError(f"{model.service_name} has no operation named {', '.join(unknown)}")
+        self.model = model
+        self.handlers: Mapping[str, Handler[C]] = dict(handlers)
+        # How the service names itself in messages ("AWS IoT"), and how clients sign for it ("iot").
+        self.title: str = model.metadata.get("serviceFullName", model.service_name)
+        self.signing_name: str = model.signing_name
+        self._routes = _compile_routes(model)
+        self._inputs: dict[str, _InputPlan] = {}
+
+    @property
+    def supported_operations(self) -> frozenset[str]:
+        return frozenset(self.handlers)
+
+    def match(
+        self, method: str, path: str, query: Mapping[str, list[str]]
+    ) -> tuple[OperationModel, dict[str, str]] | None:
+        """The operation at (method, raw path, query) and its decoded URI labels, or None."""
+        # The path regex first and inline: a method has up to a hundred routes, and this runs per request.
+        for route in self._routes.get(method, ()):
+            found = route.path.fullmatch(path)
+            if found is not None and (not route.query or route.query_matches(query)):
+                return route.operation, route.labels_of(found)
+        return None
+
+    def route(
+        self, method: str, path: str, query: Mapping[str, list[str]]
+    ) -> tuple[OperationModel, dict[str, str]]:
+        """As `match`, raising UnknownOperation when nothing matches."""
+        found = self.match(method, path, query)
+        if found is None:
+            raise UnknownOperation(f"No {self.title} operation matches {method} {path}")
+        return found
+
+    def parse_request(
+        self,
+        operation: OperationModel,
+        labels: Mapping[str, str],
+        query: Mapping[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> dict[str, Any]:
+        """The input members of `operation`, read from where the model puts them, and validated.
+
+        `headers` are keyed in lower case; `query` maps each name to all its values.
+        """
+        plan = self._inputs.get(operation.name) or self._plan_input(operation)
+        if plan.shape is None:
+            return {}
+        document = _document(body, plan.payload_member is not None)
+        request = _Request(labels, query, headers, body, document, plan.payload_member)
+        params: dict[str, Any] = {}
+        for name, wire, member, read in plan.members:
+            value = read(request, name, wire, member)
+            if value is not _MISSING:
+                params[name] = value
+        validate(plan.shape, params, "")
+        return params
+
+    def _plan_input(self, operation: OperationModel) -> _InputPlan:
+        # Computed on an operation's first request, then reused (a race computes it twice, harmlessly).
+        shape = operation.input_shape
+        members = tuple(
+            (
+                name,
+                member.serialization.get("name", name),
+                member,
+                _READERS.get(member.serialization.get("location"), _from_nowhere),
+            )
+            for name, member in (shape.members.items() if shape is not None else ())
+        )
+        payload_member = shape.serialization.get("payload") if shape is not None else None
+        plan = _InputPlan(shape, payload_member, members)
+        self._inputs[operation.name] = plan
+        return plan
+
+    def serialise_response(self, operation: OperationModel, output: Mapping[str, Any]) -> Response:
+        """A handler's output members as the model places them: status code, headers, JSON body."""
+        status = int(operation.http.get("responseCode", 200))
+        headers: dict[str, str] = {}
+        shape = operation.output_shape
+        if shape is None:
+            return Response(status, headers, b"{}")
+        payload_member = shape.serialization.get("payload")
+        body: dict[str, Any] = {}
+        for name, member in shape.members.items():
+            value = output.get(name)
+            if value is None:
+                continue
+            location = member.serialization.get("location")
+            wire = member.serialization.get("name", name)
+            if location == "statusCode":
+                status = int(value)
+            elif location == "header":
+                headers[wire] = _header_text(value)
+            elif name == payload_member:
+                return Response(status, headers, json.dumps(_to_json(member, value)).encode())
+            else:
+                body[wire] = _to_json(member, value)
+        return Response(status, headers, json.dumps(body).encode())
+
+    @staticmethod
+    def error_response(error: ServiceError) -> Response:
+        """The answer botocore reads an error from: its status, its type in a header, a JSON body."""
+        return Response(
+            error.status, {"x-amzn-ErrorType": error.error_type}, json.dumps(error.body()).encode()
+        )
+
+    def invoke(
+        self,
+        context: C,
+        operation: OperationModel,
+        labels: Mapping[str, str],
+        query: Mapping[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Response:
+        """Parse, call the operation's handler with `context`, serialise. ServiceErrors propagate."""
+        handler = self.handlers.get(operation.name)
+        if handler is None:
+            raise InvalidRequest(f"Operation {operation.name} is not supported by iot-core-local")
+        params = self.parse_request(operation, labels, query, headers, body)
+        return self.serialise_response(operation, handler(context, params))
+
+
+# ---- paging -------------------------------------------------------------------------------------
+
+# Offsets go to SQLite's LIMIT/OFFSET, whose integers are signed 64-bit; a token past that is not one of ours.
+_MAX_OFFSET = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Pager:
+    """Page size and position from a list operation's parameters, and the token for the next page.
+
+    Tokens are base64 offsets (AWS IoT's Marker pattern is base64): cheap, and stable enough for a
+    registry that changes slowly while someone pages through it. `size_params` and `token_params` name
+    the service's members, first found wins (AWS IoT: pageSize or maxResults, marker or nextToken).
+    """
+
+    size_params: tuple[str, ...]
+    token_params: tuple[str, ...]
+    default_size: int = 250
+
+    def bounds(self, params: Mapping[str, Any]) -> tuple[int, int]:
+        """(offset, page size)."""
+        size = _first(params, self.size_params) or self.default_size
+        token = _first(params, self.token_params)
+        return (self.offset(token) if token else 0), int(size)
+
+    def page(self, items: list[Any], params: Mapping[str, Any]) -> tuple[list[Any], str | None]:
+        """One page of `items` and the token for the next (None on the last page)."""
+        start, size = self.bounds(params)
+        end = start + size
+        return items[start:end], self.token(end) if end < len(items) else None
+
+    @staticmethod
+    def token(offset: int) -> str:
+        return base64.b64encode(str(offset).encode()).decode()
+
+    @staticmethod
+    def offset(token: str) -> int:
+        """The offset a token stands for; InvalidRequest if it is not a token this service handed out."""
+        try:
+            start = int(base64.b64decode(token, validate=True).decode("ascii"))
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            raise InvalidRequest(f"The pagination token {clip(token)!r} is not valid") from None
+        if not 0 <= start <= _MAX_OFFSET:
+            raise InvalidRequest(f"The pagination token {clip(token)!r} is not valid")
+        return start
+
+
+def _first(params: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = params.get(name)
+        if value:
+            return value
+    return None
