@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .api import ControlPlane
     from .broker import Broker
     from .ca import CertificateAuthority
-    from .gateway import Gateway
+    from .gateway import Gateway, GatewayLimits
     from .registry import Registry
 
 log = logging.getLogger("iot_core_local.server")
@@ -104,6 +104,7 @@ class LocalIotCore:
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
         faults: Iterable[str] = (),
+        gateway_limits: GatewayLimits | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
@@ -117,6 +118,7 @@ class LocalIotCore:
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
         self._lock_file: TextIO | None = None
         self._ca: CertificateAuthority | None = None
         self._registry: Registry | None = None
@@ -209,6 +211,7 @@ class LocalIotCore:
                 host=self.host,
                 port=self.mqtt_port,
                 faults=self.faults,
+                limits=self.gateway_limits,
             )
             asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
 

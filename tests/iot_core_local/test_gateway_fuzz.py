@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 
 from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
-from .gw_helpers import OK, Credentials, RawClient, new_device, write_credentials
+from tests._support.devices import OK, Credentials, RawClient, new_device, write_credentials
 
 FUZZ = settings(
     max_examples=60,
