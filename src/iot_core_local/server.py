@@ -15,7 +15,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -105,6 +106,7 @@ class LocalIotCore:
         hook_timeout: float = 5.0,
         faults: Iterable[str] = (),
         gateway_limits: GatewayLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
         # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
@@ -119,6 +121,7 @@ class LocalIotCore:
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
         self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
+        self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
         self._lock_file: TextIO | None = None
         self._ca: CertificateAuthority | None = None
         self._registry: Registry | None = None
@@ -200,7 +203,12 @@ class LocalIotCore:
             )
             self._loop_thread.start()
             provisioning = ProvisioningService(
-                self._registry, self._ca, token_ttl=self.token_ttl, hook_timeout=self.hook_timeout
+                self._registry,
+                self._ca,
+                token_ttl=self.token_ttl,
+                hook_timeout=self.hook_timeout,
+                clock=self.clock,
+                broker=(self._broker.host, self._broker.port),
             )
             self._gateway = Gateway(
                 registry=self._registry,

@@ -68,8 +68,11 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, An
         yield proc, endpoint
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
+        returncode = proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
         log.close()
+        assert returncode == 0
         text = (tmp_path / "server.log").read_text()
         assert "Traceback" not in text
         assert "internal error" not in text

@@ -25,7 +25,6 @@ from bench.loadgen import provision_one
 
 from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.faults import parse_spec
-from iot_core_local.provisioning import ProvisioningService
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import (
     OPEN_POLICY,
@@ -415,14 +414,15 @@ def _free_port() -> int:
         return port
 
 
-def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path) -> None:
     mqtt_port, api_port = _free_port(), _free_port()
     data = tmp_path / "data"
-    # The first server never sweeps, so only the second one (after the restart) can delete the
-    # certificate whose token expires unused.
-    monkeypatch.setattr(ProvisioningService, "sweep_expired", lambda self: 0)
-    # Tokens that expire as they are issued: expired by the restart without waiting for time to pass.
-    with LocalIotCore(data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=0) as first:
+    # The first server's clock stands still, so no token ever expires for its sweep: only the second
+    # server (after the restart) can delete the certificate whose token expires unused.
+    stopped = time.time()
+    with LocalIotCore(
+        data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=0.5, clock=lambda: stopped
+    ) as first:
         setup = set_up_fleet_provisioning(first.client(), "Restart")
         creds = write_credentials(
             tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
@@ -436,9 +436,12 @@ def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path, monkeypatch: p
         assert first.registry.find_certificate(abandoned) is not None
     client.expect_closed()
     client.close()
-    monkeypatch.undo()
     swept = watch_log("iot_core_local.gateway", lambda m: "ownership token expired unused" in m)
-    with swept as sweep, LocalIotCore(data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=3600) as second:
+    # The second server's clock runs a second ahead: the first server's tokens (0.5 s) have expired.
+    ahead = LocalIotCore(
+        data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=3600, clock=lambda: time.time() + 1.0
+    )
+    with swept as sweep, ahead as second:
         assert (second.endpoint.mqtt_port, second.endpoint.api_url) == (
             mqtt_port,
             f"http://127.0.0.1:{api_port}",

@@ -19,8 +19,9 @@ from typing import Any
 import mqtt5
 import pytest
 
-from iot_core_local.gateway import EventPublisher, GatewayLimits
+from iot_core_local.gateway import GatewayLimits
 from iot_core_local.gateway.wire import topic_limit_problem
+from iot_core_local.provisioning.jit import EventPublisher
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import (
     ARN,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -18,6 +20,7 @@ from iot_core_local.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import (
     Credentials,
+    DeviceCA,
     Paho,
     RawClient,
     make_csr,
@@ -557,3 +560,82 @@ def test_thing_groups_in_a_template_are_reported_as_ignored(
     assert registry.get_thing("grouped").name == "grouped"
     assert registry.get_certificate(cert.certificate_id).status == "ACTIVE"
     registry.close()
+
+
+# ---- the service on its own, with a clock the test moves ------------------------------------------
+
+
+class FakeClock:
+    """Epoch seconds that move only when the test says so."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_expired_tokens_are_swept_when_the_clock_says_so(tmp_path: Path) -> None:
+    from iot_core_local.ca import CertificateAuthority
+    from iot_core_local.provisioning import ProvisioningService, Requester, parse_request_topic
+    from iot_core_local.registry import Registry
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    registry = Registry(tmp_path / "registry.sqlite3")
+    clock = FakeClock(time.time())  # the registry dates the tokens by the wall clock
+    service = ProvisioningService(registry, ca, token_ttl=60.0, clock=clock)
+    request = parse_request_topic(CSR_TOPIC)
+    assert request is not None
+
+    async def scenario() -> tuple[str, bool, bool]:
+        answer = await service.answer(
+            request,
+            json.dumps({"certificateSigningRequest": make_csr()}).encode(),
+            Requester(claim_certificate_id="claim", client_id="hub"),
+        )
+        assert answer.accepted, answer.summary
+        issued = json.loads(answer.payload)["certificateId"]
+        await service.maintain()  # the first sweep: nothing has expired yet
+        kept = registry.find_certificate(issued) is not None
+        clock.advance(61.0)
+        await service.maintain()  # a minute later the token has expired unused
+        swept = registry.find_certificate(issued) is None
+        await service.close()
+        return issued, kept, swept
+
+    try:
+        _issued, kept, swept = asyncio.run(scenario())
+    finally:
+        registry.close()
+    assert kept
+    assert swept
+
+
+def test_jitr_event_is_dated_by_the_clock(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from iot_core_local.ca import certificate_id
+    from iot_core_local.provisioning.jit import JustInTime, Registered
+    from iot_core_local.registry import Registry
+
+    registry = Registry(tmp_path / "registry.sqlite3")
+    maker = DeviceCA("Clock CA")
+    ca = registry.add_ca_certificate(
+        maker.pem, status="ACTIVE", auto_registration=True, registration_config=None, mode="SNI_ONLY"
+    )
+    device = maker.device(tmp_path, "clocked")
+    cert = x509.load_pem_x509_certificate(device.certificate_pem.encode())
+    try:
+        outcome = JustInTime(registry, FakeClock(1_700_000_000.25)).register(
+            cert, certificate_id(cert), ca, None
+        )
+    finally:
+        registry.close()
+    assert isinstance(outcome, Registered)
+    event = json.loads(outcome.event)
+    assert event["timestamp"] == 1_700_000_000_250
+    assert event["certificateId"] == device.certificate_id
+    assert event["certificateStatus"] == "PENDING_ACTIVATION"

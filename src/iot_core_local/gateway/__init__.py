@@ -13,12 +13,11 @@ The package, by level:
     wire.py        MQTT 5 on plain bytes: framing, the UTF-8 pre-check, parsing, topic rules
     tls.py         the trust store and the TLS handshake, on asyncio internals (quarantined)
     limits.py      GatewayLimits: every size limit and timeout, one frozen value
-    events.py      the gateway's own Mosquitto client (JITR registration events)
 
-Registry reads for a CONNECT run on the loop (they are short), and so do CreateCertificateFromCsr and a
-RegisterThing without a hook (under a millisecond each); only RSA key generation
-(CreateKeysAndCertificate), a pre-provisioning hook, JITR/JITP and the TLS trust store rebuild run in a
-worker thread.
+Provisioning (the fleet provisioning topics, JITR/JITP) is the provisioning service's, behind its narrow
+interface; it decides itself what runs on the loop and what in its worker threads. Registry reads for a
+CONNECT run on the loop (they are short); the TLS trust store rebuild and the heap trim run in the
+gateway's own worker threads.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import ctypes
 import gc
 import logging
 import ssl
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,18 +38,16 @@ from ..faults import FaultInjector
 from ..provisioning import ProvisioningService
 from ..registry import Registry
 from .connection import Connection
-from .events import EventPublisher
 from .limits import GatewayLimits
 from .tls import TrustStore, brief, handshake
 from .wire import Reason, topic_limit_problem, topic_matches
 
-__all__ = ["Connection", "EventPublisher", "Gateway", "GatewayLimits", "topic_limit_problem", "topic_matches"]
+__all__ = ["Connection", "Gateway", "GatewayLimits", "topic_limit_problem", "topic_matches"]
 
 log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
 
-SWEEP_INTERVAL = 60.0
 ACTIVE = "ACTIVE"
 
 
@@ -95,12 +91,12 @@ class Gateway:
         self.arn_prefix = registry.arn("")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="iot-core-local-worker")
+        # The trust store rebuild and the heap trim; provisioning has workers of its own.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iot-core-local-worker")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transports: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()  # accepted, not yet freed
         self._by_certificate: dict[str, set[Connection]] = {}
         self._by_client_id: dict[str, Connection] = {}
-        self._events = EventPublisher(broker_host, broker_port, timeout=self.limits.broker_timeout)
         self.trust_store = TrustStore(registry, ca, self.in_thread)
         # Awaited for each connection between Mosquitto's CONNACK and the connection's registration for
         # certificate and policy changes (with its certificate id): the window a test must reach into to
@@ -149,10 +145,9 @@ class Gateway:
         # answer; the loop stops after this returns, so its socket goes now rather than with the garbage.
         for transport in list(self._transports):
             transport.abort()
-        await self._events.close()
+        # The service's work all comes from this gateway's connections: it stops with them.
+        await self.provisioning.close()
         await self.trust_store.close()
-        # Wait for work already running (a hook, a RegisterThing transaction): the registry it writes to
-        # is closed right after this returns. Queued work that has not started is dropped.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._server = None
 
@@ -163,7 +158,7 @@ class Gateway:
         return task
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run blocking work (key generation, a hook, a trust store build) in the gateway's workers."""
+        """Run blocking work (a trust store build, a heap trim) in the gateway's workers."""
         assert self._loop is not None
         if kwargs:
             return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
@@ -274,15 +269,8 @@ class Gateway:
         for connection in self._by_certificate.get(certificate_id, ()):
             connection.policies_stale = True
 
-    async def publish_event(self, topic: str, payload: bytes) -> None:
-        try:
-            await self._events.publish(topic, payload)
-        except (OSError, TimeoutError, ConnectionError) as e:
-            log.warning("could not publish %s: %s", topic, brief(e))
-
     async def _maintain(self) -> None:
-        """Sweep expired unregistered certificates; give memory back after a burst of connections."""
-        last_sweep = float("-inf")  # sweep at once: certificates may have expired while the server was down
+        """Give memory back after a burst of connections; let provisioning do its housekeeping."""
         while True:
             await asyncio.sleep(self.limits.maintenance_interval)
             try:
@@ -291,12 +279,7 @@ class Gateway:
                 if closed >= self.limits.trim_after_closed and self._live <= self._live_peak // 4:
                     self._live_peak = self._live
                     await self.in_thread(_trim_heap)
-                now = time.monotonic()
-                if now - last_sweep >= min(SWEEP_INTERVAL, max(self.provisioning.token_ttl, 1.0)):
-                    last_sweep = now
-                    deleted = await self.in_thread(self.provisioning.sweep_expired)
-                    if deleted:
-                        log.info("deleted %d certificates whose ownership token expired unused", deleted)
+                await self.provisioning.maintain()
             except asyncio.CancelledError:
                 raise
             except Exception:

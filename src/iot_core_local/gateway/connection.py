@@ -18,18 +18,11 @@ import time
 from typing import TYPE_CHECKING
 
 import mqtt5
-from cryptography import x509
 
 from .. import policy
 from ..faults import CONNECT as CONNECT_OPERATION
 from ..faults import Fault
-from ..provisioning import (
-    Answer,
-    Request,
-    is_provisioning_filter,
-    parse_request_topic,
-    registration_event_topic,
-)
+from ..provisioning import Answer, Event, Refuse, Request, Requester
 from ..registry import Certificate
 from .tls import READ_SIZE, brief
 from .wire import (
@@ -85,6 +78,7 @@ class Connection:
     ) -> None:
         self.gw = gateway
         self.limits = gateway.limits  # read once: limits changed later apply to later connections
+        self.provisioning = gateway.provisioning
         self.reader = reader
         self.writer = writer
         self.peer = peer
@@ -254,7 +248,7 @@ class Connection:
             await asyncio.sleep(fault.seconds)
             return True
         if fault.kind == "throttle":
-            self._answer(self.gw.provisioning.throttled(request))
+            self._answer(self.provisioning.throttled(request))
         return False  # ignore (and throttle, answered): nothing more
 
     def _answer(self, answer: Answer) -> None:
@@ -273,9 +267,7 @@ class Connection:
         gw = self.gw
         record = gw.registry.find_certificate(self.certificate_id)
         if record is None or record.status == PENDING_ACTIVATION:
-            record = await self._just_in_time(record)
-        if record is None:
-            raise Close("refused without CONNACK: unknown certificate")
+            record = await self._unknown_certificate(record)
         if record.status != ACTIVE:
             raise Close(f"refused without CONNACK: certificate is {record.status}")
         ca_id = record.ca_certificate_id
@@ -325,27 +317,20 @@ class Connection:
         self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.NOT_AUTHORIZED))
         raise Close(f"refused with CONNACK 135: {why}")
 
-    async def _just_in_time(self, record: Certificate | None) -> Certificate | None:
-        gw = self.gw
-        cert = x509.load_der_x509_certificate(self.der)
-        ca = gw.registry.find_ca_for(cert)
-        if ca is None or ca.status != ACTIVE or not ca.auto_registration:
-            return record
-        try:
-            provisioned, event = await gw.in_thread(
-                gw.provisioning.just_in_time, cert, self.certificate_id, ca, record
-            )
-        except Exception as e:  # JITP template problems are the customer's; the device is refused
-            message = getattr(e, "message", None) or brief(e)
-            raise Close(f"refused without CONNACK: JITP failed: {message}") from None
-        if event is not None:
-            await gw.publish_event(registration_event_topic(ca.certificate_id), event)
+    async def _unknown_certificate(self, known: Certificate | None) -> Certificate:
+        """JITR/JITP (or a refusal) for a certificate the registry does not know, or knows pending."""
+        outcome = await self.provisioning.on_unknown_certificate(self.der, self.certificate_id, known)
+        if isinstance(outcome, Refuse):
+            raise Close(f"refused without CONNACK: {outcome.why}")
+        if isinstance(outcome, Event):
             raise Close(
                 "JITR: certificate registered PENDING_ACTIVATION, event published; closed without CONNACK"
             )
-        status = provisioned.status if provisioned is not None else "absent"
-        log.info("%s: JITP provisioned the certificate, now %s", self.describe(), status)
-        return provisioned
+        if outcome.provisioned:
+            log.info(
+                "%s: JITP provisioned the certificate, now %s", self.describe(), outcome.certificate.status
+            )
+        return outcome.certificate
 
     # ---- the relay ----------------------------------------------------------------------------
 
@@ -516,7 +501,7 @@ class Connection:
         alias = packet.topic_alias
         if alias is not None and packet.topic:
             self.client_aliases[alias] = topic  # at most topic_alias_max of them, each a valid topic
-        request = parse_request_topic(topic)
+        request = self.provisioning.match(topic)
         if request is not None:
             await self._provisioning_request(request, packet, topic)
             return False
@@ -574,25 +559,9 @@ class Connection:
                 return
         elif packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
             self._send_client(mqtt5.PubAckPacket(packet.packet_id))
-        provisioning = self.gw.provisioning
-        prepared = provisioning.prepare(request)
-        if prepared.blocks:
-            answer = await self.gw.in_thread(
-                provisioning.handle,
-                request,
-                packet.payload,
-                claim_certificate_id=self.certificate_id,
-                client_id=self.client_id,
-                prepared=prepared,
-            )
-        else:
-            answer = provisioning.handle(
-                request,
-                packet.payload,
-                claim_certificate_id=self.certificate_id,
-                client_id=self.client_id,
-                prepared=prepared,
-            )
+        answer = await self.provisioning.answer(
+            request, packet.payload, Requester(self.certificate_id, self.client_id)
+        )
         self._answer(answer)
 
     def _refuse_publish(self, packet: mqtt5.PublishPacket) -> None:
@@ -640,7 +609,7 @@ class Connection:
             subscriptions.add(pattern)
             if pattern.startswith("$aws/"):
                 self.local_filters.add(pattern)  # provisioning answers may match it
-            if is_provisioning_filter(pattern):
+            if self.provisioning.owns_filter(pattern):
                 continue
             positions.append(i)
             patterns.append(pattern)
@@ -676,7 +645,7 @@ class Connection:
             local = pattern in self.local_filters
             self.local_filters.discard(pattern)
             self.subscriptions.discard(pattern)
-            if is_provisioning_filter(pattern):
+            if self.provisioning.owns_filter(pattern):
                 codes.append(
                     mqtt5.UnsubAckReasonCode.SUCCESS
                     if local
