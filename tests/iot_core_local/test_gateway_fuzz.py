@@ -1,4 +1,4 @@
-"""Fuzzing the MQTT input (issue 4, point 3): random bytes after a valid TLS handshake and CONNECT,
+"""Fuzzing the MQTT input: random bytes after a valid TLS handshake and CONNECT,
 and valid-but-hostile packets and provisioning payloads. The server never crashes, every bad connection
 is closed or gets a /rejected answer with statusCode, errorCode and errorMessage, nothing panics or
 prints a traceback, and a good client connected throughout keeps working."""

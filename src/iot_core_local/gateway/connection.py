@@ -496,9 +496,9 @@ class Connection:
         raise Close(f"unexpected {type(packet).__name__} from a client", Reason.PROTOCOL_ERROR)
 
     async def _client_publish(self, packet: mqtt5.PublishPacket) -> bool:
-        topic = self._resolve_topic(packet)
-        self._check_publish(packet, topic)
         alias = packet.topic_alias
+        topic = packet.topic if alias is None else self._resolve_alias(packet, alias)
+        self._check_publish(packet, topic)
         if alias is not None and packet.topic:
             self.client_aliases[alias] = topic  # at most topic_alias_max of them, each a valid topic
         request = self.provisioning.match(topic)
@@ -515,11 +515,8 @@ class Connection:
             return False
         return True
 
-    def _resolve_topic(self, packet: mqtt5.PublishPacket) -> str:
-        """The PUBLISH's topic, read from its topic alias if it names none itself."""
-        alias = packet.topic_alias
-        if alias is None:
-            return packet.topic
+    def _resolve_alias(self, packet: mqtt5.PublishPacket, alias: int) -> str:
+        """The topic of a PUBLISH with a topic alias: its own if it names one, else the alias's."""
         if not 0 < alias <= self.topic_alias_max:
             raise Close(
                 f"topic alias {alias} outside 1..{self.topic_alias_max} (the CONNACK's maximum)",

@@ -1,9 +1,8 @@
 """The gateway's limits and timeouts, one frozen value handed to `Gateway(limits=...)`.
 
-The defaults are AWS IoT Core's (developerguide/limits: "Message broker and protocol limits") where AWS
-has one, and what keeps one hostile or stuck client from costing anyone else where it has none. A
-connection reads the limits once, when it is accepted: a gateway given other limits applies them to the
-connections that come after.
+The defaults are AWS IoT Core's own message broker and protocol limits where AWS has one, and what keeps
+one hostile or stuck client from costing anyone else where it has none. A connection reads the limits
+once, when it is accepted: a gateway given other limits applies them to the connections that come after.
 """
 
 from __future__ import annotations

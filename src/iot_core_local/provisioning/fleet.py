@@ -35,7 +35,7 @@ ACTIVE = "ACTIVE"
 
 @dataclass(frozen=True)
 class Prepared:
-    """What the gateway needs to know before running a request, read once.
+    """What the service needs to know before running a request, read once: whether it may block.
 
     `template` is RegisterThing's stored template (None if it does not exist); `handle` works from this
     same snapshot, so a template updated in between (a hook added, say) cannot make a request that was
