@@ -1,4 +1,4 @@
-"""Gateway benchmark (issue 2, point 8).
+"""Gateway benchmark: what the stand-in's gateway alone sustains, with lean clients.
 
 1. Provisioning throughput: complete provisionings per second (claim connect over TLS,
    CreateCertificateFromCsr, RegisterThing) with 200 concurrent clients.

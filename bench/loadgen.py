@@ -115,30 +115,41 @@ async def provision_one(
 ) -> ProvisioningResult:
     """Claim connect, CreateCertificateFromCsr, RegisterThing, disconnect: one hub's onboarding."""
     started = time.perf_counter()
+    conn: MqttConnection | None = None
     try:
         conn = await MqttConnection.open(host, port, serial, ctx)
-        csr_topic = "$aws/certificates/create-from-csr/json"
-        register_topic = f"$aws/provisioning-templates/{template}/provision/json"
-        await conn.subscribe(
-            f"{csr_topic}/accepted",
-            f"{csr_topic}/rejected",
-            f"{register_topic}/accepted",
-            f"{register_topic}/rejected",
-        )
-        topic, payload = await conn.request(
-            csr_topic, json.dumps({"certificateSigningRequest": csr_pem}).encode()
-        )
-        if not topic.endswith("/accepted"):
-            raise RuntimeError(payload.decode())
-        token = json.loads(payload)["certificateOwnershipToken"]
-        request = {"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial}}
-        topic, payload = await conn.request(register_topic, json.dumps(request).encode())
-        if not topic.endswith("/accepted"):
-            raise RuntimeError(payload.decode())
-        await conn.close()
+        await _onboard(conn, template, serial, csr_pem)
     except Exception as exc:  # a benchmark counts failures, it does not stop on them
         return ProvisioningResult(False, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+    finally:
+        if conn is not None:
+            with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
+                await conn.close()
     return ProvisioningResult(True, time.perf_counter() - started)
+
+
+async def _onboard(conn: MqttConnection, template: str, serial: str, csr_pem: str) -> None:
+    csr_topic = "$aws/certificates/create-from-csr/json"
+    register_topic = f"$aws/provisioning-templates/{template}/provision/json"
+    await conn.subscribe(
+        f"{csr_topic}/accepted",
+        f"{csr_topic}/rejected",
+        f"{register_topic}/accepted",
+        f"{register_topic}/rejected",
+    )
+    payload = _accepted(
+        *await conn.request(csr_topic, json.dumps({"certificateSigningRequest": csr_pem}).encode())
+    )
+    token = json.loads(payload)["certificateOwnershipToken"]
+    request = {"certificateOwnershipToken": token, "parameters": {"SerialNumber": serial}}
+    _accepted(*await conn.request(register_topic, json.dumps(request).encode()))
+
+
+def _accepted(topic: str, payload: bytes) -> bytes:
+    """The payload of an /accepted answer; a /rejected one raises with its body."""
+    if not topic.endswith("/accepted"):
+        raise RuntimeError(payload.decode())
+    return payload
 
 
 def client_context(root_ca: str, cert_path: str, key_path: str) -> ssl.SSLContext:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .broker import Broker
     from .ca import CertificateAuthority
     from .control_plane import ControlPlane
-    from .gateway import Gateway
+    from .gateway import Gateway, GatewayLimits
     from .registry import Registry
 
 log = logging.getLogger("iot_core_local.server")
@@ -107,6 +107,7 @@ class LocalIotCore:
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
         faults: Iterable[str] = (),
+        gateway_limits: GatewayLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -121,7 +122,8 @@ class LocalIotCore:
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
-        self.clock = clock
+        self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
+        self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
         self._lock_file: TextIO | None = None
         self._ca: CertificateAuthority | None = None
         self._registry: Registry | None = None
@@ -212,7 +214,12 @@ class LocalIotCore:
             )
             self._loop_thread.start()
             provisioning = ProvisioningService(
-                self._registry, self._ca, token_ttl=self.token_ttl, hook_timeout=self.hook_timeout
+                self._registry,
+                self._ca,
+                token_ttl=self.token_ttl,
+                hook_timeout=self.hook_timeout,
+                clock=self.clock,
+                broker=(self._broker.host, self._broker.port),
             )
             self._gateway = Gateway(
                 registry=self._registry,
@@ -223,6 +230,7 @@ class LocalIotCore:
                 host=self.host,
                 port=self.mqtt_port,
                 faults=self.faults,
+                limits=self.gateway_limits,
             )
             asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -23,19 +24,17 @@ from bench.loadgen import client_context as loadgen_context
 from bench.loadgen import provision_one
 
 from iot_core_local.faults import parse_spec
-from iot_core_local.provisioning import ProvisioningService
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
-from .gw_helpers import (
+from tests._support.devices import (
     OPEN_POLICY,
     Credentials,
     RawClient,
     make_csr,
     new_device,
-    wait_for,
     write_credentials,
 )
+from tests._support.logs import watch_log
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
 KEYS_TOPIC = "$aws/certificates/create/json"
@@ -123,22 +122,22 @@ def test_fault_specs(spec: str, expected: tuple[str, str, int, float]) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "problem"),
     [
-        "",
-        "explode",
-        "throttle:Publish",
-        "throttle:RegisterThing:0",
-        "throttle:RegisterThing:x",
-        "delay:RegisterThing:1",
-        "delay:any:1:-1",
-        "delay:any:1:nan",
-        "refuse:RegisterThing",
-        "a:b:1:2:3",
+        ("", "expected KIND"),
+        ("explode", "unknown fault kind"),
+        ("throttle:Publish", "unknown operation"),
+        ("throttle:RegisterThing:0", "count must be a positive integer"),
+        ("throttle:RegisterThing:x", "COUNT is an integer"),
+        ("delay:RegisterThing:1", "delay needs seconds"),
+        ("delay:any:1:-1", "seconds must be a number"),
+        ("delay:any:1:nan", "seconds must be a number"),
+        ("refuse:RegisterThing", "refuse applies to Connect only"),
+        ("a:b:1:2:3", "expected KIND"),
     ],
 )
-def test_bad_fault_specs_are_refused(spec: str) -> None:
-    with pytest.raises(ValueError):
+def test_bad_fault_specs_are_refused(spec: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
         parse_spec(spec)
 
 
@@ -272,13 +271,14 @@ def test_ignore_at_connect_never_answers_and_lets_go_when_the_client_does(
 ) -> None:
     _, creds = claim
     core.faults.add("ignore", "Connect")
-    client = RawClient(core, creds, timeout=1.0)
-    client.send(mqtt5.ConnectPacket("ignored-connect", clean_start=True, keep_alive=60))
-    with pytest.raises((TimeoutError, socket.timeout)):
-        client.receive()
-    client.close()
-    # The server lets the connection go as soon as the client does (deadline: nothing hangs).
-    assert wait_for(lambda: core.gateway.live_connections == 0, timeout=5)
+    with watch_log("iot_core_local.gateway", lambda m: "CONNECT never answered" in m) as let_go:
+        client = RawClient(core, creds, timeout=1.0)
+        client.send(mqtt5.ConnectPacket("ignored-connect", clean_start=True, keep_alive=60))
+        with pytest.raises((TimeoutError, socket.timeout)):
+            client.receive()
+        client.close()
+        # The server lets the connection go as soon as the client does (deadline: nothing hangs).
+        assert let_go.wait(timeout=5)
     connect(core, creds, "ignored-connect").close()
 
 
@@ -398,7 +398,10 @@ def test_cli_fault_option(tmp_path: Path) -> None:
         ]
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0
+        returncode = proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert returncode == 0
 
 
 # ---- restart in the middle of onboarding, on the same ports -----------------------------------------
@@ -411,13 +414,15 @@ def _free_port() -> int:
         return port
 
 
-def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path) -> None:
     mqtt_port, api_port = _free_port(), _free_port()
     data = tmp_path / "data"
-    # The first server never sweeps, so only the second one (after the restart) can delete the
-    # certificate whose token expires unused.
-    monkeypatch.setattr(ProvisioningService, "sweep_expired", lambda self: 0)
-    with LocalIotCore(data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=0.5) as first:
+    # The first server's clock stands still, so no token ever expires for its sweep: only the second
+    # server (after the restart) can delete the certificate whose token expires unused.
+    stopped = time.time()
+    with LocalIotCore(
+        data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=0.5, clock=lambda: stopped
+    ) as first:
         setup = set_up_fleet_provisioning(first.client(), "Restart")
         creds = write_credentials(
             tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
@@ -431,15 +436,19 @@ def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path, monkeypatch: p
         assert first.registry.find_certificate(abandoned) is not None
     client.expect_closed()
     client.close()
-    monkeypatch.undo()
-    time.sleep(0.5)  # let the tokens (0.5 s) expire
-    with LocalIotCore(data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=3600) as second:
+    swept = watch_log("iot_core_local.gateway", lambda m: "ownership token expired unused" in m)
+    # The second server's clock runs a second ahead: the first server's tokens (0.5 s) have expired.
+    ahead = LocalIotCore(
+        data, mqtt_port=mqtt_port, api_port=api_port, token_ttl=3600, clock=lambda: time.time() + 1.0
+    )
+    with swept as sweep, ahead as second:
         assert (second.endpoint.mqtt_port, second.endpoint.api_url) == (
             mqtt_port,
             f"http://127.0.0.1:{api_port}",
         )
-        # Gap (d): the certificate whose token expired unused is swept after the restart too.
-        assert wait_for(lambda: second.registry.find_certificate(abandoned) is None, timeout=5)
+        # The certificate whose token expired unused is swept after the restart too.
+        assert sweep.wait(timeout=5)
+        assert second.registry.find_certificate(abandoned) is None
         # The hub picks up where it was: a new token (the old one expired), then RegisterThing.
         client = connect(second, creds, "restarting-hub")
         try:
@@ -455,7 +464,7 @@ def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path, monkeypatch: p
 
 
 def test_certificate_registered_without_ca_connects_at_once(core: LocalIotCore, tmp_path: Path) -> None:
-    from .gw_helpers import DeviceCA
+    from tests._support.devices import DeviceCA
 
     maker = DeviceCA("Unregistered Maker CA")
     device = maker.device(tmp_path, "no-ca-device")

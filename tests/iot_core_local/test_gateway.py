@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
+import queue
 import socket
 import ssl
 import threading
@@ -17,21 +19,21 @@ from typing import Any
 import mqtt5
 import pytest
 
-from iot_core_local import gateway
+from iot_core_local.gateway import GatewayLimits
+from iot_core_local.gateway.wire import topic_limit_problem
+from iot_core_local.provisioning.jit import EventPublisher
 from iot_core_local.server import LocalIotCore
-
-from .gw_helpers import (
+from tests._support.devices import (
     ARN,
     OK,
-    Closed,
     Credentials,
     DeviceCA,
     Paho,
     RawClient,
     connect_refused_without_connack,
     new_device,
-    wait_for,
 )
+from tests._support.logs import watch_log
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_connack_announces_aws_limits(core: LocalIotCore, creds_dir: Path) -> No
         connack = client.connect("limits")
         assert connack.reason_code == 0
         assert connack.max_qos == mqtt5.QoS.AT_LEAST_ONCE
-        assert connack.max_packet_size == gateway.MAX_PACKET_SIZE
+        assert connack.max_packet_size == GatewayLimits().max_packet_size == 136 * 1024
     finally:
         client.close()
 
@@ -86,7 +88,7 @@ def test_not_active_certificate_is_closed_without_connack(
 
 
 def test_unknown_certificates_are_closed_without_connack(core: LocalIotCore, creds_dir: Path) -> None:
-    from .gw_helpers import write_credentials
+    from tests._support.devices import write_credentials
 
     # Signed by our issuing CA but never registered: TLS passes, CONNECT is refused.
     pem, key = core.ca.create_keys_and_certificate()
@@ -116,10 +118,13 @@ def test_policy_denies_connect_with_connack_135(core: LocalIotCore, creds_dir: P
 def test_certificate_revoked_while_connected_is_disconnected(core: LocalIotCore, creds_dir: Path) -> None:
     creds = new_device(core, creds_dir, "revoke-live")
     client = RawClient(core, creds)
-    assert client.connect("revoke-live").reason_code == 0
-    started = time.monotonic()
-    core.client().update_certificate(certificateId=creds.certificate_id, newStatus="REVOKED")
-    seen = client.expect_closed(within=5)
+    try:
+        assert client.connect("revoke-live").reason_code == 0
+        started = time.monotonic()
+        core.client().update_certificate(certificateId=creds.certificate_id, newStatus="REVOKED")
+        seen = client.expect_closed(within=5)
+    finally:
+        client.close()
     assert time.monotonic() - started < 5
     assert any(
         isinstance(p, mqtt5.DisconnectPacket)
@@ -214,17 +219,20 @@ def test_receive_is_checked_on_delivery(core: LocalIotCore, creds_dir: Path) -> 
 
 def _jitr_activator(
     core: LocalIotCore, admin: Credentials, hub_policy: str
-) -> tuple[Paho, list[dict[str, str]]]:
-    """What a customer's rule + Lambda function do: hear the event, activate, attach a policy."""
-    events: list[dict[str, str]] = []
+) -> tuple[Paho, queue.Queue[dict[str, str]]]:
+    """What a customer's rule + Lambda function do: hear the event, activate, attach a policy.
+
+    Each event is queued once its certificate is active and its policy attached.
+    """
+    events: queue.Queue[dict[str, str]] = queue.Queue()
     listener = Paho(core, admin, "jitr-activator")
 
     def on_message(client: object, userdata: object, message: object) -> None:
         event = json.loads(message.payload)  # type: ignore[attr-defined]
-        events.append(event)
         iot = core.client()
         iot.update_certificate(certificateId=event["certificateId"], newStatus="ACTIVE")
         iot.attach_policy(policyName=hub_policy, target=f"{ARN}:cert/{event['certificateId']}")
+        events.put(event)
 
     listener.client.on_message = on_message
     assert listener.connect() == 0
@@ -252,14 +260,13 @@ def test_jitr_round_trip(core: LocalIotCore, creds_dir: Path) -> None:
     try:
         # First connect: registered PENDING_ACTIVATION, event published, closed without CONNACK.
         assert connect_refused_without_connack(core, device, "jitr-device-1")
-        assert wait_for(lambda: len(events) >= 1)
-        event = events[0]
+        event = events.get(timeout=5)
         assert event["certificateId"] == device.certificate_id
         assert event["caCertificateId"] == ca_id
         assert event["certificateStatus"] == "PENDING_ACTIVATION"
         assert event["awsAccountId"] == "123456789012"
         assert {"timestamp", "certificateRegistrationTimestamp"} <= set(event)
-        assert wait_for(lambda: core.registry.get_certificate(device.certificate_id).status == "ACTIVE")
+        assert core.registry.get_certificate(device.certificate_id).status == "ACTIVE"
         # The device's retry connects.
         client = RawClient(core, device)
         assert client.connect("jitr-device-1").reason_code == 0
@@ -348,20 +355,12 @@ def test_certificate_registered_without_ca_connects(core: LocalIotCore, creds_di
         ),
     )
     iot.attach_policy(policyName="no-ca", target=arn)
-
-    def connects() -> bool:
-        try:
-            client = RawClient(core, device)
-        except (ssl.SSLError, ConnectionError):
-            return False  # the trust store catches up with a registration within a second
-        try:
-            return client.connect("no-ca-device").reason_code == 0
-        except Closed:
-            return False  # with TLS 1.3 the client learns of the refusal only when it reads
-        finally:
-            client.close()
-
-    assert wait_for(connects, timeout=5, interval=0.3)
+    # The very next connect: the trust store is rebuilt before the handshake that needs it.
+    client = RawClient(core, device)
+    try:
+        assert client.connect("no-ca-device").reason_code == 0
+    finally:
+        client.close()
 
 
 # ---- bad input: only that connection suffers -------------------------------------------------
@@ -380,10 +379,15 @@ def bystander(core: LocalIotCore, creds_dir: Path) -> Iterator[RawClient]:
     client.close()
 
 
+def _limits(core: LocalIotCore, monkeypatch: pytest.MonkeyPatch, **changes: Any) -> None:
+    """Other limits for the connections accepted from now on, until the test ends."""
+    monkeypatch.setattr(core.gateway, "limits", dataclasses.replace(core.gateway.limits, **changes))
+
+
 def test_silent_client_after_tls_is_closed(
     core: LocalIotCore, creds_dir: Path, bystander: RawClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gateway, "CONNECT_TIMEOUT", 0.5)
+    _limits(core, monkeypatch, connect_timeout=0.5)
     silent = RawClient(core, new_device(core, creds_dir, "silent"))
     started = time.monotonic()
     assert silent.expect_closed(within=5) == []
@@ -563,18 +567,18 @@ def test_provisioning_and_shadow_topics_fit_aws_limits() -> None:
         f"$aws/events/certificates/registered/{'a' * 64}",
         "$aws/things/thing/shadow/name/shadow/update/accepted",
     ):
-        assert gateway.topic_limit_problem(topic) is None, topic
+        assert topic_limit_problem(topic) is None, topic
 
 
 def test_client_that_does_not_read_is_throttled_then_closed(
     core: LocalIotCore, creds_dir: Path, bystander: RawClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gateway, "CLIENT_DRAIN_TIMEOUT", 2.0, raising=False)
+    _limits(core, monkeypatch, client_drain_timeout=2.0)
     client = RawClient(core, new_device(core, creds_dir, "deaf"))
     assert client.connect("deaf").reason_code == 0
-    connections = core.gateway._by_client_id
-    assert wait_for(lambda: "deaf" in connections)  # registered just after the CONNACK
-    connection = connections["deaf"]
+    assert client.subscribe("deaf/x") == [1]  # answered by the relay: the connection is registered
+    connection = core.gateway.connection("deaf")
+    assert connection is not None
     # Each PUBLISH to a reserved topic is answered by the gateway itself with PUBACK 135; never read them.
     batch = b"".join(
         mqtt5.PublishPacket("$aws/x", b"", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=i % 65535 + 1).write()
@@ -583,16 +587,20 @@ def test_client_that_does_not_read_is_throttled_then_closed(
     client.sock.settimeout(1.0)
     peak = 0
     sent = 0
-    try:
-        while sent < 40 * 1024 * 1024:
-            client.sock.sendall(batch)
-            sent += len(batch)
-            peak = max(peak, connection.writer.transport.get_write_buffer_size())
-    except (TimeoutError, ssl.SSLError, OSError):
-        pass  # the gateway stopped reading: back-pressure reached the client (or it was closed)
-    peak = max(peak, connection.writer.transport.get_write_buffer_size())
-    assert peak < 1024 * 1024, peak  # bounded: the limit plus what one read's packets are answered with
-    assert wait_for(lambda: connection.writer.transport.is_closing(), timeout=10)
+    with watch_log(
+        "iot_core_local.gateway", lambda m: "'deaf'" in m and "did not read its answers" in m
+    ) as closed:
+        try:
+            while sent < 40 * 1024 * 1024:
+                client.sock.sendall(batch)
+                sent += len(batch)
+                peak = max(peak, connection.writer.transport.get_write_buffer_size())
+        except (TimeoutError, ssl.SSLError, OSError):
+            pass  # the gateway stopped reading: back-pressure reached the client (or it was closed)
+        peak = max(peak, connection.writer.transport.get_write_buffer_size())
+        assert peak < 1024 * 1024, peak  # bounded: the limit plus what one read's packets are answered with
+        assert closed.wait(timeout=10)
+    assert connection.writer.transport.is_closing()
     client.close()
 
 
@@ -605,26 +613,27 @@ def test_change_during_the_connect_window_is_not_missed(
     creds = new_device(core, creds_dir, f"window-{change}")
     iot = core.client()
     arn = f"{ARN}:cert/{creds.certificate_id}"
-    original = gateway._Connection._open_broker
+    gw = core.gateway
 
     def detach_all() -> None:
         for policy in iot.list_attached_policies(target=arn)["policies"]:
             iot.detach_policy(policyName=policy["policyName"], target=arn)
 
-    async def open_broker_then_change(self: gateway._Connection, raw: bytes) -> None:
-        await original(self, raw)
-        if self.certificate_id != creds.certificate_id:
+    async def change_in_the_window(certificate_id: str) -> None:
+        if certificate_id != creds.certificate_id:
             return
+        heard = gw.changes
         if change == "revoke":
             await asyncio.to_thread(
                 iot.update_certificate, certificateId=creds.certificate_id, newStatus="REVOKED"
             )
         else:
             await asyncio.to_thread(detach_all)
-        for _ in range(5):
-            await asyncio.sleep(0.01)  # the registry's listener hops to the loop meanwhile
+        # The registry's listener queued its hop to the loop before the change's HTTP answer came back,
+        # so before to_thread queued this coroutine's wake-up: the loop has run it by now.
+        assert gw.changes > heard
 
-    monkeypatch.setattr(gateway._Connection, "_open_broker", open_broker_then_change)
+    monkeypatch.setattr(gw, "connect_window_hook", change_in_the_window)
     client = RawClient(core, creds)
     try:
         assert client.connect(f"window-{change}").reason_code == 0
@@ -643,25 +652,25 @@ def test_trust_store_rebuilt_in_a_worker_and_kept_if_the_rebuild_fails(
     core: LocalIotCore, creds_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     device = new_device(core, creds_dir, "trusted-before")
-    gw = core.gateway
-    original = gw._build_context
+    trust = core.gateway.trust_store
     threads: list[str] = []
 
     def failing_build() -> Any:
         threads.append(threading.current_thread().name)
         raise ssl.SSLError("load_verify_locations failed")
 
-    monkeypatch.setattr(gw, "_build_context", failing_build)
+    monkeypatch.setattr(trust, "build", failing_build)
     DeviceCA("Trust Rebuild CA").register(core.client())  # moves the registry's trust generation
     client = RawClient(core, device)  # the next handshake: rebuild fails, the previous context serves
     try:
         assert client.connect("trusted-before").reason_code == 0
     finally:
         client.close()
-    assert threads and all(name.startswith("iot-core-local-worker") for name in threads), threads
+    assert threads
+    assert all(name.startswith("iot-core-local-worker") for name in threads), threads
     assert "could not rebuild the TLS trust store" in caplog.text
     # Once the build works again, the next trust change is picked up.
-    monkeypatch.setattr(gw, "_build_context", original)
+    monkeypatch.undo()
     own = DeviceCA("After Rebuild")
     later = own.device(creds_dir, "after-rebuild")
     arn = core.client().register_certificate_without_ca(
@@ -675,9 +684,7 @@ def test_trust_store_rebuilt_in_a_worker_and_kept_if_the_rebuild_fails(
         client.close()
 
 
-def test_event_publisher_closes_its_socket_when_no_connack_comes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gateway, "BROKER_TIMEOUT", 0.2)
-
+def test_event_publisher_closes_its_socket_when_no_connack_comes() -> None:
     async def scenario() -> bool:
         closed = asyncio.Event()
 
@@ -689,16 +696,16 @@ def test_event_publisher_closes_its_socket_when_no_connack_comes(monkeypatch: py
 
         server = await asyncio.start_server(silent_broker, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        publisher = gateway._EventPublisher("127.0.0.1", port)
+        publisher = EventPublisher("127.0.0.1", port, timeout=0.2)
         with pytest.raises(TimeoutError):
             await publisher.publish("$aws/events/x", b"{}")
         try:
             await asyncio.wait_for(closed.wait(), 2)
-            return True
         except TimeoutError:
             return False
         finally:
             server.close()
+        return True
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

@@ -1,4 +1,4 @@
-"""Fuzzing the MQTT input (issue 4, point 3): random bytes after a valid TLS handshake and CONNECT,
+"""Fuzzing the MQTT input: random bytes after a valid TLS handshake and CONNECT,
 and valid-but-hostile packets and provisioning payloads. The server never crashes, every bad connection
 is closed or gets a /rejected answer with statusCode, errorCode and errorMessage, nothing panics or
 prints a traceback, and a good client connected throughout keeps working."""
@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
-from .gw_helpers import OK, Credentials, RawClient, new_device, write_credentials
+from tests._support.devices import OK, Credentials, RawClient, new_device, write_credentials
 
 FUZZ = settings(
     max_examples=60,

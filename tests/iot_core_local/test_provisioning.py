@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -17,15 +18,16 @@ import pytest
 
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
-from .gw_helpers import (
+from tests._support.devices import (
     Credentials,
+    DeviceCA,
     Paho,
     RawClient,
-    hook_server,
     make_csr,
     write_credentials,
 )
+from tests._support.hooks import hook_server
+from tests._support.logs import watch_log
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
 KEYS_TOPIC = "$aws/certificates/create/json"
@@ -72,11 +74,18 @@ def connect_claim(core: LocalIotCore, creds: Credentials, client_id: str) -> Raw
 # ---- the whole flow through AWS's own device SDK ---------------------------------------------
 
 
-def _aws_connect(core: LocalIotCore, creds: Credentials, client_id: str) -> Any:
+def _settle(future: Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _aws_connect(core: LocalIotCore, creds: Credentials, client_id: str) -> tuple[Any, threading.Event]:
+    """An awscrt MQTT 5 client, connected; and the event its stop sets."""
     from awscrt import mqtt5 as crt_mqtt5
     from awsiot import mqtt5_client_builder
 
     connected: Future[bool] = Future()
+    stopped = threading.Event()
     client = mqtt5_client_builder.mtls_from_path(
         cert_filepath=creds.cert_path,
         pri_key_filepath=creds.key_path,
@@ -85,19 +94,18 @@ def _aws_connect(core: LocalIotCore, creds: Credentials, client_id: str) -> Any:
         ca_filepath=str(core.endpoint.root_ca_path),
         client_id=client_id,
         session_behavior=crt_mqtt5.ClientSessionBehaviorType.CLEAN,
-        on_lifecycle_connection_success=lambda data: connected.done() or connected.set_result(True),
-        on_lifecycle_connection_failure=lambda data: connected.done() or connected.set_result(False),
+        on_lifecycle_connection_success=lambda data: _settle(connected, True),
+        on_lifecycle_connection_failure=lambda data: _settle(connected, False),
+        on_lifecycle_stopped=lambda data: stopped.set(),
     )
     client.start()
     assert connected.result(10), f"awscrt could not connect as {client_id}"
-    return client
+    return client, stopped
 
 
-def _aws_stop(client: Any) -> None:
-    stopped = threading.Event()
-    client.on_lifecycle_stopped = lambda data: stopped.set()
+def _aws_stop(client: Any, stopped: threading.Event) -> None:
     client.stop()
-    time.sleep(0.05)
+    assert stopped.wait(5), "awscrt client did not stop"
 
 
 @pytest.mark.parametrize("operation", ["CreateKeysAndCertificate", "CreateCertificateFromCsr"])
@@ -110,7 +118,7 @@ def test_claim_flow_with_iot_identity_client_v2(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     setup, claim_creds = claim
-    crt = _aws_connect(core, claim_creds, f"hub-{operation}")
+    crt, stopped = _aws_connect(core, claim_creds, f"hub-{operation}")
     try:
         identity = iotidentity.IotIdentityClientV2(
             crt,
@@ -153,7 +161,7 @@ def test_claim_flow_with_iot_identity_client_v2(
             )
         ).result(10)
     finally:
-        _aws_stop(crt)
+        _aws_stop(crt, stopped)
     thing = f"hub-SN-{operation}"
     assert registered.thing_name == thing
     assert registered.device_configuration == {"ClientId": thing, "ManagedThingId": f"mt-SN-{operation}"}
@@ -343,7 +351,8 @@ def test_unknown_and_disabled_templates(core: LocalIotCore, claim: tuple[ClaimSe
 
 
 def test_expired_token(tmp_path: Path) -> None:
-    with LocalIotCore(tmp_path / "short", token_ttl=0.2) as short:
+    # A token that expires as it is issued: expired when it is used, without waiting for time to pass.
+    with LocalIotCore(tmp_path / "short", token_ttl=0) as short:
         setup = set_up_fleet_provisioning(short.client(), "Short")
         creds = write_credentials(
             tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
@@ -351,7 +360,6 @@ def test_expired_token(tmp_path: Path) -> None:
         client = connect_claim(short, creds, "expired")
         try:
             token = _issue(client)["certificateOwnershipToken"]
-            time.sleep(0.4)
             body = json.dumps(
                 {"certificateOwnershipToken": token, "parameters": {"SerialNumber": "E"}}
             ).encode()
@@ -369,17 +377,17 @@ def test_expired_token(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("answer", "delay", "fragment"),
+    ("answer", "hold", "fragment"),
     [
-        ({"allowProvisioning": False}, 0.0, "denied"),
-        ({"something": "else"}, 0.0, "allowProvisioning"),
-        ({"allowProvisioning": True}, 1.5, "within"),
+        ({"allowProvisioning": False}, False, "denied"),
+        ({"something": "else"}, False, "allowProvisioning"),
+        ({"allowProvisioning": True}, True, "within"),  # no answer before the hook timeout (1 s)
     ],
 )
 def test_hook_that_denies(
-    core: LocalIotCore, tmp_path: Path, answer: dict[str, Any], delay: float, fragment: str
+    core: LocalIotCore, tmp_path: Path, answer: dict[str, Any], hold: bool, fragment: str
 ) -> None:
-    with hook_server(answer, delay) as (url, seen):
+    with hook_server(answer, hold=hold) as (url, seen):
         name = f"Hook{next(_counter)}"
         setup = set_up_fleet_provisioning(core.client(), name, hook_url=url)
         creds = write_credentials(
@@ -440,21 +448,26 @@ def test_logs_name_connections_and_requests_but_no_secrets(
     setup, creds = claim
     caplog.set_level(logging.DEBUG)
     client = connect_claim(core, creds, "logged-hub")
-    try:
-        outcome, issued = request(client, KEYS_TOPIC, b"")
-        assert outcome == "accepted"
-        body = {
-            "certificateOwnershipToken": issued["certificateOwnershipToken"],
-            "parameters": {"SerialNumber": "L"},
-        }
-        assert (
-            request(client, register_topic(setup.template_name), json.dumps(body).encode())[0] == "accepted"
-        )
-        used = request(client, register_topic(setup.template_name), json.dumps(body).encode())
-        assert used[0] == "rejected"
-    finally:
-        client.close()
-    time.sleep(0.1)
+    # The answer goes out before its log line is written: the last one is waited for, not slept for.
+    last_line = watch_log(
+        "iot_core_local.gateway",
+        lambda m: m.startswith("provisioning RegisterThing") and "InvalidCertificateOwnershipToken" in m,
+    )
+    with last_line as logged:
+        try:
+            outcome, issued = request(client, KEYS_TOPIC, b"")
+            assert outcome == "accepted"
+            body = {
+                "certificateOwnershipToken": issued["certificateOwnershipToken"],
+                "parameters": {"SerialNumber": "L"},
+            }
+            registered = request(client, register_topic(setup.template_name), json.dumps(body).encode())
+            assert registered[0] == "accepted"
+            used = request(client, register_topic(setup.template_name), json.dumps(body).encode())
+            assert used[0] == "rejected"
+        finally:
+            client.close()
+        assert logged.wait(timeout=5)
     text = "\n".join(r.getMessage() for r in caplog.records)
     key_body = issued["privateKey"].split("-----")[2].strip().splitlines()[1]
     assert key_body not in text
@@ -483,7 +496,7 @@ def test_register_thing_uses_the_template_it_was_judged_by(
     name = setup.template_name
     registry = core.registry
     original = registry.find_template
-    with hook_server({"allowProvisioning": False}, delay=0.5) as (url, seen):
+    with hook_server({"allowProvisioning": False}) as (url, seen):
         hook = {"targetArn": url, "payloadVersion": "2020-04-01"}
         updated: list[bool] = []
 
@@ -547,3 +560,82 @@ def test_thing_groups_in_a_template_are_reported_as_ignored(
     assert registry.get_thing("grouped").name == "grouped"
     assert registry.get_certificate(cert.certificate_id).status == "ACTIVE"
     registry.close()
+
+
+# ---- the service on its own, with a clock the test moves ------------------------------------------
+
+
+class FakeClock:
+    """Epoch seconds that move only when the test says so."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_expired_tokens_are_swept_when_the_clock_says_so(tmp_path: Path) -> None:
+    from iot_core_local.ca import CertificateAuthority
+    from iot_core_local.provisioning import ProvisioningService, Requester, parse_request_topic
+    from iot_core_local.registry import Registry
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    registry = Registry(tmp_path / "registry.sqlite3")
+    clock = FakeClock(time.time())  # the registry dates the tokens by the wall clock
+    service = ProvisioningService(registry, ca, token_ttl=60.0, clock=clock)
+    request = parse_request_topic(CSR_TOPIC)
+    assert request is not None
+
+    async def scenario() -> tuple[str, bool, bool]:
+        answer = await service.answer(
+            request,
+            json.dumps({"certificateSigningRequest": make_csr()}).encode(),
+            Requester(claim_certificate_id="claim", client_id="hub"),
+        )
+        assert answer.accepted, answer.summary
+        issued = json.loads(answer.payload)["certificateId"]
+        await service.maintain()  # the first sweep: nothing has expired yet
+        kept = registry.find_certificate(issued) is not None
+        clock.advance(61.0)
+        await service.maintain()  # a minute later the token has expired unused
+        swept = registry.find_certificate(issued) is None
+        await service.close()
+        return issued, kept, swept
+
+    try:
+        _issued, kept, swept = asyncio.run(scenario())
+    finally:
+        registry.close()
+    assert kept
+    assert swept
+
+
+def test_jitr_event_is_dated_by_the_clock(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from iot_core_local.ca import certificate_id
+    from iot_core_local.provisioning.jit import JustInTime, Registered
+    from iot_core_local.registry import Registry
+
+    registry = Registry(tmp_path / "registry.sqlite3")
+    maker = DeviceCA("Clock CA")
+    ca = registry.add_ca_certificate(
+        maker.pem, status="ACTIVE", auto_registration=True, registration_config=None, mode="SNI_ONLY"
+    )
+    device = maker.device(tmp_path, "clocked")
+    cert = x509.load_pem_x509_certificate(device.certificate_pem.encode())
+    try:
+        outcome = JustInTime(registry, FakeClock(1_700_000_000.25)).register(
+            cert, certificate_id(cert), ca, None
+        )
+    finally:
+        registry.close()
+    assert isinstance(outcome, Registered)
+    event = json.loads(outcome.event)
+    assert event["timestamp"] == 1_700_000_000_250
+    assert event["certificateId"] == device.certificate_id
+    assert event["certificateStatus"] == "PENDING_ACTIVATION"

@@ -1,9 +1,8 @@
-"""Shared helpers of the gateway and provisioning tests: real TLS, real Mosquitto, real clients.
+"""Devices for the stand-in's tests: credentials, and clients over real TLS to a real gateway.
 
 `RawClient` is a deliberately small synchronous MQTT 5 client over `ssl` + the `mqtt5` codec, for
 the assertions paho hides (no CONNACK at all, the exact DISCONNECT reason, a malformed packet on purpose).
-`Paho` wraps paho-mqtt 2.x in MQTT 5 mode with queues; `aws_identity` builds awsiotsdk's
-IotIdentityClientV2 over an awscrt MQTT 5 client, exactly as a hub does.
+`Paho` wraps paho-mqtt 2.x in MQTT 5 mode with queues.
 """
 
 from __future__ import annotations
@@ -13,12 +12,8 @@ import json
 import queue
 import socket
 import ssl
-import threading
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -251,15 +246,6 @@ class Paho:
         self.client.loop_stop()
 
 
-def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 def make_csr(common_name: str = "hub", *, weak: bool = False) -> str:
     key = ec.generate_private_key(ec.SECP192R1() if weak else ec.SECP256R1())
     csr = (
@@ -286,34 +272,3 @@ class DeviceCA(jitr.DeviceCA):
         issued = self.issue_device(common_name)
         cid = certificate_id(x509.load_pem_x509_certificate(issued.certificate_pem.encode()))
         return write_credentials(folder, common_name, cid, issued.certificate_pem, issued.private_key_pem)
-
-
-@contextlib.contextmanager
-def hook_server(answer: Any, delay: float = 0.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A pre-provisioning hook on a free port: records each input, answers `answer` (JSON)."""
-    seen: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            seen.append(json.loads(body))
-            time.sleep(delay)
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            with contextlib.suppress(OSError):  # the gateway hangs up on a hook that is too slow
-                self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", seen
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -1,0 +1,48 @@
+"""The gateway's limits and timeouts, one frozen value handed to `Gateway(limits=...)`.
+
+The defaults are AWS IoT Core's own message broker and protocol limits where AWS has one, and what keeps
+one hostile or stuck client from costing anyone else where it has none. A connection reads the limits
+once, when it is accepted: a gateway given other limits applies them to the connections that come after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["MAX_TOPIC_BYTES", "MAX_TOPIC_SLASHES", "GatewayLimits"]
+
+MAX_TOPIC_BYTES = 256  # topic name or topic filter, UTF-8
+MAX_TOPIC_SLASHES = 7
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    # AWS IoT Core's message size limit.
+    max_payload_size: int = 128 * 1024
+    # What the CONNACK announces and the framing enforces: the payload limit plus room for topic and
+    # properties. A larger frame is refused from its fixed header, before it is buffered.
+    max_packet_size: int = 136 * 1024
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0  # from the end of the TLS handshake to a complete CONNECT
+    broker_timeout: float = 10.0  # Mosquitto's TCP connect, and its CONNACK
+    # Answers the gateway writes itself (PUBACK 135, local SUBACKs, provisioning answers) to a client that
+    # sends but does not read: past this many buffered bytes the gateway stops reading from that client
+    # until its output drains, and closes it if that takes longer than `client_drain_timeout`.
+    client_write_limit: int = 256 * 1024
+    client_drain_timeout: float = 30.0
+    max_topic_bytes: int = MAX_TOPIC_BYTES
+    max_topic_slashes: int = MAX_TOPIC_SLASHES
+    max_filters_per_subscribe: int = 8
+    max_subscriptions_per_connection: int = 50
+    ignore_hold: float = 600.0  # how long a CONNECT ignored by the fault switch keeps its connection
+    maintenance_interval: float = 1.0  # how often the heap trim and the provisioning sweep are considered
+    # Connections closed since the last heap trim that make another one worthwhile.
+    trim_after_closed: int = 64
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not value > 0:
+                raise ValueError(f"GatewayLimits.{field.name} must be positive, not {value!r}")
+        if self.max_packet_size < self.max_payload_size:
+            raise ValueError("GatewayLimits.max_packet_size must be at least max_payload_size")

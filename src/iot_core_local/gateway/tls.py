@@ -1,0 +1,228 @@
+"""TLS for the gateway: the trust store, and the server handshake on asyncio internals (quarantined here).
+
+Everything that reaches into asyncio's private TLS machinery lives in this module and nowhere else:
+`asyncio.sslproto.SSLProtocol` subclassed for a smaller read buffer and TCP_QUICKACK during the handshake,
+`loop.start_tls` redone with that protocol, and the application transport read from it. Those internals
+differ between Python versions; tests/iot_core_local/test_tls.py checks every one of them by name, so a
+Python whose asyncio moved fails there, loudly, rather than at a device's first connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.sslproto
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from cryptography import x509
+
+from ..ca import CertificateAuthority
+from ..registry import Registry
+
+__all__ = ["LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
+
+log = logging.getLogger("iot_core_local.gateway")
+
+T = TypeVar("T")
+RunInThread = Callable[[Callable[[], T]], Awaitable[T]]
+
+# The StreamReader's buffer limit for a device connection; MQTT packets are read this much at a time.
+READ_SIZE = 65536
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a 32 KiB read buffer instead of 256 KiB.
+
+    asyncio allocates (and zero-fills, so it is resident) `max_size` bytes per TLS connection: 256 KiB
+    each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB. A TLS
+    record carries at most 16 KiB, and MQTT packets here are read 64 KiB at a time anyway, so 32 KiB
+    costs no throughput.
+    """
+
+    max_size = 32 * 1024
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # During the handshake, ACK every segment at once. awscrt (s2n) writes TLS 1.3's 6-byte
+        # ChangeCipherSpec and its certificate flight separately with Nagle on and no way to turn it off,
+        # so its second write waits for our ACK, which Linux delays by ~40 ms: half of a provisioning's
+        # time at low concurrency (bench/delayed_ack.py). Linux clears QUICKACK by itself, hence re-arm it
+        # on every read; once the handshake is done, no more syscalls.
+        state = getattr(self, "_state", None)  # asyncio internals, typeshed does not list them
+        if state is asyncio.sslproto.SSLProtocolState.DO_HANDSHAKE and _QUICKACK is not None:
+            transport = getattr(self, "_transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        super().buffer_updated(nbytes)
+
+
+async def start_tls(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> asyncio.Transport | None:
+    """`loop.start_tls(..., server_side=True)` with `LeanSSLProtocol`; the same steps, in the same order."""
+    waiter: asyncio.Future[None] = loop.create_future()
+    tls = LeanSSLProtocol(
+        loop,
+        protocol,
+        context,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # typeshed says int; floats work
+        call_connection_made=False,
+    )
+    # Reading is paused until TLS owns the transport, so no ClientHello byte is read as plain data.
+    transport.pause_reading()
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resumed = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resumed.cancel()
+        raise
+    # asyncio has no public accessor for the application side of an SSLProtocol it did not create.
+    app: asyncio.Transport | None = tls._app_transport  # noqa: SLF001
+    return app
+
+
+async def handshake(
+    transport: asyncio.Transport, peer: str, context: ssl.SSLContext, handshake_timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
+    """TLS on a connection whose reading was paused at accept: (reader, writer, client certificate DER),
+    or None (logged) if the handshake fails or the client sent no certificate.
+
+    Reading stays paused until TLS takes over the transport, so no byte of the ClientHello can be
+    consumed as plain data first (the race StreamWriter.start_tls has on the server side).
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    try:
+        tls = await asyncio.wait_for(
+            start_tls(loop, transport, protocol, context, handshake_timeout), handshake_timeout + 1
+        )
+    except ssl.SSLCertVerificationError as e:
+        transport.abort()
+        log.info("connection %s: TLS handshake refused: %s", peer, e.verify_message or e.reason)
+        return None
+    except (ssl.SSLError, OSError, TimeoutError, EOFError, RuntimeError) as e:
+        # RuntimeError: asyncio refuses start_tls on a transport the peer already closed.
+        transport.abort()
+        log.info("connection %s: TLS handshake failed: %s", peer, brief(e))
+        return None
+    if tls is None:  # the peer went away during the handshake
+        transport.abort()
+        return None
+    protocol.connection_made(tls)
+    writer = asyncio.StreamWriter(tls, protocol, reader, loop)
+    ssl_object = tls.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        log.info("connection %s: closed: no client certificate", peer)
+        tls.abort()
+        return None
+    return reader, writer, der
+
+
+def brief(e: BaseException) -> str:
+    """An exception as one log-friendly line of at most ~200 characters."""
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+class TrustStore:
+    """The server's TLS context, rebuilt whenever the registry's trust moves.
+
+    It trusts the issuing CA, every registered CA and every certificate registered without a CA
+    (partial-chain verification makes such a leaf its own anchor). Trusting a CA or certificate at the TLS
+    layer only lets it reach the connect rules, which check statuses; so an anchor kept a little too long
+    is harmless, and one missing refuses a device.
+    """
+
+    def __init__(self, registry: Registry, ca: CertificateAuthority, run_in_thread: RunInThread[Any]) -> None:
+        self.registry = registry
+        self.ca = ca
+        self._run_in_thread = run_in_thread
+        self._context: ssl.SSLContext | None = None
+        self._generation = -1
+        self._rebuild: asyncio.Task[None] | None = None  # the build under way, shared by every handshake
+        self._own_certificates: set[str] = set()  # registered without CA, but issued by our issuing CA
+
+    async def context(self) -> ssl.SSLContext:
+        """The context for the next handshake, rebuilt first if the registry's trust moved.
+
+        Checked per connection because a CA or a certificate registered without a CA a moment ago must
+        work for the very next connect (JITR, JITP, RegisterCertificateWithoutCA); the registry bumps
+        `trust_generation` on every such commit, so the check is one integer comparison. The rebuild
+        (a parse of every certificate registered without a CA, the server key read) runs in a worker
+        thread, once for all the handshakes that wait for it; if it fails, the previous context stays.
+        """
+        if self._context is None or self.registry.trust_generation != self._generation:
+            if self._rebuild is None:
+                self._rebuild = asyncio.create_task(self._rebuild_context())
+            await asyncio.shield(self._rebuild)
+        if self._context is None:
+            raise ssl.SSLError("no TLS trust store")
+        return self._context
+
+    async def load(self) -> None:
+        """Build the first context (at start: a failure here is the gateway's failure to start)."""
+        self._install(await self._run_in_thread(self.build))
+
+    async def close(self) -> None:
+        if self._rebuild is not None:
+            self._rebuild.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebuild
+
+    async def _rebuild_context(self) -> None:
+        generation = self.registry.trust_generation
+        try:
+            self._install(await self._run_in_thread(self.build))
+        except Exception:
+            # Keep serving with what was trusted before; retry after the next trust change.
+            log.exception("could not rebuild the TLS trust store; keeping the previous one")
+            self._generation = generation
+        finally:
+            self._rebuild = None
+
+    def _install(self, built: tuple[ssl.SSLContext, int, int]) -> None:
+        self._context, self._generation, anchors = built
+        log.debug("trust store: %d anchors", anchors)
+
+    def build(self) -> tuple[ssl.SSLContext, int, int]:
+        """(context, the registry's trust generation it reflects, number of anchors); runs in a thread."""
+        # Read the generation first: a change committed while building moves it again, and the next
+        # handshake rebuilds.
+        generation = self.registry.trust_generation
+        pems = {self.ca.issuing_ca_id: self.ca.issuing_ca_pem}
+        for ca in self.registry.list_ca_certificates():
+            pems[ca.certificate_id] = ca.pem
+        issuer = self.ca.issuing_ca.subject
+        for record in self.registry.list_certificates_without_ca():
+            if record.certificate_id in self._own_certificates:
+                continue
+            cert = x509.load_pem_x509_certificate(record.pem.encode())
+            if cert.issuer == issuer:
+                self._own_certificates.add(record.certificate_id)  # the issuing CA covers it
+            else:
+                pems[record.certificate_id] = record.pem
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.ca.server_cert_path, self.ca.server_key_path)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.load_verify_locations(cadata="".join(pems.values()))
+        return context, generation, len(pems)
