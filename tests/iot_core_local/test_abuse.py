@@ -26,8 +26,8 @@ import mqtt5
 import pytest
 from bench.loadgen import client_context, make_csr, provision_one
 
-from iot_core_local.claims import set_up_fleet_provisioning
 from iot_core_local.gateway import GatewayLimits
+from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from tests._support.devices import write_credentials
 
 pytestmark = pytest.mark.slow

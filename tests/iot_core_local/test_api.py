@@ -28,8 +28,7 @@ from hypothesis import strategies as st
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.control_plane import ControlPlane, RestJsonService
 from iot_core_local.registry import Registry
-
-from .conftest import cp_make_client
+from tests._support.clients import iot_client as cp_make_client
 
 ROLE = "arn:aws:iam::123456789012:role/provisioning"
 POLICY = json.dumps(

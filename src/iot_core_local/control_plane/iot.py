@@ -31,16 +31,16 @@ from iot_core_local.errors import (
     RegistrationCodeValidation,
     ResourceNotFound,
 )
-from iot_core_local.registry import (
-    ACCOUNT_ID,
+from iot_core_local.model import (
     CACertificate,
+    CaStatus,
     Certificate,
+    CertificateStatus,
     Policy,
     ProvisioningTemplate,
-    Registry,
     Thing,
-    certificate_id_from_arn,
 )
+from iot_core_local.registry import ACCOUNT_ID, Registry, certificate_id_from_arn
 from iot_core_local.templates import validate_template  # raises TemplateError, an InvalidRequest
 
 __all__ = ["CLAIM_TTL", "HOOK_PAYLOAD_VERSION", "SUPPORTED_OPERATIONS", "IotBackend", "service"]
@@ -205,7 +205,7 @@ def _operation(name: str) -> Callable[[Handler[IotBackend]], Handler[IotBackend]
 
 
 def _initial_status(params: Mapping[str, Any]) -> str:
-    return "ACTIVE" if params.get("setAsActive") else "INACTIVE"
+    return CertificateStatus.ACTIVE if params.get("setAsActive") else CertificateStatus.INACTIVE
 
 
 # certificates
@@ -237,7 +237,7 @@ def _create_certificate_from_csr(backend: IotBackend, params: dict[str, Any]) ->
     return {"certificateArn": cert.arn, "certificateId": cert.certificate_id, "certificatePem": cert.pem}
 
 
-_REGISTER_STATUSES = ("ACTIVE", "INACTIVE", "REVOKED")
+_REGISTER_STATUSES = (CertificateStatus.ACTIVE, CertificateStatus.INACTIVE, CertificateStatus.REVOKED)
 
 
 def _register_status(params: Mapping[str, Any]) -> str:
@@ -271,7 +271,7 @@ def _register_certificate(backend: IotBackend, params: dict[str, Any]) -> Mappin
                 "The certificate is not signed by a registered CA certificate: register its CA first "
                 "(RegisterCACertificate) or use RegisterCertificateWithoutCA"
             )
-    if status == "ACTIVE" and ca.status != "ACTIVE":
+    if status == CertificateStatus.ACTIVE and ca.status != CaStatus.ACTIVE:
         raise CertificateState(f"The CA certificate {ca.certificate_id} is {ca.status}; activate it first")
     pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     added = backend.registry.add_certificate(pem, status, ca_certificate_id=ca.certificate_id, mode=ca.mode)
@@ -293,7 +293,11 @@ def _describe_certificate(backend: IotBackend, params: dict[str, Any]) -> Mappin
     return {"certificateDescription": _certificate_description(cert)}
 
 
-_INTERNAL_STATUSES = ("PENDING_TRANSFER", "PENDING_ACTIVATION", "REGISTER_INACTIVE")
+_INTERNAL_STATUSES = (
+    CertificateStatus.PENDING_TRANSFER,
+    CertificateStatus.PENDING_ACTIVATION,
+    CertificateStatus.REGISTER_INACTIVE,
+)
 
 
 @_operation("UpdateCertificate")
@@ -757,7 +761,9 @@ def _create_provisioning_claim(backend: IotBackend, params: dict[str, Any]) -> M
         raise InvalidRequest(f"Provisioning template {template.name} is not a FLEET_PROVISIONING template")
     expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=backend.claim_ttl)
     cert_pem, key_pem = backend.ca.create_keys_and_certificate(not_after=expiration)
-    cert = backend.registry.add_certificate(cert_pem, "ACTIVE", ca_certificate_id=backend.ca.issuing_ca_id)
+    cert = backend.registry.add_certificate(
+        cert_pem, CertificateStatus.ACTIVE, ca_certificate_id=backend.ca.issuing_ca_id
+    )
     return {
         "certificateId": cert.certificate_id,
         "certificatePem": cert.pem,

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from ..ca import CertificateAuthority
 from ..faults import FaultInjector
+from ..model import CertificateStatus
 from ..provisioning import ProvisioningService
 from ..registry import Registry
 from .connection import Connection
@@ -47,8 +48,6 @@ __all__ = ["Connection", "Gateway", "GatewayLimits", "topic_limit_problem", "top
 log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
-
-ACTIVE = "ACTIVE"
 
 
 class _PlainAccept(asyncio.Protocol):
@@ -245,7 +244,7 @@ class Gateway:
             loop.call_soon_threadsafe(self._certificate_changed, certificate_id, status)
 
     def _certificate_changed(self, certificate_id: str, status: str) -> None:
-        if status == ACTIVE:
+        if status == CertificateStatus.ACTIVE:
             return
         self.changes += 1
         for connection in list(self._by_certificate.get(certificate_id, ())):

@@ -22,8 +22,8 @@ import mqtt5
 from .. import policy
 from ..faults import CONNECT as CONNECT_OPERATION
 from ..faults import Fault
+from ..model import CaStatus, Certificate, CertificateStatus
 from ..provisioning import Answer, Event, Refuse, Request, Requester
-from ..registry import Certificate
 from .tls import READ_SIZE, brief
 from .wire import (
     CONNECT,
@@ -49,8 +49,6 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("iot_core_local.gateway")
 
-ACTIVE = "ACTIVE"
-PENDING_ACTIVATION = "PENDING_ACTIVATION"
 _DECISION_CACHE_SIZE = 1024
 
 
@@ -266,14 +264,14 @@ class Connection:
     async def _authorize(self, connect: mqtt5.ConnectPacket) -> None:
         gw = self.gw
         record = gw.registry.find_certificate(self.certificate_id)
-        if record is None or record.status == PENDING_ACTIVATION:
+        if record is None or record.status == CertificateStatus.PENDING_ACTIVATION:
             record = await self._unknown_certificate(record)
-        if record.status != ACTIVE:
+        if record.status != CertificateStatus.ACTIVE:
             raise Close(f"refused without CONNACK: certificate is {record.status}")
         ca_id = record.ca_certificate_id
         if ca_id is not None and ca_id != gw.ca.issuing_ca_id:
             ca = gw.registry.find_ca_certificate(ca_id)
-            if ca is None or ca.status != ACTIVE:
+            if ca is None or ca.status != CaStatus.ACTIVE:
                 state = "not registered" if ca is None else ca.status
                 raise Close(f"refused without CONNACK: the certificate's CA {ca_id} is {state}")
 
@@ -307,7 +305,7 @@ class Connection:
         """A certificate or policy changed while this connection was being authorized and waited for
         Mosquitto's CONNACK, before the gateway could tell it: check the status again, re-read policies."""
         record = self.gw.registry.find_certificate(self.certificate_id)
-        if record is None or record.status != ACTIVE:
+        if record is None or record.status != CertificateStatus.ACTIVE:
             status = "DELETED" if record is None else record.status
             raise Close(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
         self.policies_stale = True

@@ -35,7 +35,8 @@ from cryptography import x509
 from .. import templates
 from ..ca import CertificateAuthority
 from ..errors import ServiceError
-from ..registry import Certificate, Registry
+from ..model import CaStatus, Certificate, CertificateStatus
+from ..registry import Registry
 from .fleet import FleetProvisioning, Prepared, apply_plan
 from .jit import EventPublisher, JustInTime, Registered
 from .topics import (
@@ -71,7 +72,6 @@ log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
 
-ACTIVE = "ACTIVE"
 SWEEP_INTERVAL = 60.0  # at most; more often when tokens live shorter than that
 
 
@@ -157,7 +157,7 @@ class ProvisioningService:
         """A certificate the registry does not know (`known` None) or knows PENDING_ACTIVATION connects."""
         cert = x509.load_der_x509_certificate(der)
         ca = self.registry.find_ca_for(cert)
-        if ca is None or ca.status != ACTIVE or not ca.auto_registration:
+        if ca is None or ca.status != CaStatus.ACTIVE or not ca.auto_registration:
             return Accept(known) if known is not None else Refuse("unknown certificate")
         try:
             outcome = await self._in_thread(self.jit.register, cert, certificate_id, ca, known)
@@ -198,9 +198,9 @@ class ProvisioningService:
         # From the registry (pending certificates whose tokens all expired unused), so a restart in the
         # middle of onboarding forgets nothing.
         deleted = 0
-        for cid in self.registry.expired_unregistered_certificates(now=self.clock()):
+        for cid in self.registry.expired_unregistered_certificates():
             cert = self.registry.find_certificate(cid)
-            if cert is None or cert.status != "PENDING_ACTIVATION":
+            if cert is None or cert.status != CertificateStatus.PENDING_ACTIVATION:
                 continue
             try:
                 self.registry.delete_certificate(cid)

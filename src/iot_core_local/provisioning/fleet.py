@@ -20,17 +20,15 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import templates
 from ..ca import CertificateAuthority, certificate_id, load_csr
-from ..errors import InvalidRequest, ServiceError
-from ..hook import HookDenied, call_hook
-from ..registry import Certificate, ProvisioningTemplate, Registry, TokenGrant
+from ..errors import HookDenied, InvalidRequest, ServiceError, TemplateEvaluationError
+from ..hook import call_hook
+from ..model import Certificate, CertificateStatus, ProvisioningTemplate, TokenGrant
+from ..registry import Registry
 from .topics import CREATE_FROM_CSR, CREATE_KEYS, REGISTER_THING, Answer, Request, Requester
 
 __all__ = ["FleetProvisioning", "Prepared", "Rejected", "apply_plan", "validated_template"]
 
 log = logging.getLogger("iot_core_local.gateway")
-
-PENDING_ACTIVATION = "PENDING_ACTIVATION"
-ACTIVE = "ACTIVE"
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def _token_error(message: str) -> Rejected:
 
 
 def _from_service_error(e: ServiceError) -> Rejected:
-    if isinstance(e, templates.ProvisioningError):
+    if isinstance(e, TemplateEvaluationError):
         return Rejected(400, "InvalidParameters", e.message)
     return Rejected(e.status, e.error_type.removesuffix("Exception"), e.message)
 
@@ -189,7 +187,9 @@ class FleetProvisioning:
     def _register_new(self, pem: str, claim_certificate_id: str) -> tuple[str, str]:
         cid = certificate_id(x509.load_pem_x509_certificate(pem.encode()))
         with self.registry.transaction():
-            self.registry.add_certificate(pem, PENDING_ACTIVATION, ca_certificate_id=self.ca.issuing_ca_id)
+            self.registry.add_certificate(
+                pem, CertificateStatus.PENDING_ACTIVATION, ca_certificate_id=self.ca.issuing_ca_id
+            )
             token = self.registry.issue_token(cid, claim_certificate_id, self.token_ttl)
         return cid, token
 
@@ -326,7 +326,7 @@ def apply_plan(registry: Registry, plan: templates.Plan, certificate: Certificat
             else:
                 registry.get_policy(name)  # ResourceNotFound names the missing policy
             registry.attach_policy(name, certificate.arn)
-        status = plan.certificate.status if plan.certificate is not None else ACTIVE
+        status = plan.certificate.status if plan.certificate is not None else CertificateStatus.ACTIVE
         registry.set_certificate_status(certificate.certificate_id, status)
 
 

@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import templates
 from ..errors import ResourceNotFound, ServiceError
-from ..registry import ACCOUNT_ID, CACertificate, Certificate, Registry
+from ..model import CACertificate, Certificate, CertificateStatus
+from ..registry import ACCOUNT_ID, Registry
 from .fleet import apply_plan, validated_template
 
 __all__ = ["EventPublisher", "JustInTime", "Registered"]
 
-PENDING_ACTIVATION = "PENDING_ACTIVATION"
 _READ_SIZE = 65536
 
 
@@ -61,7 +61,7 @@ class JustInTime:
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
             with self.registry.transaction():
                 record = self.registry.add_certificate(
-                    pem, PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
+                    pem, CertificateStatus.PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
                 )
                 apply_plan(self.registry, plan, record)
             return self.registry.get_certificate(cid)
@@ -69,7 +69,7 @@ class JustInTime:
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
             try:
                 known = self.registry.add_certificate(
-                    pem, PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
+                    pem, CertificateStatus.PENDING_ACTIVATION, ca_certificate_id=ca.certificate_id
                 )
             except ServiceError:
                 known = self.registry.get_certificate(cid)  # a concurrent connect registered it first
