@@ -43,45 +43,45 @@ def config(tmp_path: Path) -> Path:
 
 
 def test_lock_contention(config: Path) -> None:
-    time = FakeTime()
+    fake = FakeTime()
     with lock.onboarding_lock(config, timeout=1):
         # flock is per open file: a second open in the same process contends like another process.
         with (
             pytest.raises(BusyError) as info,
-            lock.onboarding_lock(config, timeout=0.5, poll=0.1, clock=time.clock, sleep=time.sleep),
+            lock.onboarding_lock(config, timeout=0.5, poll=0.1, clock=fake.clock, sleep=fake.sleep),
         ):
             pass
         assert info.value.exit_code == 6
         assert "another hub-onboard" in info.value.message
         assert "held for more than 0.5 s" in info.value.message
         assert str(lock.lock_path_for(config)) in info.value.message
-        assert time.now >= 1000.5  # it waited the whole timeout, in the injected time
-        assert time.sleeps == pytest.approx([0.1] * len(time.sleeps))
+        assert fake.now >= 1000.5  # it waited the whole timeout, in the injected time
+        assert fake.sleeps == pytest.approx([0.1] * len(fake.sleeps))
     with lock.onboarding_lock(config, timeout=0):
         pass  # released when the holder left
 
 
 def test_lock_waits_for_the_holder_to_leave(config: Path) -> None:
-    time = FakeTime()
+    fake = FakeTime()
     holder = contextlib.ExitStack()
     holder.enter_context(lock.onboarding_lock(config, timeout=0))
 
     def leave_at_the_third_sleep() -> None:
-        if len(time.sleeps) == 3:
+        if len(fake.sleeps) == 3:
             holder.close()
 
-    time.on_sleep.append(leave_at_the_third_sleep)
-    with lock.onboarding_lock(config, timeout=10, poll=0.25, clock=time.clock, sleep=time.sleep):
-        assert time.sleeps == [0.25, 0.25, 0.25]  # taken on the first try after the holder left
+    fake.on_sleep.append(leave_at_the_third_sleep)
+    with lock.onboarding_lock(config, timeout=10, poll=0.25, clock=fake.clock, sleep=fake.sleep):
+        assert fake.sleeps == [0.25, 0.25, 0.25]  # taken on the first try after the holder left
         with pytest.raises(BusyError), lock.onboarding_lock(config, timeout=0):
             pass
 
 
 def test_no_wait_without_contention(config: Path) -> None:
-    time = FakeTime()
-    with lock.onboarding_lock(config, timeout=5, clock=time.clock, sleep=time.sleep):
+    fake = FakeTime()
+    with lock.onboarding_lock(config, timeout=5, clock=fake.clock, sleep=fake.sleep):
         pass
-    assert time.sleeps == []
+    assert fake.sleeps == []
 
 
 def test_lock_file_is_beside_the_real_config_and_kept(config: Path, tmp_path: Path) -> None:
@@ -145,8 +145,8 @@ def test_an_interrupted_flock_is_retried(config: Path, monkeypatch: pytest.Monke
         real_flock(fd, op)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    time = FakeTime()
-    with lock.onboarding_lock(config, timeout=0, clock=time.clock, sleep=time.sleep):
+    fake = FakeTime()
+    with lock.onboarding_lock(config, timeout=0, clock=fake.clock, sleep=fake.sleep):
         pass
     assert len(calls) == 2
-    assert time.sleeps == []
+    assert fake.sleeps == []
