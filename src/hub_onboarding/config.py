@@ -362,7 +362,7 @@ def _parse_method(ro: Mapping[str, Any]) -> tuple[ProvisioningMethod, list[str]]
     raw = ro.get(PROVISIONING_METHOD)
     if isinstance(raw, str) and raw in _METHOD_NAMES:
         return ProvisioningMethod(raw), []
-    # The SDK chapter: a missing or invalid method falls back to JITR.
+    # As the hub SDK that reads this file does: a missing or invalid method falls back to JITR.
     problem = "missing" if raw is None else "invalid"
     return ProvisioningMethod.JITR, [
         f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw!r}); falling back to JITR"
@@ -384,6 +384,7 @@ def _parse_connection(ro: Mapping[str, Any], rw: Mapping[str, Any], config_path:
     root_ca = _path(ro, ROOT_CA_PATH, config_path, required=False)
     if root_ca is not None:
         _check_readable_pem(root_ca, key_name(RO, ROOT_CA_PATH))
+    keep_alive = _parse_keep_alive(ro, rw)
     retry = _number(ro, RO, RETRY_TIMEOUT)
     if retry is not None and not 0 < retry <= 86400:
         raise ConfigError(
@@ -394,7 +395,7 @@ def _parse_connection(ro: Mapping[str, Any], rw: Mapping[str, Any], config_path:
         endpoint=endpoint,
         endpoint_key=endpoint_key,
         root_ca_path=root_ca,
-        keep_alive=_parse_keep_alive(ro, rw),
+        keep_alive=keep_alive,
         retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
     )
 
