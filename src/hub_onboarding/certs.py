@@ -11,14 +11,13 @@ Checks (each failure is a CredentialError that names the config key and the path
 - the key must not be encrypted and must belong to the certificate (same public key);
 - a claim certificate must be within its validity period.
 
-Writing: the folder is made 0700 and the key 0600 from their first byte whatever the umask (O_EXCL
-temp file with mode 0600, fchmod, fsync, rename, fsync of the folder). An existing folder is never
-narrowed (it may be shared, e.g. the config's own folder): one open to others is refused.
+Writing goes through `_files`: the folder is made 0700 and the key 0600 from their first byte whatever
+the umask, atomically and durably. An existing folder is never narrowed (it may be shared, e.g. the
+config's own folder): one open to others is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import enum
 import logging
@@ -28,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from hub_onboarding.config import SECURE_STORAGE, atomic_write_bytes, fsync_dir
-from hub_onboarding.errors import ConfigError, CredentialError, StorageError
+from hub_onboarding import _files
+from hub_onboarding.config import SECURE_STORAGE
+from hub_onboarding.errors import ConfigError, CredentialError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -40,9 +40,8 @@ ENTRY_POINT_GROUP = "hub_onboarding.secure_storage"
 FILE_STORE_NAME = "file"
 PERMANENT_CERT_NAME = "certificate.pem.crt"
 PERMANENT_KEY_NAME = "private.pem.key"
-KEY_MODE = 0o600
+KEY_MODE = _files.PRIVATE_FILE_MODE
 CERT_MODE = 0o644
-DIR_MODE = 0o700
 _MAX_PEM_BYTES = 64 * 1024  # a certificate or key file larger than this is not a PEM we want
 
 
@@ -95,10 +94,8 @@ def _read_pem_file(path: str, label: str, *, is_key: bool) -> bytes:
     if st.st_size > _MAX_PEM_BYTES:
         raise CredentialError(f"{label}: {path} is {st.st_size} bytes, too large for a PEM file")
     try:
-        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if is_key else 0)
-        fd = os.open(p, flags)
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read(_MAX_PEM_BYTES + 1)
+        # A key replaced by a symlink since the lstat above is refused, not read through.
+        return _files.read_at_most(p, _MAX_PEM_BYTES + 1, follow_symlinks=not is_key)
     except PermissionError:
         raise CredentialError(f"{label}: {path} is not readable by this user") from None
     except OSError as exc:
@@ -256,59 +253,9 @@ class CertHandler:
         cert_pem, key_pem = self._store_for(cert_ref).read_credentials(cert_type, cert_ref, key_ref)
         return check_pair(cert_pem, key_pem, str(cert_type), check_validity=cert_type is CertType.CLAIM)
 
-    @staticmethod
-    def check_private_dir(directory: Path) -> None:
-        """Refuse an existing credentials folder that other users can enter or list (a missing one is fine).
-
-        Onboarding never changes the mode of a folder it did not create: with iot_permanent_cert_dir "."
-        or a shared folder, narrowing it would lock the other hub processes out of their files.
-        CredentialError (exit 4), like a key file readable by others: the key would not be private there.
-        """
-        try:
-            st = os.stat(directory)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StorageError(
-                f"cannot examine the credentials folder {directory}: {exc.strerror or exc}"
-            ) from None
-        if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
-            raise CredentialError(
-                f"the credentials folder {directory} (ro.iot_permanent_cert_dir) has mode "
-                f"{stat.S_IMODE(st.st_mode):04o}, open to other users, and onboarding does not narrow a "
-                f"folder it did not create; set ro.iot_permanent_cert_dir to a folder of its own (onboarding "
-                f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it"
-            )
-
-    @staticmethod
-    def ensure_private_dir(directory: Path) -> None:
-        """Create `directory` with mode 0700; an existing one must already be private (check_private_dir)."""
-        try:
-            directory.mkdir(mode=DIR_MODE, parents=True)
-        except FileExistsError:
-            CertHandler.check_private_dir(directory)
-            return
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create the credentials folder {directory} with mode 0700: {exc.strerror or exc}"
-            ) from None
-        try:
-            # mkdir's mode is filtered by the umask; chmod sets exactly 0700 on the folder we just made.
-            os.chmod(directory, DIR_MODE)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot set mode 0700 on the credentials folder {directory}: {exc.strerror or exc}"
-            ) from None
-
     def write_file(self, path: Path, data: bytes, mode: int) -> None:
-        """Write one file atomically with `mode` from its first byte."""
-        self.ensure_private_dir(path.parent)
-        try:
-            atomic_write_bytes(path, data, mode)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot write {path}: {exc.strerror or exc}; nothing was left half-written"
-            ) from None
+        """Write one file atomically, `mode` from its first byte, in a private folder (made if missing)."""
+        _files.write_private_file(path, data, mode)
 
     def write_permanent_cert_and_private_key(
         self, cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path
@@ -316,34 +263,6 @@ class CertHandler:
         """Store the permanent pair: key first (0600), then certificate, both atomic and durable."""
         self.write_file(key_path, key_pem, KEY_MODE)
         self.write_file(cert_path, cert_pem, CERT_MODE)
-
-    @staticmethod
-    def delete(paths: list[Path]) -> list[Path]:
-        """Delete the files that exist among `paths`; return the ones deleted.
-
-        StorageError when one cannot be deleted (permissions, read-only folder); the message names what
-        was deleted before it, and what is left.
-        """
-        deleted: list[Path] = []
-        try:
-            for i, p in enumerate(paths):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    left = ", ".join(str(q) for q in paths[i:])
-                    done = ", ".join(str(q) for q in deleted) or "nothing"
-                    raise StorageError(
-                        f"cannot delete {p}: {exc.strerror or exc} (deleted so far: {done}; left: {left}); "
-                        "fix the folder's permissions and run reset again, or delete them by hand"
-                    ) from None
-                deleted.append(p)
-        finally:
-            for folder in {q.parent for q in deleted}:
-                with contextlib.suppress(OSError):
-                    fsync_dir(folder)
-        return deleted
 
 
 def generate_key_and_csr(common_name_value: str) -> tuple[bytes, bytes]:

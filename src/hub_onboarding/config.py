@@ -1,36 +1,31 @@
-"""iotmi_config.json: key names, validation, atomic writes, and the onboarding lock.
+"""iotmi_config.json: key names, validation into typed sections, and updates that keep what they do not know.
 
 Every key name lives here as a constant. The file has two sections: `ro` (factory / integrator) and `rw`
-(written by the SDK at run time). Other hub processes read the same file, so every write is atomic
-(temp file in the same folder, fsync, os.replace, fsync of the folder), keeps every key it does not
-know, and keeps the file's mode, owner and group; a symlinked config stays a symlink (its target is
-replaced). Validation (`parse_config`) runs before any network traffic and each
-ConfigError names the key ("ro.SN") and what is wrong with it.
+(written by the SDK at run time). `parse_config` validates everything onboarding needs before any network
+traffic, one small parser per section of HubConfig (connection, fleet, JITR, files); each ConfigError
+names the key ("ro.SN") and what is wrong with it.
 
-The lock: `<config>.lock` beside the config, held with fcntl.flock for the whole onboarding, so two
-runs on one config never both onboard. The lock file is never deleted (deleting a lock file races).
+Other hub processes read the same file, so every write re-reads it first, keeps every key it does not
+know, and replaces it atomically keeping its mode, owner and group (`_files.replace_shared_file`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
-import fcntl
 import json
 import logging
 import math
 import os
 import re
-import stat
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub_onboarding.errors import BusyError, ConfigError, StorageError
+from hub_onboarding import _files
+from hub_onboarding.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +83,9 @@ class ProvisioningMethod(enum.StrEnum):
     JITR = "JITR"
 
 
+_METHOD_NAMES = frozenset(m.value for m in ProvisioningMethod)
+
+
 class CertificateMethod(enum.StrEnum):
     CREATE_KEYS_AND_CERTIFICATE = "CreateKeysAndCertificate"
     CREATE_CERTIFICATE_FROM_CSR = "CreateCertificateFromCsr"
@@ -109,37 +107,63 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class HubConfig:
-    """The validated settings onboarding needs (built by `parse_config`)."""
+class ConnectionConfig:
+    """Where and how the hub connects, whatever the method: the endpoint and the MQTT settings."""
 
-    path: Path
-    method: ProvisioningMethod
-    state: ProvisioningState
     endpoint: Endpoint
-    endpoint_key: str
-    serial_number: str | None
-    upc: str | None
-    template_name: str | None
-    certificate_method: CertificateMethod
-    template_parameters: Mapping[str, str]
-    claim_cert_path: str | None
-    claim_pk_path: str | None
-    dha_cert_path: str | None
-    dha_pk_path: str | None
-    root_ca_path: str | None
-    permanent_cert_dir: Path
-    keep_alive: int
-    retry_timeout: float
-    client_id_override: str | None
-    secure_storage_handler: str | None
-    warnings: tuple[str, ...] = field(default=())
+    endpoint_key: str  # the ro key the endpoint was read from, so messages name the one the user set
+    root_ca_path: str | None = None
+    keep_alive: int = DEFAULT_KEEP_ALIVE
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What fleet provisioning by claim needs: the claim pair, the template and the hub's identity."""
+
+    claim_cert_path: str
+    claim_pk_path: str
+    template_name: str
+    serial_number: str
+    upc: str
+    certificate_method: CertificateMethod = CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
+    template_parameters: Mapping[str, str] = field(default_factory=dict)
     verify_connection: bool = True
 
     def register_parameters(self) -> dict[str, str]:
         """RegisterThing parameters: SerialNumber, UniversalProductCode, then fp_template_parameters."""
-        params = {PARAM_SERIAL_NUMBER: self.serial_number or "", PARAM_UPC: self.upc or ""}
+        params = {PARAM_SERIAL_NUMBER: self.serial_number, PARAM_UPC: self.upc}
         params.update(self.template_parameters)
         return params
+
+
+@dataclass(frozen=True)
+class JitrConfig:
+    """What JITR needs: the device (DHA) pair, and the client id when not the certificate's CN."""
+
+    dha_cert_path: str
+    dha_pk_path: str
+    client_id_override: str | None = None
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """The validated settings onboarding needs (built by `parse_config`).
+
+    Exactly one of `fleet` and `jitr` is set, the one `method` names. The other method's keys, when
+    present, were checked all the same: a config does not turn invalid by switching methods.
+    """
+
+    path: Path
+    method: ProvisioningMethod
+    state: ProvisioningState
+    connection: ConnectionConfig
+    permanent_cert_dir: Path
+    fleet: FleetConfig | None = None
+    jitr: JitrConfig | None = None
+    # The credential store that reads SECURE_STORAGE references (None: the only one installed).
+    secure_storage_handler: str | None = None
+    warnings: tuple[str, ...] = field(default=())
 
 
 def key_name(section: str, key: str) -> str:
@@ -311,22 +335,44 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
         doc = read_document(p)
     ro: Mapping[str, Any] = doc[RO]
     rw: Mapping[str, Any] = doc.get(RW) or {}
-    warnings: list[str] = []
-
-    raw_method = ro.get(PROVISIONING_METHOD)
-    try:
-        method = ProvisioningMethod(str(raw_method)) if isinstance(raw_method, str) else None
-    except ValueError:
-        method = None
-    if method is None:
-        # The SDK chapter: a missing or invalid method falls back to JITR.
-        method = ProvisioningMethod.JITR
-        problem = "missing" if raw_method is None else "invalid"
-        warnings.append(
-            f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw_method!r}); falling back to JITR"
-        )
+    method, warnings = _parse_method(ro)
     state = provisioning_state(doc)
+    connection = _parse_connection(ro, rw, p)
+    fleet = _parse_fleet(ro, p, required=method is ProvisioningMethod.FLEET_PROVISIONING)
+    jitr = _parse_jitr(ro, p, required=method is ProvisioningMethod.JITR)
+    cert_dir = _parse_permanent_cert_dir(ro, p)
+    handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
+    for text in warnings:
+        log.warning("%s", text)
+    return HubConfig(
+        path=p,
+        method=method,
+        state=state,
+        connection=connection,
+        permanent_cert_dir=cert_dir,
+        fleet=fleet,
+        jitr=jitr,
+        secure_storage_handler=handler,
+        warnings=tuple(warnings),
+    )
 
+
+def _parse_method(ro: Mapping[str, Any]) -> tuple[ProvisioningMethod, list[str]]:
+    """The provisioning method, and the warning when it had to be guessed."""
+    raw = ro.get(PROVISIONING_METHOD)
+    if isinstance(raw, str) and raw in _METHOD_NAMES:
+        return ProvisioningMethod(raw), []
+    # As the hub SDK that reads this file does: a missing or invalid method falls back to JITR.
+    problem = "missing" if raw is None else "invalid"
+    return ProvisioningMethod.JITR, [
+        f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw!r}); falling back to JITR"
+    ]
+
+
+# ---------------------------------------------------------------------------------------- connection
+
+
+def _parse_connection(ro: Mapping[str, Any], rw: Mapping[str, Any], config_path: Path) -> ConnectionConfig:
     endpoint_key = next((k for k in ENDPOINT_KEYS if k in ro), None)
     if endpoint_key is None:
         raise ConfigError(
@@ -335,134 +381,179 @@ def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = N
             key=key_name(RO, ENDPOINT_KEYS[0]),
         )
     endpoint = parse_endpoint(ro[endpoint_key], key_name(RO, endpoint_key))
-
-    fp = method is ProvisioningMethod.FLEET_PROVISIONING
-    why_fp = "fleet provisioning needs it"
-    serial = _string(ro, RO, SERIAL_NUMBER, required=fp, why=why_fp + " (it is the MQTT client id)")
-    if serial is not None and len(serial) > MAX_CLIENT_ID_LENGTH:
-        raise ConfigError(
-            f"{key_name(RO, SERIAL_NUMBER)}: longer than {MAX_CLIENT_ID_LENGTH} characters, "
-            "too long for an MQTT client id",
-            key=key_name(RO, SERIAL_NUMBER),
-        )
-    upc = _string(ro, RO, UPC, required=fp, why=why_fp)
-    template = _string(ro, RO, TEMPLATE_NAME, required=fp, why=why_fp)
-    if template is not None and not _TEMPLATE_NAME_RE.match(template):
-        raise ConfigError(
-            f"{key_name(RO, TEMPLATE_NAME)}: must be 1 to 36 characters of letters, digits, "
-            f"'_' or '-', got {template!r}",
-            key=key_name(RO, TEMPLATE_NAME),
-        )
-
-    raw_cm = ro.get(CERTIFICATE_METHOD)
-    if raw_cm is None:
-        cert_method = CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
-    else:
-        try:
-            cert_method = CertificateMethod(raw_cm)
-        except ValueError:
-            raise ConfigError(
-                f"{key_name(RO, CERTIFICATE_METHOD)}: expected CreateKeysAndCertificate or "
-                f"CreateCertificateFromCsr, got {raw_cm!r}",
-                key=key_name(RO, CERTIFICATE_METHOD),
-            ) from None
-
-    params_raw = ro.get(TEMPLATE_PARAMETERS)
-    params: dict[str, str] = {}
-    if params_raw is not None:
-        name = key_name(RO, TEMPLATE_PARAMETERS)
-        if not isinstance(params_raw, dict):
-            raise ConfigError(f"{name}: expected an object of string values, got {params_raw!r}", key=name)
-        for k, v in params_raw.items():
-            if not isinstance(v, str):
-                raise ConfigError(f"{name}: value of {k!r} must be a string, got {v!r}", key=name)
-            if k in (PARAM_SERIAL_NUMBER, PARAM_UPC):
-                raise ConfigError(f"{name}: {k!r} is set from ro.SN / ro.UPC; remove it here", key=name)
-            params[k] = v
-
-    claim_cert = _path(ro, CLAIM_CERT_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
-    claim_pk = _path(ro, CLAIM_PK_PATH, p, required=fp, why=why_fp, allow_secure_storage=True)
-    if fp and (claim_cert == SECURE_STORAGE) != (claim_pk == SECURE_STORAGE):
-        raise ConfigError(
-            f"{key_name(RO, CLAIM_PK_PATH)}: the claim certificate and key must both be "
-            f"{SECURE_STORAGE} or both be paths",
-            key=key_name(RO, CLAIM_PK_PATH),
-        )
-    why_jitr = "JITR needs the device (DHA) certificate and key"
-    dha_cert = _path(ro, DHA_CERT_PATH, p, required=not fp, why=why_jitr)
-    dha_pk = _path(ro, DHA_PK_PATH, p, required=not fp, why=why_jitr)
-
-    root_ca = _path(ro, ROOT_CA_PATH, p, required=False)
+    root_ca = _path(ro, ROOT_CA_PATH, config_path, required=False)
     if root_ca is not None:
         _check_readable_pem(root_ca, key_name(RO, ROOT_CA_PATH))
-
-    _path(ro, PERMANENT_CERT_DIR, p, required=False)  # type check only
-    cert_dir = permanent_cert_dir(p, ro)
-    if cert_dir.exists() and not cert_dir.is_dir():
-        raise ConfigError(
-            f"{key_name(RO, PERMANENT_CERT_DIR)}: {cert_dir} exists and is not a folder",
-            key=key_name(RO, PERMANENT_CERT_DIR),
-        )
-
-    keep_alive_sect = RO if KEEP_ALIVE in ro else RW
-    keep_alive_raw = _number(ro if keep_alive_sect == RO else rw, keep_alive_sect, KEEP_ALIVE)
-    keep_alive = DEFAULT_KEEP_ALIVE
-    if keep_alive_raw is not None:
-        lo, hi = KEEP_ALIVE_RANGE
-        if keep_alive_raw != int(keep_alive_raw) or not lo <= keep_alive_raw <= hi:
-            raise ConfigError(
-                f"{key_name(keep_alive_sect, KEEP_ALIVE)}: expected whole seconds from {lo} to "
-                f"{hi}, got {keep_alive_raw:g}",
-                key=key_name(keep_alive_sect, KEEP_ALIVE),
-            )
-        keep_alive = int(keep_alive_raw)
-
+    keep_alive = _parse_keep_alive(ro, rw)
     retry = _number(ro, RO, RETRY_TIMEOUT)
     if retry is not None and not 0 < retry <= 86400:
         raise ConfigError(
             f"{key_name(RO, RETRY_TIMEOUT)}: expected seconds, more than 0 and at most 86400, got {retry:g}",
             key=key_name(RO, RETRY_TIMEOUT),
         )
-    client_id_override = _string(ro, RO, CLIENT_ID_OVERRIDE, required=False)
-    if client_id_override is not None and len(client_id_override) > MAX_CLIENT_ID_LENGTH:
+    return ConnectionConfig(
+        endpoint=endpoint,
+        endpoint_key=endpoint_key,
+        root_ca_path=root_ca,
+        keep_alive=keep_alive,
+        retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
+    )
+
+
+def _parse_keep_alive(ro: Mapping[str, Any], rw: Mapping[str, Any]) -> int:
+    """mqtt_keep_alive_interval: AWS does not say which section holds it, so ro first, then rw."""
+    sect = RO if KEEP_ALIVE in ro else RW
+    raw = _number(ro if sect == RO else rw, sect, KEEP_ALIVE)
+    if raw is None:
+        return DEFAULT_KEEP_ALIVE
+    lo, hi = KEEP_ALIVE_RANGE
+    if raw != int(raw) or not lo <= raw <= hi:
         raise ConfigError(
-            f"{key_name(RO, CLIENT_ID_OVERRIDE)}: longer than {MAX_CLIENT_ID_LENGTH} characters",
-            key=key_name(RO, CLIENT_ID_OVERRIDE),
+            f"{key_name(sect, KEEP_ALIVE)}: expected whole seconds from {lo} to {hi}, got {raw:g}",
+            key=key_name(sect, KEEP_ALIVE),
         )
-    handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
+    return int(raw)
+
+
+# --------------------------------------------------------------------------------------------- fleet
+
+_WHY_FLEET = "fleet provisioning needs it"
+
+
+def _parse_fleet(ro: Mapping[str, Any], config_path: Path, *, required: bool) -> FleetConfig | None:
+    """The fleet section; None when the method is JITR (its keys are then checked only where present)."""
+    serial = _string(ro, RO, SERIAL_NUMBER, required=required, why=_WHY_FLEET + " (it is the MQTT client id)")
+    if serial is not None and len(serial) > MAX_CLIENT_ID_LENGTH:
+        raise ConfigError(
+            f"{key_name(RO, SERIAL_NUMBER)}: longer than {MAX_CLIENT_ID_LENGTH} characters, "
+            "too long for an MQTT client id",
+            key=key_name(RO, SERIAL_NUMBER),
+        )
+    upc = _string(ro, RO, UPC, required=required, why=_WHY_FLEET)
+    template = _string(ro, RO, TEMPLATE_NAME, required=required, why=_WHY_FLEET)
+    if template is not None and not _TEMPLATE_NAME_RE.match(template):
+        raise ConfigError(
+            f"{key_name(RO, TEMPLATE_NAME)}: must be 1 to 36 characters of letters, digits, "
+            f"'_' or '-', got {template!r}",
+            key=key_name(RO, TEMPLATE_NAME),
+        )
+    certificate_method = _parse_certificate_method(ro)
+    parameters = _parse_template_parameters(ro)
+    claim_cert, claim_pk = _parse_claim_paths(ro, config_path, required=required)
+    verify = _parse_verify_connection(ro)
+    if not required:
+        return None
+    # required: each of these was refused above when missing or empty
+    assert serial is not None
+    assert upc is not None
+    assert template is not None
+    assert claim_cert is not None
+    assert claim_pk is not None
+    return FleetConfig(
+        claim_cert_path=claim_cert,
+        claim_pk_path=claim_pk,
+        template_name=template,
+        serial_number=serial,
+        upc=upc,
+        certificate_method=certificate_method,
+        template_parameters=parameters,
+        verify_connection=verify,
+    )
+
+
+def _parse_certificate_method(ro: Mapping[str, Any]) -> CertificateMethod:
+    raw = ro.get(CERTIFICATE_METHOD)
+    if raw is None:
+        return CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
+    try:
+        return CertificateMethod(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{key_name(RO, CERTIFICATE_METHOD)}: expected CreateKeysAndCertificate or "
+            f"CreateCertificateFromCsr, got {raw!r}",
+            key=key_name(RO, CERTIFICATE_METHOD),
+        ) from None
+
+
+def _parse_template_parameters(ro: Mapping[str, Any]) -> dict[str, str]:
+    raw = ro.get(TEMPLATE_PARAMETERS)
+    if raw is None:
+        return {}
+    name = key_name(RO, TEMPLATE_PARAMETERS)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected an object of string values, got {raw!r}", key=name)
+    params: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(v, str):
+            raise ConfigError(f"{name}: value of {k!r} must be a string, got {v!r}", key=name)
+        if k in (PARAM_SERIAL_NUMBER, PARAM_UPC):
+            raise ConfigError(f"{name}: {k!r} is set from ro.SN / ro.UPC; remove it here", key=name)
+        params[k] = v
+    return params
+
+
+def _parse_claim_paths(
+    ro: Mapping[str, Any], config_path: Path, *, required: bool
+) -> tuple[str | None, str | None]:
+    claim_cert = _path(
+        ro, CLAIM_CERT_PATH, config_path, required=required, why=_WHY_FLEET, allow_secure_storage=True
+    )
+    claim_pk = _path(
+        ro, CLAIM_PK_PATH, config_path, required=required, why=_WHY_FLEET, allow_secure_storage=True
+    )
+    if required and (claim_cert == SECURE_STORAGE) != (claim_pk == SECURE_STORAGE):
+        raise ConfigError(
+            f"{key_name(RO, CLAIM_PK_PATH)}: the claim certificate and key must both be "
+            f"{SECURE_STORAGE} or both be paths",
+            key=key_name(RO, CLAIM_PK_PATH),
+        )
+    return claim_cert, claim_pk
+
+
+def _parse_verify_connection(ro: Mapping[str, Any]) -> bool:
     verify = ro.get(VERIFY_CONNECTION, True)
     if not isinstance(verify, bool):
         raise ConfigError(
             f"{key_name(RO, VERIFY_CONNECTION)}: expected true or false, got {verify!r}",
             key=key_name(RO, VERIFY_CONNECTION),
         )
+    return verify
 
-    for text in warnings:
-        log.warning("%s", text)
-    return HubConfig(
-        path=p,
-        method=method,
-        state=state,
-        endpoint=endpoint,
-        endpoint_key=endpoint_key,
-        serial_number=serial,
-        upc=upc,
-        template_name=template,
-        certificate_method=cert_method,
-        template_parameters=params,
-        claim_cert_path=claim_cert,
-        claim_pk_path=claim_pk,
-        dha_cert_path=dha_cert,
-        dha_pk_path=dha_pk,
-        root_ca_path=root_ca,
-        permanent_cert_dir=cert_dir,
-        keep_alive=keep_alive,
-        retry_timeout=retry if retry is not None else DEFAULT_RETRY_TIMEOUT,
-        client_id_override=client_id_override,
-        secure_storage_handler=handler,
-        warnings=tuple(warnings),
-        verify_connection=verify,
-    )
+
+# ---------------------------------------------------------------------------------------------- JITR
+
+
+def _parse_jitr(ro: Mapping[str, Any], config_path: Path, *, required: bool) -> JitrConfig | None:
+    """The JITR section; None when the method is fleet provisioning (its keys checked where present)."""
+    why = "JITR needs the device (DHA) certificate and key"
+    dha_cert = _path(ro, DHA_CERT_PATH, config_path, required=required, why=why)
+    dha_pk = _path(ro, DHA_PK_PATH, config_path, required=required, why=why)
+    client_id_override = _string(ro, RO, CLIENT_ID_OVERRIDE, required=False)
+    if client_id_override is not None and len(client_id_override) > MAX_CLIENT_ID_LENGTH:
+        raise ConfigError(
+            f"{key_name(RO, CLIENT_ID_OVERRIDE)}: longer than {MAX_CLIENT_ID_LENGTH} characters",
+            key=key_name(RO, CLIENT_ID_OVERRIDE),
+        )
+    if not required:
+        return None
+    # required: both were refused above when missing or empty
+    assert dha_cert is not None
+    assert dha_pk is not None
+    return JitrConfig(dha_cert_path=dha_cert, dha_pk_path=dha_pk, client_id_override=client_id_override)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _parse_permanent_cert_dir(ro: Mapping[str, Any], config_path: Path) -> Path:
+    _path(ro, PERMANENT_CERT_DIR, config_path, required=False)  # type check only
+    cert_dir = permanent_cert_dir(config_path, ro)
+    if cert_dir.exists() and not cert_dir.is_dir():
+        raise ConfigError(
+            f"{key_name(RO, PERMANENT_CERT_DIR)}: {cert_dir} exists and is not a folder",
+            key=key_name(RO, PERMANENT_CERT_DIR),
+        )
+    return cert_dir
 
 
 def _check_readable_pem(path: str, key: str) -> None:
@@ -481,64 +572,19 @@ def _check_readable_pem(path: str, key: str) -> None:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (a power cut after os.replace keeps the new name)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never a mix.
-
-    The temp file is created with `mode` from its first byte (O_CREAT|O_EXCL, then fchmod to defeat
-    the umask), in the same folder so os.replace is a rename on one filesystem. `owner` (uid, gid) is
-    given to the temp file before any data when it differs from ours; EPERM (not root) is ignored.
-    """
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        if owner is not None:
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != owner:
-                try:
-                    os.fchown(fd, *owner)
-                except PermissionError:
-                    log.debug("cannot give %s to uid %d gid %d (not root); it keeps ours", path, *owner)
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
 def write_document(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
     """Atomically write the whole config, keeping the existing file's permission bits, owner and group.
 
-    A symlinked config stays a symlink: the file it points at is the one replaced (the temp file goes
-    in that file's folder, so the rename stays on one filesystem).
+    A symlinked config stays a symlink: the file it points at is the one replaced.
     """
-    p = Path(os.path.realpath(path))
-    owner: tuple[int, int] | None
-    try:
-        st = p.stat()
-        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        mode, owner = 0o644, None
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
     try:
-        atomic_write_bytes(p, data, mode, owner)
+        _files.replace_shared_file(path, data)
     except OSError as exc:
         hint = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-        raise StorageError(f"could not write {p}: {hint}; the file was left as it was") from None
+        raise StorageError(
+            f"could not write {_files.real_path(path)}: {hint}; the file was left as it was"
+        ) from None
 
 
 def update_rw(
@@ -569,51 +615,3 @@ def reset_rw(path: str | os.PathLike[str], *, clock: Callable[[], float] = time.
     }
     write_document(path, doc)
     return doc
-
-
-# ------------------------------------------------------------------------------------------------ lock
-
-
-def lock_path_for(config_path: str | os.PathLike[str]) -> Path:
-    """`<config>.lock` beside the real file, so two names for one config (a symlink) share one lock."""
-    p = Path(os.path.realpath(config_path))
-    return p.with_name(p.name + ".lock")
-
-
-@contextlib.contextmanager
-def onboarding_lock(config_path: str | os.PathLike[str], timeout: float, poll: float = 0.1) -> Iterator[None]:
-    """Hold an exclusive flock on `<config>.lock`, waiting at most `timeout` seconds for it.
-
-    flock is released by the kernel when the process dies, so a crash never leaves a stale lock.
-    """
-    lp = lock_path_for(config_path)
-    try:
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StorageError(
-            f"cannot create the lock file {lp}: {exc.strerror or exc}; the config's folder "
-            "must be writable by onboarding"
-        ) from None
-    try:
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise BusyError(
-                        f"another hub-onboard is onboarding with {config_path} (lock {lp} held for more than "
-                        f"{timeout:g} s); wait for it to finish, then run provision again"
-                    ) from None
-                time.sleep(poll)
-            except InterruptedError:
-                continue
-            except OSError as exc:  # ENOLCK (no lock support, e.g. some network filesystems), EBADF...
-                raise StorageError(
-                    f"cannot lock {lp}: {exc.strerror or exc}; the config's folder must be on a filesystem "
-                    "that supports file locks (flock), e.g. a local one"
-                ) from None
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock

@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hub_onboarding import _files
+from hub_onboarding.errors import StorageError
+
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE_NAME = "onboarding-progress.json"
@@ -161,10 +164,9 @@ class ProgressStore:
         return progress
 
     def save(self, progress: Progress) -> None:
-        from hub_onboarding.certs import KEY_MODE, CertHandler
-
+        """Write the record 0600 and atomically (it holds the ownership token, a secret)."""
         data = (json.dumps(progress.to_json(), indent=2) + "\n").encode("utf-8")
-        CertHandler().write_file(self.path, data, KEY_MODE)
+        _files.write_private_file(self.path, data, _files.PRIVATE_FILE_MODE)
 
     def clear(self) -> None:
         """Delete the record, durably (a power cut right after must not bring it back).
@@ -172,12 +174,8 @@ class ProgressStore:
         StorageError when it cannot be deleted (read-only folder, permissions): a stale record must not
         be left for a later run to trust, so onboarding stops there.
         """
-        from hub_onboarding.config import fsync_dir
-        from hub_onboarding.errors import StorageError
-
         try:
-            self.path.unlink()
-            fsync_dir(self.path.parent)
+            _files.remove(self.path)
         except FileNotFoundError:
             return
         except OSError as exc:

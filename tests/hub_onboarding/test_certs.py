@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hub_onboarding import certs
+from hub_onboarding import _files, certs
 from hub_onboarding.certs import CertHandler, CertType
 from hub_onboarding.errors import ConfigError, CredentialError
 
@@ -250,4 +250,4 @@ def test_generate_key_and_csr() -> None:
 
 def test_delete_only_existing(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("x")
-    assert CertHandler.delete([tmp_path / "a", tmp_path / "b"]) == [tmp_path / "a"]
+    assert _files.delete_files([tmp_path / "a", tmp_path / "b"]) == [tmp_path / "a"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from hub_onboarding import config as cfg
-from hub_onboarding.errors import BusyError, ConfigError, StorageError
+from hub_onboarding.errors import ConfigError, StorageError
 
 from .conftest import HubFactory
 
@@ -65,6 +65,9 @@ BAD_RO: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("retry timeout negative", {"mqtt_retry_timeout_seconds": -1}, (), "ro.mqtt_retry_timeout_seconds"),
     ("retry timeout a string", {"mqtt_retry_timeout_seconds": "300"}, (), "ro.mqtt_retry_timeout_seconds"),
     ("SECURE_STORAGE for the root CA", {"iot_root_ca_path": "SECURE_STORAGE"}, (), "ro.iot_root_ca_path"),
+    # JITR's keys are checked where present, even when the method is fleet provisioning
+    ("DHA key SECURE_STORAGE under fleet", {"iot_dha_pk_path": "SECURE_STORAGE"}, (), "ro.iot_dha_pk_path"),
+    ("client id override too long under fleet", {"client_id": "c" * 200}, (), "ro.client_id"),
 ]
 
 
@@ -87,6 +90,16 @@ BAD_JITR: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
     ("no DHA key", {}, ("iot_dha_pk_path",), "ro.iot_dha_pk_path"),
     ("DHA key SECURE_STORAGE", {"iot_dha_pk_path": "SECURE_STORAGE"}, (), "ro.iot_dha_pk_path"),
     ("client id override too long", {"client_id": "c" * 200}, (), "ro.client_id"),
+    # fleet provisioning's keys are checked where present, even when the method is JITR
+    ("SN too long under JITR", {"SN": "x" * 129}, (), "ro.SN"),
+    ("template bad characters under JITR", {"fp_template_name": "my template!"}, (), "ro.fp_template_name"),
+    ("unknown certificate method under JITR", {"fp_certificate_method": "X"}, (), "ro.fp_certificate_method"),
+    (
+        "verify connection not a bool under JITR",
+        {"fp_verify_connection": "no"},
+        (),
+        "ro.fp_verify_connection",
+    ),
 ]
 
 
@@ -154,8 +167,8 @@ def test_parse_endpoint(value: str, host: str, port: int) -> None:
 def test_endpoint_spellings(make_hub: HubFactory, key: str) -> None:
     hub = make_hub(ro={key: "a.example.com:1234"}, drop=("endpoint_url",) if key != "endpoint_url" else ())
     parsed = cfg.parse_config(hub.config)
-    assert parsed.endpoint == cfg.Endpoint("a.example.com", 1234)
-    assert parsed.endpoint_key == key
+    assert parsed.connection.endpoint == cfg.Endpoint("a.example.com", 1234)
+    assert parsed.connection.endpoint_key == key
 
 
 @pytest.mark.parametrize("method", [None, "SOMETHING_ELSE", 7])
@@ -177,11 +190,14 @@ def test_defaults(make_hub: HubFactory) -> None:
     hub = make_hub(ro={"fp_template_parameters": {"Room": "kitchen"}})
     parsed = cfg.parse_config(hub.config)
     assert parsed.method is cfg.ProvisioningMethod.FLEET_PROVISIONING
-    assert parsed.certificate_method is cfg.CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
-    assert parsed.keep_alive == 300
-    assert parsed.retry_timeout == 300.0
+    assert parsed.jitr is None
+    assert parsed.fleet is not None
+    assert parsed.fleet.certificate_method is cfg.CertificateMethod.CREATE_KEYS_AND_CERTIFICATE
+    assert parsed.fleet.verify_connection is True
+    assert parsed.connection.keep_alive == 300
+    assert parsed.connection.retry_timeout == 300.0
     assert parsed.permanent_cert_dir == hub.dir / "certs"
-    assert parsed.register_parameters() == {
+    assert parsed.fleet.register_parameters() == {
         "SerialNumber": "SN-0001",
         "UniversalProductCode": "012345678905",
         "Room": "kitchen",
@@ -192,12 +208,54 @@ def test_jitr_does_not_need_fp_keys(make_hub: HubFactory) -> None:
     hub = make_hub("JITR", drop=("SN", "UPC", "fp_template_name", "iot_claim_cert_path", "iot_claim_pk_path"))
     parsed = cfg.parse_config(hub.config)
     assert parsed.method is cfg.ProvisioningMethod.JITR
-    assert parsed.dha_cert_path
+    assert parsed.fleet is None
+    assert parsed.jitr is not None
+    assert parsed.jitr.dha_cert_path == str(hub.dir / "dha.crt")
+    assert parsed.jitr.dha_pk_path == str(hub.dir / "dha.key")
+    assert parsed.jitr.client_id_override is None
+
+
+def test_fleet_section(make_hub: HubFactory) -> None:
+    hub = make_hub(
+        ro={
+            "fp_certificate_method": "CreateCertificateFromCsr",
+            "fp_verify_connection": False,
+            "iot_claim_pk_path": "claim.key",  # relative: taken from the config's folder
+            "mqtt_retry_timeout_seconds": 12.5,
+        }
+    )
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.fleet == cfg.FleetConfig(
+        claim_cert_path=str(hub.dir / "claim.crt"),
+        claim_pk_path=str(hub.dir / "claim.key"),
+        template_name="HubTemplate",
+        serial_number="SN-0001",
+        upc="012345678905",
+        certificate_method=cfg.CertificateMethod.CREATE_CERTIFICATE_FROM_CSR,
+        template_parameters={},
+        verify_connection=False,
+    )
+    assert parsed.connection == cfg.ConnectionConfig(
+        endpoint=cfg.Endpoint("iot.example.com", 8883),
+        endpoint_key="endpoint_url",
+        root_ca_path=str(hub.dir / "ca.pem"),
+        keep_alive=300,
+        retry_timeout=12.5,
+    )
+    assert parsed.secure_storage_handler is None
+    assert parsed.warnings == ()
+
+
+def test_jitr_section_with_client_id_override(make_hub: HubFactory) -> None:
+    hub = make_hub("JITR", ro={"client_id": "hub-7", "secure_storage_handler": "tpm"})
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.jitr == cfg.JitrConfig(str(hub.dir / "dha.crt"), str(hub.dir / "dha.key"), "hub-7")
+    assert parsed.secure_storage_handler == "tpm"
 
 
 def test_keep_alive_from_rw(make_hub: HubFactory) -> None:
     hub = make_hub(rw={"mqtt_keep_alive_interval": 60})
-    assert cfg.parse_config(hub.config).keep_alive == 60
+    assert cfg.parse_config(hub.config).connection.keep_alive == 60
 
 
 def test_update_rw_is_atomic_keeps_unknown_keys_and_mode(make_hub: HubFactory) -> None:
@@ -243,45 +301,6 @@ def test_reset_rw_keeps_ro_and_top_level(make_hub: HubFactory) -> None:
         "iot_provisioning_state": "NOT_PROVISIONED",
         "metadata": {"last_updated_epoch_time": 5},
     }
-
-
-def test_lock_contention(tmp_path: Path) -> None:
-    path = tmp_path / "iotmi_config.json"
-    path.write_text(json.dumps({"ro": {}}))
-    with cfg.onboarding_lock(path, timeout=1):
-        # flock is per open file: a second open in the same process contends like another process.
-        with pytest.raises(BusyError) as info, cfg.onboarding_lock(path, timeout=0.2):
-            pass
-        assert info.value.exit_code == 6
-        assert "another hub-onboard" in info.value.message
-    with cfg.onboarding_lock(path, timeout=0):
-        pass  # released when the holder left
-
-
-def test_lock_in_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    (folder / "iotmi_config.json").write_text("{}")
-    folder.chmod(0o500)  # enough when not root
-    if os.geteuid() == 0:
-        # Root writes through permission bits; simulate what the kernel says for a read-only folder or
-        # mount instead: creating a file there fails with EACCES (or EROFS).
-        real_open = os.open
-
-        def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if flags & os.O_CREAT and Path(os.fsdecode(path)).parent == folder:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", fake_open)
-    try:
-        config_path = folder / "iotmi_config.json"
-        with pytest.raises(StorageError) as info, cfg.onboarding_lock(config_path, timeout=0):
-            pass
-        assert "cannot create the lock file" in info.value.message
-        assert not (folder / "iotmi_config.json.lock").exists()
-    finally:
-        folder.chmod(0o700)
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from pathlib import Path
 
 import pytest
 
-from hub_onboarding import config as cfg
-from hub_onboarding.certs import CertHandler, check_pair
+from hub_onboarding import _files
+from hub_onboarding.certs import check_pair
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
 from hub_onboarding.errors import MqttConnectionError, StorageError
@@ -50,7 +49,7 @@ def test_delete_that_fails_midway_is_a_storage_error(tmp_path: Path, monkeypatch
         f.write_text("x")
     _fail_unlink_of(monkeypatch, {"b"})
     with pytest.raises(StorageError) as info:
-        CertHandler.delete(files)
+        _files.delete_files(files)
     message = info.value.message
     assert f"cannot delete {files[1]}" in message
     assert f"deleted so far: {files[0]}" in message
@@ -72,19 +71,6 @@ def test_reset_that_cannot_delete_exits_5_without_a_traceback(
     err = capsys.readouterr().err
     assert "private.pem.key" in err
     assert "Traceback" not in err
-
-
-def test_lock_on_a_filesystem_without_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "iotmi_config.json"
-    config.write_text("{}")
-
-    def flock(fd: int, op: int) -> None:
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
-    monkeypatch.setattr(fcntl, "flock", flock)
-    with pytest.raises(StorageError, match="supports file locks") as info, cfg.onboarding_lock(config, 1):
-        pass
-    assert str(tmp_path) in info.value.message
 
 
 def test_mqtt_client_that_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,209 @@
+"""Every file onboarding writes or deletes goes through here: atomic, durable, private where it must be.
+
+- Atomic writes: a reader (another hub process, or this one after a power cut) sees the old file or
+  the new one, never a mix. The temp file is made in the target's own folder, so the final os.replace
+  is a rename on one filesystem; its mode is set before the first byte; data and folder are fsynced.
+- Replacing a shared file (the config) keeps its mode, owner and group, and writes through a symlink
+  to the file it points at, so the link stays a link.
+- The private folder (the credentials folder, the only one onboarding owns) is created 0700 whatever
+  the umask; an existing folder is never narrowed (it may be shared, e.g. the config's own folder):
+  one open to other users is refused.
+- Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back.
+
+Functions raise OSError where the caller knows best what to tell the user (each says what was left
+as it was); the private-folder and deletion checks raise the typed errors themselves, because their
+messages are the same for every caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from hub_onboarding.errors import CredentialError, StorageError
+
+log = logging.getLogger(__name__)
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SHARED_FILE_MODE = 0o644  # a shared file onboarding creates (the config, when it did not exist)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or deletion in `directory` durable (a power cut afterwards keeps it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never a mix.
+
+    The temp file is created with `mode` from its first byte (O_CREAT|O_EXCL, then fchmod to defeat
+    the umask). `owner` (uid, gid) is given to the temp file before any data when it differs from ours;
+    EPERM (not root) is ignored. OSError when anything fails; no temp file is left behind.
+    """
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        if owner is not None:
+            _give(fd, owner, path)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def _give(fd: int, owner: tuple[int, int], path: Path) -> None:
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) == owner:
+        return
+    try:
+        os.fchown(fd, *owner)
+    except PermissionError:
+        log.debug("cannot give %s to uid %d gid %d (not root); it keeps ours", path, *owner)
+
+
+def replace_shared_file(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Atomically replace a file other processes share, keeping its permission bits, owner and group.
+
+    A symlink stays a symlink: the file it points at is the one replaced (the temp file goes in that
+    file's folder, so the rename stays on one filesystem). A missing file is created with mode 0644.
+    Returns the path of the file written; OSError when it could not be (the old file is left as it was).
+    """
+    target = real_path(path)
+    owner: tuple[int, int] | None
+    try:
+        st = target.stat()
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = SHARED_FILE_MODE, None
+    atomic_write(target, data, mode, owner)
+    return target
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """The file a name stands for, through symlinks: what a write replaces and what a lock is tied to."""
+    return Path(os.path.realpath(path))
+
+
+def read_at_most(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
+    """Up to `limit` bytes of a file. With follow_symlinks False a symlink planted at `path` after the
+    caller examined it is refused by the kernel (O_NOFOLLOW: ELOOP) instead of being read through."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(limit)
+
+
+# ---------------------------------------------------------------------------------- private folder
+
+
+def check_private_dir(directory: Path) -> None:
+    """Refuse an existing credentials folder that other users can enter or list (a missing one is fine).
+
+    Onboarding never changes the mode of a folder it did not create: with iot_permanent_cert_dir "."
+    or a shared folder, narrowing it would lock the other hub processes out of their files.
+    CredentialError (exit 4), like a key file readable by others: the key would not be private there.
+    """
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(
+            f"cannot examine the credentials folder {directory}: {exc.strerror or exc}"
+        ) from None
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+        raise CredentialError(
+            f"the credentials folder {directory} (ro.iot_permanent_cert_dir) has mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, open to other users, and onboarding does not narrow a "
+            f"folder it did not create; set ro.iot_permanent_cert_dir to a folder of its own (onboarding "
+            f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it"
+        )
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create `directory` with mode 0700; an existing one must already be private (check_private_dir)."""
+    try:
+        directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+    except FileExistsError:
+        check_private_dir(directory)
+        return
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the credentials folder {directory} with mode 0700: {exc.strerror or exc}"
+        ) from None
+    try:
+        # mkdir's mode is filtered by the umask; chmod sets exactly 0700 on the folder we just made.
+        os.chmod(directory, PRIVATE_DIR_MODE)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot set mode 0700 on the credentials folder {directory}: {exc.strerror or exc}"
+        ) from None
+
+
+def write_private_file(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write one file atomically with `mode` from its first byte, in a private folder (made if missing)."""
+    ensure_private_dir(path.parent)
+    try:
+        atomic_write(path, data, mode)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write {path}: {exc.strerror or exc}; nothing was left half-written"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------- deletion
+
+
+def remove(path: Path) -> bool:
+    """Delete one file durably; False when it did not exist. OSError when it cannot be deleted."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def delete_files(paths: list[Path]) -> list[Path]:
+    """Delete the files that exist among `paths`, durably; return the ones deleted.
+
+    StorageError when one cannot be deleted (permissions, read-only folder); the message names what
+    was deleted before it, and what is left.
+    """
+    deleted: list[Path] = []
+    try:
+        for i, p in enumerate(paths):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                left = ", ".join(str(q) for q in paths[i:])
+                done = ", ".join(str(q) for q in deleted) or "nothing"
+                raise StorageError(
+                    f"cannot delete {p}: {exc.strerror or exc} (deleted so far: {done}; left: {left}); "
+                    "fix the folder's permissions and run reset again, or delete them by hand"
+                ) from None
+            deleted.append(p)
+    finally:
+        # One fsync per folder, also after a failure: what was deleted stays deleted.
+        for folder in {q.parent for q in deleted}:
+            with contextlib.suppress(OSError):
+                fsync_dir(folder)
+    return deleted

@@ -1,0 +1,100 @@
+"""_files: atomic replacement, reads that refuse planted symlinks, durable removal, private folders."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from hub_onboarding import _files
+from hub_onboarding.errors import CredentialError
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_replace_shared_file_creates_a_missing_file_0644(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        written = _files.replace_shared_file(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(old)
+    assert written == tmp_path / "shared.json"
+    assert mode(written) == 0o644
+    assert written.read_bytes() == b"{}"
+
+
+def test_replace_shared_file_writes_through_a_symlink_and_keeps_the_mode(tmp_path: Path) -> None:
+    target = tmp_path / "real" / "file"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert _files.replace_shared_file(link, b"new") == target
+    assert link.is_symlink()
+    assert target.read_bytes() == b"new"
+    assert mode(target) == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file"]  # no temp file left
+
+
+def test_atomic_write_leaves_no_temp_file_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"before")
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        _files.atomic_write(path, b"after", 0o600)
+    assert path.read_bytes() == b"before"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_read_at_most_refuses_a_symlink_when_told_not_to_follow(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.write_bytes(b"0123456789")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert _files.read_at_most(real, 4, follow_symlinks=False) == b"0123"
+    assert _files.read_at_most(link, 100, follow_symlinks=True) == b"0123456789"
+    with pytest.raises(OSError, match=re.escape(os.strerror(errno.ELOOP))) as info:
+        _files.read_at_most(link, 100, follow_symlinks=False)
+    assert info.value.errno == errno.ELOOP
+
+
+def test_remove_is_false_for_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("x")
+    assert _files.remove(tmp_path / "a") is True
+    assert _files.remove(tmp_path / "a") is False
+    assert not (tmp_path / "a").exists()
+
+
+def test_private_folder_is_made_0700_and_a_wide_one_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+    _files.check_private_dir(folder)  # missing is fine
+    _files.ensure_private_dir(folder)
+    assert mode(folder) == 0o700
+    _files.ensure_private_dir(folder)  # existing and private: used as it is
+    folder.chmod(0o750)
+    with pytest.raises(CredentialError, match="open to other users"):
+        _files.ensure_private_dir(folder)
+    assert mode(folder) == 0o750  # never narrowed
+
+
+def test_write_private_file_mode_from_the_first_byte(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        _files.write_private_file(tmp_path / "d" / "secret", b"s")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "d") == 0o700
+    assert mode(tmp_path / "d" / "secret") == 0o600
