@@ -584,8 +584,8 @@ def test_expired_tokens_are_swept_when_the_clock_says_so(tmp_path: Path) -> None
     from iot_core_local.registry import Registry
 
     ca = CertificateAuthority(tmp_path / "ca")
-    registry = Registry(tmp_path / "registry.sqlite3")
-    clock = FakeClock(time.time())  # the registry dates the tokens by the wall clock
+    clock = FakeClock(time.time())  # one clock for the registry (token expiry) and the service (sweeps)
+    registry = Registry(tmp_path / "registry.sqlite3", clock=clock)
     service = ProvisioningService(registry, ca, token_ttl=60.0, clock=clock)
     request = parse_request_topic(CSR_TOPIC)
     assert request is not None
