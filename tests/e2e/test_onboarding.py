@@ -21,14 +21,14 @@ from hub_onboarding import HubOnboarding, IdentityError
 from hub_onboarding.certs import Credentials
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
-from hub_onboarding.factory import write_jitr_hub
+from hub_onboarding.tools.factory import write_jitr_hub
 from hub_onboarding.fleet import FleetProvisioning
-from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 from iot_core_local.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
 from iot_core_local.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 
-from .conftest import HubFactory, read_config
+from tests._support.hubs import CloudHubFactory, read_config
 
 pytestmark = pytest.mark.e2e
 
@@ -74,12 +74,12 @@ def _connects(cloud: LocalIotCore, cert: str, key: str, client_id: str) -> bool:
 def test_fleet_provisioning(
     cloud: LocalIotCore,
     iot: Any,
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     method: str,
     key_type: type,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config_path = make_hub(certificate_method=method)
+    config_path = make_cloud_hub(certificate_method=method)
     assert main(["provision", "--config", str(config_path), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     rw = read_config(config_path)["rw"]
@@ -109,8 +109,8 @@ def test_fleet_provisioning(
     assert _connects(cloud, str(rw["iot_permanent_cert_path"]), str(key_path), rw["client_id"])
 
 
-def test_second_provision_creates_nothing_and_keeps_unknown_keys(iot: Any, make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_second_provision_creates_nothing_and_keeps_unknown_keys(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+    config_path = make_cloud_hub()
     doc = read_config(config_path)
     doc["ro"]["vendor_setting"] = {"nested": [1, 2, 3]}
     doc["rw"]["proxy_state"] = "kept"
@@ -139,7 +139,7 @@ def _provision_error(config_path: Path) -> IdentityError:
 
 
 def test_unknown_template_is_an_identity_error_with_the_services_words(
-    make_hub: HubFactory, iot: Any, claim: ClaimSetup, capsys: pytest.CaptureFixture[str]
+    make_cloud_hub: CloudHubFactory, iot: Any, claim: ClaimSetup, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The usual claim policy names its template, so an unknown one would be refused at SUBSCRIBE
     # (a SubscribeTimeoutError). Widen it, as a maker with several templates would, to reach the service.
@@ -171,7 +171,7 @@ def test_unknown_template_is_an_identity_error_with_the_services_words(
             "certificateArn"
         ],
     )
-    config_path = make_hub(template_name="NoSuchTemplate")
+    config_path = make_cloud_hub(template_name="NoSuchTemplate")
     before = config_path.read_bytes()
     error = _provision_error(config_path)
     assert error.status_code == 404
@@ -214,7 +214,7 @@ def test_overriding_hook_changes_the_thing(
 
 
 def _claim_hub(cloud: LocalIotCore, claim: ClaimSetup, hub_dir: Path, serial: str) -> Path:
-    from hub_onboarding.factory import write_claim_hub
+    from hub_onboarding.tools.factory import write_claim_hub
 
     return write_claim_hub(
         hub_dir,
@@ -285,8 +285,8 @@ def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp
     assert described["caCertificateId"] == ca_id
 
 
-def test_reset_then_onboard_again(iot: Any, make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_reset_then_onboard_again(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+    config_path = make_cloud_hub()
     assert main(["provision", "--config", str(config_path)]) == 0
     provisioned = read_config(config_path)
     old_cert = Path(provisioned["rw"]["iot_permanent_cert_path"])
@@ -320,8 +320,8 @@ def provisioned_cert_pem(doc: dict[str, Any], iot: Any) -> bytes:
     return str(first["certificateDescription"]["certificatePem"]).encode()
 
 
-def test_credentials_are_private_whatever_the_umask(make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_credentials_are_private_whatever_the_umask(make_cloud_hub: CloudHubFactory) -> None:
+    config_path = make_cloud_hub()
     old = os.umask(0)
     try:
         HubOnboarding(config_path).process_device()
@@ -335,12 +335,12 @@ def test_credentials_are_private_whatever_the_umask(make_hub: HubFactory) -> Non
 
 
 def test_no_secret_reaches_the_logs(
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     claim: ClaimSetup,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config_path = make_hub(certificate_method="CreateKeysAndCertificate")
+    config_path = make_cloud_hub(certificate_method="CreateKeysAndCertificate")
     with caplog.at_level(logging.DEBUG):
         assert main(["provision", "--config", str(config_path), "-vv"]) == 0
     out = capsys.readouterr()
