@@ -78,7 +78,7 @@ def hook_server() -> Iterator[Callable[..., HookServer]]:
 
 @pytest.fixture(scope="session")
 def shim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding the test-only sitecustomize that freezes a child hub-onboard (processes.CHILD_SHIM)."""
+    """A folder with the test-only sitecustomize that freezes a child hub-onboard (processes.CHILD_SHIM)."""
     return write_shim(tmp_path_factory.mktemp("shim"))
 
 

@@ -25,7 +25,6 @@ import pytest
 
 from hub_onboarding.cli import main
 from iot_core_local.server import LocalIotCore
-
 from tests._support.certificates import certificate_ids, make_pair
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.processes import run_hub
@@ -384,7 +383,10 @@ TRIED: list[str] = []
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(
-    case: Case, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    case: Case,
+    make_cloud_hub: CloudHubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
@@ -462,7 +464,10 @@ def _full_disk(hub: BadHub, temp_prefix: str) -> None:
 
 
 def test_full_disk_writing_the_credentials(
-    iot: Any, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)

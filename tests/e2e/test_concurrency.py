@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from iot_core_local.server import LocalIotCore
-
 from tests._support.certificates import certificate_ids
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.processes import HubProcess, freeze_at_step
@@ -86,9 +85,7 @@ def test_the_waiting_run_takes_over_when_the_first_dies(
     config_path = make_cloud_hub()
     original = read_config(config_path)
     before = certificate_ids(iot)
-    first = HubProcess(
-        config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED")
-    )
+    first = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
     first.wait_frozen()
     second = HubProcess(config_path, json_steps=True)
     second.wait_for_step("CONFIG_READ")  # the last step before the lock

@@ -20,7 +20,6 @@ import pytest
 
 from iot_core_local.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
 from tests._support.certificates import certificate_ids
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.network import TcpProxy, connects
@@ -140,7 +139,11 @@ def test_connection_dropped_in_the_middle_of_a_request(
 
 
 def test_proxy_cuts_the_connection_before_register_thing(
-    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, tcp_proxy: Callable[..., TcpProxy], shim_dir: Path
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    tcp_proxy: Callable[..., TcpProxy],
+    shim_dir: Path,
 ) -> None:
     """TCP-level cut (not the fault switch): the claim connection dies right before RegisterThing."""
     proxy = tcp_proxy()
@@ -281,9 +284,7 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
             extra_ro={"mqtt_retry_timeout_seconds": 40},
         )
         before = certificate_ids(iot)
-        hub = HubProcess(
-            config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED")
-        )
+        hub = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
         hub.wait_frozen()
         core.stop()
         hub.resume()  # RegisterThing meets a server that is gone

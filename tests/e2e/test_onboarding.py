@@ -21,13 +21,12 @@ from hub_onboarding import HubOnboarding, IdentityError
 from hub_onboarding.certs import Credentials
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
-from hub_onboarding.tools.factory import write_jitr_hub
 from hub_onboarding.fleet import FleetProvisioning
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from hub_onboarding.tools.factory import write_jitr_hub
 from iot_core_local.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
 from iot_core_local.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
-
 from tests._support.hubs import CloudHubFactory, read_config
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +108,9 @@ def test_fleet_provisioning(
     assert _connects(cloud, str(rw["iot_permanent_cert_path"]), str(key_path), rw["client_id"])
 
 
-def test_second_provision_creates_nothing_and_keeps_unknown_keys(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+def test_second_provision_creates_nothing_and_keeps_unknown_keys(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
     config_path = make_cloud_hub()
     doc = read_config(config_path)
     doc["ro"]["vendor_setting"] = {"nested": [1, 2, 3]}

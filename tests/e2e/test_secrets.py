@@ -20,7 +20,6 @@ from hub_onboarding.tools.factory import write_jitr_hub
 from iot_core_local.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
 from iot_core_local.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
-
 from tests._support.hubs import CloudHubFactory, read_config
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from hub_onboarding.cli import main
-
-from .conftest import HubFactory
+from tests._support.hubs import HubFactory
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,18 +129,28 @@ def test_exit_codes_are_defined_once() -> None:
     import ast
 
     import hub_onboarding
-    from hub_onboarding import cli, errors, fleet_sim
+    from hub_onboarding import errors
+    from hub_onboarding.tools import fleet_sim
 
     package = Path(hub_onboarding.__file__).parent
     shared = {"EXIT_OK", "EXIT_USAGE", "EXIT_UNEXPECTED"}
-    for module in sorted(package.glob("*.py")):
+    modules = sorted(package.rglob("*.py"))
+    assert package / "tools" / "fleet_sim.py" in modules
+    for module in modules:
         if module.name == "errors.py":
             continue
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.Assign):
                 names = {t.id for t in node.targets if isinstance(t, ast.Name)}
                 assert not names & shared, f"{module.name} defines its own {names & shared}"
-    assert cli.EXIT_USAGE is errors.EXIT_USAGE
-    assert fleet_sim.EXIT_USAGE is errors.EXIT_USAGE
-    assert fleet_sim.EXIT_OK is errors.EXIT_OK
+        # the codes come from errors.py, imported by name
+        tree = ast.parse(module.read_text())
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "hub_onboarding.errors"
+            for alias in node.names
+        }
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & shared
+        assert used <= imported, f"{module.name} uses {used - imported} without importing it from errors"
     assert errors.ConfigError.exit_code == fleet_sim.EXIT_CONFIG

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from hub_onboarding import fleet_sim
+from hub_onboarding.errors import EXIT_USAGE
+from hub_onboarding.tools import fleet_sim
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +118,7 @@ def test_cloud_config_errors_name_the_key(tmp_path: Path) -> None:
     assert fleet_sim.main(["--config", str(tmp_path / "c.json")]) == fleet_sim.EXIT_CONFIG
     with pytest.raises(fleet_sim.CloudConfigError, match="claim_certificate_path"):
         fleet_sim.Target.from_file(tmp_path / "c.json")
-    assert fleet_sim.main(["--hubs", "0"]) == fleet_sim.EXIT_USAGE
+    assert fleet_sim.main(["--hubs", "0"]) == EXIT_USAGE
 
 
 def test_percentile() -> None:
