@@ -594,7 +594,7 @@ def test_jitr_gives_up_at_once_on_what_cannot_succeed(make_hub: HubFactory, clou
     hub = make_hub("JITR")
     final = MqttConnectionError("could not set up the MQTT client: bad CA file")
     final.retriable = False
-    cloud.fail["connect"] = [final] + [MqttConnectionError("x") for _ in range(5)]
+    cloud.fail["connect"] = [final, *(MqttConnectionError("x") for _ in range(5))]
     with pytest.raises(MqttConnectionError, match="bad CA file"):
         cloud.onboarding(hub.config).process_device()
     assert cloud.calls == ["connect"]
