@@ -261,6 +261,9 @@ class HubProcess:
             raise AssertionError(f"hub-onboard did not finish within {timeout} s: {self.stderr}") from None
         for reader in self._readers:
             reader.join(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
         elapsed = time.monotonic() - self.started
         return Finished(self.proc.returncode, self.stdout, self.stderr, elapsed, self.steps)
 
