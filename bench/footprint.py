@@ -227,8 +227,8 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
         "import_time": {
             "hub_onboarding.cli": import_time("import hub_onboarding.cli"),
             "provision's imports": import_time(
-                "import hub_onboarding.cli, hub_onboarding.onboarding, hub_onboarding.device_provisioner, hub_onboarding.mqtt, "
-                "awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"
+                "import hub_onboarding.cli, hub_onboarding.onboarding, hub_onboarding.device_provisioner, "
+                "hub_onboarding.mqtt, awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"
             ),
             "raw_sdk.py's imports": import_time(
                 "import awscrt.mqtt5, awscrt.mqtt_request_response, awsiot.iotidentity, "
