@@ -156,11 +156,12 @@ class Connector(Protocol):
     ) -> None: ...
 
 
-ProvisionerFactory = Callable[[HubConfig, "Timeouts"], Connector]
+ProvisionerFactory = Callable[[HubConfig, Timeouts], Connector]
 
 
 def mqtt_provisioner(cfg: HubConfig, timeouts: Timeouts) -> Connector:
-    """The real connector: DeviceProvisioner over awscrt MQTT 5 (imported here: awscrt is the big import)."""
+    """The real connector: DeviceProvisioner over awscrt MQTT 5 (imported here, so status and reset never
+    load the MQTT modules)."""
     from hub_onboarding.device_provisioner import DeviceProvisioner
     from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 
