@@ -70,6 +70,27 @@ def test_provision_already_provisioned_is_a_no_op(
     assert "already provisioned" in capsys.readouterr().out
 
 
+def test_provision_json_writes_each_step_as_a_json_line_on_stderr(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub()
+    (hub.dir / "claim.key").chmod(0o644)  # fails right after the config was read: one step, then the error
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 4
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ok"] is False  # stdout: the one result document, as before
+    steps = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    assert steps == [
+        {"step": "CONFIG_READ", "message": "config valid: FLEET_PROVISIONING via iot.example.com:8883"}
+    ]
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line) == {
+        "step": "ALREADY_PROVISIONED",
+        "message": "already PROVISIONED; nothing to do",
+    }
+
+
 def test_reset_needs_yes(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
     hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
     before = hub.config.read_bytes()

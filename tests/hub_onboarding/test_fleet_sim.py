@@ -136,3 +136,17 @@ def test_hub_onboard_fleet_sim_subcommand(capsys: pytest.CaptureFixture[str]) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["onboarded"] == 2
     assert summary["failed"] == 0
+
+
+def test_retries_are_counted_from_step_events() -> None:
+    from hub_onboarding.onboarding import OnboardingStep, StepEvent
+
+    counter = fleet_sim.RetryCounter()  # what onboard_fleet hands each hub as its on_step
+    for step in (
+        OnboardingStep.CONFIG_READ,
+        OnboardingStep.RETRY,
+        OnboardingStep.RECORDED,
+        OnboardingStep.RETRY,
+    ):
+        counter(StepEvent(step, "..."))
+    assert counter.count == 2

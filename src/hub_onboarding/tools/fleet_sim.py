@@ -209,7 +209,7 @@ def write_hubs(
     ]
 
 
-class _RetryCounter:
+class RetryCounter:
     """Counts the hubs' RETRY step events (a retried hub still counts as onboarded); any thread."""
 
     def __init__(self) -> None:
@@ -225,7 +225,7 @@ class _RetryCounter:
                 self.count += 1
 
 
-def _onboard_one(config_path: Path, retry_timeout: float | None, retries: _RetryCounter) -> HubOutcome:
+def _onboard_one(config_path: Path, retry_timeout: float | None, retries: RetryCounter) -> HubOutcome:
     from hub_onboarding.errors import OnboardingError
     from hub_onboarding.onboarding import HubOnboarding, Timeouts
 
@@ -288,7 +288,7 @@ def onboard_fleet(
     ):
         importlib.import_module(module)
 
-    counter = _RetryCounter()
+    counter = RetryCounter()
     outcomes: list[HubOutcome] = []
     lock = threading.Lock()
 
