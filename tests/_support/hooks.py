@@ -34,6 +34,8 @@ class HookServer:
                 length = int(self.headers.get("Content-Length", "0"))
                 hook.requests.append(json.loads(self.rfile.read(length)))
                 if hook.delay:
+                    # A slow hook is the behaviour under test (the gateway gives a hook 5 s): this server
+                    # really takes that long to answer; no test waits on it.
                     threading.Event().wait(hook.delay)
                 body = json.dumps(hook.answer).encode()
                 self.send_response(200)
