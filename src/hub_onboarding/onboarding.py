@@ -531,6 +531,7 @@ class _FleetRun:
         attempt = 0
         while True:
             progress = self.store.load()
+            self._checked = None  # each attempt reads the pair on disk afresh
             action = next_action(progress, self.binding, self.clock())
             self._report_saved(progress, action)
             try:
