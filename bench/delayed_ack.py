@@ -82,11 +82,11 @@ def run(server: ServerProcess | None = None, n: int = N) -> dict[str, Any]:
 
     def connect(target_port: int, client_id: str) -> float:
         started = time.perf_counter()
-        client, stopped = raw_sdk._connect(
+        client, stopped = raw_sdk.connect(
             host, target_port, claim.certificate_pem.encode(), claim.private_key_pem.encode(), ca, client_id
         )
         elapsed = time.perf_counter() - started
-        raw_sdk._stop(client, stopped)
+        raw_sdk.stop(client, stopped)
         return elapsed
 
     direct: list[float] = []

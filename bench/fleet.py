@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway import ServerProcess
-from hub_onboarding.fleet_sim import Target, onboard_fleet, skip_system_trust_store, write_hubs
+from hub_onboarding.tools.fleet_sim import Target, onboard_fleet, skip_system_trust_store, write_hubs
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 LEVELS = (1, 10, 100, 200)
@@ -122,7 +122,7 @@ def run(
             with ServerProcess(work / "data") as own:
                 return run(own, hubs=hubs, levels=levels, budget_s=budget_s)
         notes: list[str] = []
-        results = []
+        results: list[dict[str, Any]] = []
         # Higher concurrency first: its time tells what is left for the (slowest) sequential level.
         started = time.perf_counter()
         for concurrency in sorted(levels, reverse=True):

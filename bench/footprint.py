@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway import ServerProcess
-from hub_onboarding.factory import write_claim_hub
+from hub_onboarding.tools.factory import write_claim_hub
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 
 RUNS = 7
@@ -179,6 +179,14 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
                 certificate_method="CreateCertificateFromCsr",
             )
 
+        def command(name: str, i: int) -> list[str]:
+            """The command line of one side (a hub folder is written for it just before it runs)."""
+            if name == "hub-onboard provision":
+                return [*product_cmd, "provision", "--config", str(hub("p", i))]
+            if name == "raw_sdk.py --csr --verify":
+                return [sys.executable, str(RAW_SDK), str(hub("r", i)), "--csr", "--verify"]
+            return [sys.executable, "-c", "pass"]
+
         rows: dict[str, list[dict[str, Any]]] = {
             "hub-onboard provision": [],
             "raw_sdk.py --csr --verify": [],
@@ -186,25 +194,15 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
         }
         try:
             for i in range(runs + 1):  # run 0 warms the page cache for both; it is not counted
-                sides = [
-                    (
-                        "hub-onboard provision",
-                        lambda i=i: measure(
-                            [*product_cmd, "provision", "--config", str(hub("p", i))], forwarder
-                        ),
-                    ),
-                    (
-                        "raw_sdk.py --csr --verify",
-                        lambda i=i: measure(
-                            [sys.executable, str(RAW_SDK), str(hub("r", i)), "--csr", "--verify"], forwarder
-                        ),
-                    ),
-                    ("python -c pass", lambda: measure([sys.executable, "-c", "pass"])),
+                sides: list[tuple[str, FirstByteForwarder | None]] = [
+                    ("hub-onboard provision", forwarder),
+                    ("raw_sdk.py --csr --verify", forwarder),
+                    ("python -c pass", None),
                 ]
                 if i % 2:
                     sides.reverse()
-                for name, fn in sides:
-                    row = fn()
+                for name, via in sides:
+                    row = measure(command(name, i), via)
                     if i > 0:
                         rows[name].append(row)
         finally:
@@ -230,7 +228,7 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
             "hub_onboarding.cli": import_time("import hub_onboarding.cli"),
             "provision's imports": import_time(
                 "import hub_onboarding.cli, hub_onboarding.onboarding, hub_onboarding.device_provisioner, "
-                "awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"
+                "hub_onboarding.mqtt, awscrt.mqtt5, awsiot.mqtt5_client_builder, awsiot.iotidentity"
             ),
             "raw_sdk.py's imports": import_time(
                 "import awscrt.mqtt5, awscrt.mqtt_request_response, awsiot.iotidentity, "

@@ -24,8 +24,8 @@ from typing import Any
 
 from bench import raw_sdk
 from bench.gateway import ServerProcess
-from hub_onboarding.factory import write_claim_hub, write_jitr_hub
 from hub_onboarding.onboarding import HubOnboarding
+from hub_onboarding.tools.factory import write_claim_hub, write_jitr_hub
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 
@@ -112,13 +112,13 @@ def _jitr_floor(
     while True:
         attempt += 1
         try:
-            client, stopped = raw_sdk._connect(host, port, cert, key, ca, client_id)
+            client, stopped = raw_sdk.connect(host, port, cert, key, ca, client_id)
         except ConnectionError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(random.random() * min(30.0, 1.0 * 2.0 ** (attempt - 1)))
             continue
-        raw_sdk._stop(client, stopped)
+        raw_sdk.stop(client, stopped)
         return attempt
 
 

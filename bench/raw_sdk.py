@@ -3,7 +3,8 @@
 No persistence, no checks, no resume: connect with the claim certificate, one certificate request and
 RegisterThing through IotIdentityClientV2, optionally the reconnect with the new certificate, disconnect.
 Run as a script to measure a process (`python bench/raw_sdk.py CONFIG [--csr] [--verify]`), or call
-`provision()` in a loop.
+`provision()` in a loop. `connect()` and `stop()` are the bare awscrt connection the other benchmarks
+(JITR's floor, delayed ACKs) time as well.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from awsiot import iotidentity, mqtt5_client_builder
 TIMEOUT = 30.0
 
 
-def _connect(
+def connect(
     host: str, port: int, cert: bytes, key: bytes, ca: bytes, client_id: str
 ) -> tuple[Any, threading.Event]:
+    """A started mqtt5 client connected with mutual TLS, and the event its stop sets; ConnectionError."""
     connected: Future[None] = Future()
     stopped = threading.Event()
+
+    def succeeded(_data: Any) -> None:
+        if not connected.done():
+            connected.set_result(None)
 
     def failed(data: Any) -> None:
         if not connected.done():
@@ -40,7 +46,7 @@ def _connect(
         ca_bytes=ca,
         client_id=client_id,
         clean_session=True,
-        on_lifecycle_connection_success=lambda _d: connected.done() or connected.set_result(None),
+        on_lifecycle_connection_success=succeeded,
         on_lifecycle_connection_failure=failed,
         on_lifecycle_stopped=lambda _d: stopped.set(),
     )
@@ -54,7 +60,8 @@ def _connect(
     return client, stopped
 
 
-def _stop(client: Any, stopped: threading.Event) -> None:
+def stop(client: Any, stopped: threading.Event) -> None:
+    """Disconnect and wait for the client to stop."""
     client.stop(mqtt5.DisconnectPacket())
     stopped.wait(TIMEOUT)
 
@@ -65,7 +72,7 @@ def provision(config_path: Path, *, csr: bool, verify: bool) -> dict[str, Any]:
     ca = Path(ro["iot_root_ca_path"]).read_bytes()
     claim_cert = Path(ro["iot_claim_cert_path"]).read_bytes()
     claim_key = Path(ro["iot_claim_pk_path"]).read_bytes()
-    client, stopped = _connect(host, int(port or 8883), claim_cert, claim_key, ca, ro["SN"])
+    client, stopped = connect(host, int(port or 8883), claim_cert, claim_key, ca, ro["SN"])
     try:
         identity = iotidentity.IotIdentityClientV2(
             client,
@@ -108,13 +115,13 @@ def provision(config_path: Path, *, csr: bool, verify: bool) -> dict[str, Any]:
             )
         ).result(TIMEOUT)
     finally:
-        _stop(client, stopped)
+        stop(client, stopped)
     if verify:
         client_id = registered.device_configuration.get("ClientId", registered.thing_name)
-        client, stopped = _connect(
+        client, stopped = connect(
             host, int(port or 8883), created.certificate_pem.encode(), key_pem, ca, client_id
         )
-        _stop(client, stopped)
+        stop(client, stopped)
     return {"thingName": registered.thing_name, "certificateId": created.certificate_id}
 
 

@@ -5,6 +5,9 @@
     if not hub.is_provisioned():
         hub.process_device()
 
+`HubOnboarding(path, on_step=listener)` tells `listener` each step as a StepEvent (`.step`, an
+OnboardingStep; `.message`, the line it logs).
+
 FP_STATUS codes and the exception tree map onto each other with `raise_for_status(status)` and
 `status_of(exc)`. The names are imported lazily (PEP 562) so that `import hub_onboarding` stays cheap
 on a hub: awscrt and cryptography load only when a connection or a certificate needs them.
@@ -58,8 +61,10 @@ __all__ = [
     "MqttConnectionError",
     "OnboardingError",
     "OnboardingResult",
+    "OnboardingStep",
     "ProvisioningError",
     "PublishTimeoutError",
+    "StepEvent",
     "StorageError",
     "SubscribeTimeoutError",
     "Timeouts",
@@ -71,11 +76,13 @@ __all__ = [
 _WHERE = {
     "HubOnboarding": "onboarding",
     "OnboardingResult": "onboarding",
+    "OnboardingStep": "onboarding",
+    "StepEvent": "onboarding",
     "Timeouts": "onboarding",
     "DeviceProvisioner": "device_provisioner",
     "raise_for_status": "device_provisioner",
     "status_of": "device_provisioner",
-    "IotProvisioning": "provisioning",
+    "IotProvisioning": "mqtt",
     "FleetProvisioning": "fleet",
     "CertHandler": "certs",
     "CertType": "certs",
@@ -91,8 +98,8 @@ if TYPE_CHECKING:
     from hub_onboarding.config import HubConfig, parse_config
     from hub_onboarding.device_provisioner import DeviceProvisioner, raise_for_status, status_of
     from hub_onboarding.fleet import FleetProvisioning
-    from hub_onboarding.onboarding import HubOnboarding, OnboardingResult, Timeouts
-    from hub_onboarding.provisioning import IotProvisioning
+    from hub_onboarding.mqtt import IotProvisioning
+    from hub_onboarding.onboarding import HubOnboarding, OnboardingResult, OnboardingStep, StepEvent, Timeouts
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """`hub-onboard`: provision, status, reset, demo.
 
-    hub-onboard provision --config PATH [--json] [-v]
+    hub-onboard provision --config PATH [--json] [-v] [--lock-wait S]
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
     hub-onboard demo
@@ -11,8 +11,13 @@ error, 2 usage error, 3 config, 4 credentials, 5 storage, 6 busy (another onboar
 10 provisioning, 11 MQTT connection, 12 identity (rejected by the service), 13 subscribe timeout,
 14 publish timeout. See errors.py for the tree.
 
+`provision` shows its steps: on a terminal one numbered line each; with `--json`, each step as one JSON
+line on stderr ({"step": "CERTIFICATE_ISSUED", "message": ...}, the names of onboarding.OnboardingStep)
+while stdout keeps the one result document. A supervisor (and the power-cut tests) follow those lines.
+
 Imports are lazy: the package, cryptography and awscrt load only when a subcommand needs them, so the
-command starts fast on a small hub. This module is the only place that configures logging.
+command starts fast on a small hub; the tools (demo, fleet-sim) load only for their own subcommands.
+This module is the only place that configures logging.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # The exit codes live with the exception tree (errors.py is tiny: importing it costs nothing).
@@ -28,6 +34,7 @@ from hub_onboarding.errors import EXIT_USAGE
 
 if TYPE_CHECKING:
     from hub_onboarding.errors import OnboardingError
+    from hub_onboarding.onboarding import StepEvent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("provision", help="onboard the hub unless it already is (exit 0 when PROVISIONED)")
     p.add_argument("--config", required=True, metavar="PATH", help="path of iotmi_config.json")
-    p.add_argument("--json", action="store_true", help="print the result (or the error) as JSON on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result (or the error) as JSON on stdout, and each step as a JSON line on stderr",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv: debug)")
     p.add_argument(
         "--lock-wait",
@@ -62,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
-    # Its options live in fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
+    # Its options live in tools.fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
     sub.add_parser(
         "fleet-sim",
         add_help=False,
@@ -94,17 +105,29 @@ def _fail(exc: OnboardingError, as_json: bool) -> int:
     return exc.exit_code
 
 
+def _step_display(as_json: bool) -> Callable[[StepEvent], None] | None:
+    """Where provision's steps go: JSON lines on stderr, numbered lines on a terminal, or nowhere."""
+    if as_json:
+
+        def json_line(event: StepEvent) -> None:
+            print(json.dumps(event.to_dict(), sort_keys=True), file=sys.stderr, flush=True)
+
+        return json_line
+    if not sys.stderr.isatty():
+        return None
+    counter = itertools.count(1)
+
+    def numbered(event: StepEvent) -> None:
+        if event.is_progress:  # retries and other notes reach a terminal as log warnings (-v)
+            print(f"[{next(counter)}] {event.message}", file=sys.stderr, flush=True)
+
+    return numbered
+
+
 def _provision(args: argparse.Namespace) -> int:
     from hub_onboarding.onboarding import HubOnboarding, Timeouts
 
-    show_steps = not args.json and sys.stderr.isatty()
-    counter = itertools.count(1)
-
-    def on_step(text: str) -> None:
-        if show_steps:
-            print(f"[{next(counter)}] {text}", file=sys.stderr, flush=True)
-
-    hub = HubOnboarding(args.config, timeouts=Timeouts(lock=args.lock_wait), on_step=on_step)
+    hub = HubOnboarding(args.config, timeouts=Timeouts(lock=args.lock_wait), on_step=_step_display(args.json))
     result = hub.process_device()
     if args.json:
         _print_json({"ok": True, **result.to_dict()})
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (never raises for an expected failure)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fleet-sim"]:
-        from hub_onboarding.fleet_sim import main as fleet_sim_main
+        from hub_onboarding.tools.fleet_sim import main as fleet_sim_main
 
         return fleet_sim_main(argv[1:])
     try:
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "demo":
-        from hub_onboarding.demo import run_demo
+        from hub_onboarding.tools.demo import run_demo
 
         return run_demo()
     _configure_logging(getattr(args, "verbose", 0))

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
 
 from hub_onboarding.certs import Credentials
 from hub_onboarding.errors import (
@@ -25,8 +29,7 @@ from hub_onboarding.errors import (
     PublishTimeoutError,
     SubscribeTimeoutError,
 )
-from hub_onboarding.fleet import FleetProvisioning
-from hub_onboarding.provisioning import Backoff, IotProvisioning
+from hub_onboarding.fleet import FleetApi
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,53 @@ def is_retriable(exc: OnboardingError) -> bool:
     return isinstance(exc, ProvisioningError) and exc.retriable
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog): sleep U(0, min(cap, base*2**n))."""
+
+    base: float = 1.0
+    cap: float = 30.0
+    rng: Callable[[], float] = random.random
+
+    def delay(self, attempt: int) -> float:
+        return self.rng() * min(self.cap, self.base * 2.0 ** max(0, attempt))
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A failed attempt about to be tried again after `delay` seconds (told before the wait)."""
+
+    attempt: int
+    reason: str
+    delay: float
+
+
+RetryListener = Callable[[Retry], None]
+
+
+class Connection(AbstractContextManager["Connection"], Protocol):
+    """An open MQTT connection (closed on leaving the `with`): mqtt.MqttConnection, or a test's fake."""
+
+    def fleet_provisioning(self, operation_timeout: float) -> FleetApi: ...
+
+
+class Transport(Protocol):
+    """One connection attempt per call, no retries: mqtt.IotProvisioning, or a test's fake network."""
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    def connect(
+        self, client_id: str, credentials: Credentials, timeout: float | None = None
+    ) -> Connection: ...
+
+    def verify(self, client_id: str, credentials: Credentials, timeout: float | None = None) -> None: ...
+
+
 class DeviceProvisioner:
     def __init__(
         self,
-        iot: IotProvisioning,
+        iot: Transport,
         *,
         operation_timeout: float,
         retry_timeout: float,
@@ -105,18 +151,13 @@ class DeviceProvisioner:
     @contextlib.contextmanager
     def claim_session(
         self, client_id: str, claim: Credentials, deadline: float | None = None
-    ) -> Iterator[FleetProvisioning]:
+    ) -> Iterator[FleetApi]:
         """One connection with the claim certificate, and the fleet provisioning API on it."""
-        connect_timeout = self._budget(self.iot.settings.connect_timeout, deadline)
+        connect_timeout = self._budget(self.iot.connect_timeout, deadline)
         with self.iot.connect(client_id, claim, connect_timeout) as conn:
-            timeout = self._budget(self.operation_timeout, deadline)
-            lost = getattr(conn, "lost", None)  # a real connection reports a drop; a test double may not
-            if lost is None:
-                yield FleetProvisioning(conn.client, timeout)
-            else:
-                yield FleetProvisioning(conn.client, timeout, lost=lost)
+            yield conn.fleet_provisioning(self._budget(self.operation_timeout, deadline))
 
-    def provision_jitr(self, client_id: str, dha: Credentials) -> int:
+    def provision_jitr(self, client_id: str, dha: Credentials, on_retry: RetryListener | None = None) -> int:
         """Connect with the DHA certificate until it works; return the number of attempts.
 
         The first attempts are refused while the cloud registers and activates the certificate, so a
@@ -128,13 +169,13 @@ class DeviceProvisioner:
         while True:
             attempt += 1
             try:
-                timeout = self._budget(self.iot.settings.connect_timeout, deadline)
+                timeout = self._budget(self.iot.connect_timeout, deadline)
                 with self.iot.connect(client_id, dha, timeout):
                     return attempt
             except MqttConnectionError as exc:
                 last = exc.message
                 try:
-                    self.wait_before_retry(exc, attempt, deadline)
+                    self.wait_before_retry(exc, attempt, deadline, on_retry)
                 except MqttConnectionError:
                     if not exc.retriable:
                         raise
@@ -146,13 +187,18 @@ class DeviceProvisioner:
                     ) from None
 
     def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None:
-        self.iot.verify(client_id, credentials, self._budget(self.iot.settings.connect_timeout, deadline))
+        self.iot.verify(client_id, credentials, self._budget(self.iot.connect_timeout, deadline))
 
     def deadline(self) -> float:
         return self._clock() + self.retry_timeout
 
-    def wait_before_retry(self, exc: OnboardingError, attempt: int, deadline: float) -> None:
-        """Sleep before attempt `attempt + 1`, or re-raise `exc` when it is final or time is up."""
+    def wait_before_retry(
+        self, exc: OnboardingError, attempt: int, deadline: float, on_retry: RetryListener | None = None
+    ) -> None:
+        """Sleep before attempt `attempt + 1`, or re-raise `exc` when it is final or time is up.
+
+        `on_retry` hears of the retry before the wait starts (a supervisor counts retries with it).
+        """
         if not is_retriable(exc):
             raise exc
         delay = self.backoff.delay(attempt - 1)  # the first retry waits up to `base`, then doubling
@@ -164,4 +210,6 @@ class DeviceProvisioner:
             exc.args = (exc.message,)
             raise exc
         log.warning("attempt %d failed (%s); retrying in %.1f s", attempt, exc.message, delay)
+        if on_retry is not None:
+            on_retry(Retry(attempt, exc.message, delay))
         self._sleep(delay)

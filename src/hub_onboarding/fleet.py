@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hub_onboarding.certs import Credentials, check_pair
 from hub_onboarding.errors import (
@@ -65,6 +65,18 @@ class IssuedCertificate:
 class RegisteredThing:
     thing_name: str
     device_configuration: Mapping[str, str]
+
+
+class FleetApi(Protocol):
+    """The fleet provisioning MQTT API as onboarding uses it: FleetProvisioning, or a test's fake cloud."""
+
+    def create_keys_and_certificate(self) -> IssuedCertificate: ...
+
+    def create_certificate_from_csr(self, csr_pem: bytes, private_key_pem: bytes) -> IssuedCertificate: ...
+
+    def register_thing(
+        self, template_name: str, ownership_token: str, parameters: Mapping[str, str]
+    ) -> RegisteredThing: ...
 
 
 def map_request_error(exc: BaseException, operation: str, timeout: float) -> ProvisioningError:

@@ -2,6 +2,7 @@
 
     HubOnboarding(config_path).is_provisioned()   -> bool (reads rw.iot_provisioning_state only)
     HubOnboarding(config_path).process_device()   -> OnboardingResult (no network when provisioned)
+    HubOnboarding(config_path, on_step=print)     -> each step as a StepEvent (OnboardingStep + message)
 
 Order of work in process_device, so that a power cut anywhere leaves a hub that resumes:
  1. validate the config and read the credentials the next step needs (no network, nothing written);
@@ -13,17 +14,26 @@ Order of work in process_device, so that a power cut anywhere leaves a hub that 
     or JITR: connect with the DHA certificate, retrying with backoff until the cloud has activated it;
  4. update the config: paths, client_id, managed_thing_id, then state PROVISIONED (each an atomic
     write that also sets metadata.last_updated_epoch_time); then delete the progress record.
+
+The network sits behind two Protocols: a `Connector` (claim session, JITR, verification connect and the
+retry policy: DeviceProvisioner) made per run by `provisioner_factory`, and the `FleetApi` a claim
+session offers. Fleet provisioning is a table keyed on the next action (`progress.next_action`), so a
+resumed run enters it wherever the saved progress says. Time comes from `clock` (wall-clock seconds: a
+token's age survives a reboot), so tests drive it instead of patching `time`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hub_onboarding import config as cfgmod
 from hub_onboarding.certs import (
@@ -46,6 +56,10 @@ from hub_onboarding.config import (
 from hub_onboarding.errors import CredentialError, IdentityError, ProvisioningError
 from hub_onboarding.progress import Action, Progress, ProgressStore, Step, next_action
 
+if TYPE_CHECKING:
+    from hub_onboarding.device_provisioner import Retry, RetryListener
+    from hub_onboarding.fleet import FleetApi
+
 log = logging.getLogger(__name__)
 
 # The CN of a CSR is limited to 64 characters by X.509; AWS ignores the CSR's subject anyway.
@@ -60,6 +74,101 @@ class Timeouts:
     operation: float = 30.0
     retry: float | None = None
     lock: float = 600.0
+
+    def retry_for(self, cfg: HubConfig) -> float:
+        """The retry budget of this run: `retry`, else the config's."""
+        return self.retry if self.retry is not None else cfg.retry_timeout
+
+
+class OnboardingStep(enum.StrEnum):
+    """What the orchestrator reports (`StepEvent.step`), roughly in the order of a run.
+
+    STARTING_OVER, TOKEN_REFUSED and RETRY are notes about the way, not progress: a terminal does not
+    number them (they are logged as warnings or information).
+    """
+
+    ALREADY_PROVISIONED = "ALREADY_PROVISIONED"
+    PROVISIONED_MEANWHILE = "PROVISIONED_MEANWHILE"  # another run held the lock and finished
+    CONFIG_READ = "CONFIG_READ"
+    STARTING_OVER = "STARTING_OVER"  # a saved record that cannot be resumed
+    RESUMED_AFTER_CERTIFICATE_ISSUED = "RESUMED_AFTER_CERTIFICATE_ISSUED"
+    RESUMED_AFTER_THING_REGISTERED = "RESUMED_AFTER_THING_REGISTERED"
+    RESUMED_AFTER_VERIFIED = "RESUMED_AFTER_VERIFIED"
+    CLAIM_CONNECTED = "CLAIM_CONNECTED"
+    CERTIFICATE_ISSUED = "CERTIFICATE_ISSUED"
+    CREDENTIALS_STORED = "CREDENTIALS_STORED"
+    THING_REGISTERED = "THING_REGISTERED"
+    # The saved ownership token was spent or expired: one new certificate. (A step name, not a secret.)
+    TOKEN_REFUSED = "TOKEN_REFUSED"  # noqa: S105
+    VERIFIED = "VERIFIED"
+    VERIFY_SKIPPED = "VERIFY_SKIPPED"
+    JITR_CONNECTED = "JITR_CONNECTED"
+    RETRY = "RETRY"
+    RECORDED = "RECORDED"  # the config says PROVISIONED
+
+    @classmethod
+    def resumed_after(cls, step: Step) -> OnboardingStep:
+        return cls(f"RESUMED_AFTER_{step.value}")
+
+
+_NOTES = frozenset({OnboardingStep.STARTING_OVER, OnboardingStep.TOKEN_REFUSED, OnboardingStep.RETRY})
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One step of a run: what happened (`step`) and the line a person reads (`message`, also logged)."""
+
+    step: OnboardingStep
+    message: str
+
+    @property
+    def is_progress(self) -> bool:
+        """False for the notes (retries, a record started over): a progress display skips them."""
+        return self.step not in _NOTES
+
+    def to_dict(self) -> dict[str, str]:
+        return {"step": self.step.value, "message": self.message}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+StepListener = Callable[[StepEvent], None]
+
+
+class Connector(Protocol):
+    """The network side of onboarding, one attempt at a time, with the retry policy (DeviceProvisioner)."""
+
+    def claim_session(
+        self, client_id: str, claim: Credentials, deadline: float | None = None
+    ) -> AbstractContextManager[FleetApi]: ...
+
+    def provision_jitr(
+        self, client_id: str, dha: Credentials, on_retry: RetryListener | None = None
+    ) -> int: ...
+
+    def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None: ...
+
+    def deadline(self) -> float: ...
+
+    def wait_before_retry(
+        self, exc: ProvisioningError, attempt: int, deadline: float, on_retry: RetryListener | None = None
+    ) -> None: ...
+
+
+ProvisionerFactory = Callable[[HubConfig, Timeouts], Connector]
+
+
+def mqtt_provisioner(cfg: HubConfig, timeouts: Timeouts) -> Connector:
+    """The real connector: DeviceProvisioner over awscrt MQTT 5 (imported here, so status and reset never
+    load the MQTT modules)."""
+    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+
+    settings = ConnectionSettings(cfg.endpoint, cfg.root_ca_path, cfg.keep_alive, timeouts.connect)
+    return DeviceProvisioner(
+        IotProvisioning(settings), operation_timeout=timeouts.operation, retry_timeout=timeouts.retry_for(cfg)
+    )
 
 
 @dataclass(frozen=True)
@@ -106,18 +215,27 @@ def _result_from(doc: Mapping[str, Any], *, changed: bool, thing_name: str | Non
 
 
 class HubOnboarding:
-    """The SDK's HubOnboarding, in Python. `on_step` receives one short line per step (for a CLI)."""
+    """The SDK's HubOnboarding, in Python. `on_step` hears of each step as a StepEvent (for a CLI).
+
+    `provisioner_factory(cfg, timeouts)` makes the network side of one run (default: DeviceProvisioner
+    over awscrt); `clock` is the wall clock in seconds (the age of a saved ownership token, the config's
+    metadata.last_updated_epoch_time).
+    """
 
     def __init__(
         self,
         config_path: str | Path = DEFAULT_CONFIG_PATH,
         *,
         timeouts: Timeouts | None = None,
-        on_step: Callable[[str], None] | None = None,
+        on_step: StepListener | None = None,
+        provisioner_factory: ProvisionerFactory = mqtt_provisioner,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config_path = Path(config_path)
         self.timeouts = timeouts or Timeouts()
-        self._on_step = on_step
+        self._report = _Reporter(on_step)
+        self._provisioner_factory = provisioner_factory
+        self._clock = clock
         # Read once now, as the SDK's constructor does, so a missing or broken file fails early.
         self._doc = cfgmod.read_document(self.config_path)
 
@@ -131,10 +249,10 @@ class HubOnboarding:
     def process_device(self) -> OnboardingResult:
         """Onboard the hub unless it already is; return the resulting identity."""
         if self.is_provisioned():
-            self._step("already PROVISIONED; nothing to do")
+            self._report(OnboardingStep.ALREADY_PROVISIONED, "already PROVISIONED; nothing to do")
             return _result_from(self._doc, changed=False)
         cfg = cfgmod.parse_config(self.config_path, self._doc)
-        self._step(f"config valid: {cfg.method.value} via {cfg.endpoint}")
+        self._report(OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.endpoint}")
         handler = CertHandler(cfg.secure_storage_handler)
         # Credentials are read and checked before the lock file or any connection exists, so a bad
         # input writes nothing and sends nothing.
@@ -144,13 +262,16 @@ class HubOnboarding:
             CertHandler.check_private_dir(cfg.permanent_cert_dir)
         with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
             if self.is_provisioned():
-                self._step("another run provisioned this hub meanwhile")
+                self._report(
+                    OnboardingStep.PROVISIONED_MEANWHILE, "another run provisioned this hub meanwhile"
+                )
                 return _result_from(self._doc, changed=False)
             cfg = cfgmod.parse_config(self.config_path, self._doc)
+            connector = self._provisioner_factory(cfg, self.timeouts)
             if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
-                return self._fleet_provisioning(cfg, handler, creds)
+                return self._fleet_provisioning(cfg, handler, creds, connector)
             assert creds is not None  # JITR always reads its DHA credentials first
-            return self._jitr(cfg, creds)
+            return self._jitr(cfg, creds, connector)
 
     def status(self) -> dict[str, Any]:
         """What the config and the saved progress say (no secrets)."""
@@ -172,30 +293,8 @@ class HubOnboarding:
         """
         with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
             doc = cfgmod.read_document(self.config_path)
-            ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
-            cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
-            # Compared as real paths: a file named through `..` or a symlinked folder is still that file.
-            protected = {
-                os.path.realpath(cfgmod.resolve_path(self.config_path, v))
-                for v in ro.values()
-                if isinstance(v, str) and v.strip()
-            }
-            candidates = [
-                cert_dir / PERMANENT_CERT_NAME,
-                cert_dir / PERMANENT_KEY_NAME,
-                ProgressStore(cert_dir).path,
-            ]
-            for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):
-                value = rw.get(key)
-                if isinstance(value, str) and value.strip():
-                    p = Path(cfgmod.resolve_path(self.config_path, value))
-                    # only what onboarding wrote: inside its credentials folder
-                    if os.path.realpath(p.parent) == os.path.realpath(cert_dir):
-                        candidates.append(p)
-            # The names themselves are deleted (a symlink, not what it points at), once per real file.
-            by_real = {os.path.realpath(p): p for p in reversed(candidates)}
-            targets = sorted(p for real, p in by_real.items() if real not in protected)
-            cfgmod.reset_rw(self.config_path)
+            targets = self._reset_targets(doc)
+            cfgmod.reset_rw(self.config_path, clock=self._clock)
             deleted = CertHandler.delete(targets)
             self._doc = cfgmod.read_document(self.config_path)
         for p in deleted:
@@ -204,222 +303,61 @@ class HubOnboarding:
 
     # ------------------------------------------------------------------ steps
 
-    def _step(self, text: str) -> None:
-        log.info("%s", text)
-        if self._on_step is not None:
-            self._on_step(text)
-
-    def _retry_timeout(self, cfg: HubConfig) -> float:
-        return self.timeouts.retry if self.timeouts.retry is not None else cfg.retry_timeout
-
-    def _device_provisioner(self, cfg: HubConfig) -> Any:
-        from hub_onboarding.device_provisioner import DeviceProvisioner
-        from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
-
-        settings = ConnectionSettings(cfg.endpoint, cfg.root_ca_path, cfg.keep_alive, self.timeouts.connect)
-        return DeviceProvisioner(
-            IotProvisioning(settings),
-            operation_timeout=self.timeouts.operation,
-            retry_timeout=self._retry_timeout(cfg),
-        )
+    def _reset_targets(self, doc: Mapping[str, Any]) -> list[Path]:
+        """The files onboarding wrote, minus any the config names in ro (compared as real paths)."""
+        ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
+        cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
+        # Compared as real paths: a file named through `..` or a symlinked folder is still that file.
+        protected = {
+            os.path.realpath(cfgmod.resolve_path(self.config_path, v))
+            for v in ro.values()
+            if isinstance(v, str) and v.strip()
+        }
+        candidates = [
+            cert_dir / PERMANENT_CERT_NAME,
+            cert_dir / PERMANENT_KEY_NAME,
+            ProgressStore(cert_dir).path,
+        ]
+        for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):
+            value = rw.get(key)
+            if isinstance(value, str) and value.strip():
+                p = Path(cfgmod.resolve_path(self.config_path, value))
+                # only what onboarding wrote: inside its credentials folder
+                if os.path.realpath(p.parent) == os.path.realpath(cert_dir):
+                    candidates.append(p)
+        # The names themselves are deleted (a symlink, not what it points at), once per real file.
+        by_real = {os.path.realpath(p): p for p in reversed(candidates)}
+        return sorted(p for real, p in by_real.items() if real not in protected)
 
     def _read_initial_credentials(self, cfg: HubConfig, handler: CertHandler) -> Credentials | None:
         if cfg.method is ProvisioningMethod.JITR:
             assert cfg.dha_cert_path is not None
             assert cfg.dha_pk_path is not None
-            return self._read(handler, CertType.DHA, cfg.dha_cert_path, cfg.dha_pk_path, cfgmod.DHA_CERT_PATH)
+            return _read_credentials(
+                handler, CertType.DHA, cfg.dha_cert_path, cfg.dha_pk_path, cfgmod.DHA_CERT_PATH
+            )
         progress = ProgressStore(cfg.permanent_cert_dir).load()
-        if next_action(progress, self._binding(cfg), time.time()) in (
+        if next_action(progress, _binding(cfg), self._clock()) in (
             Action.CREATE_CERTIFICATE,
             Action.REGISTER_THING,
         ):
-            return self._read_claim(cfg, handler)
+            return _read_claim(cfg, handler)
         return None  # resuming after RegisterThing: the claim credentials are not needed any more
 
-    def _read(
-        self, handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str, key: str
-    ) -> Credentials:
-        try:
-            return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
-        except CredentialError as exc:
-            # Name the config key so the user knows which entry to fix.
-            exc.message = f"{exc.message} (from ro.{key} and its key)"
-            exc.args = (exc.message,)
-            raise
-
-    def _read_claim(self, cfg: HubConfig, handler: CertHandler) -> Credentials:
-        assert cfg.claim_cert_path is not None
-        assert cfg.claim_pk_path is not None
-        return self._read(
-            handler, CertType.CLAIM, cfg.claim_cert_path, cfg.claim_pk_path, cfgmod.CLAIM_CERT_PATH
-        )
-
-    @staticmethod
-    def _binding(cfg: HubConfig) -> dict[str, str]:
-        """What a progress record must match to be resumed (a changed setting means start over)."""
-        return {
-            "endpoint": str(cfg.endpoint),
-            "template": cfg.template_name or "",
-            "serial_number": cfg.serial_number or "",
-            "certificate_method": cfg.certificate_method.value,
-            # Real paths: after a power cut the hub may reach the same files through another name
-            # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
-            "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
-            "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
-        }
-
     def _fleet_provisioning(
-        self, cfg: HubConfig, handler: CertHandler, claim: Credentials | None
+        self, cfg: HubConfig, handler: CertHandler, claim: Credentials | None, connector: Connector
     ) -> OnboardingResult:
-        assert cfg.serial_number is not None
-        assert cfg.template_name is not None
-        store = ProgressStore(cfg.permanent_cert_dir)
-        binding = self._binding(cfg)
-        dp = self._device_provisioner(cfg)
-        deadline = dp.deadline()
-        attempt = 0
-        restarted = False
-        while True:
-            progress = store.load()
-            action = next_action(progress, binding, time.time())
-            if progress is not None and action is Action.CREATE_CERTIFICATE:
-                log.info("saved progress (%s) cannot be resumed; starting over", progress.step.value)
-            elif progress is not None:
-                self._step(f"resuming after {progress.step.value}")
-            try:
-                if action in (Action.CREATE_CERTIFICATE, Action.REGISTER_THING):
-                    claim = claim or self._read_claim(cfg, handler)
-                    with dp.claim_session(cfg.serial_number, claim, deadline) as fp:
-                        self._step(f"connected with the claim certificate as {cfg.serial_number!r}")
-                        if action is Action.CREATE_CERTIFICATE or progress is None:
-                            progress = self._create_certificate(cfg, handler, store, fp, binding)
-                        try:
-                            progress = self._register_thing(cfg, store, fp, progress)
-                        except IdentityError as exc:
-                            if restarted or not exc.token_refused:
-                                raise
-                            # The saved token was spent or expired (e.g. the answer to a RegisterThing
-                            # was lost): the only way forward is a new certificate, once.
-                            log.warning(
-                                "ownership token refused (%s); requesting a new certificate",
-                                exc.error_message,
-                            )
-                            restarted = True
-                            store.clear()
-                            continue
-                    action = Action.VERIFY
-                assert progress is not None
-                # The pair on disk must be the certificate RegisterThing activated, verification connect
-                # or not: a hub must never be marked PROVISIONED with a key that does not match.
-                creds = self._stored_pair(handler, progress)
-                if action is Action.VERIFY:
-                    if cfg.verify_connection:
-                        progress = self._verify(creds, store, dp, progress, deadline)
-                    else:
-                        progress = progress.verified()
-                        self._step(f"verification connect skipped (ro.{cfgmod.VERIFY_CONNECTION} is false)")
-                break
-            except ProvisioningError as exc:
-                attempt += 1
-                dp.wait_before_retry(exc, attempt, deadline)
-        assert progress is not None
+        run = _FleetRun(cfg, handler, claim, connector, self._clock, self._report)
+        progress = run.run()
         return self._record(
             progress.certificate_path,
             progress.private_key_path,
-            *self._identity(progress),
+            *_identity(progress),
             thing_name=progress.thing_name,
-            store=store,
+            store=run.store,
         )
 
-    def _create_certificate(
-        self, cfg: HubConfig, handler: CertHandler, store: ProgressStore, fp: Any, binding: Mapping[str, str]
-    ) -> Progress:
-        if cfg.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
-            key_pem, csr_pem = generate_key_and_csr((cfg.serial_number or "hub")[:_CSR_CN_MAX])
-            issued = fp.create_certificate_from_csr(csr_pem, key_pem)
-        else:
-            issued = fp.create_keys_and_certificate()
-        self._step(f"certificate issued ({cfg.certificate_method.value}): {issued.certificate_id[:16]}...")
-        cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
-        key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
-        # A record we are not resuming (another binding, a spent token) names these same files: it goes
-        # before they are overwritten, so a cut between the key and the certificate can never leave an
-        # old record that a later run would resume with a mismatched pair.
-        store.clear()
-        # Credentials first, then the record that names them (and carries the token).
-        handler.write_permanent_cert_and_private_key(
-            issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path
-        )
-        progress = Progress(
-            step=Step.CERTIFICATE_ISSUED,
-            binding=dict(binding),
-            certificate_id=issued.certificate_id,
-            certificate_path=str(cert_path),
-            private_key_path=str(key_path),
-            token_issued_at=time.time(),
-            ownership_token=issued.ownership_token,
-        )
-        store.save(progress)
-        self._step(f"credentials stored in {cfg.permanent_cert_dir}")
-        return progress
-
-    def _register_thing(self, cfg: HubConfig, store: ProgressStore, fp: Any, progress: Progress) -> Progress:
-        assert cfg.template_name is not None
-        assert progress.ownership_token
-        registered = fp.register_thing(cfg.template_name, progress.ownership_token, cfg.register_parameters())
-        progress = progress.registered(registered.thing_name, registered.device_configuration)
-        store.save(progress)
-        self._step(f"thing registered: {registered.thing_name}")
-        return progress
-
-    @staticmethod
-    def _stored_pair(handler: CertHandler, progress: Progress) -> Credentials:
-        """The permanent pair on disk, checked: key and certificate match, and it is the recorded one."""
-        creds = handler.read_cert_and_private_key(
-            CertType.PERMANENT, progress.certificate_path, progress.private_key_path
-        )
-        if creds.certificate_id != progress.certificate_id:
-            # The file on disk is not the certificate RegisterThing activated; nothing safe to resume.
-            raise CredentialError(
-                f"{progress.certificate_path} does not hold certificate "
-                f"{progress.certificate_id[:16]}...; run reset, then provision again"
-            )
-        return creds
-
-    def _verify(
-        self, creds: Credentials, store: ProgressStore, dp: Any, progress: Progress, deadline: float
-    ) -> Progress:
-        client_id, _ = self._identity(progress)
-        dp.verify(client_id, creds, deadline)
-        progress = progress.verified()
-        store.save(progress)
-        self._step(f"connected with the new certificate as {client_id!r}")
-        return progress
-
-    @staticmethod
-    def _identity(progress: Progress) -> tuple[str, str | None]:
-        """(client id, managed thing id) from deviceConfiguration; the thing name when missing."""
-        dev = progress.device_configuration
-        thing = progress.thing_name or ""
-        client_id = dev.get(cfgmod.DEVICE_CONFIG_CLIENT_ID)
-        managed = dev.get(cfgmod.DEVICE_CONFIG_MANAGED_THING_ID)
-        if not client_id:
-            log.warning(
-                "deviceConfiguration has no %s; using the thing name %r as client id",
-                cfgmod.DEVICE_CONFIG_CLIENT_ID,
-                thing,
-            )
-            client_id = thing
-        if not managed:
-            log.warning(
-                "deviceConfiguration has no %s; using the thing name %r as managed thing id",
-                cfgmod.DEVICE_CONFIG_MANAGED_THING_ID,
-                thing,
-            )
-            managed = thing
-        return client_id, managed
-
-    def _jitr(self, cfg: HubConfig, dha: Credentials) -> OnboardingResult:
+    def _jitr(self, cfg: HubConfig, dha: Credentials, connector: Connector) -> OnboardingResult:
         assert cfg.dha_cert_path is not None
         assert cfg.dha_pk_path is not None
         client_id = cfg.client_id_override or common_name(load_certificate(dha.certificate_pem, "DHA"))
@@ -427,9 +365,11 @@ class HubOnboarding:
             raise CredentialError(
                 "the DHA certificate has no common name to use as client id; set ro.client_id"
             )
-        dp = self._device_provisioner(cfg)
-        attempts = dp.provision_jitr(client_id, dha)
-        self._step(f"connected with the DHA certificate as {client_id!r} (attempt {attempts})")
+        attempts = connector.provision_jitr(client_id, dha, self._report.retry)
+        self._report(
+            OnboardingStep.JITR_CONNECTED,
+            f"connected with the DHA certificate as {client_id!r} (attempt {attempts})",
+        )
         return self._record(cfg.dha_cert_path, cfg.dha_pk_path, client_id, None, thing_name=None, store=None)
 
     def _record(
@@ -443,17 +383,311 @@ class HubOnboarding:
         store: ProgressStore | None,
     ) -> OnboardingResult:
         """Update the config in the SDK's order; PROVISIONED comes last, so a crash before it resumes."""
-        path = self.config_path
-        cfgmod.update_rw(path, {cfgmod.PERMANENT_CERT_PATH: cert_path, cfgmod.PERMANENT_PK_PATH: key_path})
-        cfgmod.update_rw(path, {cfgmod.CLIENT_ID: client_id})
+        path, clock = self.config_path, self._clock
+        cfgmod.update_rw(
+            path, {cfgmod.PERMANENT_CERT_PATH: cert_path, cfgmod.PERMANENT_PK_PATH: key_path}, clock=clock
+        )
+        cfgmod.update_rw(path, {cfgmod.CLIENT_ID: client_id}, clock=clock)
         if managed_thing_id is not None:
-            cfgmod.update_rw(path, {cfgmod.MANAGED_THING_ID: managed_thing_id})
-        doc = cfgmod.update_rw(path, {cfgmod.PROVISIONING_STATE: ProvisioningState.PROVISIONED.value})
+            cfgmod.update_rw(path, {cfgmod.MANAGED_THING_ID: managed_thing_id}, clock=clock)
+        doc = cfgmod.update_rw(
+            path, {cfgmod.PROVISIONING_STATE: ProvisioningState.PROVISIONED.value}, clock=clock
+        )
         self._doc = doc
         if store is not None:
             store.clear()
-        self._step(
+        self._report(
+            OnboardingStep.RECORDED,
             f"PROVISIONED: client_id {client_id!r}"
-            + (f", managed_thing_id {managed_thing_id!r}" if managed_thing_id else "")
+            + (f", managed_thing_id {managed_thing_id!r}" if managed_thing_id else ""),
         )
         return _result_from(doc, changed=True, thing_name=thing_name)
+
+
+def _binding(cfg: HubConfig) -> dict[str, str]:
+    """What a progress record must match to be resumed (a changed setting means start over)."""
+    return {
+        "endpoint": str(cfg.endpoint),
+        "template": cfg.template_name or "",
+        "serial_number": cfg.serial_number or "",
+        "certificate_method": cfg.certificate_method.value,
+        # Real paths: after a power cut the hub may reach the same files through another name
+        # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
+        "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
+        "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
+    }
+
+
+def _identity(progress: Progress) -> tuple[str, str | None]:
+    """(client id, managed thing id) from deviceConfiguration; the thing name when missing."""
+    dev = progress.device_configuration
+    thing = progress.thing_name or ""
+    client_id = dev.get(cfgmod.DEVICE_CONFIG_CLIENT_ID)
+    managed = dev.get(cfgmod.DEVICE_CONFIG_MANAGED_THING_ID)
+    if not client_id:
+        log.warning(
+            "deviceConfiguration has no %s; using the thing name %r as client id",
+            cfgmod.DEVICE_CONFIG_CLIENT_ID,
+            thing,
+        )
+        client_id = thing
+    if not managed:
+        log.warning(
+            "deviceConfiguration has no %s; using the thing name %r as managed thing id",
+            cfgmod.DEVICE_CONFIG_MANAGED_THING_ID,
+            thing,
+        )
+        managed = thing
+    return client_id, managed
+
+
+def _read_credentials(
+    handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str, key: str
+) -> Credentials:
+    try:
+        return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
+    except CredentialError as exc:
+        # Name the config key so the user knows which entry to fix.
+        exc.message = f"{exc.message} (from ro.{key} and its key)"
+        exc.args = (exc.message,)
+        raise
+
+
+def _read_claim(cfg: HubConfig, handler: CertHandler) -> Credentials:
+    assert cfg.claim_cert_path is not None
+    assert cfg.claim_pk_path is not None
+    return _read_credentials(
+        handler, CertType.CLAIM, cfg.claim_cert_path, cfg.claim_pk_path, cfgmod.CLAIM_CERT_PATH
+    )
+
+
+class _Reporter:
+    """Logs each step as it always has and hands it to the listener as a StepEvent."""
+
+    def __init__(self, listener: StepListener | None) -> None:
+        self._listener = listener
+
+    def __call__(self, step: OnboardingStep, message: str, level: int = logging.INFO) -> None:
+        log.log(level, "%s", message)
+        self.emit(StepEvent(step, message))
+
+    def emit(self, event: StepEvent) -> None:
+        if self._listener is not None:
+            self._listener(event)
+
+    def retry(self, retry: Retry) -> None:
+        # DeviceProvisioner has logged the retry (as a warning); this tells the listener.
+        self.emit(
+            StepEvent(
+                OnboardingStep.RETRY,
+                f"attempt {retry.attempt} failed ({retry.reason}); retrying in {retry.delay:.1f} s",
+            )
+        )
+
+
+class _FleetRun:
+    """One fleet provisioning under the lock: the table of actions, the claim session, the retries.
+
+    Each handler does one action and returns the progress it saved; `next_action` on that progress picks
+    the next handler. Consecutive claim actions share one connection (CreateKeysAndCertificate and
+    RegisterThing on the same claim session, as AWS's flow has it); the verification connect and every
+    retry start after the claim connection has closed.
+    """
+
+    def __init__(
+        self,
+        cfg: HubConfig,
+        handler: CertHandler,
+        claim: Credentials | None,
+        connector: Connector,
+        clock: Callable[[], float],
+        report: _Reporter,
+    ) -> None:
+        assert cfg.serial_number is not None
+        assert cfg.template_name is not None
+        self.cfg = cfg
+        self.serial_number = cfg.serial_number
+        self.template_name = cfg.template_name
+        self.handler = handler
+        self.store = ProgressStore(cfg.permanent_cert_dir)
+        self.binding = _binding(cfg)
+        self.connector = connector
+        self.clock = clock
+        self.report = report
+        self.deadline = connector.deadline()
+        self._claim = claim
+        self._session = contextlib.ExitStack()
+        self._fleet: FleetApi | None = None
+        self._restarted = False
+        self._checked: tuple[Progress, Credentials] | None = None  # the last pair read and checked
+        self._handlers: dict[Action, Callable[[Progress | None], Progress | None]] = {
+            Action.CREATE_CERTIFICATE: self._create_certificate,
+            Action.REGISTER_THING: self._register_thing,
+            Action.VERIFY: self._verify,
+        }
+
+    def run(self) -> Progress:
+        """Drive the table to WRITE_CONFIG, retrying with the connector's policy; the progress to record."""
+        attempt = 0
+        while True:
+            progress = self.store.load()
+            self._checked = None  # each attempt reads the pair on disk afresh
+            action = next_action(progress, self.binding, self.clock())
+            self._report_saved(progress, action)
+            try:
+                with self._session:  # the claim connection closes before any wait
+                    return self._advance(progress, action)
+            except ProvisioningError as exc:
+                attempt += 1
+                self.connector.wait_before_retry(exc, attempt, self.deadline, self.report.retry)
+
+    def _report_saved(self, progress: Progress | None, action: Action) -> None:
+        if progress is None:
+            return
+        if action is Action.CREATE_CERTIFICATE:
+            self.report(
+                OnboardingStep.STARTING_OVER,
+                f"saved progress ({progress.step.value}) cannot be resumed; starting over",
+            )
+        else:
+            self.report(OnboardingStep.resumed_after(progress.step), f"resuming after {progress.step.value}")
+
+    def _advance(self, progress: Progress | None, action: Action) -> Progress:
+        while action is not Action.WRITE_CONFIG:
+            progress = self._handlers[action](progress)
+            if progress is None:  # the record was dropped: a new certificate, on a new claim connection
+                self._end_session()
+            action = next_action(progress, self.binding, self.clock())
+        assert progress is not None
+        # The pair on disk must be the certificate RegisterThing activated, verification connect or not:
+        # a hub must never be marked PROVISIONED with a key that does not match.
+        self._stored_pair(progress)
+        return progress
+
+    # ------------------------------------------------------------------ the claim session
+
+    def _fleet_api(self) -> FleetApi:
+        if self._fleet is None:
+            if self._claim is None:
+                self._claim = _read_claim(self.cfg, self.handler)
+            session = self.connector.claim_session(self.serial_number, self._claim, self.deadline)
+            self._fleet = self._session.enter_context(session)
+            self._session.callback(self._forget_fleet)
+            self.report(
+                OnboardingStep.CLAIM_CONNECTED,
+                f"connected with the claim certificate as {self.serial_number!r}",
+            )
+        return self._fleet
+
+    def _forget_fleet(self) -> None:
+        self._fleet = None
+
+    def _end_session(self) -> None:
+        self._session.close()
+
+    # ------------------------------------------------------------------ the actions
+
+    def _create_certificate(self, _saved: Progress | None) -> Progress:
+        fleet = self._fleet_api()
+        cfg = self.cfg
+        if cfg.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
+            key_pem, csr_pem = generate_key_and_csr((cfg.serial_number or "hub")[:_CSR_CN_MAX])
+            issued = fleet.create_certificate_from_csr(csr_pem, key_pem)
+        else:
+            issued = fleet.create_keys_and_certificate()
+        self.report(
+            OnboardingStep.CERTIFICATE_ISSUED,
+            f"certificate issued ({cfg.certificate_method.value}): {issued.certificate_id[:16]}...",
+        )
+        cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
+        key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
+        # A record we are not resuming (another binding, a spent token) names these same files: it goes
+        # before they are overwritten, so a cut between the key and the certificate can never leave an
+        # old record that a later run would resume with a mismatched pair.
+        self.store.clear()
+        # Credentials first, then the record that names them (and carries the token).
+        self.handler.write_permanent_cert_and_private_key(
+            issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path
+        )
+        progress = Progress(
+            step=Step.CERTIFICATE_ISSUED,
+            binding=dict(self.binding),
+            certificate_id=issued.certificate_id,
+            certificate_path=str(cert_path),
+            private_key_path=str(key_path),
+            token_issued_at=self.clock(),
+            ownership_token=issued.ownership_token,
+        )
+        self.store.save(progress)
+        self.report(OnboardingStep.CREDENTIALS_STORED, f"credentials stored in {cfg.permanent_cert_dir}")
+        return progress
+
+    def _register_thing(self, saved: Progress | None) -> Progress | None:
+        assert saved is not None
+        assert saved.ownership_token
+        fleet = self._fleet_api()
+        try:
+            registered = fleet.register_thing(
+                self.template_name, saved.ownership_token, self.cfg.register_parameters()
+            )
+        except IdentityError as exc:
+            if self._restarted or not exc.token_refused:
+                raise
+            # The saved token was spent or expired (e.g. the answer to a RegisterThing was lost): the
+            # only way forward is a new certificate, once.
+            self.report(
+                OnboardingStep.TOKEN_REFUSED,
+                f"ownership token refused ({exc.error_message}); requesting a new certificate",
+                logging.WARNING,
+            )
+            self._restarted = True
+            self.store.clear()
+            return None
+        progress = saved.registered(registered.thing_name, registered.device_configuration)
+        self.store.save(progress)
+        self.report(OnboardingStep.THING_REGISTERED, f"thing registered: {registered.thing_name}")
+        return progress
+
+    def _verify(self, saved: Progress | None) -> Progress:
+        assert saved is not None
+        self._end_session()  # the claim connection is done with before the new certificate connects
+        creds = self._stored_pair(saved)
+        if not self.cfg.verify_connection:
+            self.report(
+                OnboardingStep.VERIFY_SKIPPED,
+                f"verification connect skipped (ro.{cfgmod.VERIFY_CONNECTION} is false)",
+            )
+            return saved.verified()
+        client_id, _ = _identity(saved)
+        self.connector.verify(client_id, creds, self.deadline)
+        progress = saved.verified()
+        self.store.save(progress)
+        self.report(OnboardingStep.VERIFIED, f"connected with the new certificate as {client_id!r}")
+        return progress
+
+    def _stored_pair(self, progress: Progress) -> Credentials:
+        """The permanent pair on disk, checked: key and certificate match, and it is the recorded one.
+
+        Read once per record: the check before recording reuses the one made for the verification connect.
+        """
+        if self._checked is not None and _same_pair(self._checked[0], progress):
+            return self._checked[1]
+        creds = self.handler.read_cert_and_private_key(
+            CertType.PERMANENT, progress.certificate_path, progress.private_key_path
+        )
+        if creds.certificate_id != progress.certificate_id:
+            # The file on disk is not the certificate RegisterThing activated; nothing safe to resume.
+            raise CredentialError(
+                f"{progress.certificate_path} does not hold certificate "
+                f"{progress.certificate_id[:16]}...; run reset, then provision again"
+            )
+        self._checked = (progress, creds)
+        return creds
+
+
+def _same_pair(a: Progress, b: Progress) -> bool:
+    return (a.certificate_id, a.certificate_path, a.private_key_path) == (
+        b.certificate_id,
+        b.certificate_path,
+        b.private_key_path,
+    )

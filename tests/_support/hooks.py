@@ -4,45 +4,80 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
 from typing import Any
+
+
+class _HookHTTPServer(ThreadingHTTPServer):
+    # Join handler threads on close, so a slow hook's late answer never lands in a later test's output,
+    # and stay quiet when the gateway has already given up on it (a hook past 5 s writes to a closed socket).
+    daemon_threads = False
+    block_on_close = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class HookServer:
+    """Answers every POST with `answer` (JSON) and records each input in `requests`.
+
+    `delay`: the hook really takes that long to answer (a slow hook is then the behaviour under test; no
+    test waits on it). `hold`: it answers nothing until closed, a hook slower than any timeout without a
+    test waiting for time to pass (the caller's own timeout is what runs out).
+    """
+
+    def __init__(self, answer: Any, *, delay: float = 0.0, hold: bool = False) -> None:
+        self.answer = answer
+        self.requests: list[dict[str, Any]] = []
+        released = threading.Event()
+        self._released = released
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                hook.requests.append(json.loads(self.rfile.read(length)))
+                if hold:
+                    released.wait()
+                elif delay:
+                    released.wait(delay)
+                body = json.dumps(hook.answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the caller hangs up on a hook that is too slow
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = _HookHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> HookServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 @contextlib.contextmanager
 def hook_server(answer: Any, *, hold: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A hook that records each input and answers `answer` (JSON); yields (url, inputs seen).
-
-    With `hold`, it answers nothing until the block ends: a hook slower than any timeout, without a test
-    waiting for time to pass (the caller's own timeout is what runs out).
-    """
-    seen: list[dict[str, Any]] = []
-    release = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            seen.append(json.loads(body))
-            if hold:
-                release.wait()
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            with contextlib.suppress(OSError):  # the caller hangs up on a hook that is too slow
-                self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", seen
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    """A HookServer for the block; yields (url, inputs seen)."""
+    with HookServer(answer, hold=hold) as hook:
+        yield hook.url, hook.requests

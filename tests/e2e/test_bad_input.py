@@ -25,10 +25,10 @@ import pytest
 
 from hub_onboarding.cli import main
 from iot_core_local.server import LocalIotCore
-
-from ..hub_onboarding.conftest import make_pair
-from .conftest import HubFactory, certificate_ids, read_config, run_hub, snapshot
-from .test_power_cut import assert_recovered
+from tests._support.certificates import certificate_ids, make_pair
+from tests._support.hubs import CloudHubFactory, read_config, snapshot
+from tests._support.processes import run_hub
+from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
 
@@ -383,9 +383,12 @@ TRIED: list[str] = []
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(
-    case: Case, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    case: Case,
+    make_cloud_hub: CloudHubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = make_hub()
+    config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     try:
         case.setup(hub)
@@ -426,10 +429,10 @@ def test_bad_input(
     ids=lambda c: c.name,
 )
 def test_bad_input_in_a_real_process(
-    case: Case, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch
+    case: Case, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same cases through a real `hub-onboard` process, with --json: the error is machine-readable too."""
-    config = make_hub()
+    config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     case.setup(hub)
     before = snapshot(hub.dir)
@@ -461,9 +464,12 @@ def _full_disk(hub: BadHub, temp_prefix: str) -> None:
 
 
 def test_full_disk_writing_the_credentials(
-    iot: Any, make_hub: HubFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = make_hub()
+    config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     before = snapshot(hub.dir)
     _full_disk(hub, ".private.pem.key.")
@@ -484,11 +490,11 @@ def test_full_disk_writing_the_credentials(
 def test_full_disk_writing_the_config_then_space_comes_back(
     cloud: LocalIotCore,
     iot: Any,
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = make_hub()
+    config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     original = read_config(config)
     config_bytes = config.read_bytes()

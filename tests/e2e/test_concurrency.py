@@ -5,16 +5,17 @@ certificates (boto3), never a mixed config. All through real processes, real TLS
 
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from iot_core_local.server import LocalIotCore
-
-from .conftest import HubFactory, HubProcess, certificate_ids, read_config, snapshot
-from .test_power_cut import assert_recovered
+from tests._support.certificates import certificate_ids
+from tests._support.hubs import CloudHubFactory, read_config, snapshot
+from tests._support.processes import HubProcess, freeze_at_step
+from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("method", ["CreateKeysAndCertificate", "CreateCertificateFromCsr"])
 @pytest.mark.parametrize("runs", [2, 3])
 def test_runs_started_at_the_same_moment(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, method: str, runs: int
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, method: str, runs: int
 ) -> None:
-    config_path = make_hub(certificate_method=method)
+    config_path = make_cloud_hub(certificate_method=method)
     original = read_config(config_path)
     before = certificate_ids(iot)
     hubs = [HubProcess(config_path, verbosity="-v") for _ in range(runs)]
@@ -42,19 +43,20 @@ def test_runs_started_at_the_same_moment(
 
 
 def test_the_second_run_waits_and_a_third_gives_up(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, shim_dir: Path
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, shim_dir: Path
 ) -> None:
-    config_path = make_hub()
+    config_path = make_cloud_hub()
     original = read_config(config_path)
     before = certificate_ids(iot)
     # The first run is frozen in the middle of onboarding, holding the lock.
     first = HubProcess(
         config_path,
         shim_dir=shim_dir,
-        freeze={"kind": "line", "text": "connected with the claim certificate"},
+        freeze=freeze_at_step("CLAIM_CONNECTED"),
     )
     first.wait_frozen()
-    second = HubProcess(config_path, verbosity="-v")  # waits for the lock (default: 600 s)
+    second = HubProcess(config_path, verbosity="-v", json_steps=True)  # waits for the lock (default: 600 s)
+    second.wait_for_step("CONFIG_READ")  # the last step before the lock
     files = snapshot(config_path.parent)
     third = HubProcess(config_path, "--lock-wait", "0.5", verbosity="")
     busy = third.finish(20)
@@ -63,37 +65,35 @@ def test_the_second_run_waits_and_a_third_gives_up(
     assert "wait for it to finish, then run provision again" in busy.stderr
     assert "Traceback" not in busy.stderr
     assert snapshot(config_path.parent) == files, "the run that gave up wrote nothing"
-    time.sleep(0.5)
+    # The third run waited out its 0.5 s at the lock meanwhile: the second is still there, not past it.
     assert second.proc.poll() is None, "the second run is still waiting for the lock"
-    assert "connected with the claim certificate" not in second.stderr
+    assert second.steps == ["CONFIG_READ"]
     first.resume()
     done = [first.finish(30), second.finish(30)]
     assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
-    assert "newly provisioned" in done[0].stdout
-    assert "already provisioned" in done[1].stdout
-    assert "another run provisioned this hub meanwhile" in done[1].stderr
+    assert json.loads(done[0].stdout)["changed"] is True  # newly provisioned (--json: the freeze's steps)
+    assert json.loads(done[1].stdout)["changed"] is False
+    assert done[1].steps == ["CONFIG_READ", "PROVISIONED_MEANWHILE"]
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}
 
 
 def test_the_waiting_run_takes_over_when_the_first_dies(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, shim_dir: Path
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, shim_dir: Path
 ) -> None:
     """The lock dies with its holder (flock): the waiting run resumes the dead one's progress."""
-    config_path = make_hub()
+    config_path = make_cloud_hub()
     original = read_config(config_path)
     before = certificate_ids(iot)
-    first = HubProcess(
-        config_path, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"}
-    )
+    first = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
     first.wait_frozen()
-    second = HubProcess(config_path)
-    time.sleep(0.5)
+    second = HubProcess(config_path, json_steps=True)
+    second.wait_for_step("CONFIG_READ")  # the last step before the lock
     assert second.proc.poll() is None
     first.kill()
     done = second.finish(30)
     assert done.returncode == 0, done.stderr
-    assert "resuming after CERTIFICATE_ISSUED" in done.stderr
-    assert "certificate issued (" not in done.stderr
+    assert "RESUMED_AFTER_CERTIFICATE_ISSUED" in done.steps
+    assert "CERTIFICATE_ISSUED" not in done.steps
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}

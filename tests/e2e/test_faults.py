@@ -3,7 +3,7 @@
 Two injectors, both used here:
 - iot-core-local's fault switch (`core.faults`, src/iot_core_local/faults.py): throttle, drop, ignore,
   delay and refuse for the next N operations, applied inside the gateway;
-- `TcpProxy` (tests/e2e/conftest.py): a TCP forwarder between hub and gateway that can refuse
+- `TcpProxy` (tests/_support/network.py): a TCP forwarder between hub and gateway that can refuse
   connections (endpoint down), cut them (connection lost mid-request) or blackhole them.
 
 Every case runs the real `hub-onboard provision` in a child process against real TLS and Mosquitto, with
@@ -12,7 +12,6 @@ small budgets (`mqtt_retry_timeout_seconds`), and checks the elapsed time: nothi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,11 @@ import pytest
 
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-
-from .conftest import (
-    HubFactory,
-    HubProcess,
-    TcpProxy,
-    certificate_ids,
-    connects,
-    read_config,
-    run_hub,
-    snapshot,
-)
-from .test_power_cut import assert_recovered
+from tests._support.certificates import certificate_ids
+from tests._support.hubs import CloudHubFactory, read_config, snapshot
+from tests._support.network import TcpProxy, connects
+from tests._support.processes import HubProcess, freeze_at_step, run_hub
+from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +38,8 @@ def _no_fault_left(cloud: LocalIotCore) -> Iterator[None]:
     cloud.faults.clear()
 
 
-def _hub(make_hub: HubFactory, budget: float, **overrides: Any) -> tuple[Path, dict[str, Any]]:
-    config_path = make_hub(extra_ro={"mqtt_retry_timeout_seconds": budget}, **overrides)
+def _hub(make_cloud_hub: CloudHubFactory, budget: float, **overrides: Any) -> tuple[Path, dict[str, Any]]:
+    config_path = make_cloud_hub(extra_ro={"mqtt_retry_timeout_seconds": budget}, **overrides)
     return config_path, read_config(config_path)
 
 
@@ -62,10 +54,10 @@ def _provisioned(
 
 
 def test_endpoint_down_at_start_then_up(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, tcp_proxy: Callable[..., TcpProxy]
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, tcp_proxy: Callable[..., TcpProxy]
 ) -> None:
     proxy = tcp_proxy(listening=False)
-    config_path, original = _hub(make_hub, 30, endpoint_url=proxy.address)
+    config_path, original = _hub(make_cloud_hub, 30, endpoint_url=proxy.address)
     before = certificate_ids(iot)
     hub = HubProcess(config_path)
     line = hub.wait_for_line("retrying in", timeout=20)
@@ -78,9 +70,9 @@ def test_endpoint_down_at_start_then_up(
     FAULTS.append("endpoint down, then up")
 
 
-def test_endpoint_stays_down(make_hub: HubFactory, tcp_proxy: Callable[..., TcpProxy]) -> None:
+def test_endpoint_stays_down(make_cloud_hub: CloudHubFactory, tcp_proxy: Callable[..., TcpProxy]) -> None:
     proxy = tcp_proxy(listening=False)
-    config_path, _ = _hub(make_hub, 3, endpoint_url=proxy.address)
+    config_path, _ = _hub(make_cloud_hub, 3, endpoint_url=proxy.address)
     hub_dir = config_path.parent
     files = snapshot(hub_dir)
     done = run_hub(config_path, verbosity="")
@@ -96,9 +88,9 @@ def test_endpoint_stays_down(make_hub: HubFactory, tcp_proxy: Callable[..., TcpP
     FAULTS.append("endpoint stays down")
 
 
-def test_connack_never_comes(cloud: LocalIotCore, make_hub: HubFactory) -> None:
+def test_connack_never_comes(cloud: LocalIotCore, make_cloud_hub: CloudHubFactory) -> None:
     cloud.faults.add("ignore", "Connect", count=20)
-    config_path, _ = _hub(make_hub, 3)
+    config_path, _ = _hub(make_cloud_hub, 3)
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 11, done.stderr
     assert "could not connect" in done.stderr
@@ -110,10 +102,10 @@ def test_connack_never_comes(cloud: LocalIotCore, make_hub: HubFactory) -> None:
 
 @pytest.mark.parametrize("kind", ["refuse", "throttle"])
 def test_connect_refused_or_throttled_then_accepted(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, kind: str
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, kind: str
 ) -> None:
     cloud.faults.add(kind, "Connect", count=2)
-    config_path, original = _hub(make_hub, 30)
+    config_path, original = _hub(make_cloud_hub, 30)
     before = certificate_ids(iot)
     done = run_hub(config_path)
     assert done.returncode == 0, done.stderr
@@ -130,11 +122,11 @@ def test_connect_refused_or_throttled_then_accepted(
     "operation", ["CreateCertificateFromCsr", "CreateKeysAndCertificate", "RegisterThing"]
 )
 def test_connection_dropped_in_the_middle_of_a_request(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, operation: str
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, operation: str
 ) -> None:
     method = operation if operation.startswith("Create") else "CreateCertificateFromCsr"
     cloud.faults.add("drop", operation, count=1)
-    config_path, original = _hub(make_hub, 30, certificate_method=method)
+    config_path, original = _hub(make_cloud_hub, 30, certificate_method=method)
     before = certificate_ids(iot)
     done = run_hub(config_path)
     assert done.returncode == 0, done.stderr
@@ -147,13 +139,17 @@ def test_connection_dropped_in_the_middle_of_a_request(
 
 
 def test_proxy_cuts_the_connection_before_register_thing(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, tcp_proxy: Callable[..., TcpProxy], shim_dir: Path
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    tcp_proxy: Callable[..., TcpProxy],
+    shim_dir: Path,
 ) -> None:
     """TCP-level cut (not the fault switch): the claim connection dies right before RegisterThing."""
     proxy = tcp_proxy()
-    config_path, original = _hub(make_hub, 30, endpoint_url=proxy.address)
+    config_path, original = _hub(make_cloud_hub, 30, endpoint_url=proxy.address)
     before = certificate_ids(iot)
-    hub = HubProcess(config_path, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"})
+    hub = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
     hub.wait_frozen()
     proxy.cut()
     hub.resume()
@@ -169,10 +165,10 @@ def test_proxy_cuts_the_connection_before_register_thing(
 
 
 def test_answer_never_comes_is_a_publish_timeout_then_resumes(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory
 ) -> None:
     cloud.faults.add("ignore", "RegisterThing", count=50)
-    config_path, original = _hub(make_hub, 4)
+    config_path, original = _hub(make_cloud_hub, 4)
     before = certificate_ids(iot)
     done = run_hub(config_path)
     assert done.returncode == 14, done.stderr  # PublishTimeoutError
@@ -192,15 +188,15 @@ def test_answer_never_comes_is_a_publish_timeout_then_resumes(
 
 
 def test_blackholed_connection_ends_in_a_typed_error_within_the_deadline(
-    make_hub: HubFactory, tcp_proxy: Callable[..., TcpProxy], shim_dir: Path
+    make_cloud_hub: CloudHubFactory, tcp_proxy: Callable[..., TcpProxy], shim_dir: Path
 ) -> None:
     """The network swallows everything after the claim connect: bounded, typed, nothing PROVISIONED."""
     proxy = tcp_proxy()
-    config_path, _ = _hub(make_hub, 4, endpoint_url=proxy.address)
+    config_path, _ = _hub(make_cloud_hub, 4, endpoint_url=proxy.address)
     hub = HubProcess(
         config_path,
         shim_dir=shim_dir,
-        freeze={"kind": "line", "text": "connected with the claim certificate"},
+        freeze=freeze_at_step("CLAIM_CONNECTED"),
     )
     hub.wait_frozen()
     proxy.blackhole = True
@@ -215,10 +211,10 @@ def test_blackholed_connection_ends_in_a_typed_error_within_the_deadline(
 
 
 def test_slow_answer_within_the_deadline_succeeds(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory
 ) -> None:
     cloud.faults.add("delay", "CreateCertificateFromCsr", count=1, seconds=2)
-    config_path, original = _hub(make_hub, 30)
+    config_path, original = _hub(make_cloud_hub, 30)
     before = certificate_ids(iot)
     done = run_hub(config_path)
     assert done.returncode == 0, done.stderr
@@ -232,10 +228,10 @@ def test_slow_answer_within_the_deadline_succeeds(
 
 @pytest.mark.parametrize("operation", ["CreateCertificateFromCsr", "RegisterThing"])
 def test_throttling_is_retried_with_backoff(
-    cloud: LocalIotCore, iot: Any, make_hub: HubFactory, operation: str
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, operation: str
 ) -> None:
     cloud.faults.add("throttle", operation, count=2)
-    config_path, original = _hub(make_hub, 40)
+    config_path, original = _hub(make_cloud_hub, 40)
     before = certificate_ids(iot)
     done = run_hub(config_path)
     assert done.returncode == 0, done.stderr
@@ -249,10 +245,10 @@ def test_throttling_is_retried_with_backoff(
 
 
 def test_throttling_that_does_not_stop_gives_up_with_the_services_words(
-    cloud: LocalIotCore, make_hub: HubFactory
+    cloud: LocalIotCore, make_cloud_hub: CloudHubFactory
 ) -> None:
     cloud.faults.add("throttle", "CreateCertificateFromCsr", count=100)
-    config_path, _ = _hub(make_hub, 3)
+    config_path, _ = _hub(make_cloud_hub, 3)
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 12, done.stderr  # IdentityError, the service's words kept
     assert "statusCode=429" in done.stderr
@@ -275,7 +271,7 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
         api_port = int(api_url.rsplit(":", 1)[1].split("/")[0])
         iot = core.client()
         claim = set_up_fleet_provisioning(iot, "RestartTemplate")
-        from hub_onboarding.factory import write_claim_hub
+        from hub_onboarding.tools.factory import write_claim_hub
 
         config_path = write_claim_hub(
             tmp_path / "hub",
@@ -288,20 +284,17 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
             extra_ro={"mqtt_retry_timeout_seconds": 40},
         )
         before = certificate_ids(iot)
-        hub = HubProcess(
-            config_path, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"}
-        )
+        hub = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
         hub.wait_frozen()
         core.stop()
         hub.resume()  # RegisterThing meets a server that is gone
-        hub.wait_for_line("retrying in")
-        time.sleep(0.5)
+        hub.wait_for_step("RETRY")
         core = LocalIotCore(data, mqtt_port=mqtt_port, api_port=api_port)
         core.start()
         done = hub.finish(40)
         assert done.returncode == 0, done.stderr
-        assert "resuming after CERTIFICATE_ISSUED" in done.stderr
-        assert done.stderr.count("certificate issued (") == 1, "the token saved before the restart was used"
+        assert "RESUMED_AFTER_CERTIFICATE_ISSUED" in done.steps
+        assert done.steps.count("CERTIFICATE_ISSUED") == 1, "the token saved before the restart was used"
         iot = core.client()
         rw = read_config(config_path)["rw"]
         assert rw["iot_provisioning_state"] == "PROVISIONED"
@@ -322,7 +315,7 @@ def test_server_restarted_in_the_middle_of_onboarding(tmp_path: Path, shim_dir: 
 def test_slow_hook(
     cloud: LocalIotCore, iot: Any, tmp_path: Path, hook_server: Any, delay: float, ok: bool
 ) -> None:
-    from hub_onboarding.factory import write_claim_hub
+    from hub_onboarding.tools.factory import write_claim_hub
 
     hook = hook_server({"allowProvisioning": True}, delay=delay)
     claim = set_up_fleet_provisioning(iot, f"SlowHook{int(delay * 10)}", hook_url=hook.url)

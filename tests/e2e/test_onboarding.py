@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import ssl
-import threading
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -21,47 +17,16 @@ from hub_onboarding import HubOnboarding, IdentityError
 from hub_onboarding.certs import Credentials
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
-from hub_onboarding.factory import write_jitr_hub
-from hub_onboarding.fleet import FleetProvisioning
-from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from hub_onboarding.tools.factory import write_jitr_hub
 from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
-
-from .conftest import HubFactory, read_config
+from tests._support.certificates import pem_certificate_id
+from tests._support.hubs import CloudHubFactory, read_config
+from tests._support.network import connects
 
 pytestmark = pytest.mark.e2e
-
-
-def _certificate_id(pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def _connects(cloud: LocalIotCore, cert: str, key: str, client_id: str) -> bool:
-    """Connect with paho (an independent MQTT 5 client) and report whether CONNACK was success."""
-    result: dict[str, Any] = {}
-    done = threading.Event()
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    client.tls_set(
-        ca_certs=str(cloud.endpoint.root_ca_path), certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED
-    )
-
-    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        result["ok"] = not reason.is_failure
-        done.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = lambda *a: done.set()
-    try:
-        client.connect(cloud.endpoint.mqtt_host, cloud.endpoint.mqtt_port, keepalive=30)
-    except (OSError, ssl.SSLError):
-        return False
-    client.loop_start()
-    done.wait(10)
-    client.disconnect()
-    client.loop_stop()
-    return bool(result.get("ok"))
 
 
 @pytest.mark.parametrize(
@@ -74,12 +39,12 @@ def _connects(cloud: LocalIotCore, cert: str, key: str, client_id: str) -> bool:
 def test_fleet_provisioning(
     cloud: LocalIotCore,
     iot: Any,
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     method: str,
     key_type: type,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config_path = make_hub(certificate_method=method)
+    config_path = make_cloud_hub(certificate_method=method)
     assert main(["provision", "--config", str(config_path), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     rw = read_config(config_path)["rw"]
@@ -98,7 +63,7 @@ def test_fleet_provisioning(
     assert key_path.stat().st_mode & 0o777 == 0o600
     assert key_path.parent.stat().st_mode & 0o777 == 0o700
 
-    cert_id = _certificate_id(cert_pem)
+    cert_id = pem_certificate_id(cert_pem)
     assert iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"] == "ACTIVE"
     thing = f"hub-{serial}"
     assert iot.describe_thing(thingName=thing)["attributes"] == {"upc": "012345678905"}
@@ -106,11 +71,13 @@ def test_fleet_provisioning(
         cert_id
     ]
     # The new identity really works, seen by a client that is not ours.
-    assert _connects(cloud, str(rw["iot_permanent_cert_path"]), str(key_path), rw["client_id"])
+    assert connects(cloud, str(rw["iot_permanent_cert_path"]), str(key_path), rw["client_id"])
 
 
-def test_second_provision_creates_nothing_and_keeps_unknown_keys(iot: Any, make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_second_provision_creates_nothing_and_keeps_unknown_keys(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    config_path = make_cloud_hub()
     doc = read_config(config_path)
     doc["ro"]["vendor_setting"] = {"nested": [1, 2, 3]}
     doc["rw"]["proxy_state"] = "kept"
@@ -139,7 +106,7 @@ def _provision_error(config_path: Path) -> IdentityError:
 
 
 def test_unknown_template_is_an_identity_error_with_the_services_words(
-    make_hub: HubFactory, iot: Any, claim: ClaimSetup, capsys: pytest.CaptureFixture[str]
+    make_cloud_hub: CloudHubFactory, iot: Any, claim: ClaimSetup, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The usual claim policy names its template, so an unknown one would be refused at SUBSCRIBE
     # (a SubscribeTimeoutError). Widen it, as a maker with several templates would, to reach the service.
@@ -171,7 +138,7 @@ def test_unknown_template_is_an_identity_error_with_the_services_words(
             "certificateArn"
         ],
     )
-    config_path = make_hub(template_name="NoSuchTemplate")
+    config_path = make_cloud_hub(template_name="NoSuchTemplate")
     before = config_path.read_bytes()
     error = _provision_error(config_path)
     assert error.status_code == 404
@@ -214,7 +181,7 @@ def test_overriding_hook_changes_the_thing(
 
 
 def _claim_hub(cloud: LocalIotCore, claim: ClaimSetup, hub_dir: Path, serial: str) -> Path:
-    from hub_onboarding.factory import write_claim_hub
+    from hub_onboarding.tools.factory import write_claim_hub
 
     return write_claim_hub(
         hub_dir,
@@ -235,7 +202,7 @@ def test_bogus_token_is_an_identity_error(cloud: LocalIotCore, claim: ClaimSetup
     )
     credentials = Credentials(claim.certificate_pem.encode(), claim.private_key_pem.encode())
     with IotProvisioning(settings).connect("SN-BOGUS", credentials) as connection:
-        fleet = FleetProvisioning(connection.client, operation_timeout=10)
+        fleet = connection.fleet_provisioning(operation_timeout=10)
         with pytest.raises(IdentityError) as caught:
             fleet.register_thing(claim.template_name, "not-a-real-token", {"SerialNumber": "SN-BOGUS"})
     assert caught.value.status_code == 400
@@ -276,7 +243,7 @@ def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp
     assert rw["client_id"] == "hub-JITR-0001", "JITR's client id is the DHA certificate's common name"
     assert rw["iot_permanent_cert_path"] == doc["ro"]["iot_dha_cert_path"]
     assert rw["iot_permanent_pk_path"] == doc["ro"]["iot_dha_pk_path"]
-    cert_id = _certificate_id(dha.certificate_pem.encode())
+    cert_id = pem_certificate_id(dha.certificate_pem.encode())
     assert activator.activated == [cert_id]
     assert activator.events
     assert activator.events[0]["caCertificateId"] == ca_id
@@ -285,8 +252,8 @@ def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp
     assert described["caCertificateId"] == ca_id
 
 
-def test_reset_then_onboard_again(iot: Any, make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_reset_then_onboard_again(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+    config_path = make_cloud_hub()
     assert main(["provision", "--config", str(config_path)]) == 0
     provisioned = read_config(config_path)
     old_cert = Path(provisioned["rw"]["iot_permanent_cert_path"])
@@ -307,7 +274,7 @@ def test_reset_then_onboard_again(iot: Any, make_hub: HubFactory) -> None:
     assert main(["provision", "--config", str(config_path)]) == 0
     again = read_config(config_path)["rw"]
     assert again["iot_provisioning_state"] == "PROVISIONED"
-    assert _certificate_id(Path(again["iot_permanent_cert_path"]).read_bytes()) != _certificate_id(
+    assert pem_certificate_id(Path(again["iot_permanent_cert_path"]).read_bytes()) != pem_certificate_id(
         provisioned_cert_pem(provisioned, iot)
     )
 
@@ -320,8 +287,8 @@ def provisioned_cert_pem(doc: dict[str, Any], iot: Any) -> bytes:
     return str(first["certificateDescription"]["certificatePem"]).encode()
 
 
-def test_credentials_are_private_whatever_the_umask(make_hub: HubFactory) -> None:
-    config_path = make_hub()
+def test_credentials_are_private_whatever_the_umask(make_cloud_hub: CloudHubFactory) -> None:
+    config_path = make_cloud_hub()
     old = os.umask(0)
     try:
         HubOnboarding(config_path).process_device()
@@ -335,12 +302,12 @@ def test_credentials_are_private_whatever_the_umask(make_hub: HubFactory) -> Non
 
 
 def test_no_secret_reaches_the_logs(
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     claim: ClaimSetup,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config_path = make_hub(certificate_method="CreateKeysAndCertificate")
+    config_path = make_cloud_hub(certificate_method="CreateKeysAndCertificate")
     with caplog.at_level(logging.DEBUG):
         assert main(["provision", "--config", str(config_path), "-vv"]) == 0
     out = capsys.readouterr()

@@ -16,12 +16,12 @@ import pytest
 
 from hub_onboarding import cli
 from hub_onboarding import config as cfgmod
-from hub_onboarding.factory import write_jitr_hub
+from hub_onboarding.tools.factory import write_jitr_hub
 from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
-
-from .conftest import HubFactory, HubProcess, read_config, run_hub
+from tests._support.hubs import CloudHubFactory, read_config
+from tests._support.processes import HubProcess, freeze_at_step, run_hub
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def _jitr_hub(cloud: LocalIotCore, iot: Any, folder: Path) -> tuple[Path, str, J
 def test_no_secret_in_any_log_or_output_at_debug(
     cloud: LocalIotCore,
     iot: Any,
-    make_hub: HubFactory,
+    make_cloud_hub: CloudHubFactory,
     claim: ClaimSetup,
     shim_dir: Path,
     tmp_path: Path,
@@ -78,7 +78,7 @@ def test_no_secret_in_any_log_or_output_at_debug(
 
     # 1-2. fleet provisioning, both certificate methods
     for method in ("CreateKeysAndCertificate", "CreateCertificateFromCsr"):
-        config = make_hub(certificate_method=method)
+        config = make_cloud_hub(certificate_method=method)
         done = run_hub(config, verbosity="-vv")
         assert done.returncode == 0, done.stderr
         texts += [done.stdout, done.stderr]
@@ -86,8 +86,8 @@ def test_no_secret_in_any_log_or_output_at_debug(
         secrets[f"permanent key ({method})"] = _pem_lines(key)
 
     # 3. a resume after a kill: the token is in the progress record when the kill lands
-    config = make_hub(certificate_method="CreateKeysAndCertificate")
-    hub = HubProcess(config, shim_dir=shim_dir, freeze={"kind": "line", "text": "credentials stored in"})
+    config = make_cloud_hub(certificate_method="CreateKeysAndCertificate")
+    hub = HubProcess(config, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
     hub.wait_frozen()
     record_path = config.parent / "certs" / "onboarding-progress.json"
     record = json.loads(record_path.read_text())
@@ -110,7 +110,7 @@ def test_no_secret_in_any_log_or_output_at_debug(
     # 4. a rejection (the hook refuses), with --json too
     hook = hook_server({"allowProvisioning": False})
     denied = set_up_fleet_provisioning(iot, "SecretsDenyTemplate", hook_url=hook.url)
-    config = make_hub(
+    config = make_cloud_hub(
         template_name=denied.template_name,
         claim_certificate_pem=denied.certificate_pem,
         claim_private_key_pem=denied.private_key_pem,
@@ -146,7 +146,8 @@ def test_no_secret_in_any_log_or_output_at_debug(
     ]
     assert any(r.startswith("iot_core_local.gateway") for r in ours), "the stand-in's logs were captured"
     everything = "\n".join(texts + ours)
-    assert "DEBUG hub_onboarding" in everything and "requesting RegisterThing" in everything, "logs captured"
+    assert "DEBUG hub_onboarding" in everything, "logs captured"
+    assert "requesting RegisterThing" in everything, "logs captured"
     assert len(everything) > 5000
     for name, values in secrets.items():
         assert values, name
@@ -156,9 +157,9 @@ def test_no_secret_in_any_log_or_output_at_debug(
 
 
 def test_credentials_private_from_the_first_byte_whatever_the_umask(
-    make_hub: HubFactory, shim_dir: Path
+    make_cloud_hub: CloudHubFactory, shim_dir: Path
 ) -> None:
-    config = make_hub(certificate_method="CreateKeysAndCertificate")
+    config = make_cloud_hub(certificate_method="CreateKeysAndCertificate")
     os.chmod(config, 0o640)
     certs = config.parent / "certs"
     # Frozen right after the key's temp file was written and fsynced, before its rename.
@@ -178,7 +179,7 @@ def test_credentials_private_from_the_first_byte_whatever_the_umask(
     assert certs.stat().st_mode & 0o777 == 0o700
     assert config.stat().st_mode & 0o777 == 0o640, "the config keeps its mode"
     # The progress record (it holds the token) is 0600 from its first byte too.
-    config = make_hub(certificate_method="CreateCertificateFromCsr")
+    config = make_cloud_hub(certificate_method="CreateCertificateFromCsr")
     hub = HubProcess(
         config,
         shim_dir=shim_dir,
@@ -198,9 +199,9 @@ def _opened(log: Path) -> set[str]:
 
 
 def test_claim_credentials_are_never_used_once_provisioned(
-    make_hub: HubFactory, shim_dir: Path, tmp_path: Path
+    make_cloud_hub: CloudHubFactory, shim_dir: Path, tmp_path: Path
 ) -> None:
-    config = make_hub()
+    config = make_cloud_hub()
     assert run_hub(config).returncode == 0
     doc = read_config(config)
     claim_cert, claim_key = Path(doc["ro"]["iot_claim_cert_path"]), Path(doc["ro"]["iot_claim_pk_path"])
@@ -220,12 +221,12 @@ def test_claim_credentials_are_never_used_once_provisioned(
 
 
 def test_resume_after_register_thing_does_not_read_the_claim(
-    make_hub: HubFactory, shim_dir: Path, tmp_path: Path
+    make_cloud_hub: CloudHubFactory, shim_dir: Path, tmp_path: Path
 ) -> None:
-    config = make_hub()
+    config = make_cloud_hub()
     doc = read_config(config)
     claim_cert, claim_key = Path(doc["ro"]["iot_claim_cert_path"]), Path(doc["ro"]["iot_claim_pk_path"])
-    hub = HubProcess(config, shim_dir=shim_dir, freeze={"kind": "line", "text": "thing registered:"})
+    hub = HubProcess(config, shim_dir=shim_dir, freeze=freeze_at_step("THING_REGISTERED"))
     hub.wait_frozen()
     hub.kill()
     claim_cert.unlink()
@@ -250,13 +251,12 @@ _TLS_OFF = re.compile(
 )
 
 
-def test_there_is_no_switch_that_turns_tls_verification_off() -> None:
-    # every command-line flag of every subcommand
-    parser = cli._parser()
+def test_there_is_no_switch_that_turns_tls_verification_off(capsys: pytest.CaptureFixture[str]) -> None:
+    # every command-line flag of every subcommand, as its --help lists them
     flags: list[str] = []
-    for action in parser._actions:
-        for sub in getattr(action, "choices", None) or {}:
-            flags += [o for a in action.choices[sub]._actions for o in a.option_strings]  # type: ignore[index]
+    for command in ("provision", "status", "reset", "demo", "fleet-sim"):
+        assert cli.main([command, "--help"]) == 0
+        flags += re.findall(r"(?<![\w-])--?[a-zA-Z][\w-]*", capsys.readouterr().out)
     assert "--config" in flags
     assert "--lock-wait" in flags
     assert not [f for f in flags if _TLS_OFF.search(f)], flags
@@ -273,7 +273,7 @@ def test_there_is_no_switch_that_turns_tls_verification_off() -> None:
     assert cfgmod.SERIAL_NUMBER in keys
     assert not [k for k in keys if _TLS_OFF.search(k)], keys
     # and nothing in the product turns peer verification off in awscrt or ssl
-    source = "\n".join(p.read_text() for p in SRC.glob("*.py"))
+    source = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
     for forbidden in (
         "verify_peer = False",
         "verify_peer=False",
@@ -286,14 +286,14 @@ def test_there_is_no_switch_that_turns_tls_verification_off() -> None:
 
 @pytest.mark.parametrize("root_ca", ["another CA", "the system's trust store"])
 def test_an_endpoint_the_root_ca_does_not_vouch_for_is_refused(
-    make_hub: HubFactory, tmp_path: Path, root_ca: str
+    make_cloud_hub: CloudHubFactory, tmp_path: Path, root_ca: str
 ) -> None:
     if root_ca == "another CA":
         other = tmp_path / "other-ca.pem"
         other.write_text(DeviceCA("Not The Endpoint's CA").certificate_pem)
-        config = make_hub(root_ca_path=other, extra_ro={"mqtt_retry_timeout_seconds": 2})
+        config = make_cloud_hub(root_ca_path=other, extra_ro={"mqtt_retry_timeout_seconds": 2})
     else:
-        config = make_hub(extra_ro={"mqtt_retry_timeout_seconds": 2})
+        config = make_cloud_hub(extra_ro={"mqtt_retry_timeout_seconds": 2})
         doc = read_config(config)
         del doc["ro"]["iot_root_ca_path"]
         config.write_text(json.dumps(doc))

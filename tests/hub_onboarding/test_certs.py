@@ -14,8 +14,7 @@ import pytest
 from hub_onboarding import _files, certs
 from hub_onboarding.certs import CertHandler, CertType
 from hub_onboarding.errors import ConfigError, CredentialError
-
-from .conftest import Pair, make_pair, write_private
+from tests._support.certificates import Pair, make_pair, write_private
 
 
 @pytest.fixture(params=[0o000, 0o022, 0o077], ids=["umask000", "umask022", "umask077"])

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from hub_onboarding.cli import main
-
-from .conftest import HubFactory
+from tests._support.hubs import HubFactory
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,6 +68,27 @@ def test_provision_already_provisioned_is_a_no_op(
     assert out["client_id"] == "c1"
     assert main(["provision", "--config", str(hub.config)]) == 0
     assert "already provisioned" in capsys.readouterr().out
+
+
+def test_provision_json_writes_each_step_as_a_json_line_on_stderr(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub()
+    (hub.dir / "claim.key").chmod(0o644)  # fails right after the config was read: one step, then the error
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 4
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ok"] is False  # stdout: the one result document, as before
+    steps = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    assert steps == [
+        {"step": "CONFIG_READ", "message": "config valid: FLEET_PROVISIONING via iot.example.com:8883"}
+    ]
+    hub = make_hub(rw={"iot_provisioning_state": "PROVISIONED", "client_id": "c1"})
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line) == {
+        "step": "ALREADY_PROVISIONED",
+        "message": "already PROVISIONED; nothing to do",
+    }
 
 
 def test_reset_needs_yes(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,18 +150,28 @@ def test_exit_codes_are_defined_once() -> None:
     import ast
 
     import hub_onboarding
-    from hub_onboarding import cli, errors, fleet_sim
+    from hub_onboarding import errors
+    from hub_onboarding.tools import fleet_sim
 
     package = Path(hub_onboarding.__file__).parent
     shared = {"EXIT_OK", "EXIT_USAGE", "EXIT_UNEXPECTED"}
-    for module in sorted(package.glob("*.py")):
+    modules = sorted(package.rglob("*.py"))
+    assert package / "tools" / "fleet_sim.py" in modules
+    for module in modules:
         if module.name == "errors.py":
             continue
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.Assign):
                 names = {t.id for t in node.targets if isinstance(t, ast.Name)}
                 assert not names & shared, f"{module.name} defines its own {names & shared}"
-    assert cli.EXIT_USAGE is errors.EXIT_USAGE
-    assert fleet_sim.EXIT_USAGE is errors.EXIT_USAGE
-    assert fleet_sim.EXIT_OK is errors.EXIT_OK
+        # the codes come from errors.py, imported by name
+        tree = ast.parse(module.read_text())
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "hub_onboarding.errors"
+            for alias in node.names
+        }
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & shared
+        assert used <= imported, f"{module.name} uses {used - imported} without importing it from errors"
     assert errors.ConfigError.exit_code == fleet_sim.EXIT_CONFIG

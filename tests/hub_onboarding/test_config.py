@@ -14,8 +14,7 @@ import pytest
 
 from hub_onboarding import config as cfg
 from hub_onboarding.errors import ConfigError, StorageError
-
-from .conftest import HubFactory
+from tests._support.hubs import HubFactory
 
 # (id, changes to ro, keys dropped from ro, the key the error must name)
 BAD_RO: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [

@@ -13,10 +13,10 @@ from hub_onboarding.certs import check_pair
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
 from hub_onboarding.errors import MqttConnectionError, StorageError
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 from hub_onboarding.progress import ProgressStore
-from hub_onboarding.provisioning import ConnectionSettings, IotProvisioning
-
-from .conftest import HubFactory, make_pair, write_private
+from tests._support.certificates import make_pair, write_private
+from tests._support.hubs import HubFactory
 
 
 def _fail_unlink_of(monkeypatch: pytest.MonkeyPatch, names: set[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,15 @@ from hub_onboarding.errors import (
     PublishTimeoutError,
     SubscribeTimeoutError,
 )
-from hub_onboarding.fleet import map_request_error, validate_issued, validate_registered
-
-from .conftest import make_pair
+from hub_onboarding.fleet import (
+    IssuedCertificate,
+    RegisteredThing,
+    map_request_error,
+    validate_issued,
+    validate_registered,
+)
+from tests._support.certificates import make_pair, write_private
+from tests._support.fake_cloud import FakeCloud
 
 
 @dataclass
@@ -276,8 +283,6 @@ def test_malformed_rejections_are_identity_errors(status: Any, code: Any, messag
 def _flow_hub(folder: Any) -> Any:
     from pathlib import Path
 
-    from .conftest import write_private
-
     hub_dir = Path(folder)
     ca = make_pair("Test Root CA")
     claim = make_pair("claim", issuer=ca)
@@ -301,30 +306,12 @@ def _flow_hub(folder: Any) -> Any:
     return config
 
 
-def _run_flow(config: Any, fleet: Any) -> Exception | None:
-    from hub_onboarding import device_provisioner as dpmod
-    from hub_onboarding.device_provisioner import DeviceProvisioner
-    from hub_onboarding.onboarding import HubOnboarding
-    from hub_onboarding.provisioning import Backoff
-
-    from .test_onboarding import FakeCloud, FakeIot
-
-    def provisioner(self: HubOnboarding, cfg: Any) -> DeviceProvisioner:
-        return DeviceProvisioner(
-            FakeIot(FakeCloud(make_pair("ca"))),
-            operation_timeout=1,  # type: ignore[arg-type]
-            retry_timeout=5,
-            backoff=Backoff(rng=lambda: 0.0),
-            sleep=lambda s: None,
-        )
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(HubOnboarding, "_device_provisioner", provisioner)
-        mp.setattr(dpmod, "FleetProvisioning", lambda client, timeout: fleet)
-        try:
-            HubOnboarding(config).process_device()
-        except Exception as exc:  # the property: only IdentityError may come out
-            return exc
+def _run_flow(config: Any, fleet: _JunkFleet) -> Exception | None:
+    """Onboard `config` with `fleet` answering the claim session's requests; what came out, if anything."""
+    try:
+        FakeCloud(make_pair("ca"), fleet=fleet).onboarding(config).process_device()
+    except Exception as exc:  # the property: only IdentityError may come out
+        return exc
     return None
 
 
@@ -332,10 +319,15 @@ class _JunkFleet:
     def __init__(self, issued: Any = None, registered: Any = None) -> None:
         self.issued, self.registered = issued, registered
 
-    def create_keys_and_certificate(self) -> Any:
+    def create_keys_and_certificate(self) -> IssuedCertificate:
         return validate_issued("CreateKeysAndCertificate", self.issued)
 
-    def register_thing(self, template: str, token: str, params: Any) -> Any:
+    def create_certificate_from_csr(self, csr_pem: bytes, private_key_pem: bytes) -> IssuedCertificate:
+        return validate_issued("CreateCertificateFromCsr", self.issued, private_key_pem)
+
+    def register_thing(
+        self, template_name: str, ownership_token: str, parameters: Mapping[str, str]
+    ) -> RegisteredThing:
         return validate_registered(self.registered)
 
 
@@ -442,33 +434,30 @@ def test_token_refusal_is_one_predicate(
     assert ("ownership token was refused" in exc.message) is refused
 
 
-def test_jitr_does_not_retry_a_failure_that_cannot_succeed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jitr_does_not_retry_a_failure_that_cannot_succeed(tmp_path: Any) -> None:
     # Through the real IotProvisioning: awscrt refusing the CA file (retriable False) used to be retried
     # until ro.mqtt_retry_timeout_seconds (5 minutes by default) ran out.
     from hub_onboarding.certs import check_pair
     from hub_onboarding.config import Endpoint
-    from hub_onboarding.device_provisioner import DeviceProvisioner
-    from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisioning
+    from hub_onboarding.device_provisioner import Backoff, DeviceProvisioner, Retry
+    from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 
-    iot = IotProvisioning(ConnectionSettings(Endpoint("iot.example.com"), None, 60, connect_timeout=1))
-    attempts: list[str] = []
-
-    def connect(client_id: str, credentials: Any, timeout: float | None = None) -> Any:
-        attempts.append(client_id)
-        error = MqttConnectionError("could not set up the MQTT client: bad CA file")
-        error.retriable = False
-        raise error
-
-    monkeypatch.setattr(iot, "connect", connect)
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate")
+    iot = IotProvisioning(ConnectionSettings(Endpoint("127.0.0.1", 1), str(bad_ca), 60, connect_timeout=1))
     sleeps: list[float] = []
+    retries: list[Retry] = []
     dp = DeviceProvisioner(
         iot, operation_timeout=1, retry_timeout=2, backoff=Backoff(rng=lambda: 0.1), sleep=sleeps.append
     )
     pair = make_pair("dha")
-    with pytest.raises(MqttConnectionError, match="bad CA file"):
-        dp.provision_jitr("dha", check_pair(pair.cert_pem, pair.key_pem, "DHA", check_validity=False))
-    assert attempts == ["dha"]
+    with pytest.raises(MqttConnectionError, match="could not set up the MQTT client") as info:
+        dp.provision_jitr(
+            "dha", check_pair(pair.cert_pem, pair.key_pem, "DHA", check_validity=False), retries.append
+        )
+    assert info.value.retriable is False
     assert sleeps == []
+    assert retries == []
 
 
 def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:
@@ -480,7 +469,7 @@ def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:
     assert hub_onboarding.status_of is device_provisioner.status_of
     for status in FpStatus:
         if status is FpStatus.FP_STATUS_OK:
-            assert hub_onboarding.raise_for_status(status) is None
+            hub_onboarding.raise_for_status(status)  # returns: OK raises nothing
             continue
         with pytest.raises(errors.ProvisioningError) as info:
             hub_onboarding.raise_for_status(status)
@@ -489,9 +478,8 @@ def test_fp_status_mapping_is_public_and_follows_the_tree() -> None:
 
 
 def test_retry_delays_start_at_the_base_and_double() -> None:
-    from hub_onboarding.device_provisioner import DeviceProvisioner
+    from hub_onboarding.device_provisioner import Backoff, DeviceProvisioner
     from hub_onboarding.errors import MqttConnectionError
-    from hub_onboarding.provisioning import Backoff
 
     slept: list[float] = []
     dp = DeviceProvisioner(

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from hub_onboarding import fleet_sim
+from hub_onboarding.errors import EXIT_USAGE
+from hub_onboarding.tools import fleet_sim
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +118,7 @@ def test_cloud_config_errors_name_the_key(tmp_path: Path) -> None:
     assert fleet_sim.main(["--config", str(tmp_path / "c.json")]) == fleet_sim.EXIT_CONFIG
     with pytest.raises(fleet_sim.CloudConfigError, match="claim_certificate_path"):
         fleet_sim.Target.from_file(tmp_path / "c.json")
-    assert fleet_sim.main(["--hubs", "0"]) == fleet_sim.EXIT_USAGE
+    assert fleet_sim.main(["--hubs", "0"]) == EXIT_USAGE
 
 
 def test_percentile() -> None:
@@ -135,3 +136,17 @@ def test_hub_onboard_fleet_sim_subcommand(capsys: pytest.CaptureFixture[str]) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["onboarded"] == 2
     assert summary["failed"] == 0
+
+
+def test_retries_are_counted_from_step_events() -> None:
+    from hub_onboarding.onboarding import OnboardingStep, StepEvent
+
+    counter = fleet_sim.RetryCounter()  # what onboard_fleet hands each hub as its on_step
+    for step in (
+        OnboardingStep.CONFIG_READ,
+        OnboardingStep.RETRY,
+        OnboardingStep.RECORDED,
+        OnboardingStep.RETRY,
+    ):
+        counter(StepEvent(step, "..."))
+    assert counter.count == 2

@@ -11,6 +11,7 @@ import getpass
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +23,11 @@ import trustme
 from hub_onboarding.certs import CertType, Credentials, check_pair
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
-from hub_onboarding.device_provisioner import DeviceProvisioner
+from hub_onboarding.device_provisioner import Backoff, DeviceProvisioner
 from hub_onboarding.errors import MqttConnectionError, PublishTimeoutError
-from hub_onboarding.fleet import FleetProvisioning
-from hub_onboarding.provisioning import Backoff, ConnectionSettings, IotProvisioning
-
-from .conftest import HubFactory, Pair, make_pair, write_private
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from tests._support.certificates import make_pair, write_private
+from tests._support.hubs import HubFactory
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -38,8 +38,7 @@ MOSQUITTO = shutil.which("mosquitto") or (
 class Broker:
     endpoint: Endpoint
     ca_path: Path
-    client: Credentials
-    client_pair: Pair
+    client: Credentials  # a certificate the broker's CA signed (trustme), so Mosquitto accepts it
 
 
 def _free_port() -> int:
@@ -59,7 +58,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     server.private_key_pem.write_to_path(str(d / "server.key"))
     # the client certificate is signed by the broker's CA, so Mosquitto accepts it
     client = ca.issue_cert("hub-client-1")
-    client_pair = Pair(client.cert_chain_pems[0].bytes(), client.private_key_pem.bytes(), None)  # type: ignore[arg-type]
     port = _free_port()
     (d / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\n"
@@ -71,22 +69,45 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     proc = subprocess.Popen(
         [str(MOSQUITTO), "-c", str(d / "mosquitto.conf")],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    running, reader = _watch_log(proc)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
+        if not (running.wait(10) and proc.poll() is None):
             pytest.skip("mosquitto did not start")
-        creds = check_pair(client_pair.cert_pem, client_pair.key_pem, str(CertType.DHA), check_validity=False)
-        yield Broker(Endpoint("127.0.0.1", port), d / "ca.pem", creds, client_pair)
+        creds = check_pair(
+            client.cert_chain_pems[0].bytes(),
+            client.private_key_pem.bytes(),
+            str(CertType.DHA),
+            check_validity=False,
+        )
+        yield Broker(Endpoint("127.0.0.1", port), d / "ca.pem", creds)
     finally:
         proc.terminate()
         proc.wait(10)
+        reader.join(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def _watch_log(proc: subprocess.Popen[str]) -> tuple[threading.Event, threading.Thread]:
+    """An event set once Mosquitto logs "... running" (its listener is open), or once it has ended.
+
+    Mosquitto logs to stderr: the thread reads it to the end, so the pipe never fills.
+    """
+    running = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.rstrip().endswith(" running"):
+                running.set()
+        running.set()  # ended: wake the waiter, who sees the process is gone
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return running, reader
 
 
 def engine(broker: Broker, ca_path: Path | None = None, timeout: float = 5) -> IotProvisioning:
@@ -133,7 +154,7 @@ def test_unknown_client_certificate_jitr_gives_up_at_the_deadline(broker: Broker
 
 def test_unanswered_request_times_out(broker: Broker) -> None:
     with engine(broker).connect("hub-client-1", broker.client) as conn:
-        fleet = FleetProvisioning(conn.client, operation_timeout=1)
+        fleet = conn.fleet_provisioning(operation_timeout=1)
         start = time.monotonic()
         with pytest.raises(PublishTimeoutError):
             fleet.create_keys_and_certificate()
@@ -150,8 +171,8 @@ def test_cli_provision_against_a_broker_without_fleet_provisioning(
             "mqtt_retry_timeout_seconds": 2,
         }
     )
-    (hub.dir / "claim.crt").write_bytes(broker.client_pair.cert_pem)
-    write_private(hub.dir / "claim.key", broker.client_pair.key_pem)
+    (hub.dir / "claim.crt").write_bytes(broker.client.certificate_pem)
+    write_private(hub.dir / "claim.key", broker.client.private_key_pem)
     start = time.monotonic()
     assert main(["provision", "--config", str(hub.config), "--json"]) == 14
     assert time.monotonic() - start < 10  # each wait is capped by the 2 s retry budget

@@ -1,32 +1,27 @@
 """HubOnboarding's flows against a fake cloud: order of writes, resume after a crash, retries, secrets.
 
 Everything above the MQTT client is real (HubOnboarding, DeviceProvisioner, CertHandler, config, progress);
-the fake replaces IotProvisioning's connections and FleetProvisioning's requests. The real MQTT path is
-covered by tests/e2e against iot-core-local.
+tests/_support/fake_cloud.py stands in for IotProvisioning's connections and FleetProvisioning's requests,
+through the seams HubOnboarding takes (provisioner_factory, clock). The real MQTT path is covered by
+tests/e2e against iot-core-local.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import stat
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from hub_onboarding import config as cfgmod
-from hub_onboarding import device_provisioner as dpmod
-from hub_onboarding.certs import CertHandler, Credentials
-from hub_onboarding.device_provisioner import DeviceProvisioner
+from hub_onboarding.certs import CertHandler
 from hub_onboarding.errors import (
     BusyError,
     CredentialError,
@@ -34,165 +29,20 @@ from hub_onboarding.errors import (
     MqttConnectionError,
     OnboardingError,
 )
-from hub_onboarding.fleet import IssuedCertificate, RegisteredThing, validate_issued
-from hub_onboarding.onboarding import HubOnboarding, Timeouts
+from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
-from hub_onboarding.provisioning import Backoff
-
-from .conftest import Hub, HubFactory, Pair, make_pair, write_private
+from tests._support.certificates import make_pair, write_private
+from tests._support.fake_cloud import FakeCloud
+from tests._support.hubs import Hub, HubFactory
 
 
 class Crash(BaseException):
     """Stands for a power cut: not an Exception, so nothing in the product catches it."""
 
 
-@dataclass
-class FakeCloud:
-    ca: Pair
-    device_configuration: dict[str, str] | None = None
-    connections: list[tuple[str, str]] = field(default_factory=list)  # (client id, certificate id)
-    calls: list[str] = field(default_factory=list)
-    tokens: dict[str, str] = field(default_factory=dict)  # token -> certificate id
-    issued_keys: list[bytes] = field(default_factory=list)
-    register_params: list[dict[str, str]] = field(default_factory=list)
-    fail: dict[str, list[BaseException]] = field(default_factory=dict)  # operation -> errors to raise in turn
-
-    def maybe_fail(self, operation: str) -> None:
-        pending = self.fail.get(operation)
-        if pending:
-            raise pending.pop(0)
-
-    def issue(self, public_key: Any) -> tuple[bytes, str]:
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "AWS IoT Cert")]))
-            .issuer_name(x509.load_pem_x509_certificate(self.ca.cert_pem).subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .sign(self.ca.key, hashes.SHA256())
-        )
-        token = f"OWNERSHIP-TOKEN-{len(self.tokens)}-SECRET"
-        return cert.public_bytes(serialization.Encoding.PEM), token
-
-
-class FakeFleet:
-    def __init__(self, cloud: FakeCloud) -> None:
-        self.cloud = cloud
-
-    def create_keys_and_certificate(self) -> IssuedCertificate:
-        self.cloud.calls.append("CreateKeysAndCertificate")
-        self.cloud.maybe_fail("CreateKeysAndCertificate")
-        pair = make_pair("unused")
-        cert_pem, token = self.cloud.issue(pair.key.public_key())
-        self.cloud.issued_keys.append(pair.key_pem)
-        issued = validate_issued(
-            "CreateKeysAndCertificate",
-            type(
-                "R",
-                (),
-                {
-                    "certificate_pem": cert_pem.decode(),
-                    "private_key": pair.key_pem.decode(),
-                    "certificate_ownership_token": token,
-                    "certificate_id": "x",
-                },
-            )(),
-        )
-        self.cloud.tokens[token] = issued.certificate_id
-        return issued
-
-    def create_certificate_from_csr(self, csr_pem: bytes, key_pem: bytes) -> IssuedCertificate:
-        self.cloud.calls.append("CreateCertificateFromCsr")
-        self.cloud.maybe_fail("CreateCertificateFromCsr")
-        csr = x509.load_pem_x509_csr(csr_pem)
-        cert_pem, token = self.cloud.issue(csr.public_key())
-        issued = validate_issued(
-            "CreateCertificateFromCsr",
-            type(
-                "R",
-                (),
-                {
-                    "certificate_pem": cert_pem.decode(),
-                    "certificate_ownership_token": token,
-                    "certificate_id": "x",
-                },
-            )(),
-            key_pem,
-        )
-        self.cloud.tokens[token] = issued.certificate_id
-        return issued
-
-    def register_thing(self, template: str, token: str, params: dict[str, str]) -> RegisteredThing:
-        self.cloud.calls.append("RegisterThing")
-        self.cloud.maybe_fail("RegisterThing")
-        if token not in self.cloud.tokens:
-            raise IdentityError.from_rejection(
-                "RegisterThing",
-                400,
-                "InvalidCertificateOwnershipToken",
-                "Certificate ownership token is invalid",
-            )
-        del self.cloud.tokens[token]
-        self.cloud.register_params.append(dict(params))
-        thing = f"thing-{params['SerialNumber']}"
-        dev = self.cloud.device_configuration
-        if dev is None:
-            dev = {"ClientId": f"client-{params['SerialNumber']}", "ManagedThingId": "mt-123"}
-        return RegisteredThing(thing, dev)
-
-
-class FakeConnection:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def __enter__(self) -> FakeConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class FakeIot:
-    def __init__(self, cloud: FakeCloud) -> None:
-        self.cloud = cloud
-        self.settings = type("Settings", (), {"connect_timeout": 30.0})()
-
-    def connect(
-        self, client_id: str, credentials: Credentials, timeout: float | None = None
-    ) -> FakeConnection:
-        self.cloud.calls.append("connect")
-        self.cloud.maybe_fail("connect")
-        self.cloud.connections.append((client_id, credentials.certificate_id))
-        return FakeConnection(self.cloud)
-
-    def verify(self, client_id: str, credentials: Credentials, timeout: float | None = None) -> None:
-        self.cloud.calls.append("verify")
-        self.cloud.maybe_fail("verify")
-        self.cloud.connections.append((client_id, credentials.certificate_id))
-
-
 @pytest.fixture
-def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCloud]:
-    ca = make_pair("Fake AWS CA")
-    fake = FakeCloud(ca)
-    sleeps: list[float] = []
-
-    def provisioner(self: HubOnboarding, cfg: cfgmod.HubConfig) -> DeviceProvisioner:
-        retry = self.timeouts.retry if self.timeouts.retry is not None else cfg.retry_timeout
-        return DeviceProvisioner(
-            FakeIot(fake),
-            operation_timeout=1,
-            retry_timeout=retry,  # type: ignore[arg-type]
-            backoff=Backoff(rng=lambda: 0.5),
-            sleep=sleeps.append,
-        )
-
-    monkeypatch.setattr(HubOnboarding, "_device_provisioner", provisioner)
-    monkeypatch.setattr(dpmod, "FleetProvisioning", lambda client, timeout: FakeFleet(client))
-    yield fake
+def cloud() -> FakeCloud:
+    return FakeCloud(make_pair("Fake AWS CA"))
 
 
 def rw(hub: Hub) -> dict[str, Any]:
@@ -206,8 +56,8 @@ def test_fleet_provisioning_happy_path(make_hub: HubFactory, cloud: FakeCloud) -
         rw={"other_process": 1},
         top_level_extra=[1],
     )
-    steps: list[str] = []
-    result = HubOnboarding(hub.config, on_step=steps.append).process_device()
+    steps: list[StepEvent] = []
+    result = cloud.onboarding(hub.config, on_step=steps.append).process_device()
 
     assert result.changed
     assert result.state == "PROVISIONED"
@@ -231,12 +81,21 @@ def test_fleet_provisioning_happy_path(make_hub: HubFactory, cloud: FakeCloud) -
         {"SerialNumber": "SN-0001", "UniversalProductCode": "012345678905", "Room": "hall"}
     ]
     assert not ProgressStore(hub.dir / "certs").path.exists()
-    assert len(steps) >= 5
+    assert [e.step for e in steps] == [
+        OnboardingStep.CONFIG_READ,
+        OnboardingStep.CLAIM_CONNECTED,
+        OnboardingStep.CERTIFICATE_ISSUED,
+        OnboardingStep.CREDENTIALS_STORED,
+        OnboardingStep.THING_REGISTERED,
+        OnboardingStep.VERIFIED,
+        OnboardingStep.RECORDED,
+    ]
+    assert steps[-1].message == "PROVISIONED: client_id 'client-SN-0001', managed_thing_id 'mt-123'"
 
 
 def test_csr_key_is_made_on_the_hub(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub(ro={"fp_certificate_method": "CreateCertificateFromCsr"})
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls[1] == "CreateCertificateFromCsr"
     assert cloud.issued_keys == []
     key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
@@ -249,12 +108,12 @@ def test_csr_key_is_made_on_the_hub(make_hub: HubFactory, cloud: FakeCloud) -> N
 
 def test_provisioned_hub_never_touches_the_network(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     calls = list(cloud.calls)
     before = hub.config.read_bytes()
     # even with the claim credentials gone, a second run is a no-op
     (hub.dir / "claim.key").unlink()
-    hub2 = HubOnboarding(hub.config)
+    hub2 = cloud.onboarding(hub.config)
     assert hub2.is_provisioned()
     result = hub2.process_device()
     assert not result.changed
@@ -267,13 +126,13 @@ def test_resume_after_certificate_issued_uses_the_saved_token(make_hub: HubFacto
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     saved = ProgressStore(hub.dir / "certs").load()
     assert saved is not None
     assert saved.step is Step.CERTIFICATE_ISSUED
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
 
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 1  # no second certificate
     assert cloud.calls.count("RegisterThing") == 2
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
@@ -283,10 +142,10 @@ def test_resume_after_register_does_not_need_the_claim(make_hub: HubFactory, clo
     hub = make_hub()
     cloud.fail["verify"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert ProgressStore(hub.dir / "certs").load().step is Step.THING_REGISTERED  # type: ignore[union-attr]
     (hub.dir / "claim.key").unlink()  # the claim credentials are never used again
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls.count("RegisterThing") == 1
     assert cloud.calls[-1] == "verify"
     assert rw(hub)["client_id"] == "client-SN-0001"
@@ -308,10 +167,10 @@ def test_crash_between_config_writes(
 
     monkeypatch.setattr(cfgmod, "update_rw", flaky)
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
     monkeypatch.setattr(cfgmod, "update_rw", real)
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     doc = rw(hub)
     assert doc["iot_provisioning_state"] == "PROVISIONED"
     assert doc["other_process"] == "x"
@@ -322,16 +181,13 @@ def test_crash_between_config_writes(
     assert cert.public_key() == key.public_key()
 
 
-def test_expired_saved_token_means_a_new_certificate(
-    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_expired_saved_token_means_a_new_certificate(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
-    later = time.time() + 3600
-    monkeypatch.setattr("hub_onboarding.onboarding.time.time", lambda: later)
-    HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
+    cloud.clock.advance(3600)  # the hub was off for an hour: the saved token is too old to use
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 2
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
 
@@ -340,9 +196,9 @@ def test_refused_saved_token_starts_over_once(make_hub: HubFactory, cloud: FakeC
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     cloud.tokens.clear()  # e.g. the first RegisterThing did reach the cloud and spent the token
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 2
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
 
@@ -353,7 +209,7 @@ def test_throttling_is_retried(make_hub: HubFactory, cloud: FakeCloud) -> None:
         IdentityError.from_rejection("RegisterThing", 429, "ThrottlingException", "Rate exceeded")
     ]
     cloud.fail["connect"] = [MqttConnectionError("endpoint down")]
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
     assert cloud.calls.count("CreateKeysAndCertificate") == 1  # the retry resumed with the same token
 
@@ -364,7 +220,7 @@ def test_rejection_is_final_and_writes_no_state(make_hub: HubFactory, cloud: Fak
         IdentityError.from_rejection("RegisterThing", 403, "AccessDenied", "hook refused SN-0001")
     ]
     with pytest.raises(IdentityError) as info:
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert info.value.error_message == "hook refused SN-0001"
     assert info.value.exit_code == 12
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
@@ -375,7 +231,7 @@ def test_retry_deadline(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub(ro={"mqtt_retry_timeout_seconds": 0.01})
     cloud.fail["connect"] = [MqttConnectionError("down") for _ in range(50)]
     with pytest.raises(MqttConnectionError, match="gave up after"):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
 
 
 def test_missing_device_configuration_falls_back_to_thing_name(
@@ -384,7 +240,7 @@ def test_missing_device_configuration_falls_back_to_thing_name(
     hub = make_hub()
     cloud.device_configuration = {}
     with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert rw(hub)["client_id"] == "thing-SN-0001"
     assert rw(hub)["managed_thing_id"] == "thing-SN-0001"
     assert any("ClientId" in r.getMessage() for r in caplog.records)
@@ -392,7 +248,7 @@ def test_missing_device_configuration_falls_back_to_thing_name(
 
 def test_jitr(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub("JITR")
-    result = HubOnboarding(hub.config).process_device()
+    result = cloud.onboarding(hub.config).process_device()
     doc = rw(hub)
     assert result.client_id == "dha-device-0001" == doc["client_id"]
     assert doc["iot_permanent_cert_path"] == str(hub.dir / "dha.crt")
@@ -403,7 +259,7 @@ def test_jitr(make_hub: HubFactory, cloud: FakeCloud) -> None:
 
 def test_jitr_client_id_override(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub("JITR", ro={"client_id": "my-hub"})
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert rw(hub)["client_id"] == "my-hub"
     assert cloud.connections[0][0] == "my-hub"
 
@@ -417,7 +273,7 @@ def test_bad_credentials_write_nothing_and_send_nothing(
     listing = sorted(p.name for p in hub.dir.iterdir())
     before = hub.config.read_bytes()
     with pytest.raises(CredentialError, match=r"ro\.iot_"):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert sorted(p.name for p in hub.dir.iterdir()) == listing  # not even a lock file
     assert hub.config.read_bytes() == before
     assert cloud.calls == []
@@ -431,10 +287,10 @@ def test_secrets_never_logged(
 ) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", 429, "Throttling", "slow")]
-    steps: list[str] = []
+    steps: list[StepEvent] = []
     with caplog.at_level(logging.DEBUG):
-        HubOnboarding(hub.config, on_step=steps.append).process_device()
-    text = caplog.text + "\n".join(steps) + "".join(capsys.readouterr())
+        cloud.onboarding(hub.config, on_step=steps.append).process_device()
+    text = caplog.text + "\n".join(json.dumps(e.to_dict()) for e in steps) + "".join(capsys.readouterr())
     secrets = [b"OWNERSHIP-TOKEN-0-SECRET", hub.claim.key_pem, cloud.issued_keys[0]]
     for secret in secrets:
         body = secret.decode().splitlines()
@@ -445,7 +301,7 @@ def test_secrets_never_logged(
 def test_lock_held_by_another_run(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
     with cfgmod.onboarding_lock(hub.config, timeout=1), pytest.raises(BusyError):
-        HubOnboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
+        cloud.onboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
     assert cloud.calls == []
 
 
@@ -460,11 +316,14 @@ def test_waiter_reports_the_other_runs_result(make_hub: HubFactory, cloud: FakeC
             release.wait(5)
             cfgmod.update_rw(hub.config, {"iot_provisioning_state": "PROVISIONED", "client_id": "other"})
 
+    def on_step(event: StepEvent) -> None:
+        if event.step is OnboardingStep.CONFIG_READ:  # the waiter's last step before it takes the lock
+            release.set()
+
     t = threading.Thread(target=other_run)
     t.start()
     holding.wait(5)
-    threading.Timer(0.3, release.set).start()
-    result = HubOnboarding(hub.config, timeouts=Timeouts(lock=5)).process_device()
+    result = cloud.onboarding(hub.config, timeouts=Timeouts(lock=5), on_step=on_step).process_device()
     t.join()
     assert not result.changed
     assert result.client_id == "other"
@@ -473,9 +332,9 @@ def test_waiter_reports_the_other_runs_result(make_hub: HubFactory, cloud: FakeC
 
 def test_reset_deletes_only_what_onboarding_created(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub(ro={"x": 1})
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     ro_before = hub.doc()["ro"]
-    deleted = HubOnboarding(hub.config).reset()
+    deleted = cloud.onboarding(hub.config).reset()
     assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key"}
     doc = hub.doc()
     assert doc["ro"] == ro_before
@@ -485,8 +344,8 @@ def test_reset_deletes_only_what_onboarding_created(make_hub: HubFactory, cloud:
 
 def test_reset_after_jitr_keeps_the_dha_pair(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub("JITR", ro={"iot_permanent_cert_dir": "."})  # even if the DHA pair sits in the cert dir
-    HubOnboarding(hub.config).process_device()
-    HubOnboarding(hub.config).reset()
+    cloud.onboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).reset()
     assert (hub.dir / "dha.key").exists()
     assert (hub.dir / "dha.crt").exists()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
@@ -496,8 +355,8 @@ def test_status(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with contextlib.suppress(Crash):
-        HubOnboarding(hub.config).process_device()
-    info = HubOnboarding(hub.config).status()
+        cloud.onboarding(hub.config).process_device()
+    info = cloud.onboarding(hub.config).status()
     assert info["state"] == "NOT_PROVISIONED"
     assert info["progress"] == "CERTIFICATE_ISSUED"
     assert "SECRET" not in json.dumps(info)
@@ -506,7 +365,7 @@ def test_status(make_hub: HubFactory, cloud: FakeCloud) -> None:
 def test_every_error_is_an_onboarding_error(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub(ro={"SN": ""})
     with pytest.raises(OnboardingError):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
 
 
 @pytest.mark.parametrize(
@@ -524,9 +383,9 @@ def test_refused_token_in_other_words_starts_over_once(
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     cloud.fail["RegisterThing"] = [IdentityError.from_rejection("RegisterThing", status, code, message)]
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 2
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
 
@@ -535,7 +394,7 @@ def test_shared_cert_dir_is_refused_before_any_traffic(make_hub: HubFactory, clo
     hub = make_hub(ro={"iot_permanent_cert_dir": "."})  # the config's own folder, read by other processes
     hub.dir.chmod(0o755)
     with pytest.raises(CredentialError, match="iot_permanent_cert_dir") as info:
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert str(hub.dir) in info.value.message
     assert stat.S_IMODE(hub.dir.stat().st_mode) == 0o755  # not narrowed
     assert cloud.calls == []  # no certificate minted for nothing
@@ -566,10 +425,11 @@ def test_relative_ro_paths_are_relative_to_the_config(
     assert cfg.root_ca_path == str(hub.dir / "ca.pem")
     assert cfg.claim_pk_path is not None
     assert Path(cfg.claim_pk_path).resolve() == hub.dir / "claim.key"
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     doc_rw = rw(hub)
     for key in ("iot_permanent_cert_path", "iot_permanent_pk_path"):
-        assert Path(doc_rw[key]).is_absolute() and Path(doc_rw[key]).exists(), doc_rw[key]
+        assert Path(doc_rw[key]).is_absolute(), doc_rw[key]
+        assert Path(doc_rw[key]).exists(), doc_rw[key]
     if method == "JITR":
         assert doc_rw["iot_permanent_cert_path"] == str(hub.dir / "dha.crt")
     assert list(elsewhere.iterdir()) == []
@@ -588,8 +448,8 @@ def test_reset_protects_relative_ro_paths(
     (certs_dir / "certificate.pem.crt").write_bytes(hub.dha.cert_pem)
     write_private(certs_dir / "private.pem.key", hub.dha.key_pem)
     monkeypatch.chdir(tmp_path)
-    HubOnboarding(hub.config).process_device()
-    HubOnboarding(hub.config).reset()
+    cloud.onboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).reset()
     assert (certs_dir / "private.pem.key").exists()
     assert (certs_dir / "certificate.pem.crt").exists()
 
@@ -602,9 +462,9 @@ def test_resume_through_another_name_for_the_same_folder(
     link.symlink_to(hub.dir)
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(link / "iotmi_config.json").process_device()
+        cloud.onboarding(link / "iotmi_config.json").process_device()
     # After the power cut the boot script names the real folder (or one with `..`): the same files.
-    HubOnboarding(hub.dir / ".." / "hub" / "iotmi_config.json").process_device()
+    cloud.onboarding(hub.dir / ".." / "hub" / "iotmi_config.json").process_device()
     assert cloud.calls.count("CreateKeysAndCertificate") == 1  # resumed, no second certificate
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
 
@@ -628,8 +488,8 @@ def test_reset_never_deletes_an_ro_file_named_another_way(
         iot_dha_cert_path=f"{folder}/certificate.pem.crt", iot_dha_pk_path=f"{folder}/private.pem.key"
     )
     hub.write(doc)
-    HubOnboarding(hub.config).process_device()
-    HubOnboarding(hub.config).reset()
+    cloud.onboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).reset()
     assert (certs_dir / "private.pem.key").read_bytes() == hub.dha.key_pem
     assert (certs_dir / "certificate.pem.crt").exists()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
@@ -639,11 +499,11 @@ def test_reset_deletes_a_symlink_not_what_it_points_at(
     make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
 ) -> None:
     hub = make_hub()
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     outside = tmp_path / "outside.txt"
     outside.write_text("not onboarding's")
     (hub.dir / "certs" / "onboarding-progress.json").symlink_to(outside)
-    HubOnboarding(hub.config).reset()
+    cloud.onboarding(hub.config).reset()
     assert outside.read_text() == "not onboarding's"
     assert not (hub.dir / "certs" / "onboarding-progress.json").is_symlink()
 
@@ -655,7 +515,7 @@ def test_two_names_for_one_config_share_one_lock(
     link = tmp_path / "link.json"
     link.symlink_to(hub.config)
     with cfgmod.onboarding_lock(link, timeout=1), pytest.raises(BusyError):
-        HubOnboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
+        cloud.onboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
     assert cloud.calls == []
 
 
@@ -670,12 +530,12 @@ def test_mismatched_pair_is_caught_without_the_verification_connect(
 
     monkeypatch.setattr(cfgmod, "update_rw", crash_on_first_write)
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     monkeypatch.setattr(cfgmod, "update_rw", real)
     key_path = hub.dir / "certs" / "private.pem.key"
     write_private(key_path, make_pair("other").key_pem)  # whatever put it there, it is not our key
     with pytest.raises(CredentialError):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert "verify" not in cloud.calls
 
@@ -686,7 +546,7 @@ def test_unresumable_record_goes_before_the_files_are_overwritten(
     hub = make_hub()
     cloud.fail["RegisterThing"] = [Crash()]
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()  # record 1: endpoint A, token 1, certificate 1
+        cloud.onboarding(hub.config).process_device()  # record 1: endpoint A, token 1, certificate 1
     store = ProgressStore(hub.dir / "certs")
     assert store.load() is not None
 
@@ -704,14 +564,14 @@ def test_unresumable_record_goes_before_the_files_are_overwritten(
 
     monkeypatch.setattr(CertHandler, "write_file", cut_before_the_certificate)
     with pytest.raises(Crash):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     monkeypatch.setattr(CertHandler, "write_file", real_write)
     assert store.load() is None  # record 1 no longer names a key that is not its own
 
     # Back to endpoint A: nothing stale to resume, so a fresh certificate, and a matching pair.
     doc["ro"]["endpoint_url"] = endpoint_a
     hub.write(doc)
-    HubOnboarding(hub.config).process_device()
+    cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
     cert = x509.load_pem_x509_certificate(Path(rw(hub)["iot_permanent_cert_path"]).read_bytes())
     key = serialization.load_pem_private_key(Path(rw(hub)["iot_permanent_pk_path"]).read_bytes(), None)
@@ -721,10 +581,12 @@ def test_unresumable_record_goes_before_the_files_are_overwritten(
 def test_jitr_retries_refusals_with_the_provisioner_policy(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub("JITR")
     cloud.fail["connect"] = [MqttConnectionError("closed: not active yet") for _ in range(3)]
-    steps: list[str] = []
-    HubOnboarding(hub.config, on_step=steps.append).process_device()
+    steps: list[StepEvent] = []
+    cloud.onboarding(hub.config, on_step=steps.append).process_device()
     assert cloud.calls == ["connect"] * 4
-    assert any("attempt 4" in s for s in steps)
+    assert [e.step for e in steps].count(OnboardingStep.RETRY) == 3
+    assert cloud.clock.sleeps == [0.5, 1.0, 2.0]  # the provisioner's backoff, on the test's clock
+    assert any("attempt 4" in e.message for e in steps if e.step is OnboardingStep.JITR_CONNECTED)
     assert rw(hub)["iot_provisioning_state"] == "PROVISIONED"
 
 
@@ -732,9 +594,9 @@ def test_jitr_gives_up_at_once_on_what_cannot_succeed(make_hub: HubFactory, clou
     hub = make_hub("JITR")
     final = MqttConnectionError("could not set up the MQTT client: bad CA file")
     final.retriable = False
-    cloud.fail["connect"] = [final] + [MqttConnectionError("x") for _ in range(5)]
+    cloud.fail["connect"] = [final, *(MqttConnectionError("x") for _ in range(5))]
     with pytest.raises(MqttConnectionError, match="bad CA file"):
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert cloud.calls == ["connect"]
 
 
@@ -742,6 +604,6 @@ def test_jitr_deadline_says_what_to_check(make_hub: HubFactory, cloud: FakeCloud
     hub = make_hub("JITR", ro={"mqtt_retry_timeout_seconds": 0.01})
     cloud.fail["connect"] = [MqttConnectionError("closed") for _ in range(50)]
     with pytest.raises(MqttConnectionError, match=r"JITR: no connection within 0\.01 s after 1 att") as info:
-        HubOnboarding(hub.config).process_device()
+        cloud.onboarding(hub.config).process_device()
     assert "auto-registration" in info.value.message
     assert "last error: closed" in info.value.message

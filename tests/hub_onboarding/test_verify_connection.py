@@ -10,8 +10,7 @@ import pytest
 
 from hub_onboarding import config as cfg
 from hub_onboarding.errors import ConfigError
-
-from .conftest import HubFactory
+from tests._support.hubs import HubFactory
 
 
 def test_default_is_to_verify(make_hub: HubFactory) -> None:
@@ -36,8 +35,8 @@ def test_anything_but_a_bool_names_the_key(make_hub: HubFactory, value: Any) -> 
 @pytest.mark.timeout(60)
 def test_hub_without_verification_connect_is_provisioned(tmp_path: Path) -> None:
     """Against the real stand-in: skipping the reconnect still ends PROVISIONED, with the steps saying so."""
-    from hub_onboarding.factory import write_claim_hub
-    from hub_onboarding.onboarding import HubOnboarding
+    from hub_onboarding.onboarding import HubOnboarding, OnboardingStep, StepEvent
+    from hub_onboarding.tools.factory import write_claim_hub
     from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
@@ -53,10 +52,11 @@ def test_hub_without_verification_connect_is_provisioned(tmp_path: Path) -> None
             serial="NV-1",
             extra_ro={"fp_verify_connection": False},
         )
-        steps: list[str] = []
+        steps: list[StepEvent] = []
         result = HubOnboarding(config, on_step=steps.append).process_device()
     assert result.state == "PROVISIONED"
     assert result.changed
-    assert any("verification connect skipped" in s for s in steps)
-    assert not any("connected with the new certificate" in s for s in steps)
+    skipped = [e for e in steps if e.step is OnboardingStep.VERIFY_SKIPPED]
+    assert [e.message for e in skipped] == ["verification connect skipped (ro.fp_verify_connection is false)"]
+    assert OnboardingStep.VERIFIED not in [e.step for e in steps]
     assert json.loads(config.read_text())["ro"]["fp_verify_connection"] is False

@@ -13,9 +13,7 @@ awscrt is imported here only when a connection is made: it is the largest import
 from __future__ import annotations
 
 import logging
-import random
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
 from hub_onboarding.errors import MqttConnectionError
+from hub_onboarding.fleet import FleetProvisioning
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +30,10 @@ PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allow
 
 # awscrt error names, and what to tell the user about each.
 _CONNECT_HINTS = {
-    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
-    "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)",
+    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": (
+        "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
+        "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)"
+    ),
     "AWS_IO_SOCKET_CONNECTION_REFUSED": "nothing listens at the endpoint: check endpoint_url and its port",
     "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check endpoint_url and the network",
     "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check endpoint_url and DNS",
@@ -63,18 +64,6 @@ def describe_connect_failure(
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog): sleep U(0, min(cap, base*2**n))."""
-
-    base: float = 1.0
-    cap: float = 30.0
-    rng: Callable[[], float] = random.random
-
-    def delay(self, attempt: int) -> float:
-        return self.rng() * min(self.cap, self.base * 2.0 ** max(0, attempt))
-
-
-@dataclass(frozen=True)
 class ConnectionSettings:
     endpoint: Endpoint
     root_ca_path: str | None
@@ -86,15 +75,19 @@ class MqttConnection:
     """A started and connected awscrt mqtt5.Client; `close()` stops it within a deadline."""
 
     def __init__(
-        self, client: Any, stopped: threading.Event, description: str, lost: threading.Event | None = None
+        self, client: Any, stopped: threading.Event, description: str, lost: threading.Event
     ) -> None:
         self.client = client
         # Set when an established connection goes away (not by our stop): a request waiting on it can
         # fail at once instead of waiting out its operation timeout.
-        self.lost = lost if lost is not None else threading.Event()
+        self.lost = lost
         self._stopped = stopped
         self._description = description
         self._closed = False
+
+    def fleet_provisioning(self, operation_timeout: float) -> FleetProvisioning:
+        """The fleet provisioning API on this connection; a request fails at once if the connection drops."""
+        return FleetProvisioning(self.client, operation_timeout, lost=self.lost)
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         if self._closed:
@@ -125,6 +118,10 @@ class IotProvisioning:
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.settings.connect_timeout
 
     def connect(
         self, client_id: str, credentials: Credentials, timeout: float | None = None

@@ -18,11 +18,14 @@ def _step(text: str) -> None:
 
 
 def run_demo() -> int:
+    from hub_onboarding.onboarding import HubOnboarding, StepEvent
+    from hub_onboarding.tools.factory import write_claim_hub
     from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
-    from .factory import write_claim_hub
-    from .onboarding import HubOnboarding
+    def show(event: StepEvent) -> None:
+        if event.is_progress:
+            print(f"    hub: {event.message}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="hub-onboard-demo-") as tmp:
         root = Path(tmp)
@@ -49,7 +52,7 @@ def run_demo() -> int:
                 template_name=claim.template_name,
                 serial="SN-DEMO-0001",
             )
-            hub = HubOnboarding(config_path, on_step=lambda text: print(f"    hub: {text}", flush=True))
+            hub = HubOnboarding(config_path, on_step=show)
             print(f"    {config_path}: provisioned = {hub.is_provisioned()}")
             _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
             hub.process_device()

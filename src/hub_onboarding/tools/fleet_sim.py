@@ -5,7 +5,7 @@
                           [--config CLOUD.json] [--json]
 
 Each simulated hub is what the line puts on a real one: its own folder, claim credentials, serial number
-and `iotmi_config.json` (`factory.write_claim_hub`). Hubs onboard through the product itself
+and `iotmi_config.json` (`tools.factory.write_claim_hub`). Hubs onboard through the product itself
 (`HubOnboarding(config).process_device()`), C at a time on threads: awscrt does the network I/O in C, so
 threads are enough to keep C onboardings in flight.
 
@@ -18,8 +18,9 @@ hubs target that endpoint, for example real AWS IoT Core (format in docs/perform
      "template_name": "HubTemplate"}
 
 Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
-config is invalid. The engine (`write_hubs`, `onboard_fleet`, `run_fleet`) is importable; the benchmark
-uses it. Only the standard library and hub_onboarding.errors (the exit codes) are imported at module level.
+config is invalid. The engine (`write_hubs`, `onboard_fleet`) is importable; the benchmark uses it. Retries
+are counted from the hubs' step events (OnboardingStep.RETRY). Only the standard library and
+hub_onboarding.errors (the exit codes) are imported at module level.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub_onboarding.errors import EXIT_OK, EXIT_USAGE, ConfigError
+
+if TYPE_CHECKING:
+    from hub_onboarding.onboarding import StepEvent
 
 EXIT_FAILED = 1  # at least one hub failed (fleet-sim's own meaning of 1)
 EXIT_CONFIG = ConfigError.exit_code
@@ -182,7 +186,7 @@ def write_hubs(
     extra_ro: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write `count` factory-fresh hubs under `work_dir` (hub-000000, ...); return their config paths."""
-    from hub_onboarding.factory import write_claim_hub
+    from hub_onboarding.tools.factory import write_claim_hub
 
     prefix = serial_prefix or f"SIM-{uuid.uuid4().hex[:8]}"
     ro: dict[str, Any] = dict(extra_ro or {})
@@ -205,28 +209,31 @@ def write_hubs(
     ]
 
 
-class _RetryCounter(logging.Handler):
-    """Counts the product's 'retrying' warnings (a retried hub still counts as onboarded)."""
+class RetryCounter:
+    """Counts the hubs' RETRY step events (a retried hub still counts as onboarded); any thread."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        from hub_onboarding.onboarding import OnboardingStep
+
+        self._retry = OnboardingStep.RETRY
         self.count = 0
         self._guard = threading.Lock()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "retrying" in record.getMessage():
+    def __call__(self, event: StepEvent) -> None:
+        if event.step is self._retry:
             with self._guard:
                 self.count += 1
 
 
-def _onboard_one(config_path: Path, retry_timeout: float | None) -> HubOutcome:
+def _onboard_one(config_path: Path, retry_timeout: float | None, retries: RetryCounter) -> HubOutcome:
     from hub_onboarding.errors import OnboardingError
     from hub_onboarding.onboarding import HubOnboarding, Timeouts
 
     serial = config_path.parent.name
     started = time.perf_counter()
     try:
-        result = HubOnboarding(config_path, timeouts=Timeouts(retry=retry_timeout)).process_device()
+        hub = HubOnboarding(config_path, timeouts=Timeouts(retry=retry_timeout), on_step=retries)
+        result = hub.process_device()
     except OnboardingError as exc:
         error = f"{type(exc).__name__}: {exc.message}"
         return HubOutcome(serial, False, time.perf_counter() - started, error, exc.exit_code)
@@ -281,26 +288,21 @@ def onboard_fleet(
     ):
         importlib.import_module(module)
 
-    counter = _RetryCounter()
-    product_log = logging.getLogger("hub_onboarding")
-    product_log.addHandler(counter)
+    counter = RetryCounter()
     outcomes: list[HubOutcome] = []
     lock = threading.Lock()
 
     def one(path: Path) -> None:
-        outcome = _onboard_one(path, retry_timeout)
+        outcome = _onboard_one(path, retry_timeout, counter)
         with lock:
             outcomes.append(outcome)
         if on_result is not None:
             on_result(outcome)
 
     started = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="hub") as pool:
-            for future in [pool.submit(one, p) for p in configs]:
-                future.result()
-    finally:
-        product_log.removeHandler(counter)
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="hub") as pool:
+        for future in [pool.submit(one, p) for p in configs]:
+            future.result()
     wall = time.perf_counter() - started
     errors = Counter(o.error or "" for o in outcomes if not o.ok)
     return FleetReport(
@@ -314,28 +316,6 @@ def onboard_fleet(
         errors=dict(errors.most_common(10)),
         retries=counter.count,
     )
-
-
-def run_fleet(
-    target: Target,
-    work_dir: Path,
-    hubs: int,
-    concurrency: int,
-    *,
-    method: str = METHODS[0],
-    serial_prefix: str | None = None,
-    extra_ro: dict[str, Any] | None = None,
-    retry_timeout: float | None = None,
-    on_result: Callable[[HubOutcome], None] | None = None,
-) -> FleetReport:
-    """Write `hubs` hubs, then onboard them (only the onboarding is timed)."""
-    configs = write_hubs(
-        target, work_dir, hubs, method=method, serial_prefix=serial_prefix, extra_ro=extra_ro
-    )
-    with skip_system_trust_store(target.root_ca_path):
-        return onboard_fleet(
-            configs, concurrency, method=method, retry_timeout=retry_timeout, on_result=on_result
-        )
 
 
 @contextlib.contextmanager
