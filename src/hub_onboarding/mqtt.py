@@ -34,10 +34,10 @@ _CONNECT_HINTS = {
         "the TLS handshake failed: check that iot_root_ca_path is the CA of this endpoint and that the "
         "certificate is registered and ACTIVE (IoT Core ends the handshake for unknown or inactive ones)"
     ),
-    "AWS_IO_SOCKET_CONNECTION_REFUSED": "nothing listens at the endpoint: check endpoint_url and its port",
-    "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check endpoint_url and the network",
-    "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check endpoint_url and DNS",
-    "AWS_IO_DNS_QUERY_FAILED": "the endpoint's host name does not resolve: check endpoint_url and DNS",
+    "AWS_IO_SOCKET_CONNECTION_REFUSED": "nothing listens at the endpoint: check {endpoint_key} and its port",
+    "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check {endpoint_key} and the network",
+    "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check {endpoint_key} and DNS",
+    "AWS_IO_DNS_QUERY_FAILED": "the endpoint's host name does not resolve: check {endpoint_key} and DNS",
     "AWS_IO_SOCKET_NO_ROUTE_TO_HOST": "no route to the endpoint: check the network",
     "AWS_IO_SOCKET_NETWORK_DOWN": "the network is down",
     "AWS_ERROR_MQTT5_CONNACK_TIMEOUT": "the endpoint accepted TLS but sent no CONNACK in time",
@@ -49,9 +49,15 @@ _CLOSED_HINT = (
 
 
 def describe_connect_failure(
-    exc: object, connack_reason: str | None, endpoint: Endpoint, client_id: str
+    exc: object,
+    connack_reason: str | None,
+    endpoint: Endpoint,
+    client_id: str,
+    endpoint_key: str = "endpoint_url",
 ) -> str:
-    """A message for a failed connection attempt that says what to check (pure, testable)."""
+    """A message for a failed connection attempt that says what to check (pure, testable).
+
+    `endpoint_key` is the config key the endpoint came from, so the hint names the entry to fix."""
     name = getattr(exc, "name", None) or type(exc).__name__
     if connack_reason:
         hint = (
@@ -59,7 +65,7 @@ def describe_connect_failure(
             f"certificate is ACTIVE and its policy allows iot:Connect for client id {client_id!r}"
         )
     else:
-        hint = _CONNECT_HINTS.get(str(name), _CLOSED_HINT)
+        hint = _CONNECT_HINTS.get(str(name), _CLOSED_HINT).format(endpoint_key=endpoint_key)
     return f"could not connect to {endpoint} as {client_id!r} ({name}): {hint}"
 
 
@@ -69,6 +75,7 @@ class ConnectionSettings:
     root_ca_path: str | None
     keep_alive: int
     connect_timeout: float = 30.0
+    endpoint_key: str = "endpoint_url"  # the config key the endpoint came from, named in hints
 
 
 class MqttConnection:
@@ -209,12 +216,14 @@ class IotProvisioning:
             conn.close()
             raise MqttConnectionError(
                 f"could not connect to {s.endpoint} as {client_id!r} within {timeout:g} s: check "
-                "endpoint_url, the network, and that iot_root_ca_path is the CA of this endpoint"
+                f"{s.endpoint_key}, the network, and that iot_root_ca_path is the CA of this endpoint"
             )
         if "ok" not in outcome:
             conn.close()
             raise MqttConnectionError(
-                describe_connect_failure(outcome.get("error"), outcome.get("reason"), s.endpoint, client_id)
+                describe_connect_failure(
+                    outcome.get("error"), outcome.get("reason"), s.endpoint, client_id, s.endpoint_key
+                )
             )
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hub_onboarding import _files
 from hub_onboarding import config as cfgmod
 from hub_onboarding.certs import (
     PERMANENT_CERT_NAME,
@@ -49,11 +50,13 @@ from hub_onboarding.certs import (
 from hub_onboarding.config import (
     DEFAULT_CONFIG_PATH,
     CertificateMethod,
+    FleetConfig,
     HubConfig,
     ProvisioningMethod,
     ProvisioningState,
 )
 from hub_onboarding.errors import CredentialError, IdentityError, ProvisioningError
+from hub_onboarding.lock import onboarding_lock
 from hub_onboarding.progress import Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
@@ -77,7 +80,7 @@ class Timeouts:
 
     def retry_for(self, cfg: HubConfig) -> float:
         """The retry budget of this run: `retry`, else the config's."""
-        return self.retry if self.retry is not None else cfg.retry_timeout
+        return self.retry if self.retry is not None else cfg.connection.retry_timeout
 
 
 class OnboardingStep(enum.StrEnum):
@@ -165,7 +168,13 @@ def mqtt_provisioner(cfg: HubConfig, timeouts: Timeouts) -> Connector:
     from hub_onboarding.device_provisioner import DeviceProvisioner
     from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 
-    settings = ConnectionSettings(cfg.endpoint, cfg.root_ca_path, cfg.keep_alive, timeouts.connect)
+    settings = ConnectionSettings(
+        cfg.connection.endpoint,
+        cfg.connection.root_ca_path,
+        cfg.connection.keep_alive,
+        timeouts.connect,
+        endpoint_key=cfg.connection.endpoint_key,
+    )
     return DeviceProvisioner(
         IotProvisioning(settings), operation_timeout=timeouts.operation, retry_timeout=timeouts.retry_for(cfg)
     )
@@ -252,15 +261,17 @@ class HubOnboarding:
             self._report(OnboardingStep.ALREADY_PROVISIONED, "already PROVISIONED; nothing to do")
             return _result_from(self._doc, changed=False)
         cfg = cfgmod.parse_config(self.config_path, self._doc)
-        self._report(OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.endpoint}")
+        self._report(
+            OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
+        )
         handler = CertHandler(cfg.secure_storage_handler)
         # Credentials are read and checked before the lock file or any connection exists, so a bad
         # input writes nothing and sends nothing.
         creds = self._read_initial_credentials(cfg, handler)
         if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
             # New credentials go there: refuse a folder open to others before a certificate is minted.
-            CertHandler.check_private_dir(cfg.permanent_cert_dir)
-        with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
+            _files.check_private_dir(cfg.permanent_cert_dir)
+        with onboarding_lock(self.config_path, self.timeouts.lock):
             if self.is_provisioned():
                 self._report(
                     OnboardingStep.PROVISIONED_MEANWHILE, "another run provisioned this hub meanwhile"
@@ -291,11 +302,11 @@ class HubOnboarding:
         pair) are never deleted. The config is reset before the files are deleted, so a crash in between
         leaves an unprovisioned hub with stray files, never a provisioned hub without its key.
         """
-        with cfgmod.onboarding_lock(self.config_path, self.timeouts.lock):
+        with onboarding_lock(self.config_path, self.timeouts.lock):
             doc = cfgmod.read_document(self.config_path)
             targets = self._reset_targets(doc)
             cfgmod.reset_rw(self.config_path, clock=self._clock)
-            deleted = CertHandler.delete(targets)
+            deleted = _files.delete_files(targets)
             self._doc = cfgmod.read_document(self.config_path)
         for p in deleted:
             log.info("deleted %s", p)
@@ -330,18 +341,17 @@ class HubOnboarding:
         return sorted(p for real, p in by_real.items() if real not in protected)
 
     def _read_initial_credentials(self, cfg: HubConfig, handler: CertHandler) -> Credentials | None:
-        if cfg.method is ProvisioningMethod.JITR:
-            assert cfg.dha_cert_path is not None
-            assert cfg.dha_pk_path is not None
+        if cfg.jitr is not None:
             return _read_credentials(
-                handler, CertType.DHA, cfg.dha_cert_path, cfg.dha_pk_path, cfgmod.DHA_CERT_PATH
+                handler, CertType.DHA, cfg.jitr.dha_cert_path, cfg.jitr.dha_pk_path, cfgmod.DHA_CERT_PATH
             )
+        assert cfg.fleet is not None
         progress = ProgressStore(cfg.permanent_cert_dir).load()
-        if next_action(progress, _binding(cfg), self._clock()) in (
+        if next_action(progress, _binding(cfg, cfg.fleet), self._clock()) in (
             Action.CREATE_CERTIFICATE,
             Action.REGISTER_THING,
         ):
-            return _read_claim(cfg, handler)
+            return _read_claim(cfg.fleet, handler)
         return None  # resuming after RegisterThing: the claim credentials are not needed any more
 
     def _fleet_provisioning(
@@ -358,9 +368,9 @@ class HubOnboarding:
         )
 
     def _jitr(self, cfg: HubConfig, dha: Credentials, connector: Connector) -> OnboardingResult:
-        assert cfg.dha_cert_path is not None
-        assert cfg.dha_pk_path is not None
-        client_id = cfg.client_id_override or common_name(load_certificate(dha.certificate_pem, "DHA"))
+        jitr = cfg.jitr
+        assert jitr is not None
+        client_id = jitr.client_id_override or common_name(load_certificate(dha.certificate_pem, "DHA"))
         if not client_id:
             raise CredentialError(
                 "the DHA certificate has no common name to use as client id; set ro.client_id"
@@ -370,7 +380,9 @@ class HubOnboarding:
             OnboardingStep.JITR_CONNECTED,
             f"connected with the DHA certificate as {client_id!r} (attempt {attempts})",
         )
-        return self._record(cfg.dha_cert_path, cfg.dha_pk_path, client_id, None, thing_name=None, store=None)
+        return self._record(
+            jitr.dha_cert_path, jitr.dha_pk_path, client_id, None, thing_name=None, store=None
+        )
 
     def _record(
         self,
@@ -404,13 +416,13 @@ class HubOnboarding:
         return _result_from(doc, changed=True, thing_name=thing_name)
 
 
-def _binding(cfg: HubConfig) -> dict[str, str]:
+def _binding(cfg: HubConfig, fleet: FleetConfig) -> dict[str, str]:
     """What a progress record must match to be resumed (a changed setting means start over)."""
     return {
-        "endpoint": str(cfg.endpoint),
-        "template": cfg.template_name or "",
-        "serial_number": cfg.serial_number or "",
-        "certificate_method": cfg.certificate_method.value,
+        "endpoint": str(cfg.connection.endpoint),
+        "template": fleet.template_name,
+        "serial_number": fleet.serial_number,
+        "certificate_method": fleet.certificate_method.value,
         # Real paths: after a power cut the hub may reach the same files through another name
         # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
         "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
@@ -453,11 +465,9 @@ def _read_credentials(
         raise
 
 
-def _read_claim(cfg: HubConfig, handler: CertHandler) -> Credentials:
-    assert cfg.claim_cert_path is not None
-    assert cfg.claim_pk_path is not None
+def _read_claim(fleet: FleetConfig, handler: CertHandler) -> Credentials:
     return _read_credentials(
-        handler, CertType.CLAIM, cfg.claim_cert_path, cfg.claim_pk_path, cfgmod.CLAIM_CERT_PATH
+        handler, CertType.CLAIM, fleet.claim_cert_path, fleet.claim_pk_path, cfgmod.CLAIM_CERT_PATH
     )
 
 
@@ -503,14 +513,12 @@ class _FleetRun:
         clock: Callable[[], float],
         report: _Reporter,
     ) -> None:
-        assert cfg.serial_number is not None
-        assert cfg.template_name is not None
+        assert cfg.fleet is not None
         self.cfg = cfg
-        self.serial_number = cfg.serial_number
-        self.template_name = cfg.template_name
+        self.fleet = cfg.fleet
         self.handler = handler
         self.store = ProgressStore(cfg.permanent_cert_dir)
-        self.binding = _binding(cfg)
+        self.binding = _binding(cfg, cfg.fleet)
         self.connector = connector
         self.clock = clock
         self.report = report
@@ -569,13 +577,13 @@ class _FleetRun:
     def _fleet_api(self) -> FleetApi:
         if self._fleet is None:
             if self._claim is None:
-                self._claim = _read_claim(self.cfg, self.handler)
-            session = self.connector.claim_session(self.serial_number, self._claim, self.deadline)
+                self._claim = _read_claim(self.fleet, self.handler)
+            session = self.connector.claim_session(self.fleet.serial_number, self._claim, self.deadline)
             self._fleet = self._session.enter_context(session)
             self._session.callback(self._forget_fleet)
             self.report(
                 OnboardingStep.CLAIM_CONNECTED,
-                f"connected with the claim certificate as {self.serial_number!r}",
+                f"connected with the claim certificate as {self.fleet.serial_number!r}",
             )
         return self._fleet
 
@@ -590,14 +598,14 @@ class _FleetRun:
     def _create_certificate(self, _saved: Progress | None) -> Progress:
         fleet = self._fleet_api()
         cfg = self.cfg
-        if cfg.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
-            key_pem, csr_pem = generate_key_and_csr((cfg.serial_number or "hub")[:_CSR_CN_MAX])
+        if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
+            key_pem, csr_pem = generate_key_and_csr((self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, key_pem)
         else:
             issued = fleet.create_keys_and_certificate()
         self.report(
             OnboardingStep.CERTIFICATE_ISSUED,
-            f"certificate issued ({cfg.certificate_method.value}): {issued.certificate_id[:16]}...",
+            f"certificate issued ({self.fleet.certificate_method.value}): {issued.certificate_id[:16]}...",
         )
         cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
@@ -628,7 +636,7 @@ class _FleetRun:
         fleet = self._fleet_api()
         try:
             registered = fleet.register_thing(
-                self.template_name, saved.ownership_token, self.cfg.register_parameters()
+                self.fleet.template_name, saved.ownership_token, self.fleet.register_parameters()
             )
         except IdentityError as exc:
             if self._restarted or not exc.token_refused:
@@ -652,7 +660,7 @@ class _FleetRun:
         assert saved is not None
         self._end_session()  # the claim connection is done with before the new certificate connects
         creds = self._stored_pair(saved)
-        if not self.cfg.verify_connection:
+        if not self.fleet.verify_connection:
             self.report(
                 OnboardingStep.VERIFY_SKIPPED,
                 f"verification connect skipped (ro.{cfgmod.VERIFY_CONNECTION} is false)",

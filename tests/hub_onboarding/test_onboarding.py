@@ -29,6 +29,7 @@ from hub_onboarding.errors import (
     MqttConnectionError,
     OnboardingError,
 )
+from hub_onboarding.lock import onboarding_lock
 from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
 from tests._support.certificates import make_pair, write_private
@@ -300,7 +301,7 @@ def test_secrets_never_logged(
 
 def test_lock_held_by_another_run(make_hub: HubFactory, cloud: FakeCloud) -> None:
     hub = make_hub()
-    with cfgmod.onboarding_lock(hub.config, timeout=1), pytest.raises(BusyError):
+    with onboarding_lock(hub.config, timeout=1), pytest.raises(BusyError):
         cloud.onboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
     assert cloud.calls == []
 
@@ -311,7 +312,7 @@ def test_waiter_reports_the_other_runs_result(make_hub: HubFactory, cloud: FakeC
     release = threading.Event()
 
     def other_run() -> None:
-        with cfgmod.onboarding_lock(hub.config, timeout=1):
+        with onboarding_lock(hub.config, timeout=1):
             holding.set()
             release.wait(5)
             cfgmod.update_rw(hub.config, {"iot_provisioning_state": "PROVISIONED", "client_id": "other"})
@@ -422,9 +423,12 @@ def test_relative_ro_paths_are_relative_to_the_config(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # another hub process, another working directory
     cfg = cfgmod.parse_config(hub.config)
-    assert cfg.root_ca_path == str(hub.dir / "ca.pem")
-    assert cfg.claim_pk_path is not None
-    assert Path(cfg.claim_pk_path).resolve() == hub.dir / "claim.key"
+    assert cfg.connection.root_ca_path == str(hub.dir / "ca.pem")
+    if cfg.fleet is not None:
+        assert Path(cfg.fleet.claim_pk_path).resolve() == hub.dir / "claim.key"
+    else:
+        assert cfg.jitr is not None
+        assert Path(cfg.jitr.dha_pk_path).resolve() == hub.dir / "dha.key"
     cloud.onboarding(hub.config).process_device()
     doc_rw = rw(hub)
     for key in ("iot_permanent_cert_path", "iot_permanent_pk_path"):
@@ -514,7 +518,7 @@ def test_two_names_for_one_config_share_one_lock(
     hub = make_hub()
     link = tmp_path / "link.json"
     link.symlink_to(hub.config)
-    with cfgmod.onboarding_lock(link, timeout=1), pytest.raises(BusyError):
+    with onboarding_lock(link, timeout=1), pytest.raises(BusyError):
         cloud.onboarding(hub.config, timeouts=Timeouts(lock=0.2)).process_device()
     assert cloud.calls == []
 

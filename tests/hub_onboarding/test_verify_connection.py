@@ -14,13 +14,17 @@ from tests._support.hubs import HubFactory
 
 
 def test_default_is_to_verify(make_hub: HubFactory) -> None:
-    assert cfg.parse_config(make_hub().config).verify_connection is True
+    fleet = cfg.parse_config(make_hub().config).fleet
+    assert fleet is not None
+    assert fleet.verify_connection is True
 
 
 @pytest.mark.parametrize("value", [True, False])
 def test_bool_is_taken(make_hub: HubFactory, value: bool) -> None:
     hub = make_hub(ro={"fp_verify_connection": value})
-    assert cfg.parse_config(hub.config).verify_connection is value
+    fleet = cfg.parse_config(hub.config).fleet
+    assert fleet is not None
+    assert fleet.verify_connection is value
 
 
 @pytest.mark.parametrize("value", ["false", 0, None, [], {}])
