@@ -1,4 +1,4 @@
-"""Fleet throughput (issue 5, point 4): fleet-sim's engine against iot-core-local run as a subprocess.
+"""Fleet throughput: fleet-sim's engine against iot-core-local run as a subprocess.
 
 1,000 hubs at concurrency 1, 10, 100 and 200, CSR method, each hub onboarding through `HubOnboarding`
 exactly as `hub-onboard fleet-sim` does (the engine is imported, not shelled out). For each level:

@@ -1,4 +1,4 @@
-"""Footprint of `hub-onboard provision` as a process (issue 3 point 7, issue 5 point 3).
+"""Footprint of `hub-onboard provision` as a process: wall time, peak RSS, time to the first byte sent.
 
 Against the stand-in, alternating, R runs each of:
   - `hub-onboard provision --config X` (CreateCertificateFromCsr, verification connect, every fsync);

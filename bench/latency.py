@@ -1,4 +1,4 @@
-"""Onboarding latency against the floor (issue 5, point 2).
+"""Onboarding latency against the floor: HubOnboarding against the raw awsiotsdk script.
 
 N sequential onboardings per method through `HubOnboarding` in this process, beside the same requests
 written by hand with awsiotsdk (`bench/raw_sdk.py`: no persistence, no checks), ALTERNATING the two

@@ -1,4 +1,4 @@
-"""Where the time goes in the saturated fleet case (issue 5, point 5), with py-spy.
+"""Where the time goes in the saturated fleet case, with py-spy.
 
 Runs one fleet level (default 400 hubs at concurrency 200) and samples both sides at once: this process
 (the simulated hubs; `--gil`, so only the thread holding the GIL is counted, which is what limits

@@ -85,7 +85,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         t = gw["throughput"]
         out.append(
             (
-                "gateway: provisionings/s, 200 lean clients (issue 2)",
+                "gateway: provisionings/s, 200 lean clients",
                 ">= 200/s",
                 f"{t['provisionings_per_s']}/s",
                 t["provisionings_per_s"] >= 200,
@@ -248,7 +248,7 @@ def markdown(results: dict[str, Any]) -> str:
         t, la = gw["throughput"], gw["latency"]
         lines += [
             "",
-            "## Gateway alone (issue 2: lean asyncio clients, no verification connect, no files)",
+            "## Gateway alone (lean asyncio clients, no verification connect, no files)",
             "",
             _row("hubs", "concurrency", "per s", "p50", "p99", "failed", "added median latency"),
             _row(*["---"] * 7),

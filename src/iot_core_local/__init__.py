@@ -9,6 +9,6 @@ The exception tree is in `iot_core_local.errors`.
 """
 
 from iot_core_local.errors import IotCoreLocalError, ServerError, ServiceError
-from iot_core_local.server import Endpoint, LocalIotCore, running
+from iot_core_local.server import Endpoint, LocalIotCore
 
-__all__ = ["Endpoint", "IotCoreLocalError", "LocalIotCore", "ServerError", "ServiceError", "running"]
+__all__ = ["Endpoint", "IotCoreLocalError", "LocalIotCore", "ServerError", "ServiceError"]

@@ -16,7 +16,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -316,14 +316,3 @@ class LocalIotCore:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
-
-
-@contextlib.contextmanager
-def running(data_dir: Path | str, **options: Any) -> Iterator[LocalIotCore]:
-    """Start a server for the duration of a `with` block (the README documents it next to LocalIotCore)."""
-    core = LocalIotCore(data_dir, **options)
-    core.start()
-    try:
-        yield core
-    finally:
-        core.stop()

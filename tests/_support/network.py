@@ -15,6 +15,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iot_core_local.server import LocalIotCore
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the caller binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def connects(
     cloud: LocalIotCore,
     cert: str | Path,

@@ -12,6 +12,7 @@ small budgets (`mqtt_retry_timeout_seconds`), and checks the elapsed time: nothi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,15 @@ def test_endpoint_down_at_start_then_up(
 def test_endpoint_stays_down(make_cloud_hub: CloudHubFactory, tcp_proxy: Callable[..., TcpProxy]) -> None:
     proxy = tcp_proxy(listening=False)
     config_path, _ = _hub(make_cloud_hub, 3, endpoint_url=proxy.address)
+    # The endpoint under the key a hub maker may use instead: the hint names that key, not endpoint_url.
+    doc = json.loads(config_path.read_text())
+    doc["ro"]["iot_endpoint_url"] = doc["ro"].pop("endpoint_url")
+    config_path.write_text(json.dumps(doc))
     hub_dir = config_path.parent
     files = snapshot(hub_dir)
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 11, done.stderr  # MqttConnectionError
-    assert "nothing listens at the endpoint: check endpoint_url and its port" in done.stderr
+    assert "nothing listens at the endpoint: check iot_endpoint_url and its port" in done.stderr
     assert "gave up after" in done.stderr
     assert "mqtt_retry_timeout_seconds" in done.stderr
     assert "Traceback" not in done.stderr

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests._support.brokers import Broker, tls_mosquitto
 from tests._support.hubs import Hub, HubFactory, write_offline_hub
 
 
@@ -18,3 +20,10 @@ def make_hub(tmp_path: Path) -> HubFactory:
         return write_offline_hub(tmp_path / "hub", *args, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A plain Mosquitto with mutual TLS, shared by a module's tests (see brokers.tls_mosquitto)."""
+    with tls_mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running

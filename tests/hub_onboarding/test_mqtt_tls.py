@@ -7,107 +7,19 @@ client's deadline). Fleet provisioning itself is exercised by tests/e2e against 
 
 from __future__ import annotations
 
-import getpass
-import shutil
-import socket
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
 
-from hub_onboarding.certs import CertType, Credentials, check_pair
+from hub_onboarding.certs import Credentials, check_pair
 from hub_onboarding.cli import main
-from hub_onboarding.config import Endpoint
 from hub_onboarding.device_provisioner import Backoff, DeviceProvisioner
 from hub_onboarding.errors import MqttConnectionError, PublishTimeoutError
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from tests._support.brokers import Broker
 from tests._support.certificates import make_pair, write_private
 from tests._support.hubs import HubFactory
-
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
-
-
-@dataclass
-class Broker:
-    endpoint: Endpoint
-    ca_path: Path
-    client: Credentials  # a certificate the broker's CA signed (trustme), so Mosquitto accepts it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    d = tmp_path_factory.mktemp("mosquitto")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    server.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
-    server.private_key_pem.write_to_path(str(d / "server.key"))
-    # the client certificate is signed by the broker's CA, so Mosquitto accepts it
-    client = ca.issue_cert("hub-client-1")
-    port = _free_port()
-    (d / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\n"
-        f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
-        "require_certificate true\nallow_anonymous true\npersistence false\n"
-        # as root, Mosquitto would switch to user 'mosquitto', who cannot read pytest's 0700 tmp folders
-        f"user {getpass.getuser()}\n"
-    )
-    proc = subprocess.Popen(
-        [str(MOSQUITTO), "-c", str(d / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running, reader = _watch_log(proc)
-    try:
-        if not (running.wait(10) and proc.poll() is None):
-            pytest.skip("mosquitto did not start")
-        creds = check_pair(
-            client.cert_chain_pems[0].bytes(),
-            client.private_key_pem.bytes(),
-            str(CertType.DHA),
-            check_validity=False,
-        )
-        yield Broker(Endpoint("127.0.0.1", port), d / "ca.pem", creds)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        reader.join(10)
-        assert proc.stderr is not None
-        proc.stderr.close()
-
-
-def _watch_log(proc: subprocess.Popen[str]) -> tuple[threading.Event, threading.Thread]:
-    """An event set once Mosquitto logs "... running" (its listener is open), or once it has ended.
-
-    Mosquitto logs to stderr: the thread reads it to the end, so the pipe never fills.
-    """
-    running = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if line.rstrip().endswith(" running"):
-                running.set()
-        running.set()  # ended: wake the waiter, who sees the process is gone
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    return running, reader
 
 
 def engine(broker: Broker, ca_path: Path | None = None, timeout: float = 5) -> IotProvisioning:

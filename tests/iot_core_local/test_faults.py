@@ -35,6 +35,7 @@ from tests._support.devices import (
     write_credentials,
 )
 from tests._support.logs import watch_log
+from tests._support.network import free_port
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
 KEYS_TOPIC = "$aws/certificates/create/json"
@@ -407,15 +408,8 @@ def test_cli_fault_option(tmp_path: Path) -> None:
 # ---- restart in the middle of onboarding, on the same ports -----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_restart_on_the_same_ports_mid_onboarding(tmp_path: Path) -> None:
-    mqtt_port, api_port = _free_port(), _free_port()
+    mqtt_port, api_port = free_port(), free_port()
     data = tmp_path / "data"
     # The first server's clock stands still, so no token ever expires for its sweep: only the second
     # server (after the restart) can delete the certificate whose token expires unused.
