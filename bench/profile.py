@@ -37,6 +37,8 @@ def summarise(raw: Path, top: int = 15) -> dict[str, Any]:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # py-spy ends a raw file cut short by the signal with a partial line
+            continue
         n = int(count)
         total += n
         frames = [f for f in stack.split(";") if f.strip() and not f.startswith(("process ", "thread "))]
