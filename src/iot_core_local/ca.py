@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iot_core_local.errors import InvalidRequest
+from iot_core_local.keys import KeySource, OnDemandKeys
 
 __all__ = [
     "DEVICE_CERT_NOT_AFTER",
@@ -166,11 +167,19 @@ def _same_key(cert: x509.Certificate, key: _CaKey) -> bool:
 class CertificateAuthority:
     """Root CA, server certificate and issuing CA, kept in `directory` (created 0700 if missing)."""
 
-    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        keys: KeySource | None = None,
+    ) -> None:
         """`clock` (epoch seconds) dates every certificate and decides when the server certificate is
-        renewed; tests pass one they advance."""
+        renewed; tests pass one they advance. `keys` gives CreateKeysAndCertificate its RSA keys (a
+        `keys.KeyPool` generates them ahead); by default each is generated when asked for."""
         self.directory = Path(directory)
         self.clock = clock
+        self.keys: KeySource = keys if keys is not None else OnDemandKeys()
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # "No wider than" 0700: tighten a directory someone created more loosely, never fail on a tighter one.
         if self.directory.stat().st_mode & 0o077:
@@ -363,8 +372,11 @@ class CertificateAuthority:
         return self.issue_certificate(key)
 
     def create_keys_and_certificate(self, *, not_after: datetime.datetime | None = None) -> tuple[str, str]:
-        """(certificate PEM, private key PEM) with a fresh RSA 2048 key, as AWS's CreateKeysAndCertificate."""
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        """(certificate PEM, private key PEM) with a fresh RSA 2048 key, as AWS's CreateKeysAndCertificate.
+
+        The key comes from `keys`, which hands each key out once.
+        """
+        key = self.keys.take()
         cert = self.issue_certificate(key.public_key(), not_after=not_after)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,

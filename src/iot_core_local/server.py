@@ -26,13 +26,19 @@ from .errors import ServerError
 from .faults import FaultInjector
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from .broker import Broker
     from .ca import CertificateAuthority
     from .control_plane import ControlPlane
     from .gateway import Gateway, GatewayLimits
+    from .keys import KeyPool
     from .registry import Registry
 
 log = logging.getLogger("iot_core_local.server")
+
+# RSA keys CreateKeysAndCertificate hands out, generated ahead (keys.py): enough for a burst of hubs.
+KEY_POOL_SIZE = 8
 
 ENDPOINT_FILE = "endpoint.json"
 LOCK_FILE = "serve.lock"
@@ -94,6 +100,8 @@ class LocalIotCore:
     Ports 0 mean "any free port"; the chosen ones are in `endpoint` and in `DIR/endpoint.json`.
     `clock` (epoch seconds) stamps the registry's records and decides when ownership tokens expire, so a
     test can advance it; certificates are dated by the real time, which every TLS stack checks them against.
+    `key_pool_size` RSA keys are generated ahead for CreateKeysAndCertificate by one background thread
+    (0: each key is generated when asked for).
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class LocalIotCore:
         faults: Iterable[str] = (),
         gateway_limits: GatewayLimits | None = None,
         clock: Callable[[], float] = time.time,
+        key_pool_size: int = KEY_POOL_SIZE,
     ) -> None:
         self.data_dir = Path(data_dir)
         # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
@@ -124,6 +133,8 @@ class LocalIotCore:
         self.hook_timeout = hook_timeout
         self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
         self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
+        self.key_pool_size = key_pool_size
+        self._keys: KeyPool[rsa.RSAPrivateKey] | None = None
         self._lock_file: TextIO | None = None
         self._ca: CertificateAuthority | None = None
         self._registry: Registry | None = None
@@ -153,6 +164,13 @@ class LocalIotCore:
         if self._ca is None:
             raise ServerError("iot-core-local is not running")
         return self._ca
+
+    @property
+    def key_pool(self) -> KeyPool[rsa.RSAPrivateKey] | None:
+        """The RSA keys generated ahead for CreateKeysAndCertificate (None when `key_pool_size` is 0)."""
+        if self._ca is None:
+            raise ServerError("iot-core-local is not running")
+        return self._keys
 
     @property
     def gateway(self) -> Gateway:
@@ -195,13 +213,17 @@ class LocalIotCore:
         from .ca import CertificateAuthority
         from .control_plane import ControlPlane
         from .gateway import Gateway
+        from .keys import KeyPool, generate_rsa_key
         from .provisioning import ProvisioningService
         from .registry import Registry
 
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         try:
-            self._ca = CertificateAuthority(self.data_dir / "ca")
+            if self.key_pool_size > 0:
+                self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
+                self._keys.start()
+            self._ca = CertificateAuthority(self.data_dir / "ca", keys=self._keys)
             self._registry = Registry(
                 self.data_dir / "registry.sqlite3", region=self.region, clock=self.clock
             )
@@ -285,6 +307,9 @@ class LocalIotCore:
         if self._registry is not None:
             self._registry.close()
             self._registry = None
+        if self._keys is not None:  # after everything that takes keys has stopped
+            self._keys.stop()
+            self._keys = None
         self._ca = None
         if self._endpoint is not None:
             with contextlib.suppress(FileNotFoundError):

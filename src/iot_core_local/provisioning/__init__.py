@@ -138,8 +138,9 @@ class ProvisioningService:
     async def answer(self, request: Request, payload: bytes, requester: Requester) -> Answer:
         """Run one request; every failure is a /rejected answer, never an exception.
 
-        RSA key generation (CreateKeysAndCertificate, 50-150 ms) and a RegisterThing whose template has
-        a pre-provisioning hook (HTTP, up to the hook timeout) run in a worker thread. Signing a CSR and a
+        CreateKeysAndCertificate (its key usually comes ready from the CA's key pool, but an empty pool
+        means generating one, 50-150 ms) and a RegisterThing whose template has a pre-provisioning hook
+        (HTTP, up to the hook timeout) run in a worker thread. Signing a CSR and a
         RegisterThing without a hook take well under a millisecond: they run on the loop, where a thread
         would cost more in hand-offs and GIL contention than the work itself.
         """

@@ -126,9 +126,10 @@ class FleetProvisioning:
         """Whether `request` may take long enough to stall an event loop (so it must run in a thread),
         and for RegisterThing the template it is to use; pass the result to `handle`.
 
-        RSA key generation (CreateKeysAndCertificate) takes 50-150 ms and a pre-provisioning hook up to
-        5 s. Signing a CSR and a RegisterThing without a hook take well under a millisecond: running
-        them in a thread would cost more in hand-offs and GIL contention than the work itself.
+        CreateKeysAndCertificate may have to generate its RSA key (50-150 ms) when the CA's key pool is
+        empty, and a pre-provisioning hook may take up to 5 s. Signing a CSR and a RegisterThing without
+        a hook take well under a millisecond: running them in a thread would cost more in hand-offs and
+        GIL contention than the work itself.
         """
         if request.operation == CREATE_KEYS:
             return _SLOW
