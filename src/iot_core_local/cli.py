@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .errors import ServerError
+    from .errors import PortUnavailable, ServerError
     from .server import LocalIotCore
 
     stop = threading.Event()
@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         endpoint = core.start()
+    except PortUnavailable as exc:
+        flag = "--mqtt-port" if exc.service == "mqtt" else "--api-port"
+        print(
+            f"iot-core-local: cannot start: {exc} ({flag}); stop that program or choose another {flag} "
+            "(0: any free port)",
+            file=sys.stderr,
+        )
+        return EXIT_SERVER
     except (ServerError, OSError) as exc:
         print(f"iot-core-local: cannot start: {exc}", file=sys.stderr)
         return EXIT_SERVER

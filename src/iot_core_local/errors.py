@@ -2,6 +2,7 @@
 
     IotCoreLocalError
     ├── ServerError                 the server itself cannot run (data dir in use, Mosquitto missing)
+    │   └── PortUnavailable         a port it was told to listen on is taken or not allowed
     ├── HookDenied                  the pre-provisioning hook refused, failed or did not answer in time
     ├── InvalidFault (ValueError)   a fault switch spec or body that does not parse (CLI --fault, HTTP)
     └── ServiceError                an API answer AWS would give; carries the AWS error type and status
@@ -36,6 +37,20 @@ class IotCoreLocalError(Exception):
 
 class ServerError(IotCoreLocalError):
     """The server cannot start or keep running (not a client's fault)."""
+
+
+class PortUnavailable(ServerError):
+    """The MQTT or API port the server was told to listen on is in use, or needs privileges.
+
+    `service` is "mqtt" or "api", so a front end can name its own option for that port.
+    """
+
+    def __init__(self, service: str, host: str, port: int, problem: str) -> None:
+        what = "MQTT" if service == "mqtt" else "API"
+        super().__init__(f"the {what} port {port} on {host} {problem}")
+        self.service = service
+        self.host = host
+        self.port = port
 
 
 class HookDenied(IotCoreLocalError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .errors import ServerError
+from .errors import PortUnavailable, ServerError
 from .faults import FaultInjector
 
 if TYPE_CHECKING:
@@ -70,6 +72,38 @@ class Endpoint:
     def mqtt_address(self) -> str:
         """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json."""
         return f"{self.mqtt_host}:{self.mqtt_port}"
+
+
+def port_problem(service: str, host: str, port: int, exc: OSError) -> PortUnavailable | None:
+    """What a failed bind means for the user, when it is about the port itself (else None)."""
+    if exc.errno == errno.EADDRINUSE:
+        return PortUnavailable(service, host, port, "is already in use by another program")
+    if exc.errno == errno.EACCES:
+        return PortUnavailable(
+            service, host, port, "needs privileges (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        )
+    return None
+
+
+def check_port(service: str, host: str, port: int) -> None:
+    """PortUnavailable if `port` cannot be listened on now (port 0, any free port, always can).
+
+    Checked before anything starts, so a taken port fails at once with nothing created; the real bind
+    is checked again, since another program may take the port in between.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As both servers bind: a port left in TIME_WAIT by a previous run is usable, a listener's is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            problem = port_problem(service, host, port, exc)
+            if problem is None:
+                raise
+            raise problem from None
 
 
 def write_json_atomically(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
@@ -220,6 +254,8 @@ class LocalIotCore:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         try:
+            check_port("mqtt", self.host, self.mqtt_port)
+            check_port("api", self.host, self.api_port)
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
                 self._keys.start()
@@ -254,7 +290,10 @@ class LocalIotCore:
                 faults=self.faults,
                 limits=self.gateway_limits,
             )
-            asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
+            try:
+                asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
+            except OSError as exc:
+                raise port_problem("mqtt", self.host, self.mqtt_port, exc) or exc from None
 
             self._api = ControlPlane(
                 self._registry,
@@ -264,7 +303,10 @@ class LocalIotCore:
                 endpoint_address=lambda: self.host,
                 faults=self.faults,
             )
-            self._api.start()
+            try:
+                self._api.start()
+            except OSError as exc:
+                raise port_problem("api", self.host, self.api_port, exc) or exc from None
 
             self._endpoint = Endpoint(
                 mqtt_host=self.host,
