@@ -54,3 +54,16 @@ def test_a_doc_without_markers_is_refused(tmp_path: Path) -> None:
     doc.write_text("# Tables copied by hand\n")
     with pytest.raises(ValueError, match="no generated part"):
         report.update_docs(source, doc)
+
+
+def test_the_create_keys_round_trip_is_a_goal_and_a_table() -> None:
+    def run(p50: float) -> dict[str, float]:
+        return {"n": 50, "gap_ms": 150.0, "p50_ms": p50, "p95_ms": 16.4, "max_ms": 19.9}
+
+    results = {"create_keys": {"paced": run(7.9), "back_to_back": run(40.1)}}
+    assert report.goals(results) == [
+        ("stand-in CreateKeysAndCertificate: MQTT round trip p50, one hub", "<= 10 ms", "7.9 ms", True)
+    ]
+    lines = report.sections(results, "###")
+    assert "| paced like onboardings | 50 | 150.0 ms | 7.9 ms | 16.4 ms | 19.9 ms |" in lines
+    assert "| back to back | 50 | 150.0 ms | 40.1 ms | 16.4 ms | 19.9 ms |" in lines
