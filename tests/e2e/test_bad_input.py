@@ -128,15 +128,8 @@ def _fifo_cert(hub: BadHub) -> None:
 
 def _unreadable_config(hub: BadHub) -> None:
     os.chmod(hub.config, 0)  # honoured when not root
-    # As root, the read itself is made to fail the way it fails for anyone else: EACCES.
-    real = Path.read_text
-
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
-        if _same(self, hub.config):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real(self, *args, **kwargs)
-
-    hub.monkeypatch.setattr(Path, "read_text", read_text)
+    # As root, the open itself is made to fail the way it fails for anyone else: EACCES.
+    hub.fail_os_call("open", errno.EACCES, lambda p: _same(p, hub.config))
 
 
 def _read_only_folder(hub: BadHub) -> None:
@@ -365,7 +358,13 @@ CASES = [
         "does not belong to the certificate",
     ),
     # storage (exit 5)
-    Case("read-only config folder (EROFS)", _read_only_folder, 5, "cannot create the lock file"),
+    Case(
+        "read-only config folder (EROFS)",
+        _read_only_folder,
+        5,
+        "cannot be written: Read-only file system; onboarding stores its results there, so it stopped "
+        "before contacting the cloud (no certificate was created)",
+    ),
     # command line (exit 2)
     Case("no --config", _argv("provision"), 2, "--config"),
     Case("unknown command", _argv("onboard", "--config", "{config}"), 2, "invalid choice"),
@@ -483,6 +482,8 @@ def test_full_disk_writing_the_credentials(
     # What remains: the lock file (never deleted, empty) and the empty 0700 credentials folder.
     assert after.pop("iotmi_config.json.lock") == ("file", 0o600, b"")
     assert after.pop("certs") == ("dir", 0o700, b"")
+    # and the record of the files it was about to write (written first, so reset knows them)
+    assert after.pop("certs/onboarding-files.json")[1] == 0o600
     assert after == before
     TRIED.append("full disk writing the credentials")
 

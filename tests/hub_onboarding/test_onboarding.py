@@ -336,7 +336,7 @@ def test_reset_deletes_only_what_onboarding_created(make_hub: HubFactory, cloud:
     cloud.onboarding(hub.config).process_device()
     ro_before = hub.doc()["ro"]
     deleted = cloud.onboarding(hub.config).reset()
-    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key"}
+    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
     doc = hub.doc()
     assert doc["ro"] == ro_before
     assert set(doc["rw"]) == {"iot_provisioning_state", "metadata"}
