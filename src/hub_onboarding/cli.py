@@ -144,18 +144,22 @@ def _status(args: argparse.Namespace) -> int:
     info = HubOnboarding(args.config).status()
     if args.json:
         _print_json(info)
-    else:
-        for key in (
-            "config_path",
-            "state",
-            "method",
-            "client_id",
-            "managed_thing_id",
-            "certificate_path",
-            "private_key_path",
-            "progress",
-        ):
-            print(f"{key}: {info.get(key) if info.get(key) is not None else '-'}")
+        return 0
+    shown = dict(info)
+    if "configured_method" in info:
+        # The method a provision would use, and why it is not the one the config names.
+        shown["method"] = f"{info['method']} ({info['method_note']})"
+    for key in (
+        "config_path",
+        "state",
+        "method",
+        "client_id",
+        "managed_thing_id",
+        "certificate_path",
+        "private_key_path",
+        "progress",
+    ):
+        print(f"{key}: {shown.get(key) if shown.get(key) is not None else '-'}")
     return 0
 
 

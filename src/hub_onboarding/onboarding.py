@@ -229,7 +229,8 @@ def _result_from(doc: Mapping[str, Any], *, changed: bool, thing_name: str | Non
 
     return OnboardingResult(
         state=str(rw.get(cfgmod.PROVISIONING_STATE, ProvisioningState.NOT_PROVISIONED.value)),
-        method=s(ro.get(cfgmod.PROVISIONING_METHOD)),
+        # The method that is (or would be) used: an invalid value in the config means JITR, as in the SDK.
+        method=cfgmod.method_choice(ro).method.value,
         client_id=s(rw.get(cfgmod.CLIENT_ID)),
         managed_thing_id=s(rw.get(cfgmod.MANAGED_THING_ID)),
         certificate_path=s(rw.get(cfgmod.PERMANENT_CERT_PATH)),
@@ -293,8 +294,8 @@ class HubOnboarding:
         # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
-        creds = self._read_initial_credentials(cfg, handler)
         preflight(cfg)
+        creds = self._read_initial_credentials(cfg, handler)
         with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             if self.is_provisioned():
                 self._report(
