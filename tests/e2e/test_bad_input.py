@@ -25,7 +25,7 @@ import pytest
 
 from hub_onboarding.cli import main
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import certificate_ids, make_pair
+from tests._support.certificates import certificate_ids, make_pair, write_private
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.processes import run_hub
 from tests._support.recovery import assert_recovered
@@ -94,6 +94,7 @@ class Case:
     setup: Setup
     exit_code: int
     message: str
+    key: str | None = None  # the config setting the --json error names, when the case checks it
 
 
 def _expired(hub: BadHub) -> None:
@@ -137,6 +138,40 @@ def _read_only_folder(hub: BadHub) -> None:
     # As root, the kernel would still refuse a read-only mount: EROFS on any create in the folder.
     hub.fail_os_call("open", errno.EROFS, lambda p: _inside(p, hub.dir) and not Path(p).exists())
     hub.fail_os_call("mkdir", errno.EROFS, lambda p: _inside(p, hub.dir))
+
+
+def _read_only_credentials_folder(err: int) -> Setup:
+    """The credentials folder exists but takes no new file: EROFS (read-only mount) or EACCES."""
+
+    def setup(hub: BadHub) -> None:
+        certs = hub.dir / "certs"
+        certs.mkdir(mode=0o700)
+        hub.fail_os_call("open", err, lambda p: _inside(p, certs) and not Path(p).exists())
+
+    return setup
+
+
+def _fifo_config(hub: BadHub) -> None:
+    fifo = hub.dir / "fifo.json"
+    os.mkfifo(fifo)
+    hub.argv = ["provision", "--config", str(fifo)]
+
+
+def _claim_at_permanent(key: str, name: str) -> Setup:
+    """The factory put a claim file where onboarding writes its own (certs/...) and named it there."""
+
+    def setup(hub: BadHub) -> None:
+        certs = hub.dir / "certs"
+        certs.mkdir(mode=0o700)
+        source = hub.claim_key if key == "iot_claim_pk_path" else hub.claim_cert
+        write_private(certs / name, source.read_bytes())
+        hub.ro(**{key: f"certs/{name}"})
+
+    return setup
+
+
+def _planted_lock_symlink(hub: BadHub) -> None:
+    (hub.dir / "iotmi_config.json.lock").symlink_to(hub.dir / "victim")
 
 
 def _same(path: Any, other: Path) -> bool:
@@ -237,12 +272,44 @@ CASES = [
         3,
         "is set from ro.SN / ro.UPC",
     ),
+    Case(
+        "config is a FIFO",
+        _fifo_config,
+        3,
+        "config path {dir}/fifo.json is a FIFO (named pipe), not a regular file",
+    ),
     # method (exit 3)
     Case(
         "unknown provisioning method (falls back to JITR)",
         _ro(iot_provisioning_method="FLEET"),
         3,
         "ro.iot_dha_cert_path: missing; JITR needs",
+        key="ro.iot_dha_cert_path",
+    ),
+    Case(
+        "provisioning method typo",
+        _ro(iot_provisioning_method="FLEET_PROVISIONNING"),
+        3,
+        "(JITR was assumed because ro.iot_provisioning_method is 'FLEET_PROVISIONNING', not a valid "
+        "method; did you mean 'FLEET_PROVISIONING'?)",
+        key="ro.iot_dha_cert_path",
+    ),
+    # read paths that are files onboarding writes (exit 3, naming both keys)
+    Case(
+        "claim certificate path is the permanent certificate",
+        _claim_at_permanent("iot_claim_cert_path", "certificate.pem.crt"),
+        3,
+        "ro.iot_claim_cert_path and ro.iot_permanent_cert_dir (default: certs beside the config) name "
+        "the same file {dir}/certs/certificate.pem.crt",
+        key="ro.iot_claim_cert_path",
+    ),
+    Case(
+        "claim key path is the permanent key",
+        _claim_at_permanent("iot_claim_pk_path", "private.pem.key"),
+        3,
+        "ro.iot_claim_pk_path and ro.iot_permanent_cert_dir (default: certs beside the config) name "
+        "the same file {dir}/certs/private.pem.key",
+        key="ro.iot_claim_pk_path",
     ),
     Case(
         "unknown certificate method",
@@ -327,7 +394,9 @@ CASES = [
         "claim key readable by others",
         lambda h: os.chmod(h.claim_key, 0o644),
         4,
-        "has mode 0644, readable or writable by other users; run 'chmod 600",
+        "has mode 0644, readable or writable by other users; run 'chmod 600 {claim_key}' (0600 or "
+        "narrower is accepted) (from ro.iot_claim_pk_path)",
+        key="ro.iot_claim_pk_path",
     ),
     Case("claim key group-writable", lambda h: os.chmod(h.claim_key, 0o620), 4, "has mode 0620"),
     Case(
@@ -365,6 +434,30 @@ CASES = [
         "cannot be written: Read-only file system; onboarding stores its results there, so it stopped "
         "before contacting the cloud (no certificate was created)",
     ),
+    Case(
+        "read-only credentials folder (EROFS)",
+        _read_only_credentials_folder(errno.EROFS),
+        5,
+        "the credentials folder {dir}/certs (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Read-only file system; onboarding stores its results there, so it stopped before contacting "
+        "the cloud (no certificate was created)",
+        key="ro.iot_permanent_cert_dir",
+    ),
+    Case(
+        "credentials folder not writable (EACCES)",
+        _read_only_credentials_folder(errno.EACCES),
+        5,
+        "the credentials folder {dir}/certs (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Permission denied",
+        key="ro.iot_permanent_cert_dir",
+    ),
+    Case(
+        "lock file a planted symlink",
+        _planted_lock_symlink,
+        5,
+        "the lock file {dir}/iotmi_config.json.lock is a symbolic link (to {dir}/victim); onboarding "
+        "does not follow it",
+    ),
     # command line (exit 2)
     Case("no --config", _argv("provision"), 2, "--config"),
     Case("unknown command", _argv("onboard", "--config", "{config}"), 2, "invalid choice"),
@@ -383,12 +476,14 @@ TRIED: list[str] = []
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(
     case: Case,
+    iot: Any,
     make_cloud_hub: CloudHubFactory,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
+    certificates = certificate_ids(iot)
     try:
         case.setup(hub)
         before = snapshot(hub.dir)
@@ -399,13 +494,14 @@ def test_bad_input(
     finally:
         monkeypatch.undo()
         os.chmod(hub.dir, 0o755)
-    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key)
+    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key, dir=hub.dir)
     assert code == case.exit_code, out.err
     assert message in out.err, out.err
     assert "Traceback" not in out.err + out.out
     if code != 2:
         assert out.err.rstrip().splitlines()[-1].startswith("hub-onboard: error: "), "one clear last line"
     assert after == before, "a bad input writes nothing"
+    assert certificate_ids(iot) == certificates, "a bad input mints no certificate"
     TRIED.append(case.name)
 
 
@@ -423,26 +519,37 @@ def test_bad_input(
             "claim key readable by others",
             "claim key is a symlink",
             "claim certificate expired",
+            "config is a FIFO",
+            "provisioning method typo",
+            "claim certificate path is the permanent certificate",
+            "claim key path is the permanent key",
+            "lock file a planted symlink",
         )
     ],
     ids=lambda c: c.name,
 )
 def test_bad_input_in_a_real_process(
-    case: Case, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch
+    case: Case, iot: Any, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same cases through a real `hub-onboard` process, with --json: the error is machine-readable too."""
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     case.setup(hub)
     before = snapshot(hub.dir)
+    certificates = certificate_ids(iot)
     argv = (hub.argv or ["provision", "--config", str(config)])[1:]
+    # A hang (the FIFO config did hang) ends in run_hub's timeout, as a failure.
     done = run_hub(Path(argv[1]), *argv[2:], "--json", verbosity="")
     assert done.returncode == case.exit_code, done.stderr
     error = json.loads(done.stdout)["error"]
     assert error["exit_code"] == case.exit_code
-    assert case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key) in error["message"]
+    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key, dir=hub.dir)
+    assert message in error["message"]
+    if case.key is not None:
+        assert error["key"] == case.key
     assert "Traceback" not in done.stderr
     assert snapshot(hub.dir) == before
+    assert certificate_ids(iot) == certificates
     TRIED.append(f"process:{case.name}")
 
 
