@@ -16,6 +16,9 @@ import contextlib
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,11 @@ from typing import Any
 import pytest
 
 from hub_onboarding.cli import main
+from hub_onboarding.lock import onboarding_lock
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids, make_pair, write_private
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
-from tests._support.processes import run_hub
+from tests._support.processes import HubProcess, run_hub
 from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
@@ -623,3 +627,89 @@ def test_full_disk_writing_the_config_then_space_comes_back(
     cert_id = assert_recovered(cloud, iot, config, original)
     assert certificate_ids(iot) - certificates == {cert_id}
     TRIED.append("full disk writing the config")
+
+
+# ------------------------------------------------------------------ real filesystems, real processes
+
+
+def _in_a_read_only_mount(folder: Path, argv: list[str]) -> list[str]:
+    """argv run in a private mount namespace where `folder` is bind-mounted read-only: a real EROFS.
+
+    The mount lives and dies with the child (unshare -m); a user namespace (-r) when not root.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("unshare (util-linux) is needed for a real read-only mount")
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && shift && exec "$@"'
+    user_ns = [] if os.geteuid() == 0 else ["-r"]
+    return [unshare, "-m", *user_ns, "sh", "-c", script, "sh", str(folder), *argv]
+
+
+def test_read_only_credentials_folder_in_a_real_process(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+    # The mistake: exit 5 blaming a progress file that does not exist (unlink answers EROFS even for a
+    # missing file), after CreateKeysAndCertificate: one orphan certificate per attempt.
+    config = make_cloud_hub()
+    certs = config.parent / "certs"
+    certs.mkdir(mode=0o700)
+    before = snapshot(config.parent)
+    certificates = certificate_ids(iot)
+    argv = [sys.executable, "-m", "hub_onboarding.cli", "provision", "--config", str(config), "--json"]
+    # subprocess.run's timeout bounds a hang: the child is another process, with no event to wait on.
+    done = subprocess.run(
+        _in_a_read_only_mount(certs, argv), capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 5 and "mount" in done.stderr and "hub-onboard" not in done.stderr:
+        pytest.fail(f"could not make a read-only mount here: {done.stderr}")
+    assert done.returncode == 5, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["message"].startswith(
+        f"the credentials folder {certs} (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Read-only file system; onboarding stores its results there, so it stopped before contacting the "
+        "cloud (no certificate was created)"
+    )
+    assert error["key"] == "ro.iot_permanent_cert_dir"
+    assert "progress" not in error["message"]
+    assert certificate_ids(iot) == certificates, "no certificate minted"
+    assert snapshot(config.parent) == before, "nothing written"
+    TRIED.append("process:read-only credentials folder (a real read-only mount)")
+
+
+def test_waiting_on_the_lock_says_so_at_once_in_a_real_process(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    # The mistake: a second provision waiting on the lock printed nothing for up to 600 s.
+    config = make_cloud_hub()
+    certificates = certificate_ids(iot)
+    with onboarding_lock(config, timeout=0):  # this test process is the holder: its pid is in the file
+        hub = HubProcess(config, "--lock-wait", "30", verbosity="")
+        try:
+            line = hub.wait_for_line("is onboarding with", timeout=60)
+        finally:
+            hub.proc.kill()
+            hub.finish(60)
+    assert f"another hub-onboard (pid {os.getpid()}) is onboarding with {config}" in line
+    assert "waiting up to 30 s for it to finish" in line
+    assert certificate_ids(iot) == certificates
+    TRIED.append("process:lock wait message")
+
+
+def test_reset_keeps_the_config_named_by_rw_in_a_real_process(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    # The mistake: reset deleted whatever rw named inside the credentials folder, the config included.
+    config = make_cloud_hub()
+    config.parent.chmod(0o700)
+    doc = read_config(config)
+    doc["ro"]["iot_permanent_cert_dir"] = "."
+    config.write_text(json.dumps(doc))
+    assert run_hub(config, verbosity="").returncode == 0
+    doc = read_config(config)
+    doc["rw"]["iot_permanent_pk_path"] = str(config)
+    config.write_text(json.dumps(doc))
+    done = run_hub(config, "--yes", "--json", command="reset", verbosity="")
+    assert done.returncode == 0, done.stderr
+    deleted = {Path(p).name for p in json.loads(done.stdout)["deleted"]}
+    assert deleted == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
+    assert read_config(config)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert Path(read_config(config)["ro"]["iot_claim_pk_path"]).exists()
+    TRIED.append("process:reset with rw naming the config")
