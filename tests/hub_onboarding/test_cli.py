@@ -216,3 +216,16 @@ def test_a_fifo_as_config_is_refused_at_once(
     err = capsys.readouterr().err
     assert f"config path {fifo} is a FIFO (named pipe), not a regular file" in err
     assert not (tmp_path / "iotmi_config.json.lock").exists()
+
+
+def test_warnings_read_as_short_lines_without_verbose(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub("FLEET_PROVISIONNING", drop=("iot_dha_cert_path",))
+    assert main(["provision", "--config", str(hub.config)]) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "hub-onboard: warning: ro.iot_provisioning_method is invalid ('FLEET_PROVISIONNING'); falling back "
+        "to JITR; did you mean 'FLEET_PROVISIONING'?"
+    )
+    assert lines[-1].startswith("hub-onboard: error: ro.iot_dha_cert_path: missing")
