@@ -8,7 +8,10 @@
 - The private folder (the credentials folder, the only one onboarding owns) is created 0700 whatever
   the umask; an existing folder is never narrowed (it may be shared, e.g. the config's own folder):
   one open to other users is refused.
-- Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back.
+- Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back; a name
+  that does not exist is no failure, even where the kernel answers EROFS for it.
+- Reads of a file a user names (the config, the root CA) never block on a FIFO or a device
+  (`read_regular_file`), and `probe_writable` tells whether a folder takes a new file, before any traffic.
 
 Functions raise OSError where the caller knows best what to tell the user (each says what was left
 as it was); the private-folder and deletion checks raise the typed errors themselves, because their
@@ -177,6 +180,22 @@ def check_private_dir(directory: Path) -> None:
         )
 
 
+def probe_writable(directory: Path) -> None:
+    """Check that a file can be created in `directory`, the way onboarding will create one; OSError if not.
+
+    A file is created and deleted at once (a temp name): nothing else tells EROFS, EACCES, an immutable
+    folder, ACLs or quotas apart as truthfully, and checking before any traffic means no certificate is
+    minted that could not be stored. A folder that does not exist yet is judged by the nearest existing
+    one above it, where it will be created.
+    """
+    target = directory
+    while not _exists(target) and target.parent != target:
+        target = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=".onboarding-probe.", suffix=".tmp", dir=target)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def ensure_private_dir(directory: Path) -> None:
     """Create `directory` with mode 0700; an existing one must already be private (check_private_dir)."""
     try:
@@ -245,22 +264,6 @@ def _exists(path: Path) -> bool:
     except OSError:
         return True
     return True
-
-
-def probe_writable(directory: Path) -> None:
-    """Check that a file can be created in `directory`, the way onboarding will create one; OSError if not.
-
-    A file is created and deleted at once (a temp name): nothing else tells EROFS, EACCES, an immutable
-    folder, ACLs or quotas apart as truthfully, and checking before any traffic means no certificate is
-    minted that could not be stored. A folder that does not exist yet is judged by the nearest existing
-    one above it, where it will be created.
-    """
-    target = directory
-    while not _exists(target) and target.parent != target:
-        target = target.parent
-    fd, tmp = tempfile.mkstemp(prefix=".onboarding-probe.", suffix=".tmp", dir=target)
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def delete_files(paths: list[Path]) -> list[Path]:

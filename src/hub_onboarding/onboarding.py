@@ -5,9 +5,11 @@
     HubOnboarding(config_path, on_step=print)     -> each step as a StepEvent (OnboardingStep + message)
 
 Order of work in process_device, so that a power cut anywhere leaves a hub that resumes:
- 1. validate the config and read the credentials the next step needs (no network, nothing written);
- 2. take the onboarding lock (`<config>.lock`); re-read the config: if another run finished meanwhile,
-    report its result;
+ 1. validate the config, refuse read paths that name files onboarding writes, check that the folders it
+    writes to take a new file, and read the credentials the next step needs (no network, nothing
+    written: no certificate is minted that could not be stored);
+ 2. take the onboarding lock (`<config>.lock`; a wait is reported at once); re-read the config: if
+    another run finished meanwhile, report its result;
  3. fleet provisioning, resumable (see progress.py): connect with the claim certificate (client id: SN),
     CreateKeysAndCertificate / CreateCertificateFromCsr, store the new pair and the progress record,
     RegisterThing, record its answer, connect with the new certificate (verification);
