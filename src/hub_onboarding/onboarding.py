@@ -529,15 +529,29 @@ def _read_claim(fleet: FleetConfig, handler: CertHandler) -> Credentials:
 # ---------------------------------------------------------------------------------------- preflight
 
 
-def files_written(cfg: HubConfig) -> dict[Path, str]:
-    """Every file onboarding will write with this config, and what it is (for messages)."""
-    written = {cfg.path: "the config itself"}
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file onboarding writes: what it is, and the setting that puts it there (for messages)."""
+
+    what: str
+    setting: str
+
+
+def files_written(cfg: HubConfig) -> dict[Path, WrittenFile]:
+    """Every file onboarding will write with this config."""
+    written = {
+        cfg.path: WrittenFile("the config itself", "--config"),
+        lock_path_for(cfg.path): WrittenFile("its lock file (the holder's pid)", "--config"),
+    }
     if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
-        where = f"{cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)} ({cfg.permanent_cert_dir})"
-        written[cfg.permanent_cert_dir / PERMANENT_CERT_NAME] = f"the new certificate, in {where}"
-        written[cfg.permanent_cert_dir / PERMANENT_KEY_NAME] = f"the new private key, in {where}"
-        written[cfg.permanent_cert_dir / PROGRESS_FILE_NAME] = f"the progress record, in {where}"
-        written[cfg.permanent_cert_dir / MANIFEST_FILE_NAME] = f"the record of its files, in {where}"
+        cert_dir = cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)
+        if cfgmod.PERMANENT_CERT_DIR not in cfg.set_keys:
+            cert_dir += " (default: certs beside the config)"
+        d = cfg.permanent_cert_dir
+        written[d / PERMANENT_CERT_NAME] = WrittenFile("the new certificate", cert_dir)
+        written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
+        written[d / PROGRESS_FILE_NAME] = WrittenFile("the progress record", cert_dir)
+        written[d / MANIFEST_FILE_NAME] = WrittenFile("the record of its files", cert_dir)
     return written
 
 
@@ -553,10 +567,10 @@ def preflight(cfg: HubConfig) -> None:
             f"the credentials folder {cfg.permanent_cert_dir}",
             cfgmod.PERMANENT_CERT_DIR,
         )
-        for path, what in files_written(cfg).items():
-            if path != cfg.path and path.is_dir() and not path.is_symlink():
+        for path, file in files_written(cfg).items():
+            if path.parent == cfg.permanent_cert_dir and path.is_dir() and not path.is_symlink():
                 raise StorageError(
-                    f"{path} ({what}) is a folder; onboarding cannot write there: remove it",
+                    f"{path} ({file.what}) is a folder; onboarding cannot write there: remove it",
                     key=cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR),
                 )
     # The config is replaced by a rename in the folder of the real file: that folder takes new files.
@@ -568,22 +582,16 @@ def _refuse_overlaps(cfg: HubConfig) -> None:
     """A file the config gives onboarding to read (claim, DHA, root CA) must not be one it writes: the
     factory claim overwritten by the new certificate could never onboard this hub again. Compared as
     real paths, so `..`, a symlinked folder or a relative path do not hide it."""
-    written = {os.path.realpath(path): (path, what) for path, what in files_written(cfg).items()}
+    written = {os.path.realpath(path): (path, file) for path, file in files_written(cfg).items()}
     for key, value in cfg.read_paths.items():
         hit = written.get(os.path.realpath(value))
         if hit is None:
             continue
-        path, what = hit
+        path, file = hit
         setting = cfgmod.key_name(cfgmod.RO, key)
-        other = (
-            "--config"
-            if path == cfg.path
-            else cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)
-            + ("" if cfgmod.PERMANENT_CERT_DIR in cfg.set_keys else " (default: certs beside the config)")
-        )
         raise ConfigError(
-            f"{setting} and {other} name the same file {path}: onboarding writes {what} there and would "
-            f"overwrite what {setting} names; keep the factory's files elsewhere, or set "
+            f"{setting} and {file.setting} name the same file {path}: onboarding writes {file.what} there "
+            f"and would overwrite what {setting} names; keep the factory's files elsewhere, or set "
             f"{cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)} to a folder of its own",
             key=setting,
         )

@@ -628,6 +628,7 @@ def test_jitr_deadline_says_what_to_check(make_hub: HubFactory, cloud: FakeCloud
         ("iot_claim_cert_path", "certs/../certs/onboarding-progress.json", "the progress record"),
         ("iot_dha_pk_path", "certs/private.pem.key", "the new private key"),  # fleet would overwrite it
         ("iot_claim_cert_path", "iotmi_config.json", "the config itself"),
+        ("iot_root_ca_path", "iotmi_config.json.lock", "its lock file"),
     ],
 )
 def test_read_paths_that_name_files_onboarding_writes_are_refused(
@@ -640,7 +641,9 @@ def test_read_paths_that_name_files_onboarding_writes_are_refused(
     certs.mkdir(mode=0o700)
     target = hub.dir / value
     if not target.exists():  # the factory put its file there (the same bytes as the configured one)
-        source = hub.claim.key_pem if "pk" in key else hub.claim.cert_pem
+        source = (
+            hub.claim.key_pem if "pk" in key else hub.ca.cert_pem if "root" in key else hub.claim.cert_pem
+        )
         write_private(target, source)
     doc = hub.doc()
     doc["ro"][key] = value
@@ -651,7 +654,7 @@ def test_read_paths_that_name_files_onboarding_writes_are_refused(
     listing = sorted(str(p) for p in hub.dir.rglob("*"))
     with pytest.raises(ConfigError) as info:
         cloud.onboarding(hub.config).process_device()
-    other = "--config" if value == "iotmi_config.json" else "ro.iot_permanent_cert_dir"
+    other = "--config" if value.startswith("iotmi_config.json") else "ro.iot_permanent_cert_dir"
     assert info.value.message.startswith(f"ro.{key} and {other}"), info.value.message
     assert written in info.value.message
     assert info.value.key == f"ro.{key}"
@@ -847,3 +850,14 @@ def test_status_shows_the_method_that_will_be_used(make_hub: HubFactory, cloud: 
     info = cloud.onboarding(valid.config).status()
     assert info["method"] == "FLEET_PROVISIONING"
     assert "configured_method" not in info
+
+
+def test_a_folder_where_the_progress_record_goes_is_found_before_any_traffic(
+    make_hub: HubFactory, cloud: FakeCloud
+) -> None:
+    hub = make_hub()
+    (hub.dir / "certs" / "onboarding-progress.json").mkdir(parents=True)
+    (hub.dir / "certs").chmod(0o700)
+    with pytest.raises(StorageError, match=r"onboarding-progress.json \(the progress record\) is a folder"):
+        cloud.onboarding(hub.config).process_device()
+    assert cloud.calls == []
