@@ -8,7 +8,10 @@
 - The private folder (the credentials folder, the only one onboarding owns) is created 0700 whatever
   the umask; an existing folder is never narrowed (it may be shared, e.g. the config's own folder):
   one open to other users is refused.
-- Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back.
+- Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back; a name
+  that does not exist is no failure, even where the kernel answers EROFS for it.
+- Reads of a file a user names (the config, the root CA) never block on a FIFO or a device
+  (`read_regular_file`), and `probe_writable` tells whether a folder takes a new file, before any traffic.
 
 Functions raise OSError where the caller knows best what to tell the user (each says what was left
 as it was); the private-folder and deletion checks raise the typed errors themselves, because their
@@ -18,6 +21,7 @@ messages are the same for every caller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -100,6 +104,45 @@ def real_path(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(path))
 
 
+class NotRegularFileError(OSError):
+    """A path names a FIFO, a device or a socket where a regular file is expected (`kind` says which)."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
+        super().__init__(f"{os.fspath(path)} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode names, in words for a message ("a FIFO (named pipe)", "a folder"...)."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    )
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a regular file; never blocks on what is not one.
+
+    Opened with O_NONBLOCK and examined with fstat before any read: a FIFO given where a file is
+    expected would otherwise block the open (or the read) until a writer comes, i.e. forever.
+    IsADirectoryError for a folder, NotRegularFileError for a FIFO, a device or a socket, OSError else.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_kind(mode))
+        return fh.read()
+
+
 def read_at_most(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
     """Up to `limit` bytes of a file. With follow_symlinks False a symlink planted at `path` after the
     caller examined it is refused by the kernel (O_NOFOLLOW: ELOOP) instead of being read through."""
@@ -132,8 +175,25 @@ def check_private_dir(directory: Path) -> None:
             f"the credentials folder {directory} (ro.iot_permanent_cert_dir) has mode "
             f"{stat.S_IMODE(st.st_mode):04o}, open to other users, and onboarding does not narrow a "
             f"folder it did not create; set ro.iot_permanent_cert_dir to a folder of its own (onboarding "
-            f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it"
+            f"creates it with mode 0700), or run 'chmod 700 {directory}' if nothing else uses it",
+            key="ro.iot_permanent_cert_dir",
         )
+
+
+def probe_writable(directory: Path) -> None:
+    """Check that a file can be created in `directory`, the way onboarding will create one; OSError if not.
+
+    A file is created and deleted at once (a temp name): nothing else tells EROFS, EACCES, an immutable
+    folder, ACLs or quotas apart as truthfully, and checking before any traffic means no certificate is
+    minted that could not be stored. A folder that does not exist yet is judged by the nearest existing
+    one above it, where it will be created.
+    """
+    target = directory
+    while not _exists(target) and target.parent != target:
+        target = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=".onboarding-probe.", suffix=".tmp", dir=target)
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def ensure_private_dir(directory: Path) -> None:
@@ -172,11 +232,37 @@ def write_private_file(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -
 
 def remove(path: Path) -> bool:
     """Delete one file durably; False when it did not exist. OSError when it cannot be deleted."""
+    if not remove_name(path):
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def remove_name(path: Path) -> bool:
+    """Unlink one name (not durable on its own); False when it did not exist. OSError when it cannot be.
+
+    A read-only filesystem answers EROFS to unlink even for a name that does not exist: nothing to
+    delete is not a failure, so the name is looked up before the error is believed.
+    """
     try:
         path.unlink()
     except FileNotFoundError:
         return False
-    fsync_dir(path.parent)
+    except OSError:
+        if not _exists(path):
+            return False
+        raise
+    return True
+
+
+def _exists(path: Path) -> bool:
+    """Whether the name exists (a dangling symlink does); an lstat that fails otherwise counts as yes."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
     return True
 
 
@@ -190,9 +276,8 @@ def delete_files(paths: list[Path]) -> list[Path]:
     try:
         for i, p in enumerate(paths):
             try:
-                p.unlink()
-            except FileNotFoundError:
-                continue
+                if not remove_name(p):
+                    continue
             except OSError as exc:
                 left = ", ".join(str(q) for q in paths[i:])
                 done = ", ".join(str(q) for q in deleted) or "nothing"

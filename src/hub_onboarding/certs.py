@@ -71,35 +71,39 @@ class CredentialStore(Protocol):
 
 def _read_pem_file(path: str, label: str, *, is_key: bool) -> bytes:
     p = Path(path)
+    part = "private key" if is_key else "certificate"  # which setting of the pair to name
     try:
         st = os.lstat(p)
     except FileNotFoundError:
-        raise CredentialError(f"{label}: {path} does not exist") from None
+        raise CredentialError(f"{label}: {path} does not exist", part=part) from None
     except OSError as exc:
-        raise CredentialError(f"{label}: {path} cannot be examined ({exc.strerror or exc})") from None
+        raise CredentialError(
+            f"{label}: {path} cannot be examined ({exc.strerror or exc})", part=part
+        ) from None
     if stat.S_ISLNK(st.st_mode) and is_key:
         # A symlinked key can be swapped for another file by whoever owns the link's folder.
-        raise CredentialError(f"{label}: {path} is a symbolic link; put the key file itself there")
+        raise CredentialError(f"{label}: {path} is a symbolic link; put the key file itself there", part=part)
     if stat.S_ISLNK(st.st_mode):
         st = os.stat(p)
     if stat.S_ISDIR(st.st_mode):
-        raise CredentialError(f"{label}: {path} is a folder, not a PEM file")
+        raise CredentialError(f"{label}: {path} is a folder, not a PEM file", part=part)
     if not stat.S_ISREG(st.st_mode):
-        raise CredentialError(f"{label}: {path} is not a regular file")
+        raise CredentialError(f"{label}: {path} is not a regular file", part=part)
     if is_key and st.st_mode & 0o077:
         raise CredentialError(
             f"{label}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by other users; "
-            f"run 'chmod 600 {path}' (0600 or narrower is accepted)"
+            f"run 'chmod 600 {path}' (0600 or narrower is accepted)",
+            part=part,
         )
     if st.st_size > _MAX_PEM_BYTES:
-        raise CredentialError(f"{label}: {path} is {st.st_size} bytes, too large for a PEM file")
+        raise CredentialError(f"{label}: {path} is {st.st_size} bytes, too large for a PEM file", part=part)
     try:
         # A key replaced by a symlink since the lstat above is refused, not read through.
         return _files.read_at_most(p, _MAX_PEM_BYTES + 1, follow_symlinks=not is_key)
     except PermissionError:
-        raise CredentialError(f"{label}: {path} is not readable by this user") from None
+        raise CredentialError(f"{label}: {path} is not readable by this user", part=part) from None
     except OSError as exc:
-        raise CredentialError(f"{label}: {path} cannot be read ({exc.strerror or exc})") from None
+        raise CredentialError(f"{label}: {path} cannot be read ({exc.strerror or exc})", part=part) from None
 
 
 class FileCredentialStore:
@@ -164,7 +168,7 @@ def load_certificate(pem: bytes, label: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:
-        raise CredentialError(f"{label}: not a PEM X.509 certificate") from None
+        raise CredentialError(f"{label}: not a PEM X.509 certificate", part="certificate") from None
 
 
 def load_private_key(pem: bytes, label: str) -> object:
@@ -177,10 +181,13 @@ def load_private_key(pem: bytes, label: str) -> object:
     except TypeError:
         raise CredentialError(
             f"{label}: the key is encrypted (has a passphrase); the hub needs an "
-            "unencrypted key protected by file permissions or secure storage"
+            "unencrypted key protected by file permissions or secure storage",
+            part="private key",
         ) from None
     except (ValueError, Exception):  # cryptography raises ValueError or UnsupportedAlgorithm
-        raise CredentialError(f"{label}: not a PEM private key this hub can use") from None
+        raise CredentialError(
+            f"{label}: not a PEM private key this hub can use", part="private key"
+        ) from None
 
 
 def certificate_id(cert: x509.Certificate) -> str:
@@ -223,12 +230,14 @@ def check_pair(
         if now < cert.not_valid_before_utc:
             raise CredentialError(
                 f"{label} certificate is not valid yet (valid from "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock"
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock",
+                part="certificate",
             )
         if now > cert.not_valid_after_utc:
             raise CredentialError(
                 f"{label} certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-                "install a current one"
+                "install a current one",
+                part="certificate",
             )
     return Credentials(cert_pem, key_pem, certificate_id(cert))
 

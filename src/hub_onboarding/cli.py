@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -83,15 +84,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int) -> None:
-    import logging
-
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if verbose == 0:
+        # Without -v only warnings show: one short line each, as the error line reads, not a log record.
+        handler.setFormatter(_ShortFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("hub_onboarding")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+class _ShortFormatter(logging.Formatter):
+    """`hub-onboard: warning: <message>`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"hub-onboard: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def _print_json(data: Any) -> None:
@@ -144,18 +154,22 @@ def _status(args: argparse.Namespace) -> int:
     info = HubOnboarding(args.config).status()
     if args.json:
         _print_json(info)
-    else:
-        for key in (
-            "config_path",
-            "state",
-            "method",
-            "client_id",
-            "managed_thing_id",
-            "certificate_path",
-            "private_key_path",
-            "progress",
-        ):
-            print(f"{key}: {info.get(key) if info.get(key) is not None else '-'}")
+        return 0
+    shown = dict(info)
+    if "configured_method" in info:
+        # The method a provision would use, and why it is not the one the config names.
+        shown["method"] = f"{info['method']} ({info['method_note']})"
+    for key in (
+        "config_path",
+        "state",
+        "method",
+        "client_id",
+        "managed_thing_id",
+        "certificate_path",
+        "private_key_path",
+        "progress",
+    ):
+        print(f"{key}: {shown.get(key) if shown.get(key) is not None else '-'}")
     return 0
 
 

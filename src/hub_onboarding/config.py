@@ -11,6 +11,7 @@ know, and replaces it atomically keeping its mode, owner and group (`_files.repl
 
 from __future__ import annotations
 
+import difflib
 import enum
 import errno
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hub_onboarding import _files
-from hub_onboarding.errors import ConfigError, StorageError
+from hub_onboarding.errors import ConfigError, OnboardingError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ METADATA = "metadata"
 LAST_UPDATED = "last_updated_epoch_time"
 
 SECURE_STORAGE = "SECURE_STORAGE"
+# The ro paths onboarding only reads (a file it writes must never be one of them)
+READ_PATH_KEYS = (CLAIM_CERT_PATH, CLAIM_PK_PATH, DHA_CERT_PATH, DHA_PK_PATH, ROOT_CA_PATH)
 DEFAULT_PORT = 8883
 DEFAULT_KEEP_ALIVE = 300
 KEEP_ALIVE_RANGE = (30, 1200)
@@ -164,6 +167,13 @@ class HubConfig:
     # The credential store that reads SECURE_STORAGE references (None: the only one installed).
     secure_storage_handler: str | None = None
     warnings: tuple[str, ...] = field(default=())
+    # Set when `method` is JITR by fallback (the configured value is missing or invalid): the reason,
+    # added to any error that follows so the user sees why JITR's settings were asked for.
+    method_note: str | None = None
+    # Every file path the ro section gives onboarding to read (key -> absolute path; SECURE_STORAGE
+    # left out), whatever the method: none of them may be a file onboarding writes.
+    read_paths: Mapping[str, str] = field(default_factory=dict)
+    set_keys: frozenset[str] = frozenset()  # the ro keys present in the file (for messages)
 
 
 def key_name(section: str, key: str) -> str:
@@ -177,11 +187,16 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read the config file as JSON, checking only its outer shape (`ro`/`rw` objects)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # Never blocks: a FIFO (or a device) given as the config is refused before any read.
+        text = _files.read_regular_file(p).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist; pass the path of iotmi_config.json") from None
     except IsADirectoryError:
         raise ConfigError(f"config path {p} is a folder, not a file") from None
+    except _files.NotRegularFileError as exc:
+        raise ConfigError(
+            f"config path {p} is {exc.kind}, not a regular file; pass the path of iotmi_config.json itself"
+        ) from None
     except PermissionError:
         raise ConfigError(f"config file {p} is not readable by this user; check its permissions") from None
     except UnicodeDecodeError:
@@ -328,45 +343,101 @@ def _number(section: Mapping[str, Any], sect: str, key: str) -> float | None:
     return number
 
 
-def parse_config(path: str | os.PathLike[str], doc: Mapping[str, Any] | None = None) -> HubConfig:
-    """Validate everything onboarding needs, before any network traffic."""
+def parse_config(
+    path: str | os.PathLike[str], doc: Mapping[str, Any] | None = None, *, warn: bool = True
+) -> HubConfig:
+    """Validate everything onboarding needs, before any network traffic.
+
+    A missing or invalid method falls back to JITR, with a warning logged before anything else is
+    checked (`warn` False: not again, for a second read of the same file); every ConfigError that
+    follows then says JITR was assumed because of that value.
+    """
     p = Path(path)
     if doc is None:
         doc = read_document(p)
     ro: Mapping[str, Any] = doc[RO]
     rw: Mapping[str, Any] = doc.get(RW) or {}
-    method, warnings = _parse_method(ro)
-    state = provisioning_state(doc)
-    connection = _parse_connection(ro, rw, p)
-    fleet = _parse_fleet(ro, p, required=method is ProvisioningMethod.FLEET_PROVISIONING)
-    jitr = _parse_jitr(ro, p, required=method is ProvisioningMethod.JITR)
-    cert_dir = _parse_permanent_cert_dir(ro, p)
-    handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
-    for text in warnings:
-        log.warning("%s", text)
+    choice = method_choice(ro)
+    if choice.warning and warn:
+        log.warning("%s", choice.warning)
+    try:
+        state = provisioning_state(doc)
+        connection = _parse_connection(ro, rw, p)
+        fleet = _parse_fleet(ro, p, required=choice.method is ProvisioningMethod.FLEET_PROVISIONING)
+        jitr = _parse_jitr(ro, p, required=choice.method is ProvisioningMethod.JITR)
+        cert_dir = _parse_permanent_cert_dir(ro, p)
+        handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
+    except ConfigError as exc:
+        choice.explain(exc)
+        raise
     return HubConfig(
         path=p,
-        method=method,
+        method=choice.method,
         state=state,
         connection=connection,
         permanent_cert_dir=cert_dir,
         fleet=fleet,
         jitr=jitr,
         secure_storage_handler=handler,
-        warnings=tuple(warnings),
+        warnings=(choice.warning,) if choice.warning else (),
+        method_note=choice.note,
+        read_paths={
+            key: resolve_path(p, ro[key])
+            for key in READ_PATH_KEYS
+            if isinstance(ro.get(key), str) and ro[key].strip() and ro[key] != SECURE_STORAGE
+        },
+        set_keys=frozenset(k for k in ro if isinstance(k, str)),
     )
 
 
-def _parse_method(ro: Mapping[str, Any]) -> tuple[ProvisioningMethod, list[str]]:
-    """The provisioning method, and the warning when it had to be guessed."""
+@dataclass(frozen=True)
+class MethodChoice:
+    """The method onboarding will use (`method`), what the config says (`configured`), and, when the two
+    differ, the warning to show now and the note that explains any error that follows."""
+
+    method: ProvisioningMethod
+    configured: object
+    warning: str | None = None
+    note: str | None = None
+
+    @property
+    def assumed(self) -> bool:
+        return self.note is not None
+
+    def explain(self, exc: OnboardingError) -> None:
+        """Add to an error why JITR's settings were asked for (once)."""
+        if self.note and self.note not in exc.message:
+            exc.amend(f"{exc.message} ({self.note})")
+
+
+def method_choice(ro: Mapping[str, Any]) -> MethodChoice:
+    """The provisioning method as the hub SDK reads it: a missing or invalid value falls back to JITR."""
     raw = ro.get(PROVISIONING_METHOD)
     if isinstance(raw, str) and raw in _METHOD_NAMES:
-        return ProvisioningMethod(raw), []
-    # As the hub SDK that reads this file does: a missing or invalid method falls back to JITR.
-    problem = "missing" if raw is None else "invalid"
-    return ProvisioningMethod.JITR, [
-        f"{key_name(RO, PROVISIONING_METHOD)} is {problem} ({raw!r}); falling back to JITR"
-    ]
+        return MethodChoice(ProvisioningMethod(raw), raw)
+    name = key_name(RO, PROVISIONING_METHOD)
+    valid = " or ".join(m.value for m in ProvisioningMethod)
+    if raw is None:
+        return MethodChoice(
+            ProvisioningMethod.JITR,
+            raw,
+            warning=f"{name} is missing; falling back to JITR (set it to {valid})",
+            note=f"JITR was assumed because {name} is missing; set it to {valid}",
+        )
+    closest = closest_method(raw)
+    return MethodChoice(
+        ProvisioningMethod.JITR,
+        raw,
+        warning=f"{name} is invalid ({raw!r}); falling back to JITR; did you mean {closest.value!r}?",
+        note=f"JITR was assumed because {name} is {raw!r}, not a valid method; "
+        f"did you mean {closest.value!r}?",
+    )
+
+
+def closest_method(raw: object) -> ProvisioningMethod:
+    """The valid method nearest to a mistyped one (difflib's similarity, ignoring case)."""
+    text = str(raw).strip().upper()
+    return max(ProvisioningMethod, key=lambda m: difflib.SequenceMatcher(None, text, m.value).ratio())
 
 
 # ---------------------------------------------------------------------------------------- connection
@@ -558,11 +629,13 @@ def _parse_permanent_cert_dir(ro: Mapping[str, Any], config_path: Path) -> Path:
 
 def _check_readable_pem(path: str, key: str) -> None:
     try:
-        data = Path(path).read_bytes()
+        data = _files.read_regular_file(path)
     except FileNotFoundError:
         raise ConfigError(f"{key}: {path} does not exist", key=key) from None
     except IsADirectoryError:
         raise ConfigError(f"{key}: {path} is a folder, not a PEM file", key=key) from None
+    except _files.NotRegularFileError as exc:
+        raise ConfigError(f"{key}: {path} is {exc.kind}, not a PEM file", key=key) from None
     except OSError as exc:
         raise ConfigError(f"{key}: {path} cannot be read ({exc.strerror or exc})", key=key) from None
     if b"-----BEGIN CERTIFICATE-----" not in data:

@@ -71,17 +71,36 @@ FP_STATUS_PUBLISH_TIMEOUT_ERROR = FpStatus.FP_STATUS_PUBLISH_TIMEOUT_ERROR
 
 
 class OnboardingError(Exception):
-    """Base of every error hub_onboarding raises on purpose."""
+    """Base of every error hub_onboarding raises on purpose.
+
+    `key` is the config setting the error is about ("ro.iot_claim_pk_path"), when there is one: the
+    `--json` output carries it, so a supervisor can point at the entry to fix.
+    """
 
     exit_code: ClassVar[int] = 1
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.key = key
+
+    def amend(self, message: str, key: str | None = None) -> None:
+        """Replace the message (and set the key when given), for a caller that knows more context."""
+        self.message = message
+        self.args = (message,)
+        if key is not None:
+            self.key = key
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready description (for `hub-onboard --json`); never contains secrets."""
-        return {"type": type(self).__name__, "message": self.message, "exit_code": self.exit_code}
+        data: dict[str, object] = {
+            "type": type(self).__name__,
+            "message": self.message,
+            "exit_code": self.exit_code,
+        }
+        if self.key is not None:
+            data["key"] = self.key
+        return data
 
 
 class ConfigError(OnboardingError):
@@ -89,18 +108,22 @@ class ConfigError(OnboardingError):
 
     exit_code: ClassVar[int] = 3
 
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-
     def to_dict(self) -> dict[str, object]:
-        return {**super().to_dict(), "key": self.key}
+        return {**super().to_dict(), "key": self.key}  # always present, None for the file as a whole
 
 
 class CredentialError(OnboardingError):
-    """A certificate or private key cannot be used as it is."""
+    """A certificate or private key cannot be used as it is.
+
+    `part` says which of a pair the problem is with ("certificate", "private key"; None: the pair, e.g.
+    a key that does not belong to its certificate), so the caller can name that file's own setting.
+    """
 
     exit_code: ClassVar[int] = 4
+
+    def __init__(self, message: str, key: str | None = None, *, part: str | None = None) -> None:
+        super().__init__(message, key)
+        self.part = part
 
 
 class StorageError(OnboardingError):

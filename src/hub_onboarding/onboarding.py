@@ -5,9 +5,11 @@
     HubOnboarding(config_path, on_step=print)     -> each step as a StepEvent (OnboardingStep + message)
 
 Order of work in process_device, so that a power cut anywhere leaves a hub that resumes:
- 1. validate the config and read the credentials the next step needs (no network, nothing written);
- 2. take the onboarding lock (`<config>.lock`); re-read the config: if another run finished meanwhile,
-    report its result;
+ 1. validate the config, refuse read paths that name files onboarding writes, check that the folders it
+    writes to take a new file, and read the credentials the next step needs (no network, nothing
+    written: no certificate is minted that could not be stored);
+ 2. take the onboarding lock (`<config>.lock`; a wait is reported at once); re-read the config: if
+    another run finished meanwhile, report its result;
  3. fleet provisioning, resumable (see progress.py): connect with the claim certificate (client id: SN),
     CreateKeysAndCertificate / CreateCertificateFromCsr, store the new pair and the progress record,
     RegisterThing, record its answer, connect with the new certificate (verification);
@@ -55,9 +57,17 @@ from hub_onboarding.config import (
     ProvisioningMethod,
     ProvisioningState,
 )
-from hub_onboarding.errors import CredentialError, IdentityError, ProvisioningError
-from hub_onboarding.lock import onboarding_lock
-from hub_onboarding.progress import Action, Progress, ProgressStore, Step, next_action
+from hub_onboarding.errors import (
+    ConfigError,
+    CredentialError,
+    IdentityError,
+    OnboardingError,
+    ProvisioningError,
+    StorageError,
+)
+from hub_onboarding.lock import lock_path_for, onboarding_lock
+from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
+from hub_onboarding.progress import PROGRESS_FILE_NAME, Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
     from hub_onboarding.device_provisioner import Retry, RetryListener
@@ -86,8 +96,8 @@ class Timeouts:
 class OnboardingStep(enum.StrEnum):
     """What the orchestrator reports (`StepEvent.step`), roughly in the order of a run.
 
-    STARTING_OVER, TOKEN_REFUSED and RETRY are notes about the way, not progress: a terminal does not
-    number them (they are logged as warnings or information).
+    STARTING_OVER, TOKEN_REFUSED, RETRY and WAITING_FOR_LOCK are notes about the way, not progress: a
+    terminal does not number them (they are logged as warnings or information).
     """
 
     ALREADY_PROVISIONED = "ALREADY_PROVISIONED"
@@ -108,13 +118,21 @@ class OnboardingStep(enum.StrEnum):
     JITR_CONNECTED = "JITR_CONNECTED"
     RETRY = "RETRY"
     RECORDED = "RECORDED"  # the config says PROVISIONED
+    WAITING_FOR_LOCK = "WAITING_FOR_LOCK"  # another run holds the onboarding lock
 
     @classmethod
     def resumed_after(cls, step: Step) -> OnboardingStep:
         return cls(f"RESUMED_AFTER_{step.value}")
 
 
-_NOTES = frozenset({OnboardingStep.STARTING_OVER, OnboardingStep.TOKEN_REFUSED, OnboardingStep.RETRY})
+_NOTES = frozenset(
+    {
+        OnboardingStep.STARTING_OVER,
+        OnboardingStep.TOKEN_REFUSED,
+        OnboardingStep.RETRY,
+        OnboardingStep.WAITING_FOR_LOCK,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -213,7 +231,8 @@ def _result_from(doc: Mapping[str, Any], *, changed: bool, thing_name: str | Non
 
     return OnboardingResult(
         state=str(rw.get(cfgmod.PROVISIONING_STATE, ProvisioningState.NOT_PROVISIONED.value)),
-        method=s(ro.get(cfgmod.PROVISIONING_METHOD)),
+        # The method that is (or would be) used: an invalid value in the config means JITR, as in the SDK.
+        method=cfgmod.method_choice(ro).method.value,
         client_id=s(rw.get(cfgmod.CLIENT_ID)),
         managed_thing_id=s(rw.get(cfgmod.MANAGED_THING_ID)),
         certificate_path=s(rw.get(cfgmod.PERMANENT_CERT_PATH)),
@@ -261,23 +280,31 @@ class HubOnboarding:
             self._report(OnboardingStep.ALREADY_PROVISIONED, "already PROVISIONED; nothing to do")
             return _result_from(self._doc, changed=False)
         cfg = cfgmod.parse_config(self.config_path, self._doc)
+        try:
+            return self._onboard(cfg)
+        except OnboardingError as exc:
+            # JITR by fallback: whatever goes wrong next, say why JITR was tried at all.
+            if cfg.method_note and cfg.method_note not in exc.message:
+                exc.amend(f"{exc.message} ({cfg.method_note})")
+            raise
+
+    def _onboard(self, cfg: HubConfig) -> OnboardingResult:
         self._report(
             OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
         )
         handler = CertHandler(cfg.secure_storage_handler)
-        # Credentials are read and checked before the lock file or any connection exists, so a bad
-        # input writes nothing and sends nothing.
+        # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
+        # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
+        # is minted that could not be stored).
+        preflight(cfg)
         creds = self._read_initial_credentials(cfg, handler)
-        if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
-            # New credentials go there: refuse a folder open to others before a certificate is minted.
-            _files.check_private_dir(cfg.permanent_cert_dir)
-        with onboarding_lock(self.config_path, self.timeouts.lock):
+        with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             if self.is_provisioned():
                 self._report(
                     OnboardingStep.PROVISIONED_MEANWHILE, "another run provisioned this hub meanwhile"
                 )
                 return _result_from(self._doc, changed=False)
-            cfg = cfgmod.parse_config(self.config_path, self._doc)
+            cfg = cfgmod.parse_config(self.config_path, self._doc, warn=False)
             connector = self._provisioner_factory(cfg, self.timeouts)
             if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
                 return self._fleet_provisioning(cfg, handler, creds, connector)
@@ -285,11 +312,19 @@ class HubOnboarding:
             return self._jitr(cfg, creds, connector)
 
     def status(self) -> dict[str, Any]:
-        """What the config and the saved progress say (no secrets)."""
+        """What the config and the saved progress say (no secrets).
+
+        `method` is the method a provision would use; `configured_method` is added when the config says
+        something else (missing or invalid: the SDK falls back to JITR), with `method_note` saying why.
+        """
         doc = cfgmod.read_document(self.config_path)
         result = _result_from(doc, changed=False).to_dict()
         result.pop("changed")
         result.pop("thing_name")
+        choice = cfgmod.method_choice(doc[cfgmod.RO])
+        if choice.assumed:
+            result["configured_method"] = choice.configured
+            result["method_note"] = choice.note
         result["config_path"] = str(self.config_path)
         progress = ProgressStore(cfgmod.permanent_cert_dir(self.config_path, doc[cfgmod.RO])).load()
         result["progress"] = progress.step.value if progress else None
@@ -298,11 +333,15 @@ class HubOnboarding:
     def reset(self) -> list[Path]:
         """Local offboarding: rw back to NOT_PROVISIONED (+ metadata), onboarding's own files deleted.
 
-        ro is untouched, and files the config names in ro (claim, DHA: JITR's permanent pair is the DHA
-        pair) are never deleted. The config is reset before the files are deleted, so a crash in between
+        Only files onboarding wrote are deleted: the certificate and key it stored (known by the record
+        of their contents, `manifest`), its progress record and that record; never the config, its lock,
+        a file the config names in ro (claim, DHA: JITR's permanent pair is the DHA pair), or a file rw
+        names (rw is data, and another process may have written any path into it). A hub onboarded
+        before that record existed has its certificate and key deleted by their fixed names in the
+        credentials folder. The config is reset before the files are deleted, so a crash in between
         leaves an unprovisioned hub with stray files, never a provisioned hub without its key.
         """
-        with onboarding_lock(self.config_path, self.timeouts.lock):
+        with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             doc = cfgmod.read_document(self.config_path)
             targets = self._reset_targets(doc)
             cfgmod.reset_rw(self.config_path, clock=self._clock)
@@ -315,8 +354,8 @@ class HubOnboarding:
     # ------------------------------------------------------------------ steps
 
     def _reset_targets(self, doc: Mapping[str, Any]) -> list[Path]:
-        """The files onboarding wrote, minus any the config names in ro (compared as real paths)."""
-        ro, rw = doc[cfgmod.RO], doc.get(cfgmod.RW) or {}
+        """The files onboarding wrote, minus any the config names in ro or is (compared as real paths)."""
+        ro = doc[cfgmod.RO]
         cert_dir = cfgmod.permanent_cert_dir(self.config_path, ro)
         # Compared as real paths: a file named through `..` or a symlinked folder is still that file.
         protected = {
@@ -324,26 +363,32 @@ class HubOnboarding:
             for v in ro.values()
             if isinstance(v, str) and v.strip()
         }
-        candidates = [
-            cert_dir / PERMANENT_CERT_NAME,
-            cert_dir / PERMANENT_KEY_NAME,
-            ProgressStore(cert_dir).path,
-        ]
-        for key in (cfgmod.PERMANENT_CERT_PATH, cfgmod.PERMANENT_PK_PATH):
-            value = rw.get(key)
-            if isinstance(value, str) and value.strip():
-                p = Path(cfgmod.resolve_path(self.config_path, value))
-                # only what onboarding wrote: inside its credentials folder
-                if os.path.realpath(p.parent) == os.path.realpath(cert_dir):
-                    candidates.append(p)
-        # The names themselves are deleted (a symlink, not what it points at), once per real file.
-        by_real = {os.path.realpath(p): p for p in reversed(candidates)}
-        return sorted(p for real, p in by_real.items() if real not in protected)
+        protected |= {os.path.realpath(self.config_path), os.path.realpath(lock_path_for(self.config_path))}
+        manifest = Manifest(cert_dir)
+        pair = [PERMANENT_CERT_NAME, PERMANENT_KEY_NAME]
+        if manifest.exists():
+            recorded = manifest.load()
+            pair = [name for name in pair if manifest.written_by_onboarding(name, recorded)]
+        candidates = [cert_dir / name for name in [*pair, PROGRESS_FILE_NAME, MANIFEST_FILE_NAME]]
+        # The names themselves are deleted (a symlink, not what it points at), once per real file, the
+        # record of what onboarding wrote last (a reset cut short can be run again).
+        seen: set[str] = set()
+        targets = []
+        for p in candidates:
+            real = os.path.realpath(p)
+            if real not in protected and real not in seen:
+                seen.add(real)
+                targets.append(p)
+        return targets
 
     def _read_initial_credentials(self, cfg: HubConfig, handler: CertHandler) -> Credentials | None:
         if cfg.jitr is not None:
             return _read_credentials(
-                handler, CertType.DHA, cfg.jitr.dha_cert_path, cfg.jitr.dha_pk_path, cfgmod.DHA_CERT_PATH
+                handler,
+                CertType.DHA,
+                cfg.jitr.dha_cert_path,
+                cfg.jitr.dha_pk_path,
+                (cfgmod.DHA_CERT_PATH, cfgmod.DHA_PK_PATH),
             )
         assert cfg.fleet is not None
         progress = ProgressStore(cfg.permanent_cert_dir).load()
@@ -454,21 +499,115 @@ def _identity(progress: Progress) -> tuple[str, str | None]:
 
 
 def _read_credentials(
-    handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str, key: str
+    handler: CertHandler, cert_type: CertType, cert_ref: str, key_ref: str, keys: tuple[str, str]
 ) -> Credentials:
+    """Read a pair the config names; an error names the setting of the file at fault (`keys`: the ro
+    keys of the certificate and of the private key), or both when it is the pair (a mismatch)."""
     try:
         return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
     except CredentialError as exc:
-        # Name the config key so the user knows which entry to fix.
-        exc.message = f"{exc.message} (from ro.{key} and its key)"
-        exc.args = (exc.message,)
+        cert_key, pk_key = (cfgmod.key_name(cfgmod.RO, k) for k in keys)
+        if exc.part == "private key":
+            exc.amend(f"{exc.message} (from {pk_key})", pk_key)
+        elif exc.part == "certificate":
+            exc.amend(f"{exc.message} (from {cert_key})", cert_key)
+        else:
+            exc.amend(f"{exc.message} (from {cert_key} and {pk_key})", cert_key)
         raise
 
 
 def _read_claim(fleet: FleetConfig, handler: CertHandler) -> Credentials:
     return _read_credentials(
-        handler, CertType.CLAIM, fleet.claim_cert_path, fleet.claim_pk_path, cfgmod.CLAIM_CERT_PATH
+        handler,
+        CertType.CLAIM,
+        fleet.claim_cert_path,
+        fleet.claim_pk_path,
+        (cfgmod.CLAIM_CERT_PATH, cfgmod.CLAIM_PK_PATH),
     )
+
+
+# ---------------------------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file onboarding writes: what it is, and the setting that puts it there (for messages)."""
+
+    what: str
+    setting: str
+
+
+def files_written(cfg: HubConfig) -> dict[Path, WrittenFile]:
+    """Every file onboarding will write with this config."""
+    written = {
+        cfg.path: WrittenFile("the config itself", "--config"),
+        lock_path_for(cfg.path): WrittenFile("its lock file (the holder's pid)", "--config"),
+    }
+    if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
+        cert_dir = cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)
+        if cfgmod.PERMANENT_CERT_DIR not in cfg.set_keys:
+            cert_dir += " (default: certs beside the config)"
+        d = cfg.permanent_cert_dir
+        written[d / PERMANENT_CERT_NAME] = WrittenFile("the new certificate", cert_dir)
+        written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
+        written[d / PROGRESS_FILE_NAME] = WrittenFile("the progress record", cert_dir)
+        written[d / MANIFEST_FILE_NAME] = WrittenFile("the record of its files", cert_dir)
+    return written
+
+
+def preflight(cfg: HubConfig) -> None:
+    """Before any traffic: nothing onboarding writes may overwrite a file it reads, and every folder it
+    writes to must take a new file. ConfigError (3) or StorageError (5); nothing is written."""
+    _refuse_overlaps(cfg)
+    if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
+        # New credentials go there: refuse a folder open to others before a certificate is minted.
+        _files.check_private_dir(cfg.permanent_cert_dir)
+        _probe(
+            cfg.permanent_cert_dir,
+            f"the credentials folder {cfg.permanent_cert_dir}",
+            cfgmod.PERMANENT_CERT_DIR,
+        )
+        for path, file in files_written(cfg).items():
+            if path.parent == cfg.permanent_cert_dir and path.is_dir() and not path.is_symlink():
+                raise StorageError(
+                    f"{path} ({file.what}) is a folder; onboarding cannot write there: remove it",
+                    key=cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR),
+                )
+    # The config is replaced by a rename in the folder of the real file: that folder takes new files.
+    config_dir = _files.real_path(cfg.path).parent
+    _probe(config_dir, f"the config's folder {config_dir}", None)
+
+
+def _refuse_overlaps(cfg: HubConfig) -> None:
+    """A file the config gives onboarding to read (claim, DHA, root CA) must not be one it writes: the
+    factory claim overwritten by the new certificate could never onboard this hub again. Compared as
+    real paths, so `..`, a symlinked folder or a relative path do not hide it."""
+    written = {os.path.realpath(path): (path, file) for path, file in files_written(cfg).items()}
+    for key, value in cfg.read_paths.items():
+        hit = written.get(os.path.realpath(value))
+        if hit is None:
+            continue
+        path, file = hit
+        setting = cfgmod.key_name(cfgmod.RO, key)
+        raise ConfigError(
+            f"{setting} and {file.setting} name the same file {path}: onboarding writes {file.what} there "
+            f"and would overwrite what {setting} names; keep the factory's files elsewhere, or set "
+            f"{cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)} to a folder of its own",
+            key=setting,
+        )
+
+
+def _probe(directory: Path, what: str, key: str | None) -> None:
+    try:
+        _files.probe_writable(directory)
+    except OSError as exc:
+        setting = f" (set by {cfgmod.key_name(cfgmod.RO, key)})" if key else ""
+        raise StorageError(
+            f"{what}{setting} cannot be written: {exc.strerror or exc}; onboarding stores its results "
+            "there, so it stopped before contacting the cloud (no certificate was created); make it "
+            "writable by onboarding, then run the same command again",
+            key=cfgmod.key_name(cfgmod.RO, key) if key else None,
+        ) from None
 
 
 class _Reporter:
@@ -484,6 +623,10 @@ class _Reporter:
     def emit(self, event: StepEvent) -> None:
         if self._listener is not None:
             self._listener(event)
+
+    def waiting(self, message: str) -> None:
+        """Another run holds the onboarding lock: say so at once (a warning: it shows without -v)."""
+        self(OnboardingStep.WAITING_FOR_LOCK, message, logging.WARNING)
 
     def retry(self, retry: Retry) -> None:
         # DeviceProvisioner has logged the retry (as a warning); this tells the listener.
@@ -518,6 +661,7 @@ class _FleetRun:
         self.fleet = cfg.fleet
         self.handler = handler
         self.store = ProgressStore(cfg.permanent_cert_dir)
+        self.manifest = Manifest(cfg.permanent_cert_dir)
         self.binding = _binding(cfg, cfg.fleet)
         self.connector = connector
         self.clock = clock
@@ -613,6 +757,13 @@ class _FleetRun:
         # before they are overwritten, so a cut between the key and the certificate can never leave an
         # old record that a later run would resume with a mismatched pair.
         self.store.clear()
+        # What is about to be written is recorded first, so that reset knows these files as onboarding's.
+        self.manifest.record(
+            {
+                PERMANENT_CERT_NAME: issued.credentials.certificate_pem,
+                PERMANENT_KEY_NAME: issued.credentials.private_key_pem,
+            }
+        )
         # Credentials first, then the record that names them (and carries the token).
         self.handler.write_permanent_cert_and_private_key(
             issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path

@@ -16,6 +16,9 @@ import contextlib
 import errno
 import json
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,11 @@ from typing import Any
 import pytest
 
 from hub_onboarding.cli import main
+from hub_onboarding.lock import onboarding_lock
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import certificate_ids, make_pair
+from tests._support.certificates import certificate_ids, make_pair, write_private
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
-from tests._support.processes import run_hub
+from tests._support.processes import HubProcess, run_hub
 from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +98,7 @@ class Case:
     setup: Setup
     exit_code: int
     message: str
+    key: str | None = None  # the config setting the --json error names, when the case checks it
 
 
 def _expired(hub: BadHub) -> None:
@@ -128,15 +133,8 @@ def _fifo_cert(hub: BadHub) -> None:
 
 def _unreadable_config(hub: BadHub) -> None:
     os.chmod(hub.config, 0)  # honoured when not root
-    # As root, the read itself is made to fail the way it fails for anyone else: EACCES.
-    real = Path.read_text
-
-    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
-        if _same(self, hub.config):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real(self, *args, **kwargs)
-
-    hub.monkeypatch.setattr(Path, "read_text", read_text)
+    # As root, the open itself is made to fail the way it fails for anyone else: EACCES.
+    hub.fail_os_call("open", errno.EACCES, lambda p: _same(p, hub.config))
 
 
 def _read_only_folder(hub: BadHub) -> None:
@@ -144,6 +142,40 @@ def _read_only_folder(hub: BadHub) -> None:
     # As root, the kernel would still refuse a read-only mount: EROFS on any create in the folder.
     hub.fail_os_call("open", errno.EROFS, lambda p: _inside(p, hub.dir) and not Path(p).exists())
     hub.fail_os_call("mkdir", errno.EROFS, lambda p: _inside(p, hub.dir))
+
+
+def _read_only_credentials_folder(err: int) -> Setup:
+    """The credentials folder exists but takes no new file: EROFS (read-only mount) or EACCES."""
+
+    def setup(hub: BadHub) -> None:
+        certs = hub.dir / "certs"
+        certs.mkdir(mode=0o700)
+        hub.fail_os_call("open", err, lambda p: _inside(p, certs) and not Path(p).exists())
+
+    return setup
+
+
+def _fifo_config(hub: BadHub) -> None:
+    fifo = hub.dir / "fifo.json"
+    os.mkfifo(fifo)
+    hub.argv = ["provision", "--config", str(fifo)]
+
+
+def _claim_at_permanent(key: str, name: str) -> Setup:
+    """The factory put a claim file where onboarding writes its own (certs/...) and named it there."""
+
+    def setup(hub: BadHub) -> None:
+        certs = hub.dir / "certs"
+        certs.mkdir(mode=0o700)
+        source = hub.claim_key if key == "iot_claim_pk_path" else hub.claim_cert
+        write_private(certs / name, source.read_bytes())
+        hub.ro(**{key: f"certs/{name}"})
+
+    return setup
+
+
+def _planted_lock_symlink(hub: BadHub) -> None:
+    (hub.dir / "iotmi_config.json.lock").symlink_to(hub.dir / "victim")
 
 
 def _same(path: Any, other: Path) -> bool:
@@ -244,12 +276,44 @@ CASES = [
         3,
         "is set from ro.SN / ro.UPC",
     ),
+    Case(
+        "config is a FIFO",
+        _fifo_config,
+        3,
+        "config path {dir}/fifo.json is a FIFO (named pipe), not a regular file",
+    ),
     # method (exit 3)
     Case(
         "unknown provisioning method (falls back to JITR)",
         _ro(iot_provisioning_method="FLEET"),
         3,
         "ro.iot_dha_cert_path: missing; JITR needs",
+        key="ro.iot_dha_cert_path",
+    ),
+    Case(
+        "provisioning method typo",
+        _ro(iot_provisioning_method="FLEET_PROVISIONNING"),
+        3,
+        "(JITR was assumed because ro.iot_provisioning_method is 'FLEET_PROVISIONNING', not a valid "
+        "method; did you mean 'FLEET_PROVISIONING'?)",
+        key="ro.iot_dha_cert_path",
+    ),
+    # read paths that are files onboarding writes (exit 3, naming both keys)
+    Case(
+        "claim certificate path is the permanent certificate",
+        _claim_at_permanent("iot_claim_cert_path", "certificate.pem.crt"),
+        3,
+        "ro.iot_claim_cert_path and ro.iot_permanent_cert_dir (default: certs beside the config) name "
+        "the same file {dir}/certs/certificate.pem.crt",
+        key="ro.iot_claim_cert_path",
+    ),
+    Case(
+        "claim key path is the permanent key",
+        _claim_at_permanent("iot_claim_pk_path", "private.pem.key"),
+        3,
+        "ro.iot_claim_pk_path and ro.iot_permanent_cert_dir (default: certs beside the config) name "
+        "the same file {dir}/certs/private.pem.key",
+        key="ro.iot_claim_pk_path",
     ),
     Case(
         "unknown certificate method",
@@ -334,7 +398,9 @@ CASES = [
         "claim key readable by others",
         lambda h: os.chmod(h.claim_key, 0o644),
         4,
-        "has mode 0644, readable or writable by other users; run 'chmod 600",
+        "has mode 0644, readable or writable by other users; run 'chmod 600 {claim_key}' (0600 or "
+        "narrower is accepted) (from ro.iot_claim_pk_path)",
+        key="ro.iot_claim_pk_path",
     ),
     Case("claim key group-writable", lambda h: os.chmod(h.claim_key, 0o620), 4, "has mode 0620"),
     Case(
@@ -365,7 +431,37 @@ CASES = [
         "does not belong to the certificate",
     ),
     # storage (exit 5)
-    Case("read-only config folder (EROFS)", _read_only_folder, 5, "cannot create the lock file"),
+    Case(
+        "read-only config folder (EROFS)",
+        _read_only_folder,
+        5,
+        "cannot be written: Read-only file system; onboarding stores its results there, so it stopped "
+        "before contacting the cloud (no certificate was created)",
+    ),
+    Case(
+        "read-only credentials folder (EROFS)",
+        _read_only_credentials_folder(errno.EROFS),
+        5,
+        "the credentials folder {dir}/certs (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Read-only file system; onboarding stores its results there, so it stopped before contacting "
+        "the cloud (no certificate was created)",
+        key="ro.iot_permanent_cert_dir",
+    ),
+    Case(
+        "credentials folder not writable (EACCES)",
+        _read_only_credentials_folder(errno.EACCES),
+        5,
+        "the credentials folder {dir}/certs (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Permission denied",
+        key="ro.iot_permanent_cert_dir",
+    ),
+    Case(
+        "lock file a planted symlink",
+        _planted_lock_symlink,
+        5,
+        "the lock file {dir}/iotmi_config.json.lock is a symbolic link (to {dir}/victim); onboarding "
+        "does not follow it",
+    ),
     # command line (exit 2)
     Case("no --config", _argv("provision"), 2, "--config"),
     Case("unknown command", _argv("onboard", "--config", "{config}"), 2, "invalid choice"),
@@ -384,12 +480,14 @@ TRIED: list[str] = []
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(
     case: Case,
+    iot: Any,
     make_cloud_hub: CloudHubFactory,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
+    certificates = certificate_ids(iot)
     try:
         case.setup(hub)
         before = snapshot(hub.dir)
@@ -400,13 +498,14 @@ def test_bad_input(
     finally:
         monkeypatch.undo()
         os.chmod(hub.dir, 0o755)
-    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key)
+    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key, dir=hub.dir)
     assert code == case.exit_code, out.err
     assert message in out.err, out.err
     assert "Traceback" not in out.err + out.out
     if code != 2:
         assert out.err.rstrip().splitlines()[-1].startswith("hub-onboard: error: "), "one clear last line"
     assert after == before, "a bad input writes nothing"
+    assert certificate_ids(iot) == certificates, "a bad input mints no certificate"
     TRIED.append(case.name)
 
 
@@ -424,26 +523,37 @@ def test_bad_input(
             "claim key readable by others",
             "claim key is a symlink",
             "claim certificate expired",
+            "config is a FIFO",
+            "provisioning method typo",
+            "claim certificate path is the permanent certificate",
+            "claim key path is the permanent key",
+            "lock file a planted symlink",
         )
     ],
     ids=lambda c: c.name,
 )
 def test_bad_input_in_a_real_process(
-    case: Case, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch
+    case: Case, iot: Any, make_cloud_hub: CloudHubFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same cases through a real `hub-onboard` process, with --json: the error is machine-readable too."""
     config = make_cloud_hub()
     hub = BadHub(config, monkeypatch)
     case.setup(hub)
     before = snapshot(hub.dir)
+    certificates = certificate_ids(iot)
     argv = (hub.argv or ["provision", "--config", str(config)])[1:]
+    # A hang (the FIFO config did hang) ends in run_hub's timeout, as a failure.
     done = run_hub(Path(argv[1]), *argv[2:], "--json", verbosity="")
     assert done.returncode == case.exit_code, done.stderr
     error = json.loads(done.stdout)["error"]
     assert error["exit_code"] == case.exit_code
-    assert case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key) in error["message"]
+    message = case.message.format(claim_cert=hub.claim_cert, claim_key=hub.claim_key, dir=hub.dir)
+    assert message in error["message"]
+    if case.key is not None:
+        assert error["key"] == case.key
     assert "Traceback" not in done.stderr
     assert snapshot(hub.dir) == before
+    assert certificate_ids(iot) == certificates
     TRIED.append(f"process:{case.name}")
 
 
@@ -483,6 +593,8 @@ def test_full_disk_writing_the_credentials(
     # What remains: the lock file (never deleted, empty) and the empty 0700 credentials folder.
     assert after.pop("iotmi_config.json.lock") == ("file", 0o600, b"")
     assert after.pop("certs") == ("dir", 0o700, b"")
+    # and the record of the files it was about to write (written first, so reset knows them)
+    assert after.pop("certs/onboarding-files.json")[1] == 0o600
     assert after == before
     TRIED.append("full disk writing the credentials")
 
@@ -515,3 +627,89 @@ def test_full_disk_writing_the_config_then_space_comes_back(
     cert_id = assert_recovered(cloud, iot, config, original)
     assert certificate_ids(iot) - certificates == {cert_id}
     TRIED.append("full disk writing the config")
+
+
+# ------------------------------------------------------------------ real filesystems, real processes
+
+
+def _in_a_read_only_mount(folder: Path, argv: list[str]) -> list[str]:
+    """argv run in a private mount namespace where `folder` is bind-mounted read-only: a real EROFS.
+
+    The mount lives and dies with the child (unshare -m); a user namespace (-r) when not root.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("unshare (util-linux) is needed for a real read-only mount")
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" "$1" && shift && exec "$@"'
+    user_ns = [] if os.geteuid() == 0 else ["-r"]
+    return [unshare, "-m", *user_ns, "sh", "-c", script, "sh", str(folder), *argv]
+
+
+def test_read_only_credentials_folder_in_a_real_process(iot: Any, make_cloud_hub: CloudHubFactory) -> None:
+    # The mistake: exit 5 blaming a progress file that does not exist (unlink answers EROFS even for a
+    # missing file), after CreateKeysAndCertificate: one orphan certificate per attempt.
+    config = make_cloud_hub()
+    certs = config.parent / "certs"
+    certs.mkdir(mode=0o700)
+    before = snapshot(config.parent)
+    certificates = certificate_ids(iot)
+    argv = [sys.executable, "-m", "hub_onboarding.cli", "provision", "--config", str(config), "--json"]
+    # subprocess.run's timeout bounds a hang: the child is another process, with no event to wait on.
+    done = subprocess.run(
+        _in_a_read_only_mount(certs, argv), capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 5 and "mount" in done.stderr and "hub-onboard" not in done.stderr:
+        pytest.fail(f"could not make a read-only mount here: {done.stderr}")
+    assert done.returncode == 5, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["message"].startswith(
+        f"the credentials folder {certs} (set by ro.iot_permanent_cert_dir) cannot be written: "
+        "Read-only file system; onboarding stores its results there, so it stopped before contacting the "
+        "cloud (no certificate was created)"
+    )
+    assert error["key"] == "ro.iot_permanent_cert_dir"
+    assert "progress" not in error["message"]
+    assert certificate_ids(iot) == certificates, "no certificate minted"
+    assert snapshot(config.parent) == before, "nothing written"
+    TRIED.append("process:read-only credentials folder (a real read-only mount)")
+
+
+def test_waiting_on_the_lock_says_so_at_once_in_a_real_process(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    # The mistake: a second provision waiting on the lock printed nothing for up to 600 s.
+    config = make_cloud_hub()
+    certificates = certificate_ids(iot)
+    with onboarding_lock(config, timeout=0):  # this test process is the holder: its pid is in the file
+        hub = HubProcess(config, "--lock-wait", "30", verbosity="")
+        try:
+            line = hub.wait_for_line("is onboarding with", timeout=60)
+        finally:
+            hub.proc.kill()
+            hub.finish(60)
+    assert f"another hub-onboard (pid {os.getpid()}) is onboarding with {config}" in line
+    assert "waiting up to 30 s for it to finish" in line
+    assert certificate_ids(iot) == certificates
+    TRIED.append("process:lock wait message")
+
+
+def test_reset_keeps_the_config_named_by_rw_in_a_real_process(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    # The mistake: reset deleted whatever rw named inside the credentials folder, the config included.
+    config = make_cloud_hub()
+    config.parent.chmod(0o700)
+    doc = read_config(config)
+    doc["ro"]["iot_permanent_cert_dir"] = "."
+    config.write_text(json.dumps(doc))
+    assert run_hub(config, verbosity="").returncode == 0
+    doc = read_config(config)
+    doc["rw"]["iot_permanent_pk_path"] = str(config)
+    config.write_text(json.dumps(doc))
+    done = run_hub(config, "--yes", "--json", command="reset", verbosity="")
+    assert done.returncode == 0, done.stderr
+    deleted = {Path(p).name for p in json.loads(done.stdout)["deleted"]}
+    assert deleted == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
+    assert read_config(config)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert Path(read_config(config)["ro"]["iot_claim_pk_path"]).exists()
+    TRIED.append("process:reset with rw naming the config")

@@ -56,24 +56,28 @@ def test_the_second_run_waits_and_a_third_gives_up(
     )
     first.wait_frozen()
     second = HubProcess(config_path, verbosity="-v", json_steps=True)  # waits for the lock (default: 600 s)
-    second.wait_for_step("CONFIG_READ")  # the last step before the lock
+    second.wait_for_step("WAITING_FOR_LOCK")  # said at once: it waits for the lock
     files = snapshot(config_path.parent)
     third = HubProcess(config_path, "--lock-wait", "0.5", verbosity="")
     busy = third.finish(20)
     assert busy.returncode == 6, busy.stderr  # BusyError
-    assert f"another hub-onboard is onboarding with {config_path}" in busy.stderr
+    assert busy.stderr.startswith(
+        f"hub-onboard: warning: another hub-onboard (pid {first.proc.pid}) is onboarding with {config_path}; "
+        "waiting up to 0.5 s for it to finish"
+    ), busy.stderr
+    assert f"another hub-onboard (pid {first.proc.pid}) is onboarding with {config_path} (lock" in busy.stderr
     assert "wait for it to finish, then run provision again" in busy.stderr
     assert "Traceback" not in busy.stderr
     assert snapshot(config_path.parent) == files, "the run that gave up wrote nothing"
     # The third run waited out its 0.5 s at the lock meanwhile: the second is still there, not past it.
     assert second.proc.poll() is None, "the second run is still waiting for the lock"
-    assert second.steps == ["CONFIG_READ"]
+    assert second.steps == ["CONFIG_READ", "WAITING_FOR_LOCK"]
     first.resume()
     done = [first.finish(30), second.finish(30)]
     assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
     assert json.loads(done[0].stdout)["changed"] is True  # newly provisioned (--json: the freeze's steps)
     assert json.loads(done[1].stdout)["changed"] is False
-    assert done[1].steps == ["CONFIG_READ", "PROVISIONED_MEANWHILE"]
+    assert done[1].steps == ["CONFIG_READ", "WAITING_FOR_LOCK", "PROVISIONED_MEANWHILE"]
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}
 
@@ -88,7 +92,7 @@ def test_the_waiting_run_takes_over_when_the_first_dies(
     first = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze_at_step("CREDENTIALS_STORED"))
     first.wait_frozen()
     second = HubProcess(config_path, json_steps=True)
-    second.wait_for_step("CONFIG_READ")  # the last step before the lock
+    second.wait_for_step("WAITING_FOR_LOCK")  # said at once: it waits for the lock
     assert second.proc.poll() is None
     first.kill()
     done = second.finish(30)

@@ -250,3 +250,37 @@ def test_generate_key_and_csr() -> None:
 def test_delete_only_existing(tmp_path: Path) -> None:
     (tmp_path / "a").write_text("x")
     assert _files.delete_files([tmp_path / "a", tmp_path / "b"]) == [tmp_path / "a"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "part"),
+    [
+        ("key mode", "private key"),
+        ("key missing", "private key"),
+        ("key encrypted", "private key"),
+        ("certificate missing", "certificate"),
+        ("certificate garbage", "certificate"),
+        ("pair mismatched", None),
+    ],
+)
+def test_a_credential_error_says_which_file_of_the_pair_is_at_fault(
+    tmp_path: Path, breakage: str, part: str | None
+) -> None:
+    """So the caller can name that file's own config setting (iot_claim_pk_path for the key)."""
+    pair = make_pair("claim")
+    cert, key = pair_files(tmp_path, pair)
+    if breakage == "key mode":
+        os.chmod(key, 0o644)
+    elif breakage == "key missing":
+        os.unlink(key)
+    elif breakage == "key encrypted":
+        write_private(Path(key), make_pair("claim", password=b"pass").key_pem)
+    elif breakage == "certificate missing":
+        os.unlink(cert)
+    elif breakage == "certificate garbage":
+        Path(cert).write_bytes(b"garbage")
+    else:
+        write_private(Path(key), make_pair("other").key_pem)
+    with pytest.raises(CredentialError) as info:
+        CertHandler().read_cert_and_private_key(CertType.CLAIM, cert, key)
+    assert info.value.part == part

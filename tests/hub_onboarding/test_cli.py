@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -175,3 +176,56 @@ def test_exit_codes_are_defined_once() -> None:
         used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & shared
         assert used <= imported, f"{module.name} uses {used - imported} without importing it from errors"
     assert errors.ConfigError.exit_code == fleet_sim.EXIT_CONFIG
+
+
+def test_json_errors_carry_the_key_for_credential_errors(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The mistake: --json errors carried `key` for ConfigError but not for CredentialError.
+    hub = make_hub()
+    (hub.dir / "claim.key").chmod(0o644)
+    assert main(["provision", "--config", str(hub.config), "--json"]) == 4
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == "CredentialError"
+    assert error["key"] == "ro.iot_claim_pk_path"
+
+
+def test_status_shows_the_method_that_will_be_used(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub("FLEET_PROVISIONNING")
+    assert main(["status", "--config", str(hub.config)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "method: JITR (JITR was assumed because ro.iot_provisioning_method is 'FLEET_PROVISIONNING', "
+        "not a valid method; did you mean 'FLEET_PROVISIONING'?)\n" in out
+    )
+    assert main(["status", "--config", str(hub.config), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["method"], info["configured_method"]) == ("JITR", "FLEET_PROVISIONNING")
+
+
+@pytest.mark.parametrize("command", ["provision", "status", "reset"])
+def test_a_fifo_as_config_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # The mistake: a FIFO given as --config hung provision and status forever.
+    fifo = tmp_path / "iotmi_config.json"
+    os.mkfifo(fifo)
+    assert main([command, "--config", str(fifo), *(["--yes"] if command == "reset" else [])]) == 3
+    err = capsys.readouterr().err
+    assert f"config path {fifo} is a FIFO (named pipe), not a regular file" in err
+    assert not (tmp_path / "iotmi_config.json.lock").exists()
+
+
+def test_warnings_read_as_short_lines_without_verbose(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = make_hub("FLEET_PROVISIONNING", drop=("iot_dha_cert_path",))
+    assert main(["provision", "--config", str(hub.config)]) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "hub-onboard: warning: ro.iot_provisioning_method is invalid ('FLEET_PROVISIONNING'); falling back "
+        "to JITR; did you mean 'FLEET_PROVISIONING'?"
+    )
+    assert lines[-1].startswith("hub-onboard: error: ro.iot_dha_cert_path: missing")

@@ -380,3 +380,101 @@ def test_write_as_another_user_ignores_eperm(make_hub: HubFactory, monkeypatch: 
     cfg.update_rw(hub.config, {"client_id": "c"})
     assert calls
     assert cfg.read_document(hub.config)["rw"]["client_id"] == "c"
+
+
+@pytest.mark.parametrize(
+    ("typo", "closest"),
+    [
+        ("FLEET_PROVISIONNING", "FLEET_PROVISIONING"),
+        ("fleet_provisioning", "FLEET_PROVISIONING"),
+        ("FLEET", "FLEET_PROVISIONING"),
+        ("JITTR", "JITR"),
+        ("jitr", "JITR"),
+    ],
+)
+def test_a_typo_in_the_method_is_warned_first_and_explained_in_the_error(
+    make_hub: HubFactory, caplog: pytest.LogCaptureFixture, typo: str, closest: str
+) -> None:
+    # The mistake: FLEET_PROVISIONNING gave only "ro.iot_dha_cert_path: missing" and no warning at all.
+    hub = make_hub(ro={"iot_provisioning_method": typo}, drop=("iot_dha_cert_path", "iot_dha_pk_path"))
+    with caplog.at_level(logging.WARNING, logger="hub_onboarding"), pytest.raises(ConfigError) as info:
+        cfg.parse_config(hub.config)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"ro.iot_provisioning_method is invalid ({typo!r}); falling back to JITR; did you mean {closest!r}?"
+    ]
+    assert info.value.key == "ro.iot_dha_cert_path"
+    assert info.value.message.startswith("ro.iot_dha_cert_path: missing")
+    assert (
+        f"(JITR was assumed because ro.iot_provisioning_method is {typo!r}, not a valid method; "
+        f"did you mean {closest!r}?)" in info.value.message
+    )
+
+
+def test_a_missing_method_is_explained_in_the_error(make_hub: HubFactory) -> None:
+    hub = make_hub(drop=("iot_provisioning_method", "iot_dha_cert_path"))
+    with pytest.raises(ConfigError, match=r"JITR was assumed because ro\.iot_provisioning_method is missing"):
+        cfg.parse_config(hub.config)
+
+
+def test_method_choice_names_what_will_be_used(make_hub: HubFactory) -> None:
+    choice = cfg.method_choice({"iot_provisioning_method": "FLEET_PROVISIONNING"})
+    assert choice.method is cfg.ProvisioningMethod.JITR
+    assert choice.configured == "FLEET_PROVISIONNING"
+    assert choice.assumed
+    valid = cfg.method_choice({"iot_provisioning_method": "FLEET_PROVISIONING"})
+    assert valid.method is cfg.ProvisioningMethod.FLEET_PROVISIONING
+    assert not valid.assumed
+    assert valid.warning is None
+
+
+def test_parse_config_warns_once_per_read(make_hub: HubFactory, caplog: pytest.LogCaptureFixture) -> None:
+    hub = make_hub(ro={"iot_provisioning_method": "JTR"})
+    with caplog.at_level(logging.WARNING, logger="hub_onboarding"):
+        parsed = cfg.parse_config(hub.config, warn=False)
+    assert caplog.records == []
+    assert parsed.method_note is not None
+    assert parsed.warnings  # still carried for a caller that shows them itself
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    # The mistake: a FIFO given as --config hung provision and status forever (no writer ever comes).
+    if kind == "fifo":
+        path = tmp_path / "iotmi_config.json"
+        os.mkfifo(path)
+        word = "a FIFO (named pipe)"
+    else:
+        path = Path(os.devnull)
+        word = "a character device"
+    with pytest.raises(ConfigError) as info:
+        cfg.read_document(path)
+    assert info.value.exit_code == 3
+    assert f"config path {path} is {word}, not a regular file" in info.value.message
+
+
+def test_a_root_ca_that_is_a_fifo_is_refused(make_hub: HubFactory) -> None:
+    hub = make_hub()
+    fifo = hub.dir / "ca.fifo"
+    os.mkfifo(fifo)
+    hub.write({**hub.doc(), "ro": {**hub.doc()["ro"], "iot_root_ca_path": str(fifo)}})
+    with pytest.raises(
+        ConfigError, match=r"ro.iot_root_ca_path: .* is a FIFO \(named pipe\), not a PEM file"
+    ):
+        cfg.parse_config(hub.config)
+
+
+def test_read_paths_are_every_ro_file_onboarding_reads(make_hub: HubFactory) -> None:
+    hub = make_hub(
+        ro={
+            "iot_claim_cert_path": "SECURE_STORAGE",
+            "iot_claim_pk_path": "SECURE_STORAGE",
+            "iot_dha_cert_path": "dha.crt",
+        }
+    )
+    parsed = cfg.parse_config(hub.config)
+    assert parsed.read_paths == {  # relative ones taken from the config's folder; SECURE_STORAGE is no path
+        "iot_dha_cert_path": str(hub.dir / "dha.crt"),
+        "iot_dha_pk_path": str(hub.dir / "dha.key"),
+        "iot_root_ca_path": str(hub.dir / "ca.pem"),
+    }

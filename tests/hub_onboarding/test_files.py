@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,55 @@ def test_write_private_file_mode_from_the_first_byte(tmp_path: Path) -> None:
         os.umask(old)
     assert mode(tmp_path / "d") == 0o700
     assert mode(tmp_path / "d" / "secret") == 0o600
+
+
+def _unlink_answers(err: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.unlink fails with `err` whether or not the name exists, as a read-only filesystem answers."""
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(err, os.strerror(err), str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+
+def test_remove_of_a_missing_file_on_a_read_only_filesystem_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The mistake: unlink answers EROFS even for a file that does not exist, and onboarding then blamed
+    # a progress record that was never there (exit 5).
+    _unlink_answers(errno.EROFS, monkeypatch)
+    assert _files.remove(tmp_path / "never-written.json") is False
+    present = tmp_path / "present.json"
+    present.write_text("{}")
+    with pytest.raises(OSError, match="Read-only file system"):
+        _files.remove(present)
+
+
+def test_read_regular_file_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(_files.NotRegularFileError) as info:
+        _files.read_regular_file(fifo)  # no writer: a plain open would block here forever
+    assert info.value.kind == "a FIFO (named pipe)"
+    with pytest.raises(IsADirectoryError):
+        _files.read_regular_file(tmp_path)
+    (tmp_path / "f").write_bytes(b"data")
+    assert _files.read_regular_file(tmp_path / "f") == b"data"
+
+
+def test_probe_writable_leaves_nothing_and_judges_a_missing_folder_by_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _files.probe_writable(tmp_path)
+    _files.probe_writable(tmp_path / "not" / "yet")  # created later: tmp_path takes it
+    assert list(tmp_path.iterdir()) == []
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(os.fsdecode(path)).parent == tmp_path:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError, match="Read-only file system"):
+        _files.probe_writable(tmp_path / "not" / "yet")

@@ -150,3 +150,80 @@ def test_an_interrupted_flock_is_retried(config: Path, monkeypatch: pytest.Monke
         pass
     assert len(calls) == 2
     assert fake.sleeps == []
+
+
+def test_a_symlink_planted_as_the_lock_file_is_refused(config: Path, tmp_path: Path) -> None:
+    # The mistake: <config>.lock followed a planted symlink, creating (or locking) the file it names.
+    victim = tmp_path / "elsewhere" / "victim"
+    victim.parent.mkdir()
+    lock.lock_path_for(config).symlink_to(victim)
+    with pytest.raises(StorageError) as info, lock.onboarding_lock(config, timeout=0):
+        pass
+    assert info.value.exit_code == 5
+    assert (
+        f"the lock file {lock.lock_path_for(config)} is a symbolic link (to {victim})" in info.value.message
+    )
+    assert "remove it" in info.value.message
+    assert not victim.exists()
+
+
+def test_a_fifo_planted_as_the_lock_file_is_refused(config: Path) -> None:
+    os.mkfifo(lock.lock_path_for(config))
+    with (
+        pytest.raises(StorageError, match=r"is a FIFO \(named pipe\), not a regular file"),
+        lock.onboarding_lock(config, timeout=0),
+    ):
+        pass
+
+
+def test_the_holder_writes_its_pid_and_empties_the_file_on_release(config: Path) -> None:
+    with lock.onboarding_lock(config, timeout=0):
+        assert lock.lock_path_for(config).read_text() == f"{os.getpid()}\n"
+    assert lock.lock_path_for(config).read_text() == ""
+
+
+def test_waiting_says_so_at_once_with_the_holders_pid_and_the_wait(config: Path) -> None:
+    # The mistake: a second provision waiting on the lock printed nothing for up to 600 s.
+    fake = FakeTime()
+    heard: list[tuple[float, str]] = []
+    with (
+        lock.onboarding_lock(config, timeout=0),
+        pytest.raises(BusyError) as info,
+        lock.onboarding_lock(
+            config,
+            timeout=2,
+            poll=0.5,
+            clock=fake.clock,
+            sleep=fake.sleep,
+            on_wait=lambda text: heard.append((fake.now, text)),
+        ),
+    ):
+        pass
+    pid = os.getpid()
+    assert heard == [
+        (
+            1000.0,  # before the first sleep
+            f"another hub-onboard (pid {pid}) is onboarding with {config}; waiting up to 2 s for it to "
+            f"finish (lock {lock.lock_path_for(config)})",
+        )
+    ]
+    assert f"(pid {pid})" in info.value.message
+
+
+def test_a_holder_that_wrote_no_pid_is_waited_for_all_the_same(config: Path) -> None:
+    fd = os.open(lock.lock_path_for(config), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # an older hub-onboard: holds the lock, says nothing
+        heard: list[str] = []
+        fake = FakeTime()
+        with (
+            pytest.raises(BusyError),
+            lock.onboarding_lock(config, timeout=0, clock=fake.clock, sleep=fake.sleep, on_wait=heard.append),
+        ):
+            pass
+        assert heard == [
+            f"another hub-onboard is onboarding with {config}; waiting up to 0 s for it to finish "
+            f"(lock {lock.lock_path_for(config)})"
+        ]
+    finally:
+        os.close(fd)

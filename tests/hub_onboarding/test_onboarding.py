@@ -9,8 +9,10 @@ tests/e2e against iot-core-local.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import stat
 import threading
 from pathlib import Path
@@ -24,10 +26,12 @@ from hub_onboarding import config as cfgmod
 from hub_onboarding.certs import CertHandler
 from hub_onboarding.errors import (
     BusyError,
+    ConfigError,
     CredentialError,
     IdentityError,
     MqttConnectionError,
     OnboardingError,
+    StorageError,
 )
 from hub_onboarding.lock import onboarding_lock
 from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
@@ -336,7 +340,7 @@ def test_reset_deletes_only_what_onboarding_created(make_hub: HubFactory, cloud:
     cloud.onboarding(hub.config).process_device()
     ro_before = hub.doc()["ro"]
     deleted = cloud.onboarding(hub.config).reset()
-    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key"}
+    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
     doc = hub.doc()
     assert doc["ro"] == ro_before
     assert set(doc["rw"]) == {"iot_provisioning_state", "metadata"}
@@ -611,3 +615,249 @@ def test_jitr_deadline_says_what_to_check(make_hub: HubFactory, cloud: FakeCloud
         cloud.onboarding(hub.config).process_device()
     assert "auto-registration" in info.value.message
     assert "last error: closed" in info.value.message
+
+
+# ------------------------------------------------------------------------------ preflight
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "written"),
+    [
+        ("iot_claim_cert_path", "certs/certificate.pem.crt", "the new certificate"),
+        ("iot_claim_pk_path", "certs/private.pem.key", "the new private key"),
+        ("iot_claim_cert_path", "certs/../certs/onboarding-progress.json", "the progress record"),
+        ("iot_dha_pk_path", "certs/private.pem.key", "the new private key"),  # fleet would overwrite it
+        ("iot_claim_cert_path", "iotmi_config.json", "the config itself"),
+        ("iot_root_ca_path", "iotmi_config.json.lock", "its lock file"),
+    ],
+)
+def test_read_paths_that_name_files_onboarding_writes_are_refused(
+    make_hub: HubFactory, cloud: FakeCloud, key: str, value: str, written: str
+) -> None:
+    # The mistake: claim paths naming the permanent files were accepted; onboarding then overwrote the
+    # factory claim and the hub could never onboard again.
+    hub = make_hub()
+    certs = hub.dir / "certs"
+    certs.mkdir(mode=0o700)
+    target = hub.dir / value
+    if not target.exists():  # the factory put its file there (the same bytes as the configured one)
+        source = (
+            hub.claim.key_pem if "pk" in key else hub.ca.cert_pem if "root" in key else hub.claim.cert_pem
+        )
+        write_private(target, source)
+    doc = hub.doc()
+    doc["ro"][key] = value
+    if key == "iot_claim_pk_path":
+        doc["ro"]["iot_claim_cert_path"] = str(hub.dir / "claim.crt")
+    hub.write(doc)
+    before = hub.config.read_bytes()
+    listing = sorted(str(p) for p in hub.dir.rglob("*"))
+    with pytest.raises(ConfigError) as info:
+        cloud.onboarding(hub.config).process_device()
+    other = "--config" if value.startswith("iotmi_config.json") else "ro.iot_permanent_cert_dir"
+    assert info.value.message.startswith(f"ro.{key} and {other}"), info.value.message
+    assert written in info.value.message
+    assert info.value.key == f"ro.{key}"
+    assert info.value.exit_code == 3
+    assert cloud.calls == []
+    assert hub.config.read_bytes() == before
+    assert sorted(str(p) for p in hub.dir.rglob("*")) == listing
+
+
+def test_a_claim_path_through_a_symlinked_folder_is_still_refused(
+    make_hub: HubFactory, cloud: FakeCloud
+) -> None:
+    hub = make_hub(ro={"iot_permanent_cert_dir": "creds"})
+    creds = hub.dir / "creds"
+    creds.mkdir(mode=0o700)
+    write_private(creds / "private.pem.key", hub.claim.key_pem)
+    (hub.dir / "factory").symlink_to(creds)
+    doc = hub.doc()
+    doc["ro"]["iot_claim_pk_path"] = "factory/private.pem.key"
+    hub.write(doc)
+    with pytest.raises(
+        ConfigError, match=r"^ro.iot_claim_pk_path and ro.iot_permanent_cert_dir name the same"
+    ):
+        cloud.onboarding(hub.config).process_device()
+    assert cloud.calls == []
+
+
+def _fail_creating_files_in(folder: Path, err: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a read-only mount (EROFS) or a folder we may not write (EACCES) answers, also as root."""
+    real_open = os.open
+    real_unlink = Path.unlink
+
+    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(os.fsdecode(path)).parent == folder:
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == folder:  # EROFS even when the file does not exist
+            raise OSError(err, os.strerror(err), str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(Path, "unlink", fake_unlink)
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_credentials_folder_is_found_before_any_certificate_is_minted(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    # The mistake: a read-only credentials folder gave exit 5 blaming a progress file that does not
+    # exist, after CreateKeysAndCertificate: one orphan certificate in the cloud per attempt.
+    hub = make_hub()
+    certs = hub.dir / "certs"
+    certs.mkdir(mode=0o700)
+    _fail_creating_files_in(certs, err, monkeypatch)
+    before = hub.config.read_bytes()
+    with pytest.raises(StorageError) as info:
+        cloud.onboarding(hub.config).process_device()
+    monkeypatch.undo()
+    assert info.value.exit_code == 5
+    assert info.value.message.startswith(
+        f"the credentials folder {certs} (set by ro.iot_permanent_cert_dir) cannot be written: "
+        f"{os.strerror(err)}; onboarding stores its results there, so it stopped before contacting the "
+        "cloud (no certificate was created)"
+    )
+    assert "progress" not in info.value.message
+    assert info.value.key == "ro.iot_permanent_cert_dir"
+    assert cloud.calls == []
+    assert list(certs.iterdir()) == []
+    assert hub.config.read_bytes() == before
+    assert not (hub.dir / "iotmi_config.json.lock").exists()
+
+
+@pytest.mark.parametrize("method", ["FLEET_PROVISIONING", "JITR"])
+def test_an_unwritable_config_folder_is_found_before_any_traffic(
+    make_hub: HubFactory, cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    hub = make_hub(method, ro={"iot_permanent_cert_dir": "../creds"})
+    (hub.dir / "iotmi_config.json.lock").write_text("")  # left by an earlier run: the lock opens fine
+    _fail_creating_files_in(hub.dir, errno.EROFS, monkeypatch)
+    with pytest.raises(StorageError, match=rf"^the config's folder {hub.dir} cannot be written"):
+        cloud.onboarding(hub.config).process_device()
+    monkeypatch.undo()
+    assert cloud.calls == []
+
+
+def test_a_jitr_fallback_explains_the_errors_that_follow(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub("FLEET_PROVISIONNING")
+    (hub.dir / "dha.key").unlink()
+    with pytest.raises(CredentialError) as info:
+        cloud.onboarding(hub.config).process_device()
+    assert info.value.message.startswith(f"DHA private key: {hub.dir / 'dha.key'} does not exist")
+    assert "(from ro.iot_dha_pk_path)" in info.value.message
+    assert (
+        "(JITR was assumed because ro.iot_provisioning_method is 'FLEET_PROVISIONNING', not a valid "
+        "method; did you mean 'FLEET_PROVISIONING'?)" in info.value.message
+    )
+
+
+def test_a_key_open_to_others_names_its_own_setting(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    # The mistake: the 0644-key message named the certificate's setting, not iot_claim_pk_path.
+    hub = make_hub()
+    (hub.dir / "claim.key").chmod(0o644)
+    with pytest.raises(CredentialError) as info:
+        cloud.onboarding(hub.config).process_device()
+    assert "has mode 0644" in info.value.message
+    assert info.value.message.endswith("(from ro.iot_claim_pk_path)")
+    assert "iot_claim_cert_path" not in info.value.message
+    assert info.value.key == "ro.iot_claim_pk_path"
+    assert info.value.to_dict()["key"] == "ro.iot_claim_pk_path"
+
+
+def test_a_mismatched_pair_names_both_settings(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    write_private(hub.dir / "claim.key", make_pair("other").key_pem)
+    with pytest.raises(CredentialError, match=r"\(from ro.iot_claim_cert_path and ro.iot_claim_pk_path\)$"):
+        cloud.onboarding(hub.config).process_device()
+
+
+def test_waiting_on_the_lock_is_reported_at_once(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    hub = make_hub()
+    steps: list[StepEvent] = []
+    with onboarding_lock(hub.config, timeout=1), pytest.raises(BusyError):
+        cloud.onboarding(hub.config, timeouts=Timeouts(lock=0), on_step=steps.append).process_device()
+    waiting = [e for e in steps if e.step is OnboardingStep.WAITING_FOR_LOCK]
+    assert len(waiting) == 1
+    assert f"(pid {os.getpid()})" in waiting[0].message
+    assert "waiting up to 0 s" in waiting[0].message
+    assert not waiting[0].is_progress
+
+
+# ------------------------------------------------------------------------------ reset and status
+
+
+def test_reset_never_deletes_the_config_even_when_rw_names_it(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    # The mistake: reset deleted whatever rw named inside the credentials folder, the config included.
+    hub = make_hub(ro={"iot_permanent_cert_dir": "."})
+    hub.dir.chmod(0o700)
+    cloud.onboarding(hub.config).process_device()
+    other = hub.dir / "other-process.json"
+    other.write_text("{}")
+    doc = hub.doc()
+    doc["rw"]["iot_permanent_cert_path"] = str(hub.config)
+    doc["rw"]["iot_permanent_pk_path"] = str(other)
+    hub.write(doc)
+    deleted = cloud.onboarding(hub.config).reset()
+    assert hub.config.exists()
+    assert other.read_text() == "{}"
+    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
+    assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+def test_reset_keeps_a_file_another_process_put_in_place_of_onboardings(
+    make_hub: HubFactory, cloud: FakeCloud
+) -> None:
+    hub = make_hub()
+    cloud.onboarding(hub.config).process_device()
+    certs = hub.dir / "certs"
+    theirs = make_pair("another process")
+    (certs / "certificate.pem.crt").unlink()
+    (certs / "certificate.pem.crt").write_bytes(theirs.cert_pem)
+    deleted = cloud.onboarding(hub.config).reset()
+    assert {p.name for p in deleted} == {"private.pem.key", "onboarding-files.json"}
+    assert (certs / "certificate.pem.crt").read_bytes() == theirs.cert_pem
+
+
+def test_reset_knows_the_files_of_every_attempt(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    # A power cut after the record of the files and before the files: the next attempt's files are
+    # recorded too, and reset deletes whichever is on disk.
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        cloud.onboarding(hub.config).process_device()
+    cloud.clock.advance(3600)  # the saved token is too old to use: a second certificate, other bytes
+    cloud.onboarding(hub.config).process_device()
+    assert cloud.calls.count("CreateKeysAndCertificate") == 2
+    recorded = json.loads((hub.dir / "certs" / "onboarding-files.json").read_text())["files"]
+    assert len(recorded["private.pem.key"]) == 2
+    deleted = cloud.onboarding(hub.config).reset()
+    assert {p.name for p in deleted} == {"certificate.pem.crt", "private.pem.key", "onboarding-files.json"}
+    assert list((hub.dir / "certs").iterdir()) == []
+
+
+def test_status_shows_the_method_that_will_be_used(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    # The mistake: status showed the typo as the method.
+    hub = make_hub("FLEET_PROVISIONNING")
+    info = cloud.onboarding(hub.config).status()
+    assert info["method"] == "JITR"
+    assert info["configured_method"] == "FLEET_PROVISIONNING"
+    assert "did you mean 'FLEET_PROVISIONING'?" in info["method_note"]
+    valid = make_hub("FLEET_PROVISIONING")
+    info = cloud.onboarding(valid.config).status()
+    assert info["method"] == "FLEET_PROVISIONING"
+    assert "configured_method" not in info
+
+
+def test_a_folder_where_the_progress_record_goes_is_found_before_any_traffic(
+    make_hub: HubFactory, cloud: FakeCloud
+) -> None:
+    hub = make_hub()
+    (hub.dir / "certs" / "onboarding-progress.json").mkdir(parents=True)
+    (hub.dir / "certs").chmod(0o700)
+    with pytest.raises(StorageError, match=r"onboarding-progress.json \(the progress record\) is a folder"):
+        cloud.onboarding(hub.config).process_device()
+    assert cloud.calls == []

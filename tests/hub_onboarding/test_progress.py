@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,14 @@ def test_invalid_records_are_ignored(tmp_path: Path, content: str) -> None:
 def test_to_json_is_serialisable() -> None:
     data: dict[str, Any] = issued().registered("t", {"k": "v"}).to_json()
     assert json.loads(json.dumps(data))["device_configuration"] == {"k": "v"}
+
+
+def test_clear_without_a_record_on_a_read_only_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The mistake: a read-only credentials folder gave exit 5 blaming a progress file that did not exist.
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    ProgressStore(tmp_path).clear()  # nothing there: nothing to do, no error
