@@ -299,7 +299,7 @@ class IotProvisioning:
         """Wait for the attempt's outcome; a diagnosis replaces awscrt's vague failure or long hang."""
         s = self.settings
         started = time.monotonic()
-        if not done.wait(min(timeout, PROBE_AFTER)):
+        if not done.wait(min(timeout / 2, PROBE_AFTER)):  # a short budget keeps half for the probe
             diagnosed = self._diagnose(client_id, credentials, timeout - (time.monotonic() - started))
             if diagnosed is not None and not done.is_set():
                 raise diagnosed

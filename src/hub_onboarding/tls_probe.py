@@ -66,7 +66,7 @@ def diagnose(first: bytes, error: BaseException | None, handshake_done: bool) ->
     if not_tls is not None:
         return ProbeResult(Verdict.NOT_TLS, not_tls)
     if isinstance(error, ssl.SSLCertVerificationError):
-        if error.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+        if error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
             return ProbeResult(Verdict.WRONG_HOST, error.verify_message)
         return ProbeResult(Verdict.UNTRUSTED, error.verify_message)
     if not first:
