@@ -193,6 +193,7 @@ class IotProvisioning:
         self.settings = settings
         # Certificates a diagnostic handshake found accepted: JITR's refused attempts probe only once.
         self._tls_accepted: set[bytes] = set()
+        self._tls_contexts: dict[tuple[bytes, bytes], Any] = {}
 
     @property
     def connect_timeout(self) -> float:
@@ -203,7 +204,6 @@ class IotProvisioning:
     ) -> MqttConnection:
         """Open one MQTT 5 connection with mutual TLS; MqttConnectionError when it fails or times out."""
         from awscrt import io, mqtt5
-        from awsiot import mqtt5_client_builder
 
         s = self.settings
         timeout = s.connect_timeout if timeout is None else max(0.1, timeout)
@@ -237,27 +237,31 @@ class IotProvisioning:
         socket_options = io.SocketOptions()
         socket_options.connect_timeout_ms = ms
         try:
-            client = mqtt5_client_builder.mtls_from_bytes(
-                cert_bytes=credentials.certificate_pem,
-                pri_key_bytes=credentials.private_key_pem,
-                endpoint=s.endpoint.host,
+            options = mqtt5.ClientOptions(
+                host_name=s.endpoint.host,
                 port=s.endpoint.port,
-                ca_filepath=s.root_ca_path,
-                client_id=client_id,
-                keep_alive_interval_sec=s.keep_alive,
-                ping_timeout_ms=PING_TIMEOUT_MS,
-                connack_timeout_ms=ms,
                 socket_options=socket_options,
+                session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+                # the limits IoT Core enforces, checked on our side too (as awsiot's builder sets them)
+                extended_validation_and_flow_control_options=(
+                    mqtt5.ExtendedValidationAndFlowControlOptions.AWS_IOT_CORE_DEFAULTS
+                ),
                 # We stop the client on its first failure; a long delay keeps awscrt from retrying meanwhile.
                 min_reconnect_delay_ms=ms,
                 max_reconnect_delay_ms=max(ms, 60_000),
-                session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
-                enable_metrics_collection=False,
-                on_lifecycle_connection_success=on_success,
-                on_lifecycle_connection_failure=on_failure,
-                on_lifecycle_disconnection=on_disconnection,
-                on_lifecycle_stopped=on_stopped,
+                ping_timeout_ms=PING_TIMEOUT_MS,
+                connack_timeout_ms=ms,
+                connect_options=mqtt5.ConnectPacket(
+                    client_id=client_id, keep_alive_interval_sec=s.keep_alive, username=""
+                ),
+                tls_ctx=self._tls_context(credentials),
+                disable_metrics=True,
+                on_lifecycle_event_stopped_fn=on_stopped,
+                on_lifecycle_event_connection_success_fn=on_success,
+                on_lifecycle_event_connection_failure_fn=on_failure,
+                on_lifecycle_event_disconnection_fn=on_disconnection,
             )
+            client = mqtt5.Client(options)
         except Exception as exc:
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
             error = MqttConnectionError(
@@ -287,6 +291,32 @@ class IotProvisioning:
             raise
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn
+
+    def _tls_context(self, credentials: Credentials) -> Any:
+        """The awscrt TLS context for these credentials, made once and shared by every attempt with them.
+
+        awscrt's `ClientTlsContext` has no way to skip the system trust store: every context starts with
+        s2n's `s2n_config_new()`, which parses the whole CA bundle (SSL_CERT_FILE, or the platform's, ~7 ms
+        of CPU for ~140 certificates), before `iot_root_ca_path` replaces it. So each context is made only
+        once per set of credentials: retries, JITR's attempts and a claim session resumed after a lost
+        connection reuse it. The trust and the client certificate are the same for all of them.
+        """
+        from awscrt import io
+
+        key = (credentials.certificate_pem, credentials.private_key_pem)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            options = io.TlsContextOptions.create_client_with_mtls(*key)
+            if self.settings.root_ca_path:
+                options.override_default_trust_store_from_path(None, self.settings.root_ca_path)
+            if self.settings.endpoint.port == 443 and io.is_alpn_available():
+                options.alpn_list = ["x-amzn-mqtt-ca"]  # IoT Core's MQTT over 443 (as awsiot's builder does)
+            context = io.ClientTlsContext(options)
+            # at most the two credentials of one run (claim or DHA, then the permanent certificate)
+            while len(self._tls_contexts) >= 2:
+                self._tls_contexts.pop(next(iter(self._tls_contexts)))
+            self._tls_contexts[key] = context
+        return context
 
     def _wait_connected(
         self,
