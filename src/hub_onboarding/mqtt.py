@@ -194,6 +194,7 @@ class IotProvisioning:
         # Certificates a diagnostic handshake found accepted: JITR's refused attempts probe only once.
         self._tls_accepted: set[bytes] = set()
         self._tls_contexts: dict[tuple[bytes, bytes], Any] = {}
+        self.tls_contexts_made = 0  # each one parsed the system CA bundle: a figure tests and benches read
 
     @property
     def connect_timeout(self) -> float:
@@ -312,6 +313,7 @@ class IotProvisioning:
             if self.settings.endpoint.port == 443 and io.is_alpn_available():
                 options.alpn_list = ["x-amzn-mqtt-ca"]  # IoT Core's MQTT over 443 (as awsiot's builder does)
             context = io.ClientTlsContext(options)
+            self.tls_contexts_made += 1
             # at most the two credentials of one run (claim or DHA, then the permanent certificate)
             while len(self._tls_contexts) >= 2:
                 self._tls_contexts.pop(next(iter(self._tls_contexts)))
