@@ -177,6 +177,23 @@ def test_a_claim_certificate_the_endpoint_does_not_know_is_final(
     FAULTS.append("unknown claim certificate")
 
 
+def test_a_template_the_claim_policy_does_not_cover_is_named(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    """fp_template_name differs from the template the claim policy was written for: RegisterThing's
+    subscription is refused, and the message names the template and what to check."""
+    config_path = make_cloud_hub(template_name="TemplateWithATypo")
+    before = certificate_ids(iot)
+    done = run_hub(config_path, verbosity="")
+    _final_at_once(done, 13, "RegisterThing: the endpoint refused the subscription to")
+    assert "$aws/provisioning-templates/TemplateWithATypo/provision/json/accepted" in done.stderr
+    assert "(template 'TemplateWithATypo', fp_template_name)" in done.stderr
+    assert "check that this template exists in the account and region" in done.stderr
+    assert len(certificate_ids(iot) - before) <= 1, "at most the certificate issued before RegisterThing"
+    assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    FAULTS.append("template the claim policy does not cover")
+
+
 # ------------------------------------------------------------------------------ mid-request
 
 
