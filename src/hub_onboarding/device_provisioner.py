@@ -76,6 +76,22 @@ def status_of(exc: BaseException | None) -> FpStatus:
     return FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
 
 
+class CertificateRefusedError(MqttConnectionError):
+    """The endpoint's chain checked out, but it refused the hub's certificate in the TLS handshake.
+
+    Final for the claim certificate (it is what it is until someone registers or activates it); during
+    JITR the first attempts are refused by design while the cloud registers and activates the
+    certificate, so there it is retried; the verification connect right after RegisterThing retries it
+    too (a new certificate may take a moment to be known everywhere)."""
+
+    retriable = False
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as people read it: one decimal under 10 s, whole seconds above (pure)."""
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
 def is_retriable(exc: OnboardingError) -> bool:
     """Network trouble, timeouts, throttling and 5xx answers are worth another attempt; refusals are not."""
     return isinstance(exc, ProvisioningError) and exc.retriable
@@ -143,10 +159,12 @@ class DeviceProvisioner:
         self._sleep = sleep
 
     def _budget(self, limit: float, deadline: float | None) -> float:
-        """`limit`, shortened so a single wait never runs far past the overall deadline (at least 1 s)."""
+        """`limit`, shortened so a single wait never runs far past the overall deadline (at least 1 s).
+
+        Rounded to a tenth of a second: it is the figure messages show ("no answer within 4.2 s")."""
         if deadline is None:
             return limit
-        return min(limit, max(1.0, deadline - self._clock()))
+        return round(min(limit, max(1.0, deadline - self._clock())), 1)
 
     @contextlib.contextmanager
     def claim_session(
@@ -173,21 +191,29 @@ class DeviceProvisioner:
                 with self.iot.connect(client_id, dha, timeout):
                     return attempt
             except MqttConnectionError as exc:
+                if isinstance(exc, CertificateRefusedError):
+                    exc.retriable = True  # expected until the cloud has registered and activated it
                 last = exc.message
                 try:
                     self.wait_before_retry(exc, attempt, deadline, on_retry)
                 except MqttConnectionError:
                     if not exc.retriable:
                         raise
+                    elapsed = format_seconds(self._clock() - (deadline - self.retry_timeout))
                     raise MqttConnectionError(
-                        f"JITR: no connection within {self.retry_timeout:g} s after {attempt} attempt(s); "
+                        f"JITR: no connection within {self.retry_timeout:g} s after {attempt} attempt(s) "
+                        f"in {elapsed} s; "
                         f"last error: {last}. Check that the CA is registered with auto-registration and "
                         "that something activates new certificates and attaches a policy (the limit is "
                         "ro.mqtt_retry_timeout_seconds)"
                     ) from None
 
     def verify(self, client_id: str, credentials: Credentials, deadline: float | None = None) -> None:
-        self.iot.verify(client_id, credentials, self._budget(self.iot.connect_timeout, deadline))
+        try:
+            self.iot.verify(client_id, credentials, self._budget(self.iot.connect_timeout, deadline))
+        except CertificateRefusedError as exc:
+            exc.retriable = True  # the certificate was registered a moment ago: worth another attempt
+            raise
 
     def deadline(self) -> float:
         return self._clock() + self.retry_timeout
@@ -202,10 +228,12 @@ class DeviceProvisioner:
         if not is_retriable(exc):
             raise exc
         delay = self.backoff.delay(attempt - 1)  # the first retry waits up to `base`, then doubling
-        if self._clock() + delay >= deadline:
+        now = self._clock()
+        if now + delay >= deadline:
+            elapsed = format_seconds(now - (deadline - self.retry_timeout))
             exc.message = (
-                f"{exc.message} (gave up after {attempt} attempt(s) in {self.retry_timeout:g} s; "
-                f"the limit is ro.mqtt_retry_timeout_seconds)"
+                f"{exc.message} (gave up after {attempt} attempt(s) in {elapsed} s; the limit is "
+                f"ro.mqtt_retry_timeout_seconds = {self.retry_timeout:g} s)"
             )
             exc.args = (exc.message,)
             raise exc

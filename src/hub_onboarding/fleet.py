@@ -79,8 +79,33 @@ class FleetApi(Protocol):
     ) -> RegisteredThing: ...
 
 
-def map_request_error(exc: BaseException, operation: str, timeout: float) -> ProvisioningError:
-    """Turn what an IotIdentityClientV2 future raised into one of our typed errors (pure)."""
+_RESPONSE_TOPICS = {
+    CREATE_KEYS_AND_CERTIFICATE: "$aws/certificates/create/json",
+    CREATE_CERTIFICATE_FROM_CSR: "$aws/certificates/create-from-csr/json",
+}
+
+
+def refused_subscription(operation: str, template_name: str | None) -> SubscribeTimeoutError:
+    """The final error for a SUBSCRIBE the endpoint refused: which topics, which template, what to check."""
+    template = template_name or "<fp_template_name>"
+    provision = f"$aws/provisioning-templates/{template}/provision/json"
+    topics = _RESPONSE_TOPICS.get(operation, provision)
+    error = SubscribeTimeoutError(
+        f"{operation}: the endpoint refused the subscription to {topics}/accepted and /rejected "
+        f"(template {template!r}, fp_template_name): check that this template exists in the account and "
+        f"region, and that the claim certificate's policy allows iot:Subscribe and iot:Receive on "
+        f"{provision}/* and $aws/certificates/create*/json/*"
+    )
+    error.retriable = False  # an authorization answer: the same subscription is refused again
+    return error
+
+
+def map_request_error(
+    exc: BaseException, operation: str, timeout: float, template_name: str | None = None
+) -> ProvisioningError:
+    """Turn what an IotIdentityClientV2 future raised into one of our typed errors (pure).
+
+    `template_name` (fp_template_name) is named when the endpoint refuses a subscription."""
     if isinstance(exc, ProvisioningError):
         return exc
     if isinstance(exc, concurrent.futures.TimeoutError | TimeoutError):
@@ -99,15 +124,9 @@ def map_request_error(exc: BaseException, operation: str, timeout: float) -> Pro
     inner = getattr(exc, "inner_error", None) or exc
     name = getattr(inner, "name", None)
     if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE":
-        # The broker refused the SUBSCRIBE (a SUBACK failure): an authorization answer, so retrying
-        # cannot help. A silent broker shows up as a request timeout instead.
-        error = SubscribeTimeoutError(
-            f"{operation}: the endpoint refused the subscription to its /accepted and /rejected topics; "
-            "check fp_template_name and that the claim certificate's policy allows iot:Subscribe and "
-            "iot:Receive on that template's provisioning topics"
-        )
-        error.retriable = False
-        return error
+        # The broker refused the SUBSCRIBE (a SUBACK failure). A silent broker shows up as a request
+        # timeout instead.
+        return refused_subscription(operation, template_name)
     if name in ("AWS_ERROR_MQTT_REQUEST_RESPONSE_TIMEOUT", "AWS_ERROR_MQTT_TIMEOUT"):
         return PublishTimeoutError(f"{operation}: no answer within {timeout:g} s; try again")
     if name == "AWS_ERROR_MQTT_REQUEST_RESPONSE_PUBLISH_FAILURE":
@@ -185,13 +204,19 @@ class FleetProvisioning:
     """CreateKeysAndCertificate / CreateCertificateFromCsr and RegisterThing on one connected client."""
 
     def __init__(
-        self, mqtt5_client: Any, operation_timeout: float = 30.0, *, lost: threading.Event | None = None
+        self,
+        mqtt5_client: Any,
+        operation_timeout: float = 30.0,
+        *,
+        lost: threading.Event | None = None,
+        template_name: str | None = None,
     ) -> None:
         from awscrt import mqtt_request_response
         from awsiot import iotidentity
 
         self._iotidentity = iotidentity
         self._timeout = operation_timeout
+        self._template_name = template_name  # named in a refused subscription's message
         # Set by the connection when it drops: awscrt would otherwise keep the request queued until its
         # operation timeout and then report a subscribe failure, which is not what happened.
         self._lost = lost
@@ -203,7 +228,9 @@ class FleetProvisioning:
         )
         self._client = iotidentity.IotIdentityClientV2(mqtt5_client, options)
 
-    def _wait(self, future: concurrent.futures.Future[Any], operation: str) -> Any:
+    def _wait(
+        self, future: concurrent.futures.Future[Any], operation: str, template_name: str | None = None
+    ) -> Any:
         deadline = time.monotonic() + self._timeout + _FUTURE_GRACE
         while self._lost is not None and not future.done():
             if self._lost.is_set():
@@ -216,7 +243,9 @@ class FleetProvisioning:
         except Exception as exc:
             if self._lost is not None and self._lost.is_set():
                 raise self._connection_lost(operation) from None
-            raise map_request_error(exc, operation, self._timeout) from None
+            raise map_request_error(
+                exc, operation, self._timeout, template_name or self._template_name
+            ) from None
 
     @staticmethod
     def _connection_lost(operation: str) -> MqttConnectionError:
@@ -231,7 +260,9 @@ class FleetProvisioning:
                 self._iotidentity.CreateKeysAndCertificateRequest()
             )
         except Exception as exc:
-            raise map_request_error(exc, CREATE_KEYS_AND_CERTIFICATE, self._timeout) from None
+            raise map_request_error(
+                exc, CREATE_KEYS_AND_CERTIFICATE, self._timeout, self._template_name
+            ) from None
         return validate_issued(CREATE_KEYS_AND_CERTIFICATE, self._wait(future, CREATE_KEYS_AND_CERTIFICATE))
 
     def create_certificate_from_csr(self, csr_pem: bytes, private_key_pem: bytes) -> IssuedCertificate:
@@ -243,7 +274,9 @@ class FleetProvisioning:
                 )
             )
         except Exception as exc:
-            raise map_request_error(exc, CREATE_CERTIFICATE_FROM_CSR, self._timeout) from None
+            raise map_request_error(
+                exc, CREATE_CERTIFICATE_FROM_CSR, self._timeout, self._template_name
+            ) from None
         return validate_issued(
             CREATE_CERTIFICATE_FROM_CSR, self._wait(future, CREATE_CERTIFICATE_FROM_CSR), private_key_pem
         )
@@ -266,5 +299,5 @@ class FleetProvisioning:
                 )
             )
         except Exception as exc:
-            raise map_request_error(exc, REGISTER_THING, self._timeout) from None
-        return validate_registered(self._wait(future, REGISTER_THING))
+            raise map_request_error(exc, REGISTER_THING, self._timeout, template_name) from None
+        return validate_registered(self._wait(future, REGISTER_THING, template_name))

@@ -8,18 +8,26 @@ jitter, only for failures that can succeed later).
 
 TLS verification is always on. The trust store is `iot_root_ca_path` when set, else the system's.
 awscrt is imported here only when a connection is made: it is the largest import of the package.
+
+When an attempt fails without an MQTT answer, or has not connected after PROBE_AFTER seconds, a
+diagnostic handshake (`tls_probe`) tells apart what awscrt reports alike: an endpoint whose certificate
+does not chain to the configured CA, a port that does not speak MQTT over TLS (both final: retrying
+cannot fix the config), and an endpoint that refused the client certificate (CertificateRefusedError).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from hub_onboarding import tls_probe
 from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
+from hub_onboarding.device_provisioner import CertificateRefusedError, format_seconds
 from hub_onboarding.errors import MqttConnectionError
 from hub_onboarding.fleet import FleetProvisioning
 
@@ -27,6 +35,15 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 3.0  # a clean stop takes milliseconds; a stuck one must not hold the hub
 PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allowed in the config
+# A healthy connect takes well under a second; past this the TLS probe looks at the endpoint meanwhile
+# (s2n reports a handshake the hub refused only when the server closes, which it may never do).
+PROBE_AFTER = 3.0
+# awscrt failures, before any MQTT answer, where the TLS probe can say what went wrong.
+_PROBED_ERRORS = {
+    "AWS_IO_SOCKET_CLOSED",
+    "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE",
+    "AWS_IO_TLS_ERROR_ALERT_RECEIVED",
+}
 
 # awscrt error names, and what to tell the user about each.
 _CONNECT_HINTS = {
@@ -69,6 +86,46 @@ def describe_connect_failure(
     return f"could not connect to {endpoint} as {client_id!r} ({name}): {hint}"
 
 
+def describe_probe(
+    result: tls_probe.ProbeResult, settings: ConnectionSettings, client_id: str
+) -> MqttConnectionError | None:
+    """The error a diagnostic handshake's verdict means, or None when it explains nothing (pure).
+
+    Final (not retried): the endpoint's chain or host name, or a port without TLS. A refused client
+    certificate is a CertificateRefusedError: final for a claim, expected during JITR."""
+    s = settings
+    where = f"could not connect to {s.endpoint} as {client_id!r}"
+    trust = f"iot_root_ca_path ({s.root_ca_path})" if s.root_ca_path else "the system trust store"
+    verdict = result.verdict
+    if verdict is tls_probe.Verdict.UNTRUSTED:
+        unset = "" if s.root_ca_path else " (iot_root_ca_path is not set)"
+        message = (
+            f"{where}: the endpoint's certificate does not chain to {trust}{unset} ({result.detail}): set "
+            "iot_root_ca_path to the CA of this endpoint (Amazon Root CA 1 for AWS IoT Core)"
+        )
+    elif verdict is tls_probe.Verdict.WRONG_HOST:
+        message = (
+            f"{where}: the endpoint's certificate is not valid for {s.endpoint.host!r} ({result.detail}): "
+            f"check the host name in {s.endpoint_key}"
+        )
+    elif verdict is tls_probe.Verdict.NOT_TLS:
+        message = (
+            f"{where}: {result.detail}, so this port does not speak MQTT over TLS: check {s.endpoint_key} "
+            "(the MQTT endpoint and its port, 8883 on AWS IoT Core; not an HTTP API address)"
+        )
+    elif verdict is tls_probe.Verdict.CERTIFICATE_REFUSED:
+        return CertificateRefusedError(
+            f"{where}: the endpoint's certificate chains to {trust}, but the endpoint refused this client "
+            f"certificate in the TLS handshake ({result.detail}): check that the certificate is registered "
+            "in this account and region and ACTIVE (or that its CA is registered)"
+        )
+    else:
+        return None
+    error = MqttConnectionError(message)
+    error.retriable = False
+    return error
+
+
 @dataclass(frozen=True)
 class ConnectionSettings:
     endpoint: Endpoint
@@ -76,15 +133,22 @@ class ConnectionSettings:
     keep_alive: int
     connect_timeout: float = 30.0
     endpoint_key: str = "endpoint_url"  # the config key the endpoint came from, named in hints
+    template_name: str | None = None  # fp_template_name, named when a claim subscription is refused
 
 
 class MqttConnection:
     """A started and connected awscrt mqtt5.Client; `close()` stops it within a deadline."""
 
     def __init__(
-        self, client: Any, stopped: threading.Event, description: str, lost: threading.Event
+        self,
+        client: Any,
+        stopped: threading.Event,
+        description: str,
+        lost: threading.Event,
+        template_name: str | None = None,
     ) -> None:
         self.client = client
+        self.template_name = template_name
         # Set when an established connection goes away (not by our stop): a request waiting on it can
         # fail at once instead of waiting out its operation timeout.
         self.lost = lost
@@ -94,7 +158,9 @@ class MqttConnection:
 
     def fleet_provisioning(self, operation_timeout: float) -> FleetProvisioning:
         """The fleet provisioning API on this connection; a request fails at once if the connection drops."""
-        return FleetProvisioning(self.client, operation_timeout, lost=self.lost)
+        return FleetProvisioning(
+            self.client, operation_timeout, lost=self.lost, template_name=self.template_name
+        )
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         if self._closed:
@@ -125,6 +191,10 @@ class IotProvisioning:
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
+        # Certificates a diagnostic handshake found accepted: JITR's refused attempts probe only once.
+        self._tls_accepted: set[bytes] = set()
+        self._tls_contexts: dict[tuple[bytes, bytes], Any] = {}
+        self.tls_contexts_made = 0  # each one parsed the system CA bundle: a figure tests and benches read
 
     @property
     def connect_timeout(self) -> float:
@@ -135,7 +205,6 @@ class IotProvisioning:
     ) -> MqttConnection:
         """Open one MQTT 5 connection with mutual TLS; MqttConnectionError when it fails or times out."""
         from awscrt import io, mqtt5
-        from awsiot import mqtt5_client_builder
 
         s = self.settings
         timeout = s.connect_timeout if timeout is None else max(0.1, timeout)
@@ -169,27 +238,31 @@ class IotProvisioning:
         socket_options = io.SocketOptions()
         socket_options.connect_timeout_ms = ms
         try:
-            client = mqtt5_client_builder.mtls_from_bytes(
-                cert_bytes=credentials.certificate_pem,
-                pri_key_bytes=credentials.private_key_pem,
-                endpoint=s.endpoint.host,
+            options = mqtt5.ClientOptions(
+                host_name=s.endpoint.host,
                 port=s.endpoint.port,
-                ca_filepath=s.root_ca_path,
-                client_id=client_id,
-                keep_alive_interval_sec=s.keep_alive,
-                ping_timeout_ms=PING_TIMEOUT_MS,
-                connack_timeout_ms=ms,
                 socket_options=socket_options,
+                session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
+                # the limits IoT Core enforces, checked on our side too (as awsiot's builder sets them)
+                extended_validation_and_flow_control_options=(
+                    mqtt5.ExtendedValidationAndFlowControlOptions.AWS_IOT_CORE_DEFAULTS
+                ),
                 # We stop the client on its first failure; a long delay keeps awscrt from retrying meanwhile.
                 min_reconnect_delay_ms=ms,
                 max_reconnect_delay_ms=max(ms, 60_000),
-                session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
-                enable_metrics_collection=False,
-                on_lifecycle_connection_success=on_success,
-                on_lifecycle_connection_failure=on_failure,
-                on_lifecycle_disconnection=on_disconnection,
-                on_lifecycle_stopped=on_stopped,
+                ping_timeout_ms=PING_TIMEOUT_MS,
+                connack_timeout_ms=ms,
+                connect_options=mqtt5.ConnectPacket(
+                    client_id=client_id, keep_alive_interval_sec=s.keep_alive, username=""
+                ),
+                tls_ctx=self._tls_context(credentials),
+                disable_metrics=True,
+                on_lifecycle_event_stopped_fn=on_stopped,
+                on_lifecycle_event_connection_success_fn=on_success,
+                on_lifecycle_event_connection_failure_fn=on_failure,
+                on_lifecycle_event_disconnection_fn=on_disconnection,
             )
+            client = mqtt5.Client(options)
         except Exception as exc:
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
             error = MqttConnectionError(
@@ -199,7 +272,7 @@ class IotProvisioning:
             error.retriable = False
             raise error from None
         description = f"{client_id!r} at {s.endpoint}"
-        conn = MqttConnection(client, stopped, description, lost)
+        conn = MqttConnection(client, stopped, description, lost, s.template_name)
         log.debug("connecting to %s as %r", s.endpoint, client_id)
         try:
             client.start()
@@ -212,21 +285,91 @@ class IotProvisioning:
             )
             error.retriable = False
             raise error from None
-        if not done.wait(timeout):
+        try:
+            self._wait_connected(client_id, credentials, done, outcome, timeout)
+        except MqttConnectionError:
             conn.close()
-            raise MqttConnectionError(
-                f"could not connect to {s.endpoint} as {client_id!r} within {timeout:g} s: check "
-                f"{s.endpoint_key}, the network, and that iot_root_ca_path is the CA of this endpoint"
-            )
-        if "ok" not in outcome:
-            conn.close()
-            raise MqttConnectionError(
-                describe_connect_failure(
-                    outcome.get("error"), outcome.get("reason"), s.endpoint, client_id, s.endpoint_key
-                )
-            )
+            raise
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn
+
+    def _tls_context(self, credentials: Credentials) -> Any:
+        """The awscrt TLS context for these credentials, made once and shared by every attempt with them.
+
+        awscrt's `ClientTlsContext` has no way to skip the system trust store: every context starts with
+        s2n's `s2n_config_new()`, which parses the whole CA bundle (SSL_CERT_FILE, or the platform's, ~7 ms
+        of CPU for ~140 certificates), before `iot_root_ca_path` replaces it. So each context is made only
+        once per set of credentials: retries, JITR's attempts and a claim session resumed after a lost
+        connection reuse it. The trust and the client certificate are the same for all of them.
+        """
+        from awscrt import io
+
+        key = (credentials.certificate_pem, credentials.private_key_pem)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            options = io.TlsContextOptions.create_client_with_mtls(*key)
+            if self.settings.root_ca_path:
+                options.override_default_trust_store_from_path(None, self.settings.root_ca_path)
+            if self.settings.endpoint.port == 443 and io.is_alpn_available():
+                options.alpn_list = ["x-amzn-mqtt-ca"]  # IoT Core's MQTT over 443 (as awsiot's builder does)
+            context = io.ClientTlsContext(options)
+            self.tls_contexts_made += 1
+            # at most the two credentials of one run (claim or DHA, then the permanent certificate)
+            while len(self._tls_contexts) >= 2:
+                self._tls_contexts.pop(next(iter(self._tls_contexts)))
+            self._tls_contexts[key] = context
+        return context
+
+    def _wait_connected(
+        self,
+        client_id: str,
+        credentials: Credentials,
+        done: threading.Event,
+        outcome: dict[str, Any],
+        timeout: float,
+    ) -> None:
+        """Wait for the attempt's outcome; a diagnosis replaces awscrt's vague failure or long hang."""
+        s = self.settings
+        started = time.monotonic()
+        if not done.wait(min(timeout / 2, PROBE_AFTER)):  # a short budget keeps half for the probe
+            diagnosed = self._diagnose(client_id, credentials, timeout - (time.monotonic() - started))
+            if diagnosed is not None and not done.is_set():
+                raise diagnosed
+        if not done.wait(max(0.0, timeout - (time.monotonic() - started))):
+            raise MqttConnectionError(
+                f"could not connect to {s.endpoint} as {client_id!r} within {format_seconds(timeout)} s: "
+                f"check {s.endpoint_key}, the network, and that iot_root_ca_path is the CA of this endpoint"
+            )
+        if "ok" in outcome:
+            return
+        failure = outcome.get("error")
+        if outcome.get("reason") is None and getattr(failure, "name", None) in _PROBED_ERRORS:
+            diagnosed = self._diagnose(client_id, credentials, tls_probe.PROBE_TIMEOUT)
+            if diagnosed is not None:
+                raise diagnosed
+        raise MqttConnectionError(
+            describe_connect_failure(failure, outcome.get("reason"), s.endpoint, client_id, s.endpoint_key)
+        )
+
+    def _diagnose(
+        self, client_id: str, credentials: Credentials, budget: float
+    ) -> MqttConnectionError | None:
+        """Run the diagnostic handshake (at most PROBE_TIMEOUT) unless this certificate passed one."""
+        if credentials.certificate_pem in self._tls_accepted or budget <= 0.5:
+            return None
+        s = self.settings
+        result = tls_probe.probe(
+            s.endpoint.host,
+            s.endpoint.port,
+            s.root_ca_path,
+            credentials.certificate_pem,
+            credentials.private_key_pem,
+            timeout=min(tls_probe.PROBE_TIMEOUT, budget),
+        )
+        log.debug("TLS probe of %s: %s %s", s.endpoint, result.verdict.name, result.detail)
+        if result.verdict is tls_probe.Verdict.TLS_OK:
+            self._tls_accepted.add(credentials.certificate_pem)
+        return describe_probe(result, s, client_id)
 
     def verify(self, client_id: str, credentials: Credentials, timeout: float | None = None) -> None:
         """Connect once and disconnect: AWS's documented reconnect step after RegisterThing."""

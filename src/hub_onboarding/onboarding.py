@@ -192,6 +192,7 @@ def mqtt_provisioner(cfg: HubConfig, timeouts: Timeouts) -> Connector:
         cfg.connection.keep_alive,
         timeouts.connect,
         endpoint_key=cfg.connection.endpoint_key,
+        template_name=cfg.fleet.template_name if cfg.fleet else None,
     )
     return DeviceProvisioner(
         IotProvisioning(settings), operation_timeout=timeouts.operation, retry_timeout=timeouts.retry_for(cfg)

@@ -13,6 +13,7 @@ small budgets (`mqtt_retry_timeout_seconds`), and checks the elapsed time: nothi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ import pytest
 
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import certificate_ids
+from tests._support.certificates import certificate_ids, make_pair
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.network import TcpProxy, connects
-from tests._support.processes import HubProcess, freeze_at_step, run_hub
+from tests._support.processes import Finished, HubProcess, freeze_at_step, run_hub
 from tests._support.recovery import assert_recovered
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +84,10 @@ def test_endpoint_stays_down(make_cloud_hub: CloudHubFactory, tcp_proxy: Callabl
     done = run_hub(config_path, verbosity="")
     assert done.returncode == 11, done.stderr  # MqttConnectionError
     assert "nothing listens at the endpoint: check iot_endpoint_url and its port" in done.stderr
-    assert "gave up after" in done.stderr
+    gave_up = re.search(r"gave up after \d+ attempt\(s\) in (\d+\.\d) s", done.stderr)
+    assert gave_up, done.stderr
+    # the time really spent (it stops before a wait that would cross the 3 s budget), rounded
+    assert 0 < float(gave_up.group(1)) <= done.elapsed
     assert "mqtt_retry_timeout_seconds" in done.stderr
     assert "Traceback" not in done.stderr
     assert done.elapsed < 12
@@ -118,6 +122,76 @@ def test_connect_refused_or_throttled_then_accepted(
     assert cloud.faults.to_json() == []
     _provisioned(cloud, iot, config_path, before, original)
     FAULTS.append(f"Connect {kind}d twice")
+
+
+# ------------------------------------------------------------------------------ final at once
+# Retrying cannot help. Each runs with the default budget (ro.mqtt_retry_timeout_seconds: 300 s): a
+# diagnosis in seconds and no retry.
+
+
+def _final_at_once(done: Finished, exit_code: int, message: str) -> None:
+    assert done.returncode == exit_code, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "retrying in" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.elapsed < 15
+
+
+@pytest.mark.parametrize("key", ["endpoint_url", "iot_endpoint_url"])
+def test_the_api_port_as_endpoint_is_named_at_once(
+    cloud: LocalIotCore, iot: Any, make_cloud_hub: CloudHubFactory, key: str
+) -> None:
+    api = cloud.endpoint.api_url.split("://", 1)[1].split("/")[0]
+    config_path = make_cloud_hub(endpoint_url=api)
+    doc = read_config(config_path)
+    doc["ro"][key] = doc["ro"].pop("endpoint_url")
+    config_path.write_text(json.dumps(doc))
+    files = snapshot(config_path.parent)
+    before = certificate_ids(iot)
+    done = run_hub(config_path, verbosity="")
+    _final_at_once(done, 11, f"it answered with HTTP, so this port does not speak MQTT over TLS: check {key}")
+    after = snapshot(config_path.parent)
+    after.pop("iotmi_config.json.lock")
+    assert after == files, "nothing written but the (empty) lock file"
+    assert certificate_ids(iot) == before, "nothing minted"
+    FAULTS.append(f"API port as {key}")
+
+
+def test_a_claim_certificate_the_endpoint_does_not_know_is_final(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    stranger = make_pair("claim from another account")  # self-signed: no registered CA vouches for it
+    config_path = make_cloud_hub(
+        claim_certificate_pem=stranger.cert_pem.decode(), claim_private_key_pem=stranger.key_pem.decode()
+    )
+    before = certificate_ids(iot)
+    done = run_hub(config_path, "--json", verbosity="")
+    _final_at_once(done, 11, "")
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "CertificateRefusedError"
+    assert "the endpoint refused this client certificate in the TLS handshake" in error["message"]
+    assert "registered in this account and region and ACTIVE" in error["message"]
+    assert certificate_ids(iot) == before, "nothing minted"
+    assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert not (config_path.parent / "certs").exists(), "nothing written"
+    FAULTS.append("unknown claim certificate")
+
+
+def test_a_template_the_claim_policy_does_not_cover_is_named(
+    iot: Any, make_cloud_hub: CloudHubFactory
+) -> None:
+    """fp_template_name differs from the template the claim policy was written for: RegisterThing's
+    subscription is refused, and the message names the template and what to check."""
+    config_path = make_cloud_hub(template_name="TemplateWithATypo")
+    before = certificate_ids(iot)
+    done = run_hub(config_path, verbosity="")
+    _final_at_once(done, 13, "RegisterThing: the endpoint refused the subscription to")
+    assert "$aws/provisioning-templates/TemplateWithATypo/provision/json/accepted" in done.stderr
+    assert "(template 'TemplateWithATypo', fp_template_name)" in done.stderr
+    assert "check that this template exists in the account and region" in done.stderr
+    assert len(certificate_ids(iot) - before) <= 1, "at most the certificate issued before RegisterThing"
+    assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    FAULTS.append("template the claim policy does not cover")
 
 
 # ------------------------------------------------------------------------------ mid-request

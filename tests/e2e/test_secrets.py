@@ -285,26 +285,31 @@ def test_there_is_no_switch_that_turns_tls_verification_off(capsys: pytest.Captu
 
 
 @pytest.mark.parametrize("root_ca", ["another CA", "the system's trust store"])
-def test_an_endpoint_the_root_ca_does_not_vouch_for_is_refused(
-    make_cloud_hub: CloudHubFactory, tmp_path: Path, root_ca: str
+def test_an_endpoint_the_root_ca_does_not_vouch_for_is_refused_at_once(
+    iot: Any, make_cloud_hub: CloudHubFactory, tmp_path: Path, root_ca: str
 ) -> None:
+    """The default budget (300 s) applies: the diagnosis is final in seconds, naming iot_root_ca_path."""
     if root_ca == "another CA":
         other = tmp_path / "other-ca.pem"
         other.write_text(DeviceCA("Not The Endpoint's CA").certificate_pem)
-        config = make_cloud_hub(root_ca_path=other, extra_ro={"mqtt_retry_timeout_seconds": 2})
+        config = make_cloud_hub(root_ca_path=other)
+        trust = f"does not chain to iot_root_ca_path ({other})"
     else:
-        config = make_cloud_hub(extra_ro={"mqtt_retry_timeout_seconds": 2})
+        config = make_cloud_hub()
         doc = read_config(config)
         del doc["ro"]["iot_root_ca_path"]
         config.write_text(json.dumps(doc))
+        trust = "does not chain to the system trust store (iot_root_ca_path is not set)"
+    before = {c["certificateId"] for c in iot.list_certificates(pageSize=250)["certificates"]}
     done = run_hub(config, "--json", verbosity="")
     assert done.returncode == 11, done.stderr  # MqttConnectionError
     error = json.loads(done.stdout)["error"]
     assert error["status"] == "FP_STATUS_MQTT_CONNECTION_ERROR"
-    # awscrt fails the handshake at once against a plain TLS server ("the TLS handshake failed: check that
-    # iot_root_ca_path ..."); the stand-in's gateway does not close the socket after the client's alert, so
-    # here the attempt runs out its budget instead. Either way: refused, exit 11, and the hint names the key.
-    assert "iot_root_ca_path is the CA of this endpoint" in error["message"]
-    assert done.elapsed < 12, "bounded by mqtt_retry_timeout_seconds plus the client's stop"
+    assert trust in error["message"]
+    assert "set iot_root_ca_path to the CA of this endpoint" in error["message"]
+    assert "retrying in" not in done.stderr, "final: another attempt cannot change the trust store"
+    assert done.elapsed < 15
     assert read_config(config)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
     assert not (config.parent / "certs").exists(), "nothing was issued or written"
+    after = {c["certificateId"] for c in iot.list_certificates(pageSize=250)["certificates"]}
+    assert after == before, "nothing minted"

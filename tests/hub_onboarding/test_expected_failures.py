@@ -74,7 +74,7 @@ def test_reset_that_cannot_delete_exits_5_without_a_traceback(
 
 
 def test_mqtt_client_that_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from awsiot import mqtt5_client_builder
+    from awscrt import mqtt5
 
     class Client:
         def start(self) -> None:
@@ -83,7 +83,7 @@ def test_mqtt_client_that_does_not_start(monkeypatch: pytest.MonkeyPatch) -> Non
         def stop(self) -> None:
             pass
 
-    monkeypatch.setattr(mqtt5_client_builder, "mtls_from_bytes", lambda **kw: Client())
+    monkeypatch.setattr(mqtt5, "Client", lambda options: Client())
     pair = make_pair("hub")
     creds = check_pair(pair.cert_pem, pair.key_pem, "claim", check_validity=False)
     iot = IotProvisioning(ConnectionSettings(Endpoint("iot.example.com"), None, 60, connect_timeout=1))

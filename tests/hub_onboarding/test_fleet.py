@@ -131,6 +131,28 @@ def test_crt_errors_map_to_status_codes(crt_name: str, cls: type[errors.Provisio
     assert is_retriable(exc) is exc.retriable
 
 
+@pytest.mark.parametrize(
+    ("operation", "topics"),
+    [
+        ("RegisterThing", "$aws/provisioning-templates/HubTemplate/provision/json/accepted and /rejected"),
+        ("CreateKeysAndCertificate", "$aws/certificates/create/json/accepted and /rejected"),
+        ("CreateCertificateFromCsr", "$aws/certificates/create-from-csr/json/accepted and /rejected"),
+    ],
+)
+def test_a_refused_subscription_names_the_template_and_what_to_check(operation: str, topics: str) -> None:
+    failure = V2ServiceException("x", AwsCrtError("AWS_ERROR_MQTT_REQUEST_RESPONSE_SUBSCRIBE_FAILURE"), None)
+    exc = map_request_error(failure, operation, 30, "HubTemplate")
+    assert type(exc) is SubscribeTimeoutError
+    assert exc.retriable is False
+    assert f"{operation}: the endpoint refused the subscription to {topics}" in exc.message
+    assert "(template 'HubTemplate', fp_template_name)" in exc.message
+    assert "check that this template exists in the account and region" in exc.message
+    assert (
+        "allows iot:Subscribe and iot:Receive on $aws/provisioning-templates/HubTemplate/provision/json/*"
+        in (exc.message)
+    )
+
+
 def test_our_own_deadline_is_a_publish_timeout() -> None:
     exc = map_request_error(concurrent.futures.TimeoutError(), "RegisterThing", 12)
     assert isinstance(exc, PublishTimeoutError)

@@ -42,6 +42,7 @@ def test_connect_and_verify(broker: Broker) -> None:
     iot.verify("hub-client-1", broker.client)
     assert time.monotonic() - start < 5
     assert jitr(iot, "hub-client-1", broker.client, timeout=5) == 1
+    assert iot.tls_contexts_made == 1
 
 
 def test_endpoint_with_another_ca_is_refused(broker: Broker, tmp_path: Path) -> None:
@@ -58,10 +59,14 @@ def test_unknown_client_certificate_jitr_gives_up_at_the_deadline(broker: Broker
     stranger = make_pair("stranger")  # self-signed: Mosquitto refuses it, like IoT Core before activation
     creds = check_pair(stranger.cert_pem, stranger.key_pem, "DHA", check_validity=False)
     start = time.monotonic()
+    iot = engine(broker, timeout=1)
     with pytest.raises(MqttConnectionError, match="JITR: no connection within 2 s") as info:
-        jitr(engine(broker, timeout=1), "stranger", creds, timeout=2)
+        jitr(iot, "stranger", creds, timeout=2)
     assert time.monotonic() - start < 6
     assert "attempt" in info.value.message
+    attempts = int(info.value.message.split(" attempt(s)")[0].rsplit(" ", 1)[1])
+    assert attempts > 1
+    assert iot.tls_contexts_made == 1, "every attempt with the same certificate shares one TLS context"
 
 
 def test_unanswered_request_times_out(broker: Broker) -> None:

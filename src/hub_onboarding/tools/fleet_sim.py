@@ -255,7 +255,9 @@ def skip_system_trust_store(root_ca_path: Path | None) -> Iterator[bool]:
     at that same root CA makes the wasted load parse one certificate instead (~0.9 ms per context).
     Trust is unchanged: awscrt still trusts exactly `iot_root_ca_path`. Python's own `ssl` default
     contexts in this process see the override too, which is why it is undone on exit; yields whether
-    it was applied.
+    it was applied. The hub itself cannot do this without changing its process environment: awscrt has
+    no option to skip that load (the hub makes one context per set of credentials instead, so only
+    retries are spared, and every simulated hub has credentials of its own).
     """
     if root_ca_path is None:
         yield False
