@@ -21,6 +21,7 @@ from typing import Protocol
 
 from hub_onboarding.certs import Credentials
 from hub_onboarding.errors import (
+    CertificateRefusedError,
     FpStatus,
     IdentityError,
     MqttConnectionError,
@@ -74,17 +75,6 @@ def status_of(exc: BaseException | None) -> FpStatus:
     if isinstance(exc, ProvisioningError):
         return exc.status
     return FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
-
-
-class CertificateRefusedError(MqttConnectionError):
-    """The endpoint's chain checked out, but it refused the hub's certificate in the TLS handshake.
-
-    Final for the claim certificate (it is what it is until someone registers or activates it); during
-    JITR the first attempts are refused by design while the cloud registers and activates the
-    certificate, so there it is retried; the verification connect right after RegisterThing retries it
-    too (a new certificate may take a moment to be known everywhere)."""
-
-    retriable = False
 
 
 def format_seconds(seconds: float) -> str:

@@ -9,6 +9,7 @@
     ├── BusyError                    exit 6   another onboarding holds the lock on this config
     └── ProvisioningError            exit 10  the provisioning exchange failed (status FP_STATUS_*)
         ├── MqttConnectionError      exit 11  FP_STATUS_MQTT_CONNECTION_ERROR
+        │   └── CertificateRefusedError  exit 11  (the endpoint refused the certificate; final for a claim)
         ├── IdentityError            exit 12  FP_STATUS_IDENTITY_ERROR: the service rejected a request
         │                                     (keeps status_code, error_code, error_message) or answered
         │                                     with something that is not a valid answer
@@ -34,6 +35,7 @@ __all__ = [
     "FP_STATUS_PUBLISH_TIMEOUT_ERROR",
     "FP_STATUS_SUBSCRIBE_TIMEOUT_ERROR",
     "BusyError",
+    "CertificateRefusedError",
     "ConfigError",
     "CredentialError",
     "FpStatus",
@@ -155,6 +157,17 @@ class MqttConnectionError(ProvisioningError):
 
     exit_code: ClassVar[int] = 11
     status: ClassVar[FpStatus] = FpStatus.FP_STATUS_MQTT_CONNECTION_ERROR
+
+
+class CertificateRefusedError(MqttConnectionError):
+    """The endpoint's chain checked out, but it refused the hub's certificate in the TLS handshake.
+
+    Final for the claim certificate (it is what it is until someone registers or activates it); during
+    JITR the first attempts are refused by design while the cloud registers and activates the
+    certificate, so there it is retried; the verification connect right after RegisterThing retries it
+    too (a new certificate may take a moment to be known everywhere)."""
+
+    retriable = False
 
 
 class SubscribeTimeoutError(ProvisioningError):

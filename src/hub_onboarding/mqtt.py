@@ -27,8 +27,8 @@ from typing import Any
 from hub_onboarding import tls_probe
 from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
-from hub_onboarding.device_provisioner import CertificateRefusedError, format_seconds
-from hub_onboarding.errors import MqttConnectionError
+from hub_onboarding.device_provisioner import format_seconds
+from hub_onboarding.errors import CertificateRefusedError, MqttConnectionError
 from hub_onboarding.fleet import FleetProvisioning
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,10 @@ from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
 from hub_onboarding.device_provisioner import (
     Backoff,
-    CertificateRefusedError,
     DeviceProvisioner,
     format_seconds,
 )
-from hub_onboarding.errors import MqttConnectionError
+from hub_onboarding.errors import CertificateRefusedError, MqttConnectionError
 from hub_onboarding.mqtt import ConnectionSettings, describe_connect_failure, describe_probe
 from hub_onboarding.tls_probe import ProbeResult, Verdict
 from tests._support.fake_cloud import FakeClock
