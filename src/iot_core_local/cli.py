@@ -1,7 +1,7 @@
 """`iot-core-local serve`: run the stand-in until SIGINT or SIGTERM.
 
 Exit codes: 0 stopped cleanly, 2 usage error, 3 the server could not start (data dir in use,
-Mosquitto missing, port taken).
+Mosquitto missing, port taken, the [server] extra not installed).
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    from .extra import missing_server_extra
+
+    problem = missing_server_extra("iot-core-local")
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_SERVER
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,96 @@
+"""Installed the way a hub image is (`pip install .`, no extras): the commands that need the stand-in say
+which extra to install, in one line and exit 3, and touch nothing.
+
+Each command runs as a child Python whose imports of the [server] extra's modules fail, as they do when
+the extra is not installed: a meta path finder put first refuses them (the rest of the environment is this
+one, so the hub's own dependencies are there).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from iot_core_local.extra import EXIT_MISSING_EXTRA, INSTALL_COMMAND, SERVER_MODULES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Prepended to the child's program: the [server] modules cannot be imported, as without the extra.
+WITHOUT_SERVER_EXTRA = f"""
+import sys
+
+class _WithoutServerExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {set(SERVER_MODULES)!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, _WithoutServerExtra())
+"""
+
+
+def run_without_server_extra(call: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `call` (an expression giving an exit code) in a child Python without the [server] extra."""
+    program = WITHOUT_SERVER_EXTRA + f"\nsys.exit({call})\n"
+    return subprocess.run(
+        [sys.executable, "-c", program], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def assert_names_the_extra(result: subprocess.CompletedProcess[str], command: str) -> None:
+    assert result.returncode == EXIT_MISSING_EXTRA, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{command}: needs the [server] extra")
+    assert INSTALL_COMMAND in lines[0]
+    assert result.stdout == ""
+
+
+def test_iot_core_local_serve_names_the_extra_and_writes_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = run_without_server_extra(
+        f"__import__('iot_core_local.cli').cli.main(['serve', '--data-dir', {str(data_dir)!r}])", tmp_path
+    )
+    assert_names_the_extra(result, "iot-core-local")
+    assert not data_dir.exists()
+
+
+def test_hub_onboard_demo_names_the_extra_and_writes_nothing(tmp_path: Path) -> None:
+    keep = tmp_path / "kept"
+    result = run_without_server_extra(
+        f"__import__('hub_onboarding.cli').cli.main(['demo', '--keep', {str(keep)!r}])", tmp_path
+    )
+    assert_names_the_extra(result, "hub-onboard demo")
+    assert not keep.exists()
+
+
+def test_fleet_sim_names_the_extra_and_the_alternative(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    result = run_without_server_extra(
+        f"__import__('hub_onboarding.cli').cli.main(['fleet-sim', '--work-dir', {str(work)!r}])", tmp_path
+    )
+    assert_names_the_extra(result, "hub-onboard fleet-sim")
+    assert "or pass --config CLOUD.json" in result.stderr
+    assert not work.exists()
+
+
+def test_the_hub_commands_work_without_the_extra(tmp_path: Path) -> None:
+    """What a hub runs never needs the extra: status of a config answers, and names no extra."""
+    config = tmp_path / "iotmi_config.json"
+    config.write_text('{"ro": {}, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}\n', encoding="utf-8")
+    result = run_without_server_extra(
+        f"__import__('hub_onboarding.cli').cli.main(['status', '--config', {str(config)!r}])", tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "state: NOT_PROVISIONED" in result.stdout
+
+
+def test_the_modules_checked_are_the_extras_own() -> None:
+    """SERVER_MODULES follows pyproject's [server] extra (each distribution's module has its name)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = project["optional-dependencies"]["server"]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in requirements}
+    assert names == set(SERVER_MODULES)
