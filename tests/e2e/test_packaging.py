@@ -1,5 +1,6 @@
-"""Installed the way a hub image is (`pip install .`, no extras): the commands that need the stand-in say
-which extra to install, in one line and exit 3, and touch nothing.
+"""Packaging: installed the way a hub image is (`pip install .`, no extras), the commands that need the
+stand-in say which extra to install, in one line and exit 3, and touch nothing; and the boot service's
+systemd unit verifies and maps the exit codes.
 
 Each command runs as a child Python whose imports of the [server] extra's modules fail, as they do when
 the extra is not installed: a meta path finder put first refuses them (the rest of the environment is this
@@ -8,11 +9,21 @@ one, so the hub's own dependencies are there).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+from hub_onboarding.errors import (
+    EXIT_USAGE,
+    BusyError,
+    ConfigError,
+    CredentialError,
+    MqttConnectionError,
+    ProvisioningError,
+    StorageError,
+)
 from iot_core_local.extra import EXIT_MISSING_EXTRA, INSTALL_COMMAND, SERVER_MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,3 +105,85 @@ def test_the_modules_checked_are_the_extras_own() -> None:
     requirements = project["optional-dependencies"]["server"]
     names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in requirements}
     assert names == set(SERVER_MODULES)
+
+
+# The boot service. `systemd-analyze verify` checks a unit offline (no running systemd needed): every key
+# known, every value valid, the dependencies loadable, and the command executable. `make test` installs
+# Debian's systemd package where systemd-analyze is missing, as it does Mosquitto.
+UNIT = ROOT / "packaging" / "systemd" / "hub-onboarding.service"
+SHIPPED_COMMAND = "/usr/local/bin/hub-onboard"
+
+
+def unit_settings(text: str) -> dict[str, dict[str, list[str]]]:
+    """Section -> key -> values (a key may repeat), from a unit file's text."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify on `unit_text`, its command pointed at this environment's hub-onboard."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is missing: make test installs it (apt-get install systemd)"
+    installed = Path(sys.executable).parent / "hub-onboard"
+    command = str(installed) if installed.exists() else f"{sys.executable} -m hub_onboarding.cli"
+    path = folder / UNIT.name
+    path.write_text(unit_text.replace(SHIPPED_COMMAND, command), encoding="utf-8")
+    return subprocess.run(
+        [analyze, "verify", "--man=no", str(path)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_boot_service_verifies(tmp_path: Path) -> None:
+    result = verify(UNIT.read_text(encoding="utf-8"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr  # no warning either (an unknown key is only a warning)
+
+
+def test_a_mistake_in_the_unit_would_be_caught(tmp_path: Path) -> None:
+    """The check above has teeth: a misspelt key is reported."""
+    text = UNIT.read_text(encoding="utf-8").replace("\nRestart=", "\nRestrat=")
+    assert "Restrat" in verify(text, tmp_path).stderr
+
+
+def test_the_boot_service_runs_onboarding_once_before_the_mqtt_proxy() -> None:
+    unit = unit_settings(UNIT.read_text(encoding="utf-8"))
+    service = unit["Service"]
+    assert service["Type"] == ["oneshot"]
+    assert service["RemainAfterExit"] == ["yes"]
+    assert service["ExecStart"][0].startswith(f"{SHIPPED_COMMAND} provision --config ")
+    assert unit["Unit"]["Before"] == ["iotmi-mqtt-proxy.service"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_boot_service_restarts_after_transient_failures_only() -> None:
+    service = unit_settings(UNIT.read_text(encoding="utf-8"))["Service"]
+    assert service["Restart"] == ["on-failure"]
+    prevented = {int(code) for code in service["RestartPreventExitStatus"][0].split()}
+    # A restart cannot fix a usage, config or credential error; everything else may clear.
+    assert prevented == {EXIT_USAGE, ConfigError.exit_code, CredentialError.exit_code}
+    for transient in (StorageError, BusyError, ProvisioningError, MqttConnectionError):
+        assert transient.exit_code not in prevented
+
+
+def test_the_boot_service_writes_only_beside_its_config() -> None:
+    service = unit_settings(UNIT.read_text(encoding="utf-8"))["Service"]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["PrivateTmp"] == ["yes"]
+    config = Path(service["ExecStart"][0].split("--config ")[1].split()[0])
+    assert service["ReadWritePaths"] == [str(config.parent)]
