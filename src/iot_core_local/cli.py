@@ -141,6 +141,9 @@ def _set_up(args: argparse.Namespace) -> int:
     except (ClientError, BotoCoreError) as exc:
         print(f"iot-core-local {args.command}: the service refused: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # HUB not writable, or the activator could not connect or subscribe
+        print(f"iot-core-local {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
