@@ -4,10 +4,9 @@
     iot-core-local setup-fleet --data-dir DIR --out FOLDER    template, policies, a claim pair in FOLDER
     iot-core-local setup-jitr  --data-dir DIR --out FOLDER    device CA, a DHA pair, then the activator
 
-Exit codes: 0 stopped cleanly (serve) or set up, 1 the set-up failed (the service's own error, HUB not
-writable, the activator cannot connect), 2 usage
-error, 3 could not start: data dir in use, Mosquitto missing, port taken, no server running on DIR, a
-file in the way, or the [server] extra not installed.
+Exit codes: 0 stopped cleanly (serve) or set up; 1 the set-up failed (the service's own error, FOLDER not
+writable, the activator cannot connect); 2 usage error; 3 could not start: data dir in use, Mosquitto
+missing, port taken, no server running on DIR, a file in the way, or the [server] extra not installed.
 """
 
 from __future__ import annotations
