@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXIT_USAGE = 2
+from hub_onboarding.errors import EXIT_USAGE
 
 
 def _step(text: str) -> None:
