@@ -1,18 +1,26 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Each sets itself up.
+# Two commands for a fresh machine: `make demo` and `make test`. Each sets itself up with only what it needs:
+# the demo the [server] extra, the tests [dev] (which includes [server]), the benchmarks [bench].
+# One venv; one stamp per extra, so a later `make test` adds what the demo did not install.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench setup mosquitto clean
+.PHONY: demo test bench setup mosquitto systemd-analyze clean
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP)-dev mosquitto systemd-analyze
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
-	touch $(STAMP)
+
+# [dev] and [bench] include [server]: their stamps stand for it too.
+$(STAMP)-server: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[server]'
+	touch $@
+
+$(STAMP)-dev $(STAMP)-bench: $(STAMP)-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[$*]'
+	touch $@ $(STAMP)-server
 
 # The stand-in runs its own Mosquitto; install it where missing (as root), else say what to do.
 mosquitto:
@@ -20,16 +28,22 @@ mosquitto:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y mosquitto >/dev/null || { apt-get update >/dev/null && apt-get install -y mosquitto >/dev/null; }; \
 	  else echo "Mosquitto 2.0 is required: run 'sudo apt-get install -y mosquitto' (or your system's equivalent)" >&2; exit 1; fi; }
 
-demo: setup
+# The tests verify the boot service's unit file with systemd-analyze (Debian's systemd package).
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y systemd >/dev/null || { apt-get update >/dev/null && apt-get install -y systemd >/dev/null; }; \
+	  else echo "systemd-analyze is required: run 'sudo apt-get install -y systemd' (or your system's equivalent)" >&2; exit 1; fi; }
+
+demo: $(STAMP)-server mosquitto
 	$(BIN)/hub-onboard demo
 
-test: setup
+test: $(STAMP)-dev mosquitto systemd-analyze
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-bench: setup
+bench: $(STAMP)-bench mosquitto
 	$(BIN)/python -m bench
 
 clean:

@@ -3,7 +3,7 @@
     hub-onboard provision --config PATH [--json] [-v] [--lock-wait S]
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
-    hub-onboard demo
+    hub-onboard demo [--keep DIR]
     hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json] [--json]
 
 Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
@@ -28,6 +28,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # The exit codes live with the exception tree (errors.py is tiny: importing it costs nothing).
@@ -73,7 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--yes", action="store_true", help="really reset (required)")
     r.add_argument("--json", action="store_true", help="print JSON")
 
-    sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
+    d = sub.add_parser("demo", help="run iot-core-local in a temporary folder and onboard a simulated hub")
+    d.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep the hub's config and credentials and the stand-in's data in DIR (new or empty)",
+    )
     # Its options live in tools.fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
     sub.add_parser(
         "fleet-sim",
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from hub_onboarding.tools.demo import run_demo
 
-        return run_demo()
+        return run_demo(keep=args.keep)
     _configure_logging(getattr(args, "verbose", 0))
     from hub_onboarding.errors import OnboardingError
 

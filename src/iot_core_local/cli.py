@@ -1,7 +1,12 @@
-"""`iot-core-local serve`: run the stand-in until SIGINT or SIGTERM.
+"""`iot-core-local`: run the stand-in, and set it up the way a hub maker sets up its AWS account.
 
-Exit codes: 0 stopped cleanly, 2 usage error, 3 the server could not start (data dir in use,
-Mosquitto missing, port taken).
+    iot-core-local serve       --data-dir DIR [...]           until SIGINT or SIGTERM
+    iot-core-local setup-fleet --data-dir DIR --out FOLDER    template, policies, a claim pair in FOLDER
+    iot-core-local setup-jitr  --data-dir DIR --out FOLDER    device CA, a DHA pair, then the activator
+
+Exit codes: 0 stopped cleanly (serve) or set up; 1 the set-up failed (the service's own error, FOLDER not
+writable, the activator cannot connect); 2 usage error; 3 could not start: data dir in use, Mosquitto
+missing, port taken, no server running on DIR, a file in the way, or the [server] extra not installed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SERVER = 3
 
@@ -49,6 +55,32 @@ def _parser() -> argparse.ArgumentParser:
         "CreateCertificateFromCsr, RegisterThing, any (repeatable; also POST API_URL/_local/faults)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+
+    fleet = sub.add_parser(
+        "setup-fleet",
+        help="create a provisioning template, the hub and claim policies and a claim certificate "
+        "(kept when they exist); write the claim pair into --out",
+    )
+    jitr = sub.add_parser(
+        "setup-jitr",
+        help="register a device CA (JITR), issue a device certificate into --out, then run the activator "
+        "that activates new devices until Ctrl-C",
+    )
+    for command in (fleet, jitr):
+        command.add_argument(
+            "--data-dir", type=Path, required=True, help="the data dir of a running iot-core-local serve"
+        )
+        command.add_argument(
+            "--out", type=Path, required=True, help="the hub's folder: where the credentials go (0700)"
+        )
+        command.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    fleet.add_argument("--template", default="HubTemplate", help="template name (default HubTemplate)")
+    jitr.add_argument(
+        "--common-name", default="hub-jitr-0001", help="the device certificate's CN, the hub's client id"
+    )
+    jitr.add_argument(
+        "--ca-dir", type=Path, help="where the device CA's certificate and key live (default OUT/device-ca)"
+    )
     return parser
 
 
@@ -77,11 +109,45 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    from .extra import missing_server_extra
+
+    problem = missing_server_extra("iot-core-local")
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_SERVER
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "serve":
+        return _serve(args)
+    return _set_up(args)
+
+
+def _set_up(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .customer_setup import SetupError, set_up_fleet, set_up_jitr
+
+    try:
+        if args.command == "setup-fleet":
+            set_up_fleet(args.data_dir, args.out, args.template)
+        else:
+            set_up_jitr(args.data_dir, args.out, args.common_name, args.ca_dir)
+    except SetupError as exc:
+        print(f"iot-core-local {args.command}: {exc}", file=sys.stderr)
+        return EXIT_SERVER
+    except (ClientError, BotoCoreError) as exc:
+        print(f"iot-core-local {args.command}: the service refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # HUB not writable, or the activator could not connect or subscribe
+        print(f"iot-core-local {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
     from .errors import PortUnavailable, ServerError
     from .server import LocalIotCore
 

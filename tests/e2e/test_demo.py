@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,34 @@ def test_demo_provisions_a_simulated_hub(capsys: pytest.CaptureFixture[str]) -> 
     assert config["rw"]["client_id"] == "hub-SN-DEMO-0001"
     assert re.search(r"certificate [0-9a-f]{16}\.\.\. ACTIVE", out)
     assert "PRIVATE KEY" not in out
+
+
+def test_demo_keep_leaves_the_hub_and_the_cloud_to_look_at(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kept = tmp_path / "kept"
+    assert main(["demo", "--keep", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert f"kept in {kept.resolve()}" in out
+    config_path = kept.resolve() / "hub" / "iotmi_config.json"
+    assert str(config_path) in out
+    rw = json.loads(config_path.read_text(encoding="utf-8"))["rw"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    assert Path(rw["iot_permanent_cert_path"]).is_file()
+    assert Path(rw["iot_permanent_pk_path"]).is_file()
+    # The stand-in's data stays too, and was stopped cleanly (its endpoint file goes on a clean stop).
+    assert (kept / "cloud" / "registry.sqlite3").is_file()
+    assert (kept / "cloud" / "ca" / "root-ca.pem").is_file()
+    assert not (kept / "cloud" / "endpoint.json").exists()
+    # What status reads afterwards is the kept hub.
+    assert main(["status", "--config", str(config_path)]) == 0
+    assert "state: PROVISIONED" in capsys.readouterr().out
+
+
+def test_demo_keep_refuses_a_folder_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mine.txt").write_text("not the demo's", encoding="utf-8")
+    assert main(["demo", "--keep", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "is not empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import iot_core_local.recipes
 from iot_core_local.policy import evaluate, validate_policy
 from iot_core_local.recipes.claims import hub_template_body, set_up_fleet_provisioning
-from iot_core_local.recipes.jitr import activator_policy_document, registration_event_topic
+from iot_core_local.recipes.jitr import DeviceCA, activator_policy_document, registration_event_topic
 
 RECIPES = Path(iot_core_local.recipes.__file__).parent
 ARN = "arn:aws:iot:us-east-1:123456789012"
@@ -78,3 +80,20 @@ def test_recipes_import_nothing_of_the_server() -> None:
                 imported.add(node.module or "")
         ours = {name for name in imported if name.split(".")[0] == "iot_core_local"}
         assert ours <= {"iot_core_local.model"}, f"{path.name} imports {sorted(ours)}"
+
+
+def test_a_device_ca_saved_and_loaded_is_the_same_ca_and_registers_once(cp_client: Any) -> None:
+    ca = DeviceCA("Saved CA")
+    loaded = DeviceCA.from_pem(ca.certificate_pem, ca.private_key_pem)
+    assert loaded.certificate_id == ca.certificate_id
+    assert loaded.name == ca.name
+    assert ca.ensure_registered(cp_client) is True
+    assert loaded.ensure_registered(cp_client) is False
+    (registered,) = cp_client.list_ca_certificates()["certificates"]
+    assert registered["certificateId"] == ca.certificate_id
+
+
+def test_a_device_ca_needs_both_its_key_and_its_certificate() -> None:
+    ca = DeviceCA()
+    with pytest.raises(ValueError, match="both key and certificate"):
+        DeviceCA(key=ca.key)

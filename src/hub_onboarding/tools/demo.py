@@ -2,22 +2,48 @@
 
 Starts iot-core-local in a temporary folder, does what a hub maker does once in the cloud (template,
 policies, claim certificate) through the boto3 control plane, writes the config a factory would put on
-a hub, and onboards a simulated hub through the real MQTT path.
+a hub, and onboards a simulated hub through the real MQTT path. The folder is deleted at exit, unless
+`keep` names one to keep it in: the hub's config and credentials (`hub/`) and the stand-in's data
+(`cloud/`, which `iot-core-local serve --data-dir` serves again) stay there to look at.
+
+Without the [server] extra it prints one line naming it and exits 3, before it starts or writes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+
+from hub_onboarding.errors import EXIT_USAGE
 
 
 def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def run_demo() -> int:
+def _kept_folder(keep: Path) -> str | None:
+    """Why `keep` cannot hold the demo (it must be new or empty: nothing of the user's is overwritten)."""
+    if keep.exists() and not keep.is_dir():
+        return f"{keep} exists and is not a folder"
+    if keep.is_dir() and any(keep.iterdir()):
+        return f"{keep} is not empty; name a new or empty folder"
+    return None
+
+
+def run_demo(keep: Path | None = None) -> int:
+    """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in."""
+    from iot_core_local.extra import EXIT_MISSING_EXTRA, missing_server_extra
+
+    problem = missing_server_extra("hub-onboard demo")
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_MISSING_EXTRA
+    if keep is not None and (why := _kept_folder(keep)) is not None:
+        print(f"hub-onboard demo: --keep: {why}", file=sys.stderr)
+        return EXIT_USAGE
     from hub_onboarding.onboarding import HubOnboarding, StepEvent
     from hub_onboarding.tools.factory import write_claim_hub
     from iot_core_local.recipes.claims import set_up_fleet_provisioning
@@ -27,8 +53,12 @@ def run_demo() -> int:
         if event.is_progress:
             print(f"    hub: {event.message}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="hub-onboard-demo-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hub-onboard-demo-")))
+        else:
+            keep.mkdir(parents=True, exist_ok=True)
+            root = keep.resolve()
         _step("starting iot-core-local (gateway, Mosquitto, control plane)")
         with LocalIotCore(root / "cloud") as core:
             endpoint = core.endpoint
@@ -71,6 +101,11 @@ def run_demo() -> int:
             _step(f"resulting {config_path.name}")
             print(config_path.read_text(encoding="utf-8"))
             state = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_provisioning_state"]
+        if keep is not None:
+            _step(f"kept in {root}")
+            print(f"    hub:   {config_path} and its credentials in {config_path.parent}")
+            print(f"    cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
+            print(f"    hub-onboard status --config {config_path}")
     return 0 if state == "PROVISIONED" else 1
 
 

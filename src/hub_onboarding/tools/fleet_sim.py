@@ -18,8 +18,9 @@ hubs target that endpoint, for example real AWS IoT Core (format in docs/perform
      "template_name": "HubTemplate"}
 
 Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
-config is invalid. The engine (`write_hubs`, `onboard_fleet`) is importable; the benchmark uses it. Retries
-are counted from the hubs' step events (OnboardingStep.RETRY). Only the standard library and
+config is invalid, or the embedded iot-core-local lacks the [server] extra. The engine (`write_hubs`,
+`onboard_fleet`) is importable; the benchmark uses it. Retries are counted from the hubs' step events
+(OnboardingStep.RETRY). Only the standard library and
 hub_onboarding.errors (the exit codes) are imported at module level.
 """
 
@@ -477,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logging.getLogger("hub_onboarding").setLevel(logging.ERROR)  # per-hub warnings would flood a line
     extra_ro = {"fp_verify_connection": False} if args.no_verify else None
+    if args.config is None:  # the embedded stand-in needs the [server] extra: say so before writing anything
+        from iot_core_local.extra import EXIT_MISSING_EXTRA, missing_server_extra
+
+        problem = missing_server_extra("hub-onboard fleet-sim", alternative="pass --config CLOUD.json")
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return EXIT_MISSING_EXTRA
 
     with contextlib.ExitStack() as stack:
         if args.work_dir is not None:
@@ -491,15 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"hub-onboard fleet-sim: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
         else:
-            try:
-                target, _ = stack.enter_context(embedded_cloud(work / "cloud"))
-            except ImportError as exc:
-                print(
-                    f"hub-onboard fleet-sim: the embedded iot-core-local needs the [server] extra "
-                    f"({exc}); pip install 'hub-onboarding[server]', or pass --config",
-                    file=sys.stderr,
-                )
-                return EXIT_FAILED
+            target, _ = stack.enter_context(embedded_cloud(work / "cloud"))
         configs = write_hubs(
             target,
             work / "hubs",

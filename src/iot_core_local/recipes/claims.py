@@ -9,7 +9,6 @@ is made (a claim's private key cannot be fetched again).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +116,17 @@ def hub_template_body(hub_policy_name: str) -> str:
 
 
 @dataclass(frozen=True)
+class FleetResources:
+    """The template and the two policies fleet provisioning needs, and which of them were there already."""
+
+    template_name: str
+    claim_policy_name: str
+    hub_policy_name: str
+    created: tuple[str, ...] = ()  # e.g. "policy HubTemplate-hub", "template HubTemplate"
+    existing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ClaimSetup:
     """The claim credentials and names a factory puts on its hubs."""
 
@@ -126,6 +136,7 @@ class ClaimSetup:
     private_key_pem: str
     claim_policy_name: str
     hub_policy_name: str
+    existing: tuple[str, ...] = ()  # what a previous run had created already, kept as it was
 
 
 def set_up_fleet_provisioning(
@@ -143,21 +154,25 @@ def set_up_fleet_provisioning(
     A template or policy of the same name that already exists is kept as it is (a second run, or a second
     factory line, gets its own claim certificate under the same template).
     """
+    resources = ensure_fleet_provisioning(
+        client, template_name, region=region, account=account, role_arn=role_arn, hook_url=hook_url
+    )
+    return create_claim(client, resources)
+
+
+def ensure_fleet_provisioning(
+    client: Any,
+    template_name: str = "HubTemplate",
+    *,
+    region: str | None = None,
+    account: str = "123456789012",
+    role_arn: str = "arn:aws:iam::123456789012:role/IoTProvisioningRole",
+    hook_url: str | None = None,
+) -> FleetResources:
+    """Create the hub policy, the claim policy and the template unless they exist (kept as they are)."""
     region = region or client.meta.region_name
     hub_policy = f"{template_name}-hub"
     claim_policy = f"{template_name}-claim"
-    _create_unless_present(
-        client,
-        client.create_policy,
-        policyName=hub_policy,
-        policyDocument=hub_policy_document(region, account),
-    )
-    _create_unless_present(
-        client,
-        client.create_policy,
-        policyName=claim_policy,
-        policyDocument=claim_policy_document(region, account, template_name),
-    )
     template: dict[str, Any] = {
         "templateName": template_name,
         "templateBody": hub_template_body(hub_policy),
@@ -166,20 +181,50 @@ def set_up_fleet_provisioning(
     }
     if hook_url is not None:
         template["preProvisioningHook"] = {"targetArn": hook_url, "payloadVersion": "2020-04-01"}
-    _create_unless_present(client, client.create_provisioning_template, **template)
+    steps: list[tuple[str, Callable[..., object], dict[str, Any]]] = [
+        (
+            f"policy {hub_policy}",
+            client.create_policy,
+            {"policyName": hub_policy, "policyDocument": hub_policy_document(region, account)},
+        ),
+        (
+            f"policy {claim_policy}",
+            client.create_policy,
+            {
+                "policyName": claim_policy,
+                "policyDocument": claim_policy_document(region, account, template_name),
+            },
+        ),
+        (f"template {template_name}", client.create_provisioning_template, template),
+    ]
+    created: list[str] = []
+    existing: list[str] = []
+    for what, create, request in steps:
+        (created if create_unless_present(client, create, **request) else existing).append(what)
+    return FleetResources(template_name, claim_policy, hub_policy, tuple(created), tuple(existing))
+
+
+def create_claim(client: Any, resources: FleetResources) -> ClaimSetup:
+    """A new ACTIVE claim certificate with the claim policy attached (a claim's key is never stored
+    by the service, so each call makes a new one)."""
     created = client.create_keys_and_certificate(setAsActive=True)
-    client.attach_policy(policyName=claim_policy, target=created["certificateArn"])
+    client.attach_policy(policyName=resources.claim_policy_name, target=created["certificateArn"])
     return ClaimSetup(
-        template_name=template_name,
+        template_name=resources.template_name,
         certificate_id=created["certificateId"],
         certificate_pem=created["certificatePem"],
         private_key_pem=created["keyPair"]["PrivateKey"],
-        claim_policy_name=claim_policy,
-        hub_policy_name=hub_policy,
+        claim_policy_name=resources.claim_policy_name,
+        hub_policy_name=resources.hub_policy_name,
+        existing=resources.existing,
     )
 
 
-def _create_unless_present(client: Any, create: Callable[..., object], **request: Any) -> None:
-    """Call `create(**request)`; a ResourceAlreadyExistsException means it is there already, which is fine."""
-    with contextlib.suppress(client.exceptions.ResourceAlreadyExistsException):
+def create_unless_present(client: Any, create: Callable[..., object], **request: Any) -> bool:
+    """Call `create(**request)`: True when it created, False when a ResourceAlreadyExistsException says it
+    is there already (which is fine: a rerun keeps what exists)."""
+    try:
         create(**request)
+    except client.exceptions.ResourceAlreadyExistsException:
+        return False
+    return True

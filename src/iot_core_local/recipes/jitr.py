@@ -56,15 +56,47 @@ class DeviceCredentials:
 class DeviceCA:
     """A manufacturer's CA that signs device (DHA) certificates at the factory."""
 
-    def __init__(self, name: str = "Hub Maker Device CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    def __init__(
+        self,
+        name: str = "Hub Maker Device CA",
+        *,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        certificate: x509.Certificate | None = None,
+    ) -> None:
+        """A new CA named `name`; or, given `key` and `certificate`, one made before (`from_pem`)."""
+        if (key is None) != (certificate is None):
+            raise ValueError("DeviceCA: pass both key and certificate, or neither")
+        if key is None or certificate is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            certificate = self._self_signed(key, name)
+        self.key = key
+        self.certificate = certificate
+        self.name = certificate.subject
+        self.certificate_pem = _pem(certificate)
+        self.private_key_pem = _key_pem(key)
+
+    @classmethod
+    def from_pem(cls, certificate_pem: str, private_key_pem: str) -> DeviceCA:
+        """The CA saved before as `certificate_pem` and `private_key_pem` (an EC key, unencrypted)."""
+        key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TypeError("DeviceCA: the private key is not an EC key")
+        return cls(key=key, certificate=x509.load_pem_x509_certificate(certificate_pem.encode()))
+
+    @property
+    def certificate_id(self) -> str:
+        """The id AWS IoT gives this CA once registered: the SHA-256 of its DER, in hex."""
+        return self.certificate.fingerprint(hashes.SHA256()).hex()
+
+    @staticmethod
+    def _self_signed(key: ec.EllipticCurvePrivateKey, name: str) -> x509.Certificate:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = dt.datetime.now(dt.UTC)
-        self.certificate = (
+        return (
             x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=3650))
@@ -72,9 +104,8 @@ class DeviceCA:
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
             )
-            .sign(self.key, hashes.SHA256())
+            .sign(key, hashes.SHA256())
         )
-        self.certificate_pem = _pem(self.certificate)
 
     def _sign(self, subject: x509.Name, public_key: Any, days: int = 3650) -> x509.Certificate:
         now = dt.datetime.now(dt.UTC)
@@ -122,6 +153,17 @@ class DeviceCA:
             }
         ca_id: str = client.register_ca_certificate(**request)["certificateId"]
         return ca_id
+
+    def ensure_registered(
+        self, client: Any, *, template_body: str | None = None, role_arn: str | None = None
+    ) -> bool:
+        """Register this CA unless it is already (then it is kept as it is); True when it registered now."""
+        try:
+            client.describe_ca_certificate(certificateId=self.certificate_id)
+        except client.exceptions.ResourceNotFoundException:
+            self.register(client, template_body=template_body, role_arn=role_arn)
+            return True
+        return False
 
 
 def activator_policy_document(region: str, account: str) -> str:
@@ -187,9 +229,11 @@ class JitrActivator:
 
         region = self._iot.meta.region_name
         policy_name = f"{self._client_id}-policy"
-        self._iot.create_policy(
-            policyName=policy_name, policyDocument=activator_policy_document(region, self._account)
-        )
+        # A policy left by an earlier run is kept (a rerun, or a restarted activator, is not an error).
+        with contextlib.suppress(self._iot.exceptions.ResourceAlreadyExistsException):
+            self._iot.create_policy(
+                policyName=policy_name, policyDocument=activator_policy_document(region, self._account)
+            )
         created = self._iot.create_keys_and_certificate(setAsActive=True)
         self._iot.attach_policy(policyName=policy_name, target=created["certificateArn"])
         connected = threading.Event()

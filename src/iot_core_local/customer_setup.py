@@ -1,0 +1,210 @@
+"""`iot-core-local setup-fleet` and `setup-jitr`: a hub maker's cloud set-up, against a running stand-in.
+
+Both find the server through `DIR/endpoint.json` (written by `iot-core-local serve --data-dir DIR`), run
+the customer-side recipes through a boto3 client, write what a factory puts on a hub into an output
+folder (certificates 0644, keys 0600, the folder 0700), and print one line per resource: `created`, or
+`exists` when an earlier run made it. A rerun creates nothing that is there already and ends the same way;
+a file in the output folder is never overwritten.
+
+`setup-jitr` then runs the JITR activator (the customer's rule and Lambda function) until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from .recipes.claims import (
+    create_claim,
+    create_unless_present,
+    ensure_fleet_provisioning,
+    hub_policy_document,
+)
+from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
+from .server import Endpoint
+
+log = logging.getLogger(__name__)
+
+CLAIM_FILES = ("claim.pem.crt", "claim.pem.key")
+DHA_FILES = ("dha.pem.crt", "dha.pem.key")
+CA_FILES = ("device-ca.pem", "device-ca.key")
+
+
+class SetupError(Exception):
+    """Why a set-up cannot go on, in one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """A running stand-in, as its endpoint file describes it, and a boto3 IoT client for it."""
+
+    endpoint: Endpoint
+    client: Any
+
+    @classmethod
+    def of(cls, data_dir: Path) -> Cloud:
+        path = data_dir / "endpoint.json"
+        try:
+            endpoint = Endpoint.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise SetupError(
+                f"{path} does not exist: start 'iot-core-local serve --data-dir {data_dir}' first"
+            ) from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise SetupError(f"{path} cannot be read ({exc}): restart iot-core-local serve") from None
+        import boto3
+
+        client = boto3.client(
+            "iot",
+            endpoint_url=endpoint.api_url,
+            region_name="us-east-1",
+            aws_access_key_id="iot-core-local",
+            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
+        )
+        return cls(endpoint, client)
+
+    def print_hub_settings(self) -> None:
+        """The two `ro` values of iotmi_config.json that name this cloud."""
+        print(f"endpoint_url {self.endpoint.mqtt_address}")
+        print(f"iot_root_ca_path {self.endpoint.root_ca_path}")
+
+
+def _report(what: str, created: bool, detail: str = "") -> None:
+    print(f"{what}: {'created' if created else 'exists'}{detail}", flush=True)
+
+
+def _private_folder(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _write_pair(folder: Path, names: tuple[str, str], certificate_pem: str, private_key_pem: str) -> None:
+    """The certificate (0644) and its key (0600 from its first byte); neither may exist yet."""
+    cert_path, key_path = (folder / n for n in names)
+    for path, text, mode in ((cert_path, certificate_pem, 0o644), (key_path, private_key_pem, 0o600)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | None:
+    """The (certificate, key) texts when both files exist; None when neither does; else SetupError."""
+    paths = [folder / n for n in names]
+    present = [p.exists() for p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = paths[present.index(False)]
+        raise SetupError(
+            f"{missing} is missing beside {paths[present.index(True)]}: remove both to start over"
+        )
+    return paths[0].read_text(encoding="utf-8"), paths[1].read_text(encoding="utf-8")
+
+
+def _certificate_id(certificate_pem: str) -> str:
+    return x509.load_pem_x509_certificate(certificate_pem.encode()).fingerprint(hashes.SHA256()).hex()
+
+
+def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
+    """Template, policies and a claim certificate in the cloud; the claim pair in `out`."""
+    cloud = Cloud.of(data_dir)
+    iot = cloud.client
+    resources = ensure_fleet_provisioning(iot, template_name)
+    for what in (*resources.created, *resources.existing):
+        _report(what, what in resources.created)
+    _private_folder(out)
+    existing = _existing_pair(out, CLAIM_FILES)
+    if existing is not None:
+        certificate_id = _certificate_id(existing[0])
+        try:
+            iot.describe_certificate(certificateId=certificate_id)
+        except iot.exceptions.ResourceNotFoundException:
+            raise SetupError(
+                f"{out / CLAIM_FILES[0]} is not a certificate of the cloud in {data_dir}: "
+                "remove the claim files to make a new claim"
+            ) from None
+        _report(f"claim certificate {certificate_id}", False, f", {out / CLAIM_FILES[0]}")
+    else:
+        claim = create_claim(iot, resources)
+        _write_pair(out, CLAIM_FILES, claim.certificate_pem, claim.private_key_pem)
+        _report(
+            f"claim certificate {claim.certificate_id}",
+            True,
+            f", {out / CLAIM_FILES[0]} and {out / CLAIM_FILES[1]}",
+        )
+    cloud.print_hub_settings()
+
+
+def set_up_jitr(
+    data_dir: Path,
+    out: Path,
+    common_name: str,
+    ca_dir: Path | None,
+    *,
+    run: Callable[[JitrActivator], None] | None = None,
+) -> None:
+    """Register a device CA, issue a DHA pair into `out`, and run the activator (`run`: until a signal)."""
+    cloud = Cloud.of(data_dir)
+    iot = cloud.client
+    ca_dir = ca_dir if ca_dir is not None else out / "device-ca"
+    _private_folder(ca_dir)
+    saved = _existing_pair(ca_dir, CA_FILES)
+    ca = DeviceCA.from_pem(*saved) if saved is not None else DeviceCA()
+    if saved is None:
+        _write_pair(ca_dir, CA_FILES, ca.certificate_pem, ca.private_key_pem)
+    _report(f"device CA {ca.certificate_id}", ca.ensure_registered(iot), f", {ca_dir / CA_FILES[0]}")
+    policy_name = "JitrHub-device"
+    created = create_unless_present(
+        iot,
+        iot.create_policy,
+        policyName=policy_name,
+        policyDocument=hub_policy_document(iot.meta.region_name, "123456789012"),
+    )
+    _report(f"policy {policy_name}", created)
+    _private_folder(out)
+    dha = _existing_pair(out, DHA_FILES)
+    if dha is None:
+        device = ca.issue_device(common_name)
+        _write_pair(out, DHA_FILES, device.certificate_pem, device.private_key_pem)
+    _report(f"device certificate {DHA_FILES[0]}", dha is None, f", {out / DHA_FILES[0]}")
+    cloud.print_hub_settings()
+    activator = JitrActivator(
+        iot,
+        host=cloud.endpoint.mqtt_host,
+        port=cloud.endpoint.mqtt_port,
+        root_ca_pem=Path(cloud.endpoint.root_ca_path).read_bytes(),
+        ca_certificate_id=ca.certificate_id,
+        device_policy_name=policy_name,
+    )
+    activator.start()
+    try:
+        print(
+            f"JITR activator: listening on {registration_event_topic(ca.certificate_id)} (Ctrl-C to stop)",
+            flush=True,
+        )
+        (run or _until_signal)(activator)
+    finally:
+        activator.stop()
+
+
+def _until_signal(activator: JitrActivator) -> None:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    # Woken twice a second: a signal handler runs only when the main thread gets back to Python code.
+    while not stop.wait(0.5):
+        pass
