@@ -11,7 +11,6 @@ know, and replaces it atomically keeping its mode, owner and group (`_files.repl
 
 from __future__ import annotations
 
-import difflib
 import enum
 import errno
 import json
@@ -437,6 +436,8 @@ def method_choice(ro: Mapping[str, Any]) -> MethodChoice:
 def closest_method(raw: object) -> ProvisioningMethod:
     """The valid method nearest to a mistyped one (difflib's similarity, ignoring case)."""
     text = str(raw).strip().upper()
+    import difflib  # only for a config with a typo in it
+
     return max(ProvisioningMethod, key=lambda m: difflib.SequenceMatcher(None, text, m.value).ratio())
 
 

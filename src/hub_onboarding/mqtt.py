@@ -22,14 +22,17 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hub_onboarding import tls_probe
 from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
 from hub_onboarding.device_provisioner import format_seconds
 from hub_onboarding.errors import CertificateRefusedError, MqttConnectionError
 from hub_onboarding.fleet import FleetProvisioning
+
+if TYPE_CHECKING:
+    # Imported where a connect has failed: the diagnostic's ssl/socket imports cost ~14 ms at start-up.
+    from hub_onboarding import tls_probe
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ def describe_probe(
 
     Final (not retried): the endpoint's chain or host name, or a port without TLS. A refused client
     certificate is a CertificateRefusedError: final for a claim, expected during JITR."""
+    from hub_onboarding import tls_probe
+
     s = settings
     where = f"could not connect to {s.endpoint} as {client_id!r}"
     trust = f"iot_root_ca_path ({s.root_ca_path})" if s.root_ca_path else "the system trust store"
@@ -344,7 +349,7 @@ class IotProvisioning:
             return
         failure = outcome.get("error")
         if outcome.get("reason") is None and getattr(failure, "name", None) in _PROBED_ERRORS:
-            diagnosed = self._diagnose(client_id, credentials, tls_probe.PROBE_TIMEOUT)
+            diagnosed = self._diagnose(client_id, credentials, None)
             if diagnosed is not None:
                 raise diagnosed
         raise MqttConnectionError(
@@ -352,9 +357,14 @@ class IotProvisioning:
         )
 
     def _diagnose(
-        self, client_id: str, credentials: Credentials, budget: float
+        self, client_id: str, credentials: Credentials, budget: float | None
     ) -> MqttConnectionError | None:
-        """Run the diagnostic handshake (at most PROBE_TIMEOUT) unless this certificate passed one."""
+        """Run the diagnostic handshake (at most PROBE_TIMEOUT, or `budget` when less) unless this
+        certificate passed one."""
+        from hub_onboarding import tls_probe
+
+        if budget is None:
+            budget = tls_probe.PROBE_TIMEOUT
         if credentials.certificate_pem in self._tls_accepted or budget <= 0.5:
             return None
         s = self.settings

@@ -209,3 +209,16 @@ def test_jitr_and_the_verification_connect_retry_a_refused_certificate() -> None
     with pytest.raises(CertificateRefusedError) as verify:
         dp.verify("hub-1", CREDS, dp.deadline())
     assert verify.value.retriable is True, "a certificate registered a moment ago: worth another attempt"
+
+
+def test_the_diagnostic_is_imported_only_when_a_connect_fails() -> None:
+    # The probe pulls in ssl and socket (about 14 ms): a hub that connects at once never pays for them.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hub_onboarding.cli, hub_onboarding.onboarding, hub_onboarding.mqtt, "
+        "hub_onboarding.device_provisioner; print('hub_onboarding.tls_probe' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
