@@ -14,8 +14,10 @@ Semantics, as AWS documents them for IoT policies:
 - `${name}` is a policy variable (`iot:ClientId`, `iot:Connection.Thing.ThingName`, ...). Its value is
   matched literally, so a client id of `*` is not a wildcard. A statement that uses a variable the
   request does not have does not apply. `${*}`, `${?}` and `${$}` stand for the literal characters.
-- `Condition` supports the operators in `CONDITION_OPERATORS` (enough for the documented
-  `"Bool": {"iot:Connection.Thing.IsAttached": "true"}`); a condition key the request lacks is false.
+- `Condition` supports the String, Bool, Numeric and Arn operators and `Null` (`CONDITION_OPERATORS`),
+  each with its `...IfExists` form and, but for Numeric, the `ForAnyValue:`/`ForAllValues:` prefixes.
+  A key the request lacks follows IAM's rules (`_Condition`): a positive operator is false, a negated
+  one is true (so a Deny on `StringNotEquals` applies), `...IfExists` is true, `Null` tests for it.
 - A malformed statement never raises here: it simply does not apply. `validate_policy` is the strict
   check that CreatePolicy runs, so stored documents are well formed.
 """
@@ -25,8 +27,9 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .errors import MalformedPolicy
 
@@ -112,31 +115,180 @@ def _literal_parts(text: str, wildcards: bool) -> list[tuple[bool, str]]:
     return [(False, ".*" if c == "*" else "." if c == "?" else re.escape(c)) for c in text]
 
 
-# Condition operator -> (values use wildcards, negated). A condition is true when the request's value
-# matches any of the listed values (negated operators: none of them).
-CONDITION_OPERATORS: Mapping[str, tuple[bool, bool]] = {
-    "StringEquals": (False, False),
-    "StringNotEquals": (False, True),
-    "StringEqualsIgnoreCase": (False, False),
-    "StringNotEqualsIgnoreCase": (False, True),
-    "StringLike": (True, False),
-    "StringNotLike": (True, True),
-    "Bool": (False, False),
+@dataclass(frozen=True)
+class _Operator:
+    """A condition operator without its `ForAnyValue:`/`ForAllValues:` prefix or `IfExists` suffix."""
+
+    family: str  # String, Bool, Numeric, Arn, Null: how a policy value is parsed and compared
+    negated: bool = False  # true when the request's value matches none of the policy's values
+    wildcards: bool = False
+    ignore_case: bool = False
+    compare: str = "=="  # Numeric only
+
+
+_OPERATORS: Mapping[str, _Operator] = {
+    "StringEquals": _Operator("String"),
+    "StringNotEquals": _Operator("String", negated=True),
+    "StringEqualsIgnoreCase": _Operator("String", ignore_case=True),
+    "StringNotEqualsIgnoreCase": _Operator("String", negated=True, ignore_case=True),
+    "StringLike": _Operator("String", wildcards=True),
+    "StringNotLike": _Operator("String", negated=True, wildcards=True),
+    "Bool": _Operator("Bool", ignore_case=True),
+    "NumericEquals": _Operator("Numeric"),
+    "NumericNotEquals": _Operator("Numeric", negated=True),
+    "NumericLessThan": _Operator("Numeric", compare="<"),
+    "NumericLessThanEquals": _Operator("Numeric", compare="<="),
+    "NumericGreaterThan": _Operator("Numeric", compare=">"),
+    "NumericGreaterThanEquals": _Operator("Numeric", compare=">="),
+    # ArnEquals and ArnLike are the same test: each of an ARN's six colon-separated parts is matched
+    # on its own, wildcards included.
+    "ArnEquals": _Operator("Arn", wildcards=True),
+    "ArnLike": _Operator("Arn", wildcards=True),
+    "ArnNotEquals": _Operator("Arn", negated=True, wildcards=True),
+    "ArnNotLike": _Operator("Arn", negated=True, wildcards=True),
+    "Null": _Operator("Null"),
 }
+# The operators a Condition may name, before any `ForAnyValue:`/`ForAllValues:` prefix or `IfExists`.
+CONDITION_OPERATORS: frozenset[str] = frozenset(_OPERATORS)
+_SET_OPERATORS = ("ForAnyValue", "ForAllValues")
+_COMPARE: Mapping[str, Callable[[float, float], bool]] = {
+    "==": lambda a, b: a == b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+class _Value(Protocol):
+    """One value listed under a condition key, compiled for its operator's family."""
+
+    @property
+    def variables(self) -> frozenset[str]: ...
+
+    def matches(self, value: str, variables: Mapping[str, str]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Number:
+    number: float
+    compare: Callable[[float, float], bool]
+    variables: frozenset[str] = frozenset()
+
+    def matches(self, value: str, variables: Mapping[str, str]) -> bool:
+        try:
+            actual = float(value)
+        except ValueError:
+            return False  # a request value that is no number matches no number
+        return self.compare(actual, self.number)
+
+
+@dataclass(frozen=True)
+class _Arn:
+    parts: tuple[_Pattern, ...]  # six: arn, partition, service, region, account, resource
+
+    @property
+    def variables(self) -> frozenset[str]:
+        return frozenset().union(*(part.variables for part in self.parts))
+
+    def matches(self, value: str, variables: Mapping[str, str]) -> bool:
+        actual = value.split(":", 5)
+        return len(actual) == len(self.parts) and all(
+            part.matches(piece, variables) for part, piece in zip(self.parts, actual, strict=True)
+        )
 
 
 @dataclass(frozen=True)
 class _Condition:
+    """One key under one operator. IAM's rules for a key the request does not have:
+
+    - a positive operator is false, a negated one (`StringNotEquals`, `ArnNotLike`, ...) is true;
+    - an `...IfExists` operator is true; `Null: "true"` is true, `Null: "false"` is false;
+    - `ForAllValues:` is true (every one of no values matched), `ForAnyValue:` is false.
+    Context keys here hold one value, so a set operator sees a set of zero or one value.
+    """
+
     key: str
-    values: tuple[_Pattern, ...]
-    negated: bool
+    values: tuple[_Value, ...]
+    negated: bool = False
+    if_exists: bool = False
+    set_operator: str | None = None
+    null: tuple[bool, ...] | None = None  # Null's values: whether the key must be absent
+
+    @property
+    def variables(self) -> frozenset[str]:
+        return frozenset().union(*(value.variables for value in self.values))
 
     def holds(self, variables: Mapping[str, str]) -> bool:
         actual = variables.get(self.key)
+        if self.null is not None:
+            return (actual is None) in self.null
+        if actual is None and self.if_exists:
+            return True
+        present = () if actual is None else (actual,)
+        if self.set_operator == "ForAllValues":
+            return all(self._one(value, variables) for value in present)
+        if self.set_operator == "ForAnyValue":
+            return any(self._one(value, variables) for value in present)
         if actual is None:
-            return False
-        matched = any(value.matches(actual, variables) for value in self.values)
-        return matched != self.negated
+            return self.negated
+        return self._one(actual, variables)
+
+    def _one(self, actual: str, variables: Mapping[str, str]) -> bool:
+        return any(value.matches(actual, variables) for value in self.values) != self.negated
+
+
+def _split_operator(name: str, where: str) -> tuple[_Operator, str | None, bool]:
+    """`ForAnyValue:StringNotLikeIfExists` -> (StringNotLike, "ForAnyValue", True)."""
+    set_operator, _, base = name.rpartition(":")
+    if set_operator and set_operator not in _SET_OPERATORS:
+        raise _Malformed(f"{where}: unsupported Condition operator {name!r}")
+    if_exists = base.endswith("IfExists") and base != "IfExists"
+    base = base.removesuffix("IfExists") if if_exists else base
+    operator = _OPERATORS.get(base)
+    if operator is None:
+        raise _Malformed(f"{where}: unsupported Condition operator {name!r}")
+    if operator.family == "Null" and (if_exists or set_operator):
+        raise _Malformed(f"{where}: Null takes neither IfExists nor {set_operator or 'a set operator'}")
+    if operator.family == "Numeric" and set_operator:
+        raise _Malformed(f"{where}: {set_operator} does not apply to {base}")
+    return operator, set_operator or None, if_exists
+
+
+def _value(operator: _Operator, text: str, where: str) -> _Value:
+    if operator.family == "Numeric":
+        try:
+            number = float(text)
+        except ValueError:
+            raise _Malformed(f"{where}: {text!r} is not a number") from None
+        return _Number(number, _COMPARE[operator.compare])
+    if operator.family == "Arn":
+        return _Arn(tuple(_Pattern.parse(part) for part in text.split(":", 5)))
+    return _Pattern.parse(text, wildcards=operator.wildcards, ignore_case=operator.ignore_case)
+
+
+def _null_values(values: list[str], where: str) -> tuple[bool, ...]:
+    if any(value.lower() not in ("true", "false") for value in values):
+        raise _Malformed(f'{where}: Null takes "true" or "false"')
+    return tuple(value.lower() == "true" for value in values)
+
+
+def _parse_conditions(value: object, where: str) -> tuple[_Condition, ...]:
+    if not isinstance(value, dict):
+        raise _Malformed(f"{where}: Condition must be an object")
+    conditions = []
+    for name, block in value.items():
+        operator, set_operator, if_exists = _split_operator(name, where)
+        if not isinstance(block, dict):
+            raise _Malformed(f"{where}: Condition {name} must be an object")
+        for key, expected in block.items():
+            texts = _strings({key: expected}, key, f"{where}: Condition {name}")
+            if operator.family == "Null":
+                conditions.append(_Condition(key, (), null=_null_values(texts, f"{where}: Condition")))
+                continue
+            values = tuple(_value(operator, text, f"{where}: Condition {name}") for text in texts)
+            conditions.append(_Condition(key, values, operator.negated, if_exists, set_operator))
+    return tuple(conditions)
 
 
 @dataclass(frozen=True)
@@ -174,24 +326,6 @@ def _one_of(statement: Mapping[str, object], keys: tuple[str, str], where: str) 
     return present[0]
 
 
-def _parse_conditions(value: object, where: str) -> tuple[_Condition, ...]:
-    if not isinstance(value, dict):
-        raise _Malformed(f"{where}: Condition must be an object")
-    conditions = []
-    for operator, block in value.items():
-        if operator not in CONDITION_OPERATORS:
-            raise _Malformed(f"{where}: unsupported Condition operator {operator!r}")
-        wildcards, negated = CONDITION_OPERATORS[operator]
-        ignore_case = operator.endswith("IgnoreCase") or operator == "Bool"
-        if not isinstance(block, dict):
-            raise _Malformed(f"{where}: Condition {operator} must be an object")
-        for key, expected in block.items():
-            values = _strings({key: expected}, key, f"{where}: Condition {operator}")
-            patterns = tuple(_Pattern.parse(v, wildcards=wildcards, ignore_case=ignore_case) for v in values)
-            conditions.append(_Condition(key, patterns, negated))
-    return tuple(conditions)
-
-
 def _parse_statement(statement: object, where: str) -> _Statement:
     if not isinstance(statement, dict):
         raise _Malformed(f"{where}: must be an object")
@@ -203,7 +337,7 @@ def _parse_statement(statement: object, where: str) -> _Statement:
     actions = tuple(_Pattern.parse(a, ignore_case=True) for a in _strings(statement, action_key, where))
     resources = tuple(_Pattern.parse(r) for r in _strings(statement, resource_key, where))
     conditions = _parse_conditions(statement["Condition"], where) if "Condition" in statement else ()
-    patterns = [*actions, *resources, *(v for c in conditions for v in c.values)]
+    patterns = [*actions, *resources]
     return _Statement(
         allow=effect == "Allow",
         actions=actions,
@@ -211,7 +345,7 @@ def _parse_statement(statement: object, where: str) -> _Statement:
         resources=resources,
         not_resource=resource_key == "NotResource",
         conditions=conditions,
-        variables=frozenset().union(*(p.variables for p in patterns)),
+        variables=frozenset().union(*(p.variables for p in patterns), *(c.variables for c in conditions)),
     )
 
 

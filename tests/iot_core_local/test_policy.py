@@ -1,4 +1,18 @@
-"""IoT policy evaluation, driven with plain values: documents, an action, a resource, variables."""
+"""IoT policy evaluation, driven with plain values: documents, an action, a resource, variables.
+
+Where the condition rules in `ABSENT_KEY_CASES` and `OPERATOR_CASES` come from (AWS IAM User Guide):
+
+- "IAM JSON policy elements: Condition operators": a key absent from the request context makes a
+  condition false, except that a negated operator (`StringNotLike`, `ArnNotLike`, ...) is then true;
+  `...IfExists` is true when the key is absent and otherwise the plain operator; `Null: "true"` holds
+  when the key is absent, `Null: "false"` when it is present; several values under one key are ORed,
+  a negated operator holds when the request's value matches none of them; Numeric operators compare
+  numbers; ArnEquals and ArnLike match each of an ARN's six colon-separated parts with `*` and `?`.
+- "Single-valued vs. multivalued context keys" (set operators): `ForAllValues:` is true when the key
+  is absent (no value fails), `ForAnyValue:` is false (no value matches).
+- AWS IoT "Retained message policy examples": a retained PUBLISH needs iot:Publish and
+  iot:RetainPublish on the topic (tested through a client in test_gateway.py).
+"""
 
 from __future__ import annotations
 
@@ -683,3 +697,132 @@ def _reference_match(pattern: str, value: str) -> bool:
     if not value:
         return False
     return (head == "?" or head == value[0]) and _reference_match(rest, value[1:])
+
+
+# ---- conditions on a key the request may lack -------------------------------------------------------
+
+ABSENT = {"iot:ClientId": "hub-1"}  # iot:Connection.Thing.ThingName is absent
+THING = "iot:Connection.Thing.ThingName"
+
+
+def _deny_when(operator: str, value: Any) -> list[dict[str, Any]]:
+    """Allow everything, but Deny when `operator` holds for the thing name: denied iff the condition holds."""
+    return [allow("*", "*"), deny("*", "*", Condition={operator: {THING: value}})]
+
+
+# (operator, value, condition holds when the key is absent)
+ABSENT_KEY_CASES: list[tuple[str, Any, bool]] = [
+    ("StringEquals", "thing-1", False),
+    ("StringNotEquals", "thing-1", True),
+    ("StringEqualsIgnoreCase", "thing-1", False),
+    ("StringNotEqualsIgnoreCase", "thing-1", True),
+    ("StringLike", "*", False),
+    ("StringNotLike", "thing-*", True),
+    ("Bool", "true", False),
+    ("NumericEquals", "1", False),
+    ("NumericNotEquals", "1", True),
+    ("NumericLessThan", "1", False),
+    ("NumericGreaterThanEquals", "1", False),
+    ("ArnEquals", "arn:aws:iot:*:*:thing/*", False),
+    ("ArnLike", "arn:aws:iot:*:*:thing/*", False),
+    ("ArnNotEquals", "arn:aws:iot:*:*:thing/x", True),
+    ("ArnNotLike", "arn:aws:iot:*:*:thing/*", True),
+    ("StringEqualsIfExists", "thing-1", True),
+    ("StringNotEqualsIfExists", "thing-1", True),
+    ("StringLikeIfExists", "x*", True),
+    ("BoolIfExists", "true", True),
+    ("NumericLessThanIfExists", "1", True),
+    ("ArnLikeIfExists", "arn:*", True),
+    ("ArnNotLikeIfExists", "arn:*", True),
+    ("Null", "true", True),
+    ("Null", "false", False),
+    ("Null", "TRUE", True),
+    ("ForAllValues:StringEquals", "thing-1", True),
+    ("ForAllValues:StringNotEquals", "thing-1", True),
+    ("ForAnyValue:StringEquals", "thing-1", False),
+    ("ForAnyValue:StringNotLike", "thing-*", False),
+    ("ForAnyValue:StringEqualsIfExists", "thing-1", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("operator", "value", "holds"), ABSENT_KEY_CASES, ids=[f"{c[0]}={c[1]}" for c in ABSENT_KEY_CASES]
+)
+def test_condition_on_an_absent_key(operator: str, value: Any, holds: bool) -> None:
+    # The Deny applies exactly when its condition holds: a negated operator fails closed.
+    assert evaluate([doc(*_deny_when(operator, value))], PUBLISH, topic("a"), ABSENT) is (not holds)
+
+
+def test_negated_operator_deny_applies_when_the_key_is_absent() -> None:
+    """A Deny for devices that are not thing-1 also covers a device with no thing (fail closed)."""
+    document = doc(allow("*", "*"), deny(PUBLISH, "*", Condition={"StringNotEquals": {THING: "thing-1"}}))
+    assert evaluate([document], PUBLISH, topic("a"), ABSENT) is False
+    assert evaluate([document], PUBLISH, topic("a"), {**ABSENT, THING: "thing-1"}) is True
+    assert evaluate([document], PUBLISH, topic("a"), {**ABSENT, THING: "thing-2"}) is False
+
+
+# (operator, values, request's value, condition holds) with the key present
+OPERATOR_CASES: list[tuple[str, Any, str, bool]] = [
+    ("StringEquals", ["a", "thing-1"], "thing-1", True),
+    ("StringEquals", "Thing-1", "thing-1", False),
+    ("StringNotEquals", ["a", "b"], "thing-1", True),
+    ("StringNotEquals", ["a", "thing-1"], "thing-1", False),
+    ("StringNotEqualsIgnoreCase", "THING-1", "thing-1", False),
+    ("StringNotLike", ["x*", "thing-?"], "thing-1", False),
+    ("StringNotLike", "x*", "thing-1", True),
+    ("StringEqualsIfExists", "thing-1", "thing-1", True),
+    ("StringEqualsIfExists", "thing-2", "thing-1", False),
+    ("StringNotEqualsIfExists", "thing-1", "thing-1", False),
+    ("StringNotEqualsIfExists", "thing-2", "thing-1", True),
+    ("Null", "false", "thing-1", True),
+    ("Null", "true", "thing-1", False),
+    ("Null", ["true", "false"], "thing-1", True),
+    ("NumericEquals", "10", "10.0", True),
+    ("NumericNotEquals", "10", "11", True),
+    ("NumericNotEquals", "10", "10", False),
+    ("NumericLessThan", "10", "9", True),
+    ("NumericLessThan", "10", "10", False),
+    ("NumericLessThanEquals", "10", "10", True),
+    ("NumericGreaterThan", "10", "10", False),
+    ("NumericGreaterThanEquals", "10", "10", True),
+    ("NumericEquals", "10", "ten", False),
+    ("NumericNotEquals", "10", "ten", True),
+    ("ArnEquals", "arn:aws:iot:*:*:thing/t?", "arn:aws:iot:us-east-1:1:thing/t1", True),
+    ("ArnLike", "arn:aws:iot:*:*:thing/*", "arn:aws:iot:us-east-1:1:thing/a:b", True),
+    ("ArnLike", "arn:aws:*:thing/*", "arn:aws:iot:us-east-1:1:thing/t1", False),
+    ("ArnLike", "arn:aws:iot:*:*:thing/*", "not-an-arn", False),
+    ("ArnNotLike", "arn:aws:iot:*:*:thing/*", "arn:aws:iot:us-east-1:1:thing/t1", False),
+    ("ArnNotEquals", "arn:aws:iot:*:*:thing/x", "arn:aws:iot:us-east-1:1:thing/t1", True),
+    ("ForAllValues:StringEquals", ["thing-1", "x"], "thing-1", True),
+    ("ForAllValues:StringEquals", "x", "thing-1", False),
+    ("ForAnyValue:StringLike", "thing-*", "thing-1", True),
+    ("ForAnyValue:StringNotEquals", "thing-1", "thing-1", False),
+    ("BoolIfExists", "false", "true", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("operator", "values", "actual", "holds"),
+    OPERATOR_CASES,
+    ids=[f"{c[0]}={c[1]}<-{c[2]}" for c in OPERATOR_CASES],
+)
+def test_condition_on_a_present_key(operator: str, values: Any, actual: str, holds: bool) -> None:
+    variables = {**ABSENT, THING: actual}
+    assert evaluate([doc(*_deny_when(operator, values))], PUBLISH, topic("a"), variables) is (not holds)
+
+
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        ({"NullIfExists": {THING: "true"}}, "Null takes neither IfExists"),
+        ({"ForAnyValue:Null": {THING: "true"}}, "Null takes neither IfExists nor ForAnyValue"),
+        ({"Null": {THING: "yes"}}, 'Null takes "true" or "false"'),
+        ({"ForAllValues:NumericEquals": {THING: "1"}}, "ForAllValues does not apply to NumericEquals"),
+        ({"NumericLessThan": {THING: "ten"}}, "'ten' is not a number"),
+        ({"ForSomeValues:StringEquals": {THING: "a"}}, "unsupported Condition operator"),
+        ({"IfExists": {THING: "a"}}, "unsupported Condition operator 'IfExists'"),
+    ],
+)
+def test_validate_policy_rejects_bad_conditions(condition: dict[str, Any], message: str) -> None:
+    with pytest.raises(MalformedPolicy, match=message):
+        validate_policy(doc(allow("*", "*", Condition=condition)))
