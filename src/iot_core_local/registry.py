@@ -134,6 +134,8 @@ class Registry:
         self._listeners: list[Callable[[str, str], None]] = []
         self._policy_listeners: list[Callable[[str], None]] = []
         self._pending_targets: list[str] = []
+        self._pending_cas: list[tuple[str, str]] = []
+        self._ca_listeners: list[Callable[[str, str], None]] = []
         self._pending_trust = False
         # Moves after every commit that changes what the TLS layer must trust (CAs, certificates
         # registered without a CA): the gateway compares one int per handshake instead of querying.
@@ -170,10 +172,12 @@ class Registry:
         depth = self._depth
         mark = len(self._pending)
         targets_mark = len(self._pending_targets)
+        cas_mark = len(self._pending_cas)
         trust_mark = self._pending_trust
         self._depth += 1
         events: list[tuple[str, str]] = []
         targets: list[str] = []
+        cas: list[tuple[str, str]] = []
         try:
             self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT level{depth}")
             try:
@@ -183,18 +187,21 @@ class Registry:
                     self._db.execute("ROLLBACK")
                     self._pending.clear()
                     self._pending_targets.clear()
+                    self._pending_cas.clear()
                     self._pending_trust = False
                 else:
                     self._db.execute(f"ROLLBACK TO level{depth}")
                     self._db.execute(f"RELEASE level{depth}")
                     del self._pending[mark:]
                     del self._pending_targets[targets_mark:]
+                    del self._pending_cas[cas_mark:]
                     self._pending_trust = trust_mark
                 raise
             if depth == 0:
                 self._db.execute("COMMIT")
                 events, self._pending = self._pending, []
                 targets, self._pending_targets = self._pending_targets, []
+                cas, self._pending_cas = self._pending_cas, []
                 if self._pending_trust:
                     self._pending_trust = False
                     self.trust_generation += 1
@@ -210,6 +217,7 @@ class Registry:
                     listener(certificate_id, status)
                 except Exception:
                     log.exception("certificate listener failed for %s", certificate_id)
+        self._tell_ca_listeners(cas)
         for target in dict.fromkeys(targets):
             for policy_listener in list(self._policy_listeners):
                 try:
@@ -229,6 +237,19 @@ class Registry:
         a policy attached or detached, a thing attached or detached (policy variables). Same thread rules.
         """
         self._policy_listeners.append(fn)
+
+    def add_ca_listener(self, fn: Callable[[str, str], None]) -> None:
+        """`fn(ca_certificate_id, new_status)` after each committed CA status change or deletion
+        (`model.DELETED`). Same thread rules as `add_listener`."""
+        self._ca_listeners.append(fn)
+
+    def _tell_ca_listeners(self, events: list[tuple[str, str]]) -> None:
+        for ca_id, status in events:
+            for listener in list(self._ca_listeners):
+                try:
+                    listener(ca_id, status)
+                except Exception:
+                    log.exception("CA listener failed for %s", ca_id)
 
     def _notify(self, certificate_id: str, status: str) -> None:
         self._pending.append((certificate_id, status))
@@ -518,6 +539,8 @@ class Registry:
                 ),
             )
             self._pending_trust = True
+            if new_status != ca.status:
+                self._pending_cas.append((certificate_id, new_status))
             return self.get_ca_certificate(certificate_id)
 
     def delete_ca_certificate(self, certificate_id: str) -> None:
@@ -531,6 +554,7 @@ class Registry:
             self._db.execute("DELETE FROM ca_certificates WHERE id = ?", (certificate_id,))
             self._ca_cache.pop(certificate_id, None)
             self._pending_trust = True
+            self._pending_cas.append((certificate_id, DELETED))
 
     def registration_code(self) -> str:
         """The account's registration code (RegisterCACertificate's proof of possession); stable."""

@@ -713,3 +713,141 @@ def test_event_publisher_closes_its_socket_when_no_connack_comes() -> None:
         gc.collect()
     # The publisher hung up itself; it did not leave the socket for the garbage collector to find.
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# ---- IAM-exact publish and connect rules, CAs that stop being ACTIVE ------------------------
+
+
+def _policy(*statements: dict[str, Any]) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+def test_retained_publish_needs_retain_publish(core: LocalIotCore, creds_dir: Path) -> None:
+    """AWS: a PUBLISH with RETAIN needs iot:Publish and iot:RetainPublish on the topic; without the
+    latter it is refused like any unauthorized publish (PUBACK 135) and nothing is retained."""
+    publish_only = _policy(
+        {"Effect": "Allow", "Action": ["iot:Connect", "iot:Subscribe", "iot:Receive"], "Resource": "*"},
+        {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{ARN}:topic/kept/*"},
+        {"Effect": "Allow", "Action": "iot:RetainPublish", "Resource": f"{ARN}:topic/kept/allowed"},
+    )
+    publisher = RawClient(core, new_device(core, creds_dir, "retain-pub", policy=publish_only))
+    subscriber = RawClient(core, new_device(core, creds_dir, "retain-sub"))
+    try:
+        assert publisher.connect("retain-pub").reason_code == 0
+        assert publisher.publish("kept/denied", b"x", retain=True) == 135
+        assert publisher.publish("kept/denied", b"live") in OK  # the same topic without RETAIN is fine
+        assert publisher.publish("kept/allowed", b"kept", retain=True) in OK
+        assert subscriber.connect("retain-sub").reason_code == 0
+        assert subscriber.subscribe("kept/#") == [1]
+        retained = subscriber.receive_type(mqtt5.PublishPacket)
+        assert (retained.topic, retained.payload, retained.retain) == ("kept/allowed", b"kept", True)
+        # Nothing else was retained: a marker published now is the next message.
+        assert publisher.publish("kept/denied", b"marker") in OK
+        assert subscriber.receive_type(mqtt5.PublishPacket).payload == b"marker"
+    finally:
+        publisher.close()
+        subscriber.close()
+
+
+def test_retained_will_needs_retain_publish(core: LocalIotCore, creds_dir: Path) -> None:
+    no_retain = _policy({"Effect": "Allow", "Action": ["iot:Connect", "iot:Publish"], "Resource": "*"})
+    creds = new_device(core, creds_dir, "retain-will", policy=no_retain)
+    for retain, expected in ((True, mqtt5.ConnAckReasonCode.NOT_AUTHORIZED), (False, 0)):
+        client = RawClient(core, creds)
+        try:
+            will = mqtt5.Will(topic="wills/retain-will", payload=b"gone", retain=retain)
+            assert client.connect("retain-will", will=will).reason_code == expected
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize(
+    ("client_id", "accepted"),
+    [("a" * 128, True), ("é" * 64, True), ("a" * 129, False), ("é" * 64 + "a", False)],
+    ids=["128-ascii", "128-bytes-utf8", "129-ascii", "129-bytes-utf8"],
+)
+def test_client_id_over_128_bytes_is_refused(
+    core: LocalIotCore, creds_dir: Path, client_id: str, accepted: bool
+) -> None:
+    """AWS IoT Core's client id limit is 128 UTF-8 bytes; a longer one gets CONNACK 0x85."""
+    client = RawClient(core, new_device(core, creds_dir, f"long-id-{len(client_id.encode())}"))
+    try:
+        code = client.connect(client_id).reason_code
+        if accepted:
+            assert code == 0
+        else:
+            assert code == 0x85 == int(mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID)
+            assert client.expect_closed() == []
+    finally:
+        client.close()
+
+
+def _device_of_a_registered_ca(core: LocalIotCore, creds_dir: Path, name: str) -> tuple[str, Credentials]:
+    """A device certificate registered with its maker's CA (RegisterCertificate with the CA's PEM)."""
+    iot = core.client()
+    device_ca = DeviceCA(f"{name} CA")
+    ca_id = iot.register_ca_certificate(
+        caCertificate=device_ca.pem, setAsActive=True, certificateMode="SNI_ONLY"
+    )["certificateId"]
+    device = device_ca.device(creds_dir, name)
+    arn = iot.register_certificate(
+        certificatePem=device.certificate_pem, caCertificatePem=device_ca.pem, status="ACTIVE"
+    )["certificateArn"]
+    policy_name = f"{name}-open"
+    iot.create_policy(
+        policyName=policy_name,
+        policyDocument=_policy({"Effect": "Allow", "Action": "iot:*", "Resource": "*"}),
+    )
+    iot.attach_policy(policyName=policy_name, target=arn)
+    return ca_id, device
+
+
+def _administratively_closed(client: RawClient) -> bool:
+    seen = client.expect_closed(within=5)
+    return any(
+        isinstance(p, mqtt5.DisconnectPacket)
+        and p.reason_code == mqtt5.DisconnectReasonCode.ADMINISTRATIVE_ACTION
+        for p in seen
+    )
+
+
+def test_ca_set_inactive_disconnects_its_devices(core: LocalIotCore, creds_dir: Path) -> None:
+    ca_id, device = _device_of_a_registered_ca(core, creds_dir, "ca-off")
+    other = RawClient(core, new_device(core, creds_dir, "ca-off-bystander"))  # signed by another CA
+    client = RawClient(core, device)
+    try:
+        assert client.connect("ca-off-device").reason_code == 0
+        assert other.connect("ca-off-bystander").reason_code == 0
+        started = time.monotonic()
+        core.client().update_ca_certificate(certificateId=ca_id, newStatus="INACTIVE")
+        assert _administratively_closed(client)
+        assert time.monotonic() - started < 5
+        assert other.subscribe("ca-off/still") == [1]  # a device of another CA is untouched
+    finally:
+        client.close()
+        other.close()
+    assert connect_refused_without_connack(core, device, "ca-off-device")
+    core.client().delete_ca_certificate(certificateId=ca_id)
+    assert connect_refused_without_connack(core, device, "ca-off-device")
+
+
+def test_ca_set_inactive_during_the_connect_window_is_not_missed(
+    core: LocalIotCore, creds_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_id, device = _device_of_a_registered_ca(core, creds_dir, "ca-window")
+    iot = core.client()
+    gw = core.gateway
+
+    async def change_in_the_window(certificate_id: str) -> None:
+        if certificate_id == device.certificate_id:
+            heard = gw.changes
+            await asyncio.to_thread(iot.update_ca_certificate, certificateId=ca_id, newStatus="INACTIVE")
+            assert gw.changes > heard  # the listener's hop ran before the HTTP answer came back
+
+    monkeypatch.setattr(gw, "connect_window_hook", change_in_the_window)
+    client = RawClient(core, device)
+    try:
+        assert client.connect("ca-window-device").reason_code == 0
+        assert _administratively_closed(client)
+    finally:
+        client.close()

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from ..ca import CertificateAuthority
 from ..faults import FaultInjector
-from ..model import CertificateStatus
+from ..model import CaStatus, CertificateStatus
 from ..provisioning import ProvisioningService
 from ..registry import Registry
 from .connection import Connection
@@ -115,6 +115,7 @@ class Gateway:
         await self.trust_store.load()
         self.registry.add_listener(self._on_certificate_change)
         self.registry.add_policy_listener(self._on_policy_change)
+        self.registry.add_ca_listener(self._on_ca_change)
         self._server = await self._loop.create_server(
             lambda: _PlainAccept(self), self.host, self.port, backlog=1024
         )
@@ -249,6 +250,23 @@ class Gateway:
         self.changes += 1
         for connection in list(self._by_certificate.get(certificate_id, ())):
             connection.kick(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
+
+    def _on_ca_change(self, ca_id: str, status: str) -> None:
+        # Same thread hop as for certificates: a CA no longer ACTIVE takes its devices with it.
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._stopping or status == CaStatus.ACTIVE:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._ca_changed, ca_id, status)
+
+    def _ca_changed(self, ca_id: str, status: str) -> None:
+        self.changes += 1
+        for connections in list(self._by_certificate.values()):
+            for connection in list(connections):
+                if connection.ca_certificate_id == ca_id:
+                    connection.kick(
+                        f"disconnected: the certificate's CA is now {status}", Reason.ADMINISTRATIVE_ACTION
+                    )
 
     def _on_policy_change(self, target: str) -> None:
         # Same thread hop as for certificates; the connections of that certificate re-read their

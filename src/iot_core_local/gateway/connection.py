@@ -50,6 +50,8 @@ __all__ = ["Connection"]
 log = logging.getLogger("iot_core_local.gateway")
 
 _DECISION_CACHE_SIZE = 1024
+# AWS IoT Core's limit on a client id, in UTF-8 bytes; a longer one is refused at CONNECT.
+MAX_CLIENT_ID_BYTES = 128
 
 
 class _Merge:
@@ -83,6 +85,7 @@ class Connection:
         self.der = der
         self.certificate_id = hashlib.sha256(der).hexdigest()
         self.client_id = "-"
+        self.ca_certificate_id: str | None = None  # the registered CA that signed the certificate
         self.buf = bytearray()
         self.broker_reader: asyncio.StreamReader | None = None
         self.broker_writer: asyncio.StreamWriter | None = None
@@ -188,6 +191,13 @@ class Connection:
         assert isinstance(packet, mqtt5.ConnectPacket)
         raw = bytes(self.buf[:size])
         del self.buf[:size]
+        size = len(packet.client_id.encode())
+        if size > MAX_CLIENT_ID_BYTES:
+            self.client_id = packet.client_id[:32] + "..."
+            self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID))
+            raise Close(
+                f"refused with CONNACK 133: client id of {size} bytes (at most {MAX_CLIENT_ID_BYTES})"
+            )
         self.client_id = packet.client_id
         return packet, raw
 
@@ -274,6 +284,7 @@ class Connection:
             if ca is None or ca.status != CaStatus.ACTIVE:
                 state = "not registered" if ca is None else ca.status
                 raise Close(f"refused without CONNACK: the certificate's CA {ca_id} is {state}")
+            self.ca_certificate_id = ca_id  # its CA set INACTIVE or deleted later kicks this connection
 
         self.variables = {"iot:ClientId": connect.client_id}
         self._load_policies()
@@ -281,9 +292,10 @@ class Connection:
             self._refuse_connect("iot:Connect is not allowed")
         will = connect.will
         if will is not None and (
-            will.topic.startswith("$") or not self.allowed("iot:Publish", f"topic/{will.topic}")
+            will.topic.startswith("$") or not self._may_publish(will.topic, retain=will.retain)
         ):
-            self._refuse_connect(f"iot:Publish is not allowed on the will topic {will.topic!r}")
+            action = "iot:Publish and iot:RetainPublish are" if will.retain else "iot:Publish is"
+            self._refuse_connect(f"{action} not allowed on the will topic {will.topic!r}")
 
     def _load_policies(self) -> None:
         """(Re)read this certificate's policies and thing; a policy attached or detached while connected
@@ -304,10 +316,18 @@ class Connection:
     def _recheck(self) -> None:
         """A certificate or policy changed while this connection was being authorized and waited for
         Mosquitto's CONNACK, before the gateway could tell it: check the status again, re-read policies."""
-        record = self.gw.registry.find_certificate(self.certificate_id)
+        registry = self.gw.registry
+        record = registry.find_certificate(self.certificate_id)
         if record is None or record.status != CertificateStatus.ACTIVE:
             status = "DELETED" if record is None else record.status
             raise Close(f"disconnected: certificate is now {status}", Reason.ADMINISTRATIVE_ACTION)
+        if self.ca_certificate_id is not None:
+            ca = registry.find_ca_certificate(self.ca_certificate_id)
+            if ca is None or ca.status != CaStatus.ACTIVE:
+                status = "DELETED" if ca is None else ca.status
+                raise Close(
+                    f"disconnected: the certificate's CA is now {status}", Reason.ADMINISTRATIVE_ACTION
+                )
         self.policies_stale = True
 
     def _refuse_connect(self, why: str) -> None:
@@ -504,7 +524,7 @@ class Connection:
             await self._provisioning_request(request, packet, topic)
             return False
         # $aws/... and other $ topics belong to the service; clients may not publish there.
-        if topic.startswith("$") or not self.allowed("iot:Publish", f"topic/{topic}"):
+        if topic.startswith("$") or not self._may_publish(topic, retain=packet.retain):
             self._refuse_publish(packet)
             return False
         if alias is not None:
@@ -512,6 +532,13 @@ class Connection:
             self._send_broker(_without_alias(packet, topic).write())
             return False
         return True
+
+    def _may_publish(self, topic: str, *, retain: bool) -> bool:
+        # A retained message outlives its publisher, so AWS asks for iot:RetainPublish on the topic too.
+        resource = f"topic/{topic}"
+        return self.allowed("iot:Publish", resource) and (
+            not retain or self.allowed("iot:RetainPublish", resource)
+        )
 
     def _resolve_alias(self, packet: mqtt5.PublishPacket, alias: int) -> str:
         """The topic of a PUBLISH with a topic alias: its own if it names one, else the alias's."""
