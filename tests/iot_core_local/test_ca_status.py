@@ -10,15 +10,15 @@ import pytest
 
 from iot_core_local.model import DELETED
 from iot_core_local.registry import Registry
-from tests.iot_core_local.test_registry import _pem, _self_signed_ca
+from tests._support.certificates import pem_of, self_signed_ca
 
 
 def test_ca_listeners_hear_status_changes_and_deletion(cp_registry: Registry) -> None:
     heard: list[tuple[str, str]] = []
     cp_registry.add_ca_listener(lambda ca_id, status: heard.append((ca_id, status)))
-    ca_cert, _ = _self_signed_ca("listened")
+    ca_cert, _ = self_signed_ca("listened")
     ca = cp_registry.add_ca_certificate(
-        _pem(ca_cert), status="ACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
+        pem_of(ca_cert), status="ACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
     )
     cp_registry.update_ca_certificate(ca.certificate_id, auto_registration=True)  # status unchanged
     assert heard == []

@@ -22,6 +22,7 @@ from iot_core_local.errors import (
 )
 from iot_core_local.model import CertificateStatus, TokenGrant
 from iot_core_local.registry import Registry, certificate_id_from_arn
+from tests._support.certificates import pem_of, self_signed_ca
 
 POLICY = '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}]}'
 
@@ -31,26 +32,6 @@ def cert_pem(cp_ca: CertificateAuthority) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
     return cp_ca.sign_csr(csr).public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _self_signed_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    import datetime
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
 
 
 def _issued_by(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -70,17 +51,13 @@ def _issued_by(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> x509
     )
 
 
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def test_everything_survives_a_restart(tmp_path: Path, cert_pem: str) -> None:
     path = tmp_path / "r.sqlite3"
     registry = Registry(path)
     cert = registry.add_certificate(cert_pem, "ACTIVE")
-    ca_cert, _ = _self_signed_ca("ca")
+    ca_cert, _ = self_signed_ca("ca")
     registry.add_ca_certificate(
-        _pem(ca_cert),
+        pem_of(ca_cert),
         status="ACTIVE",
         auto_registration=True,
         registration_config={"roleArn": "r"},
@@ -201,22 +178,22 @@ def test_revoked_is_final(cp_registry: Registry, cert_pem: str) -> None:
 
 
 def test_find_ca_for_checks_the_signature(cp_registry: Registry) -> None:
-    ca_cert, ca_key = _self_signed_ca("Same Name")
-    impostor, impostor_key = _self_signed_ca("Same Name")
+    ca_cert, ca_key = self_signed_ca("Same Name")
+    impostor, impostor_key = self_signed_ca("Same Name")
     registered = cp_registry.add_ca_certificate(
-        _pem(ca_cert), status="ACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
+        pem_of(ca_cert), status="ACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
     )
     assert cp_registry.find_ca_for(_issued_by(ca_cert, ca_key)) == registered
     assert cp_registry.find_ca_for(_issued_by(impostor, impostor_key)) is None
 
 
 def test_ca_rules(cp_registry: Registry, cert_pem: str) -> None:
-    ca_cert, ca_key = _self_signed_ca("ca")
+    ca_cert, ca_key = self_signed_ca("ca")
     ca = cp_registry.add_ca_certificate(
-        _pem(ca_cert), status="INACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
+        pem_of(ca_cert), status="INACTIVE", auto_registration=False, registration_config=None, mode="DEFAULT"
     )
     device = cp_registry.add_certificate(
-        _pem(_issued_by(ca_cert, ca_key)), "INACTIVE", ca_certificate_id=ca.certificate_id
+        pem_of(_issued_by(ca_cert, ca_key)), "INACTIVE", ca_certificate_id=ca.certificate_id
     )
     with pytest.raises(CertificateState):  # its CA is inactive
         cp_registry.set_certificate_status(device.certificate_id, "ACTIVE")
@@ -331,8 +308,8 @@ def test_nested_rollback_forgets_its_policy_targets_and_trust_change(
     cp_registry.add_policy_listener(targets.append)
     cert = cp_registry.add_certificate(cert_pem, "ACTIVE")
     cp_registry.create_policy("p", POLICY)
-    ca, ca_key = _self_signed_ca("Rolled back")
-    own = _pem(_issued_by(ca, ca_key))
+    ca, ca_key = self_signed_ca("Rolled back")
+    own = pem_of(_issued_by(ca, ca_key))
     generation = cp_registry.trust_generation
 
     def attach_and_register_then_fail() -> None:
