@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 
-MAX_BODY_SIZE = 10240  # CreateProvisioningTemplate's templateBody limit
+# templateBody: "Maximum length of 10240" in the AWS IoT API Reference (CreateProvisioningTemplate).
+MAX_BODY_SIZE = 10240
 # AWS documents no depth limit, but its size limit implies one and the checks here recurse, so depth is
 # bounded before anything walks the body: a template nested deeper is refused, never a RecursionError.
 # AWS's own examples nest at most 10 containers and 3 functions; an inline policy with a condition is

@@ -350,6 +350,38 @@ def test_unknown_and_disabled_templates(core: LocalIotCore, claim: tuple[ClaimSe
         client.close()
 
 
+def test_a_stored_template_past_the_nesting_limit_is_a_rejected_400(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
+) -> None:
+    # A body stored before the limit existed (straight into the registry, as an older version wrote it):
+    # RegisterThing checks it again and answers /rejected 400, where it was a RecursionError (500).
+    setup, creds = claim
+    expr: Any = {"Ref": "SerialNumber"}
+    for _ in range(200):
+        expr = {"Fn::Sub": ["${V}", {"V": expr}]}
+    deep = {
+        "Parameters": {"SerialNumber": {"Type": "String"}},
+        "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": expr}}},
+    }
+    core.registry.update_template(setup.template_name, body=json.dumps(deep, separators=(",", ":")))
+    client = connect_claim(core, creds, "deep-template")
+    try:
+        issued = _issue(client)
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "D"},
+        }
+        _rejected(
+            request(client, register_topic(setup.template_name), json.dumps(body).encode()),
+            400,
+            "InvalidRequest",
+            "nests functions more than 32 deep, the limit",
+        )
+    finally:
+        client.close()
+    assert core.registry.find_thing("D") is None
+
+
 def test_expired_token(tmp_path: Path) -> None:
     # A token that expires as it is issued: expired when it is used, without waiting for time to pass.
     with LocalIotCore(tmp_path / "short", token_ttl=0) as short:
