@@ -41,6 +41,8 @@ log = logging.getLogger("iot_core_local.server")
 
 # RSA keys CreateKeysAndCertificate hands out, generated ahead (keys.py): enough for a burst of hubs.
 KEY_POOL_SIZE = 8
+# RegisterThing calls whose pre-provisioning hook may run at once (provisioning/__init__.py's default).
+HOOK_WORKERS = 32
 
 ENDPOINT_FILE = "endpoint.json"
 LOCK_FILE = "serve.lock"
@@ -148,6 +150,7 @@ class LocalIotCore:
         region: str = "us-east-1",
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
+        hook_workers: int = HOOK_WORKERS,
         faults: Iterable[str] = (),
         gateway_limits: GatewayLimits | None = None,
         clock: Callable[[], float] = time.time,
@@ -165,6 +168,7 @@ class LocalIotCore:
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.hook_workers = hook_workers  # pre-provisioning hooks in flight at once, in their own threads
         self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
         self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
         self.key_pool_size = key_pool_size
@@ -276,6 +280,7 @@ class LocalIotCore:
                 self._ca,
                 token_ttl=self.token_ttl,
                 hook_timeout=self.hook_timeout,
+                hook_workers=self.hook_workers,
                 clock=self.clock,
                 broker=(self._broker.host, self._broker.port),
             )
