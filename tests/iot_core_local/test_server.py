@@ -291,3 +291,25 @@ def test_mqtt_address_brackets_ipv6_as_the_hub_reads_it(host: str, address: str)
     assert endpoint.mqtt_address == address
     parsed = parse_endpoint(endpoint.mqtt_address, "ro.endpoint_url")
     assert (parsed.host, parsed.port) == (host, 8883)
+
+
+@pytest.mark.parametrize("mistake", ["writable by others", "planted lock link"])
+def test_serve_refuses_an_unsafe_data_dir_in_one_line_exit_3(tmp_path: Path, mistake: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    if mistake == "writable by others":
+        data.chmod(0o777)
+        expected = "can be written by group or others"
+    else:
+        (data / "serve.lock").symlink_to(victim)
+        expected = "serve.lock is a symbolic link"
+    done = subprocess.run(_serve_command(data), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(data) in lines[0]
+    assert expected in lines[0]
+    assert done.stdout == ""
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    assert not (data / "ca").exists()
