@@ -3,7 +3,7 @@
     match(topic)                  the provisioning request a PUBLISH's topic names, if any
     owns_filter(topic_filter)     a subscription only provisioning answers can match (Mosquitto never sees it)
     answer(request, payload, who) the answer for the asking connection only; runs on the event loop or in
-                                  a worker thread, as the request needs
+                                  a worker or hook thread, as the request needs
     throttled(request)            AWS's answer to a request over its rate limit (the fault switch)
     on_unknown_certificate(...)   JITR/JITP for a certificate the registry does not know (or still pending):
                                   Refuse, Event (JITR: registered, event published) or Accept
@@ -150,8 +150,8 @@ class ProvisioningService:
         """Run one request; every failure is a /rejected answer, never an exception.
 
         CreateKeysAndCertificate (its key usually comes ready from the CA's key pool, but an empty pool
-        means generating one, 50-150 ms) and a RegisterThing whose template has a pre-provisioning hook
-        (HTTP, up to the hook timeout) run in a worker thread. Signing a CSR and a
+        means generating one, 50-150 ms) runs in a worker thread, and a RegisterThing whose template has a
+        pre-provisioning hook (HTTP, up to the hook timeout) in a hook thread. Signing a CSR and a
         RegisterThing without a hook take well under a millisecond: they run on the loop, where a thread
         would cost more in hand-offs and GIL contention than the work itself.
         """
@@ -238,15 +238,14 @@ class ProvisioningService:
                 f"all {self.hook_workers} pre-provisioning hook slots stayed busy for {self.hook_timeout:g} s"
             )
             return self.fleet.throttled(request, why)
-        try:
-            left = self.hook_timeout - (time.monotonic() - started)
-            timed = dataclasses.replace(prepared, hook_timeout=left)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._hooks, self.fleet.handle, request, payload, requester, timed
-            )
-        finally:
-            self.hook_slots.release()
+        left = self.hook_timeout - (time.monotonic() - started)
+        timed = dataclasses.replace(prepared, hook_timeout=left)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._hooks, self.fleet.handle, request, payload, requester, timed)
+        # The slot is free when the thread is, not when the asking connection stops waiting (it may close
+        # mid-call): so the pool never holds more calls than it has threads.
+        running.add_done_callback(lambda _: self.hook_slots.release())
+        return await asyncio.shield(running)
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -1,7 +1,7 @@
 """Fleet provisioning by claim: CreateKeysAndCertificate, CreateCertificateFromCsr, RegisterThing.
 
 Every method here is synchronous; `prepare` says which requests may block long enough to stall an event
-loop, and the service facade (`provisioning/__init__.py`) runs those in a worker thread. Every failure
+loop, and the service facade (`provisioning/__init__.py`) runs those in a thread. Every failure
 becomes a `/rejected` answer `{"statusCode", "errorCode", "errorMessage"}`, never an exception. Nothing here
 logs a private key or an ownership token; `Answer.summary` is what may be logged.
 """
