@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from iot_core_local.errors import InvalidRequest, TemplateError, TemplateEvaluationError
@@ -1193,6 +1193,9 @@ def _wrap(name: str, inner: Any) -> Any:
 
 
 @settings(max_examples=200, deadline=None)
+@example(chain=["Fn::Join"] * 200, leaf="x", place="DeviceConfiguration")  # the 500s of the report
+@example(chain=["Fn::Sub"] * 200, leaf="x", place="ThingName")
+@example(chain=["Fn::Select", "Fn::Split"] * 150, leaf="a,b", place="PolicyDocument")
 @given(
     chain=st.lists(_NESTABLE, min_size=0, max_size=400),
     leaf=st.sampled_from(["x", "WA", {"Ref": "Serial"}, ["a"], 1, None]),
