@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from iot_core_local.datadir import open_nofollow, read_nofollow, refuse_links, write_atomically
 from iot_core_local.errors import InvalidRequest
 from iot_core_local.keys import KeySource, OnDemandKeys
 
@@ -131,23 +131,14 @@ def _write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically: a 0600 temp file in the same directory, fsync, rename.
 
     The mode is set at creation, so the key is never readable by others, not even for an instant, and a
-    crash leaves either the old file or the new one, never half a key.
+    crash leaves either the old file or the new one, never half a key. A symbolic link at `path` is
+    refused (ServerError), never followed.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    _write_private(path, data)
-    path.chmod(0o644)
+    write_atomically(path, data, 0o644)
 
 
 def _key_pem(key: _CaKey) -> bytes:
@@ -180,6 +171,7 @@ class CertificateAuthority:
         self.directory = Path(directory)
         self.clock = clock
         self.keys: KeySource = keys if keys is not None else OnDemandKeys()
+        refuse_links([self.directory])
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # "No wider than" 0700: tighten a directory someone created more loosely, never fail on a tighter one.
         if self.directory.stat().st_mode & 0o077:
@@ -213,14 +205,18 @@ class CertificateAuthority:
     # ---- creation and loading -------------------------------------------------------------------
 
     def _read_pair(self, cert_path: Path, key_path: Path) -> tuple[x509.Certificate, _CaKey] | None:
+        refuse_links([cert_path, key_path])  # a link planted in the CA's folder is never followed
         if not (cert_path.exists() and key_path.exists()):
             return None
-        if key_path.stat().st_mode & 0o077:
-            log.warning("tightening permissions of %s to 0600", key_path.name)
-            key_path.chmod(0o600)
+        fd = open_nofollow(key_path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as key_file:
+            if os.fstat(fd).st_mode & 0o077:
+                log.warning("tightening permissions of %s to 0600", key_path.name)
+                os.fchmod(fd, 0o600)
+            key_pem = key_file.read()
         try:
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate(read_nofollow(cert_path))
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
             log.warning("%s or %s does not parse; creating a new pair", cert_path.name, key_path.name)
             return None

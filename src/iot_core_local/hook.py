@@ -3,13 +3,17 @@
 In AWS the hook is a Lambda function; here a template's `preProvisioningHook.targetArn` may be an
 `http://` or `https://` URL instead, so a test or a developer can run the hook as a tiny web server.
 AWS gives the hook 5 seconds and rejects the request on anything but a well-formed answer; so does this.
-Blocking (urllib): the gateway calls it from a worker thread.
+Blocking (http.client): the provisioning service calls it from its own pool of hook threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
+import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -32,56 +36,126 @@ def is_http_target(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
-def call_hook(url: str, hook_input: Mapping[str, object], timeout: float) -> HookResult:
+def call_hook(
+    url: str, hook_input: Mapping[str, object], timeout: float, *, limit: float | None = None
+) -> HookResult:
     """POST `hook_input` as JSON; return the overrides if the hook allows, raise HookDenied otherwise.
 
-    `timeout` bounds the whole exchange, not each socket operation, so a hook that trickles its
-    answer byte by byte is cut off as surely as one that never answers. Redirects are not followed:
-    they would re-send the certificate somewhere the template does not name.
+    `limit` is the hook's time limit as the message names it, when the caller already spent part of it
+    (waiting for a free hook thread) and `timeout` is what is left.
+
+    `timeout` bounds the whole exchange (connect, TLS, sending, status line, headers, body), not each
+    socket operation: a socket timeout restarts with every byte, so a hook that trickles its headers one
+    byte at a time would hold the caller for ever. Connecting and the TLS handshake get what is left of
+    the deadline; after that a watchdog cuts the socket when the deadline passes, wherever the exchange
+    is. Redirects are not followed: they would re-send the certificate somewhere the template does not name.
     """
     if not is_http_target(url):
         raise HookDenied(f"Pre-provisioning hook target {url!r} is not an http:// or https:// URL")
     parts = urllib.parse.urlsplit(url)
-    deadline = time.monotonic() + timeout
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    deadline = _Deadline(timeout)
+    late = HookDenied(f"Pre-provisioning hook did not answer within {limit or timeout:g} seconds")
     try:
-        connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
+        connection = _connection(parts, deadline)
         try:
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            connection.request(
-                "POST",
-                path,
-                body=json.dumps(hook_input).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            _shrink_timeout(connection, deadline)
-            response = connection.getresponse()
-            body = bytearray()
-            while len(body) <= _MAX_ANSWER:
-                _shrink_timeout(connection, deadline)
-                chunk = response.read1(8192)
-                if not chunk:
-                    break
-                body += chunk
+            connection.connect()
+            with _Watchdog(connection, deadline):
+                status, body = _exchange(connection, parts, hook_input)
         finally:
             connection.close()
     except TimeoutError:
-        raise HookDenied(f"Pre-provisioning hook did not answer within {timeout:g} seconds") from None
+        raise late from None
     except (OSError, http.client.HTTPException, ValueError) as e:
+        if deadline.passed():
+            raise late from None  # the watchdog cut the socket: whatever broke, time ran out first
         raise HookDenied(f"Pre-provisioning hook could not be reached: {e}") from None
-    if response.status != HTTPStatus.OK:
-        raise HookDenied(f"Pre-provisioning hook failed with HTTP status {response.status}")
-    return _verdict(bytes(body))
+    if deadline.passed():
+        raise late
+    if status != HTTPStatus.OK:
+        raise HookDenied(f"Pre-provisioning hook failed with HTTP status {status}")
+    return _verdict(body)
 
 
-def _shrink_timeout(connection: http.client.HTTPConnection, deadline: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    if connection.sock is not None:
-        connection.sock.settimeout(remaining)
+class _Deadline:
+    def __init__(self, timeout: float) -> None:
+        self.end = time.monotonic() + timeout
+        self.cut = False  # the watchdog fired
+
+    def remaining(self) -> float:
+        """Seconds left; TimeoutError once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+    def passed(self) -> bool:
+        return self.cut or time.monotonic() >= self.end
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """TLS started with what is left of the deadline (http.client would give it the whole timeout again)."""
+
+    def __init__(self, host: str, port: int | None, deadline: _Deadline) -> None:
+        self.deadline = deadline
+        self.tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=deadline.remaining(), context=self.tls)
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        assert self.sock is not None
+        self.sock.settimeout(self.deadline.remaining())
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _connection(parts: urllib.parse.SplitResult, deadline: _Deadline) -> http.client.HTTPConnection:
+    if parts.scheme == "https":
+        return _HTTPSConnection(parts.hostname or "", parts.port, deadline)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=deadline.remaining())
+
+
+class _Watchdog:
+    """Shuts the connection's socket down when the deadline passes, which ends any read or write in
+    progress at once (a socket timeout alone would not: it restarts with every byte received)."""
+
+    def __init__(self, connection: http.client.HTTPConnection, deadline: _Deadline) -> None:
+        self.connection = connection
+        self.deadline = deadline
+        self.timer = threading.Timer(deadline.remaining(), self._cut)
+        self.timer.daemon = True
+
+    def _cut(self) -> None:
+        self.deadline.cut = True
+        sock = self.connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop its TLS state
+                # under the reading thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def __enter__(self) -> None:
+        self.timer.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+
+def _exchange(
+    connection: http.client.HTTPConnection, parts: urllib.parse.SplitResult, hook_input: Mapping[str, object]
+) -> tuple[int, bytes]:
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    connection.request(
+        "POST", path, body=json.dumps(hook_input).encode(), headers={"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    body = bytearray()
+    while len(body) <= _MAX_ANSWER:
+        chunk = response.read1(8192)
+        if not chunk:
+            break
+        body += chunk
+    return response.status, bytes(body)
 
 
 def _verdict(body: bytes) -> HookResult:

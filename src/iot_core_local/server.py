@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .datadir import check_owned_dir, open_nofollow, refuse_links, write_atomically
 from .errors import PortUnavailable, ServerError
 from .faults import FaultInjector
 
@@ -41,6 +41,8 @@ log = logging.getLogger("iot_core_local.server")
 
 # RSA keys CreateKeysAndCertificate hands out, generated ahead (keys.py): enough for a burst of hubs.
 KEY_POOL_SIZE = 8
+# RegisterThing calls whose pre-provisioning hook may run at once (provisioning/__init__.py's default).
+HOOK_WORKERS = 32
 
 ENDPOINT_FILE = "endpoint.json"
 LOCK_FILE = "serve.lock"
@@ -70,7 +72,10 @@ class Endpoint:
 
     @property
     def mqtt_address(self) -> str:
-        """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json."""
+        """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json; an IPv6 host in
+        brackets (`[::1]:8883`), as a URL writes it, so the port cannot be read as part of the address."""
+        if ":" in self.mqtt_host and not self.mqtt_host.startswith("["):
+            return f"[{self.mqtt_host}]:{self.mqtt_port}"
         return f"{self.mqtt_host}:{self.mqtt_port}"
 
 
@@ -107,25 +112,9 @@ def check_port(service: str, host: str, port: int) -> None:
 
 
 def write_json_atomically(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write JSON so that a reader sees the old file or the new one, never a part; a symbolic link at
+    `path` is refused (ServerError), never followed or replaced."""
+    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode(), mode)
 
 
 class LocalIotCore:
@@ -148,6 +137,7 @@ class LocalIotCore:
         region: str = "us-east-1",
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
+        hook_workers: int = HOOK_WORKERS,
         faults: Iterable[str] = (),
         gateway_limits: GatewayLimits | None = None,
         clock: Callable[[], float] = time.time,
@@ -165,6 +155,7 @@ class LocalIotCore:
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.hook_workers = hook_workers  # pre-provisioning hooks in flight at once, in their own threads
         self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
         self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
         self.key_pool_size = key_pool_size
@@ -252,6 +243,7 @@ class LocalIotCore:
         from .registry import Registry
 
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._check_data_dir()
         self._acquire_lock()
         try:
             check_port("mqtt", self.host, self.mqtt_port)
@@ -276,6 +268,7 @@ class LocalIotCore:
                 self._ca,
                 token_ttl=self.token_ttl,
                 hook_timeout=self.hook_timeout,
+                hook_workers=self.hook_workers,
                 clock=self.clock,
                 broker=(self._broker.host, self._broker.port),
             )
@@ -359,9 +352,41 @@ class LocalIotCore:
             self._endpoint = None
         self._release_lock()
 
+    def _check_data_dir(self) -> None:
+        """ServerError if the data dir, or a folder in it, is another user's or writable by others, or if
+        a file the server (or its Mosquitto) opens there is a symbolic link."""
+        check_owned_dir(self.data_dir)
+        for folder in (self.data_dir / "ca", self.data_dir / "mosquitto"):
+            refuse_links([folder])
+            if folder.exists():
+                check_owned_dir(folder)
+        registry = self.data_dir / "registry.sqlite3"
+        mosquitto = self.data_dir / "mosquitto"
+        refuse_links(
+            [
+                self.data_dir / LOCK_FILE,
+                self.data_dir / ENDPOINT_FILE,
+                registry,
+                registry.with_name(registry.name + "-wal"),
+                registry.with_name(registry.name + "-shm"),
+                registry.with_name(registry.name + "-journal"),
+                *(
+                    mosquitto / name
+                    for name in (
+                        "mosquitto.conf",
+                        "mosquitto.db",
+                        "mosquitto.db.new",
+                        "mosquitto.log",
+                        "mosquitto.stderr",
+                    )
+                ),
+            ]
+        )
+
     def _acquire_lock(self) -> None:
         # flock dies with the process, so a crashed server never leaves the dir locked for good.
-        lock = open(self.data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held while serving
+        fd = open_nofollow(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.fdopen(fd, "r+", encoding="utf-8")  # held while serving
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -39,6 +39,8 @@ __all__ = [
     "BUILTIN_PARAMETERS",
     "FUNCTIONS",
     "MAX_BODY_SIZE",
+    "MAX_FUNCTION_DEPTH",
+    "MAX_NESTING",
     "CertificatePlan",
     "Parameter",
     "Plan",
@@ -52,7 +54,16 @@ __all__ = [
 ]
 
 
-MAX_BODY_SIZE = 10240  # CreateProvisioningTemplate's templateBody limit
+# templateBody: "Maximum length of 10240" in the AWS IoT API Reference (CreateProvisioningTemplate).
+MAX_BODY_SIZE = 10240
+# AWS documents no depth limit, but its size limit implies one and the checks here recurse, so depth is
+# bounded before anything walks the body: a template nested deeper is refused, never a RecursionError.
+# AWS's own examples nest at most 10 containers and 3 functions; an inline policy with a condition is
+# 11 containers before any function, and each Fn::Join adds 3 (object, list, list). 32 nested functions
+# and 128 containers leave room for any template written by hand or generated, and keep every recursive
+# walk (a few frames per level) far from Python's recursion limit of 1,000 frames.
+MAX_NESTING = 128  # JSON objects and lists inside one another
+MAX_FUNCTION_DEPTH = 32  # intrinsic function calls inside one another
 SECTIONS = ("Parameters", "Mappings", "Resources", "DeviceConfiguration")
 PARAMETER_TYPES = ("String", "Number")
 PARAMETER_KEYS = ("Type", "Default", "Description")
@@ -622,6 +633,39 @@ def _check_mappings(section: Mapping[str, object]) -> dict[str, dict[str, dict[s
     return section  # type: ignore[return-value]  # shape checked above
 
 
+def _check_depth(parsed: object) -> None:
+    """TemplateError if containers or function calls nest deeper than the limits; walks without recursion."""
+    # `where` names the section, resource and property at fault: the first few levels, not the whole chain.
+    stack: list[tuple[object, str, int, int]] = [(parsed, "", 1, 0)]
+    while stack:
+        node, where, depth, calls = stack.pop()
+        if isinstance(node, dict):
+            if len(node) == 1 and _looks_like_call(next(iter(node))):
+                calls += 1
+            children = [(value, _deeper(where, depth, f".{key}")) for key, value in node.items()]
+        elif isinstance(node, list):
+            children = [(item, _deeper(where, depth, f"[{i}]")) for i, item in enumerate(node)]
+        else:
+            continue
+        if depth > MAX_NESTING:
+            raise TemplateError(
+                f"{where}: the template nests objects and lists more than {MAX_NESTING} deep, "
+                "the limit; flatten it"
+            )
+        if calls > MAX_FUNCTION_DEPTH:
+            raise TemplateError(
+                f"{where}: the template nests functions more than {MAX_FUNCTION_DEPTH} deep, "
+                "the limit; use fewer nested functions (one Fn::Join or Fn::Sub takes many parts)"
+            )
+        stack.extend((child, path, depth + 1, calls) for child, path in children)
+
+
+def _deeper(where: str, depth: int, step: str) -> str:
+    if depth > 4:
+        return where
+    return f"{where}{step}" if where else step.lstrip(".")
+
+
 def validate_template(body: str) -> Template:
     """Parse and check a template body; TemplateError names the problem."""
     if not isinstance(body, str):
@@ -634,6 +678,7 @@ def validate_template(body: str) -> Template:
         raise TemplateError(f"Template body is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise TemplateError("Template body must be a JSON object")
+    _check_depth(parsed)
     for name in parsed:
         if name not in SECTIONS:
             raise TemplateError(f"Template section {name!r} is not supported; use {', '.join(SECTIONS)}")

@@ -28,12 +28,16 @@ class HookServer:
 
     `delay`: the hook really takes that long to answer (a slow hook is then the behaviour under test; no
     test waits on it). `hold`: it answers nothing until closed, a hook slower than any timeout without a
-    test waiting for time to pass (the caller's own timeout is what runs out).
+    test waiting for time to pass (the caller's own timeout is what runs out). `trickle`: it sends its
+    status line and headers one byte every `trickle` seconds, never finishing them before it is closed
+    (a socket timeout restarts with each byte, so only a deadline over the whole call cuts it off).
+    `arrived` is set for each request as it comes in (a test waits on it, not on time).
     """
 
-    def __init__(self, answer: Any, *, delay: float = 0.0, hold: bool = False) -> None:
+    def __init__(self, answer: Any, *, delay: float = 0.0, hold: bool = False, trickle: float = 0.0) -> None:
         self.answer = answer
         self.requests: list[dict[str, Any]] = []
+        self.arrived = threading.Semaphore(0)
         released = threading.Event()
         self._released = released
         hook = self
@@ -42,6 +46,10 @@ class HookServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 hook.requests.append(json.loads(self.rfile.read(length)))
+                hook.arrived.release()
+                if trickle:
+                    self._trickle(trickle)
+                    return
                 if hold:
                     released.wait()
                 elif delay:
@@ -53,6 +61,15 @@ class HookServer:
                 self.end_headers()
                 with contextlib.suppress(OSError):  # the caller hangs up on a hook that is too slow
                     self.wfile.write(body)
+
+            def _trickle(self, interval: float) -> None:
+                # Headers that never end ("X-Slow: aaaa..."), a byte at a time, until the server closes.
+                with contextlib.suppress(OSError):
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    self.wfile.flush()
+                    while not released.wait(interval):
+                        self.wfile.write(b"a")
+                        self.wfile.flush()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -77,7 +94,9 @@ class HookServer:
 
 
 @contextlib.contextmanager
-def hook_server(answer: Any, *, hold: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def hook_server(
+    answer: Any, *, hold: bool = False, trickle: float = 0.0
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A HookServer for the block; yields (url, inputs seen)."""
-    with HookServer(answer, hold=hold) as hook:
+    with HookServer(answer, hold=hold, trickle=trickle) as hook:
         yield hook.url, hook.requests

@@ -902,3 +902,32 @@ def test_list_certificates_pages_in_sql_without_pems(
     for statement in selects:
         assert "LIMIT" in statement, statement  # one page of rows, not the table
         assert " pem" not in statement, statement  # summaries do not carry PEMs
+
+
+def _deeply_nested_template(depth: int) -> str:
+    expr: Any = "x"
+    for _ in range(depth):
+        expr = {"Fn::Join": ["", [expr]]}
+    return json.dumps({"Resources": {}, "DeviceConfiguration": {"v": expr}}, separators=(",", ":"))
+
+
+def test_templates_nested_past_the_limit_are_a_400_naming_it(cp_client: Any) -> None:
+    deep = _deeply_nested_template(200)  # a RecursionError (HTTP 500) before the limit existed
+    cp_client.create_provisioning_template(templateName="ok", templateBody=TEMPLATE, provisioningRoleArn=ROLE)
+    calls: dict[str, Callable[[], Any]] = {
+        "create": lambda: cp_client.create_provisioning_template(
+            templateName="deep", templateBody=deep, provisioningRoleArn=ROLE
+        ),
+        "version": lambda: cp_client.create_provisioning_template_version(
+            templateName="ok", templateBody=deep
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ClientError) as caught:
+            call()
+        error = caught.value.response["Error"]
+        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400, name
+        assert error["Code"] == "InvalidRequestException", name
+        assert "nests functions more than 32 deep, the limit" in error["Message"], name
+    assert [t["templateName"] for t in cp_client.list_provisioning_templates()["templates"]] == ["ok"]
+    assert cp_client.describe_provisioning_template(templateName="ok")["defaultVersionId"] == 1

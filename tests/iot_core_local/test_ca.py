@@ -20,7 +20,7 @@ from iot_core_local.ca import (
     load_certificate,
     load_csr,
 )
-from iot_core_local.errors import InvalidRequest
+from iot_core_local.errors import InvalidRequest, ServerError
 
 
 def _csr(key: object, sign_with: object | None = None) -> bytes:
@@ -174,3 +174,26 @@ def test_server_certificate_is_renewed_a_month_before_it_expires(tmp_path: Path)
     assert new_server.not_valid_after_utc > expires
     new_server.verify_directly_issued_by(load_certificate(ca.root_ca_path.read_bytes()))
     assert renewed.root_ca_path.read_bytes() == ca.root_ca_path.read_bytes(), "the root is kept"
+
+
+@pytest.mark.parametrize("name", ["root-ca.key", "issuing-ca.pem"])
+def test_a_symlink_planted_among_the_ca_files_is_refused_and_not_followed(tmp_path: Path, name: str) -> None:
+    directory = tmp_path / "ca"
+    CertificateAuthority(directory)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    victim.chmod(0o644)
+    (directory / name).unlink()
+    (directory / name).symlink_to(victim)
+    with pytest.raises(ServerError, match=f"{name} is a symbolic link"):
+        CertificateAuthority(directory)
+    assert victim.read_bytes() == b"precious"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644  # not "tightened" through the link
+
+
+def test_a_ca_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ca").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ServerError, match="ca is a symbolic link"):
+        CertificateAuthority(tmp_path / "ca")
+    assert list((tmp_path / "elsewhere").iterdir()) == []

@@ -26,7 +26,7 @@ from tests._support.devices import (
     make_csr,
     write_credentials,
 )
-from tests._support.hooks import hook_server
+from tests._support.hooks import HookServer, hook_server
 from tests._support.logs import watch_log
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
@@ -350,6 +350,38 @@ def test_unknown_and_disabled_templates(core: LocalIotCore, claim: tuple[ClaimSe
         client.close()
 
 
+def test_a_stored_template_past_the_nesting_limit_is_a_rejected_400(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
+) -> None:
+    # A body stored before the limit existed (straight into the registry, as an older version wrote it):
+    # RegisterThing checks it again and answers /rejected 400, where it was a RecursionError (500).
+    setup, creds = claim
+    expr: Any = {"Ref": "SerialNumber"}
+    for _ in range(200):
+        expr = {"Fn::Sub": ["${V}", {"V": expr}]}
+    deep = {
+        "Parameters": {"SerialNumber": {"Type": "String"}},
+        "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": expr}}},
+    }
+    core.registry.update_template(setup.template_name, body=json.dumps(deep, separators=(",", ":")))
+    client = connect_claim(core, creds, "deep-template")
+    try:
+        issued = _issue(client)
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "D"},
+        }
+        _rejected(
+            request(client, register_topic(setup.template_name), json.dumps(body).encode()),
+            400,
+            "InvalidRequest",
+            "nests functions more than 32 deep, the limit",
+        )
+    finally:
+        client.close()
+    assert core.registry.find_thing("D") is None
+
+
 def test_expired_token(tmp_path: Path) -> None:
     # A token that expires as it is issued: expired when it is used, without waiting for time to pass.
     with LocalIotCore(tmp_path / "short", token_ttl=0) as short:
@@ -437,6 +469,110 @@ def test_hook_that_overrides_parameters(core: LocalIotCore, tmp_path: Path) -> N
             client.close()
     assert outcome == "accepted", registered
     assert registered["thingName"] == "hub-FROM-HOOK"
+
+
+# ---- a hook's time limit covers the whole call, and hooks have threads of their own -------------
+
+
+def _publish_register(client: RawClient, template: str, serial: str) -> None:
+    """RegisterThing without waiting for its answer (subscribed first, so the answer is kept)."""
+    topic = register_topic(template)
+    issued = _issue(client)
+    assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+    body = {
+        "certificateOwnershipToken": issued["certificateOwnershipToken"],
+        "parameters": {"SerialNumber": serial},
+    }
+    assert client.publish(topic, json.dumps(body).encode()) == 0
+
+
+def _answer(client: RawClient) -> tuple[str, Any]:
+    answer = client.receive_type(mqtt5.PublishPacket)
+    return answer.topic.rsplit("/", 1)[1], json.loads(answer.payload)
+
+
+def test_a_hook_that_trickles_its_headers_is_cut_off_at_the_time_limit(
+    core: LocalIotCore, tmp_path: Path
+) -> None:
+    # One byte every 100 ms: each read finishes well within any socket timeout, the headers never end.
+    with HookServer({"allowProvisioning": True}, trickle=0.1) as hook:
+        name = f"Hook{next(_counter)}"
+        setup = set_up_fleet_provisioning(core.client(), name, hook_url=hook.url)
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        client = connect_claim(core, creds, "trickled")
+        try:
+            _publish_register(client, name, "TR")
+            started = time.monotonic()
+            answer = _answer(client)
+            elapsed = time.monotonic() - started
+        finally:
+            client.close()
+    _rejected(answer, 403, "AccessDenied", f"within {core.hook_timeout:g} seconds")
+    assert elapsed < core.hook_timeout + 1.0, elapsed  # it held RegisterThing for 14-25 s before
+    assert core.registry.find_thing("hub-TR") is None
+
+
+def test_slow_hooks_do_not_hold_back_other_hubs_create_keys(tmp_path: Path) -> None:
+    slow = 10  # more than the provisioning service's 8 workers, which hooks used to share
+    with (
+        LocalIotCore(tmp_path / "data", hook_timeout=30.0) as hooked,
+        HookServer({"allowProvisioning": True}, trickle=0.1) as hook,
+    ):
+        setup = set_up_fleet_provisioning(hooked.client(), "Slow", hook_url=hook.url)
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        waiting = [connect_claim(hooked, creds, f"slow-{i}") for i in range(slow)]
+        other = connect_claim(hooked, creds, "other-hub")
+        try:
+            for i, client in enumerate(waiting):
+                _publish_register(client, "Slow", f"S{i}")
+            for _ in range(slow):
+                assert hook.arrived.acquire(timeout=30.0)  # every hook is running (and trickling)
+            started = time.monotonic()
+            outcome, body = request(other, KEYS_TOPIC, b"")
+            elapsed = time.monotonic() - started
+            assert outcome == "accepted", body
+            assert "privateKey" in body
+            # Answered while every hook still trickles (they have 30 s): before, it waited for a worker.
+            assert elapsed < 5.0, elapsed
+            assert len(hook.requests) == slow
+        finally:
+            for client in [*waiting, other]:
+                client.close()
+
+
+def test_a_hook_without_a_free_slot_is_throttled_within_the_time_limit(tmp_path: Path) -> None:
+    with (
+        LocalIotCore(tmp_path / "data", hook_timeout=1.0, hook_workers=2) as small,
+        HookServer({"allowProvisioning": True}) as hook,
+    ):
+        setup = set_up_fleet_provisioning(small.client(), "Few", hook_url=hook.url)
+        creds = write_credentials(
+            tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+        )
+        # Both hook slots taken, as two hooks slower than the limit would hold them.
+        slots = small.gateway.provisioning.hook_slots
+        for _ in range(2):
+            asyncio.run_coroutine_threadsafe(slots.acquire(), small.loop).result(5.0)
+        client = connect_claim(small, creds, "few")
+        try:
+            _publish_register(client, "Few", "F")
+            started = time.monotonic()
+            answer = _answer(client)
+            elapsed = time.monotonic() - started
+            for _ in range(2):
+                small.loop.call_soon_threadsafe(slots.release)
+            # With a slot free again, the same hub provisions.
+            _publish_register(client, "Few", "G")
+            assert _answer(client)[0] == "accepted"
+        finally:
+            client.close()
+    _rejected(answer, 429, "ThrottlingException", "all 2 pre-provisioning hook slots stayed busy for 1 s")
+    assert elapsed < 1.0 + 1.0, elapsed
+    assert len(hook.requests) == 1  # only the second request reached the hook
 
 
 # ---- logs ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from hub_onboarding.config import parse_endpoint
+from iot_core_local.datadir import open_nofollow
 from iot_core_local.errors import ServerError
-from iot_core_local.server import Endpoint, LocalIotCore
+from iot_core_local.server import Endpoint, LocalIotCore, write_json_atomically
 from tests._support.clients import iot_client
 
 
@@ -206,3 +209,107 @@ def test_stop_waits_for_worker_threads_before_closing_the_registry(
         core.stop()
     assert outcome == [0]
     assert closed.is_set(), "the registry is closed, after the job"
+
+
+# ---- the data dir: links are not followed, a dir others can write to is refused -----------------
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n", encoding="utf-8")
+    return victim
+
+
+@pytest.mark.parametrize("name", ["serve.lock", "endpoint.json", "registry.sqlite3"])
+def test_a_symlink_planted_in_the_data_dir_is_refused_and_not_followed(tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    (data / name).symlink_to(victim)
+    with pytest.raises(ServerError, match=f"{name} is a symbolic link.*remove it"):
+        LocalIotCore(data).start()
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    assert sorted(p.name for p in data.iterdir()) == [name]  # nothing else created or started
+
+
+def test_the_lock_is_opened_without_following_a_link(tmp_path: Path) -> None:
+    # A link planted after the start-up check (a race) meets the open itself, which the lock goes through.
+    victim = _victim(tmp_path)
+    (tmp_path / "serve.lock").symlink_to(victim)
+    with pytest.raises(ServerError, match=r"serve\.lock is a symbolic link"):
+        open_nofollow(tmp_path / "serve.lock", os.O_RDWR | os.O_CREAT)
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+
+
+def test_endpoint_json_is_written_without_following_a_link(tmp_path: Path) -> None:
+    victim = _victim(tmp_path)
+    target = tmp_path / "endpoint.json"
+    target.symlink_to(victim)
+    with pytest.raises(ServerError, match=r"endpoint\.json is a symbolic link"):
+        write_json_atomically(target, {"mqttHost": "127.0.0.1"})
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    assert target.is_symlink()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
+def test_a_data_dir_writable_by_others_is_refused_naming_the_fix(tmp_path: Path, mode: int) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    with pytest.raises(ServerError, match=f"{data} can be written by group or others .*chmod go-w"):
+        LocalIotCore(data).start()
+    assert list(data.iterdir()) == []
+    assert stat.S_IMODE(data.stat().st_mode) == mode  # refused, never narrowed behind the owner's back
+
+
+def test_a_data_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    os.chown(data, 65534, 65534)
+    with pytest.raises(ServerError, match=f"{data} belongs to another user .*use a data dir of your own"):
+        LocalIotCore(data).start()
+    assert list(data.iterdir()) == []
+
+
+def test_a_data_dir_readable_by_others_is_accepted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)  # what `mkdir` makes under the usual umask: nobody else can write to it
+    with LocalIotCore(data) as core:
+        assert core.client().list_things()["things"] == []
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("::1", "[::1]:8883"), ("127.0.0.1", "127.0.0.1:8883"), ("localhost", "localhost:8883")],
+)
+def test_mqtt_address_brackets_ipv6_as_the_hub_reads_it(host: str, address: str) -> None:
+    endpoint = Endpoint(host, 8883, "http://127.0.0.1:1", Path("root.pem"))
+    assert endpoint.mqtt_address == address
+    parsed = parse_endpoint(endpoint.mqtt_address, "ro.endpoint_url")
+    assert (parsed.host, parsed.port) == (host, 8883)
+
+
+@pytest.mark.parametrize("mistake", ["writable by others", "planted lock link"])
+def test_serve_refuses_an_unsafe_data_dir_in_one_line_exit_3(tmp_path: Path, mistake: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    if mistake == "writable by others":
+        data.chmod(0o777)
+        expected = "can be written by group or others"
+    else:
+        (data / "serve.lock").symlink_to(victim)
+        expected = "serve.lock is a symbolic link"
+    done = subprocess.run(_serve_command(data), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(data) in lines[0]
+    assert expected in lines[0]
+    assert done.stdout == ""
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    assert not (data / "ca").exists()

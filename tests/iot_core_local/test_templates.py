@@ -14,13 +14,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from iot_core_local.errors import InvalidRequest, TemplateError, TemplateEvaluationError
 from iot_core_local.model import CertificateStatus
 from iot_core_local.templates import (
     BUILTIN_PARAMETERS,
+    MAX_BODY_SIZE,
+    MAX_FUNCTION_DEPTH,
+    MAX_NESTING,
     CertificatePlan,
     Plan,
     PolicyPlan,
@@ -1130,3 +1133,93 @@ def test_generated_expressions_evaluate_to_a_string_or_a_provisioning_error(
     except TemplateEvaluationError:
         return
     assert isinstance(value, str)
+
+
+# --- nesting and size limits: refused as a TemplateError, never a RecursionError ---------------
+
+
+def _nested(function: str, depth: int, leaf: Any = "x") -> Any:
+    """`depth` calls of one function, each the argument of the next."""
+    expr = leaf
+    for _ in range(depth):
+        expr = {"Fn::Join": ["", [expr]]} if function == "Fn::Join" else {"Fn::Sub": ["${V}", {"V": expr}]}
+    return expr
+
+
+@pytest.mark.parametrize("function", ["Fn::Join", "Fn::Sub"])
+def test_200_nested_functions_are_refused_naming_the_limit(function: str) -> None:
+    text = json.dumps(
+        {"Resources": {}, "DeviceConfiguration": {"v": _nested(function, 200)}}, separators=(",", ":")
+    )
+    assert len(text) <= MAX_BODY_SIZE  # the size limit alone does not catch it
+    with pytest.raises(TemplateError, match=f"nests functions more than {MAX_FUNCTION_DEPTH} deep"):
+        validate_template(text)
+
+
+@pytest.mark.parametrize("function", ["Fn::Join", "Fn::Sub"])
+def test_functions_nested_up_to_the_limit_evaluate(function: str) -> None:
+    template = validate_template(body(DeviceConfiguration={"v": _nested(function, MAX_FUNCTION_DEPTH)}))
+    assert evaluate(template, VALUES, BUILTINS).device_configuration == {"v": "x"}
+    with pytest.raises(TemplateError, match=r"DeviceConfiguration\.v"):
+        validate_template(body(DeviceConfiguration={"v": _nested(function, MAX_FUNCTION_DEPTH + 1)}))
+
+
+def test_deeply_nested_lists_are_refused_naming_the_limit() -> None:
+    text = '{"Resources": {}, "DeviceConfiguration": {"v": ' + "[" * 200 + "]" * 200 + "}}"
+    assert len(text) <= MAX_BODY_SIZE
+    with pytest.raises(TemplateError, match=f"objects and lists more than {MAX_NESTING} deep"):
+        validate_template(text)
+
+
+def test_a_body_over_the_size_limit_is_refused_naming_the_limit() -> None:
+    text = body(DeviceConfiguration={"v": "x" * MAX_BODY_SIZE})
+    with pytest.raises(TemplateError, match=f"the limit is {MAX_BODY_SIZE}"):
+        validate_template(text)
+
+
+_NESTABLE = st.sampled_from(["Fn::Join", "Fn::Sub", "Fn::Select", "Fn::Split", "Fn::FindInMap", "Ref"])
+
+
+def _wrap(name: str, inner: Any) -> Any:
+    shapes: dict[str, Any] = {
+        "Fn::Join": {"Fn::Join": ["-", [inner]]},
+        "Fn::Sub": {"Fn::Sub": ["${V}", {"V": inner}]},
+        "Fn::Select": {"Fn::Select": [0, [inner]]},
+        "Fn::Split": {"Fn::Split": [",", inner]},
+        "Fn::FindInMap": {"Fn::FindInMap": ["Regions", inner, "Url"]},
+        "Ref": {"Ref": inner},
+    }
+    return shapes[name]
+
+
+@settings(max_examples=200, deadline=None)
+@example(chain=["Fn::Join"] * 200, leaf="x", place="DeviceConfiguration")  # the 500s of the report
+@example(chain=["Fn::Sub"] * 200, leaf="x", place="ThingName")
+@example(chain=["Fn::Select", "Fn::Split"] * 150, leaf="a,b", place="PolicyDocument")
+@given(
+    chain=st.lists(_NESTABLE, min_size=0, max_size=400),
+    leaf=st.sampled_from(["x", "WA", {"Ref": "Serial"}, ["a"], 1, None]),
+    place=st.sampled_from(["DeviceConfiguration", "ThingName", "PolicyDocument"]),
+)
+def test_arbitrarily_nested_functions_only_raise_template_errors(
+    chain: list[str], leaf: Any, place: str
+) -> None:
+    expr = leaf
+    for name in chain:
+        expr = _wrap(name, expr)
+    if place == "DeviceConfiguration":
+        text = body(DeviceConfiguration={"v": expr})
+    elif place == "ThingName":
+        text = body(Resources={"t": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": expr}}})
+    else:
+        document = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": expr}],
+        }
+        text = body(Resources={"p": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyDocument": document}}})
+    try:
+        template = validate_template(text)
+    except TemplateError:
+        return
+    with contextlib.suppress(TemplateEvaluationError):
+        evaluate(template, VALUES, BUILTINS)

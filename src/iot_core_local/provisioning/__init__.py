@@ -3,7 +3,7 @@
     match(topic)                  the provisioning request a PUBLISH's topic names, if any
     owns_filter(topic_filter)     a subscription only provisioning answers can match (Mosquitto never sees it)
     answer(request, payload, who) the answer for the asking connection only; runs on the event loop or in
-                                  a worker thread, as the request needs
+                                  a worker or hook thread, as the request needs
     throttled(request)            AWS's answer to a request over its rate limit (the fault switch)
     on_unknown_certificate(...)   JITR/JITP for a certificate the registry does not know (or still pending):
                                   Refuse, Event (JITR: registered, event published) or Accept
@@ -23,6 +23,7 @@ hub's private key to all. Nothing here logs a private key or an ownership token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
 
+HOOK_WORKERS = 32  # RegisterThing calls with a pre-provisioning hook in flight at once
 SWEEP_INTERVAL = 60.0  # at most; more often when tokens live shorter than that
 
 
@@ -116,6 +118,7 @@ class ProvisioningService:
         clock: Callable[[], float] = time.time,
         broker: tuple[str, int] | None = None,
         broker_timeout: float = 10.0,
+        hook_workers: int = HOOK_WORKERS,
     ) -> None:
         self.registry = registry
         self.ca = ca
@@ -125,6 +128,14 @@ class ProvisioningService:
         self.jit = JustInTime(registry, clock)
         self.events = EventPublisher(*broker, timeout=broker_timeout) if broker is not None else None
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="iot-core-local-provisioning")
+        # Hooks wait on other people's servers for up to hook_timeout each: they get their own threads, so
+        # slow hooks never hold the threads CreateKeysAndCertificate and JITR need. A slot is taken on the
+        # loop before a thread, so the pool never queues: a hook that finds no slot free within its time
+        # limit is answered at once (429) instead of waiting behind the others.
+        self.hook_timeout = hook_timeout
+        self.hook_workers = hook_workers
+        self.hook_slots = asyncio.Semaphore(hook_workers)  # public: a test holds slots to fill the pool
+        self._hooks = ThreadPoolExecutor(max_workers=hook_workers, thread_name_prefix="iot-core-local-hook")
         self._last_sweep = float("-inf")  # sweep at once: tokens may have expired while the server was down
 
     # ---- the gateway's interface ---------------------------------------------------------------------
@@ -139,12 +150,14 @@ class ProvisioningService:
         """Run one request; every failure is a /rejected answer, never an exception.
 
         CreateKeysAndCertificate (its key usually comes ready from the CA's key pool, but an empty pool
-        means generating one, 50-150 ms) and a RegisterThing whose template has a pre-provisioning hook
-        (HTTP, up to the hook timeout) run in a worker thread. Signing a CSR and a
+        means generating one, 50-150 ms) runs in a worker thread, and a RegisterThing whose template has a
+        pre-provisioning hook (HTTP, up to the hook timeout) in a hook thread. Signing a CSR and a
         RegisterThing without a hook take well under a millisecond: they run on the loop, where a thread
         would cost more in hand-offs and GIL contention than the work itself.
         """
         prepared = self.fleet.prepare(request)
+        if prepared.hook:
+            return await self._with_hook(request, payload, requester, prepared)
         if prepared.blocks:
             return await self._in_thread(self.fleet.handle, request, payload, requester, prepared)
         return self.fleet.handle(request, payload, requester, prepared)
@@ -187,6 +200,7 @@ class ProvisioningService:
         if self.events is not None:
             await self.events.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._hooks.shutdown, wait=True, cancel_futures=True)
 
     # ---- synchronous ---------------------------------------------------------------------------------
 
@@ -210,6 +224,28 @@ class ProvisioningService:
                 continue
             deleted += 1
         return deleted
+
+    async def _with_hook(
+        self, request: Request, payload: bytes, requester: Requester, prepared: Prepared
+    ) -> Answer:
+        """RegisterThing with a hook, in the hook pool; waiting for a slot counts against the hook's time."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.hook_timeout):
+                await self.hook_slots.acquire()
+        except TimeoutError:
+            why = (
+                f"all {self.hook_workers} pre-provisioning hook slots stayed busy for {self.hook_timeout:g} s"
+            )
+            return self.fleet.throttled(request, why)
+        left = self.hook_timeout - (time.monotonic() - started)
+        timed = dataclasses.replace(prepared, hook_timeout=left)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._hooks, self.fleet.handle, request, payload, requester, timed)
+        # The slot is free when the thread is, not when the asking connection stops waiting (it may close
+        # mid-call): so the pool never holds more calls than it has threads.
+        running.add_done_callback(lambda _: self.hook_slots.release())
+        return await asyncio.shield(running)
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -1,7 +1,7 @@
 """Fleet provisioning by claim: CreateKeysAndCertificate, CreateCertificateFromCsr, RegisterThing.
 
 Every method here is synchronous; `prepare` says which requests may block long enough to stall an event
-loop, and the service facade (`provisioning/__init__.py`) runs those in a worker thread. Every failure
+loop, and the service facade (`provisioning/__init__.py`) runs those in a thread. Every failure
 becomes a `/rejected` answer `{"statusCode", "errorCode", "errorMessage"}`, never an exception. Nothing here
 logs a private key or an ownership token; `Answer.summary` is what may be logged.
 """
@@ -42,6 +42,8 @@ class Prepared:
 
     blocks: bool
     template: ProvisioningTemplate | None = None
+    hook: bool = False  # RegisterThing calls the template's pre-provisioning hook
+    hook_timeout: float | None = None  # what is left of the hook's time limit; None: all of it
 
 
 _QUICK = Prepared(False)
@@ -135,7 +137,8 @@ class FleetProvisioning:
             return _SLOW
         if request.operation == REGISTER_THING and request.template_name is not None:
             stored = self.registry.find_template(request.template_name)
-            return Prepared(stored is not None and bool((stored.hook or {}).get("targetArn")), stored)
+            hooked = stored is not None and bool((stored.hook or {}).get("targetArn"))
+            return Prepared(hooked, stored, hook=hooked)
         return _QUICK
 
     def handle(
@@ -155,7 +158,7 @@ class FleetProvisioning:
             else:
                 if prepared is None:
                     prepared = self.prepare(request)
-                result, summary = self._register_thing(request, prepared.template, body, requester)
+                result, summary = self._register_thing(request, prepared, body, requester)
         except Rejected as e:
             return self._rejected(request, e)
         except ServiceError as e:
@@ -171,9 +174,10 @@ class FleetProvisioning:
             f"accepted ({summary})",
         )
 
-    def throttled(self, request: Request) -> Answer:
-        """The answer AWS gives a request over its rate limit (used by the fault switch)."""
-        return self._rejected(request, Rejected(429, "ThrottlingException", "Rate exceeded"))
+    def throttled(self, request: Request, why: str = "") -> Answer:
+        """The answer AWS gives a request over its rate limit (the fault switch; hooks without a slot)."""
+        message = f"Rate exceeded: {why}" if why else "Rate exceeded"
+        return self._rejected(request, Rejected(429, "ThrottlingException", message))
 
     def _rejected(self, request: Request, e: Rejected) -> Answer:
         body = {"statusCode": e.status, "errorCode": e.code, "errorMessage": e.message}
@@ -240,10 +244,11 @@ class FleetProvisioning:
     def _register_thing(
         self,
         request: Request,
-        stored: ProvisioningTemplate | None,
+        prepared: Prepared,
         body: dict[str, Any],
         requester: Requester,
     ) -> tuple[dict[str, Any], str]:
+        stored = prepared.template
         name = request.template_name or ""
         claim_certificate_id = requester.claim_certificate_id
         token = body.get("certificateOwnershipToken")
@@ -283,7 +288,8 @@ class FleetProvisioning:
                 "parameters": parameters,
             }
             try:
-                result = call_hook(target, hook_input, self.hook_timeout)
+                hook_timeout = self.hook_timeout if prepared.hook_timeout is None else prepared.hook_timeout
+                result = call_hook(target, hook_input, hook_timeout, limit=self.hook_timeout)
             except HookDenied as e:
                 raise Rejected(403, "AccessDenied", e.message) from None
             parameters = {**parameters, **result.parameter_overrides}
