@@ -100,6 +100,8 @@ class Connection:
         self.broker_buf = bytearray()
         self.kicked: Close | None = None
         self.started = time.monotonic()
+        self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
+        self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -114,7 +116,7 @@ class Connection:
                 await self._connect_fault()
             changes = self.gw.changes  # certificate/policy changes heard so far (see below)
             await self._authorize(connect)
-            await self._open_broker(raw)
+            await self._open_broker(raw, connect.keep_alive)
             if self.gw.connect_window_hook is not None:
                 await self.gw.connect_window_hook(self.certificate_id)
             accepted = True
@@ -189,6 +191,9 @@ class Connection:
         raw = bytes(self.buf[:size])
         del self.buf[:size]
         self.client_id = packet.client_id
+        # As AWS IoT Core: no keep-alive (0) or one above the maximum becomes the maximum.
+        asked = packet.keep_alive
+        self.keep_alive = asked if 0 < asked <= self.limits.max_keep_alive else self.limits.max_keep_alive
         return packet, raw
 
     async def _fill_one(self) -> int:
@@ -332,7 +337,7 @@ class Connection:
 
     # ---- the relay ----------------------------------------------------------------------------
 
-    async def _open_broker(self, raw_connect: bytes) -> None:
+    async def _open_broker(self, raw_connect: bytes, connect_keep_alive: int) -> None:
         gw = self.gw
         try:
             broker_reader, broker_writer = await asyncio.wait_for(
@@ -361,7 +366,7 @@ class Connection:
                 session_present=connack.session_present,
                 session_expiry_interval=connack.session_expiry_interval,
                 assigned_client_id=connack.assigned_client_id,
-                server_keep_alive=connack.server_keep_alive,
+                server_keep_alive=self.keep_alive if self.keep_alive != connect_keep_alive else None,
                 receive_max=connack.receive_max,
                 topic_alias_max=connack.topic_alias_max,
                 max_qos=mqtt5.QoS.AT_LEAST_ONCE,
@@ -426,6 +431,25 @@ class Connection:
         return decision
 
     async def _from_client(self) -> None:
+        """The client -> broker pump, closed when the client is silent for 1.5 times its keep-alive."""
+        idle = self.keep_alive * 1.5
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(loop.time() + idle) as self._idle:
+                await self._pump_client(loop, idle)
+        except TimeoutError:
+            if self._idle is None or not self._idle.expired():
+                raise
+            raise Close(
+                f"no packet for {idle:g} s (1.5 times the keep-alive of {self.keep_alive} s)",
+                Reason.KEEP_ALIVE_TIMEOUT,
+            ) from None
+        finally:
+            self._idle = None
+
+    async def _pump_client(self, loop: asyncio.AbstractEventLoop, idle: float) -> None:
+        assert self._idle is not None
+        deadline = self._idle
         buf = self.buf
         assert self.broker_writer is not None
         broker = self.broker_writer
@@ -465,6 +489,7 @@ class Connection:
             if self.writer.transport.get_write_buffer_size() > write_limit:
                 await self._drain_client()
             data = await self.reader.read(READ_SIZE)
+            deadline.reschedule(loop.time() + idle)
             if not data:
                 raise Close("closed by the client", notable=False)
             buf += data
@@ -695,7 +720,9 @@ class Connection:
             if span >= 0:
                 self._write_client(bytes(buf[span:pos]))
             del buf[:pos]
-            await self.writer.drain()
+            # A subscriber that does not read: bounded as for the gateway's own answers, so it is
+            # closed rather than held, and Mosquitto's queue for it stays within its limits.
+            await self._drain_client()
             data = await reader.read(READ_SIZE)
             if not data:
                 raise Close("closed by the broker", notable=False)

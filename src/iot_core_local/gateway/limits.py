@@ -38,6 +38,16 @@ class GatewayLimits:
     maintenance_interval: float = 1.0  # how often the heap trim and the provisioning sweep are considered
     # Connections closed since the last heap trim that make another one worthwhile.
     trim_after_closed: int = 64
+    # AWS IoT Core's largest keep-alive: a CONNECT asking for 0 (none) or more gets a CONNACK with this
+    # as Server Keep Alive, and a connection silent for 1.5 times its keep-alive is closed.
+    max_keep_alive: int = 1200
+    # Connections open at once, at any stage; beyond it a new one is closed before TLS. Each costs two
+    # descriptors (device and relay) and some 40 KB; 4,000 fits a small machine and its file limit.
+    max_connections: int = 4000
+    # TLS handshakes in flight from one source address: a handshake costs the server an RSA signature,
+    # so one address must not keep thousands open.
+    max_handshakes_per_address: int = 64
+    limit_log_interval: float = 10.0  # a limit that is hit is logged once per interval, with a count
 
     def __post_init__(self) -> None:
         for field in fields(self):
