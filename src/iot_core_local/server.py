@@ -251,6 +251,9 @@ class LocalIotCore:
         from .provisioning import ProvisioningService
         from .registry import Registry
 
+        from .resources import raise_open_file_limit
+
+        raise_open_file_limit()  # each device connection costs two descriptors
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         try:

@@ -102,6 +102,7 @@ class Connection:
         self.started = time.monotonic()
         self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
         self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
+        self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -146,7 +147,10 @@ class Connection:
         for writer in (self.writer, self.broker_writer):
             if writer is not None:
                 transport = writer.transport
-                if not transport.is_closing():
+                if self.stuck and writer is self.writer:
+                    # close() would wait for a peer that does not read, holding the socket for good.
+                    transport.abort()
+                elif not transport.is_closing():
                     # close() flushes what is buffered (a DISCONNECT, say); the peer's reader ends then.
                     transport.close()
 
@@ -435,7 +439,7 @@ class Connection:
         idle = self.keep_alive * 1.5
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(loop.time() + idle) as self._idle:
+            async with asyncio.timeout_at(loop.time() + idle) as self._idle:
                 await self._pump_client(loop, idle)
         except TimeoutError:
             if self._idle is None or not self._idle.expired():
@@ -499,8 +503,9 @@ class Connection:
         try:
             await asyncio.wait_for(self.writer.drain(), self.limits.client_drain_timeout)
         except TimeoutError:
+            self.stuck = True
             raise Close(
-                f"the client did not read its answers for {self.limits.client_drain_timeout:g} s",
+                f"the client did not read its answers or messages for {self.limits.client_drain_timeout:g} s",
                 notable=True,
             ) from None
 
@@ -722,7 +727,8 @@ class Connection:
             del buf[:pos]
             # A subscriber that does not read: bounded as for the gateway's own answers, so it is
             # closed rather than held, and Mosquitto's queue for it stays within its limits.
-            await self._drain_client()
+            if self.writer.transport.get_write_buffer_size():
+                await self._drain_client()  # a task and a timer only when output is pending
             data = await reader.read(READ_SIZE)
             if not data:
                 raise Close("closed by the broker", notable=False)
