@@ -250,7 +250,6 @@ class LocalIotCore:
         from .keys import KeyPool, generate_rsa_key
         from .provisioning import ProvisioningService
         from .registry import Registry
-
         from .resources import raise_open_file_limit
 
         raise_open_file_limit()  # each device connection costs two descriptors

@@ -60,7 +60,9 @@ def test_keep_alive_above_1200_or_none_becomes_1200(
 
 
 @pytest.mark.parametrize("fast", [{"max_keep_alive": 1}], indirect=True)
-def test_silent_client_is_closed_after_one_and_a_half_keep_alives(fast: LocalIotCore, creds_dir: Path) -> None:
+def test_silent_client_is_closed_after_one_and_a_half_keep_alives(
+    fast: LocalIotCore, creds_dir: Path
+) -> None:
     # Before: keep_alive 0 meant 65,535 s of Server Keep Alive, and an idle connection stayed for good.
     client = RawClient(fast, new_device(fast, creds_dir, "idle"))
     try:
@@ -148,7 +150,9 @@ def test_subscriber_that_does_not_read_is_closed(fast: LocalIotCore, creds_dir: 
         # QoS 0: Mosquitto's in-flight window (a QoS 1 subscriber that never acknowledges) does not
         # stop the flow, so only the gateway's drain timeout can.
         deaf.send(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter("flood/#", max_qos=mqtt5.QoS.AT_MOST_ONCE)]))
-        assert deaf.receive_type(mqtt5.SubAckPacket).reason_codes == [mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE]
+        assert deaf.receive_type(mqtt5.SubAckPacket).reason_codes == [
+            mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE
+        ]
         assert publisher.connect("flooder").reason_code == 0
         payload = b"x" * 64 * 1024
         with watch_log(GATEWAY_LOG, lambda m: "'deaf-sub'" in m and "did not read" in m) as closed:

@@ -168,7 +168,9 @@ class _Server(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         interval = limits.limit_log_interval
         self.refused = LimitLog(log, "control plane: connections answered 503 (max_connections)", interval)
-        self.timed_out = LimitLog(log, "control plane: requests not received in time (request_timeout)", interval)
+        self.timed_out = LimitLog(
+            log, "control plane: requests not received in time (request_timeout)", interval
+        )
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
