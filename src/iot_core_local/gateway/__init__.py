@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import ssl
 import weakref
@@ -185,7 +186,9 @@ class Gateway:
             self.refused_connections.hit(f"{self._live} open, from {address}")
             return
         handshaking = self._handshaking.get(address, 0)
-        if handshaking >= limits.max_handshakes_per_address:
+        if handshaking >= limits.max_handshakes_per_address and (
+            limits.cap_handshakes_on_loopback or not _is_loopback(address)
+        ):
             transport.abort()
             self.refused_handshakes.hit(f"{handshaking} in flight from {address}")
             return
@@ -327,6 +330,13 @@ class Gateway:
                 raise
             except Exception:
                 log.exception("gateway maintenance failed; retrying")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # not an IP address (a Unix socket): local
+        return True
 
 
 def _load_malloc_trim() -> Callable[[], None]:

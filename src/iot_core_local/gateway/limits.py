@@ -47,12 +47,16 @@ class GatewayLimits:
     # TLS handshakes in flight from one source address: a handshake costs the server an RSA signature,
     # so one address must not keep thousands open.
     max_handshakes_per_address: int = 64
+    # On loopback every local client shares one address: capped there, one local abuser would lock out
+    # every hub of the same machine, the very thing the cap prevents. Local clients are held to
+    # `max_connections` only, unless this is set (tests do, to show the cap).
+    cap_handshakes_on_loopback: bool = False
     limit_log_interval: float = 10.0  # a limit that is hit is logged once per interval, with a count
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if not value > 0:
+            if not isinstance(value, bool) and not value > 0:
                 raise ValueError(f"GatewayLimits.{field.name} must be positive, not {value!r}")
         if self.max_packet_size < self.max_payload_size:
             raise ValueError("GatewayLimits.max_packet_size must be at least max_payload_size")
