@@ -252,12 +252,12 @@ class LocalIotCore:
         from .registry import Registry
         from .resources import raise_open_file_limit
 
-        raise_open_file_limit()  # each device connection costs two descriptors
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         try:
             check_port("mqtt", self.host, self.mqtt_port)
             check_port("api", self.host, self.api_port)
+            raise_open_file_limit()  # each device connection costs two descriptors; logged
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
                 self._keys.start()
