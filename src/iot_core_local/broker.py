@@ -17,11 +17,12 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ServerError
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "BrokerLimits"]
 
 log = logging.getLogger("iot_core_local.broker")
 
@@ -53,11 +54,44 @@ def _free_port(host: str) -> int:
         return port
 
 
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What Mosquitto may hold per client (mosquitto.conf(5)); each is one line of its config.
+
+    Without them, a subscriber that does not read made Mosquitto hold ~100 MB. The gateway closes such
+    a subscriber after `GatewayLimits.client_drain_timeout`; these bound what piles up until then, and
+    what a persistent session keeps while its device is away.
+    """
+
+    # QoS 1 messages sent and not yet acknowledged, per client (Mosquitto's default is 20).
+    max_inflight_messages: int = 20
+    # QoS 1 messages queued beyond those in flight, per client; later ones are dropped.
+    max_queued_messages: int = 1000
+    # The same queue in bytes (Mosquitto's default is no limit): 200 stuck subscribers cost 200 MB at
+    # most.
+    max_queued_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes"):
+            value = getattr(self, name)
+            # 0 means "no maximum" to Mosquitto: not a bound, so not accepted here.
+            if not value > 0:
+                raise ValueError(f"BrokerLimits.{name} must be positive, not {value!r}")
+
+    def config_lines(self) -> list[str]:
+        return [
+            f"max_inflight_messages {self.max_inflight_messages}",
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_queued_bytes {self.max_queued_bytes}",
+        ]
+
+
 class Broker:
     """A Mosquitto child process with its config, persistence and log in `directory`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, limits: BrokerLimits | None = None) -> None:
         self.directory = Path(directory)
+        self.limits = limits if limits is not None else BrokerLimits()
         self.host = "127.0.0.1"
         self.port = 0
         self.config_path = self.directory / "mosquitto.conf"
@@ -79,6 +113,8 @@ class Broker:
                 "max_qos 1",
                 # Latency: the gateway adds a hop, so the broker must not add Nagle delays to it.
                 "set_tcp_nodelay true",
+                # Per-client queues bounded in messages and bytes.
+                *self.limits.config_lines(),
                 f"user {user}",
                 "persistence true",
                 f"persistence_location {self.directory}/",

@@ -241,6 +241,7 @@ class LocalIotCore:
         from .keys import KeyPool, generate_rsa_key
         from .provisioning import ProvisioningService
         from .registry import Registry
+        from .resources import raise_open_file_limit
 
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_data_dir()
@@ -248,6 +249,7 @@ class LocalIotCore:
         try:
             check_port("mqtt", self.host, self.mqtt_port)
             check_port("api", self.host, self.api_port)
+            raise_open_file_limit()  # each device connection costs two descriptors; logged
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
                 self._keys.start()

@@ -10,6 +10,7 @@ machine.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import re
@@ -33,8 +34,9 @@ from iot_core_local.errors import InvalidRequest, ServiceError
 from iot_core_local.faults import FaultInjector
 from iot_core_local.faults import from_json as faults_from_json
 from iot_core_local.registry import Registry
+from iot_core_local.resources import LimitLog
 
-__all__ = ["MAX_BODY", "ControlPlane"]
+__all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketReader"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,59 @@ MAX_BODY = 1 << 20  # AWS IoT's largest request (a 64 KiB PEM, a 10 KiB template
 _LOCAL_PREFIX = "/_local/"
 # "Credential=AKID/20250101/us-east-1/iot/aws4_request": the fourth part is the service signed for.
 _CREDENTIAL_SCOPE = re.compile(r"Credential=[^/,\s]*/[^/,\s]*/[^/,\s]*/([^/,\s]+)/aws4_request")
+
+
+@dataclass(frozen=True)
+class ControlPlaneLimits:
+    """What one client can hold of the control plane: a thread for a while, a connection."""
+
+    # A request's whole head and body must arrive within this, from the moment the server waits for it
+    # (an idle keep-alive connection is closed after it too): a half-sent request frees its thread.
+    request_timeout: float = 10.0
+    # Connections served at once, each by a thread; beyond it a new one is answered 503 and closed.
+    max_connections: int = 64
+    limit_log_interval: float = 10.0  # a limit that is hit is logged once per interval, with a count
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout", "max_connections", "limit_log_interval"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"ControlPlaneLimits.{name} must be positive, not {value!r}")
+
+
+# What a connection over the cap gets: botocore retries a 503 with backoff.
+_BUSY_BODY = b'{"message": "Too many connections to the control plane; retry later."}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class DeadlineSocketReader(io.RawIOBase):
+    """A socket's reading side under one deadline for a whole request, however slowly it trickles in.
+
+    A socket timeout alone bounds each recv: a client sending a byte every few seconds would hold the
+    thread for good. Here every recv gets only the time left until the request's deadline.
+    """
+
+    def __init__(self, sock: socket.socket, clock: Callable[[], float] = time.monotonic) -> None:
+        self.sock = sock
+        self.clock = clock
+        self.deadline: float | None = None  # None: no request being read
+        self.received = 0  # bytes since the deadline was set: 0 means an idle connection, not a slow one
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - self.clock()
+            if left <= 0:
+                raise TimeoutError("request not received in time")
+            self.sock.settimeout(left)
+        count = self.sock.recv_into(buffer)
+        self.received += count
+        return count
 
 
 @dataclass(frozen=True)
@@ -100,16 +155,41 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     control_plane: ControlPlane
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], family: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        family: int,
+        limits: ControlPlaneLimits,
+    ) -> None:
         self.address_family = family
+        self.limits = limits
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        interval = limits.limit_log_interval
+        self.refused = LimitLog(log, "control plane: connections answered 503 (max_connections)", interval)
+        self.timed_out = LimitLog(
+            log, "control plane: requests not received in time (request_timeout)", interval
+        )
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
-            self._connections.add(request)
+            full = len(self._connections) >= self.limits.max_connections
+            if not full:
+                self._connections.add(request)
+        if full:
+            self._refuse(request, client_address)
+            return
         super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        # On the accepting thread: one non-blocking write, never a wait for the client.
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(_BUSY)
+        super().shutdown_request(request)  # not ours: it was never counted
+        self.refused.hit(f"from {client_address[0] if isinstance(client_address, tuple) else client_address}")
 
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
@@ -143,6 +223,33 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         # Headers and body leave in two writes; without NODELAY, Nagle and delayed ACKs add 40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = DeadlineSocketReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        # From the wait for the request line to the last byte of the body, one deadline; the answer
+        # is then written under a plain socket timeout of the same length.
+        timeout = self.server.limits.request_timeout
+        self.reader.deadline = time.monotonic() + timeout
+        self.reader.received = 0
+        try:
+            super().handle_one_request()
+        except TimeoutError:
+            self.close_connection = True
+            self._timed_out()
+        finally:
+            self.reader.deadline = None
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if format.startswith("Request timed out"):  # http.server's words for a request too slow
+            self._timed_out()
+            return
+        super().log_error(format, *args)
+
+    def _timed_out(self) -> None:
+        # An idle keep-alive connection (boto3's pool) closed after the timeout is no attack: not logged.
+        if self.reader.received:
+            self.server.timed_out.hit(f"from {self.client_address[0]}")
 
     def version_string(self) -> str:
         return self.server_version
@@ -152,6 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
         operation_name = "-"
         try:
             body = self._read_body()
+            self.reader.deadline = None
+            self.connection.settimeout(self.server.limits.request_timeout)  # for writing the answer
             url = urllib.parse.urlsplit(self.path)
             if url.path.startswith(_LOCAL_PREFIX):
                 operation_name = "_local"
@@ -170,6 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         except ServiceError as exc:
             status, extra_headers, payload = RestJsonService.error_response(exc)
+        except TimeoutError:
+            raise  # a body not received in time: handle_one_request closes the connection, no answer
         except Exception:
             # Never a traceback on the wire; the log keeps it for whoever runs the server.
             log.exception("%s %s failed", self.command, self.path)
@@ -263,7 +374,9 @@ class ControlPlane:
         endpoint_address: Callable[[], str] = lambda: "127.0.0.1",
         claim_ttl: float = iot.CLAIM_TTL,
         faults: FaultInjector | None = None,
+        limits: ControlPlaneLimits | None = None,
     ) -> None:
+        self.limits = limits if limits is not None else ControlPlaneLimits()
         self.registry = registry
         self.faults = faults
         self.ca = ca
@@ -287,7 +400,7 @@ class ControlPlane:
         if self._server is not None:
             raise RuntimeError("the control plane is already running")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server = _Server((self.host, self._requested_port), _Handler, family)
+        server = _Server((self.host, self._requested_port), _Handler, family, self.limits)
         server.control_plane = self
         self._server = server
         self._thread = threading.Thread(
@@ -306,6 +419,20 @@ class ControlPlane:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+    @property
+    def refused_connections(self) -> LimitLog:
+        """Connections answered 503 because `max_connections` were being served."""
+        if self._server is None:
+            raise RuntimeError("the control plane is not running")
+        return self._server.refused
+
+    @property
+    def timed_out_requests(self) -> LimitLog:
+        """Connections closed because a request did not arrive within `request_timeout`."""
+        if self._server is None:
+            raise RuntimeError("the control plane is not running")
+        return self._server.timed_out
 
     @property
     def port(self) -> int:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import logging
 import ssl
 import weakref
@@ -38,6 +39,7 @@ from ..faults import FaultInjector
 from ..model import CaStatus, CertificateStatus
 from ..provisioning import ProvisioningService
 from ..registry import Registry
+from ..resources import LimitLog
 from .connection import Connection
 from .limits import GatewayLimits
 from .tls import TrustStore, brief, handshake
@@ -107,6 +109,14 @@ class Gateway:
         self.changes = 0
         self._live_peak = 0  # the most since memory was last trimmed
         self._stopping = False
+        # TLS handshakes in flight, by source address (a key leaves when its count drops to 0).
+        self._handshaking: dict[str, int] = {}
+        # A flood hits these thousands of times a second: counted, and logged once per interval.
+        interval = self.limits.limit_log_interval
+        self.refused_connections = LimitLog(log, "connections closed at accept (max_connections)", interval)
+        self.refused_handshakes = LimitLog(
+            log, "connections closed at accept (max_handshakes_per_address)", interval
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -165,26 +175,63 @@ class Gateway:
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
     def accept(self, transport: asyncio.Transport) -> None:
+        """Take a new TCP connection, or close it at once (before TLS) when a cap is reached."""
         if self._stopping:
             transport.abort()
             return
-        self._transports.add(transport)
-        self._spawn(self._serve(transport))
-
-    async def _serve(self, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername")
+        address = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        limits = self.limits
+        if self._live >= limits.max_connections:
+            transport.abort()
+            self.refused_connections.hit(f"{self._live} open, from {address}")
+            return
+        handshaking = self._handshaking.get(address, 0)
+        if handshaking >= limits.max_handshakes_per_address and (
+            limits.cap_handshakes_on_loopback or not _is_loopback(address)
+        ):
+            transport.abort()
+            self.refused_handshakes.hit(f"{handshaking} in flight from {address}")
+            return
+        # Counted here, not in the task: many accepts can come before the first task runs.
+        self._handshaking[address] = handshaking + 1
         self._live += 1
         self._live_peak = max(self._live_peak, self._live)
+        self._transports.add(transport)
+        self._spawn(self._serve(transport, address))
+
+    async def _serve(self, transport: asyncio.Transport, address: str) -> None:
+        handshaking = True
         try:
-            await self._serve_one(transport)
+            peername = transport.get_extra_info("peername")
+            peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+            try:
+                opened = await self._handshake(transport, peer)
+            finally:
+                handshaking = False
+                self._handshake_done(address)
+            if opened is not None:
+                await self._serve_one(opened, peer)
         finally:
+            if handshaking:  # cancelled before the handshake began
+                self._handshake_done(address)
             self._live -= 1
 
-    async def _serve_one(self, transport: asyncio.Transport) -> None:
-        peername = transport.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        opened = await self._handshake(transport, peer)
-        if opened is None:
-            return
+    def _handshake_done(self, address: str) -> None:
+        left = self._handshaking.get(address, 0) - 1
+        if left > 0:
+            self._handshaking[address] = left
+        else:
+            self._handshaking.pop(address, None)
+
+    @property
+    def handshakes_in_flight(self) -> int:
+        """TLS handshakes under way now, from every address."""
+        return sum(self._handshaking.values())
+
+    async def _serve_one(
+        self, opened: tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes], peer: str
+    ) -> None:
         reader, writer, der = opened
         connection = Connection(self, reader, writer, peer, der)
         try:
@@ -301,6 +348,13 @@ class Gateway:
                 raise
             except Exception:
                 log.exception("gateway maintenance failed; retrying")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # not an IP address (a Unix socket): local
+        return True
 
 
 def _load_malloc_trim() -> Callable[[], None]:

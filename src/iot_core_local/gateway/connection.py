@@ -103,6 +103,9 @@ class Connection:
         self.broker_buf = bytearray()
         self.kicked: Close | None = None
         self.started = time.monotonic()
+        self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
+        self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
+        self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class Connection:
                 await self._connect_fault()
             changes = self.gw.changes  # certificate/policy changes heard so far (see below)
             await self._authorize(connect)
-            await self._open_broker(raw)
+            await self._open_broker(raw, connect.keep_alive)
             if self.gw.connect_window_hook is not None:
                 await self.gw.connect_window_hook(self.certificate_id)
             accepted = True
@@ -147,7 +150,10 @@ class Connection:
         for writer in (self.writer, self.broker_writer):
             if writer is not None:
                 transport = writer.transport
-                if not transport.is_closing():
+                if self.stuck and writer is self.writer:
+                    # close() would wait for a peer that does not read, holding the socket for good.
+                    transport.abort()
+                elif not transport.is_closing():
                     # close() flushes what is buffered (a DISCONNECT, say); the peer's reader ends then.
                     transport.close()
 
@@ -199,6 +205,9 @@ class Connection:
                 f"refused with CONNACK 133: client id of {size} bytes (at most {MAX_CLIENT_ID_BYTES})"
             )
         self.client_id = packet.client_id
+        # As AWS IoT Core: no keep-alive (0) or one above the maximum becomes the maximum.
+        asked = packet.keep_alive
+        self.keep_alive = asked if 0 < asked <= self.limits.max_keep_alive else self.limits.max_keep_alive
         return packet, raw
 
     async def _fill_one(self) -> int:
@@ -352,7 +361,7 @@ class Connection:
 
     # ---- the relay ----------------------------------------------------------------------------
 
-    async def _open_broker(self, raw_connect: bytes) -> None:
+    async def _open_broker(self, raw_connect: bytes, connect_keep_alive: int) -> None:
         gw = self.gw
         try:
             broker_reader, broker_writer = await asyncio.wait_for(
@@ -381,7 +390,7 @@ class Connection:
                 session_present=connack.session_present,
                 session_expiry_interval=connack.session_expiry_interval,
                 assigned_client_id=connack.assigned_client_id,
-                server_keep_alive=connack.server_keep_alive,
+                server_keep_alive=self.keep_alive if self.keep_alive != connect_keep_alive else None,
                 receive_max=connack.receive_max,
                 topic_alias_max=connack.topic_alias_max,
                 max_qos=mqtt5.QoS.AT_LEAST_ONCE,
@@ -446,6 +455,25 @@ class Connection:
         return decision
 
     async def _from_client(self) -> None:
+        """The client -> broker pump, closed when the client is silent for 1.5 times its keep-alive."""
+        idle = self.keep_alive * 1.5
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(loop.time() + idle) as self._idle:
+                await self._pump_client(loop, idle)
+        except TimeoutError:
+            if self._idle is None or not self._idle.expired():
+                raise
+            raise Close(
+                f"no packet for {idle:g} s (1.5 times the keep-alive of {self.keep_alive} s)",
+                Reason.KEEP_ALIVE_TIMEOUT,
+            ) from None
+        finally:
+            self._idle = None
+
+    async def _pump_client(self, loop: asyncio.AbstractEventLoop, idle: float) -> None:
+        assert self._idle is not None
+        deadline = self._idle
         buf = self.buf
         assert self.broker_writer is not None
         broker = self.broker_writer
@@ -485,6 +513,7 @@ class Connection:
             if self.writer.transport.get_write_buffer_size() > write_limit:
                 await self._drain_client()
             data = await self.reader.read(READ_SIZE)
+            deadline.reschedule(loop.time() + idle)
             if not data:
                 raise Close("closed by the client", notable=False)
             buf += data
@@ -494,8 +523,9 @@ class Connection:
         try:
             await asyncio.wait_for(self.writer.drain(), self.limits.client_drain_timeout)
         except TimeoutError:
+            self.stuck = True
             raise Close(
-                f"the client did not read its answers for {self.limits.client_drain_timeout:g} s",
+                f"the client did not read its answers or messages for {self.limits.client_drain_timeout:g} s",
                 notable=True,
             ) from None
 
@@ -722,7 +752,10 @@ class Connection:
             if span >= 0:
                 self._write_client(bytes(buf[span:pos]))
             del buf[:pos]
-            await self.writer.drain()
+            # A subscriber that does not read: bounded as for the gateway's own answers, so it is
+            # closed rather than held, and Mosquitto's queue for it stays within its limits.
+            if self.writer.transport.get_write_buffer_size():
+                await self._drain_client()  # a task and a timer only when output is pending
             data = await reader.read(READ_SIZE)
             if not data:
                 raise Close("closed by the broker", notable=False)

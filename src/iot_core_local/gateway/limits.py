@@ -38,11 +38,25 @@ class GatewayLimits:
     maintenance_interval: float = 1.0  # how often the heap trim and the provisioning sweep are considered
     # Connections closed since the last heap trim that make another one worthwhile.
     trim_after_closed: int = 64
+    # AWS IoT Core's largest keep-alive: a CONNECT asking for 0 (none) or more gets a CONNACK with this
+    # as Server Keep Alive, and a connection silent for 1.5 times its keep-alive is closed.
+    max_keep_alive: int = 1200
+    # Connections open at once, at any stage; beyond it a new one is closed before TLS. Each costs two
+    # descriptors (device and relay) and some 40 KB; 4,000 fits a small machine and its file limit.
+    max_connections: int = 4000
+    # TLS handshakes in flight from one source address: a handshake costs the server an RSA signature,
+    # so one address must not keep thousands open.
+    max_handshakes_per_address: int = 64
+    # On loopback every local client shares one address: capped there, one local abuser would lock out
+    # every hub of the same machine, the very thing the cap prevents. Local clients are held to
+    # `max_connections` only, unless this is set (tests do, to show the cap).
+    cap_handshakes_on_loopback: bool = False
+    limit_log_interval: float = 10.0  # a limit that is hit is logged once per interval, with a count
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if not value > 0:
+            if not isinstance(value, bool) and not value > 0:
                 raise ValueError(f"GatewayLimits.{field.name} must be positive, not {value!r}")
         if self.max_packet_size < self.max_payload_size:
             raise ValueError("GatewayLimits.max_packet_size must be at least max_payload_size")
