@@ -30,9 +30,10 @@ from .faults import FaultInjector
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from .broker import Broker
+    from .broker import Broker, BrokerLimits
     from .ca import CertificateAuthority
     from .control_plane import ControlPlane
+    from .control_plane.http import ControlPlaneLimits
     from .gateway import Gateway, GatewayLimits
     from .keys import KeyPool
     from .registry import Registry
@@ -140,6 +141,8 @@ class LocalIotCore:
         hook_workers: int = HOOK_WORKERS,
         faults: Iterable[str] = (),
         gateway_limits: GatewayLimits | None = None,
+        broker_limits: BrokerLimits | None = None,
+        control_plane_limits: ControlPlaneLimits | None = None,
         clock: Callable[[], float] = time.time,
         key_pool_size: int = KEY_POOL_SIZE,
     ) -> None:
@@ -157,6 +160,8 @@ class LocalIotCore:
         self.hook_timeout = hook_timeout
         self.hook_workers = hook_workers  # pre-provisioning hooks in flight at once, in their own threads
         self.gateway_limits = gateway_limits  # None: AWS IoT Core's limits (gateway/limits.py)
+        self.broker_limits = broker_limits  # None: broker.BrokerLimits() (Mosquitto's queues per client)
+        self.control_plane_limits = control_plane_limits  # None: ControlPlaneLimits() (deadline, cap)
         self.clock = clock  # epoch seconds, for what expires (ownership tokens); tests pass their own
         self.key_pool_size = key_pool_size
         self._keys: KeyPool[rsa.RSAPrivateKey] | None = None
@@ -257,7 +262,7 @@ class LocalIotCore:
             self._registry = Registry(
                 self.data_dir / "registry.sqlite3", region=self.region, clock=self.clock
             )
-            self._broker = Broker(self.data_dir / "mosquitto")
+            self._broker = Broker(self.data_dir / "mosquitto", limits=self.broker_limits)
             self._broker.start()
 
             self._loop = asyncio.new_event_loop()
@@ -297,6 +302,7 @@ class LocalIotCore:
                 port=self.api_port,
                 endpoint_address=lambda: self.host,
                 faults=self.faults,
+                limits=self.control_plane_limits,
             )
             try:
                 self._api.start()

@@ -114,3 +114,25 @@ def test_connections_beyond_the_cap_get_503_logged_once(
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="request_timeout"):
         ControlPlaneLimits(request_timeout=0)
+
+
+def test_local_iot_core_hands_its_limits_to_the_broker_and_the_control_plane(tmp_path: Any) -> None:
+    from iot_core_local.broker import BrokerLimits
+    from iot_core_local.server import LocalIotCore
+
+    core = LocalIotCore(
+        tmp_path / "data",
+        broker_limits=BrokerLimits(max_queued_messages=7, max_queued_bytes=4096),
+        control_plane_limits=ControlPlaneLimits(request_timeout=0.5),
+        key_pool_size=0,
+    )
+    with core:
+        conf = (tmp_path / "data" / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+        assert "max_queued_messages 7" in conf
+        assert "max_queued_bytes 4096" in conf
+        # A half-sent request is dropped after the configured 0.5 s, not the default 10 s.
+        api = core.endpoint.api_url.removeprefix("http://").rstrip("/")
+        host, port = api.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /things HTTP/1.1\r\nHost: x\r\n")
+            assert sock.recv(1024) == b""  # closed by the server within the socket's 5 s
