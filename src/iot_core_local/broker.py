@@ -9,17 +9,25 @@ processes of the same machine, which is the trust boundary of a developer's stan
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import itertools
 import logging
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .datadir import read_nofollow, write_atomically
 from .errors import ServerError
 
 __all__ = ["Broker", "BrokerLimits"]
@@ -45,6 +53,50 @@ def _find_mosquitto() -> str:
         "Mosquitto 2.0 is required but was not found on PATH or in /usr/sbin: "
         "install it (Debian/Ubuntu: 'sudo apt-get install -y mosquitto')"
     )
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the kernel send SIGTERM to the child when its parent dies (Linux).
+
+    Without it, `kill -9` of the server left Mosquitto running; after a restart, the orphan's autosave
+    overwrote the new broker's persistence file. SIGTERM rather than SIGKILL: Mosquitto then saves its
+    persistence file before it exits, so retained messages survive a crash of the server. A restart
+    that comes before that save is over waits for it (`stop_stale`).
+    """
+    if sys.platform != "linux":
+        return None
+    # Loaded in the parent: between fork and exec the child only calls into it, it loads nothing.
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        # The parent may have died between fork and prctl; the signal would then never come.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_death_signal
+
+
+def _is_our_broker(pid: int, config_path: Path) -> bool:
+    """True if the process `pid` runs Mosquitto with `config_path`: a stale pid file must never make us
+    signal someone else's process. The caller holds a pidfd of `pid`, so the pid cannot be reused by
+    another process between this check and the signal."""
+    try:
+        # Bytes: a command line need not be UTF-8.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone meanwhile, or not ours to read
+        return False
+    wanted = os.fsencode(config_path)
+    return any(a == b"-c" and b == wanted for a, b in itertools.pairwise(cmdline))
+
+
+def _wait_exit(pidfd: int, timeout: float) -> bool:
+    # A pidfd becomes readable when its process exits: an event to wait on, not a poll.
+    readable, _, _ = select.select([pidfd], [], [], timeout)
+    return bool(readable)
 
 
 def _free_port(host: str) -> int:
@@ -90,14 +142,21 @@ class Broker:
     """A Mosquitto child process with its config, persistence and log in `directory`."""
 
     def __init__(self, directory: Path, limits: BrokerLimits | None = None) -> None:
-        self.directory = Path(directory)
+        # Absolute: the config path on Mosquitto's command line is how a later server recognises it.
+        self.directory = Path(directory).absolute()
         self.limits = limits if limits is not None else BrokerLimits()
         self.host = "127.0.0.1"
         self.port = 0
         self.config_path = self.directory / "mosquitto.conf"
         self.log_path = self.directory / "mosquitto.log"
         self.stderr_path = self.directory / "mosquitto.stderr"
+        # The running broker's pid, so that a server started after a crash can stop an orphan of ours.
+        self.pid_path = self.directory / "mosquitto.pid"
         self._process: subprocess.Popen[bytes] | None = None
+        # The thread that forks Mosquitto. The kernel's parent-death signal fires when the forking
+        # *thread* exits, not the process; this thread lives until `stop()`, whatever thread calls
+        # `start()` (a test's worker thread, say, that ends while the server runs).
+        self._spawner: ThreadPoolExecutor | None = None
 
     def _config(self, port: int) -> str:
         # Mosquitto started as root drops to the user "mosquitto", which then cannot write into our
@@ -138,6 +197,8 @@ class Broker:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.directory.stat().st_mode & 0o077:
             self.directory.chmod(0o700)
+        self.stop_stale()
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iot-core-local-broker")
         # The free port is found by binding and releasing it, so another process may take it before
         # Mosquitto binds; a retry with a new port covers that race.
         last_error = "not started"
@@ -147,14 +208,8 @@ class Broker:
             self.config_path.chmod(0o600)
             # stderr goes to a file, not a pipe: nobody reads a pipe while the broker runs, and a full
             # pipe would block it.
-            with open(self.stderr_path, "ab") as stderr:
-                process = subprocess.Popen(
-                    [executable, "-c", str(self.config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                    start_new_session=True,  # a Ctrl-C in the terminal reaches the server, which stops us
-                )
+            process = self._spawner.submit(self._spawn, executable).result()
+            write_atomically(self.pid_path, f"{process.pid}\n".encode(), 0o600)
             error = self._wait_ready(process, port)
             if error is None:
                 self._process = process
@@ -163,7 +218,65 @@ class Broker:
                 return
             last_error = error
             self._terminate(process)
+        self._stop_spawner()
         raise ServerError(f"Mosquitto did not start: {last_error}")
+
+    def _spawn(self, executable: str) -> subprocess.Popen[bytes]:
+        # stderr goes to a file, not a pipe: nobody reads a pipe while the broker runs, and a full
+        # pipe would block it.
+        with open(self.stderr_path, "ab") as stderr:
+            return subprocess.Popen(
+                [executable, "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the server, which stops us
+                preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - only prctl and getppid run there
+            )
+
+    def stop_stale(self) -> None:
+        """Stop a Mosquitto that a crashed server of this data dir left running, before ours starts.
+
+        Two brokers on one persistence file overwrite each other's saves. The pid file names the
+        candidate; it is signalled only if it is alive and runs Mosquitto with this directory's config,
+        so a stale pid reused by an unrelated process is left alone. SIGTERM (it saves and exits), then
+        SIGKILL after a deadline.
+        """
+        try:
+            pid = int(read_nofollow(self.pid_path).decode("ascii", "replace").strip())
+        except (FileNotFoundError, ValueError):
+            return
+        if sys.platform != "linux" or pid <= 0:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return
+            raise
+        try:
+            if not _is_our_broker(pid, self.config_path):
+                log.info("pid file names process %d, which is not our Mosquitto; left alone", pid)
+                return
+            log.warning("stopping Mosquitto (pid %d) left running by a previous server", pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not _wait_exit(pidfd, _STOP_DEADLINE):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                if not _wait_exit(pidfd, _STOP_DEADLINE):
+                    raise ServerError(
+                        f"Mosquitto (pid {pid}) of {self.directory} did not stop; stop it, then start again"
+                    )
+        except ProcessLookupError:  # it exited between our checks
+            return
+        finally:
+            os.close(pidfd)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
+
+    def _stop_spawner(self) -> None:
+        spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.shutdown(wait=True)
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
         # Polled with a deadline: Mosquitto is another process and tells nobody when its port is open,
@@ -199,4 +312,8 @@ class Broker:
         process, self._process = self._process, None
         if process is not None:
             self._terminate(process)
+            with contextlib.suppress(FileNotFoundError):
+                self.pid_path.unlink()
             log.info("mosquitto stopped")
+        # After the broker has exited: this thread's end would send it the parent-death signal.
+        self._stop_spawner()

@@ -385,6 +385,7 @@ class LocalIotCore:
                         "mosquitto.db",
                         "mosquitto.db.new",
                         "mosquitto.log",
+                        "mosquitto.pid",
                         "mosquitto.stderr",
                     )
                 ),
