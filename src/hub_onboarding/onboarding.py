@@ -559,7 +559,8 @@ def files_written(cfg: HubConfig) -> dict[Path, WrittenFile]:
 def preflight(cfg: HubConfig) -> None:
     """Before any traffic: nothing onboarding writes may overwrite a file it reads, and every folder it
     writes to must take a new file. ConfigError (3) or StorageError (5); nothing is written."""
-    _refuse_overlaps(cfg)
+    written = files_written(cfg)
+    _refuse_overlaps(cfg, written)
     if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
         # New credentials go there: refuse a folder open to others before a certificate is minted.
         _files.check_private_dir(cfg.permanent_cert_dir)
@@ -568,7 +569,7 @@ def preflight(cfg: HubConfig) -> None:
             f"the credentials folder {cfg.permanent_cert_dir}",
             cfgmod.PERMANENT_CERT_DIR,
         )
-        for path, file in files_written(cfg).items():
+        for path, file in written.items():
             if path.parent == cfg.permanent_cert_dir and path.is_dir() and not path.is_symlink():
                 raise StorageError(
                     f"{path} ({file.what}) is a folder; onboarding cannot write there: remove it",
@@ -579,11 +580,11 @@ def preflight(cfg: HubConfig) -> None:
     _probe(config_dir, f"the config's folder {config_dir}", None)
 
 
-def _refuse_overlaps(cfg: HubConfig) -> None:
+def _refuse_overlaps(cfg: HubConfig, written_files: Mapping[Path, WrittenFile]) -> None:
     """A file the config gives onboarding to read (claim, DHA, root CA) must not be one it writes: the
     factory claim overwritten by the new certificate could never onboard this hub again. Compared as
     real paths, so `..`, a symlinked folder or a relative path do not hide it."""
-    written = {os.path.realpath(path): (path, file) for path, file in files_written(cfg).items()}
+    written = {os.path.realpath(path): (path, file) for path, file in written_files.items()}
     for key, value in cfg.read_paths.items():
         hit = written.get(os.path.realpath(value))
         if hit is None:

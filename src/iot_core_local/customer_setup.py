@@ -23,8 +23,8 @@ from types import FrameType
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
+from .ca import certificate_id as certificate_id_of
 from .recipes.claims import (
     create_claim,
     create_unless_present,
@@ -63,16 +63,7 @@ class Cloud:
             ) from None
         except (OSError, ValueError, KeyError) as exc:
             raise SetupError(f"{path} cannot be read ({exc}): restart iot-core-local serve") from None
-        import boto3
-
-        client = boto3.client(
-            "iot",
-            endpoint_url=endpoint.api_url,
-            region_name="us-east-1",
-            aws_access_key_id="iot-core-local",
-            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
-        )
-        return cls(endpoint, client)
+        return cls(endpoint, endpoint.client())
 
     def print_hub_settings(self) -> None:
         """The two `ro` values of iotmi_config.json that name this cloud."""
@@ -111,10 +102,6 @@ def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | No
     return paths[0].read_text(encoding="utf-8"), paths[1].read_text(encoding="utf-8")
 
 
-def _certificate_id(certificate_pem: str) -> str:
-    return x509.load_pem_x509_certificate(certificate_pem.encode()).fingerprint(hashes.SHA256()).hex()
-
-
 def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
     """Template, policies and a claim certificate in the cloud; the claim pair in `out`."""
     cloud = Cloud.of(data_dir)
@@ -125,7 +112,7 @@ def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
     _private_folder(out)
     existing = _existing_pair(out, CLAIM_FILES)
     if existing is not None:
-        certificate_id = _certificate_id(existing[0])
+        certificate_id = certificate_id_of(x509.load_pem_x509_certificate(existing[0].encode()))
         try:
             iot.describe_certificate(certificateId=certificate_id)
         except iot.exceptions.ResourceNotFoundException:

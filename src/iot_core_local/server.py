@@ -71,6 +71,18 @@ class Endpoint:
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
         return cls(data["mqttHost"], int(data["mqttPort"]), data["apiUrl"], Path(data["rootCaPath"]))
 
+    def client(self, region: str = "us-east-1") -> Any:
+        """A boto3 IoT client for this server's control plane (any credentials work)."""
+        import boto3
+
+        return boto3.client(
+            "iot",
+            endpoint_url=self.api_url,
+            region_name=region,
+            aws_access_key_id="iot-core-local",
+            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
+        )
+
     @property
     def mqtt_address(self) -> str:
         """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json; an IPv6 host in
@@ -217,15 +229,7 @@ class LocalIotCore:
 
     def client(self) -> Any:
         """A boto3 IoT client pointed at this server (any credentials work)."""
-        import boto3
-
-        return boto3.client(
-            "iot",
-            endpoint_url=self.endpoint.api_url,
-            region_name=self.region,
-            aws_access_key_id="iot-core-local",
-            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
-        )
+        return self.endpoint.client(self.region)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
