@@ -599,7 +599,9 @@ def test_client_that_does_not_read_is_throttled_then_closed(
             pass  # the gateway stopped reading: back-pressure reached the client (or it was closed)
         peak = max(peak, connection.writer.transport.get_write_buffer_size())
         assert peak < 1024 * 1024, peak  # bounded: the limit plus what one read's packets are answered with
-        assert closed.wait(timeout=10)
+        # The kernel's loopback buffers absorb megabytes of answers before the gateway's own buffer fills, so
+        # on a loaded machine the gateway may still be working through the input when the sending stops.
+        assert closed.wait(timeout=60)
     assert connection.writer.transport.is_closing()
     client.close()
 
