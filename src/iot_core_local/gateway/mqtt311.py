@@ -216,10 +216,15 @@ def _topic_name(topic: str) -> str:
 
 def _publish(r: _Reader, flags: int) -> mqtt5.Packet:
     topic = _topic_name(r.string("topic"))
-    qos = mqtt5.QoS((flags >> 1) & 3)
+    qos = (flags >> 1) & 3
     packet_id = r.packet_id() if qos else None
     return mqtt5.PublishPacket(
-        topic, r.rest(), qos=qos, retain=bool(flags & 1), packet_id=packet_id, duplicate=bool(flags & 8)
+        topic,
+        r.rest(),
+        qos=mqtt5.QoS(qos),
+        retain=bool(flags & 1),
+        packet_id=packet_id,
+        duplicate=bool(flags & 8),
     )
 
 
@@ -351,7 +356,7 @@ def _write_connect(p: mqtt5.ConnectPacket) -> bytes:
 def _write_publish(p: mqtt5.PublishPacket) -> bytes:
     first = PUBLISH << 4 | (8 if p.duplicate else 0) | int(p.qos) << 1 | (1 if p.retain else 0)
     body = _string(p.topic)
-    if p.qos:
+    if int(p.qos):  # (the codec's enums are always true)
         if p.packet_id is None:
             raise ValueError("a QoS 1 or 2 PUBLISH needs a packet identifier")
         body += p.packet_id.to_bytes(2, "big")
