@@ -4,6 +4,7 @@ arbitrary bytes, and a cross-check against paho-mqtt's own 3.1.1 encoder and dec
 from __future__ import annotations
 
 import re
+import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -292,8 +293,13 @@ class _Peer:
         assert self.sock is not None
         before = len(self.events)
         self.sock.sendall(mqtt311.write(packet))
+        ours = self.client.socket()
+        assert ours is not None
         for _ in range(50):
-            self.client.loop(timeout=0.1)
+            # loop_read rather than loop(): loop() opens a socket pair of paho's that only its
+            # finalizer closes.
+            select.select([ours], [], [], 0.1)
+            self.client.loop_read()
             if len(self.events) > before:
                 return self.events[before]
         raise AssertionError(f"paho did not take {packet!r}")
