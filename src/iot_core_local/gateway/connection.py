@@ -1,6 +1,7 @@
 """One device connection: the connect rules, then the relay to Mosquitto with its checks.
 
-    TCP accept -> TLS handshake -> CONNECT (within `connect_timeout`) -> certificate rules (JITR/JITP) ->
+    TCP accept -> TLS handshake -> CONNECT (within `connect_timeout`; MQTT 5, or 3.1.1 read and written
+    with `mqtt311`, toward Mosquitto too) -> certificate rules (JITR/JITP) ->
     iot:Connect -> a TCP connection to Mosquitto, CONNECT forwarded, CONNACK relayed -> two pumps:
     client -> broker (inspects PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and broker -> client (iot:Receive)
 
