@@ -388,6 +388,22 @@ def test_client_id_rules(core: LocalIotCore, creds_dir: Path) -> None:
         again.close()
 
 
+def test_aws_limits(core: LocalIotCore, creds_dir: Path) -> None:
+    creds = new_device(core, creds_dir, "limits311")
+    client = _connect(core, creds, "limits-311")
+    # More than 8 filters in one SUBSCRIBE: all refused (MQTT 5 says "quota exceeded"; 3.1.1 says 0x80).
+    assert client.subscribe(*(f"l/{i}" for i in range(9))) == [0x80] * 9
+    assert client.subscribe("l/" + "x" * 255, "l/ok") == [0x80, 1]  # a filter over 256 bytes
+    for i in range(49):  # 50 subscriptions per connection, "l/ok" included
+        assert client.subscribe(f"l/{i}") == [1]
+    assert client.subscribe("l/one-too-many") == [0x80]
+    client.send(mqtt5.PublishPacket("l/a/b/c/d/e/f/g/h", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1))
+    assert _closed_silently(client)  # 8 slashes
+    client = _connect(core, creds, "limits-311")
+    client.send(mqtt5.PublishPacket("l/big", b"x" * (128 * 1024 + 1)))
+    assert _closed_silently(client)
+
+
 def test_qos2(core: LocalIotCore, creds_dir: Path) -> None:
     client = _connect(core, new_device(core, creds_dir, "qos2-311"), "qos2-311")
     client.send(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter("q/2", max_qos=mqtt5.QoS.EXACTLY_ONCE)]))
