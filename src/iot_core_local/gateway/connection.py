@@ -135,7 +135,7 @@ class Connection:
             self.gw.register(self)
             if self.gw.changes != changes:
                 self._recheck()
-            log.info("%s: accepted", self.describe())
+            log.info("%s: accepted%s", self.describe(), " (MQTT 3.1.1)" if self.mqtt311 else "")
             await self._relay()
         except Close as e:
             closing = self.kicked or e
