@@ -1,8 +1,9 @@
 """Devices for the stand-in's tests: credentials, and clients over real TLS to a real gateway.
 
-`RawClient` is a deliberately small synchronous MQTT 5 client over `ssl` + the `mqtt5` codec, for
-the assertions paho hides (no CONNACK at all, the exact DISCONNECT reason, a malformed packet on purpose).
-`Paho` wraps paho-mqtt 2.x in MQTT 5 mode with queues.
+`RawClient` is a deliberately small synchronous MQTT client over `ssl` + the `mqtt5` codec (or, with
+`mqtt311=True`, the gateway's 3.1.1 codec, which reads and writes the same packet objects), for the
+assertions paho hides (no CONNACK at all, the exact DISCONNECT reason, a malformed packet on purpose).
+`Paho` wraps paho-mqtt 2.x in MQTT 5 (or 3.1.1) mode with queues.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from iot_core_local.ca import certificate_id
+from iot_core_local.gateway import mqtt311
+from iot_core_local.gateway.wire import frame
 from iot_core_local.recipes import jitr
 from iot_core_local.server import LocalIotCore
 
@@ -90,12 +93,15 @@ class Closed(Exception):
 
 
 class RawClient:
-    """A synchronous MQTT 5 client, one packet at a time."""
+    """A synchronous MQTT 5 (or 3.1.1) client, one packet at a time."""
 
-    def __init__(self, core: LocalIotCore, creds: Credentials | None, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, core: LocalIotCore, creds: Credentials | None, *, timeout: float = 5.0, mqtt311: bool = False
+    ) -> None:
         raw = socket.create_connection((core.endpoint.mqtt_host, core.endpoint.mqtt_port), timeout=timeout)
         self.sock = client_context(core, creds).wrap_socket(raw, server_hostname="localhost")
         self.sock.settimeout(timeout)
+        self.mqtt311 = mqtt311
         self.buffer = bytearray()
         self.backlog: list[mqtt5.Packet] = []
         self._next_id = 0
@@ -105,7 +111,7 @@ class RawClient:
         return self._next_id
 
     def send(self, packet: mqtt5.Packet) -> None:
-        self.sock.sendall(packet.write())
+        self.sock.sendall(mqtt311.write(packet) if self.mqtt311 else packet.write())
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -116,15 +122,26 @@ class RawClient:
             return self.backlog.pop(0)
         return self._read()
 
+    def _decode(self) -> mqtt5.Packet | None:
+        """The first whole packet of the buffer, taken out of it; None if none is whole yet."""
+        if self.mqtt311:
+            found = frame(self.buffer, 0)
+            if found is None or len(self.buffer) < found[1]:
+                return None
+            packet, size = mqtt311.parse(self.buffer, 0, found[1]), found[1]
+        else:
+            try:
+                packet, size = mqtt5.read(memoryview(self.buffer))
+            except IndexError:
+                return None
+        del self.buffer[:size]
+        return packet
+
     def _read(self) -> mqtt5.Packet:
         while True:
             if self.buffer:
-                try:
-                    packet, size = mqtt5.read(memoryview(self.buffer))
-                except IndexError:
-                    pass
-                else:
-                    del self.buffer[:size]
+                packet = self._decode()
+                if packet is not None:
                     return packet
             try:
                 chunk = self.sock.recv(65536)
@@ -186,10 +203,12 @@ class RawClient:
             self.sock.close()
 
 
-def connect_refused_without_connack(core: LocalIotCore, creds: Credentials, client_id: str) -> bool:
+def connect_refused_without_connack(
+    core: LocalIotCore, creds: Credentials, client_id: str, *, mqtt311: bool = False
+) -> bool:
     """True if the server closes the connection (during TLS or after CONNECT) and never sends CONNACK."""
     try:
-        client = RawClient(core, creds)
+        client = RawClient(core, creds, mqtt311=mqtt311)
     except (ssl.SSLError, ConnectionError):
         return True
     try:
@@ -203,11 +222,18 @@ def connect_refused_without_connack(core: LocalIotCore, creds: Credentials, clie
 
 
 class Paho:
-    """paho-mqtt 2.x, MQTT 5, TLS with a client certificate; events arrive on queues."""
+    """paho-mqtt 2.x, MQTT 5 (or 3.1.1: `protocol=paho.MQTTv311`), TLS with a client certificate;
+    events arrive on queues."""
 
-    def __init__(self, core: LocalIotCore, creds: Credentials, client_id: str) -> None:
+    def __init__(
+        self,
+        core: LocalIotCore,
+        creds: Credentials,
+        client_id: str,
+        protocol: MQTTProtocolVersion = paho.MQTTv5,
+    ) -> None:
         self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
         )
         self.client.tls_set(
             ca_certs=str(core.endpoint.root_ca_path), certfile=creds.cert_path, keyfile=creds.key_path

@@ -257,6 +257,33 @@ def test_throttle_at_connect_is_connack_151(
     connect(core, creds, "throttled-connect").close()
 
 
+def test_throttle_over_mqtt311(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
+    # 3.1.1 has no "quota exceeded": a throttled CONNECT gets return code 3 (server unavailable); a
+    # throttled request is a /rejected 429, as over MQTT 5.
+    _, creds = claim
+    core.faults.add("throttle", "any")
+    client = RawClient(core, creds, mqtt311=True)
+    try:
+        client.send(mqtt5.ConnectPacket("throttled-311", clean_start=True, keep_alive=60))
+        assert client.sock.recv(16) == b"\x20\x02\x00\x03"
+    finally:
+        client.close()
+    client = RawClient(core, creds, mqtt311=True)
+    try:
+        assert client.connect("throttled-311").reason_code == 0
+        core.faults.add("throttle", "CreateKeysAndCertificate")
+        outcome, answer = ask(client, KEYS_TOPIC, b"{}")
+        assert (outcome, answer["statusCode"], answer["errorCode"]) == (
+            "rejected",
+            429,
+            "ThrottlingException",
+        )
+        outcome, _ = ask(client, KEYS_TOPIC, b"{}")
+        assert outcome == "accepted"
+    finally:
+        client.close()
+
+
 def test_drop_and_delay_at_connect(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
     _, creds = claim
     core.faults.add("drop", "Connect")

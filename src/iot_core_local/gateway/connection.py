@@ -1,6 +1,7 @@
 """One device connection: the connect rules, then the relay to Mosquitto with its checks.
 
-    TCP accept -> TLS handshake -> CONNECT (within `connect_timeout`) -> certificate rules (JITR/JITP) ->
+    TCP accept -> TLS handshake -> CONNECT (within `connect_timeout`; MQTT 5, or 3.1.1 read and written
+    with `mqtt311`, toward Mosquitto too) -> certificate rules (JITR/JITP) ->
     iot:Connect -> a TCP connection to Mosquitto, CONNECT forwarded, CONNACK relayed -> two pumps:
     client -> broker (inspects PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and broker -> client (iot:Receive)
 
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import mqtt5
@@ -24,6 +26,7 @@ from ..faults import CONNECT as CONNECT_OPERATION
 from ..faults import Fault
 from ..model import CaStatus, Certificate, CertificateStatus
 from ..provisioning import Answer, Event, Refuse, Request, Requester
+from . import mqtt311
 from .tls import READ_SIZE, brief
 from .wire import (
     CONNECT,
@@ -106,6 +109,11 @@ class Connection:
         self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
         self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
         self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
+        # The client's protocol, known at CONNECT: a 3.1.1 client's packets are read and written with
+        # the 3.1.1 codec, toward the client and toward Mosquitto alike (see `_use_mqtt311`).
+        self.mqtt311 = False
+        self._parse: Callable[[bytearray, int, int], mqtt5.Packet] = parse
+        self._encode: Callable[[mqtt5.Packet], bytes] = _write_mqtt5
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -127,7 +135,7 @@ class Connection:
             self.gw.register(self)
             if self.gw.changes != changes:
                 self._recheck()
-            log.info("%s: accepted", self.describe())
+            log.info("%s: accepted%s", self.describe(), " (MQTT 3.1.1)" if self.mqtt311 else "")
             await self._relay()
         except Close as e:
             closing = self.kicked or e
@@ -166,7 +174,23 @@ class Connection:
             self.abort()
 
     def _send_client(self, packet: mqtt5.Packet) -> None:
-        self._write_client(packet.write())
+        if self.mqtt311 and isinstance(packet, mqtt5.DisconnectPacket):
+            return  # a 3.1.1 server has no DISCONNECT to send: closing the connection says it
+        self._write_client(self._encode(packet))
+
+    def _use_mqtt311(self) -> None:
+        """Speak 3.1.1 on this connection. Mosquitto serves 3.1.1 too, so the gateway speaks it toward
+        Mosquitto as well: the CONNECT and what needs no check go through as bytes, and the 3.1.1
+        session rules (clean session, session present) are Mosquitto's own, unchanged."""
+        self.mqtt311 = True
+        self._parse = mqtt311.parse
+        self._encode = mqtt311.write
+
+    def _refuse_with(self, code: mqtt5.ConnAckReasonCode, why: str) -> Close:
+        """Send a refusing CONNACK; the `Close` to raise, naming the code the client saw."""
+        self._send_client(mqtt5.ConnAckPacket(reason_code=code))
+        number = mqtt311.connack_return_code(code) if self.mqtt311 else int(code)
+        return Close(f"refused with CONNACK {number}: {why}")
 
     def _write_client(self, data: bytes) -> None:
         # Writing to a closed TLS transport makes asyncio log warnings; a closed peer needs nothing.
@@ -187,12 +211,16 @@ class Connection:
             raise Close(f"no CONNECT within {self.limits.connect_timeout:g} s") from None
         if self.buf[0] >> 4 != CONNECT:
             raise Close("first packet is not CONNECT")
+        level = mqtt311.protocol_level(self.buf, size)
+        if level == mqtt311.PROTOCOL_LEVEL:
+            self._use_mqtt311()
+        elif level not in (None, 5):
+            # AWS IoT Core serves MQTT 3.1.1 and 5 only; older clients understand a 3.1.1 CONNACK.
+            self._write_client(V3_CONNACK_BAD_VERSION)
+            raise Close(f"refused with CONNACK 1: protocol level {level} (MQTT 3.1.1 and 5 are served)")
         try:
-            packet = parse(self.buf, 0, size)
+            packet = self._parse(self.buf, 0, size)
         except Close as e:
-            if b"MQTT\x04" in self.buf[:size] or b"MQIsdp" in self.buf[:size]:
-                self._write_client(V3_CONNACK_BAD_VERSION)
-                raise Close("MQTT 3.1.1 is not supported; use MQTT 5") from None
             raise Close(f"refused CONNECT: {e.outcome}") from None
         assert isinstance(packet, mqtt5.ConnectPacket)
         raw = bytes(self.buf[:size])
@@ -200,9 +228,15 @@ class Connection:
         size = len(packet.client_id.encode())
         if size > MAX_CLIENT_ID_BYTES:
             self.client_id = packet.client_id[:32] + "..."
-            self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID))
-            raise Close(
-                f"refused with CONNACK 133: client id of {size} bytes (at most {MAX_CLIENT_ID_BYTES})"
+            raise self._refuse_with(
+                mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID,
+                f"client id of {size} bytes (at most {MAX_CLIENT_ID_BYTES})",
+            )
+        if not size and self.mqtt311:
+            # MQTT 5 learns the id Mosquitto assigns from its CONNACK; 3.1.1 never says it, and policies
+            # (iot:Connect on client/<id>) and takeovers need it.
+            raise self._refuse_with(
+                mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID, "an MQTT 3.1.1 client must name its client id"
             )
         self.client_id = packet.client_id
         # As AWS IoT Core: no keep-alive (0) or one above the maximum becomes the maximum.
@@ -232,9 +266,8 @@ class Connection:
         if fault.kind in ("refuse", "drop"):
             raise Close(f"fault {fault.kind}: closed without CONNACK")
         if fault.kind == "throttle":
-            # AWS answers a throttled MQTT 5 connect with CONNACK "quota exceeded".
-            self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.QUOTA_EXCEEDED))
-            raise Close("fault throttle: CONNACK 151 (quota exceeded)")
+            # AWS answers a throttled MQTT 5 connect with CONNACK "quota exceeded" (3.1.1: unavailable).
+            raise self._refuse_with(mqtt5.ConnAckReasonCode.QUOTA_EXCEEDED, "fault throttle")
         if fault.kind == "delay":
             await asyncio.sleep(fault.seconds)
             return
@@ -340,9 +373,8 @@ class Connection:
         self.policies_stale = True
 
     def _refuse_connect(self, why: str) -> None:
-        # AWS answers an MQTT 5 client it will not authorize with CONNACK "not authorized".
-        self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.NOT_AUTHORIZED))
-        raise Close(f"refused with CONNACK 135: {why}")
+        # AWS answers a client it will not authorize with CONNACK "not authorized" (135; 3.1.1: 5).
+        raise self._refuse_with(mqtt5.ConnAckReasonCode.NOT_AUTHORIZED, why)
 
     async def _unknown_certificate(self, known: Certificate | None) -> Certificate:
         """JITR/JITP (or a refusal) for a certificate the registry does not know, or knows pending."""
@@ -378,12 +410,18 @@ class Connection:
         except (TimeoutError, ConnectionError, OSError) as e:
             self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE))
             raise Close(f"broker did not answer CONNECT: {brief(e)}") from None
-        connack = parse(buf, 0, size)
+        connack = self._parse(buf, 0, size)
         if not isinstance(connack, mqtt5.ConnAckPacket):
             raise Close("broker did not answer CONNECT with CONNACK")
         if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             self._write_client(bytes(buf[:size]))
             raise Close(f"broker refused CONNECT: {connack.reason_code.name}")
+        if self.mqtt311:
+            # A 3.1.1 CONNACK announces nothing but "session present": Mosquitto's goes through as is.
+            self._write_client(bytes(buf[:size]))
+            del buf[:size]
+            self.broker_buf = buf
+            return
         # What AWS IoT Core announces: QoS 1 at most, 128 KB messages; the rest is Mosquitto's session.
         self._send_client(
             mqtt5.ConnAckPacket(
@@ -494,7 +532,7 @@ class Connection:
                 kind = buf[pos] >> 4
                 relay = kind in RELAYED_FROM_CLIENT
                 if not relay:
-                    packet = parse(buf, pos, size)
+                    packet = self._parse(buf, pos, size)
                     if span >= 0:
                         self._send_broker(bytes(buf[span:pos]))
                         span = -1
@@ -617,6 +655,9 @@ class Connection:
         self._answer(answer)
 
     def _refuse_publish(self, packet: mqtt5.PublishPacket) -> None:
+        if self.mqtt311:
+            # 3.1.1 has no PUBACK reason code: AWS IoT Core disconnects a 3.1.1 client instead.
+            raise Close(f"PUBLISH to {packet.topic!r} not authorized: MQTT 3.1.1 client disconnected")
         if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
             self._send_client(
                 mqtt5.PubAckPacket(packet.packet_id, reason_code=mqtt5.PubAckReasonCode.NOT_AUTHORIZED)
@@ -677,12 +718,14 @@ class Connection:
         if forward:
             self.pending_subacks[packet.packet_id] = _Merge(codes, positions, patterns)
             self._send_broker(
-                mqtt5.SubscribePacket(
-                    packet.packet_id,
-                    forward,
-                    subscription_id=packet.subscription_id,
-                    user_properties=packet.user_properties,
-                ).write()
+                self._encode(
+                    mqtt5.SubscribePacket(
+                        packet.packet_id,
+                        forward,
+                        subscription_id=packet.subscription_id,
+                        user_properties=packet.user_properties,
+                    )
+                )
             )
         else:
             self._send_client(
@@ -710,9 +753,9 @@ class Connection:
         if forward:
             self.pending_unsubacks[packet.packet_id] = _Merge(codes, positions, forward)
             self._send_broker(
-                mqtt5.UnsubscribePacket(
-                    packet.packet_id, forward, user_properties=packet.user_properties
-                ).write()
+                self._encode(
+                    mqtt5.UnsubscribePacket(packet.packet_id, forward, user_properties=packet.user_properties)
+                )
             )
         else:
             self._send_client(
@@ -734,7 +777,7 @@ class Connection:
                 kind = buf[pos] >> 4
                 verdict: bytes | bool = True
                 if kind in (PUBLISH, SUBACK, UNSUBACK):
-                    verdict = self._broker_packet(parse(buf, pos, size))
+                    verdict = self._broker_packet(self._parse(buf, pos, size))
                 elif kind == PUBACK and size > header + 2 and buf[pos + header + 2] == NO_SUBSCRIBERS:
                     # Mosquitto says 16 (no matching subscribers); AWS IoT Core says 0 (success).
                     at = pos + header
@@ -774,7 +817,7 @@ class Connection:
                 return True
             if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
                 # Mosquitto must not redeliver what the policy withholds.
-                self._send_broker(mqtt5.PubAckPacket(packet.packet_id).write())
+                self._send_broker(self._encode(mqtt5.PubAckPacket(packet.packet_id)))
             return b""
         if isinstance(packet, mqtt5.SubAckPacket):
             merge = self.pending_subacks.pop(packet.packet_id, None)
@@ -786,25 +829,33 @@ class Connection:
                 merge.codes[position] = int(code)
                 if int(code) >= 0x80:  # Mosquitto refused it: it does not count toward the quota
                     self.subscriptions.discard(pattern)
-            return mqtt5.SubAckPacket(
-                packet.packet_id,
-                [mqtt5.SubAckReasonCode(int(c)) for c in merge.codes],
-                reason_str=packet.reason_str,
-                user_properties=packet.user_properties,
-            ).write()
+            return self._encode(
+                mqtt5.SubAckPacket(
+                    packet.packet_id,
+                    [mqtt5.SubAckReasonCode(int(c)) for c in merge.codes],
+                    reason_str=packet.reason_str,
+                    user_properties=packet.user_properties,
+                )
+            )
         if isinstance(packet, mqtt5.UnsubAckPacket):
             unmerge = self.pending_unsubacks.pop(packet.packet_id, None)
             if unmerge is None:
                 return True
             for position, ucode in zip(unmerge.positions, packet.reason_codes, strict=False):
                 unmerge.codes[position] = int(ucode)
-            return mqtt5.UnsubAckPacket(
-                packet.packet_id,
-                [mqtt5.UnsubAckReasonCode(int(c)) for c in unmerge.codes],
-                reason_str=packet.reason_str,
-                user_properties=packet.user_properties,
-            ).write()
+            return self._encode(
+                mqtt5.UnsubAckPacket(
+                    packet.packet_id,
+                    [mqtt5.UnsubAckReasonCode(int(c)) for c in unmerge.codes],
+                    reason_str=packet.reason_str,
+                    user_properties=packet.user_properties,
+                )
+            )
         return True
+
+
+def _write_mqtt5(packet: mqtt5.Packet) -> bytes:
+    return packet.write()
 
 
 def _without_alias(packet: mqtt5.PublishPacket, topic: str) -> mqtt5.PublishPacket:

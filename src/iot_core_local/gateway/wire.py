@@ -30,6 +30,7 @@ __all__ = [
     "Reason",
     "check_strings",
     "frame",
+    "mqtt_string",
     "parse",
     "topic_limit_problem",
     "topic_matches",
@@ -44,7 +45,7 @@ NO_SUBSCRIBERS = 16  # PUBACK reason code
 # From the client, PUBACK PUBREC PUBREL PUBCOMP PINGREQ DISCONNECT AUTH go to Mosquitto untouched and
 # unparsed: Mosquitto validates them, and a bad one costs that client its own connection only.
 RELAYED_FROM_CLIENT = frozenset({4, 5, 6, 7, 12, 14, 15})
-# An MQTT 3.1.1 CONNACK "unacceptable protocol version": the gateway speaks MQTT 5 only.
+# An MQTT 3.1.1 CONNACK "unacceptable protocol version", for a CONNECT of neither 3.1.1 nor 5.
 V3_CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
 
 BASIC_INGEST_PREFIX = "$aws/rules/"  # `$aws/rules/<rule>/` counts toward neither topic limit
@@ -116,6 +117,21 @@ def _skip_binary(buf: bytearray, at: int, end: int) -> int:
     if after > end:
         raise _Truncated
     return after
+
+
+def mqtt_string(data: bytes, what: str) -> str:
+    """A UTF-8 string field as MQTT allows it (3.1.1 section 1.5.3): well-formed UTF-8, so no surrogates
+    and no overlong forms, and no U+0000; anything else raises `Close` naming the field."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        problem = "is not valid UTF-8"
+    else:
+        if "\x00" not in text:
+            return text
+        problem = "contains U+0000"
+    reason = Reason.TOPIC_NAME_INVALID if what == "topic" else Reason.MALFORMED_PACKET
+    raise Close(f"{what} {problem}", reason)
 
 
 def _check_string(buf: bytearray, at: int, end: int, what: str) -> int:
