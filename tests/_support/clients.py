@@ -16,3 +16,14 @@ def iot_client(url: str, region: str = "us-east-1") -> Any:
         aws_access_key_id="x",
         aws_secret_access_key="x",  # a dummy: the stand-in checks no credentials
     )
+
+
+def managed_client(url: str, region: str = "us-east-1") -> Any:
+    """A boto3 managed integrations client for the control plane at `url`."""
+    return boto3.client(
+        "iot-managed-integrations",
+        endpoint_url=url,
+        region_name=region,
+        aws_access_key_id="x",
+        aws_secret_access_key="x",  # a dummy: the stand-in checks no credentials
+    )
