@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from .recipes.claims import (
     ensure_fleet_provisioning,
     hub_policy_document,
 )
+from .recipes.credential_files import private_folder, write_pair
 from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
 from .server import Endpoint
 
@@ -75,19 +75,6 @@ def _report(what: str, created: bool, detail: str = "") -> None:
     print(f"{what}: {'created' if created else 'exists'}{detail}", flush=True)
 
 
-def _private_folder(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _write_pair(folder: Path, names: tuple[str, str], certificate_pem: str, private_key_pem: str) -> None:
-    """The certificate (0644) and its key (0600 from its first byte); neither may exist yet."""
-    cert_path, key_path = (folder / n for n in names)
-    for path, text, mode in ((cert_path, certificate_pem, 0o644), (key_path, private_key_pem, 0o600)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | None:
     """The (certificate, key) texts when both files exist; None when neither does; else SetupError."""
     paths = [folder / n for n in names]
@@ -109,7 +96,7 @@ def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
     resources = ensure_fleet_provisioning(iot, template_name)
     for what in (*resources.created, *resources.existing):
         _report(what, what in resources.created)
-    _private_folder(out)
+    private_folder(out)
     existing = _existing_pair(out, CLAIM_FILES)
     if existing is not None:
         certificate_id = certificate_id_of(x509.load_pem_x509_certificate(existing[0].encode()))
@@ -123,7 +110,7 @@ def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
         _report(f"claim certificate {certificate_id}", False, f", {out / CLAIM_FILES[0]}")
     else:
         claim = create_claim(iot, resources)
-        _write_pair(out, CLAIM_FILES, claim.certificate_pem, claim.private_key_pem)
+        write_pair(out, CLAIM_FILES, claim.certificate_pem, claim.private_key_pem)
         _report(
             f"claim certificate {claim.certificate_id}",
             True,
@@ -144,11 +131,11 @@ def set_up_jitr(
     cloud = Cloud.of(data_dir)
     iot = cloud.client
     ca_dir = ca_dir if ca_dir is not None else out / "device-ca"
-    _private_folder(ca_dir)
+    private_folder(ca_dir)
     saved = _existing_pair(ca_dir, CA_FILES)
     ca = DeviceCA.from_pem(*saved) if saved is not None else DeviceCA()
     if saved is None:
-        _write_pair(ca_dir, CA_FILES, ca.certificate_pem, ca.private_key_pem)
+        write_pair(ca_dir, CA_FILES, ca.certificate_pem, ca.private_key_pem)
     _report(f"device CA {ca.certificate_id}", ca.ensure_registered(iot), f", {ca_dir / CA_FILES[0]}")
     policy_name = "JitrHub-device"
     created = create_unless_present(
@@ -158,11 +145,11 @@ def set_up_jitr(
         policyDocument=hub_policy_document(iot.meta.region_name, "123456789012"),
     )
     _report(f"policy {policy_name}", created)
-    _private_folder(out)
+    private_folder(out)
     dha = _existing_pair(out, DHA_FILES)
     if dha is None:
         device = ca.issue_device(common_name)
-        _write_pair(out, DHA_FILES, device.certificate_pem, device.private_key_pem)
+        write_pair(out, DHA_FILES, device.certificate_pem, device.private_key_pem)
     _report(f"device certificate {DHA_FILES[0]}", dha is None, f", {out / DHA_FILES[0]}")
     cloud.print_hub_settings()
     activator = JitrActivator(
