@@ -463,6 +463,13 @@ class ManagedIntegrations:
         for a ClientToken retry after a restart)."""
         token = params.get("ClientToken")
         request_hash = _request_hash(params)
+        kind = ProvisioningType(params["ProvisioningType"])
+        # The claim's key before the registry's lock is taken: an empty key pool means 50-150 ms of RSA.
+        generated = (
+            self.ca.create_keys_and_certificate()
+            if kind == ProvisioningType.FLEET_PROVISIONING and not params.get("ClaimCertificate")
+            else None
+        )
         with self.registry.transaction():
             if token is not None:
                 rows = self.registry.query(
@@ -478,9 +485,8 @@ class ManagedIntegrations:
             name = params.get("Name") or profile_id
             if self.registry.query("SELECT 1 FROM mi_profiles WHERE name = ?", (name,)):
                 raise Conflict(f"A provisioning profile named {name} already exists")
-            kind = ProvisioningType(params["ProvisioningType"])
             claim_id, ca_id, key = (
-                self._fleet_resources(name, params.get("ClaimCertificate"))
+                self._fleet_resources(name, params.get("ClaimCertificate"), generated)
                 if kind == ProvisioningType.FLEET_PROVISIONING
                 else (None, self._jitr_resources(name, params.get("CaCertificate")), None)
             )
@@ -514,7 +520,9 @@ class ManagedIntegrations:
         if exists:
             raise Conflict(f"AWS IoT already has a {what} named {name}; choose another profile name")
 
-    def _fleet_resources(self, name: str, claim_pem: str | None) -> tuple[str, None, str | None]:
+    def _fleet_resources(
+        self, name: str, claim_pem: str | None, generated: tuple[str, str] | None
+    ) -> tuple[str, None, str | None]:
         registry = self.registry
         hub_policy, claim_policy = f"{name}-hub", f"{name}-claim"
         self._take_name("provisioning template", name, registry.find_template(name) is not None)
@@ -532,13 +540,13 @@ class ManagedIntegrations:
             template_type="FLEET_PROVISIONING",
         )
         key: str | None = None
-        if claim_pem is None:
-            pem, key = self.ca.create_keys_and_certificate()
+        if generated is not None:
+            pem, key = generated
             cert = registry.add_certificate(
                 pem, CertificateStatus.ACTIVE, ca_certificate_id=self.ca.issuing_ca_id
             )
         else:
-            cert = self._register_claim(claim_pem)
+            cert = self._register_claim(claim_pem or "")
         registry.attach_policy(claim_policy, cert.arn)
         return cert.certificate_id, None, key
 

@@ -260,6 +260,7 @@ class LocalIotCore:
         from .keys import KeyPool, generate_rsa_key
         from .managed import ManagedIntegrations
         from .provisioning import ProvisioningService
+        from .provisioning.managed import ManagedMatcher
         from .registry import Registry
         from .resources import raise_open_file_limit
 
@@ -297,6 +298,9 @@ class LocalIotCore:
                 clock=self.clock,
                 broker=(self._broker.host, self._broker.port),
             )
+            matcher = ManagedMatcher(self._managed)
+            provisioning.fleet.matcher = matcher
+            provisioning.jit.activator = matcher.activate_jitr
             self._gateway = Gateway(
                 registry=self._registry,
                 ca=self._ca,
@@ -308,6 +312,7 @@ class LocalIotCore:
                 faults=self.faults,
                 limits=self.gateway_limits,
             )
+            self._gateway.lifecycle_listeners.append(self._managed.on_connectivity)
             try:
                 asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
             except OSError as exc:

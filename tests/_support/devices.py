@@ -268,7 +268,7 @@ class DeviceCA(jitr.DeviceCA):
     def pem(self) -> str:
         return self.certificate_pem
 
-    def device(self, folder: Path, common_name: str) -> Credentials:
-        issued = self.issue_device(common_name)
+    def device(self, folder: Path, common_name: str, serial_number: str | None = None) -> Credentials:
+        issued = self.issue_device(common_name, serial_number)
         cid = certificate_id(x509.load_pem_x509_certificate(issued.certificate_pem.encode()))
         return write_credentials(folder, common_name, cid, issued.certificate_pem, issued.private_key_pem)

@@ -48,6 +48,8 @@ class JustInTime:
     def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
         self.registry = registry
         self.clock = clock
+        # Set by the server: managed integrations activates a JITR profile's hubs (provisioning/managed.py).
+        self.activator: Callable[[x509.Certificate, Certificate, CACertificate], None] | None = None
 
     def register(
         self, cert: x509.Certificate, cid: str, ca: CACertificate, known: Certificate | None
@@ -73,6 +75,10 @@ class JustInTime:
                 )
             except ServiceError:
                 known = self.registry.get_certificate(cid)  # a concurrent connect registered it first
+            else:
+                if self.activator is not None:
+                    self.activator(cert, known, ca)
+                    known = self.registry.get_certificate(cid)
         event = {
             "certificateId": cid,
             "caCertificateId": ca.certificate_id,
