@@ -1,0 +1,134 @@
+"""README's "Managed integrations, step by step", command by command: the AWS CLI's
+`aws iot-managed-integrations ... --endpoint-url` (a real awscli process) against iot-core-local, then the
+hub with `hub-onboard`, then offboarding; and the boto3 recipe the README shows, run twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub_onboarding import cli as hub_cli
+from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_integrations
+from iot_core_local.server import LocalIotCore
+from tests._support.hubs import read_config
+from tests.e2e.test_walkthroughs import hand_written_config, mode
+
+pytestmark = pytest.mark.e2e
+
+AWS = str(Path(sys.executable).parent / "aws")
+
+
+def _mi(core: LocalIotCore, *args: str) -> Any:
+    """One `aws iot-managed-integrations` command, as the README's `mi` shell function runs it."""
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    done = subprocess.run(
+        [AWS, "iot-managed-integrations", *args, "--endpoint-url", core.endpoint.api_url, "--output", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def test_the_managed_integrations_walkthrough_with_the_aws_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud, hub = tmp_path / "cloud", tmp_path / "hub"
+    with LocalIotCore(cloud) as core:
+        assert _mi(core, "register-custom-endpoint")["EndpointAddress"] == core.endpoint.mqtt_host
+        profile = _mi(
+            core,
+            "create-provisioning-profile",
+            "--provisioning-type",
+            "FLEET_PROVISIONING",
+            "--name",
+            "HubProfile",
+        )
+        hub.mkdir(mode=0o700)
+        (hub / "claim.pem.crt").write_text(profile["ClaimCertificate"])
+        (hub / "claim.pem.key").write_text(profile["ClaimCertificatePrivateKey"])
+        (hub / "claim.pem.key").chmod(0o600)
+        thing_id = _mi(
+            core,
+            "create-managed-thing",
+            "--role",
+            "CONTROLLER",
+            "--authentication-material-type",
+            "WIFI_SETUP_QR_BAR_CODE",
+            "--authentication-material",
+            "SN:SN-0001;UPC:012345678905",
+            "--query",
+            "Id",
+        )
+        assert _mi(core, "get-managed-thing", "--identifier", thing_id, "--query", "ProvisioningStatus") == (
+            "PRE_ASSOCIATED"
+        )
+
+        config = hand_written_config(
+            hub,
+            core,
+            {
+                "iot_provisioning_method": "FLEET_PROVISIONING",
+                "iot_claim_cert_path": "claim.pem.crt",
+                "iot_claim_pk_path": "claim.pem.key",
+                "fp_template_name": "HubProfile",
+                "SN": "SN-0001",
+                "UPC": "012345678905",
+            },
+        )
+        assert hub_cli.main(["provision", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert f"client_id={thing_id} managed_thing_id={thing_id}" in out
+        assert read_config(config)["rw"]["managed_thing_id"] == thing_id
+
+        status, activated = _mi(
+            core, "get-managed-thing", "--identifier", thing_id, "--query", "[ProvisioningStatus,ActivatedAt]"
+        )
+        assert status == "ACTIVATED"
+        assert activated
+        connectivity = _mi(core, "get-managed-thing-connectivity-data", "--identifier", thing_id)
+        assert connectivity["ManagedThingId"] == thing_id
+        assert connectivity["Connected"] is False  # the hub's verification connect is over
+
+        assert _mi(core, "delete-managed-thing", "--identifier", thing_id) is None
+        listed = _mi(core, "list-managed-things", "--serial-number-filter", "SN-0001")["Items"]
+        assert [t["ProvisioningStatus"] for t in listed if t["Id"] == thing_id] in (
+            [],
+            ["DELETE_IN_PROGRESS"],
+        )
+        assert hub_cli.main(["reset", "--config", str(config), "--yes"]) == 0
+        assert capsys.readouterr().out.startswith("NOT_PROVISIONED")
+
+
+def test_the_readme_recipe_runs_twice(tmp_path: Path) -> None:
+    with LocalIotCore(tmp_path / "cloud") as core:
+        mi = core.endpoint.client(core.region, service="iot-managed-integrations")
+        hubs = [Hub("SN-0001", upc="012345678905")]
+        first = set_up_managed_integrations(mi, "HubProfile", hubs, claim_folder=tmp_path / "hub")
+        again = set_up_managed_integrations(mi, "HubProfile", hubs, claim_folder=tmp_path / "hub")
+    assert [str(s).split(":")[0] for s in first.steps] == [
+        "custom endpoint",
+        "provisioning profile HubProfile",
+        "claim certificate of HubProfile",
+        "managed thing SN-0001",
+    ]
+    assert all(step.created for step in first.steps)
+    assert not any(step.created for step in again.steps)
+    assert f"saved in {tmp_path / 'hub' / 'claim.pem.crt'}" in str(again.steps[2])
+    assert (mode(tmp_path / "hub"), mode(tmp_path / "hub" / "claim.pem.key")) == (0o700, 0o600)
