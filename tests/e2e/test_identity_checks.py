@@ -15,10 +15,9 @@ import pytest
 
 from hub_onboarding.cli import main
 from hub_onboarding.errors import IdentityError
-from hub_onboarding.tools.factory import write_claim_hub
 from iot_core_local.recipes.claims import create_claim, ensure_fleet_provisioning, hub_template_body
 from iot_core_local.server import LocalIotCore
-from tests._support.hubs import snapshot
+from tests._support.hubs import cloud_claim_hub, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +47,7 @@ def test_an_unusable_identity_from_the_service_writes_nothing(
         templateName=name, templateBody=json.dumps(body), setAsDefault=True
     )
     claim = create_claim(iot, resources)
-    config = write_claim_hub(
-        tmp_path / "hub",
-        endpoint_url=cloud.endpoint.mqtt_address,
-        root_ca_path=cloud.endpoint.root_ca_path,
-        claim_certificate_pem=claim.certificate_pem,
-        claim_private_key_pem=claim.private_key_pem,
-        template_name=name,
-        serial=f"SN-{name}",
-    )
+    config = cloud_claim_hub(cloud, claim, tmp_path / "hub", f"SN-{name}")
     before = snapshot(tmp_path / "hub")
 
     assert main(["provision", "--config", str(config)]) == IdentityError.exit_code

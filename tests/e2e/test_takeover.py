@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 
 from hub_onboarding import HubOnboarding, IdentityError
-from hub_onboarding.tools.factory import write_claim_hub
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.recipes.takeover import TakeoverGuard
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import pem_certificate_id
-from tests._support.hubs import read_config
+from tests._support.hubs import cloud_claim_hub, read_config
 from tests._support.network import connects
 
 pytestmark = pytest.mark.e2e
@@ -32,19 +31,6 @@ def guarded(iot: Any) -> Iterator[ClaimSetup]:
     # the recipe's rerun points the template at it.
     with TakeoverGuard(iot) as guard:
         yield set_up_fleet_provisioning(iot, "GuardedTemplate", hook_url=guard.url)
-
-
-def _hub(cloud: LocalIotCore, claim: ClaimSetup, folder: Path, serial: str, upc: str) -> Path:
-    return write_claim_hub(
-        folder,
-        endpoint_url=cloud.endpoint.mqtt_address,
-        root_ca_path=cloud.endpoint.root_ca_path,
-        claim_certificate_pem=claim.certificate_pem,
-        claim_private_key_pem=claim.private_key_pem,
-        template_name=claim.template_name,
-        serial=serial,
-        upc=upc,
-    )
 
 
 def _certificates(iot: Any, thing: str) -> dict[str, str]:
@@ -59,11 +45,11 @@ def _certificates(iot: Any, thing: str) -> dict[str, str]:
 def test_a_hub_sending_an_onboarded_serial_is_refused_and_changes_nothing(
     cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
 ) -> None:
-    owner = _hub(cloud, guarded, tmp_path / "owner", "SN-VICTIM", "111111111111")
+    owner = cloud_claim_hub(cloud, guarded, tmp_path / "owner", "SN-VICTIM", upc="111111111111")
     HubOnboarding(owner).process_device()
     owner_cert = pem_certificate_id(Path(read_config(owner)["rw"]["iot_permanent_cert_path"]).read_bytes())
 
-    intruder = _hub(cloud, guarded, tmp_path / "intruder", "SN-VICTIM", "999999999999")
+    intruder = cloud_claim_hub(cloud, guarded, tmp_path / "intruder", "SN-VICTIM", upc="999999999999")
     with pytest.raises(IdentityError) as refused:
         HubOnboarding(intruder).process_device()
 
@@ -90,12 +76,12 @@ def test_the_claim_cannot_connect_as_a_provisioned_hub(
 def test_a_hub_whose_certificate_was_deactivated_onboards_again(
     cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
 ) -> None:
-    first = _hub(cloud, guarded, tmp_path / "first", "SN-REBORN", "111111111111")
+    first = cloud_claim_hub(cloud, guarded, tmp_path / "first", "SN-REBORN", upc="111111111111")
     HubOnboarding(first).process_device()
     old = pem_certificate_id(Path(read_config(first)["rw"]["iot_permanent_cert_path"]).read_bytes())
     iot.update_certificate(certificateId=old, newStatus="INACTIVE")  # the maker offboards the hub
 
-    again = _hub(cloud, guarded, tmp_path / "again", "SN-REBORN", "111111111111")
+    again = cloud_claim_hub(cloud, guarded, tmp_path / "again", "SN-REBORN", upc="111111111111")
     assert HubOnboarding(again).process_device().state == "PROVISIONED"
     new = pem_certificate_id(Path(read_config(again)["rw"]["iot_permanent_cert_path"]).read_bytes())
     assert _certificates(iot, "hub-SN-REBORN") == {old: "INACTIVE", new: "ACTIVE"}

@@ -337,6 +337,17 @@ def _run_flow(config: Any, fleet: _JunkFleet) -> Exception | None:
     return None
 
 
+def _issued() -> Resp:
+    """A valid CreateKeysAndCertificate answer."""
+    good = make_pair("issued")
+    return Resp(
+        certificate_pem=good.cert_pem.decode(),
+        private_key=good.key_pem.decode(),
+        certificate_ownership_token="TOKEN-1",
+        certificate_id="x",
+    )
+
+
 class _JunkFleet:
     def __init__(self, issued: Any = None, registered: Any = None) -> None:
         self.issued, self.registered = issued, registered
@@ -390,13 +401,7 @@ def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any
     from hub_onboarding.certs import check_pair
     from hub_onboarding.progress import ProgressStore, Step
 
-    good = make_pair("issued")
-    issued = Resp(
-        certificate_pem=good.cert_pem.decode(),
-        private_key=good.key_pem.decode(),
-        certificate_ownership_token="TOKEN-1",
-        certificate_id="x",
-    )
+    issued = _issued()
     with tempfile.TemporaryDirectory() as folder:
         config = _flow_hub(folder)
         before = config.read_bytes()
@@ -577,13 +582,7 @@ def test_a_service_rejection_is_not_an_invalid_identity() -> None:
 def test_an_unusable_identity_through_the_flow_keeps_nothing(
     tmp_path: Any, device_configuration: Any
 ) -> None:
-    good = make_pair("issued")
-    issued = Resp(
-        certificate_pem=good.cert_pem.decode(),
-        private_key=good.key_pem.decode(),
-        certificate_ownership_token="TOKEN-1",
-        certificate_id="x",
-    )
+    issued = _issued()
     config = _flow_hub(tmp_path)
     before = config.read_bytes()
     registered = Resp(thing_name="hub-SN-1", device_configuration=device_configuration)
