@@ -795,7 +795,9 @@ class ManagedIntegrations:
                 "UPDATE mi_things SET status = ?, updated = ? WHERE id = ?",
                 (ProvisioningStatus.DELETE_IN_PROGRESS, self.clock(), identifier),
             )
-        self._told(identifier, ProvisioningStatus.DELETE_IN_PROGRESS)
+            # Told before the commit: the commit lets the gateway close the hub, whose reported
+            # disconnect may finish the deletion on the loop before this thread would speak again.
+            self._told(identifier, ProvisioningStatus.DELETE_IN_PROGRESS)
         if not waits:
             self._finish_delete(identifier)
 

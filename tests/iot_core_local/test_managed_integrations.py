@@ -4,7 +4,6 @@ real MQTT over TLS (RawClient, the claim) for RegisterThing's matching, the gate
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from tests._support.certificates import make_pair, pem_certificate_id
 from tests._support.devices import (
     Credentials,
     DeviceCA,
+    Lifecycle,
     RawClient,
     connect_refused_without_connack,
     write_credentials,
@@ -112,28 +112,6 @@ def onboard(
         folder, thing_id, issued["certificateId"], issued["certificatePem"], issued["privateKey"]
     )
     return thing_id, creds
-
-
-class Lifecycle:
-    """Waits on the gateway's lifecycle reports (it runs after managed integrations' own listener)."""
-
-    def __init__(self, core: LocalIotCore) -> None:
-        self.core = core
-        self.seen: list[tuple[str, bool, str | None]] = []
-        self.changed = threading.Condition()
-        core.gateway.lifecycle_listeners.append(self.heard)
-
-    def heard(self, client_id: str, connected: bool, reason: str | None) -> None:
-        with self.changed:
-            self.seen.append((client_id, connected, reason))
-            self.changed.notify_all()
-
-    def wait_for(self, event: tuple[str, bool, str | None], timeout: float = 5.0) -> None:
-        with self.changed:
-            assert self.changed.wait_for(lambda: event in self.seen, timeout), self.seen
-
-    def close(self) -> None:
-        self.core.gateway.lifecycle_listeners.remove(self.heard)
 
 
 @pytest.fixture
