@@ -632,6 +632,19 @@ def test_a_jitr_profile_activates_the_hub_its_dha_serial_names(
     lifecycle.wait_for((f"hub-{sn}", False, "CONNECTION_LOST"))
     assert mi.get_managed_thing_connectivity_data(Identifier=thing_id)["Connected"] is False
 
+    # A hub that connected before its managed thing existed is activated at a later retry.
+    late_sn = serial()
+    late = maker.device(tmp_path, f"hub-{late_sn}", serial_number=late_sn)
+    assert connect_refused_without_connack(core, late, f"hub-{late_sn}")
+    late_id = create_hub(mi, late_sn)
+    assert connect_refused_without_connack(core, late, f"hub-{late_sn}")  # the retry JITR answers
+    client = RawClient(core, late)
+    try:
+        assert client.connect(f"hub-{late_sn}").reason_code == 0
+    finally:
+        client.close()
+    assert mi.get_managed_thing(Identifier=late_id)["ProvisioningStatus"] == "ACTIVATED"
+
 
 # ---- restart --------------------------------------------------------------------------------------------
 
