@@ -373,6 +373,11 @@ class ManagedIntegrations:
         self._keys_lock = threading.Lock()
         self._status_listeners: list[StatusListener] = []
         registry.create_tables(_SCHEMA)
+        # The client ids of onboarded hubs: the gateway reports every device's connections, and only
+        # these cost a write (a set may hold a few ids of hubs deleted meanwhile: they match no row).
+        self._hub_client_ids = {
+            row[0] for row in registry.query("SELECT iot_thing FROM mi_things WHERE iot_thing IS NOT NULL")
+        }
         self._recover()
 
     def arn(self, kind: str, resource_id: str) -> str:
@@ -795,7 +800,9 @@ class ManagedIntegrations:
                 "UPDATE mi_things SET status = ?, updated = ? WHERE id = ?",
                 (ProvisioningStatus.DELETE_IN_PROGRESS, self.clock(), identifier),
             )
-        self._told(identifier, ProvisioningStatus.DELETE_IN_PROGRESS)
+            # Told before the commit: the commit lets the gateway close the hub, whose reported
+            # disconnect may finish the deletion on the loop before this thread would speak again.
+            self._told(identifier, ProvisioningStatus.DELETE_IN_PROGRESS)
         if not waits:
             self._finish_delete(identifier)
 
@@ -816,6 +823,7 @@ class ManagedIntegrations:
                     registry.set_certificate_status(cert.certificate_id, CertificateStatus.INACTIVE)
                 registry.delete_certificate(cert.certificate_id, force=True)
             registry.execute("DELETE FROM mi_things WHERE id = ?", (identifier,))
+        self._hub_client_ids.discard(thing.iot_thing or "")
         self._told(identifier, ProvisioningStatus.DELETED)
 
     def certificate_pem(self, identifier: str) -> str:
@@ -850,13 +858,17 @@ class ManagedIntegrations:
         )
         if changed != 1:
             raise Conflict(f"Managed thing {thing_id} was onboarded by another request")
+        self._hub_client_ids.add(iot_thing)
 
     def status_changed(self, thing_id: str, status: str) -> None:
         """Tell the status listeners, after the caller's transaction committed."""
         self._told(thing_id, status)
 
     def on_connectivity(self, client_id: str, connected: bool, reason: str | None) -> None:
-        """The gateway's report of a connect or disconnect (on its loop: one indexed UPDATE, no wait)."""
+        """The gateway's report of a connect or disconnect (on its loop: one indexed UPDATE for a hub,
+        nothing for any other client)."""
+        if client_id not in self._hub_client_ids:
+            return
         changed = self.registry.execute(
             "UPDATE mi_things SET connected = ?, connectivity_at = ?, disconnect_reason = ?"
             " WHERE iot_thing = ?",

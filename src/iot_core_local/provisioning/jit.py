@@ -75,10 +75,10 @@ class JustInTime:
                 )
             except ServiceError:
                 known = self.registry.get_certificate(cid)  # a concurrent connect registered it first
-            else:
-                if self.activator is not None:
-                    self.activator(cert, known, ca)
-                    known = self.registry.get_certificate(cid)
+        if self.activator is not None and known.status == CertificateStatus.PENDING_ACTIVATION:
+            # A retry too: its managed thing may have been created since the first connect.
+            self.activator(cert, known, ca)
+            known = self.registry.get_certificate(cid)
         event = {
             "certificateId": cid,
             "caCertificateId": ca.certificate_id,
