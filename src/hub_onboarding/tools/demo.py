@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,7 +174,7 @@ def _managed_integrations_story(stage: _Stage) -> bool:
 
 
 @contextlib.contextmanager
-def _hub_connection(config_path: Path) -> Any:
+def _hub_connection(config_path: Path) -> Iterator[threading.Event]:
     """The hub's own connection with its permanent identity, as its runtime keeps one; yields the event
     set when the cloud closes it."""
     from hub_onboarding import config as cfgmod
