@@ -57,6 +57,7 @@ from iot_core_local.model import (
     ProvisioningStatus,
     ProvisioningType,
 )
+from iot_core_local.recipes import claims
 from iot_core_local.registry import ACCOUNT_ID, Registry
 
 __all__ = [
@@ -74,10 +75,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SERIAL_NUMBER_PARAMETER = "SerialNumber"
-UPC_PARAMETER = "UniversalProductCode"
-CLIENT_ID_KEY = "ClientId"
-MANAGED_THING_ID_KEY = "ManagedThingId"
+# The RegisterThing parameters a hub sends and the deviceConfiguration keys it reads: the recipe's names.
+SERIAL_NUMBER_PARAMETER = claims.SERIAL_NUMBER_PARAMETER
+UPC_PARAMETER = claims.UPC_PARAMETER
+CLIENT_ID_KEY = claims.CLIENT_ID_KEY
+MANAGED_THING_ID_KEY = claims.MANAGED_THING_ID_KEY
 # A built-in of the service's own template: names in AWS's namespace come only from the server, never from
 # a device (templates.py), so a hub cannot choose the managed thing it becomes.
 MANAGED_THING_ID_BUILTIN = "AWS::IoTManagedIntegrations::ManagedThing::Id"
@@ -172,62 +174,23 @@ def parse_material(text: str) -> Material:
 
 
 def hub_policy_document(region: str) -> str:
-    """What a provisioned hub may do: connect as its thing (its client id is its thing's name), and use
-    the topics under its own name."""
-    prefix = f"arn:aws:iot:{region}:{ACCOUNT_ID}"
-    thing = "${iot:Connection.Thing.ThingName}"
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{prefix}:client/{thing}"},
-                {
-                    "Effect": "Allow",
-                    "Action": ["iot:Publish", "iot:Receive"],
-                    "Resource": [f"{prefix}:topic/things/{thing}/*", f"{prefix}:topic/{thing}/*"],
-                },
-                {
-                    "Effect": "Allow",
-                    "Action": "iot:Subscribe",
-                    "Resource": [f"{prefix}:topicfilter/things/{thing}/*", f"{prefix}:topicfilter/{thing}/*"],
-                },
-            ],
-        }
-    )
+    """What a provisioned hub may do: the recipe's hub policy (connect as its thing, whose name is its
+    client id, and use the topics under it)."""
+    return claims.hub_policy_document(region, ACCOUNT_ID)
 
 
 def claim_policy_document(region: str, template_name: str) -> str:
-    """The claim may provision through its profile's template and nothing else, and never connect with a
-    client id a provisioned hub could have (32 characters, as every managed thing Id)."""
-    prefix = f"arn:aws:iot:{region}:{ACCOUNT_ID}"
-    topics = [
-        "$aws/certificates/create/*",
-        "$aws/certificates/create-from-csr/*",
-        f"$aws/provisioning-templates/{template_name}/provision/*",
-    ]
-    return json.dumps(
+    """The recipe's claim policy (the provisioning topics of one template, nothing else), and never a
+    connection with a client id a provisioned hub could have (32 characters, as every managed thing Id)."""
+    document = json.loads(claims.claim_policy_document(region, ACCOUNT_ID, template_name))
+    document["Statement"].append(
         {
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{prefix}:client/*"},
-                {
-                    "Effect": "Deny",
-                    "Action": "iot:Connect",
-                    "Resource": f"{prefix}:client/{CLAIM_DENIED_CLIENT_IDS}",
-                },
-                {
-                    "Effect": "Allow",
-                    "Action": ["iot:Publish", "iot:Receive"],
-                    "Resource": [f"{prefix}:topic/{t}" for t in topics],
-                },
-                {
-                    "Effect": "Allow",
-                    "Action": "iot:Subscribe",
-                    "Resource": [f"{prefix}:topicfilter/{t}" for t in topics],
-                },
-            ],
+            "Effect": "Deny",
+            "Action": "iot:Connect",
+            "Resource": f"arn:aws:iot:{region}:{ACCOUNT_ID}:client/{CLAIM_DENIED_CLIENT_IDS}",
         }
     )
+    return json.dumps(document)
 
 
 def profile_template_body(hub_policy_name: str) -> str:

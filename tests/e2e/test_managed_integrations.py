@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from hub_onboarding.cli import main
-from hub_onboarding.tools.factory import write_claim_hub
+from hub_onboarding.tools.factory import write_claim_hub, write_jitr_hub
+from iot_core_local.recipes.jitr import DeviceCA
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import Lifecycle
 from tests._support.hubs import read_config
@@ -137,3 +138,35 @@ def test_an_unknown_serial_is_refused(
     err = capsys.readouterr().err
     assert "UnknownSerialNumber" in err
     assert "NEVER-CREATED" in err
+
+
+def test_a_jitr_hub(cloud: LocalIotCore, tmp_path: Path) -> None:
+    mi = cloud.endpoint.client(service="iot-managed-integrations")
+    maker = DeviceCA("Managed Hub Maker CA")
+    mi.create_provisioning_profile(
+        ProvisioningType="JITR", Name="JitrHubs", CaCertificate=maker.certificate_pem
+    )
+    serial = "JITR-MI-0001"
+    thing_id = mi.create_managed_thing(
+        Role="CONTROLLER",
+        AuthenticationMaterialType="WIFI_SETUP_QR_BAR_CODE",
+        AuthenticationMaterial=f"SN:{serial};UPC:{UPC}",
+    )["Id"]
+    dha = maker.issue_device(f"hub-{serial}", serial_number=serial)
+    config = write_jitr_hub(
+        tmp_path / "hub",
+        endpoint_url=cloud.endpoint.mqtt_address,
+        root_ca_path=cloud.endpoint.root_ca_path,
+        device_certificate_pem=dha.certificate_pem,
+        device_private_key_pem=dha.private_key_pem,
+        serial=serial,
+        upc=UPC,
+        extra_ro={"mqtt_retry_timeout_seconds": 60},
+    )
+    # No activator of the customer's: the service activates the DHA certificate its serial names.
+    assert main(["provision", "--config", str(config)]) == 0
+    rw = read_config(config)["rw"]
+    assert (rw["iot_provisioning_state"], rw["client_id"]) == ("PROVISIONED", f"hub-{serial}")
+    got = mi.get_managed_thing(Identifier=thing_id)
+    assert got["ProvisioningStatus"] == "ACTIVATED"
+    assert mi.get_managed_thing_certificate(Identifier=thing_id)["CertificatePem"] == dha.certificate_pem
