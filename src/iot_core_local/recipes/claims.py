@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from iot_core_local.model import CertificateStatus
-from iot_core_local.recipes.takeover import SERIAL_NUMBER_PARAMETER, THING_PREFIX
 
+THING_PREFIX = "hub-"  # the template names a hub's thing, and so its client id, "hub-<SerialNumber>"
 # The parameter names the hub sends in RegisterThing and the deviceConfiguration keys it reads back.
+SERIAL_NUMBER_PARAMETER = "SerialNumber"
 UPC_PARAMETER = "UniversalProductCode"
 CLIENT_ID_KEY = "ClientId"
 MANAGED_THING_ID_KEY = "ManagedThingId"

@@ -26,11 +26,10 @@ from types import TracebackType
 from typing import Any
 
 from iot_core_local.model import CertificateStatus
+from iot_core_local.recipes.claims import SERIAL_NUMBER_PARAMETER, THING_PREFIX
 
 log = logging.getLogger(__name__)
 
-THING_PREFIX = "hub-"  # the recipe's template names a hub's thing "hub-<SerialNumber>"
-SERIAL_NUMBER_PARAMETER = "SerialNumber"
 _MAX_REQUEST = 64 * 1024  # AWS's hook input: ids, a certificate PEM and a few parameters
 _MAX_HANDLERS = 16  # requests answered at once; more are refused (the provisioning service retries)
 _REQUEST_TIMEOUT = 10.0  # a caller that sends nothing for this long is dropped
