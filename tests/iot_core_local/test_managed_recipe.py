@@ -100,3 +100,43 @@ def test_a_hub_needs_one_product_code() -> None:
     with pytest.raises(ValueError, match="UPC or its EAN"):
         Hub("SN-1", upc="012345678905", ean="4006381333931")
     assert Hub("SN-1", upc="012345678905").material == "SN:SN-1;UPC:012345678905"
+
+
+class _Late:
+    """The real client, but its first List answer is empty: another run creates the resource between
+    this run's look-up and its Create (the race a rerun on two machines meets)."""
+
+    def __init__(self, client: Any, listing: str) -> None:
+        self._client = client
+        self._listing = listing
+        self._hidden = True
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name != self._listing or not self._hidden:
+            return attribute
+
+        def once(**request: Any) -> Any:
+            self._hidden = False
+            return {"Items": []}
+
+        return once
+
+
+def test_a_managed_thing_created_meanwhile_is_found_not_duplicated(mi: Any) -> None:
+    name = next(_names)
+    hub = Hub(f"{name}-SN-1", upc="012345678905")
+    first = set_up_managed_integrations(mi, name, [hub])
+    late = set_up_managed_integrations(_Late(mi, "list_managed_things"), name, [hub])
+    assert [h.managed_thing_id for h in late.hubs] == [h.managed_thing_id for h in first.hubs]
+    assert not late.steps[-1].created
+    assert len(mi.list_managed_things(SerialNumberFilter=hub.serial)["Items"]) == 1
+
+
+def test_a_profile_created_meanwhile_is_found_not_duplicated(mi: Any) -> None:
+    name = next(_names)
+    first = set_up_managed_integrations(mi, name, [])
+    late = set_up_managed_integrations(_Late(mi, "list_provisioning_profiles"), name, [])
+    assert late.profile_id == first.profile_id
+    assert late.claim_private_key_pem is None
+    assert [p["Name"] for p in mi.list_provisioning_profiles()["Items"]].count(name) == 1
