@@ -266,13 +266,13 @@ class IdentityError(ProvisioningError):
         )
 
     @classmethod
-    def invalid_identity(cls, key: str, value: str, why: str) -> IdentityError:
-        """RegisterThing's deviceConfiguration names the hub with a value it cannot use (`key`: the key)."""
+    def invalid_identity(cls, field: str, value: str, why: str) -> IdentityError:
+        """RegisterThing's answer names the hub with a value it cannot use (`field`: where in the answer)."""
         shown = repr(value[:_MAX_SHOWN_IDENTITY])
         if len(value) > _MAX_SHOWN_IDENTITY:
             shown += f"... ({len(value)} characters)"
         return cls(
-            f"{REGISTER_THING_OPERATION} returned deviceConfiguration.{key} {shown}, which {why}; "
+            f"{REGISTER_THING_OPERATION} returned {field} {shown}, which {why}; "
             "nothing was stored: fix the provisioning template (or the service's answer), then provision "
             "again",
             operation=REGISTER_THING_OPERATION,

@@ -203,7 +203,7 @@ def validate_registered(response: Any) -> RegisteredThing:
         isinstance(k, str) and isinstance(v, str) for k, v in config.items()
     ):
         raise IdentityError.malformed(REGISTER_THING, "deviceConfiguration is not an object of strings")
-    check_identity(config)
+    check_identity(config, thing)
     return RegisteredThing(thing, dict(config))
 
 
@@ -219,18 +219,24 @@ def client_id_problem(client_id: str) -> str | None:
     return None
 
 
-def check_identity(device_configuration: Mapping[str, str]) -> None:
-    """Refuse a ClientId or ManagedThingId the hub would store but could not use (pure).
+def check_identity(device_configuration: Mapping[str, str], thing_name: str | None = None) -> None:
+    """Refuse a ClientId or ManagedThingId the hub would store but could not use (pure); without a
+    ClientId the hub connects as `thing_name`, which must then be a client id.
 
     Checked before anything of RegisterThing's answer is stored: the caller then discards what it wrote.
     """
     client_id = device_configuration.get(DEVICE_CONFIG_CLIENT_ID)
+    field = f"deviceConfiguration.{DEVICE_CONFIG_CLIENT_ID}"
+    if client_id is None and thing_name is not None:
+        client_id, field = thing_name, "thingName (the client id: there is no ClientId)"
     if client_id is not None and (why := client_id_problem(client_id)) is not None:
-        raise IdentityError.invalid_identity(DEVICE_CONFIG_CLIENT_ID, client_id, why)
+        raise IdentityError.invalid_identity(field, client_id, why)
     managed = device_configuration.get(DEVICE_CONFIG_MANAGED_THING_ID)
     if managed is not None and not MANAGED_THING_ID_PATTERN.fullmatch(managed):
         why = "is not 1-64 of [a-zA-Z0-9:_-] (the iot-managed-integrations model's ManagedThingId)"
-        raise IdentityError.invalid_identity(DEVICE_CONFIG_MANAGED_THING_ID, managed, why)
+        raise IdentityError.invalid_identity(
+            f"deviceConfiguration.{DEVICE_CONFIG_MANAGED_THING_ID}", managed, why
+        )
 
 
 class FleetProvisioning:

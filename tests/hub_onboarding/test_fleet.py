@@ -570,6 +570,14 @@ def test_a_usable_identity_passes(config: dict[str, str]) -> None:
     )
 
 
+def test_without_a_client_id_the_thing_name_must_be_one() -> None:
+    with pytest.raises(IdentityError, match=r"thingName \(the client id: there is no ClientId\) 'hub\\x1b'"):
+        validate_registered(Resp(thing_name="hub\x1b", device_configuration={"ManagedThingId": "mt-1"}))
+    # with a ClientId, the thing name is only a name
+    registered = validate_registered(Resp(thing_name="hub\x1b", device_configuration={"ClientId": "hub-1"}))
+    assert registered.thing_name == "hub\x1b"
+
+
 def test_a_service_rejection_is_not_an_invalid_identity() -> None:
     rejected = IdentityError.from_rejection("RegisterThing", 400, "InvalidIdentity", "no")
     assert not rejected.invalid_identity_answer
