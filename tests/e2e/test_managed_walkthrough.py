@@ -4,12 +4,7 @@ hub with `hub-onboard`, then offboarding; and the boto3 recipe the README shows,
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,33 +16,26 @@ from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_inte
 from iot_core_local.recipes.takeover import TakeoverGuard
 from iot_core_local.server import LocalIotCore
 from tests._support.hubs import read_config
+from tests.e2e.test_managed_integrations import aws
 from tests.e2e.test_walkthroughs import hand_written_config, mode
 
 pytestmark = pytest.mark.e2e
 
-AWS = str(Path(sys.executable).parent / "aws")
 
-
-def _mi(core: LocalIotCore, *args: str) -> Any:
-    """One `aws iot-managed-integrations` command, as the README's `mi` shell function runs it."""
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    done = subprocess.run(
-        [AWS, "iot-managed-integrations", *args, "--endpoint-url", core.endpoint.api_url, "--output", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+def _hub_config(hub: Path, core: LocalIotCore, template: str, upc: str = "012345678905") -> Path:
+    """The walkthrough's hand-written config of a fleet provisioning hub, SN-0001, its claim in `hub`."""
+    return hand_written_config(
+        hub,
+        core,
+        {
+            "iot_provisioning_method": "FLEET_PROVISIONING",
+            "iot_claim_cert_path": "claim.pem.crt",
+            "iot_claim_pk_path": "claim.pem.key",
+            "fp_template_name": template,
+            "SN": "SN-0001",
+            "UPC": upc,
+        },
     )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout) if done.stdout.strip() else None
 
 
 def test_the_managed_integrations_walkthrough_with_the_aws_cli(
@@ -55,8 +43,8 @@ def test_the_managed_integrations_walkthrough_with_the_aws_cli(
 ) -> None:
     cloud, hub = tmp_path / "cloud", tmp_path / "hub"
     with LocalIotCore(cloud) as core:
-        assert _mi(core, "register-custom-endpoint")["EndpointAddress"] == core.endpoint.mqtt_host
-        profile = _mi(
+        assert aws(core, "register-custom-endpoint")["EndpointAddress"] == core.endpoint.mqtt_host
+        profile = aws(
             core,
             "create-provisioning-profile",
             "--provisioning-type",
@@ -68,7 +56,7 @@ def test_the_managed_integrations_walkthrough_with_the_aws_cli(
         (hub / "claim.pem.crt").write_text(profile["ClaimCertificate"])
         (hub / "claim.pem.key").write_text(profile["ClaimCertificatePrivateKey"])
         (hub / "claim.pem.key").chmod(0o600)
-        thing_id = _mi(
+        thing_id = aws(
             core,
             "create-managed-thing",
             "--role",
@@ -80,38 +68,27 @@ def test_the_managed_integrations_walkthrough_with_the_aws_cli(
             "--query",
             "Id",
         )
-        assert _mi(core, "get-managed-thing", "--identifier", thing_id, "--query", "ProvisioningStatus") == (
+        assert aws(core, "get-managed-thing", "--identifier", thing_id, "--query", "ProvisioningStatus") == (
             "PRE_ASSOCIATED"
         )
 
-        config = hand_written_config(
-            hub,
-            core,
-            {
-                "iot_provisioning_method": "FLEET_PROVISIONING",
-                "iot_claim_cert_path": "claim.pem.crt",
-                "iot_claim_pk_path": "claim.pem.key",
-                "fp_template_name": "HubProfile",
-                "SN": "SN-0001",
-                "UPC": "012345678905",
-            },
-        )
+        config = _hub_config(hub, core, "HubProfile")
         assert hub_cli.main(["provision", "--config", str(config)]) == 0
         out = capsys.readouterr().out
         assert f"client_id={thing_id} managed_thing_id={thing_id}" in out
         assert read_config(config)["rw"]["managed_thing_id"] == thing_id
 
-        status, activated = _mi(
+        status, activated = aws(
             core, "get-managed-thing", "--identifier", thing_id, "--query", "[ProvisioningStatus,ActivatedAt]"
         )
         assert status == "ACTIVATED"
         assert activated
-        connectivity = _mi(core, "get-managed-thing-connectivity-data", "--identifier", thing_id)
+        connectivity = aws(core, "get-managed-thing-connectivity-data", "--identifier", thing_id)
         assert connectivity["ManagedThingId"] == thing_id
         assert connectivity["Connected"] is False  # the hub's verification connect is over
 
-        assert _mi(core, "delete-managed-thing", "--identifier", thing_id) is None
-        listed = _mi(core, "list-managed-things", "--serial-number-filter", "SN-0001")["Items"]
+        assert aws(core, "delete-managed-thing", "--identifier", thing_id) is None
+        listed = aws(core, "list-managed-things", "--serial-number-filter", "SN-0001")["Items"]
         assert [t["ProvisioningStatus"] for t in listed if t["Id"] == thing_id] in (
             [],
             ["DELETE_IN_PROGRESS"],
@@ -156,18 +133,7 @@ def test_setup_managed_pre_associates_and_a_hub_onboards_with_its_output(
         assert "created" not in again
         assert again.count(": exists") == 4
 
-        config = hand_written_config(
-            hub,
-            core,
-            {
-                "iot_provisioning_method": "FLEET_PROVISIONING",
-                "iot_claim_cert_path": "claim.pem.crt",
-                "iot_claim_pk_path": "claim.pem.key",
-                "fp_template_name": "HubProfile",
-                "SN": "SN-0001",
-                "UPC": "012345678905",
-            },
-        )
+        config = _hub_config(hub, core, "HubProfile")
         assert hub_cli.main(["provision", "--config", str(config)]) == 0
         mi = core.endpoint.client(core.region, service="iot-managed-integrations")
         (thing,) = mi.list_managed_things(SerialNumberFilter="SN-0001")["Items"]
@@ -198,18 +164,7 @@ def test_setup_fleet_with_the_takeover_guard_refuses_a_second_hub_with_the_same_
                 for file in ("claim.pem.crt", "claim.pem.key"):
                     (hub / file).write_bytes((out / file).read_bytes())
                 (hub / "claim.pem.key").chmod(0o600)
-                config = hand_written_config(
-                    hub,
-                    core,
-                    {
-                        "iot_provisioning_method": "FLEET_PROVISIONING",
-                        "iot_claim_cert_path": "claim.pem.crt",
-                        "iot_claim_pk_path": "claim.pem.key",
-                        "fp_template_name": "HubTemplate",
-                        "SN": "SN-0001",
-                        "UPC": upc,
-                    },
-                )
+                config = _hub_config(hub, core, "HubTemplate", upc)
                 outcomes.append(hub_cli.main(["provision", "--config", str(config)]))
 
         set_up_fleet(cloud, out, "HubTemplate", takeover_guard=True, run=two_hubs)
