@@ -3,7 +3,7 @@
     hub-onboard provision --config PATH [--json] [-v] [--lock-wait S]
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
-    hub-onboard demo [--keep DIR]
+    hub-onboard demo [--keep DIR] [--plain-iot]
     hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json] [--json]
 
 Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="keep the hub's config and credentials and the stand-in's data in DIR (new or empty)",
+    )
+    d.add_argument(
+        "--plain-iot",
+        action="store_true",
+        help="the plain AWS IoT story (template, policies, claim) instead of managed integrations'",
     )
     # Its options live in tools.fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
     sub.add_parser(
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from hub_onboarding.tools.demo import run_demo
 
-        return run_demo(keep=args.keep)
+        return run_demo(keep=args.keep, plain_iot=args.plain_iot)
     _configure_logging(getattr(args, "verbose", 0))
     from hub_onboarding.errors import OnboardingError
 

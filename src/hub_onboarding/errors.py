@@ -192,6 +192,11 @@ def _clean(text: object) -> str | None:
     return printable + ("..." if len(text) > _MAX_SERVICE_TEXT else "")
 
 
+REGISTER_THING_OPERATION = "RegisterThing"
+INVALID_IDENTITY_CODE = "InvalidIdentity"  # our code for an identity the hub refuses (no service sends it)
+_MAX_SHOWN_IDENTITY = 80  # characters of a refused identity shown in the message
+
+
 class IdentityError(ProvisioningError):
     """The service rejected a request (its /rejected answer) or gave an answer that is not valid.
 
@@ -259,6 +264,25 @@ class IdentityError(ProvisioningError):
             operation=operation,
             error_code="InvalidResponse",
         )
+
+    @classmethod
+    def invalid_identity(cls, field: str, value: str, why: str) -> IdentityError:
+        """RegisterThing's answer names the hub with a value it cannot use (`field`: where in the answer)."""
+        shown = repr(value[:_MAX_SHOWN_IDENTITY])
+        if len(value) > _MAX_SHOWN_IDENTITY:
+            shown += f"... ({len(value)} characters)"
+        return cls(
+            f"{REGISTER_THING_OPERATION} returned {field} {shown}, which {why}; "
+            "nothing was stored: fix the provisioning template (or the service's answer), then provision "
+            "again",
+            operation=REGISTER_THING_OPERATION,
+            error_code=INVALID_IDENTITY_CODE,
+        )
+
+    @property
+    def invalid_identity_answer(self) -> bool:
+        """True when the service's answer named the hub with a client id or managed thing id it cannot use."""
+        return self.error_code == INVALID_IDENTITY_CODE and self.status_code is None
 
     @property
     def token_refused(self) -> bool:

@@ -16,13 +16,16 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hub_onboarding.certs import Credentials, check_pair
+from hub_onboarding.config import DEVICE_CONFIG_CLIENT_ID, DEVICE_CONFIG_MANAGED_THING_ID
 from hub_onboarding.errors import (
     CredentialError,
     IdentityError,
@@ -43,6 +46,9 @@ _MAX_TOKEN_CHARS = 16 * 1024
 _FUTURE_GRACE = 5.0
 # How often a waiting request checks whether its connection dropped.
 _LOST_POLL = 0.05
+MAX_CLIENT_ID_BYTES = 128  # AWS IoT Core's limit on an MQTT client id
+# The iot-managed-integrations model's pattern for a managed thing id.
+MANAGED_THING_ID_PATTERN = re.compile(r"[a-zA-Z0-9:_-]{1,64}")
 
 _CONNECTION_ERRORS = {
     "AWS_ERROR_MQTT_REQUEST_RESPONSE_CLIENT_SHUT_DOWN",
@@ -197,7 +203,40 @@ def validate_registered(response: Any) -> RegisteredThing:
         isinstance(k, str) and isinstance(v, str) for k, v in config.items()
     ):
         raise IdentityError.malformed(REGISTER_THING, "deviceConfiguration is not an object of strings")
+    check_identity(config, thing)
     return RegisteredThing(thing, dict(config))
+
+
+def client_id_problem(client_id: str) -> str | None:
+    """Why `client_id` cannot be an MQTT client id at AWS IoT Core, or None (pure)."""
+    if not client_id:
+        return "is empty"
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in client_id):
+        # MQTT's UTF-8 strings exclude control characters, and a lone surrogate is not UTF-8 at all.
+        return "holds control characters or is not UTF-8"
+    if len(client_id.encode()) > MAX_CLIENT_ID_BYTES:
+        return f"is longer than AWS IoT Core's {MAX_CLIENT_ID_BYTES} bytes"
+    return None
+
+
+def check_identity(device_configuration: Mapping[str, str], thing_name: str | None = None) -> None:
+    """Refuse a ClientId or ManagedThingId the hub would store but could not use (pure); without a
+    ClientId the hub connects as `thing_name`, which must then be a client id.
+
+    Checked before anything of RegisterThing's answer is stored: the caller then discards what it wrote.
+    """
+    client_id = device_configuration.get(DEVICE_CONFIG_CLIENT_ID)
+    field = f"deviceConfiguration.{DEVICE_CONFIG_CLIENT_ID}"
+    if client_id is None and thing_name is not None:
+        client_id, field = thing_name, "thingName (the client id: there is no ClientId)"
+    if client_id is not None and (why := client_id_problem(client_id)) is not None:
+        raise IdentityError.invalid_identity(field, client_id, why)
+    managed = device_configuration.get(DEVICE_CONFIG_MANAGED_THING_ID)
+    if managed is not None and not MANAGED_THING_ID_PATTERN.fullmatch(managed):
+        why = "is not 1-64 of [a-zA-Z0-9:_-] (the iot-managed-integrations model's ManagedThingId)"
+        raise IdentityError.invalid_identity(
+            f"deviceConfiguration.{DEVICE_CONFIG_MANAGED_THING_ID}", managed, why
+        )
 
 
 class FleetProvisioning:

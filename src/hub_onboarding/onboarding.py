@@ -404,7 +404,14 @@ class HubOnboarding:
         self, cfg: HubConfig, handler: CertHandler, claim: Credentials | None, connector: Connector
     ) -> OnboardingResult:
         run = _FleetRun(cfg, handler, claim, connector, self._clock, self._report)
-        progress = run.run()
+        try:
+            progress = run.run()
+        except IdentityError as exc:
+            if exc.invalid_identity_answer:
+                # The service named this hub with an identity it cannot use: keep nothing of this
+                # attempt (rw was not touched yet), as reset would delete it.
+                _files.delete_files(self._reset_targets(self._doc))
+            raise
         return self._record(
             progress.certificate_path,
             progress.private_key_path,

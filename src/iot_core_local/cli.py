@@ -2,6 +2,9 @@
 
     iot-core-local serve       --data-dir DIR [...]           until SIGINT or SIGTERM
     iot-core-local setup-fleet --data-dir DIR --out FOLDER    template, policies, a claim pair in FOLDER
+                               [--takeover-guard]              then the takeover guard, its hook
+    iot-core-local setup-managed --data-dir DIR --out FOLDER --hub SERIAL:UPC ...
+                                                   endpoint, profile, managed things, the claim in FOLDER
     iot-core-local setup-jitr  --data-dir DIR --out FOLDER    device CA, a DHA pair, then the activator
 
 Exit codes: 0 stopped cleanly (serve) or set up; 1 the set-up failed (the service's own error, FOLDER not
@@ -19,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,12 +65,17 @@ def _parser() -> argparse.ArgumentParser:
         help="create a provisioning template, the hub and claim policies and a claim certificate "
         "(kept when they exist); write the claim pair into --out",
     )
+    managed = sub.add_parser(
+        "setup-managed",
+        help="managed integrations: register the custom endpoint, create a provisioning profile and a "
+        "PRE_ASSOCIATED managed thing per --hub (kept when they exist); write the claim pair into --out",
+    )
     jitr = sub.add_parser(
         "setup-jitr",
         help="register a device CA (JITR), issue a device certificate into --out, then run the activator "
         "that activates new devices until Ctrl-C",
     )
-    for command in (fleet, jitr):
+    for command in (fleet, managed, jitr):
         command.add_argument(
             "--data-dir", type=Path, required=True, help="the data dir of a running iot-core-local serve"
         )
@@ -75,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     fleet.add_argument("--template", default="HubTemplate", help="template name (default HubTemplate)")
+    fleet.add_argument(
+        "--takeover-guard",
+        action="store_true",
+        help="make the takeover guard the template's pre-provisioning hook and run it until Ctrl-C "
+        "(it refuses a serial whose thing has an ACTIVE certificate)",
+    )
+    managed.add_argument(
+        "--profile", default="HubProfile", help="provisioning profile name, the hubs' fp_template_name"
+    )
+    managed.add_argument(
+        "--hub",
+        action="append",
+        default=[],
+        type=_hub,
+        metavar="SERIAL:CODE",
+        help="a hub to pre-associate: its serial and its 12-digit UPC (or EAN-8/13) (repeatable)",
+    )
     jitr.add_argument(
         "--common-name", default="hub-jitr-0001", help="the device certificate's CN, the hub's client id"
     )
@@ -92,6 +118,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
     return port
+
+
+def _hub(text: str) -> Any:
+    from .recipes.managed_integrations import Hub
+
+    serial, _, code = text.rpartition(":")
+    if not serial or not code.isdigit() or not 8 <= len(code) <= 13:
+        raise argparse.ArgumentTypeError(
+            f"not SERIAL:UPC (12 digits) or SERIAL:EAN (8 or 13 digits): {text!r}"
+        )
+    return Hub(serial, upc=code) if len(code) == 12 else Hub(serial, ean=code)
 
 
 def _fault(text: str) -> str:
@@ -128,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
 def _set_up(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from .customer_setup import SetupError, set_up_fleet, set_up_jitr
+    from .customer_setup import SetupError, set_up_fleet, set_up_jitr, set_up_managed
 
     try:
         if args.command == "setup-fleet":
-            set_up_fleet(args.data_dir, args.out, args.template)
+            set_up_fleet(args.data_dir, args.out, args.template, takeover_guard=args.takeover_guard)
+        elif args.command == "setup-managed":
+            set_up_managed(args.data_dir, args.out, args.profile, args.hub)
         else:
             set_up_jitr(args.data_dir, args.out, args.common_name, args.ca_dir)
     except SetupError as exc:

@@ -1,19 +1,22 @@
-"""`iot-core-local setup-fleet` and `setup-jitr`: a hub maker's cloud set-up, against a running stand-in.
+"""`iot-core-local setup-fleet`, `setup-managed` and `setup-jitr`: a hub maker's cloud set-up, against a
+running stand-in.
 
-Both find the server through `DIR/endpoint.json` (written by `iot-core-local serve --data-dir DIR`), run
-the customer-side recipes through a boto3 client, write what a factory puts on a hub into an output
-folder (certificates 0644, keys 0600, the folder 0700), and print one line per resource: `created`, or
+Each finds the server through `DIR/endpoint.json` (written by `iot-core-local serve --data-dir DIR`), runs
+the customer-side recipes through a boto3 client, writes what a factory puts on a hub into an output
+folder (certificates 0644, keys 0600, the folder 0700), and prints one line per resource: `created`, or
 `exists` when an earlier run made it. A rerun creates nothing that is there already and ends the same way;
 a file in the output folder is never overwritten.
 
-`setup-jitr` then runs the JITR activator (the customer's rule and Lambda function) until SIGINT or SIGTERM.
+`setup-managed` is managed integrations' set-up (the custom endpoint, a provisioning profile, a
+PRE_ASSOCIATED managed thing per hub). `setup-jitr` then runs the JITR activator (the customer's rule and
+Lambda function), and `setup-fleet --takeover-guard` the takeover guard (the template's pre-provisioning
+hook), until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -31,7 +34,10 @@ from .recipes.claims import (
     ensure_fleet_provisioning,
     hub_policy_document,
 )
+from .recipes.credential_files import private_folder, write_pair
 from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
+from .recipes.managed_integrations import Hub, set_up_managed_integrations
+from .recipes.takeover import TakeoverGuard
 from .server import Endpoint
 
 log = logging.getLogger(__name__)
@@ -75,19 +81,6 @@ def _report(what: str, created: bool, detail: str = "") -> None:
     print(f"{what}: {'created' if created else 'exists'}{detail}", flush=True)
 
 
-def _private_folder(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _write_pair(folder: Path, names: tuple[str, str], certificate_pem: str, private_key_pem: str) -> None:
-    """The certificate (0644) and its key (0600 from its first byte); neither may exist yet."""
-    cert_path, key_path = (folder / n for n in names)
-    for path, text, mode in ((cert_path, certificate_pem, 0o644), (key_path, private_key_pem, 0o600)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
 def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | None:
     """The (certificate, key) texts when both files exist; None when neither does; else SetupError."""
     paths = [folder / n for n in names]
@@ -102,14 +95,36 @@ def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | No
     return paths[0].read_text(encoding="utf-8"), paths[1].read_text(encoding="utf-8")
 
 
-def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
-    """Template, policies and a claim certificate in the cloud; the claim pair in `out`."""
+def set_up_fleet(
+    data_dir: Path,
+    out: Path,
+    template_name: str,
+    *,
+    takeover_guard: bool = False,
+    run: Callable[[TakeoverGuard], None] | None = None,
+) -> None:
+    """Template, policies and a claim certificate in the cloud; the claim pair in `out`. With
+    `takeover_guard`, the guard is the template's hook and serves until a signal (`run`: instead)."""
     cloud = Cloud.of(data_dir)
+    if not takeover_guard:
+        _set_up_fleet(cloud, data_dir, out, template_name, None)
+        return
+    with TakeoverGuard(cloud.client) as guard:
+        _set_up_fleet(cloud, data_dir, out, template_name, guard.url)
+        print(
+            f"takeover guard: listening on {guard.url} (Ctrl-C to stop; once stopped, RegisterThing under "
+            f"{template_name} is refused until it runs again)",
+            flush=True,
+        )
+        (run or _until_signal)(guard)
+
+
+def _set_up_fleet(cloud: Cloud, data_dir: Path, out: Path, template_name: str, hook_url: str | None) -> None:
     iot = cloud.client
-    resources = ensure_fleet_provisioning(iot, template_name)
+    resources = ensure_fleet_provisioning(iot, template_name, hook_url=hook_url)
     for what in (*resources.created, *resources.existing):
         _report(what, what in resources.created)
-    _private_folder(out)
+    private_folder(out)
     existing = _existing_pair(out, CLAIM_FILES)
     if existing is not None:
         certificate_id = certificate_id_of(x509.load_pem_x509_certificate(existing[0].encode()))
@@ -123,13 +138,27 @@ def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
         _report(f"claim certificate {certificate_id}", False, f", {out / CLAIM_FILES[0]}")
     else:
         claim = create_claim(iot, resources)
-        _write_pair(out, CLAIM_FILES, claim.certificate_pem, claim.private_key_pem)
+        write_pair(out, CLAIM_FILES, claim.certificate_pem, claim.private_key_pem)
         _report(
             f"claim certificate {claim.certificate_id}",
             True,
             f", {out / CLAIM_FILES[0]} and {out / CLAIM_FILES[1]}",
         )
     cloud.print_hub_settings()
+
+
+def set_up_managed(data_dir: Path, out: Path, profile_name: str, hubs: list[Hub]) -> None:
+    """The custom endpoint, a provisioning profile and a managed thing per hub; the claim pair in `out`."""
+    cloud = Cloud.of(data_dir)
+    client = cloud.endpoint.client(cloud.client.meta.region_name, service="iot-managed-integrations")
+    try:
+        setup = set_up_managed_integrations(client, profile_name, hubs, claim_folder=out)
+    except FileExistsError as exc:
+        raise SetupError(str(exc)) from None
+    for step in setup.steps:
+        print(step, flush=True)
+    cloud.print_hub_settings()
+    print(f"fp_template_name {setup.template_name}")
 
 
 def set_up_jitr(
@@ -144,11 +173,11 @@ def set_up_jitr(
     cloud = Cloud.of(data_dir)
     iot = cloud.client
     ca_dir = ca_dir if ca_dir is not None else out / "device-ca"
-    _private_folder(ca_dir)
+    private_folder(ca_dir)
     saved = _existing_pair(ca_dir, CA_FILES)
     ca = DeviceCA.from_pem(*saved) if saved is not None else DeviceCA()
     if saved is None:
-        _write_pair(ca_dir, CA_FILES, ca.certificate_pem, ca.private_key_pem)
+        write_pair(ca_dir, CA_FILES, ca.certificate_pem, ca.private_key_pem)
     _report(f"device CA {ca.certificate_id}", ca.ensure_registered(iot), f", {ca_dir / CA_FILES[0]}")
     policy_name = "JitrHub-device"
     created = create_unless_present(
@@ -158,11 +187,11 @@ def set_up_jitr(
         policyDocument=hub_policy_document(iot.meta.region_name, "123456789012"),
     )
     _report(f"policy {policy_name}", created)
-    _private_folder(out)
+    private_folder(out)
     dha = _existing_pair(out, DHA_FILES)
     if dha is None:
         device = ca.issue_device(common_name)
-        _write_pair(out, DHA_FILES, device.certificate_pem, device.private_key_pem)
+        write_pair(out, DHA_FILES, device.certificate_pem, device.private_key_pem)
     _report(f"device certificate {DHA_FILES[0]}", dha is None, f", {out / DHA_FILES[0]}")
     cloud.print_hub_settings()
     activator = JitrActivator(
@@ -184,7 +213,7 @@ def set_up_jitr(
         activator.stop()
 
 
-def _until_signal(activator: JitrActivator) -> None:
+def _until_signal(_running: object) -> None:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

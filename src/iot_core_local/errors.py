@@ -19,7 +19,11 @@
         ├── CertificateState        406 CertificateStateException
         ├── ResourceAlreadyExists   409 ResourceAlreadyExistsException (with resourceId, resourceArn)
         ├── DeleteConflict          409 DeleteConflictException
-        └── VersionConflict         409 VersionConflictException
+        ├── VersionConflict         409 VersionConflictException
+        ├── Validation              400 ValidationException (managed integrations' bad input)
+        ├── Conflict                409 ConflictException (managed integrations: a duplicate name or serial)
+        └── ManagedResourceNotFound 404 ResourceNotFoundException with ResourceId, ResourceType
+                                        (managed integrations)
 
 The control plane turns a ServiceError into the HTTP answer botocore expects; the gateway turns it
 into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`). A throttled
@@ -155,3 +159,39 @@ class DeleteConflict(ServiceError):
 class VersionConflict(ServiceError):
     error_type = "VersionConflictException"
     status = 409
+
+
+class Validation(ServiceError):
+    """Managed integrations' answer to bad input (its model says ValidationException, not AWS IoT's
+    InvalidRequestException)."""
+
+    error_type = "ValidationException"
+    status = 400
+
+    def body(self) -> dict[str, str]:
+        return {"Message": self.message}
+
+
+class Conflict(ServiceError):
+    """Managed integrations: the request conflicts with what exists (a profile name, a hub's serial)."""
+
+    error_type = "ConflictException"
+    status = 409
+
+    def body(self) -> dict[str, str]:
+        return {"Message": self.message}
+
+
+class ManagedResourceNotFound(ServiceError):
+    """Managed integrations' ResourceNotFoundException, which names the resource's id and type."""
+
+    error_type = "ResourceNotFoundException"
+    status = 404
+
+    def __init__(self, message: str, resource_id: str, resource_type: str) -> None:
+        super().__init__(message)
+        self.resource_id = resource_id
+        self.resource_type = resource_type
+
+    def body(self) -> dict[str, str]:
+        return {"Message": self.message, "ResourceId": self.resource_id, "ResourceType": self.resource_type}

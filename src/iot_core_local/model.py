@@ -21,8 +21,12 @@ __all__ = [
     "Certificate",
     "CertificateMode",
     "CertificateStatus",
+    "ManagedThingRole",
     "Policy",
+    "ProvisioningProfileStatus",
+    "ProvisioningStatus",
     "ProvisioningTemplate",
+    "ProvisioningType",
     "TemplateType",
     "Thing",
     "TokenGrant",
@@ -59,6 +63,45 @@ class TemplateType(enum.StrEnum):
 
     FLEET_PROVISIONING = "FLEET_PROVISIONING"
     JITP = "JITP"
+
+
+class ProvisioningType(enum.StrEnum):
+    """Managed integrations: how the hubs of a provisioning profile get their certificates."""
+
+    FLEET_PROVISIONING = "FLEET_PROVISIONING"
+    JITR = "JITR"
+
+
+class ProvisioningProfileStatus(enum.StrEnum):
+    """Managed integrations: a provisioning profile's status (this stand-in creates them at once)."""
+
+    CREATE_IN_PROGRESS = "CREATE_IN_PROGRESS"
+    CREATE_FAILED = "CREATE_FAILED"
+    CREATED = "CREATED"
+    DELETE_IN_PROGRESS = "DELETE_IN_PROGRESS"
+    DELETE_FAILED = "DELETE_FAILED"
+
+
+class ManagedThingRole(enum.StrEnum):
+    """Managed integrations: a hub is a CONTROLLER, what it controls a DEVICE."""
+
+    CONTROLLER = "CONTROLLER"
+    DEVICE = "DEVICE"
+
+
+class ProvisioningStatus(enum.StrEnum):
+    """Managed integrations: where a managed thing is in its life (GetManagedThing's ProvisioningStatus)."""
+
+    UNASSOCIATED = "UNASSOCIATED"
+    PRE_ASSOCIATED = "PRE_ASSOCIATED"  # created for a hub that has not provisioned yet
+    DISCOVERED = "DISCOVERED"
+    ACTIVATED = "ACTIVATED"  # the hub provisioned: its certificate is ACTIVE
+    DELETION_FAILED = "DELETION_FAILED"
+    DELETE_IN_PROGRESS = (
+        "DELETE_IN_PROGRESS"  # its certificate is INACTIVE; waiting for its connection to end
+    )
+    ISOLATED = "ISOLATED"
+    DELETED = "DELETED"
 
 
 # What a certificate listener receives when the certificate was deleted: not a status a certificate can

@@ -264,6 +264,26 @@ class Registry:
         rows = self._query(sql, params)
         return rows[0] if rows else None
 
+    # ---- tables of a service built on the registry (managed integrations) -------------------------
+
+    def create_tables(self, schema: str) -> None:
+        """Create another service's tables in this file (`CREATE TABLE IF NOT EXISTS ...;` statements), so
+        its writes and the registry's can share one `transaction()`."""
+        with self.transaction():
+            for statement in schema.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """The rows of one statement on those tables (under the registry's lock)."""
+        return self._query(sql, params)
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        """Run one writing statement on those tables; how many rows it changed. Inside `transaction()`
+        when it must stand or fall with other writes."""
+        with self.transaction():
+            return self._db.execute(sql, params).rowcount
+
     # ---- certificates ---------------------------------------------------------------------------
 
     _CERT_COLUMNS = "id, pem, status, ca_id, mode, created, last_modified, customer_version, generation_id"

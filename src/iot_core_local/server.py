@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .control_plane.http import ControlPlaneLimits
     from .gateway import Gateway, GatewayLimits
     from .keys import KeyPool
+    from .managed import ManagedIntegrations
     from .registry import Registry
 
 log = logging.getLogger("iot_core_local.server")
@@ -71,12 +72,13 @@ class Endpoint:
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
         return cls(data["mqttHost"], int(data["mqttPort"]), data["apiUrl"], Path(data["rootCaPath"]))
 
-    def client(self, region: str = "us-east-1") -> Any:
-        """A boto3 IoT client for this server's control plane (any credentials work)."""
+    def client(self, region: str = "us-east-1", service: str = "iot") -> Any:
+        """A boto3 client of `service` ("iot", "iot-managed-integrations") for this server's control
+        plane (any credentials work)."""
         import boto3
 
         return boto3.client(
-            "iot",
+            service,  # type: ignore[call-overload]  # boto3's stubs know each service by a literal
             endpoint_url=self.api_url,
             region_name=region,
             aws_access_key_id="iot-core-local",
@@ -183,6 +185,7 @@ class LocalIotCore:
         self._broker: Broker | None = None
         self._gateway: Gateway | None = None
         self._api: ControlPlane | None = None
+        self._managed: ManagedIntegrations | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._endpoint: Endpoint | None = None
@@ -227,6 +230,13 @@ class LocalIotCore:
             raise ServerError("iot-core-local is not running")
         return self._loop
 
+    @property
+    def managed(self) -> ManagedIntegrations:
+        """Managed integrations' state (profiles, managed things), beside the registry."""
+        if self._managed is None:
+            raise ServerError("iot-core-local is not running")
+        return self._managed
+
     def client(self) -> Any:
         """A boto3 IoT client pointed at this server (any credentials work)."""
         return self.endpoint.client(self.region)
@@ -245,10 +255,12 @@ class LocalIotCore:
     def start(self) -> Endpoint:
         from .broker import Broker
         from .ca import CertificateAuthority
-        from .control_plane import ControlPlane
+        from .control_plane import ControlPlane, managed_integrations
         from .gateway import Gateway
         from .keys import KeyPool, generate_rsa_key
+        from .managed import ManagedIntegrations
         from .provisioning import ProvisioningService
+        from .provisioning.managed import ManagedMatcher
         from .registry import Registry
         from .resources import raise_open_file_limit
 
@@ -265,6 +277,9 @@ class LocalIotCore:
             self._ca = CertificateAuthority(self.data_dir / "ca", keys=self._keys)
             self._registry = Registry(
                 self.data_dir / "registry.sqlite3", region=self.region, clock=self.clock
+            )
+            self._managed = ManagedIntegrations(
+                self._registry, self._ca, endpoint_address=lambda: self.host, clock=self.clock
             )
             self._broker = Broker(self.data_dir / "mosquitto", limits=self.broker_limits)
             self._broker.start()
@@ -283,6 +298,9 @@ class LocalIotCore:
                 clock=self.clock,
                 broker=(self._broker.host, self._broker.port),
             )
+            matcher = ManagedMatcher(self._managed)
+            provisioning.fleet.matcher = matcher
+            provisioning.jit.activator = matcher.activate_jitr
             self._gateway = Gateway(
                 registry=self._registry,
                 ca=self._ca,
@@ -294,6 +312,7 @@ class LocalIotCore:
                 faults=self.faults,
                 limits=self.gateway_limits,
             )
+            self._gateway.lifecycle_listeners.append(self._managed.on_connectivity)
             try:
                 asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
             except OSError as exc:
@@ -308,6 +327,7 @@ class LocalIotCore:
                 faults=self.faults,
                 limits=self.control_plane_limits,
             )
+            self._api.host_service(managed_integrations.service(), self._managed)
             try:
                 self._api.start()
             except OSError as exc:
@@ -354,6 +374,7 @@ class LocalIotCore:
         if self._registry is not None:
             self._registry.close()
             self._registry = None
+            self._managed = None
         if self._keys is not None:  # after everything that takes keys has stopped
             self._keys.stop()
             self._keys = None

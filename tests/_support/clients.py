@@ -1,4 +1,4 @@
-"""Clients of the stand-in, for tests: a boto3 IoT client pointed at a control plane."""
+"""Clients of the stand-in, for tests: boto3 clients pointed at a control plane."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ from typing import Any
 import boto3
 
 
-def iot_client(url: str, region: str = "us-east-1") -> Any:
-    """A boto3 IoT client for the control plane at `url` (the stand-in checks no signature)."""
+def iot_client(url: str, region: str = "us-east-1", service: str = "iot") -> Any:
+    """A boto3 client of `service` for the control plane at `url` (the stand-in checks no signature)."""
     return boto3.client(
-        "iot",
+        service,  # type: ignore[call-overload]  # boto3's stubs know each service by a literal
         endpoint_url=url,
         region_name=region,
         aws_access_key_id="x",
         aws_secret_access_key="x",  # a dummy: the stand-in checks no credentials
     )
+
+
+def managed_client(url: str, region: str = "us-east-1") -> Any:
+    """A boto3 managed integrations client for the control plane at `url`."""
+    return iot_client(url, region, "iot-managed-integrations")

@@ -13,6 +13,7 @@ import json
 import queue
 import socket
 import ssl
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +295,29 @@ class DeviceCA(jitr.DeviceCA):
     def pem(self) -> str:
         return self.certificate_pem
 
-    def device(self, folder: Path, common_name: str) -> Credentials:
-        issued = self.issue_device(common_name)
+    def device(self, folder: Path, common_name: str, serial_number: str | None = None) -> Credentials:
+        issued = self.issue_device(common_name, serial_number)
         cid = certificate_id(x509.load_pem_x509_certificate(issued.certificate_pem.encode()))
         return write_credentials(folder, common_name, cid, issued.certificate_pem, issued.private_key_pem)
+
+
+class Lifecycle:
+    """Waits on the gateway's lifecycle reports (it runs after managed integrations' own listener)."""
+
+    def __init__(self, core: LocalIotCore) -> None:
+        self.core = core
+        self.seen: list[tuple[str, bool, str | None]] = []
+        self.changed = threading.Condition()
+        core.gateway.lifecycle_listeners.append(self.heard)
+
+    def heard(self, client_id: str, connected: bool, reason: str | None) -> None:
+        with self.changed:
+            self.seen.append((client_id, connected, reason))
+            self.changed.notify_all()
+
+    def wait_for(self, event: tuple[str, bool, str | None], timeout: float = 5.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: event in self.seen, timeout), self.seen
+
+    def close(self) -> None:
+        self.core.gateway.lifecycle_listeners.remove(self.heard)

@@ -8,9 +8,13 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests._support.certificates import Pair, make_pair, write_private
+
+if TYPE_CHECKING:
+    from iot_core_local.recipes.claims import ClaimSetup
+    from iot_core_local.server import LocalIotCore
 
 
 @dataclass
@@ -74,6 +78,24 @@ def write_offline_hub(
     config = hub_dir / "iotmi_config.json"
     config.write_text(json.dumps(doc, indent=2))
     return Hub(hub_dir, config, claim, dha, ca)
+
+
+def cloud_claim_hub(
+    cloud: LocalIotCore, claim: ClaimSetup, hub_dir: Path, serial: str, **options: Any
+) -> Path:
+    """A factory-fresh hub in `hub_dir` aimed at `cloud` with `claim`; `options`: write_claim_hub's others."""
+    from hub_onboarding.tools.factory import write_claim_hub
+
+    return write_claim_hub(
+        hub_dir,
+        endpoint_url=cloud.endpoint.mqtt_address,
+        root_ca_path=cloud.endpoint.root_ca_path,
+        claim_certificate_pem=claim.certificate_pem,
+        claim_private_key_pem=claim.private_key_pem,
+        template_name=claim.template_name,
+        serial=serial,
+        **options,
+    )
 
 
 def read_config(path: Path) -> dict[str, Any]:

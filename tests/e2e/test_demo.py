@@ -13,15 +13,39 @@ from hub_onboarding.cli import main
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_provisions_a_simulated_hub(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_tells_the_managed_integrations_story(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    thing_id = re.search(r"managed thing SN-DEMO-0001: created, id ([0-9a-f]{32}) PRE_ASSOCIATED", out)
+    assert thing_id is not None
+    mt = thing_id.group(1)
+    for line in (
+        "provisioning profile DemoHubProfile: created",
+        f"hub: thing registered: {mt}",
+        f"{mt} ACTIVATED since",
+        f"rw.client_id {mt}, rw.managed_thing_id {mt}",
+        "GetManagedThingConnectivityData: Connected True",
+        "the cloud closed the hub's connection",
+        "GetManagedThing: ResourceNotFoundException",
+        "hub-onboard reset: NOT_PROVISIONED",
+    ):
+        assert line in out
+    assert out.index("PRE_ASSOCIATED") < out.index("ACTIVATED since") < out.index("Connected True")
+    assert "PRIVATE KEY" not in out
+
+
+def test_demo_plain_iot_provisions_a_simulated_hub_and_refuses_a_takeover(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--plain-iot"]) == 0
     out = capsys.readouterr().out
     for step in ("starting iot-core-local", "claim certificate", "thing registered", "the cloud now has"):
         assert step in out
+    assert "refused by the takeover guard (statusCode 403)" in out
     config = json.loads(out[out.index("{", out.index("resulting iotmi_config.json")) :])
     assert config["rw"]["iot_provisioning_state"] == "PROVISIONED"
     assert config["rw"]["client_id"] == "hub-SN-DEMO-0001"
-    assert re.search(r"certificate [0-9a-f]{16}\.\.\. ACTIVE", out)
+    assert len(re.findall(r"certificate [0-9a-f]{16}\.\.\. ACTIVE", out)) == 1  # the intruder got none
     assert "PRIVATE KEY" not in out
 
 
@@ -45,6 +69,8 @@ def test_demo_keep_leaves_the_hub_and_the_cloud_to_look_at(
     # What status reads afterwards is the kept hub.
     assert main(["status", "--config", str(config_path)]) == 0
     assert "state: PROVISIONED" in capsys.readouterr().out
+    # The hub stays onboarded; offboarding is printed as the commands to run.
+    assert f"delete-managed-thing --identifier {rw['managed_thing_id']}" in out
 
 
 def test_demo_keep_refuses_a_folder_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

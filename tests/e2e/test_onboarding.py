@@ -23,7 +23,7 @@ from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_u
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import pem_certificate_id
-from tests._support.hubs import CloudHubFactory, read_config
+from tests._support.hubs import CloudHubFactory, cloud_claim_hub, read_config
 from tests._support.network import connects
 
 pytestmark = pytest.mark.e2e
@@ -157,7 +157,7 @@ def test_denying_hook_is_an_identity_error(
 ) -> None:
     hook = hook_server({"allowProvisioning": False})
     claim = set_up_fleet_provisioning(iot, "DenyHookTemplate", hook_url=hook.url)
-    config_path = _claim_hub(cloud, claim, tmp_path / "hub", "SN-DENIED")
+    config_path = cloud_claim_hub(cloud, claim, tmp_path / "hub", "SN-DENIED")
     error = _provision_error(config_path)
     assert error.status_code == 403
     assert hook.requests
@@ -175,23 +175,9 @@ def test_overriding_hook_changes_the_thing(
         {"allowProvisioning": True, "parameterOverrides": {"UniversalProductCode": "OVERRIDDEN"}}
     )
     claim = set_up_fleet_provisioning(iot, "OverrideHookTemplate", hook_url=hook.url)
-    config_path = _claim_hub(cloud, claim, tmp_path / "hub", "SN-OVERRIDE")
+    config_path = cloud_claim_hub(cloud, claim, tmp_path / "hub", "SN-OVERRIDE")
     HubOnboarding(config_path).process_device()
     assert iot.describe_thing(thingName="hub-SN-OVERRIDE")["attributes"] == {"upc": "OVERRIDDEN"}
-
-
-def _claim_hub(cloud: LocalIotCore, claim: ClaimSetup, hub_dir: Path, serial: str) -> Path:
-    from hub_onboarding.tools.factory import write_claim_hub
-
-    return write_claim_hub(
-        hub_dir,
-        endpoint_url=cloud.endpoint.mqtt_address,
-        root_ca_path=cloud.endpoint.root_ca_path,
-        claim_certificate_pem=claim.certificate_pem,
-        claim_private_key_pem=claim.private_key_pem,
-        template_name=claim.template_name,
-        serial=serial,
-    )
 
 
 def test_bogus_token_is_an_identity_error(cloud: LocalIotCore, claim: ClaimSetup) -> None:

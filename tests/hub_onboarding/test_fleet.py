@@ -337,6 +337,17 @@ def _run_flow(config: Any, fleet: _JunkFleet) -> Exception | None:
     return None
 
 
+def _issued() -> Resp:
+    """A valid CreateKeysAndCertificate answer."""
+    good = make_pair("issued")
+    return Resp(
+        certificate_pem=good.cert_pem.decode(),
+        private_key=good.key_pem.decode(),
+        certificate_ownership_token="TOKEN-1",
+        certificate_id="x",
+    )
+
+
 class _JunkFleet:
     def __init__(self, issued: Any = None, registered: Any = None) -> None:
         self.issued, self.registered = issued, registered
@@ -390,13 +401,7 @@ def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any
     from hub_onboarding.certs import check_pair
     from hub_onboarding.progress import ProgressStore, Step
 
-    good = make_pair("issued")
-    issued = Resp(
-        certificate_pem=good.cert_pem.decode(),
-        private_key=good.key_pem.decode(),
-        certificate_ownership_token="TOKEN-1",
-        certificate_id="x",
-    )
+    issued = _issued()
     with tempfile.TemporaryDirectory() as folder:
         config = _flow_hub(folder)
         before = config.read_bytes()
@@ -420,6 +425,9 @@ def test_malformed_register_answers_through_the_flow_never_half_write(thing: Any
         else:
             assert isinstance(error, IdentityError), repr(error)
             assert config.read_bytes() == before
+            if error.invalid_identity_answer:  # an identity the hub cannot use: nothing of it is kept
+                assert list(certs.iterdir()) == []
+                return
             # What is on disk is complete and resumable: the pair matches and the record names it.
             progress = ProgressStore(certs).load()
             assert progress is not None
@@ -515,3 +523,79 @@ def test_retry_delays_start_at_the_base_and_double() -> None:
     for attempt in range(1, 7):
         dp.wait_before_retry(MqttConnectionError("refused"), attempt, deadline=1000.0)
     assert slept == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The identity RegisterThing hands the hub: checked before anything of it is stored (issue 9 point 6).
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"ClientId": "a" * 129, "ManagedThingId": "mt-1"}, "'" + "a" * 80 + "'... (129 characters)"),
+        ({"ClientId": "é" * 65, "ManagedThingId": "mt-1"}, "128 bytes"),  # 65 characters, 130 bytes
+        ({"ClientId": "hub\x00one", "ManagedThingId": "mt-1"}, "'hub\\x00one'"),
+        ({"ClientId": "hub\u0085one"}, "'hub\\x85one'"),
+        ({"ClientId": "hub\ud800"}, "'hub\\ud800'"),
+        ({"ClientId": ""}, "ClientId '', which is empty"),
+        ({"ClientId": "hub-1", "ManagedThingId": "mt/1"}, "ManagedThingId 'mt/1'"),
+        ({"ClientId": "hub-1", "ManagedThingId": ""}, "ManagedThingId ''"),
+        ({"ClientId": "hub-1", "ManagedThingId": "m" * 65}, "ManagedThingId 'mmm"),
+        ({"ManagedThingId": "mt 1"}, "ManagedThingId 'mt 1'"),
+    ],
+)
+def test_an_unusable_identity_is_an_identity_error_naming_it(config: dict[str, str], named: str) -> None:
+    with pytest.raises(IdentityError) as info:
+        validate_registered(Resp(thing_name="hub-1", device_configuration=config))
+    error = info.value
+    assert named in error.message
+    assert error.invalid_identity_answer
+    assert not error.retriable
+    assert "\n" not in error.message
+    assert error.exit_code == 12
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"ClientId": "a" * 128, "ManagedThingId": "m" * 64},
+        {"ClientId": "hub-SN:1_é", "ManagedThingId": "a:b_c-D9"},
+        {},  # neither: the hub falls back to the thing name, as before
+    ],
+)
+def test_a_usable_identity_passes(config: dict[str, str]) -> None:
+    assert (
+        validate_registered(Resp(thing_name="hub-1", device_configuration=config)).device_configuration
+        == config
+    )
+
+
+def test_without_a_client_id_the_thing_name_must_be_one() -> None:
+    with pytest.raises(IdentityError, match=r"thingName \(the client id: there is no ClientId\) 'hub\\x1b'"):
+        validate_registered(Resp(thing_name="hub\x1b", device_configuration={"ManagedThingId": "mt-1"}))
+    # with a ClientId, the thing name is only a name
+    registered = validate_registered(Resp(thing_name="hub\x1b", device_configuration={"ClientId": "hub-1"}))
+    assert registered.thing_name == "hub\x1b"
+
+
+def test_a_service_rejection_is_not_an_invalid_identity() -> None:
+    rejected = IdentityError.from_rejection("RegisterThing", 400, "InvalidIdentity", "no")
+    assert not rejected.invalid_identity_answer
+
+
+@pytest.mark.parametrize(
+    "device_configuration",
+    [{"ClientId": "hub\nSN-1", "ManagedThingId": "mt-1"}, {"ClientId": "hub-SN-1", "ManagedThingId": "mt#1"}],
+)
+def test_an_unusable_identity_through_the_flow_keeps_nothing(
+    tmp_path: Any, device_configuration: Any
+) -> None:
+    issued = _issued()
+    config = _flow_hub(tmp_path)
+    before = config.read_bytes()
+    registered = Resp(thing_name="hub-SN-1", device_configuration=device_configuration)
+    error = _run_flow(config, _JunkFleet(issued=issued, registered=registered))
+    assert isinstance(error, IdentityError)
+    assert error.invalid_identity_answer
+    assert config.read_bytes() == before  # rw untouched
+    assert list((tmp_path / "certs").iterdir()) == []  # no certificate, key, progress record or manifest

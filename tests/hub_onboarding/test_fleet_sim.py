@@ -19,13 +19,16 @@ def _capture_cloud(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     real = fleet_sim.embedded_cloud
 
-    def spy(data_dir: Path, template_name: str = fleet_sim.DEFAULT_TEMPLATE) -> Any:
-        cm = real(data_dir, template_name)
+    def spy(
+        data_dir: Path, template_name: str = fleet_sim.DEFAULT_TEMPLATE, *, plain_iot: bool = False
+    ) -> Any:
+        cm = real(data_dir, template_name, plain_iot=plain_iot)
 
         class Wrapper:
             def __enter__(self) -> Any:
                 target, iot = cm.__enter__()
                 seen["iot"] = iot
+                seen["mi"] = target.managed_integrations_client()
                 seen["things"] = iot.list_things()["things"]
                 return target, iot
 
@@ -34,6 +37,8 @@ def _capture_cloud(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
                 iot = seen["iot"]
                 seen["things_after"] = [t["thingName"] for t in iot.list_things(maxResults=250)["things"]]
                 seen["certificates_after"] = iot.list_certificates(pageSize=250)["certificates"]
+                if seen["mi"] is not None:
+                    seen["managed_after"] = seen["mi"].list_managed_things()["Items"]
                 return cm.__exit__(*exc)
 
         return Wrapper()
@@ -43,7 +48,7 @@ def _capture_cloud(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(60)
-def test_fleet_sim_onboards_every_hub(
+def test_fleet_sim_pre_associates_and_onboards_every_hub(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen = _capture_cloud(monkeypatch)
@@ -52,12 +57,42 @@ def test_fleet_sim_onboards_every_hub(
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["onboarded"] == 5
-    assert summary["failed"] == 0
-    assert summary["hubs"] == 5
-    assert summary["concurrency"] == 3
+    assert (summary["pre_associated"], summary["onboarded"], summary["failed"]) == (5, 5, 0)
+    assert (summary["hubs"], summary["concurrency"]) == (5, 3)
     assert summary["latency_p50_ms"] > 0
     assert summary["provisionings_per_s"] > 0
+    # In the cloud: one managed thing per serial, ACTIVATED; on each hub, that managed thing's id.
+    managed = {t["SerialNumber"]: t for t in seen["managed_after"]}
+    assert sorted(managed) == [f"T-{i:06d}" for i in range(5)]
+    assert {t["ProvisioningStatus"] for t in managed.values()} == {"ACTIVATED"}
+    for config in sorted((tmp_path / "hubs").glob("hub-*/iotmi_config.json")):
+        doc = json.loads(config.read_text())
+        assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
+        assert doc["rw"]["managed_thing_id"] == managed[doc["ro"]["SN"]]["Id"]
+
+
+@pytest.mark.timeout(60)
+def test_fleet_sim_plain_iot_onboards_every_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = _capture_cloud(monkeypatch)
+    code = fleet_sim.main(
+        [
+            "--hubs",
+            "5",
+            "--concurrency",
+            "3",
+            "--json",
+            "--serial-prefix",
+            "T",
+            "--work-dir",
+            str(tmp_path),
+            "--plain-iot",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["pre_associated"], summary["onboarded"], summary["failed"]) == (0, 5, 0)
     # In the cloud: no thing before, one thing per hub after, one certificate per hub plus the claim.
     assert seen["things"] == []
     assert sorted(seen["things_after"]) == [f"hub-T-{i:06d}" for i in range(5)]
@@ -119,6 +154,26 @@ def test_cloud_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(fleet_sim.CloudConfigError, match="claim_certificate_path"):
         fleet_sim.Target.from_file(tmp_path / "c.json")
     assert fleet_sim.main(["--hubs", "0"]) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("managed", [[], {"region": 7}, {"regio": "eu-west-1"}, {"region": ""}])
+def test_a_bad_managed_integrations_object_is_named(tmp_path: Path, managed: Any) -> None:
+    for name in ("ca.pem", "claim.crt", "claim.key"):
+        (tmp_path / name).write_text("x")
+    cloud = {
+        "endpoint_url": "x:8883",
+        "root_ca_path": "ca.pem",
+        "claim_certificate_path": "claim.crt",
+        "claim_private_key_path": "claim.key",
+        "template_name": "T",
+        "managed_integrations": managed,
+    }
+    (tmp_path / "c.json").write_text(json.dumps(cloud))
+    with pytest.raises(fleet_sim.CloudConfigError, match="'managed_integrations' must be an object"):
+        fleet_sim.Target.from_file(tmp_path / "c.json")
+    cloud["managed_integrations"] = {"region": "eu-west-1"}
+    (tmp_path / "c.json").write_text(json.dumps(cloud))
+    assert fleet_sim.Target.from_file(tmp_path / "c.json").managed_integrations == {"region": "eu-west-1"}
 
 
 def test_percentile() -> None:

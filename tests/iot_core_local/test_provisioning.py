@@ -118,7 +118,7 @@ def test_claim_flow_with_iot_identity_client_v2(
     from cryptography.hazmat.primitives.asymmetric import ec
 
     setup, claim_creds = claim
-    crt, stopped = _aws_connect(core, claim_creds, f"hub-{operation}")
+    crt, stopped = _aws_connect(core, claim_creds, f"SN-{operation}")  # a claim connects as its serial
     try:
         identity = iotidentity.IotIdentityClientV2(
             crt,
@@ -208,7 +208,7 @@ def test_two_hubs_on_one_claim_each_see_only_their_answer(
     core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
 ) -> None:
     _, creds = claim
-    first, second = connect_claim(core, creds, "hub-a"), connect_claim(core, creds, "hub-b")
+    first, second = connect_claim(core, creds, "SN-a"), connect_claim(core, creds, "SN-b")
     try:
         for client in (first, second):
             assert client.subscribe(f"{KEYS_TOPIC}/accepted", f"{KEYS_TOPIC}/rejected") == [1, 1]

@@ -12,7 +12,11 @@ import pytest
 
 import iot_core_local.recipes
 from iot_core_local.policy import evaluate, validate_policy
-from iot_core_local.recipes.claims import hub_template_body, set_up_fleet_provisioning
+from iot_core_local.recipes.claims import (
+    ensure_fleet_provisioning,
+    hub_template_body,
+    set_up_fleet_provisioning,
+)
 from iot_core_local.recipes.jitr import DeviceCA, activator_policy_document, registration_event_topic
 
 RECIPES = Path(iot_core_local.recipes.__file__).parent
@@ -47,6 +51,15 @@ def test_a_second_run_keeps_the_existing_template_as_it_is(cp_client: Any) -> No
     assert described["preProvisioningHook"]["targetArn"] == "http://127.0.0.1:9/hook"
 
 
+def test_a_second_run_with_another_hook_points_the_template_at_it(cp_client: Any) -> None:
+    set_up_fleet_provisioning(cp_client, "Moved", hook_url="http://127.0.0.1:9/old")
+    again = ensure_fleet_provisioning(cp_client, "Moved", hook_url="http://127.0.0.1:9/new")
+    assert again.created == ("pre-provisioning hook of template Moved",)
+    described = cp_client.describe_provisioning_template(templateName="Moved")
+    assert described["preProvisioningHook"]["targetArn"] == "http://127.0.0.1:9/new"
+    assert ensure_fleet_provisioning(cp_client, "Moved", hook_url="http://127.0.0.1:9/new").created == ()
+
+
 def test_the_hub_template_activates_the_certificate() -> None:
     body = json.loads(hub_template_body("HubPolicy"))
     assert body["Resources"]["certificate"]["Properties"]["Status"] == "ACTIVE"
@@ -68,7 +81,7 @@ def test_the_activator_may_hear_registration_events_and_nothing_else() -> None:
 
 def test_recipes_import_nothing_of_the_server() -> None:
     """They run against real AWS too: boto3-style clients and MQTT only, plus the pure model for AWS's
-    status names."""
+    status names (and each other)."""
     for path in sorted(RECIPES.glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         imported: set[str] = set()
@@ -78,7 +91,11 @@ def test_recipes_import_nothing_of_the_server() -> None:
             elif isinstance(node, ast.ImportFrom):
                 assert node.level == 0, f"{path.name}: relative import"
                 imported.add(node.module or "")
-        ours = {name for name in imported if name.split(".")[0] == "iot_core_local"}
+        ours = {
+            name
+            for name in imported
+            if name.split(".")[0] == "iot_core_local" and not name.startswith("iot_core_local.recipes.")
+        }
         assert ours <= {"iot_core_local.model"}, f"{path.name} imports {sorted(ours)}"
 
 

@@ -1,10 +1,16 @@
 """`hub-onboard demo`: the whole story on one machine, with no AWS account.
 
-Starts iot-core-local in a temporary folder, does what a hub maker does once in the cloud (template,
-policies, claim certificate) through the boto3 control plane, writes the config a factory would put on
-a hub, and onboards a simulated hub through the real MQTT path. The folder is deleted at exit, unless
-`keep` names one to keep it in: the hub's config and credentials (`hub/`) and the stand-in's data
-(`cloud/`, which `iot-core-local serve --data-dir` serves again) stay there to look at.
+Starts iot-core-local in a temporary folder and tells the managed integrations story through boto3's
+`iot-managed-integrations` client: the custom endpoint, a provisioning profile and the hub's managed thing
+(PRE_ASSOCIATED); the hub onboards through the real MQTT path; its managed thing is ACTIVATED and, once
+the hub connects as it, connected; offboarding deletes the managed thing (the cloud closes the hub's
+connection) and resets the hub. `plain_iot` tells the plain AWS IoT story instead: a provisioning
+template, policies and a claim certificate (`recipes.claims`), with the takeover guard as its
+pre-provisioning hook, which refuses a second hub sending the same serial.
+
+The folder is deleted at exit, unless `keep` names one to keep it in: the hub's config and credentials
+(`hub/`) and the stand-in's data (`cloud/`, which `iot-core-local serve --data-dir` serves again) stay
+there to look at, and the hub stays onboarded (offboarding is printed as the commands to run).
 
 Without the [server] extra it prints one line naming it and exits 3, before it starts or writes anything.
 """
@@ -15,13 +21,37 @@ import contextlib
 import json
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hub_onboarding.errors import EXIT_USAGE
+
+if TYPE_CHECKING:
+    from hub_onboarding.onboarding import StepEvent
+    from iot_core_local.server import LocalIotCore
+
+SERIAL = "SN-DEMO-0001"
+UPC = "012345678905"
+PROFILE_NAME = "DemoHubProfile"
+TEMPLATE_NAME = "DemoHubTemplate"
+OFFBOARD_TIMEOUT = 10.0  # the stand-in closes a deleted hub's connection within 5 s
 
 
 def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
+
+
+def _show(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
+def _hub_progress(event: StepEvent) -> None:
+    if event.is_progress:
+        _show(f"hub: {event.message}")
 
 
 def _kept_folder(keep: Path) -> str | None:
@@ -33,8 +63,35 @@ def _kept_folder(keep: Path) -> str | None:
     return None
 
 
-def run_demo(keep: Path | None = None) -> int:
-    """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in."""
+@dataclass(frozen=True)
+class _Stage:
+    """Where the demo runs: the stand-in, the folder, whether it is kept."""
+
+    core: LocalIotCore
+    root: Path
+    kept: bool
+
+    def write_hub(
+        self, claim_certificate_pem: str, claim_private_key_pem: str, template_name: str, *, name: str = "hub"
+    ) -> Path:
+        """A factory-fresh hub in `root/name` with serial SERIAL: its config's path."""
+        from hub_onboarding.tools.factory import write_claim_hub
+
+        return write_claim_hub(
+            self.root / name,
+            endpoint_url=self.core.endpoint.mqtt_address,
+            root_ca_path=self.core.endpoint.root_ca_path,
+            claim_certificate_pem=claim_certificate_pem,
+            claim_private_key_pem=claim_private_key_pem,
+            template_name=template_name,
+            serial=SERIAL,
+            upc=UPC,
+        )
+
+
+def run_demo(keep: Path | None = None, *, plain_iot: bool = False) -> int:
+    """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in;
+    `plain_iot`: the plain AWS IoT story instead of managed integrations'."""
     from iot_core_local.extra import EXIT_MISSING_EXTRA, missing_server_extra
 
     problem = missing_server_extra("hub-onboard demo")
@@ -44,15 +101,9 @@ def run_demo(keep: Path | None = None) -> int:
     if keep is not None and (why := _kept_folder(keep)) is not None:
         print(f"hub-onboard demo: --keep: {why}", file=sys.stderr)
         return EXIT_USAGE
-    from hub_onboarding.onboarding import HubOnboarding, StepEvent
-    from hub_onboarding.tools.factory import write_claim_hub
-    from iot_core_local.recipes.claims import set_up_fleet_provisioning
     from iot_core_local.server import LocalIotCore
 
-    def show(event: StepEvent) -> None:
-        if event.is_progress:
-            print(f"    hub: {event.message}", flush=True)
-
+    story: Callable[[_Stage], bool] = _plain_iot_story if plain_iot else _managed_integrations_story
     with contextlib.ExitStack() as stack:
         if keep is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hub-onboard-demo-")))
@@ -61,52 +112,160 @@ def run_demo(keep: Path | None = None) -> int:
             root = keep.resolve()
         _step("starting iot-core-local (gateway, Mosquitto, control plane)")
         with LocalIotCore(root / "cloud") as core:
-            endpoint = core.endpoint
-            print(f"    MQTT   mqtts://{endpoint.mqtt_address}")
-            print(f"    API    {endpoint.api_url}")
-            _step(
-                "creating the provisioning template, hub policy, claim policy and claim certificate (boto3)"
-            )
-            iot = core.client()
-            claim = set_up_fleet_provisioning(iot, "DemoHubTemplate")
-            print(
-                f"    claim certificate {claim.certificate_id[:16]}... attached to {claim.claim_policy_name}"
-            )
-            _step("writing a factory-fresh hub config")
-            config_path = write_claim_hub(
-                root / "hub",
-                endpoint_url=endpoint.mqtt_address,
-                root_ca_path=endpoint.root_ca_path,
-                claim_certificate_pem=claim.certificate_pem,
-                claim_private_key_pem=claim.private_key_pem,
-                template_name=claim.template_name,
-                serial="SN-DEMO-0001",
-            )
-            hub = HubOnboarding(config_path, on_step=show)
-            print(f"    {config_path}: provisioned = {hub.is_provisioned()}")
-            _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
-            hub.process_device()
-            _step("the cloud now has")
-            for thing in iot.list_things()["things"]:
-                principals = iot.list_thing_principals(thingName=thing["thingName"])["principals"]
-                print(f"    thing {thing['thingName']} attributes {thing.get('attributes', {})}")
-                for arn in principals:
-                    cert_id = arn.rsplit("/", 1)[1]
-                    described = iot.describe_certificate(certificateId=cert_id)
-                    status = described["certificateDescription"]["status"]
-                    print(f"      certificate {cert_id[:16]}... {status}")
-            _step("running onboarding again (a reboot): nothing to do")
-            again = HubOnboarding(config_path)
-            print(f"    provisioned = {again.is_provisioned()}")
-            _step(f"resulting {config_path.name}")
-            print(config_path.read_text(encoding="utf-8"))
-            state = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_provisioning_state"]
+            _show(f"MQTT   mqtts://{core.endpoint.mqtt_address}")
+            _show(f"API    {core.endpoint.api_url}")
+            ok = story(_Stage(core, root, keep is not None))
         if keep is not None:
+            config_path = root / "hub" / "iotmi_config.json"
             _step(f"kept in {root}")
-            print(f"    hub:   {config_path} and its credentials in {config_path.parent}")
-            print(f"    cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
-            print(f"    hub-onboard status --config {config_path}")
-    return 0 if state == "PROVISIONED" else 1
+            _show(f"hub:   {config_path} and its credentials in {config_path.parent}")
+            _show(f"cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
+            _show(f"hub-onboard status --config {config_path}")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------- managed integrations
+
+
+def _managed_integrations_story(stage: _Stage) -> bool:
+    from hub_onboarding.onboarding import HubOnboarding
+    from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_integrations
+
+    mi = stage.core.endpoint.client(stage.core.region, service="iot-managed-integrations")
+    _step("managed integrations set-up: endpoint, provisioning profile, the hub's managed thing (boto3)")
+    setup = set_up_managed_integrations(mi, PROFILE_NAME, [Hub(SERIAL, upc=UPC)])
+    for line in setup.steps:
+        _show(str(line))
+    assert setup.claim_private_key_pem is not None  # a new stand-in: the profile was created just now
+    managed_thing_id = setup.hubs[0].managed_thing_id
+    _step(f"writing a factory-fresh hub config (SN {SERIAL}, UPC {UPC}, fp_template_name {PROFILE_NAME})")
+    config_path = stage.write_hub(
+        setup.claim_certificate_pem, setup.claim_private_key_pem, setup.template_name
+    )
+    _step(
+        "onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing with SN and UPC, verify)"
+    )
+    hub = HubOnboarding(config_path, on_step=_hub_progress)
+    result = hub.process_device()
+    thing = mi.get_managed_thing(Identifier=managed_thing_id)
+    _step("the managed thing after onboarding")
+    _show(f"{managed_thing_id} {thing['ProvisioningStatus']} since {thing.get('ActivatedAt')}")
+    _show(f"rw.client_id {result.client_id}, rw.managed_thing_id {result.managed_thing_id}")
+    if result.managed_thing_id != managed_thing_id:
+        _show("the hub's managed_thing_id is not the one CreateManagedThing returned")
+        return False
+    if stage.kept:
+        _offboarding_commands(stage, managed_thing_id, config_path)
+        return result.state == "PROVISIONED"
+    with _hub_connection(config_path) as lost:
+        data = mi.get_managed_thing_connectivity_data(Identifier=managed_thing_id)
+        _step(f"the hub connects as {result.client_id}")
+        _show(f"GetManagedThingConnectivityData: Connected {data['Connected']}")
+        _step("offboarding: DeleteManagedThing while the hub is connected")
+        mi.delete_managed_thing(Identifier=managed_thing_id)
+        closed = lost.wait(OFFBOARD_TIMEOUT)
+        _show("the cloud closed the hub's connection" if closed else "the hub's connection is still open")
+    gone = _wait_gone(mi, managed_thing_id)
+    _show(f"GetManagedThing: {'ResourceNotFoundException' if gone else 'still there'}")
+    deleted = HubOnboarding(config_path).reset()
+    state = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_provisioning_state"]
+    _show(f"hub-onboard reset: {state}, {len(deleted)} files of onboarding deleted")
+    return result.state == "PROVISIONED" and thing["ProvisioningStatus"] == "ACTIVATED" and closed and gone
+
+
+@contextlib.contextmanager
+def _hub_connection(config_path: Path) -> Iterator[threading.Event]:
+    """The hub's own connection with its permanent identity, as its runtime keeps one; yields the event
+    set when the cloud closes it."""
+    from hub_onboarding import config as cfgmod
+    from hub_onboarding.certs import check_pair
+    from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+
+    doc = cfgmod.read_document(config_path)
+    cfg = cfgmod.parse_config(config_path, doc, warn=False)
+    rw = doc[cfgmod.RW]
+    credentials = check_pair(
+        Path(rw[cfgmod.PERMANENT_CERT_PATH]).read_bytes(),
+        Path(rw[cfgmod.PERMANENT_PK_PATH]).read_bytes(),
+        "permanent",
+        check_validity=True,
+    )
+    settings = ConnectionSettings(
+        cfg.connection.endpoint, cfg.connection.root_ca_path, cfg.connection.keep_alive
+    )
+    with IotProvisioning(settings).connect(rw[cfgmod.CLIENT_ID], credentials) as connection:
+        yield connection.lost
+
+
+def _wait_gone(mi: Any, managed_thing_id: str) -> bool:
+    """Whether GetManagedThing says ResourceNotFoundException within OFFBOARD_TIMEOUT (the thing is
+    DELETE_IN_PROGRESS until the cloud has seen the hub's connection close)."""
+    deadline = time.monotonic() + OFFBOARD_TIMEOUT
+    tick = threading.Event()
+    while True:
+        try:
+            mi.get_managed_thing(Identifier=managed_thing_id)
+        except mi.exceptions.ResourceNotFoundException:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        tick.wait(0.1)  # asked ten times a second: the control plane has no change notification
+
+
+def _offboarding_commands(stage: _Stage, managed_thing_id: str, config_path: Path) -> None:
+    _step("offboarding, when you want it (serve the kept cloud first)")
+    _show(
+        f"aws iot-managed-integrations delete-managed-thing --identifier {managed_thing_id} "
+        f"--endpoint-url <apiUrl of iot-core-local serve --data-dir {stage.root / 'cloud'}>"
+    )
+    _show(f"hub-onboard reset --config {config_path} --yes")
+
+
+# ---------------------------------------------------------------------------------------- plain IoT
+
+
+def _plain_iot_story(stage: _Stage) -> bool:
+    from hub_onboarding.errors import IdentityError
+    from hub_onboarding.onboarding import HubOnboarding
+    from iot_core_local.recipes.claims import set_up_fleet_provisioning
+    from iot_core_local.recipes.takeover import TakeoverGuard
+
+    iot = stage.core.client()
+    with TakeoverGuard(iot) as guard:
+        _step("creating the provisioning template (the takeover guard as its hook), policies, claim (boto3)")
+        claim = set_up_fleet_provisioning(iot, TEMPLATE_NAME, hook_url=guard.url)
+        _show(f"claim certificate {claim.certificate_id[:16]}... attached to {claim.claim_policy_name}")
+        _step("writing a factory-fresh hub config")
+        config_path = stage.write_hub(claim.certificate_pem, claim.private_key_pem, claim.template_name)
+        hub = HubOnboarding(config_path, on_step=_hub_progress)
+        _show(f"{config_path}: provisioned = {hub.is_provisioned()}")
+        _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
+        hub.process_device()
+        _step(f"a second hub sending serial {SERIAL} with the same claim")
+        intruder = stage.write_hub(
+            claim.certificate_pem, claim.private_key_pem, claim.template_name, name="intruder"
+        )
+        try:
+            HubOnboarding(intruder).process_device()
+        except IdentityError as exc:
+            _show(f"refused by the takeover guard (statusCode {exc.status_code})")
+        else:
+            _show("onboarded: the takeover guard let it through")
+            return False
+    _step("the cloud now has")
+    for thing in iot.list_things()["things"]:
+        principals = iot.list_thing_principals(thingName=thing["thingName"])["principals"]
+        _show(f"thing {thing['thingName']} attributes {thing.get('attributes', {})}")
+        for arn in principals:
+            cert_id = arn.rsplit("/", 1)[1]
+            status = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"]
+            _show(f"  certificate {cert_id[:16]}... {status}")
+    _step("running onboarding again (a reboot): nothing to do")
+    _show(f"provisioned = {HubOnboarding(config_path).is_provisioned()}")
+    _step(f"resulting {config_path.name}")
+    print(config_path.read_text(encoding="utf-8"))
+    state = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_provisioning_state"]
+    return bool(state == "PROVISIONED")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,24 @@
 
     hub-onboard fleet-sim [--hubs N] [--concurrency C]
                           [--method CreateCertificateFromCsr|CreateKeysAndCertificate]
-                          [--config CLOUD.json] [--json]
+                          [--config CLOUD.json | --plain-iot] [--json]
 
 Each simulated hub is what the line puts on a real one: its own folder, claim credentials, serial number
 and `iotmi_config.json` (`tools.factory.write_claim_hub`). Hubs onboard through the product itself
 (`HubOnboarding(config).process_device()`), C at a time on threads: awscrt does the network I/O in C, so
 threads are enough to keep C onboardings in flight.
 
-With no `--config`, iot-core-local starts embedded in a temporary folder and the claim (template,
-policies, claim certificate) is created through its boto3 control plane. With `--config CLOUD.json` the
-hubs target that endpoint, for example real AWS IoT Core (format in docs/performance.md):
+With no `--config`, iot-core-local starts embedded in a temporary folder with a managed integrations
+provisioning profile (its claim certificate; its name is the hubs' fp_template_name), and each hub is
+pre-associated before it onboards, as a factory line does: a CONTROLLER managed thing with its serial and
+UPC, PRE_ASSOCIATED (`pre_associate`, not timed). `--plain-iot` uses a plain IoT template, policies and
+claim instead (recipes.claims), with nothing to pre-associate. With `--config CLOUD.json` the hubs target
+that endpoint, for example real AWS (format in docs/performance.md); its optional `managed_integrations`
+object (`region`, and `endpoint_url` for a stand-in) makes fleet-sim pre-associate the hubs there too:
 
     {"endpoint_url": "abc-ats.iot.eu-west-1.amazonaws.com:8883", "root_ca_path": "AmazonRootCA1.pem",
      "claim_certificate_path": "claim.pem.crt", "claim_private_key_path": "claim.pem.key",
-     "template_name": "HubTemplate"}
+     "template_name": "HubTemplate", "managed_integrations": {"region": "eu-west-1"}}
 
 Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
 config is invalid, or the embedded iot-core-local lacks the [server] extra. The engine (`write_hubs`,
@@ -70,6 +74,9 @@ class Target:
     claim_private_key_pem: str = field(repr=False)
     template_name: str
     template_parameters: dict[str, str] = field(default_factory=dict)
+    # Where the hubs are pre-associated: {"region": ..., "endpoint_url": ...}; None: nowhere (plain IoT,
+    # or the cloud's owner did it)
+    managed_integrations: dict[str, str] | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> Target:
@@ -110,6 +117,15 @@ class Target:
         params = data.get("template_parameters") or {}
         if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
             raise CloudConfigError(f"{path}: 'template_parameters' must be an object of strings")
+        managed = data.get("managed_integrations")
+        if managed is not None and (
+            not isinstance(managed, dict)
+            or not set(managed) <= {"region", "endpoint_url"}
+            or not all(isinstance(v, str) and v for v in managed.values())
+        ):
+            raise CloudConfigError(
+                f"{path}: 'managed_integrations' must be an object of the strings 'region' and 'endpoint_url'"
+            )
         return cls(
             endpoint_url=str(text("endpoint_url")),
             root_ca_path=root_ca,
@@ -117,6 +133,26 @@ class Target:
             claim_private_key_pem=key.read_text(encoding="utf-8"),
             template_name=str(text("template_name")),
             template_parameters=dict(params),
+            managed_integrations=managed,
+        )
+
+    def managed_integrations_client(self) -> Any:
+        """A boto3 client of `iot-managed-integrations` where the hubs are pre-associated, or None."""
+        if self.managed_integrations is None:
+            return None
+        import boto3
+
+        session = boto3.session.Session()
+        endpoint_url = self.managed_integrations.get("endpoint_url")
+        credentials: dict[str, str] = {}
+        if endpoint_url is not None and session.get_credentials() is None:
+            # A stand-in checks no signature: without credentials of your own, any will do there.
+            credentials = {"aws_access_key_id": "fleet-sim", "aws_secret_access_key": "fleet-sim"}
+        return session.client(
+            "iot-managed-integrations",  # type: ignore[call-overload]
+            region_name=self.managed_integrations.get("region"),
+            endpoint_url=endpoint_url,
+            **credentials,
         )
 
 
@@ -321,25 +357,59 @@ def onboard_fleet(
     )
 
 
+def pre_associate(managed_integrations: Any, configs: Sequence[Path]) -> int:
+    """Give each hub its managed thing before it first powers on, as a factory line does (CONTROLLER,
+    `SN:<serial>;UPC:<upc>` from its config, PRE_ASSOCIATED); return how many were created (a hub that
+    has one already keeps it)."""
+    from iot_core_local.recipes.managed_integrations import Hub, ensure_managed_thing
+
+    created = 0
+    for path in configs:
+        ro = json.loads(path.read_text(encoding="utf-8"))["ro"]
+        created += ensure_managed_thing(managed_integrations, Hub(ro["SN"], upc=ro["UPC"]))[1]
+    return created
+
+
 @contextlib.contextmanager
-def embedded_cloud(data_dir: Path, template_name: str = DEFAULT_TEMPLATE) -> Iterator[tuple[Target, Any]]:
-    """Start iot-core-local in `data_dir`, create the claim through boto3; yield (target, boto3 client)."""
-    from iot_core_local.recipes.claims import set_up_fleet_provisioning
+def embedded_cloud(
+    data_dir: Path, template_name: str = DEFAULT_TEMPLATE, *, plain_iot: bool = False
+) -> Iterator[tuple[Target, Any]]:
+    """Start iot-core-local in `data_dir` and create the claim through boto3: a managed integrations
+    provisioning profile named `template_name` (the target's `managed_integrations` names the stand-in,
+    so the hubs are pre-associated there), or with `plain_iot` a plain IoT template. Yield (target, the
+    boto3 IoT client)."""
     from iot_core_local.server import LocalIotCore
 
     with LocalIotCore(data_dir) as core:
         iot = core.client()
-        claim = set_up_fleet_provisioning(iot, template_name)
-        yield (
-            Target(
-                endpoint_url=core.endpoint.mqtt_address,
-                root_ca_path=core.endpoint.root_ca_path,
-                claim_certificate_pem=claim.certificate_pem,
-                claim_private_key_pem=claim.private_key_pem,
-                template_name=claim.template_name,
-            ),
-            iot,
+        target = _target_of(core, template_name, plain_iot)
+        yield target, iot
+
+
+def _target_of(core: Any, template_name: str, plain_iot: bool) -> Target:
+    endpoint = core.endpoint
+    if plain_iot:
+        from iot_core_local.recipes.claims import set_up_fleet_provisioning
+
+        claim = set_up_fleet_provisioning(core.client(), template_name)
+        certificate_pem, private_key_pem, managed = claim.certificate_pem, claim.private_key_pem, None
+    else:
+        from iot_core_local.recipes.managed_integrations import set_up_managed_integrations
+
+        setup = set_up_managed_integrations(
+            endpoint.client(core.region, service="iot-managed-integrations"), template_name, []
         )
+        assert setup.claim_private_key_pem is not None  # a new stand-in: the profile is new
+        certificate_pem, private_key_pem = setup.claim_certificate_pem, setup.claim_private_key_pem
+        managed = {"region": core.region, "endpoint_url": endpoint.api_url}
+    return Target(
+        endpoint_url=endpoint.mqtt_address,
+        root_ca_path=endpoint.root_ca_path,
+        claim_certificate_pem=certificate_pem,
+        claim_private_key_pem=private_key_pem,
+        template_name=template_name,
+        managed_integrations=managed,
+    )
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -369,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="target this endpoint and claim instead of an embedded iot-core-local (see docs/performance.md)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    parser.add_argument(
+        "--plain-iot",
+        action="store_true",
+        help="embedded cloud: a plain IoT template and claim, no managed things to pre-associate",
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -435,10 +510,11 @@ class _Display:
         )
 
 
-def _print_summary(report: FleetReport, endpoint: str) -> None:
+def _print_summary(report: FleetReport, endpoint: str, pre_associated: int) -> None:
     d = report.to_dict()
     rows = [
         ("endpoint", endpoint),
+        ("pre-associated", str(pre_associated)),
         ("method", report.method),
         ("hubs / concurrency", f"{report.hubs} / {report.concurrency}"),
         ("onboarded", str(report.onboarded)),
@@ -499,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"hub-onboard fleet-sim: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
         else:
-            target, _ = stack.enter_context(embedded_cloud(work / "cloud"))
+            target, _ = stack.enter_context(embedded_cloud(work / "cloud", plain_iot=args.plain_iot))
         configs = write_hubs(
             target,
             work / "hubs",
@@ -508,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serial_prefix=args.serial_prefix,
             extra_ro=extra_ro,
         )
+        managed_integrations = target.managed_integrations_client()
+        pre_associated = 0 if managed_integrations is None else pre_associate(managed_integrations, configs)
         display = _Display(args.hubs, enabled=not args.json and sys.stderr.isatty())
         with skip_system_trust_store(target.root_ca_path), display:
             report = onboard_fleet(
@@ -518,9 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 on_result=display.advance,
             )
     if args.json:
-        print(json.dumps({"endpoint": target.endpoint_url, **report.to_dict()}, indent=2))
+        summary = {"endpoint": target.endpoint_url, "pre_associated": pre_associated, **report.to_dict()}
+        print(json.dumps(summary, indent=2))
     else:
-        _print_summary(report, target.endpoint_url)
+        _print_summary(report, target.endpoint_url, pre_associated)
     return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 

@@ -541,6 +541,9 @@ class RestJsonService(Generic[C]):
         status = int(operation.http.get("responseCode", 200))
         headers: dict[str, str] = {}
         shape = operation.output_shape
+        if status == 204:
+            # No body may follow a 204: a client would read the bytes as the start of the next answer.
+            return Response(status, headers, b"")
         if shape is None:
             return Response(status, headers, b"{}")
         payload_member = shape.serialization.get("payload")

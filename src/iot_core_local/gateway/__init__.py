@@ -41,6 +41,7 @@ from ..provisioning import ProvisioningService
 from ..registry import Registry
 from ..resources import LimitLog
 from .connection import Connection
+from .lifecycle import CONNECTION_LOST, LifecycleListener
 from .limits import GatewayLimits
 from .tls import TrustStore, brief, handshake
 from .wire import Reason, topic_limit_problem, topic_matches
@@ -103,6 +104,9 @@ class Gateway:
         # certificate and policy changes (with its certificate id): the window a test must reach into to
         # show that a change made there still applies. None in production.
         self.connect_window_hook: Callable[[str], Awaitable[None]] | None = None
+        # Told of each accepted connection and each close of a client id's current one (managed
+        # integrations' connectivity data); on the loop.
+        self.lifecycle_listeners: list[LifecycleListener] = []
         self._live = 0  # connections accepted and not yet closed (any stage)
         # Moves with every certificate status or policy change the loop hears of; a connection compares
         # it across its CONNECT window, when it is not yet registered to be told.
@@ -273,10 +277,20 @@ class Gateway:
         self._by_client_id[connection.client_id] = connection
         if previous is not None and previous is not connection:
             previous.kick("session taken over by a new connection", Reason.SESSION_TAKEN_OVER)
+            self._lifecycle(connection.client_id, False, previous.disconnect_reason)
+        self._lifecycle(connection.client_id, True, None)
+
+    def _lifecycle(self, client_id: str, connected: bool, reason: str | None) -> None:
+        for listener in list(self.lifecycle_listeners):
+            try:
+                listener(client_id, connected, reason)
+            except Exception:
+                log.exception("lifecycle listener failed for %r", client_id)
 
     def unregister(self, connection: Connection) -> None:
         if self._by_client_id.get(connection.client_id) is connection:
             del self._by_client_id[connection.client_id]
+            self._lifecycle(connection.client_id, False, connection.disconnect_reason or CONNECTION_LOST)
         connections = self._by_certificate.get(connection.certificate_id)
         if connections is not None:
             connections.discard(connection)

@@ -27,6 +27,7 @@ from ..faults import Fault
 from ..model import CaStatus, Certificate, CertificateStatus
 from ..provisioning import Answer, Event, Refuse, Request, Requester
 from . import mqtt311
+from .lifecycle import disconnect_reason
 from .tls import READ_SIZE, brief
 from .wire import (
     CONNECT,
@@ -53,6 +54,7 @@ __all__ = ["Connection"]
 log = logging.getLogger("iot_core_local.gateway")
 
 _DECISION_CACHE_SIZE = 1024
+_DISCONNECT = 14  # the MQTT packet type, relayed to Mosquitto unchanged; noted for the lifecycle reason
 # AWS IoT Core's limit on a client id, in UTF-8 bytes; a longer one is refused at CONNECT.
 MAX_CLIENT_ID_BYTES = 128
 
@@ -105,6 +107,8 @@ class Connection:
         self.broker_aliases: dict[int, str] = {}
         self.broker_buf = bytearray()
         self.kicked: Close | None = None
+        self.disconnect_reason: str | None = None  # AWS's lifecycle reason, once the close is decided
+        self.client_disconnected = False  # the client sent DISCONNECT
         self.started = time.monotonic()
         self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
         self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
@@ -139,6 +143,8 @@ class Connection:
             await self._relay()
         except Close as e:
             closing = self.kicked or e
+            if self.disconnect_reason is None:
+                self.disconnect_reason = disconnect_reason(closing.reason, self.client_disconnected)
             if closing.reason is not None:
                 self._send_client(mqtt5.DisconnectPacket(reason_code=closing.reason))
             level = logging.INFO if closing.notable or not accepted else logging.DEBUG
@@ -147,6 +153,8 @@ class Connection:
             del closing  # it holds a traceback through this frame (see _relay)
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
             log.debug("%s: connection lost: %s", self.describe(), e)
+            if self.disconnect_reason is None:
+                self.disconnect_reason = disconnect_reason(None, self.client_disconnected)
         finally:
             if accepted:
                 self.gw.unregister(self)
@@ -168,6 +176,7 @@ class Connection:
     def kick(self, outcome: str, reason: Reason) -> None:
         """Disconnect from outside the pumps (certificate no longer ACTIVE, server stopping)."""
         if self.kicked is None:
+            self.disconnect_reason = disconnect_reason(reason)
             self.kicked = Close(outcome, reason)
             self._send_client(mqtt5.DisconnectPacket(reason_code=reason))
             self.kicked = Close(outcome, None)  # the DISCONNECT is sent; do not send it twice
@@ -531,6 +540,8 @@ class Connection:
                     break
                 kind = buf[pos] >> 4
                 relay = kind in RELAYED_FROM_CLIENT
+                if kind == _DISCONNECT:
+                    self.client_disconnected = True
                 if not relay:
                     packet = self._parse(buf, pos, size)
                     if span >= 0:

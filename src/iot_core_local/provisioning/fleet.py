@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import cbor2
 from cryptography import x509
@@ -25,6 +25,9 @@ from ..hook import call_hook
 from ..model import Certificate, CertificateStatus, ProvisioningTemplate, TokenGrant
 from ..registry import Registry
 from .topics import CREATE_FROM_CSR, CREATE_KEYS, REGISTER_THING, Answer, Request, Requester
+
+if TYPE_CHECKING:
+    from .managed import ManagedMatcher
 
 __all__ = ["FleetProvisioning", "Prepared", "Rejected", "apply_plan", "validated_template"]
 
@@ -123,6 +126,7 @@ class FleetProvisioning:
         self.ca = ca
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.matcher: ManagedMatcher | None = None  # set by the server: managed integrations' matching
 
     def prepare(self, request: Request) -> Prepared:
         """Whether `request` may take long enough to stall an event loop (so it must run in a thread),
@@ -294,7 +298,10 @@ class FleetProvisioning:
                 raise Rejected(403, "AccessDenied", e.message) from None
             parameters = {**parameters, **result.parameter_overrides}
 
-        plan = templates.evaluate(template, parameters, {"AWS::IoT::Certificate::Id": cid})
+        # Managed integrations: a profile's template must match a pre-associated hub (managed.py).
+        match = self.matcher.match(name, parameters) if self.matcher is not None else None
+        builtins = {"AWS::IoT::Certificate::Id": cid, **(match.builtins if match is not None else {})}
+        plan = templates.evaluate(template, parameters, builtins)
         if plan.certificate is not None and plan.certificate.certificate_id != cid:
             raise Rejected(
                 400,
@@ -304,6 +311,10 @@ class FleetProvisioning:
         with self.registry.transaction():
             self.registry.consume_token(token)
             apply_plan(self.registry, plan, certificate)
+            if match is not None and self.matcher is not None:
+                self.matcher.commit(match, cid)
+        if match is not None and self.matcher is not None:
+            self.matcher.committed(match)
         result_body: dict[str, Any] = {"deviceConfiguration": plan.device_configuration}
         thing = plan.thing.name if plan.thing is not None else None
         if thing is not None:

@@ -48,6 +48,8 @@ class JustInTime:
     def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
         self.registry = registry
         self.clock = clock
+        # Set by the server: managed integrations activates a JITR profile's hubs (provisioning/managed.py).
+        self.activator: Callable[[x509.Certificate, Certificate, CACertificate], None] | None = None
 
     def register(
         self, cert: x509.Certificate, cid: str, ca: CACertificate, known: Certificate | None
@@ -73,6 +75,10 @@ class JustInTime:
                 )
             except ServiceError:
                 known = self.registry.get_certificate(cid)  # a concurrent connect registered it first
+        if self.activator is not None and known.status == CertificateStatus.PENDING_ACTIVATION:
+            # A retry too: its managed thing may have been created since the first connect.
+            self.activator(cert, known, ca)
+            known = self.registry.get_certificate(cid)
         event = {
             "certificateId": cid,
             "caCertificateId": ca.certificate_id,

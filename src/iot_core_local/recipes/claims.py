@@ -5,6 +5,13 @@ benchmarks and a hub maker's own set-up script share one recipe: a provisioning 
 the provisioned hubs get, a claim policy that allows nothing but provisioning, and a claim certificate.
 Running it again is safe: the template and policies already there are kept, and a new claim certificate
 is made (a claim's private key cannot be fetched again).
+
+Every hub holds the same claim, so the claim must not let one hub become another. Its policy denies
+connecting with any client id a provisioned hub uses (`hub-*`, the thing names; so a serial must not start
+with `hub-`), and the template's pre-provisioning hook (`hook_url`: the takeover guard of
+`recipes.takeover`, a Lambda function in AWS) refuses a serial whose thing already has an ACTIVE
+certificate. Without a hook the template cannot refuse that: a template only names the thing after the
+serial, and attaching a second certificate to an existing thing is what RegisterThing does.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 
 from iot_core_local.model import CertificateStatus
 
+THING_PREFIX = "hub-"  # the template names a hub's thing, and so its client id, "hub-<SerialNumber>"
 # The parameter names the hub sends in RegisterThing and the deviceConfiguration keys it reads back.
 SERIAL_NUMBER_PARAMETER = "SerialNumber"
 UPC_PARAMETER = "UniversalProductCode"
@@ -23,8 +31,14 @@ CLIENT_ID_KEY = "ClientId"
 MANAGED_THING_ID_KEY = "ManagedThingId"
 
 
-def claim_policy_document(region: str, account: str, template_name: str) -> str:
-    """AWS's recommended claim policy: connect, and the provisioning topics of one template only."""
+def claim_policy_document(
+    region: str, account: str, template_name: str, hub_client_ids: str = f"{THING_PREFIX}*"
+) -> str:
+    """AWS's recommended claim policy: connect, and the provisioning topics of one template only.
+
+    Connecting with a client id matching `hub_client_ids` (the provisioned hubs' ones) is denied: the
+    shared claim would otherwise disconnect a hub by connecting under its id (one connection per id).
+    """
     prefix = f"arn:aws:iot:{region}:{account}"
     topics = [
         "$aws/certificates/create/*",
@@ -36,6 +50,7 @@ def claim_policy_document(region: str, account: str, template_name: str) -> str:
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {"Effect": "Deny", "Action": "iot:Connect", "Resource": f"{prefix}:client/{hub_client_ids}"},
                 {
                     "Effect": "Allow",
                     "Action": ["iot:Publish", "iot:Receive"],
@@ -79,9 +94,11 @@ def hub_template_body(hub_policy_name: str) -> str:
     """A template in the shape a managed-integrations hub expects (AWS does not publish theirs).
 
     Thing `hub-<SerialNumber>` with its UPC as an attribute, the certificate made ACTIVE, the hub
-    policy attached, and the client id and managed thing id returned in deviceConfiguration.
+    policy attached, and the client id and managed thing id returned in deviceConfiguration. Plain IoT
+    has no managed thing: `mt-<SerialNumber>` stands in for the id managed integrations' service gives
+    (`recipes.managed_integrations`).
     """
-    thing_name = {"Fn::Join": ["", ["hub-", {"Ref": SERIAL_NUMBER_PARAMETER}]]}
+    thing_name = {"Fn::Join": ["", [THING_PREFIX, {"Ref": SERIAL_NUMBER_PARAMETER}]]}
     return json.dumps(
         {
             "Parameters": {
@@ -150,6 +167,9 @@ def set_up_fleet_provisioning(
 ) -> ClaimSetup:
     """Create the template, both policies and an ACTIVE claim certificate; return the claim material.
 
+    `hook_url` is the template's pre-provisioning hook: pass the takeover guard's (`TakeoverGuard.url`
+    here, the ARN of a Lambda function running `takeover_verdict` in AWS) or a hook of your own that
+    calls it; without one, a hub holding the claim can register under another hub's serial.
     Against real AWS pass your own account id and a role that IoT may assume to provision things.
     A template or policy of the same name that already exists is kept as it is (a second run, or a second
     factory line, gets its own claim certificate under the same template).
@@ -169,7 +189,8 @@ def ensure_fleet_provisioning(
     role_arn: str = "arn:aws:iam::123456789012:role/IoTProvisioningRole",
     hook_url: str | None = None,
 ) -> FleetResources:
-    """Create the hub policy, the claim policy and the template unless they exist (kept as they are)."""
+    """Create the hub policy, the claim policy and the template unless they exist (kept as they are,
+    but for the template's pre-provisioning hook, set to `hook_url` when one is given)."""
     region = region or client.meta.region_name
     hub_policy = f"{template_name}-hub"
     claim_policy = f"{template_name}-claim"
@@ -201,6 +222,15 @@ def ensure_fleet_provisioning(
     existing: list[str] = []
     for what, create, request in steps:
         (created if create_unless_present(client, create, **request) else existing).append(what)
+    if hook_url is not None and f"template {template_name}" in existing:
+        # The guard of an earlier run may have had another address: the hook named now is the one that
+        # answers, and a template left naming a closed one would refuse every hub.
+        hook = client.describe_provisioning_template(templateName=template_name).get("preProvisioningHook")
+        if (hook or {}).get("targetArn") != hook_url:
+            client.update_provisioning_template(
+                templateName=template_name, preProvisioningHook=template["preProvisioningHook"]
+            )
+            created.append(f"pre-provisioning hook of template {template_name}")
     return FleetResources(template_name, claim_policy, hub_policy, tuple(created), tuple(existing))
 
 

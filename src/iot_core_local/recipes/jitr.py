@@ -121,15 +121,18 @@ class DeviceCA:
             .sign(self.key, hashes.SHA256())
         )
 
-    def issue_device(self, common_name: str) -> DeviceCredentials:
+    def issue_device(self, common_name: str, serial_number: str | None = None) -> DeviceCredentials:
+        """A device certificate; `serial_number` goes in the subject's serialNumber attribute, which
+        managed integrations matches a JITR hub's managed thing by."""
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hub Maker"),
-                x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-            ]
-        )
+        attributes = [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Hub Maker"),
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+        ]
+        if serial_number is not None:
+            attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+        subject = x509.Name(attributes)
         cert = self._sign(subject, key.public_key())
         return DeviceCredentials(common_name, _pem(cert), _key_pem(key))
 

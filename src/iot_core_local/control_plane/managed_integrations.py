@@ -1,0 +1,238 @@
+"""The managed integrations operations the stand-in answers, as handlers of the rest-json machinery.
+
+Each handler gets the `ManagedIntegrations` state (managed.py) and the request's parameters, parsed and
+validated against botocore's model of `iot-managed-integrations` (2025-03-03); it returns the output
+members by name. Bad input is the model's ValidationException (InvalidRequestException for the tag
+operations, whose model names that one). Any other operation of the model is answered "not supported".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from botocore.model import OperationModel
+
+from iot_core_local.control_plane.restjson import Handler, Pager, Response, RestJsonService
+from iot_core_local.errors import InvalidRequest, Validation
+from iot_core_local.managed import DETAIL_MEMBERS, ManagedIntegrations, ManagedThing, Profile
+
+__all__ = ["SUPPORTED_OPERATIONS", "ManagedIntegrationsService", "service"]
+
+_PAGER = Pager(size_params=("MaxResults",), token_params=("NextToken",), default_size=100)
+
+_HANDLERS: dict[str, Handler[ManagedIntegrations]] = {}
+
+
+def _operation(name: str) -> Callable[[Handler[ManagedIntegrations]], Handler[ManagedIntegrations]]:
+    def register(fn: Handler[ManagedIntegrations]) -> Handler[ManagedIntegrations]:
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+# ---- custom endpoint ------------------------------------------------------------------------------
+
+
+@_operation("RegisterCustomEndpoint")
+def _register_custom_endpoint(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    return {"EndpointAddress": mi.register_custom_endpoint()}
+
+
+@_operation("GetCustomEndpoint")
+def _get_custom_endpoint(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    return {"EndpointAddress": mi.get_custom_endpoint()}
+
+
+# ---- provisioning profiles ------------------------------------------------------------------------
+
+
+def _profile_view(profile: Profile) -> dict[str, Any]:
+    return {
+        "Arn": profile.arn,
+        "Name": profile.name,
+        "ProvisioningType": profile.provisioning_type,
+        "Id": profile.id,
+        "Status": profile.status,
+        "ClaimCertificate": profile.claim_certificate_pem,
+    }
+
+
+@_operation("CreateProvisioningProfile")
+def _create_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    profile, key = mi.create_profile(params)
+    return {**_profile_view(profile), "ClaimCertificatePrivateKey": key}
+
+
+@_operation("GetProvisioningProfile")
+def _get_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    profile = mi.get_profile(params["Identifier"])
+    return {**_profile_view(profile), "Tags": profile.tags or None}
+
+
+@_operation("ListProvisioningProfiles")
+def _list_provisioning_profiles(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    page, token = _PAGER.page(mi.list_profiles(), params)
+    items = [{k: v for k, v in _profile_view(p).items() if k != "ClaimCertificate"} for p in page]
+    return {"Items": items, "NextToken": token}
+
+
+@_operation("DeleteProvisioningProfile")
+def _delete_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    mi.delete_profile(params["Identifier"])
+    return {}
+
+
+# ---- managed things -------------------------------------------------------------------------------
+
+
+def _thing_view(thing: ManagedThing) -> dict[str, Any]:
+    view: dict[str, Any] = {k: v for k, v in thing.details.items() if k in DETAIL_MEMBERS}
+    view.update(
+        {
+            "Id": thing.id,
+            "Arn": thing.arn,
+            "Role": thing.role,
+            "ProvisioningStatus": thing.status,
+            "SerialNumber": thing.serial,
+            "UniversalProductCode": thing.upc,
+            "InternationalArticleNumber": thing.ean,
+            "CreatedAt": thing.created,
+            "UpdatedAt": thing.updated,
+            "ActivatedAt": thing.activated,
+            "Tags": thing.tags or None,
+        }
+    )
+    return view
+
+
+_SUMMARY_MEMBERS = (
+    "Id",
+    "Arn",
+    "Name",
+    "Model",
+    "Brand",
+    "Owner",
+    "CredentialLockerId",
+    "Role",
+    "ProvisioningStatus",
+    "SerialNumber",
+    "CreatedAt",
+    "UpdatedAt",
+    "ActivatedAt",
+)
+
+
+@_operation("CreateManagedThing")
+def _create_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    thing = mi.create_thing(params)
+    return {"Id": thing.id, "Arn": thing.arn, "CreatedAt": thing.created}
+
+
+@_operation("GetManagedThing")
+def _get_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    return _thing_view(mi.get_thing(params["Identifier"]))
+
+
+@_operation("ListManagedThings")
+def _list_managed_things(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    things = mi.list_things(
+        {
+            "role": params.get("RoleFilter"),
+            "serial": params.get("SerialNumberFilter"),
+            "status": params.get("ProvisioningStatusFilter"),
+            "owner": params.get("OwnerFilter"),
+            "credential_locker": params.get("CredentialLockerFilter"),
+        }
+    )
+    page, token = _PAGER.page(things, params)
+    items = [{k: v for k, v in _thing_view(t).items() if k in _SUMMARY_MEMBERS} for t in page]
+    return {"Items": items, "NextToken": token}
+
+
+@_operation("UpdateManagedThing")
+def _update_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    mi.update_thing(params["Identifier"], params)
+    return {}
+
+
+@_operation("DeleteManagedThing")
+def _delete_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    mi.delete_thing(params["Identifier"], force=bool(params.get("Force")))
+    return {}
+
+
+@_operation("GetManagedThingConnectivityData")
+def _get_connectivity(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    thing = mi.get_thing(params["Identifier"])
+    return {
+        "ManagedThingId": thing.id,
+        "Connected": thing.connected,
+        "Timestamp": thing.connectivity_at,
+        "DisconnectReason": None
+        if thing.connected or thing.connectivity_at is None
+        else thing.disconnect_reason,
+    }
+
+
+@_operation("GetManagedThingCertificate")
+def _get_certificate(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    return {
+        "ManagedThingId": params["Identifier"],
+        "CertificatePem": mi.certificate_pem(params["Identifier"]),
+    }
+
+
+# ---- tags -----------------------------------------------------------------------------------------
+
+
+@_operation("TagResource")
+def _tag_resource(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    mi.tag(params["ResourceArn"], params["Tags"])
+    return {}
+
+
+@_operation("UntagResource")
+def _untag_resource(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    mi.untag(params["ResourceArn"], params["TagKeys"])
+    return {}
+
+
+@_operation("ListTagsForResource")
+def _list_tags(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    return {"tags": mi.tags(params["ResourceArn"]) or None}
+
+
+SUPPORTED_OPERATIONS = frozenset(_HANDLERS)
+
+
+class ManagedIntegrationsService(RestJsonService[ManagedIntegrations]):
+    """The rest-json machinery, with bad input answered as this service's model says: ValidationException
+    where the operation lists it (the tag operations keep InvalidRequestException)."""
+
+    def invoke(
+        self,
+        context: ManagedIntegrations,
+        operation: OperationModel,
+        labels: Mapping[str, str],
+        query: Mapping[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> Response:
+        try:
+            return super().invoke(context, operation, labels, query, headers, body)
+        except InvalidRequest as e:
+            if any(shape.name == "ValidationException" for shape in operation.error_shapes):
+                raise Validation(e.message) from None
+            raise
+
+
+@functools.cache
+def service() -> ManagedIntegrationsService:
+    """Managed integrations as botocore models it, with these handlers (built once)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("iot-managed-integrations")
+    return ManagedIntegrationsService(model, _HANDLERS)

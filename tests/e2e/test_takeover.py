@@ -1,0 +1,87 @@
+"""The plain IoT recipe refuses a takeover (issue 9 point 5), with real hubs against iot-core-local.
+
+Every hub holds the same claim. With the takeover guard as the template's pre-provisioning hook, a hub
+sending an onboarded hub's serial is refused before anything changes (the thing keeps its one certificate
+and its attributes); the claim cannot connect with a provisioned hub's client id; and a hub whose old
+certificate was deactivated onboards again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub_onboarding import HubOnboarding, IdentityError
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.takeover import TakeoverGuard
+from iot_core_local.server import LocalIotCore
+from tests._support.certificates import pem_certificate_id
+from tests._support.hubs import cloud_claim_hub, read_config
+from tests._support.network import connects
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def guarded(iot: Any) -> Iterator[ClaimSetup]:
+    # One template for the module's tests, as for a factory's lines; each test has its own guard, so
+    # the recipe's rerun points the template at it.
+    with TakeoverGuard(iot) as guard:
+        yield set_up_fleet_provisioning(iot, "GuardedTemplate", hook_url=guard.url)
+
+
+def _certificates(iot: Any, thing: str) -> dict[str, str]:
+    return {
+        arn.rsplit("/", 1)[1]: iot.describe_certificate(certificateId=arn.rsplit("/", 1)[1])[
+            "certificateDescription"
+        ]["status"]
+        for arn in iot.list_thing_principals(thingName=thing)["principals"]
+    }
+
+
+def test_a_hub_sending_an_onboarded_serial_is_refused_and_changes_nothing(
+    cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
+) -> None:
+    owner = cloud_claim_hub(cloud, guarded, tmp_path / "owner", "SN-VICTIM", upc="111111111111")
+    HubOnboarding(owner).process_device()
+    owner_cert = pem_certificate_id(Path(read_config(owner)["rw"]["iot_permanent_cert_path"]).read_bytes())
+
+    intruder = cloud_claim_hub(cloud, guarded, tmp_path / "intruder", "SN-VICTIM", upc="999999999999")
+    with pytest.raises(IdentityError) as refused:
+        HubOnboarding(intruder).process_device()
+
+    assert refused.value.status_code == 403
+    assert read_config(intruder)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert _certificates(iot, "hub-SN-VICTIM") == {owner_cert: "ACTIVE"}
+    assert iot.describe_thing(thingName="hub-SN-VICTIM")["attributes"] == {"upc": "111111111111"}
+    # The owner still connects as itself.
+    rw = read_config(owner)["rw"]
+    assert connects(cloud, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"], rw["client_id"])
+
+
+def test_the_claim_cannot_connect_as_a_provisioned_hub(
+    cloud: LocalIotCore, guarded: ClaimSetup, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "claim.crt", tmp_path / "claim.key"
+    cert.write_text(guarded.certificate_pem)
+    key.write_text(guarded.private_key_pem)
+    key.chmod(0o600)
+    assert connects(cloud, cert, key, "SN-FACTORY-0001")  # as a factory-fresh hub: its serial
+    assert not connects(cloud, cert, key, "hub-SN-FACTORY-0001")  # as a provisioned hub's client id
+
+
+def test_a_hub_whose_certificate_was_deactivated_onboards_again(
+    cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
+) -> None:
+    first = cloud_claim_hub(cloud, guarded, tmp_path / "first", "SN-REBORN", upc="111111111111")
+    HubOnboarding(first).process_device()
+    old = pem_certificate_id(Path(read_config(first)["rw"]["iot_permanent_cert_path"]).read_bytes())
+    iot.update_certificate(certificateId=old, newStatus="INACTIVE")  # the maker offboards the hub
+
+    again = cloud_claim_hub(cloud, guarded, tmp_path / "again", "SN-REBORN", upc="111111111111")
+    assert HubOnboarding(again).process_device().state == "PROVISIONED"
+    new = pem_certificate_id(Path(read_config(again)["rw"]["iot_permanent_cert_path"]).read_bytes())
+    assert _certificates(iot, "hub-SN-REBORN") == {old: "INACTIVE", new: "ACTIVE"}
