@@ -210,7 +210,7 @@ def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     claim = write_credentials(
         creds_dir, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
     )
-    connection = _crt_connection(core, claim, "hub-311")
+    connection = _crt_connection(core, claim, "claim-311")  # claims may not use hub-* ids
     try:
         identity = iotidentity.IotIdentityClientV2(
             connection,
@@ -265,7 +265,7 @@ def _request(client: RawClient, topic: str, payload: bytes) -> tuple[str, Any]:
 
 def test_csr_and_cbor_requests_over_311(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -> None:
     setup, creds = claim
-    client = _connect(core, creds, "hub-csr-311")
+    client = _connect(core, creds, "claim-csr-311")
     try:
         outcome, body = _request(
             client,
@@ -297,7 +297,7 @@ def test_each_311_hub_sees_only_its_own_answer(
 ) -> None:
     _, creds = claim
     topic = "$aws/certificates/create/json"
-    first, second = _connect(core, creds, "hub-311-a"), _connect(core, creds, "hub-311-b")
+    first, second = _connect(core, creds, "claim-311-a"), _connect(core, creds, "claim-311-b")
     try:
         for client in (first, second):
             assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
@@ -318,7 +318,7 @@ def test_claim_publishing_outside_provisioning_is_disconnected(
     core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
 ) -> None:
     _, creds = claim
-    client = _connect(core, creds, "hub-311-stray")
+    client = _connect(core, creds, "claim-311-stray")
     client.send(mqtt5.PublishPacket("things/hub/data", b"x", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1))
     assert _closed_silently(client)
 
