@@ -336,6 +336,23 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
         ),
         (lambda mi: mi.list_managed_things(MaxResults=1001), "MaxResults must be at most 1000"),
         (lambda mi: mi.list_managed_things(NextToken="@@"), "NextToken"),
+        (
+            lambda mi: mi.create_provisioning_profile(
+                ProvisioningType="JITR",
+                Name="NotCa",
+                CaCertificate=make_pair("leaf", issuer=make_pair("ca")).cert_pem.decode(),
+            ),
+            "not a CA certificate",
+        ),
+        (
+            lambda mi: mi.create_provisioning_profile(
+                ProvisioningType="JITR",
+                Name="Both",
+                CaCertificate=make_pair("ca").cert_pem.decode(),
+                ClaimCertificate=make_pair("c").cert_pem.decode(),
+            ),
+            "ClaimCertificate is for a FLEET_PROVISIONING profile",
+        ),
     ],
 )
 def test_bad_input_is_a_modeled_validation_exception(mi: Any, call: Any, fragment: str) -> None:
