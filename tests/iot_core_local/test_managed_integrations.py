@@ -729,3 +729,38 @@ def test_a_profile_whose_hubs_exist_is_not_deleted(
     mi.delete_managed_thing(Identifier=thing_id)
     mi.delete_provisioning_profile(Identifier=created["Id"])
     assert connect_refused_without_connack(core, claim, "after-the-profile")
+
+
+def test_two_hubs_racing_for_one_serial_onboard_one(
+    core: LocalIotCore, mi: Any, profile: tuple[dict[str, Any], Credentials]
+) -> None:
+    created, claim = profile
+    sn = serial()
+    thing_id = create_hub(mi, sn)
+    topic = register_topic(created["Name"])
+    clients = [connect_claim(core, claim, f"{sn}-{i}") for i in range(2)]
+    try:
+        tokens = []
+        for client in clients:
+            outcome, issued = request(client, KEYS_TOPIC, b"")
+            assert outcome == "accepted", issued
+            tokens.append(issued["certificateOwnershipToken"])
+            assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+        for client, token in zip(clients, tokens, strict=True):
+            body = {
+                "certificateOwnershipToken": token,
+                "parameters": {"SerialNumber": sn, "UniversalProductCode": UPC},
+            }
+            client.send(mqtt5.PublishPacket(topic, json.dumps(body).encode(), qos=mqtt5.QoS.AT_MOST_ONCE))
+        answers = sorted(
+            (answer.topic.rsplit("/", 1)[1], json.loads(answer.payload))
+            for answer in (client.receive_type(mqtt5.PublishPacket) for client in clients)
+        )
+    finally:
+        for client in clients:
+            client.close()
+    (won, winner), (lost, loser) = answers
+    assert (won, lost) == ("accepted", "rejected")
+    assert winner["deviceConfiguration"]["ManagedThingId"] == thing_id
+    assert loser["errorCode"] == "AlreadyOnboarded"
+    assert len(core.client().list_thing_principals(thingName=thing_id)["principals"]) == 1
