@@ -13,6 +13,8 @@ import mqtt5
 import pytest
 
 from iot_core_local.errors import Validation
+from iot_core_local.gateway.lifecycle import disconnect_reason
+from iot_core_local.gateway.wire import Reason
 from iot_core_local.managed import CLAIM_DENIED_CLIENT_IDS, parse_material
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import make_pair, pem_certificate_id
@@ -764,3 +766,20 @@ def test_two_hubs_racing_for_one_serial_onboard_one(
     assert winner["deviceConfiguration"]["ManagedThingId"] == thing_id
     assert loser["errorCode"] == "AlreadyOnboarded"
     assert len(core.client().list_thing_principals(thingName=thing_id)["principals"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("sent", "client_disconnected", "expected"),
+    [
+        (None, True, "CLIENT_INITIATED_DISCONNECT"),
+        (None, False, "CONNECTION_LOST"),
+        (Reason.SESSION_TAKEN_OVER, False, "DUPLICATE_CLIENTID"),
+        (Reason.KEEP_ALIVE_TIMEOUT, False, "MQTT_KEEP_ALIVE_TIMEOUT"),
+        (Reason.ADMINISTRATIVE_ACTION, False, "SERVER_INITIATED_DISCONNECT"),
+        (Reason.SERVER_SHUTTING_DOWN, False, "SERVER_INITIATED_DISCONNECT"),
+        (Reason.PROTOCOL_ERROR, False, "CLIENT_ERROR"),
+        (Reason.PACKET_TOO_LARGE, False, "CLIENT_ERROR"),
+    ],
+)
+def test_lifecycle_reason_names(sent: Reason | None, client_disconnected: bool, expected: str) -> None:
+    assert disconnect_reason(sent, client_disconnected) == expected
