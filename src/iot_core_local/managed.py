@@ -303,6 +303,20 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _check_ca(pem: str) -> None:
+    """A JITR profile's CaCertificate must be a CA certificate, as RegisterCACertificate requires."""
+    try:
+        cert = load_certificate(pem)
+    except ServiceError as e:
+        raise Validation(f"CaCertificate: {e.message}") from None
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        is_ca = False
+    if not is_ca:
+        raise Validation("CaCertificate is not a CA certificate (it lacks basicConstraints CA:TRUE)")
+
+
 def _new_id() -> str:
     return secrets.token_hex(_ID_LENGTH // 2)
 
@@ -462,6 +476,8 @@ class ManagedIntegrations:
                 raise Validation(
                     "CaCertificate is for a JITR profile; a FLEET_PROVISIONING profile takes ClaimCertificate"
                 )
+            if kind == ProvisioningType.JITR and params.get("ClaimCertificate"):
+                raise Validation("ClaimCertificate is for a FLEET_PROVISIONING profile; a JITR one has none")
             self.registry.execute(
                 "INSERT INTO mi_profiles (id, name, type, status, claim_certificate_id, ca_certificate_id,"
                 " client_token, request_hash, created, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -547,6 +563,7 @@ class ManagedIntegrations:
             raise Validation(
                 "A JITR profile needs CaCertificate: the PEM of the CA that signs the hubs' DHA certificates"
             )
+        _check_ca(ca_pem)
         hub_policy = f"{name}-hub"
         self._take_name("policy", hub_policy, self.registry.find_policy(hub_policy) is not None)
         try:

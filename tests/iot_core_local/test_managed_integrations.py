@@ -13,6 +13,8 @@ import mqtt5
 import pytest
 
 from iot_core_local.errors import Validation
+from iot_core_local.gateway.lifecycle import disconnect_reason
+from iot_core_local.gateway.wire import Reason
 from iot_core_local.managed import CLAIM_DENIED_CLIENT_IDS, parse_material
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import make_pair, pem_certificate_id
@@ -336,6 +338,23 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
         ),
         (lambda mi: mi.list_managed_things(MaxResults=1001), "MaxResults must be at most 1000"),
         (lambda mi: mi.list_managed_things(NextToken="@@"), "NextToken"),
+        (
+            lambda mi: mi.create_provisioning_profile(
+                ProvisioningType="JITR",
+                Name="NotCa",
+                CaCertificate=make_pair("leaf", issuer=make_pair("ca")).cert_pem.decode(),
+            ),
+            "not a CA certificate",
+        ),
+        (
+            lambda mi: mi.create_provisioning_profile(
+                ProvisioningType="JITR",
+                Name="Both",
+                CaCertificate=make_pair("ca").cert_pem.decode(),
+                ClaimCertificate=make_pair("c").cert_pem.decode(),
+            ),
+            "ClaimCertificate is for a FLEET_PROVISIONING profile",
+        ),
     ],
 )
 def test_bad_input_is_a_modeled_validation_exception(mi: Any, call: Any, fragment: str) -> None:
@@ -712,3 +731,55 @@ def test_a_profile_whose_hubs_exist_is_not_deleted(
     mi.delete_managed_thing(Identifier=thing_id)
     mi.delete_provisioning_profile(Identifier=created["Id"])
     assert connect_refused_without_connack(core, claim, "after-the-profile")
+
+
+def test_two_hubs_racing_for_one_serial_onboard_one(
+    core: LocalIotCore, mi: Any, profile: tuple[dict[str, Any], Credentials]
+) -> None:
+    created, claim = profile
+    sn = serial()
+    thing_id = create_hub(mi, sn)
+    topic = register_topic(created["Name"])
+    clients = [connect_claim(core, claim, f"{sn}-{i}") for i in range(2)]
+    try:
+        tokens = []
+        for client in clients:
+            outcome, issued = request(client, KEYS_TOPIC, b"")
+            assert outcome == "accepted", issued
+            tokens.append(issued["certificateOwnershipToken"])
+            assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+        for client, token in zip(clients, tokens, strict=True):
+            body = {
+                "certificateOwnershipToken": token,
+                "parameters": {"SerialNumber": sn, "UniversalProductCode": UPC},
+            }
+            client.send(mqtt5.PublishPacket(topic, json.dumps(body).encode(), qos=mqtt5.QoS.AT_MOST_ONCE))
+        answers = sorted(
+            (answer.topic.rsplit("/", 1)[1], json.loads(answer.payload))
+            for answer in (client.receive_type(mqtt5.PublishPacket) for client in clients)
+        )
+    finally:
+        for client in clients:
+            client.close()
+    (won, winner), (lost, loser) = answers
+    assert (won, lost) == ("accepted", "rejected")
+    assert winner["deviceConfiguration"]["ManagedThingId"] == thing_id
+    assert loser["errorCode"] == "AlreadyOnboarded"
+    assert len(core.client().list_thing_principals(thingName=thing_id)["principals"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("sent", "client_disconnected", "expected"),
+    [
+        (None, True, "CLIENT_INITIATED_DISCONNECT"),
+        (None, False, "CONNECTION_LOST"),
+        (Reason.SESSION_TAKEN_OVER, False, "DUPLICATE_CLIENTID"),
+        (Reason.KEEP_ALIVE_TIMEOUT, False, "MQTT_KEEP_ALIVE_TIMEOUT"),
+        (Reason.ADMINISTRATIVE_ACTION, False, "SERVER_INITIATED_DISCONNECT"),
+        (Reason.SERVER_SHUTTING_DOWN, False, "SERVER_INITIATED_DISCONNECT"),
+        (Reason.PROTOCOL_ERROR, False, "CLIENT_ERROR"),
+        (Reason.PACKET_TOO_LARGE, False, "CLIENT_ERROR"),
+    ],
+)
+def test_lifecycle_reason_names(sent: Reason | None, client_disconnected: bool, expected: str) -> None:
+    assert disconnect_reason(sent, client_disconnected) == expected
