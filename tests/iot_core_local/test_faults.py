@@ -43,7 +43,7 @@ KEYS_TOPIC = "$aws/certificates/create/json"
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
-    with LocalIotCore(tmp_path_factory.mktemp("faults") / "data") as running:
+    with LocalIotCore(tmp_path_factory.mktemp("faults") / "data", faults_enabled=True) as running:
         yield running
 
 
@@ -379,6 +379,7 @@ def test_cli_fault_option(tmp_path: Path) -> None:
             "0",
             "--api-port",
             "0",
+            "--faults",
             "--fault",
             "throttle:RegisterThing:2",
             "--fault",
