@@ -762,8 +762,8 @@ def _create_provisioning_claim(backend: IotBackend, params: dict[str, Any]) -> M
     # The certificate's notAfter is real time (every TLS stack checks it against its clock); what the
     # registry enforces, and answers, is by its own clock, which tests advance.
     not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=backend.claim_ttl)
+    expires = backend.registry.clock() + backend.claim_ttl  # read together: the two agree
     cert_pem, key_pem = backend.ca.create_keys_and_certificate(not_after=not_after)
-    expires = backend.registry.clock() + backend.claim_ttl
     # No policy is attached: the registry grants it an implicit one, its template's provisioning topics
     # only, until it expires (Registry.policy_documents).
     cert = backend.registry.add_provisioning_claim(
