@@ -78,10 +78,7 @@ def connect(core: LocalIotCore, creds: Credentials, client_id: str) -> RawClient
 
 def ask(client: RawClient, topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
     """Subscribe to both answers, publish, return (accepted|rejected, answer)."""
-    assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
-    assert client.publish(topic, payload) == 0
-    answer = client.receive_type(mqtt5.PublishPacket)
-    return answer.topic.rsplit("/", 1)[1], json.loads(answer.payload)
+    return client.ask(topic, payload)
 
 
 def csr_body() -> bytes:
