@@ -123,7 +123,7 @@ def no_retries(core: LocalIotCore) -> Any:
         endpoint_url=core.endpoint.api_url,
         region_name="us-east-1",
         aws_access_key_id="x",
-        aws_secret_access_key="x",  # noqa: S106 - loopback: signatures are not checked
+        aws_secret_access_key="x",  # loopback: signatures are not checked
         config=botocore.config.Config(retries={"total_max_attempts": 1}),
     )
 
