@@ -73,7 +73,7 @@ def raw(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, 
 @pytest.fixture(scope="module")
 def open_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
     """The API bound to every address (MQTT stays on loopback)."""
-    with LocalIotCore(tmp_path_factory.mktemp("owner") / "data", api_host="0.0.0.0") as core:  # noqa: S104
+    with LocalIotCore(tmp_path_factory.mktemp("owner") / "data", api_host="0.0.0.0") as core:
         yield core
 
 
@@ -188,8 +188,16 @@ def test_the_key_pair_is_kept_across_restarts_and_a_loose_file_is_refused(tmp_pa
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True), ("0.0.0.0", False)]
-    + [("::", False), ("192.168.1.10", False), ("hub.example", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.10", False),
+        ("hub.example", False),
+    ],
 )
 def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
@@ -206,7 +214,11 @@ def _signed(key: AccessKey, when: datetime.datetime) -> AWSRequest:
     request.headers["Host"] = "api.test:8080"
     canonical = signer.canonical_request(request)
     signature = signer.signature(signer.string_to_sign(request, canonical), request)
-    signer._inject_signature_to_request(request, signature)  # noqa: SLF001 - a signature at a chosen date
+    signed_headers = signer.signed_headers(signer.headers_to_sign(request))
+    request.headers["Authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={signer.scope(request)}, SignedHeaders={signed_headers}, "
+        f"Signature={signature}"
+    )
     return request
 
 
