@@ -4,8 +4,8 @@ exists only when enabled.
 
 The rule goes by the address the control plane is bound to, not by where a request comes from: bound to
 0.0.0.0, a request through 127.0.0.1 must be signed too (anyone on the network could send the same).
-The AWS CLI is not in the [dev] extra (awscli pins its own botocore, which would fight boto3's), so the
-signed requests here come from boto3, which signs as the AWS CLI does (both are botocore).
+The signed requests come from boto3 and from the AWS CLI (`awscli`, in the [dev] extra) run as README
+shows it, with `AWS_SHARED_CREDENTIALS_FILE` naming the data dir's key pair.
 """
 
 from __future__ import annotations
@@ -297,3 +297,67 @@ def test_cli_fault_needs_faults(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "positive number" in bad.stderr
+
+
+# ---- serve --api-host, and the AWS CLI as README shows it -------------------------------------------
+
+
+def test_serve_api_host_and_the_aws_cli(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "iot_core_local", "serve", "--data-dir", str(data)]
+    with subprocess.Popen(
+        [*command, "--api-host", "0.0.0.0", "--api-port", "0", "--mqtt-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            printed = json.loads(proc.stdout.readline())
+            credentials = Path(printed["credentialsFile"])
+            assert credentials == (data / "credentials").resolve()
+            assert printed["mqttHost"] == "127.0.0.1"  # --host untouched
+            port = printed["apiUrl"].rsplit(":", 1)[1]
+            url = f"http://127.0.0.1:{port}"
+            assert raw(url + "/things")[0] == 403
+
+            env = {
+                "PATH": os.environ.get("PATH", ""),
+                "HOME": str(tmp_path),
+                "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+            aws = [str(Path(sys.executable).parent / "aws"), "--endpoint-url", url, "iot"]
+            made = subprocess.run(
+                [*aws, "create-thing", "--thing-name", "by-cli"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert made.returncode == 0, made.stderr
+            listed = subprocess.run(
+                [*aws, "list-things"], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert [t["thingName"] for t in json.loads(listed.stdout)["things"]] == ["by-cli"]
+
+            forged = tmp_path / "forged"
+            key = read_access_key(credentials)
+            forged.write_text(AccessKey(key.access_key_id, "x" * 40).to_file().decode())
+            refused = subprocess.run(
+                [*aws, "list-things"],
+                env={**env, "AWS_SHARED_CREDENTIALS_FILE": str(forged)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert refused.returncode != 0
+            assert "InvalidSignatureException" in refused.stderr
+        finally:
+            proc.send_signal(2)  # SIGINT: a clean stop
+            _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert str(credentials) in stderr  # named in its output...
+    assert key.secret_access_key not in stderr + json.dumps(printed)  # ...never its secret
+    assert "signatures required" in stderr
