@@ -8,7 +8,6 @@ real Mosquitto). The registry's clock and the quota buckets' clock are the tests
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,42 +22,27 @@ from iot_core_local.quotas import Quotas
 from iot_core_local.recipes.claims import ensure_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import RawClient, make_csr, write_credentials
+from tests._support.fake_cloud import FakeClock
 
 pytestmark = pytest.mark.e2e
 
 CLAIM_TTL = 300.0  # AWS's temporary claim certificates last five minutes
 
 
-class Clock:
-    """A clock that moves only when the test says so, from a given start."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture(scope="module")
+def clock() -> FakeClock:
+    """The registry's clock (`time`, wall) and the quota buckets' (`now`, monotonic): the test moves both."""
+    return FakeClock()
 
 
 @pytest.fixture(scope="module")
-def registry_clock() -> Clock:
-    return Clock(time.time())
-
-
-@pytest.fixture(scope="module")
-def quota_clock() -> Clock:
-    return Clock(1000.0)
-
-
-@pytest.fixture(scope="module")
-def core(
-    tmp_path_factory: pytest.TempPathFactory, registry_clock: Clock, quota_clock: Clock
-) -> Iterator[LocalIotCore]:
+def core(tmp_path_factory: pytest.TempPathFactory, clock: FakeClock) -> Iterator[LocalIotCore]:
     quotas = Quotas().with_rates({"fleet:CreateCertificateFromCsr": 1.0})
     with LocalIotCore(
         tmp_path_factory.mktemp("claims") / "data",
-        clock=registry_clock,
+        clock=clock.time,
         quotas=quotas,
-        quota_clock=quota_clock,
+        quota_clock=clock.now,
     ) as running:
         yield running
 
@@ -84,10 +68,10 @@ def hub_with(core: LocalIotCore, claim: dict[str, Any], template: str, folder: P
 
 
 def test_a_hub_provisions_with_the_temporary_claim_alone(
-    core: LocalIotCore, quota_clock: Clock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     claim = temporary_claim(core, "SampleTemplate")
-    quota_clock.now += 10
+    clock.advance(10)
     result = HubOnboarding(
         hub_with(core, claim, "SampleTemplate", tmp_path / "hub", "SN-CLAIM")
     ).process_device()
@@ -99,7 +83,7 @@ def test_a_hub_provisions_with_the_temporary_claim_alone(
 
 
 def test_the_temporary_claim_may_do_nothing_else(
-    core: LocalIotCore, quota_clock: Clock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     claim = temporary_claim(core, "OnlyThis")
     ensure_fleet_provisioning(core.client(), "NotThis")
@@ -114,7 +98,7 @@ def test_the_temporary_claim_may_do_nothing_else(
         assert client.subscribe("things/anything/#", "#") == [denied, denied]
         assert client.publish("things/anything/telemetry", b"{}") == denied
         assert client.publish("$aws/provisioning-templates/NotThis/provision/json", b"{}") == denied
-        quota_clock.now += 10
+        clock.advance(10)
         outcome, issued = client.ask("$aws/certificates/create-from-csr/json", _csr())
         assert outcome == "accepted"
         register = {"certificateOwnershipToken": issued["certificateOwnershipToken"], "parameters": _params()}
@@ -127,20 +111,20 @@ def test_the_temporary_claim_may_do_nothing_else(
 
 
 def test_the_temporary_claim_stops_at_its_expiration(
-    core: LocalIotCore, registry_clock: Clock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     claim = temporary_claim(core, "Expiring")
-    assert claim["expiration"].timestamp() == pytest.approx(registry_clock.now + CLAIM_TTL, abs=1)
+    assert claim["expiration"].timestamp() == pytest.approx(clock.time() + CLAIM_TTL, abs=1)
     creds = write_credentials(
         tmp_path, "claim", claim["certificateId"], claim["certificatePem"], claim["keyPair"]["PrivateKey"]
     )
-    registry_clock.now += CLAIM_TTL - 1
+    clock.advance(CLAIM_TTL - 1)
     client = RawClient(core, creds)
     try:
         assert client.connect("just-in-time").reason_code == 0
     finally:
         client.close()
-    registry_clock.now += 2  # past its expiration, by the registry's clock
+    clock.advance(2)  # past its expiration, by the registry's clock
     late = RawClient(core, creds)
     try:
         connack = late.connect("too-late")
@@ -151,12 +135,12 @@ def test_the_temporary_claim_stops_at_its_expiration(
 
 
 def test_the_hub_retries_a_request_over_the_real_quota(
-    core: LocalIotCore, quota_clock: Clock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     """CreateCertificateFromCsr at 1/s: the bucket is empty when the hub asks; it is refilled only when
     the hub says it will retry, so the first answer is the quota's 429 and the retry succeeds."""
     claim = temporary_claim(core, "Throttled")
-    quota_clock.now += 10
+    clock.advance(10)
     limiter = core.gateway.provisioning.limiter
     assert limiter is not None
     assert limiter.allow("fleet", "CreateCertificateFromCsr")  # someone else took this second's request
@@ -166,7 +150,7 @@ def test_the_hub_retries_a_request_over_the_real_quota(
     def on_step(event: StepEvent) -> None:
         if event.step == OnboardingStep.RETRY:
             retries.append(event)
-            quota_clock.now += 1.0  # the next second: one request's worth
+            clock.advance(1.0)  # the next second: one request's worth
 
     config = hub_with(core, claim, "Throttled", tmp_path / "hub", "SN-RETRY")
     result = HubOnboarding(config, on_step=on_step).process_device()

@@ -18,38 +18,29 @@ from iot_core_local.quotas import AWS_DEFAULT_RATES, Quotas, RateLimiter, parse_
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import RawClient, make_csr, write_credentials
+from tests._support.fake_cloud import FakeClock
 
 CSR_TOPIC = "$aws/certificates/create-from-csr/json"
-
-
-class ManualClock:
-    """Monotonic seconds that move only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ---- the buckets, pure ----------------------------------------------------------------------------
 
 
 def test_a_bucket_holds_one_second_and_refills_at_its_rate() -> None:
-    clock = ManualClock()
-    limiter = RateLimiter(Quotas({"fleet:RegisterThing": 10.0}), clock)
+    clock = FakeClock()
+    limiter = RateLimiter(Quotas({"fleet:RegisterThing": 10.0}), clock.now)
     assert [limiter.allow("fleet", "RegisterThing") for _ in range(11)] == [True] * 10 + [False]
-    clock.now += 0.1  # one token back at 10/s
+    clock.advance(0.1)  # one token back at 10/s
     assert limiter.allow("fleet", "RegisterThing")
     assert not limiter.allow("fleet", "RegisterThing")
-    clock.now += 60  # never more than a second's worth
+    clock.advance(60)  # never more than a second's worth
     assert sum(limiter.allow("fleet", "RegisterThing") for _ in range(20)) == 10
     assert limiter.throttled == 1 + 1 + 10
 
 
 def test_operations_have_their_own_buckets_and_fall_back_to_the_service_rate() -> None:
-    clock = ManualClock()
-    limiter = RateLimiter(Quotas({"iot:*": 2.0, "iot:DescribeThing": 5.0}), clock)
+    clock = FakeClock()
+    limiter = RateLimiter(Quotas({"iot:*": 2.0, "iot:DescribeThing": 5.0}), clock.now)
     assert [limiter.allow("iot", "ListThings") for _ in range(3)] == [True, True, False]
     assert [limiter.allow("iot", "CreateThing") for _ in range(3)] == [True, True, False]
     assert sum(limiter.allow("iot", "DescribeThing") for _ in range(10)) == 5
@@ -57,12 +48,12 @@ def test_operations_have_their_own_buckets_and_fall_back_to_the_service_rate() -
 
 
 def test_a_rate_below_one_still_lets_one_request_through_per_period() -> None:
-    clock = ManualClock()
-    limiter = RateLimiter(Quotas({"fleet:*": 0.5}), clock)
+    clock = FakeClock()
+    limiter = RateLimiter(Quotas({"fleet:*": 0.5}), clock.now)
     assert [limiter.allow("fleet", "CreateKeysAndCertificate") for _ in range(2)] == [True, False]
-    clock.now += 1.0
+    clock.advance(1.0)
     assert not limiter.allow("fleet", "CreateKeysAndCertificate")
-    clock.now += 1.0
+    clock.advance(1.0)
     assert limiter.allow("fleet", "CreateKeysAndCertificate")
 
 
@@ -101,15 +92,15 @@ def test_bad_quota_specs(spec: str, problem: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def clock() -> ManualClock:
-    return ManualClock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory: pytest.TempPathFactory, clock: ManualClock) -> Iterator[LocalIotCore]:
+def core(tmp_path_factory: pytest.TempPathFactory, clock: FakeClock) -> Iterator[LocalIotCore]:
     quotas = Quotas().with_rates({"fleet:CreateCertificateFromCsr": 2.0, "iot:ListThings": 1.0})
     with LocalIotCore(
-        tmp_path_factory.mktemp("quotas") / "data", quotas=quotas, quota_clock=clock
+        tmp_path_factory.mktemp("quotas") / "data", quotas=quotas, quota_clock=clock.now
     ) as running:
         yield running
 
@@ -128,9 +119,9 @@ def no_retries(core: LocalIotCore) -> Any:
     )
 
 
-def test_a_throttled_api_call_is_a_throttling_exception(core: LocalIotCore, clock: ManualClock) -> None:
+def test_a_throttled_api_call_is_a_throttling_exception(core: LocalIotCore, clock: FakeClock) -> None:
     iot = no_retries(core)
-    clock.now += 10
+    clock.advance(10)
     assert iot.list_things()["things"] == []
     with pytest.raises(ClientError) as caught:
         iot.list_things()
@@ -138,12 +129,12 @@ def test_a_throttled_api_call_is_a_throttling_exception(core: LocalIotCore, cloc
     assert error["Error"]["Code"] == "ThrottlingException"
     assert error["ResponseMetadata"]["HTTPStatusCode"] == 429
     iot.describe_endpoint(endpointType="iot:Data-ATS")  # another operation: its own bucket
-    clock.now += 1.0
+    clock.advance(1.0)
     assert iot.list_things()["things"] == []
 
 
 def test_a_throttled_provisioning_request_is_rejected_429(
-    core: LocalIotCore, clock: ManualClock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     setup = set_up_fleet_provisioning(core.client(), "Quota")
     creds = write_credentials(
@@ -152,14 +143,14 @@ def test_a_throttled_provisioning_request_is_rejected_429(
     client = RawClient(core, creds)
     try:
         assert client.connect("quota-hub").reason_code == 0
-        clock.now += 10
+        clock.advance(10)
         body = json.dumps({"certificateSigningRequest": make_csr()}).encode()
         outcomes = [client.ask(CSR_TOPIC, body) for _ in range(3)]
         assert [outcome for outcome, _ in outcomes] == ["accepted", "accepted", "rejected"]
         rejected = outcomes[2][1]
         assert (rejected["statusCode"], rejected["errorCode"]) == (429, "ThrottlingException")
         assert "CreateCertificateFromCsr" in rejected["errorMessage"]
-        clock.now += 0.5  # one token back at 2/s
+        clock.advance(0.5)  # one token back at 2/s
         assert client.ask(CSR_TOPIC, body)[0] == "accepted"
     finally:
         client.close()
@@ -209,7 +200,7 @@ def test_attribute_limits_in_the_registry(core: LocalIotCore) -> None:
 
 
 def test_register_thing_with_too_many_attributes_is_rejected_400(
-    core: LocalIotCore, clock: ManualClock, tmp_path: Path
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path
 ) -> None:
     iot = core.client()
     body = {
@@ -237,7 +228,7 @@ def test_register_thing_with_too_many_attributes_is_rejected_400(
     client = RawClient(core, creds)
     try:
         assert client.connect("four-attributes").reason_code == 0
-        clock.now += 10
+        clock.advance(10)
         csr = json.dumps({"certificateSigningRequest": make_csr()}).encode()
         outcome, issued = client.ask(CSR_TOPIC, csr)
         assert outcome == "accepted"
