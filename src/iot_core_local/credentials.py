@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .datadir import open_nofollow, read_nofollow, write_atomically
+from .datadir import open_nofollow, write_atomically
 from .errors import ServerError
 
 __all__ = ["CREDENTIALS_FILE", "PROFILE", "AccessKey", "load_or_create", "read_access_key"]
@@ -27,6 +27,7 @@ PROFILE = "default"  # what the AWS CLI and boto3 read when AWS_PROFILE is not s
 
 _ALPHABET = string.ascii_uppercase + string.digits
 _SECRET_ALPHABET = string.ascii_letters + string.digits + "+/"
+_MAX_SIZE = 64 * 1024  # a key pair is ~150 bytes; anything this large is not ours
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,18 @@ class AccessKey:
 
 def read_access_key(path: Path) -> AccessKey:
     """The pair in `path`; ServerError naming the file and the fix when it is not one of ours."""
-    fd = open_nofollow(path, os.O_RDONLY)
-    try:
-        mode = os.fstat(fd).st_mode
-    finally:
-        os.close(fd)
-    if stat.S_IMODE(mode) & 0o077:
-        raise ServerError(f"{path} can be read by others; run chmod 600 {path} (or delete it for a new pair)")
+    # One descriptor for the mode and the content: what is checked is what is read.
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as file:
+        if stat.S_IMODE(os.fstat(file.fileno()).st_mode) & 0o077:
+            raise ServerError(
+                f"{path} can be read by others; run chmod 600 {path} (or delete it for a new pair)"
+            )
+        content = file.read(_MAX_SIZE + 1)
+    if len(content) > _MAX_SIZE:
+        raise ServerError(f"{path} is too large for a key pair; delete it for a new pair")
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read_string(read_nofollow(path).decode())
+        parser.read_string(content.decode())
         section = parser[PROFILE]
         pair = AccessKey(section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip())
     except (configparser.Error, KeyError, UnicodeDecodeError):

@@ -184,6 +184,17 @@ def test_the_key_pair_is_kept_across_restarts_and_a_loose_file_is_refused(tmp_pa
     (data / "credentials").chmod(0o644)
     with pytest.raises(ServerError, match="chmod 600"):
         LocalIotCore(data).start()
+    (data / "credentials").write_text("[other]\naws_access_key_id = A\n")
+    (data / "credentials").chmod(0o600)
+    with pytest.raises(ServerError, match=r"not a credentials file with a \[default\] key pair"):
+        LocalIotCore(data).start()
+    (data / "credentials").unlink()
+    target = tmp_path / "elsewhere"
+    target.write_text("kept")
+    (data / "credentials").symlink_to(target)
+    with pytest.raises(ServerError, match="symbolic link"):
+        LocalIotCore(data).start()
+    assert target.read_text() == "kept"
 
 
 @pytest.mark.parametrize(
