@@ -30,7 +30,10 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from iot_core_local.ca import CertificateAuthority
+from iot_core_local.control_plane import ControlPlane
 from iot_core_local.control_plane.http import is_loopback
+from iot_core_local.control_plane.restjson import RestJsonService
 from iot_core_local.control_plane.signature import verify
 from iot_core_local.credentials import AccessKey, read_access_key
 from iot_core_local.errors import (
@@ -39,7 +42,10 @@ from iot_core_local.errors import (
     ServerError,
     UnrecognizedClient,
 )
+from iot_core_local.quotas import Quotas, RateLimiter
+from iot_core_local.registry import Registry
 from iot_core_local.server import LocalIotCore
+from tests._support.fake_cloud import FakeClock
 
 _ONCE = botocore.config.Config(retries={"total_max_attempts": 1})
 
@@ -372,3 +378,49 @@ def test_serve_api_host_and_the_aws_cli(tmp_path: Path) -> None:
     assert str(credentials) in stderr  # named in its output...
     assert key.secret_access_key not in stderr + json.dumps(printed)  # ...never its secret
     assert "signatures required" in stderr
+
+
+# ---- every hosted service, not only AWS IoT -----------------------------------------------------------
+
+
+def test_signatures_and_quotas_apply_to_every_hosted_service(
+    cp_registry: Registry, cp_ca: CertificateAuthority
+) -> None:
+    """A second rest-json service (here botocore's `iot-data`, signed as `iotdata`) hosted beside AWS IoT
+    gets the same owner and the same quotas, by its own signing name."""
+    import botocore.session
+
+    second = RestJsonService(
+        botocore.session.get_session().get_service_model("iot-data"),
+        {"ListRetainedMessages": lambda context, params: {"retainedTopics": []}},
+    )
+    key = AccessKey.generate()
+    clock = FakeClock()
+    limiter = RateLimiter(Quotas({"iotdata:*": 1.0}), clock.now)
+    plane = ControlPlane(cp_registry, cp_ca, access_key=key, require_signature=True, limiter=limiter)
+    plane.host_service(second, None)
+    with plane:
+
+        def data_client(secret: str) -> Any:
+            return boto3.client(
+                "iot-data",
+                endpoint_url=plane.url,
+                region_name="us-east-1",
+                aws_access_key_id=key.access_key_id,
+                aws_secret_access_key=secret,
+                config=_ONCE,
+            )
+
+        assert data_client(key.secret_access_key).list_retained_messages()["retainedTopics"] == []
+        with pytest.raises(ClientError) as throttled:
+            data_client(key.secret_access_key).list_retained_messages()
+        assert throttled.value.response["Error"]["Code"] == "ThrottlingException"
+        with pytest.raises(ClientError) as forged:
+            data_client("forged").list_retained_messages()
+        assert forged.value.response["Error"]["Code"] == "InvalidSignatureException"
+        assert raw(plane.url + "/retainedMessage")[0] == 403
+        clock.advance(1.0)
+        assert data_client(key.secret_access_key).list_retained_messages()["retainedTopics"] == []
+        # AWS IoT beside it: the same key pair, its own buckets (no rate given for iot here).
+        iot = boto3_client(plane.url, key.access_key_id, key.secret_access_key)
+        assert all(iot.list_things()["things"] == [] for _ in range(3))
