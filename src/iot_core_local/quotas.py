@@ -2,13 +2,15 @@
 
 The defaults are AWS's published per-account defaults (all adjustable on AWS by a quota request):
 
-    Fleet provisioning MQTT API, "AWS IoT Core endpoints and quotas", fleet provisioning table
+    Fleet provisioning MQTT API, the fleet provisioning table of "AWS IoT Core endpoints and quotas"
     (https://docs.aws.amazon.com/general/latest/gr/iot-core.html): CreateKeysAndCertificate 10/s,
-    CreateCertificateFromCsr 50/s, RegisterThing 10/s.
+    CreateCertificateFromCsr 50/s, RegisterThing 10/s (users report RegisterThing throttled near 10/s:
+    aws/aws-iot-device-sdk-python-v2 issue 232).
 
     Control plane API, the "AWS IoT Core throttling limits" table of the same page (earlier in the
-    developer guide's "AWS IoT Limits" page, https://docs.aws.amazon.com/iot/latest/developerguide/limits-iot.html):
-    per operation, e.g. CreateThing 15/s, DescribeThing 350/s, AttachPolicy 15/s, most others 10/s.
+    developer guide's "AWS IoT Limits" page, https://docs.aws.amazon.com/iot/latest/developerguide/limits-iot.html,
+    where these numbers were checked): per operation, e.g. CreateThing 15/s, DescribeThing 350/s,
+    AttachPolicy 15/s, most others 10/s. Quotas change; `--quota` follows an account's own.
 
 Keys are `SERVICE:OPERATION`: `fleet` is the fleet provisioning MQTT API, any other service is the
 control plane service of that signing name (`iot`, or another hosted service); `SERVICE:*` is the rate of
