@@ -51,6 +51,7 @@ class ServerProcess:
                 "0",
                 "--api-port",
                 "0",
+                "--no-quotas",  # the server's throughput, not AWS's default rates per account
             ],
             stdout=subprocess.PIPE,
             stderr=open(self.data_dir.parent / "server.log", "wb"),

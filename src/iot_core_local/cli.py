@@ -40,7 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir", type=Path, required=True, help="where all state lives (kept across restarts)"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1", help="MQTT address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--api-host",
+        default="127.0.0.1",
+        help="control plane address (default 127.0.0.1); on any other address every request must be "
+        "SigV4-signed with the key pair in DATA_DIR/credentials",
+    )
+    serve.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="require SigV4 signatures with that key pair on loopback too",
+    )
     serve.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT over TLS port; 0 = any free port")
     serve.add_argument(
         "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
@@ -49,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
         "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
     )
     serve.add_argument(
+        "--faults",
+        action="store_true",
+        help="enable the fault switch: --fault and POST API_URL/_local/faults (off: that path is a 404)",
+    )
+    serve.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        type=_quota,
+        metavar="SERVICE:OPERATION=RATE",
+        help="change a rate (requests/s per account) from AWS's default, e.g. fleet:RegisterThing=50, "
+        "iot:*=100 (repeatable; services fleet = the fleet provisioning MQTT API, iot = the control plane)",
+    )
+    serve.add_argument("--no-quotas", action="store_true", help="throttle nothing (load tests)")
+    serve.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -56,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="arm a fault, KIND[:OPERATION[:COUNT[:SECONDS]]], e.g. throttle:RegisterThing:2; "
         "kinds throttle, drop, ignore, delay, refuse; operations Connect, CreateKeysAndCertificate, "
-        "CreateCertificateFromCsr, RegisterThing, any (repeatable; also POST API_URL/_local/faults)",
+        "CreateCertificateFromCsr, RegisterThing, any (repeatable; needs --faults)",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
 
@@ -141,9 +167,23 @@ def _fault(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _quota(text: str) -> tuple[str, float]:
+    from .quotas import parse_quota
+
     try:
-        args = _parser().parse_args(argv)
+        return parse_quota(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "serve" and args.fault and not args.faults:
+            parser.error("--fault arms the fault switch, which is off: add --faults")
+        if args.command == "serve" and args.quota and args.no_quotas:
+            parser.error("--quota and --no-quotas contradict each other: choose one")
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     from .extra import missing_server_extra
@@ -188,6 +228,7 @@ def _set_up(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .errors import PortUnavailable, ServerError
+    from .quotas import Quotas
     from .server import LocalIotCore
 
     stop = threading.Event()
@@ -205,6 +246,11 @@ def _serve(args: argparse.Namespace) -> int:
         api_port=args.api_port,
         token_ttl=args.token_ttl,
         faults=args.fault,
+        api_host=args.api_host,
+        require_signature=args.require_signature,
+        faults_enabled=args.faults,
+        # serve applies AWS's default rates (quotas.py names the source); --quota changes one
+        quotas=None if args.no_quotas else Quotas().with_rates(dict(args.quota)),
     )
     try:
         endpoint = core.start()
@@ -221,6 +267,13 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_SERVER
     try:
         print(json.dumps(endpoint.to_json()), flush=True)
+        # The path, never the secret: AWS_SHARED_CREDENTIALS_FILE=<it> lets the AWS CLI and boto3 sign.
+        logging.getLogger("iot_core_local.server").info(
+            "control plane key pair: %s (AWS_SHARED_CREDENTIALS_FILE=%s); signatures %s",
+            endpoint.credentials_path,
+            endpoint.credentials_path,
+            "required" if core.signatures_required else "not checked (loopback)",
+        )
         # Woken twice a second: a signal handler runs only when the main thread gets back to Python code.
         while not stop.wait(0.5):
             pass

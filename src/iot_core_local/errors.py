@@ -5,6 +5,7 @@
     │   └── PortUnavailable         a port it was told to listen on is taken or not allowed
     ├── HookDenied                  the pre-provisioning hook refused, failed or did not answer in time
     ├── InvalidFault (ValueError)   a fault switch spec or body that does not parse (CLI --fault, HTTP)
+    ├── InvalidQuota (ValueError)   a quota spec that does not parse (CLI --quota, Quotas(...))
     └── ServiceError                an API answer AWS would give; carries the AWS error type and status
         ├── InvalidRequest          400 InvalidRequestException
         │   ├── MalformedPolicy     400 MalformedPolicyException (CreatePolicy)
@@ -22,14 +23,19 @@
         ├── VersionConflict         409 VersionConflictException
         ├── Validation              400 ValidationException (managed integrations' bad input)
         ├── Conflict                409 ConflictException (managed integrations: a duplicate name or serial)
-        └── ManagedResourceNotFound 404 ResourceNotFoundException with ResourceId, ResourceType
-                                        (managed integrations)
+        ├── ManagedResourceNotFound 404 ResourceNotFoundException with ResourceId, ResourceType
+        │                               (managed integrations)
+        ├── Throttling              429 ThrottlingException (a request over its rate, quotas.py)
+        └── AuthenticationFailure   403 the request's SigV4 signature is missing or wrong:
+            ├── MissingAuthenticationToken  403 MissingAuthenticationTokenException (unsigned)
+            ├── UnrecognizedClient  403 UnrecognizedClientException (an access key not ours)
+            └── InvalidSignature    403 InvalidSignatureException (wrong, stale or malformed)
 
 The control plane turns a ServiceError into the HTTP answer botocore expects; the gateway turns it
-into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`). A throttled
-request is answered by the fault switch directly (a `/rejected` 429 ThrottlingException), so no class
-stands for it. Exceptions that only carry control flow inside one module (a connection to close, a
-transaction to roll back, a policy statement to skip) are private to that module and never leave it.
+into a `/rejected` payload. Status codes follow botocore's model (`service-2.json`), except
+ThrottlingException: the model says 400, AWS IoT answers 429 (botocore retries either by its code).
+Exceptions that only carry control flow inside one module (a connection to close, a transaction to
+roll back, a policy statement to skip) are private to that module and never leave it.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class HookDenied(IotCoreLocalError):
 
 class InvalidFault(IotCoreLocalError, ValueError):
     """A fault for the fault switch that does not parse; a ValueError, as callers of `faults` expect."""
+
+
+class InvalidQuota(IotCoreLocalError, ValueError):
+    """A quota that does not parse or makes no sense (a rate that is not a positive number)."""
 
 
 class ServiceError(IotCoreLocalError):
@@ -195,3 +205,29 @@ class ManagedResourceNotFound(ServiceError):
 
     def body(self) -> dict[str, str]:
         return {"Message": self.message, "ResourceId": self.resource_id, "ResourceType": self.resource_type}
+
+
+class Throttling(ServiceError):
+    """A request over its operation's rate for the account (quotas.py)."""
+
+    error_type = "ThrottlingException"
+    status = 429
+
+
+class AuthenticationFailure(ServiceError):
+    """The control plane requires a valid SigV4 signature and this request has none."""
+
+    error_type = "AccessDeniedException"
+    status = 403
+
+
+class MissingAuthenticationToken(AuthenticationFailure):
+    error_type = "MissingAuthenticationTokenException"
+
+
+class UnrecognizedClient(AuthenticationFailure):
+    error_type = "UnrecognizedClientException"
+
+
+class InvalidSignature(AuthenticationFailure):
+    error_type = "InvalidSignatureException"

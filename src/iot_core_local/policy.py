@@ -33,7 +33,13 @@ from typing import Protocol
 
 from .errors import MalformedPolicy
 
-__all__ = ["CONDITION_OPERATORS", "MAX_DOCUMENT_SIZE", "evaluate", "validate_policy"]
+__all__ = [
+    "CONDITION_OPERATORS",
+    "MAX_DOCUMENT_SIZE",
+    "evaluate",
+    "provisioning_claim_document",
+    "validate_policy",
+]
 
 # AWS IoT quota: a policy document holds at most 2048 characters, whitespace not counted.
 MAX_DOCUMENT_SIZE = 2048
@@ -412,3 +418,33 @@ def validate_policy(document: str) -> None:
             _parse_statement(statement, f"Statement {index}")
     except _Malformed as e:
         raise MalformedPolicy(str(e)) from None
+
+
+def provisioning_claim_document(arn_prefix: str, template_name: str) -> str:
+    """The implicit policy of a CreateProvisioningClaim certificate: connect, and the provisioning topics
+    of its own template (the MQTT API's certificate topics and that template's RegisterThing), nothing
+    else. `arn_prefix` is `arn:aws:iot:REGION:ACCOUNT:`. AWS's SDK samples provision with such a
+    certificate directly, with no policy attached."""
+    topics = [
+        "$aws/certificates/create/*",
+        "$aws/certificates/create-from-csr/*",
+        f"$aws/provisioning-templates/{template_name}/provision/*",
+    ]
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn_prefix}client/*"},
+                {
+                    "Effect": "Allow",
+                    "Action": ["iot:Publish", "iot:Receive"],
+                    "Resource": [f"{arn_prefix}topic/{topic}" for topic in topics],
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": [f"{arn_prefix}topicfilter/{topic}" for topic in topics],
+                },
+            ],
+        }
+    )

@@ -56,6 +56,7 @@ from iot_core_local.model import (
     Thing,
     TokenGrant,
 )
+from iot_core_local.policy import provisioning_claim_document
 
 __all__ = ["ACCOUNT_ID", "Registry", "certificate_id_from_arn"]
 
@@ -68,6 +69,13 @@ _THING_GROUP_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:thinggroup/
 _THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _POLICY_NAME = re.compile(r"[\w+=,.@-]{1,128}")
 _TEMPLATE_NAME = re.compile(r"[0-9A-Za-z_-]{1,36}")
+# Thing attributes as AWS IoT documents them: names up to 128 characters, values up to 800 (botocore's
+# model gives the patterns), at most 3 attributes on a thing without a thing type and 50 with one
+# (https://docs.aws.amazon.com/iot/latest/developerguide/limits-iot.html, "Thing Limits").
+_ATTRIBUTE_NAME = re.compile(r"[a-zA-Z0-9_.,@/:#-]{1,128}")
+_ATTRIBUTE_VALUE = re.compile(r"[a-zA-Z0-9_.,@/:#=\[\]-]{0,800}")
+MAX_ATTRIBUTES_WITHOUT_TYPE = 3
+MAX_ATTRIBUTES_WITH_TYPE = 50
 _Choice = TypeVar("_Choice", bound=enum.StrEnum)
 _TOKEN_HASH_KEEP = 86400.0  # expired token hashes are purged a day later; until then they say "expired"
 
@@ -115,6 +123,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires);
 CREATE INDEX IF NOT EXISTS tokens_by_certificate ON tokens (certificate_id);
+CREATE TABLE IF NOT EXISTS provisioning_claims (
+    certificate_id TEXT PRIMARY KEY, template TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 
@@ -332,6 +342,30 @@ class Registry:
                 self._pending_trust = True  # its own trust anchor from now on
             return self.get_certificate(cid)
 
+    def add_provisioning_claim(
+        self, pem: str, template_name: str, expires: float, *, ca_certificate_id: str | None
+    ) -> Certificate:
+        """CreateProvisioningClaim's certificate: ACTIVE, and until `expires` (this registry's clock)
+        allowed by an implicit policy to provision with `template_name` and nothing else."""
+        with self.transaction():
+            cert = self.add_certificate(pem, CertificateStatus.ACTIVE, ca_certificate_id=ca_certificate_id)
+            self._db.execute(
+                "INSERT INTO provisioning_claims (certificate_id, template, expires) VALUES (?, ?, ?)",
+                (cert.certificate_id, template_name, expires),
+            )
+            return cert
+
+    def policy_documents(self, certificate_id: str) -> list[str]:
+        """What a connection with this certificate may do: the policies attached to it, and for a
+        CreateProvisioningClaim certificate not yet expired the implicit policy of its template."""
+        documents = [p.document for p in self.list_attached_policies(self.cert_arn(certificate_id))]
+        row = self._one(
+            "SELECT template, expires FROM provisioning_claims WHERE certificate_id = ?", (certificate_id,)
+        )
+        if row is not None and self.clock() < row[1]:
+            documents.append(provisioning_claim_document(self.arn(""), row[0]))
+        return documents
+
     def find_certificate(self, certificate_id: str) -> Certificate | None:
         row = self._one(f"SELECT {self._CERT_COLUMNS} FROM certificates WHERE id = ?", (certificate_id,))
         return None if row is None else self._certificate(row)
@@ -423,6 +457,7 @@ class Registry:
                     "(or use forceDelete)"
                 )
             self._db.execute("DELETE FROM policy_targets WHERE target = ?", (arn,))
+            self._db.execute("DELETE FROM provisioning_claims WHERE certificate_id = ?", (certificate_id,))
             self._db.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
             self._notify(certificate_id, DELETED)
             self._pending_targets.append(arn)
@@ -705,6 +740,7 @@ class Registry:
         configuration is ResourceAlreadyExists."""
         _check_name("thingName", name, _THING_NAME)
         attributes = dict(attributes or {})
+        _check_attributes(attributes, thing_type_name)
         with self.transaction():
             existing = self.find_thing(name)
             if existing is not None:
@@ -749,6 +785,7 @@ class Registry:
                     new_attributes = {}
                 new_attributes.update(attributes)
                 new_attributes = {k: v for k, v in new_attributes.items() if v != ""}
+            _check_attributes(new_attributes, new_type)
             self._db.execute(
                 "UPDATE things SET thing_type = ?, attributes = ?, version = version + 1 WHERE name = ?",
                 (new_type, json.dumps(new_attributes, sort_keys=True), name),
@@ -971,6 +1008,29 @@ def _check_choice(member: str, value: str, allowed: type[_Choice]) -> _Choice:
         return allowed(value)
     except ValueError:
         raise InvalidRequest(f"{member} must be one of {', '.join(allowed)}, not {value!r}") from None
+
+
+def _check_attributes(attributes: dict[str, str], thing_type_name: str | None) -> None:
+    """InvalidRequest, as AWS answers, for an attribute name or value it refuses, or too many of them."""
+    limit = MAX_ATTRIBUTES_WITHOUT_TYPE if thing_type_name is None else MAX_ATTRIBUTES_WITH_TYPE
+    if len(attributes) > limit:
+        kind = "without a thing type" if thing_type_name is None else "with a thing type"
+        raise InvalidRequest(f"A thing {kind} can have at most {limit} attributes, not {len(attributes)}")
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"Attribute name {_clip(name)!r} must be 1-128 characters of {_ATTRIBUTE_NAME.pattern[:-7]}"
+            )
+        if not isinstance(value, str) or not _ATTRIBUTE_VALUE.fullmatch(value):
+            raise InvalidRequest(
+                f"The value of attribute {name} must be at most 800 characters of "
+                f"{_ATTRIBUTE_VALUE.pattern[:-7]}"
+            )
+
+
+def _clip(value: object, limit: int = 64) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_name(member: str, value: str, pattern: re.Pattern[str]) -> None:

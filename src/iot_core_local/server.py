@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .credentials import CREDENTIALS_FILE, AccessKey, load_or_create, read_access_key
 from .datadir import check_owned_dir, open_nofollow, refuse_links, write_atomically
 from .errors import PortUnavailable, ServerError
 from .faults import FaultInjector
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway, GatewayLimits
     from .keys import KeyPool
     from .managed import ManagedIntegrations
+    from .quotas import Quotas
     from .registry import Registry
 
 log = logging.getLogger("iot_core_local.server")
@@ -59,30 +61,48 @@ class Endpoint:
     mqtt_port: int
     api_url: str
     root_ca_path: Path
+    # The control plane's key pair (credentials.py), an AWS shared-credentials file; never its content.
+    credentials_path: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "mqttHost": self.mqtt_host,
             "mqttPort": self.mqtt_port,
             "apiUrl": self.api_url,
             "rootCaPath": str(self.root_ca_path),
         }
+        if self.credentials_path is not None:
+            data["credentialsFile"] = str(self.credentials_path)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
-        return cls(data["mqttHost"], int(data["mqttPort"]), data["apiUrl"], Path(data["rootCaPath"]))
+        credentials = data.get("credentialsFile")
+        return cls(
+            data["mqttHost"],
+            int(data["mqttPort"]),
+            data["apiUrl"],
+            Path(data["rootCaPath"]),
+            Path(credentials) if credentials else None,
+        )
 
     def client(self, region: str = "us-east-1", service: str = "iot") -> Any:
-        """A boto3 client of `service` ("iot", "iot-managed-integrations") for this server's control
-        plane (any credentials work)."""
+        """A boto3 client of `service` ("iot", "iot-managed-integrations") for this server's control plane,
+        signing with its key pair (when the endpoint names one: a control plane off loopback checks the
+        signature)."""
         import boto3
 
+        key = (
+            read_access_key(self.credentials_path)
+            if self.credentials_path is not None
+            else AccessKey("iot-core-local", "iot-core-local")  # on loopback any credentials work
+        )
         return boto3.client(
             service,  # type: ignore[call-overload]  # boto3's stubs know each service by a literal
             endpoint_url=self.api_url,
             region_name=region,
-            aws_access_key_id="iot-core-local",
-            aws_secret_access_key="iot-core-local",  # noqa: S106 - the stand-in checks no signature
+            aws_access_key_id=key.access_key_id,
+            aws_secret_access_key=key.secret_access_key,
         )
 
     @property
@@ -140,6 +160,12 @@ class LocalIotCore:
     test can advance it; certificates are dated by the real time, which every TLS stack checks them against.
     `key_pool_size` RSA keys are generated ahead for CreateKeysAndCertificate by one background thread
     (0: each key is generated when asked for).
+
+    The control plane listens on `api_host` (loopback by default), MQTT on `host`. Off loopback, or with
+    `require_signature`, every API request must be signed with the key pair in `DIR/credentials`.
+    `faults_enabled` opens the fault switch over HTTP (`/_local/faults`); `core.faults` arms faults from
+    Python either way. `quotas` throttles per account (quotas.py; `serve` passes AWS's defaults, None
+    throttles nothing); `quota_clock` (monotonic seconds) refills the buckets, so tests pass their own.
     """
 
     def __init__(
@@ -159,8 +185,18 @@ class LocalIotCore:
         control_plane_limits: ControlPlaneLimits | None = None,
         clock: Callable[[], float] = time.time,
         key_pool_size: int = KEY_POOL_SIZE,
+        api_host: str = "127.0.0.1",
+        require_signature: bool = False,
+        faults_enabled: bool = False,
+        quotas: Quotas | None = None,
+        quota_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.api_host = api_host
+        self.require_signature = require_signature
+        self.faults_enabled = faults_enabled  # the HTTP switch; core.faults works from Python regardless
+        self.quotas = quotas
+        self.quota_clock = quota_clock
         # The fault switch (faults.py): owned here so it can be armed before start and survives nothing
         # but this object; specs are checked now, so a typo fails at once rather than at the first connect.
         self.faults = FaultInjector()
@@ -237,8 +273,15 @@ class LocalIotCore:
             raise ServerError("iot-core-local is not running")
         return self._managed
 
+    @property
+    def signatures_required(self) -> bool:
+        """Whether the control plane checks SigV4 signatures (off loopback, or `require_signature`)."""
+        if self._api is None:
+            raise ServerError("iot-core-local is not running")
+        return self._api.signatures_required
+
     def client(self) -> Any:
-        """A boto3 IoT client pointed at this server (any credentials work)."""
+        """A boto3 IoT client pointed at this server, signing with the data dir's key pair."""
         return self.endpoint.client(self.region)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -261,6 +304,7 @@ class LocalIotCore:
         from .managed import ManagedIntegrations
         from .provisioning import ProvisioningService
         from .provisioning.managed import ManagedMatcher
+        from .quotas import RateLimiter
         from .registry import Registry
         from .resources import raise_open_file_limit
 
@@ -269,7 +313,7 @@ class LocalIotCore:
         self._acquire_lock()
         try:
             check_port("mqtt", self.host, self.mqtt_port)
-            check_port("api", self.host, self.api_port)
+            check_port("api", self.api_host, self.api_port)
             raise_open_file_limit()  # each device connection costs two descriptors; logged
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
@@ -281,6 +325,8 @@ class LocalIotCore:
             self._managed = ManagedIntegrations(
                 self._registry, self._ca, endpoint_address=lambda: self.host, clock=self.clock
             )
+            access_key = load_or_create(self.data_dir / CREDENTIALS_FILE)
+            limiter = RateLimiter(self.quotas, self.quota_clock) if self.quotas is not None else None
             self._broker = Broker(self.data_dir / "mosquitto", limits=self.broker_limits)
             self._broker.start()
 
@@ -297,6 +343,7 @@ class LocalIotCore:
                 hook_workers=self.hook_workers,
                 clock=self.clock,
                 broker=(self._broker.host, self._broker.port),
+                limiter=limiter,
             )
             matcher = ManagedMatcher(self._managed)
             provisioning.fleet.matcher = matcher
@@ -321,23 +368,27 @@ class LocalIotCore:
             self._api = ControlPlane(
                 self._registry,
                 self._ca,
-                host=self.host,
+                host=self.api_host,
                 port=self.api_port,
                 endpoint_address=lambda: self.host,
-                faults=self.faults,
+                faults=self.faults if self.faults_enabled else None,
                 limits=self.control_plane_limits,
+                access_key=access_key,
+                require_signature=self.require_signature,
+                limiter=limiter,
             )
             self._api.host_service(managed_integrations.service(), self._managed)
             try:
                 self._api.start()
             except OSError as exc:
-                raise port_problem("api", self.host, self.api_port, exc) or exc from None
+                raise port_problem("api", self.api_host, self.api_port, exc) or exc from None
 
             self._endpoint = Endpoint(
                 mqtt_host=self.host,
                 mqtt_port=self._gateway.port,
                 api_url=self._api.url,
                 root_ca_path=self._ca.root_ca_path.resolve(),
+                credentials_path=(self.data_dir / CREDENTIALS_FILE).resolve(),
             )
             write_json_atomically(self.data_dir / ENDPOINT_FILE, self._endpoint.to_json())
         except BaseException:
@@ -399,6 +450,7 @@ class LocalIotCore:
             [
                 self.data_dir / LOCK_FILE,
                 self.data_dir / ENDPOINT_FILE,
+                self.data_dir / CREDENTIALS_FILE,
                 registry,
                 registry.with_name(registry.name + "-wal"),
                 registry.with_name(registry.name + "-shm"),

@@ -190,6 +190,13 @@ class RawClient:
         assert puback.packet_id == pid
         return int(puback.reason_code)
 
+    def ask(self, topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+        """A provisioning request: subscribe to both answers, publish, return (accepted|rejected, answer)."""
+        assert self.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+        assert self.publish(topic, payload) == 0
+        answer = self.receive_type(mqtt5.PublishPacket)
+        return answer.topic.rsplit("/", 1)[1], json.loads(answer.payload)
+
     def expect_closed(self, within: float = 5.0) -> list[mqtt5.Packet]:
         """Read until the server closes; return what came before (e.g. a DISCONNECT)."""
         self.sock.settimeout(within)

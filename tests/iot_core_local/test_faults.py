@@ -43,7 +43,7 @@ KEYS_TOPIC = "$aws/certificates/create/json"
 
 @pytest.fixture(scope="module")
 def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
-    with LocalIotCore(tmp_path_factory.mktemp("faults") / "data") as running:
+    with LocalIotCore(tmp_path_factory.mktemp("faults") / "data", faults_enabled=True) as running:
         yield running
 
 
@@ -78,10 +78,7 @@ def connect(core: LocalIotCore, creds: Credentials, client_id: str) -> RawClient
 
 def ask(client: RawClient, topic: str, payload: bytes) -> tuple[str, dict[str, Any]]:
     """Subscribe to both answers, publish, return (accepted|rejected, answer)."""
-    assert client.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
-    assert client.publish(topic, payload) == 0
-    answer = client.receive_type(mqtt5.PublishPacket)
-    return answer.topic.rsplit("/", 1)[1], json.loads(answer.payload)
+    return client.ask(topic, payload)
 
 
 def csr_body() -> bytes:
@@ -406,6 +403,7 @@ def test_cli_fault_option(tmp_path: Path) -> None:
             "0",
             "--api-port",
             "0",
+            "--faults",
             "--fault",
             "throttle:RegisterThing:2",
             "--fault",

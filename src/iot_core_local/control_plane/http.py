@@ -2,15 +2,21 @@
 
 A request goes to the service its signature names (the service in the SigV4 credential scope of the
 Authorization header: botocore signs AWS IoT requests as `iot`), or, unsigned, to the first hosted service
-whose routes match it. `/_local/...` paths are the stand-in's own endpoints (the fault switch), outside
-any AWS API. Authentication is not checked: any region and any credentials work, as on a developer's
-machine.
+whose routes match it. `/_local/...` paths are the stand-in's own endpoints (the fault switch, only when
+enabled), outside any AWS API.
+
+The control plane has an owner: bound to any address but loopback (or with `require_signature`), every
+request, `/_local/...` included, must carry a valid SigV4 signature made with the data dir's key pair
+(credentials.py, checked by signature.py); on loopback, by default, any credentials work, as on a
+developer's machine. Every hosted service's operations are throttled by the account's quotas
+(quotas.py): a request over its rate gets ThrottlingException.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -30,13 +36,16 @@ from botocore.model import OperationModel
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.control_plane import iot
 from iot_core_local.control_plane.restjson import Response, RestJsonService, clip
-from iot_core_local.errors import InvalidRequest, ServiceError
+from iot_core_local.control_plane.signature import verify
+from iot_core_local.credentials import AccessKey
+from iot_core_local.errors import InvalidRequest, ServiceError, Throttling
 from iot_core_local.faults import FaultInjector
 from iot_core_local.faults import from_json as faults_from_json
+from iot_core_local.quotas import RateLimiter
 from iot_core_local.registry import Registry
 from iot_core_local.resources import LimitLog
 
-__all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketReader"]
+__all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketReader", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +148,16 @@ class HostedServices:
                 return candidate, *found
         first = self._in_order[0]
         return first, *first.service.route(method, path, query)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address bound to `host` (0.0.0.0 and :: are not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _signing_name(authorization: str) -> str | None:
@@ -262,6 +281,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.reader.deadline = None
             self.connection.settimeout(self.server.limits.request_timeout)  # for writing the answer
             url = urllib.parse.urlsplit(self.path)
+            control_plane = self.server.control_plane
+            if control_plane.access_key is not None and control_plane.signatures_required:
+                # Before anything else, /_local/ included: the bound address decides, not the caller's.
+                now = control_plane.clock()
+                verify(control_plane.access_key, self.command, self.path, self.headers.items(), body, now=now)
             if url.path.startswith(_LOCAL_PREFIX):
                 operation_name = "_local"
                 status, extra_headers, payload = self._local(url.path, body)
@@ -270,10 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
             headers = {k.lower(): v for k, v in self.headers.items()}
-            hosted, operation, labels = self.server.control_plane.services.resolve(
-                self.command, url.path, query, headers
-            )
+            hosted, operation, labels = control_plane.services.resolve(self.command, url.path, query, headers)
             operation_name = operation.name
+            control_plane.take_quota(hosted.service.signing_name, operation.name)
             status, extra_headers, payload = hosted.service.invoke(
                 hosted.context, operation, labels, query, headers, body
             )
@@ -375,8 +398,22 @@ class ControlPlane:
         claim_ttl: float = iot.CLAIM_TTL,
         faults: FaultInjector | None = None,
         limits: ControlPlaneLimits | None = None,
+        access_key: AccessKey | None = None,
+        require_signature: bool = False,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`faults`: the switch `/_local/faults` arms (None: that path is 404 like any unknown one).
+        Signatures are required when `require_signature` or when `host` is not loopback; then
+        `access_key` is the only key pair accepted, dated by `clock` (epoch s). `limiter`: the quotas.
+        """
         self.limits = limits if limits is not None else ControlPlaneLimits()
+        self.signatures_required = require_signature or not is_loopback(host)
+        if self.signatures_required and access_key is None:
+            raise ValueError(f"a control plane on {host} requires signatures: give it the access key")
+        self.access_key = access_key
+        self.limiter = limiter
+        self.clock = clock
         self.registry = registry
         self.faults = faults
         self.ca = ca
@@ -389,6 +426,11 @@ class ControlPlane:
         self.services = HostedServices()
         # Built here, not on the first request: the model is megabytes of JSON and the routes compile once.
         self.host_service(iot.service(), iot.IotBackend(registry, ca, endpoint_address, claim_ttl))
+
+    def take_quota(self, service: str, operation: str) -> None:
+        """Throttling (ThrottlingException) when `operation` is over the account's rate."""
+        if self.limiter is not None and not self.limiter.allow(service, operation):
+            raise Throttling("Rate exceeded")
 
     def host_service(self, service: RestJsonService[C], context: C) -> None:
         """Answer `service`'s operations too, calling its handlers with `context`."""

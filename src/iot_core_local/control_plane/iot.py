@@ -759,16 +759,21 @@ def _create_provisioning_claim(backend: IotBackend, params: dict[str, Any]) -> M
     template = backend.registry.get_template(params["templateName"])
     if template.template_type != "FLEET_PROVISIONING":
         raise InvalidRequest(f"Provisioning template {template.name} is not a FLEET_PROVISIONING template")
-    expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=backend.claim_ttl)
-    cert_pem, key_pem = backend.ca.create_keys_and_certificate(not_after=expiration)
-    cert = backend.registry.add_certificate(
-        cert_pem, CertificateStatus.ACTIVE, ca_certificate_id=backend.ca.issuing_ca_id
+    # The certificate's notAfter is real time (every TLS stack checks it against its clock); what the
+    # registry enforces, and answers, is by its own clock, which tests advance.
+    not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=backend.claim_ttl)
+    expires = backend.registry.clock() + backend.claim_ttl  # read together: the two agree
+    cert_pem, key_pem = backend.ca.create_keys_and_certificate(not_after=not_after)
+    # No policy is attached: the registry grants it an implicit one, its template's provisioning topics
+    # only, until it expires (Registry.policy_documents).
+    cert = backend.registry.add_provisioning_claim(
+        cert_pem, template.name, expires, ca_certificate_id=backend.ca.issuing_ca_id
     )
     return {
         "certificateId": cert.certificate_id,
         "certificatePem": cert.pem,
         "keyPair": {"PublicKey": _public_key_pem(cert_pem), "PrivateKey": key_pem},
-        "expiration": expiration.timestamp(),
+        "expiration": expires,
     }
 
 

@@ -354,7 +354,7 @@ class Connection:
         self.policies_stale = False
         registry = self.gw.registry
         arn = registry.cert_arn(self.certificate_id)
-        self.documents = [p.document for p in registry.list_attached_policies(arn)]
+        self.documents = registry.policy_documents(self.certificate_id)  # implicit ones included
         things = registry.list_principal_things(arn)
         self.variables.pop("iot:Connection.Thing.ThingName", None)
         if len(things) == 1:

@@ -5,6 +5,8 @@
     answer(request, payload, who) the answer for the asking connection only; runs on the event loop or in
                                   a worker or hook thread, as the request needs
     throttled(request)            AWS's answer to a request over its rate limit (the fault switch)
+    limiter                       the account's quotas (quotas.py): a request over its rate is answered
+                                  /rejected 429 ThrottlingException before any work is done
     on_unknown_certificate(...)   JITR/JITP for a certificate the registry does not know (or still pending):
                                   Refuse, Event (JITR: registered, event published) or Accept
     maintain()                    housekeeping the gateway calls every second or so (the expired-token sweep)
@@ -37,6 +39,7 @@ from .. import templates
 from ..ca import CertificateAuthority
 from ..errors import ServiceError
 from ..model import CaStatus, Certificate, CertificateStatus
+from ..quotas import FLEET, RateLimiter
 from ..registry import Registry
 from .fleet import FleetProvisioning, Prepared, apply_plan
 from .jit import EventPublisher, JustInTime, Registered
@@ -119,8 +122,10 @@ class ProvisioningService:
         broker: tuple[str, int] | None = None,
         broker_timeout: float = 10.0,
         hook_workers: int = HOOK_WORKERS,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.registry = registry
+        self.limiter = limiter  # None: nothing throttled
         self.ca = ca
         self.token_ttl = token_ttl
         self.clock = clock
@@ -155,6 +160,8 @@ class ProvisioningService:
         RegisterThing without a hook take well under a millisecond: they run on the loop, where a thread
         would cost more in hand-offs and GIL contention than the work itself.
         """
+        if self.limiter is not None and not self.limiter.allow(FLEET, request.operation):
+            return self.fleet.throttled(request, f"over the account's {request.operation} quota")
         prepared = self.fleet.prepare(request)
         if prepared.hook:
             return await self._with_hook(request, payload, requester, prepared)
