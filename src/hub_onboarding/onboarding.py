@@ -33,13 +33,14 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hub_onboarding import _files
 from hub_onboarding import config as cfgmod
 from hub_onboarding.certs import (
+    CERT_MODE,
     PERMANENT_CERT_NAME,
     PERMANENT_KEY_NAME,
     CertHandler,
@@ -67,11 +68,13 @@ from hub_onboarding.errors import (
 )
 from hub_onboarding.lock import lock_path_for, onboarding_lock
 from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
+from hub_onboarding.pkcs11 import format_uri, permanent_key_label
 from hub_onboarding.progress import PROGRESS_FILE_NAME, Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
     from hub_onboarding.device_provisioner import Retry, RetryListener
-    from hub_onboarding.fleet import FleetApi
+    from hub_onboarding.fleet import FleetApi, IssuedCertificate
+    from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +296,7 @@ class HubOnboarding:
         self._report(
             OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
         )
-        handler = CertHandler(cfg.secure_storage_handler)
+        handler = CertHandler(cfg.secure_storage_handler, cfg.pkcs11)
         # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
@@ -472,8 +475,15 @@ def _binding(cfg: HubConfig, fleet: FleetConfig) -> dict[str, str]:
         # Real paths: after a power cut the hub may reach the same files through another name
         # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
         "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
-        "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
+        "private_key_path": permanent_key_ref(cfg, fleet),
     }
+
+
+def permanent_key_ref(cfg: HubConfig, fleet: FleetConfig) -> str:
+    """Where the permanent key goes: its URI in the token when one is set, else the key file's real path."""
+    if cfg.pkcs11 is not None:
+        return format_uri(cfg.pkcs11.token_label, permanent_key_label(fleet.serial_number), "private")
+    return os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME)
 
 
 def _identity(progress: Progress) -> tuple[str, str | None]:
@@ -550,7 +560,8 @@ def files_written(cfg: HubConfig) -> dict[Path, WrittenFile]:
             cert_dir += " (default: certs beside the config)"
         d = cfg.permanent_cert_dir
         written[d / PERMANENT_CERT_NAME] = WrittenFile("the new certificate", cert_dir)
-        written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
+        if cfg.pkcs11 is None:  # with a token, the new key is an object in it, not a file
+            written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
         written[d / PROGRESS_FILE_NAME] = WrittenFile("the progress record", cert_dir)
         written[d / MANIFEST_FILE_NAME] = WrittenFile("the record of its files", cert_dir)
     return written
@@ -744,15 +755,15 @@ class _FleetRun:
     def _create_certificate(self, _saved: Progress | None) -> Progress:
         fleet = self._fleet_api()
         cfg = self.cfg
+        token = self.handler.token_store()
+        if token is not None:
+            return self._create_in_token(fleet, token)
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
             key_pem, csr_pem = generate_key_and_csr((self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, key_pem)
         else:
             issued = fleet.create_keys_and_certificate()
-        self.report(
-            OnboardingStep.CERTIFICATE_ISSUED,
-            f"certificate issued ({self.fleet.certificate_method.value}): {issued.certificate_id[:16]}...",
-        )
+        self._report_issued(issued.certificate_id)
         cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
         # A record we are not resuming (another binding, a spent token) names these same files: it goes
@@ -770,18 +781,57 @@ class _FleetRun:
         self.handler.write_permanent_cert_and_private_key(
             issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path
         )
+        return self._save_issued(issued, str(key_path), f"credentials stored in {cfg.permanent_cert_dir}")
+
+    def _report_issued(self, certificate_id: str) -> None:
+        self.report(
+            OnboardingStep.CERTIFICATE_ISSUED,
+            f"certificate issued ({self.fleet.certificate_method.value}): {certificate_id[:16]}...",
+        )
+
+    def _save_issued(self, issued: IssuedCertificate, key_ref: str, stored: str) -> Progress:
         progress = Progress(
             step=Step.CERTIFICATE_ISSUED,
             binding=dict(self.binding),
             certificate_id=issued.certificate_id,
-            certificate_path=str(cert_path),
-            private_key_path=str(key_path),
+            certificate_path=str(self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
+            private_key_path=key_ref,
             token_issued_at=self.clock(),
             ownership_token=issued.ownership_token,
         )
         self.store.save(progress)
-        self.report(OnboardingStep.CREDENTIALS_STORED, f"credentials stored in {cfg.permanent_cert_dir}")
+        self.report(OnboardingStep.CREDENTIALS_STORED, stored)
         return progress
+
+    def _create_in_token(self, fleet: FleetApi, token: Pkcs11CredentialStore) -> Progress:
+        """The permanent key in the token: generated there for a CSR (the CSR signed there too), or the
+        service's key imported there (CreateKeysAndCertificate). Only the certificate is a file.
+
+        The record names the key by its URI. A power cut after the pair is made leaves it under the
+        hub's label, where the next run finds and reuses it (or deletes it when half-made)."""
+        label = permanent_key_label(self.fleet.serial_number)
+        cert_path = self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME
+        if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
+            key, spki = token.key_for_csr(label)
+            csr_pem = token.sign_csr(key, spki, (self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
+            issued = fleet.create_certificate_from_csr(csr_pem, b"")
+            self._report_issued(issued.certificate_id)
+            self.store.clear()
+            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
+        else:
+            issued = fleet.create_keys_and_certificate()
+            self._report_issued(issued.certificate_id)
+            self.store.clear()
+            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
+            # The service's key goes into the token and nowhere else (not a file, not the record).
+            key = token.import_private_key(label, issued.credentials.private_key_pem)
+            issued = replace(issued, credentials=replace(issued.credentials, private_key_pem=b""))
+        self.handler.write_file(cert_path, issued.credentials.certificate_pem, CERT_MODE)
+        return self._save_issued(
+            issued,
+            key.uri,
+            f"certificate stored in {self.cfg.permanent_cert_dir}, key in the token ({key.uri})",
+        )
 
     def _register_thing(self, saved: Progress | None) -> Progress | None:
         assert saved is not None

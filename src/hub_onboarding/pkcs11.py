@@ -1,0 +1,663 @@
+"""The `pkcs11` secure-storage handler: keys that never leave the hub's token (HSM, TPM, secure element).
+
+Configured by three ro keys (config.Pkcs11Config): `pkcs11_module_path` (the PKCS#11 library),
+`pkcs11_token_label` (the token) and `pkcs11_pin_path` (a file holding the user PIN: a regular file, not
+a symlink, no wider than 0600). The PIN is read when the token is opened and handed to the library and
+to awscrt only: it never appears in the config, a log line, an error or `--json` output.
+
+Keys (and, if wanted, certificates) are named by RFC 7512 URIs in the usual path keys, e.g.
+`"iot_claim_pk_path": "pkcs11:token=hub;object=claim-key;type=private"`. Only `token`, `object` and
+`type` are read; `pin-value`/`pin-source` are refused (the PIN comes from `pkcs11_pin_path`). A
+certificate may also stay a PEM file. `SECURE_STORAGE` names the handler's default objects
+(DEFAULT_OBJECTS): claim `claim-cert`/`claim-key`, DHA `dha-cert`/`dha-key`, in the configured token.
+
+The permanent key is made or stored in the token under `permanent_key_label(SN)`
+("hub-onboarding-<SN>"): by CreateCertificateFromCsr it is generated there (CKA_SENSITIVE true,
+CKA_EXTRACTABLE false) and the CSR is signed by the token, so the key never exists outside it; by
+CreateKeysAndCertificate the service made the key, and it is imported (sensitive, non-extractable) and
+not written anywhere else. A label holds at most one key: a pair left half-made by a power cut is
+reused when whole, else deleted with everything under that label before a new one is made.
+
+What awscrt connects with is a `TokenKey` (library, token, key label, PIN file), carried by
+`Credentials.token_key`. A pair is checked by a signature: the token signs a fresh challenge and the
+certificate's public key must verify it. Every failure is a CredentialError (exit 4) naming the setting
+to fix. python-pkcs11 is imported only here, and only when a token is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hub_onboarding import _files
+from hub_onboarding import config as cfgmod
+from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType
+from hub_onboarding.errors import CredentialError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from hub_onboarding.certs import CertType, Credentials
+
+log = logging.getLogger(__name__)
+
+# SECURE_STORAGE: the objects the handler reads for each credential (certificate label, key label).
+DEFAULT_OBJECTS = {"claim": ("claim-cert", "claim-key"), "DHA": ("dha-cert", "dha-key")}
+PERMANENT_LABEL_PREFIX = "hub-onboarding-"
+_MAX_PIN_BYTES = 256
+_MODULE_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_MODULE_PATH)
+_TOKEN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_TOKEN_LABEL)
+_PIN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_PIN_PATH)
+_URI_TYPES = ("private", "cert", "public")
+_REFUSED_URI_ATTRS = ("pin-value", "pin-source")
+
+
+def permanent_key_label(serial_number: str) -> str:
+    """The label of the permanent key in the token: derived from the hub, so a rerun finds its own."""
+    return f"{PERMANENT_LABEL_PREFIX}{serial_number}"
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+@dataclass(frozen=True)
+class TokenUri:
+    """What an RFC 7512 URI names: an object (by label) of a type, in a token (None: the configured one)."""
+
+    label: str
+    type: str | None = None
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TokenUri:
+        """Parse `pkcs11:token=...;object=...;type=...`; CredentialError naming what is wrong."""
+        if not text.startswith(cfgmod.PKCS11_URI_SCHEME):
+            raise CredentialError(f"{text!r} is not a pkcs11: URI")
+        path, _, query = text[len(cfgmod.PKCS11_URI_SCHEME) :].partition("?")
+        attrs: dict[str, str] = {}
+        for part in [*path.split(";"), *query.split("&")]:
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise CredentialError(f"pkcs11 URI: {name!r} has no value; write name=value")
+            if name in _REFUSED_URI_ATTRS:
+                # The PIN would end up in the shared config file and in every message naming the URI.
+                raise CredentialError(
+                    f"pkcs11 URI: {name} is not accepted; put the user PIN in the file named by {_PIN_KEY}"
+                )
+            attrs[name] = urllib.parse.unquote(value)
+        label = attrs.get("object")
+        if not label:
+            raise CredentialError("pkcs11 URI: no object=LABEL; name the key or certificate object")
+        kind = attrs.get("type")
+        if kind is not None and kind not in _URI_TYPES:
+            raise CredentialError(f"pkcs11 URI: type={kind} is not one of {', '.join(_URI_TYPES)}")
+        return cls(label=label, type=kind, token=attrs.get("token"))
+
+
+def format_uri(token: str, label: str, kind: str) -> str:
+    """The RFC 7512 URI of an object (percent-encoding what the URI syntax reserves)."""
+
+    def q(value: str) -> str:
+        return urllib.parse.quote(value, safe="-._~")
+
+    return f"{cfgmod.PKCS11_URI_SCHEME}token={q(token)};object={q(label)};type={kind}"
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """A private key inside a token, as awscrt needs it to connect (never the key itself, nor the PIN)."""
+
+    module_path: str
+    token_label: str
+    label: str
+    pin_path: str
+    key_type: str = "EC"  # "EC" or "RSA": how the token signs (ECDSA over a digest, or PKCS#1 v1.5)
+
+    @property
+    def uri(self) -> str:
+        return format_uri(self.token_label, self.label, "private")
+
+    def read_pin(self) -> str:
+        return read_pin(self.pin_path)
+
+
+# ---------------------------------------------------------------------------------------- the token
+
+
+def read_pin(path: str) -> str:
+    """The user PIN from its file: a regular file, not a symlink, no wider than 0600, small."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} does not exist; write the token's user PIN there (mode 0600)", _PIN_KEY
+        ) from None
+    except OSError as exc:
+        raise CredentialError(f"{_PIN_KEY}: {path} cannot be examined ({exc.strerror})", _PIN_KEY) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} is a symbolic link; put the PIN file itself there", _PIN_KEY
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise CredentialError(f"{_PIN_KEY}: {path} is not a regular file", _PIN_KEY)
+    if st.st_mode & 0o077:
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by other "
+            f"users; run 'chmod 600 {path}' (0600 or narrower is accepted)",
+            _PIN_KEY,
+        )
+    try:
+        data = _files.read_at_most(Path(path), _MAX_PIN_BYTES + 1, follow_symlinks=False)
+    except OSError as exc:
+        raise CredentialError(f"{_PIN_KEY}: {path} cannot be read ({exc.strerror})", _PIN_KEY) from None
+    if len(data) > _MAX_PIN_BYTES:
+        raise CredentialError(f"{_PIN_KEY}: {path} is too large for a PIN file", _PIN_KEY)
+    pin = data.decode("utf-8", "replace").strip("\r\n")
+    if not pin:
+        raise CredentialError(f"{_PIN_KEY}: {path} is empty; write the token's user PIN there", _PIN_KEY)
+    return pin
+
+
+def _load_library(module_path: str) -> Any:
+    import pkcs11
+
+    try:
+        st = os.stat(module_path)
+    except OSError:
+        raise CredentialError(
+            f"{_MODULE_KEY}: {module_path} does not exist; install the token's PKCS#11 library "
+            "(SoftHSM2: apt-get install softhsm2) and set its path",
+            _MODULE_KEY,
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CredentialError(f"{_MODULE_KEY}: {module_path} is not a library file", _MODULE_KEY)
+    try:
+        return pkcs11.lib(module_path)
+    except pkcs11.PKCS11Error:
+        raise CredentialError(
+            f"{_MODULE_KEY}: {module_path} cannot be loaded as a PKCS#11 library; set it to the token's "
+            "PKCS#11 module (a .so exporting C_GetFunctionList)",
+            _MODULE_KEY,
+        ) from None
+
+
+def _find_token(lib: Any, label: str) -> Any:
+    import pkcs11
+
+    try:
+        return lib.get_token(token_label=label)
+    except pkcs11.NoSuchToken:
+        present = sorted({t.label for t in lib.get_tokens()})
+        found = ", ".join(repr(t) for t in present) or "none"
+        raise CredentialError(
+            f"{_TOKEN_KEY}: no token labelled {label!r} is present (tokens present: {found}); "
+            "insert or initialise the token, or fix the label",
+            _TOKEN_KEY,
+        ) from None
+
+
+@contextlib.contextmanager
+def open_token(token: Pkcs11Config, *, rw: bool = False) -> Iterator[Any]:
+    """A logged-in session on the configured token; every failure is a CredentialError naming its key."""
+    import pkcs11
+
+    pin = read_pin(token.pin_path)
+    lib = _load_library(token.module_path)
+    found = _find_token(lib, token.token_label)
+    try:
+        session = found.open(user_pin=pin, rw=rw)
+    except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
+        raise CredentialError(
+            f"{_PIN_KEY}: token {token.token_label!r} refused the PIN in {token.pin_path}; "
+            "write the token's user PIN there",
+            _PIN_KEY,
+        ) from None
+    except pkcs11.PinLocked:
+        raise CredentialError(
+            f"{_PIN_KEY}: the user PIN of token {token.token_label!r} is locked after too many wrong "
+            "attempts; unlock it with the security officer PIN, then run again",
+            _PIN_KEY,
+        ) from None
+    except pkcs11.PKCS11Error as exc:
+        raise token_error(exc, token, "open a session") from None
+    try:
+        yield session
+    except pkcs11.PKCS11Error as exc:
+        raise token_error(exc, token, "finish the operation") from None
+    finally:
+        with contextlib.suppress(pkcs11.PKCS11Error):
+            session.close()
+
+
+def token_error(exc: Exception, token: Pkcs11Config, action: str) -> CredentialError:
+    """A library error as one line naming the setting to look at (pure: tests pass exceptions)."""
+    import pkcs11
+
+    name = type(exc).__name__
+    if isinstance(exc, pkcs11.DeviceMemory | pkcs11.HostMemory):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is full and could not {action} ({name}); "
+            "delete objects it no longer needs, or use a token with room",
+            _TOKEN_KEY,
+        )
+    if isinstance(exc, pkcs11.TokenNotPresent | pkcs11.DeviceRemoved | pkcs11.TokenNotRecognised):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is not present ({name}); insert it and run again",
+            _TOKEN_KEY,
+        )
+    if isinstance(exc, pkcs11.TokenWriteProtected | pkcs11.SessionReadOnly):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is write-protected and could not {action}", _TOKEN_KEY
+        )
+    return CredentialError(
+        f"{_TOKEN_KEY}: token {token.token_label!r} could not {action} ({name}); check the token with its "
+        "vendor's tool (softhsm2-util --show-slots for SoftHSM2)",
+        _TOKEN_KEY,
+    )
+
+
+# ------------------------------------------------------------------------------------- key objects
+
+
+def _objects(session: Any, label: str, object_class: Any) -> list[Any]:
+    import pkcs11
+
+    return list(session.get_objects({pkcs11.Attribute.CLASS: object_class, pkcs11.Attribute.LABEL: label}))
+
+
+def _private_key(session: Any, token: Pkcs11Config, label: str, part: str) -> Any:
+    import pkcs11
+
+    keys = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+    if not keys:
+        raise CredentialError(
+            f"no private key {label!r} in token {token.token_label!r}; import the key under that label "
+            "or fix the URI's object=",
+            part=part,
+        )
+    if len(keys) > 1:
+        raise CredentialError(
+            f"token {token.token_label!r} holds {len(keys)} private keys labelled {label!r}; keep one",
+            part=part,
+        )
+    return keys[0]
+
+
+def _signature_kind(key: Any, label: str) -> str:
+    import pkcs11
+
+    key_type = key[pkcs11.Attribute.KEY_TYPE]
+    if key_type == pkcs11.KeyType.EC:
+        return "EC"
+    if key_type == pkcs11.KeyType.RSA:
+        return "RSA"
+    raise CredentialError(
+        f"private key {label!r} is a {getattr(key_type, 'name', key_type)} key; AWS IoT Core accepts RSA "
+        "(2048 bits or more) and EC (P-256, P-384) keys only: put one of those in the token",
+        part="private key",
+    )
+
+
+def check_endpoint_key(cert: x509.Certificate, label: str) -> None:
+    """The certificate's key must be one AWS IoT Core accepts for mutual TLS (RSA >= 2048, EC P-256/384)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    public = cert.public_key()
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048:
+        return
+    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name in ("secp256r1", "secp384r1"):
+        return
+    what = (
+        f"RSA-{public.key_size}"
+        if isinstance(public, rsa.RSAPublicKey)
+        else f"EC {public.curve.name}"
+        if isinstance(public, ec.EllipticCurvePublicKey)
+        else type(public).__name__
+    )
+    raise CredentialError(
+        f"{label}: the key is {what}, a type the endpoint cannot use; AWS IoT Core accepts RSA "
+        "(2048 bits or more) and EC P-256 or P-384 keys: make a key of one of those types",
+        part="private key",
+    )
+
+
+def sign(key: Any, kind: str, data: bytes) -> bytes:
+    """A DER-ready signature by the token: ECDSA P-256 over SHA-256 (DER), or RSA PKCS#1 v1.5 SHA-256.
+
+    SoftHSM2 2.6 has no CKM_ECDSA_SHA256: the digest is made here and the token signs it (CKM_ECDSA),
+    which is the same signature; the token answers r||s, which X.509 wants as a DER SEQUENCE.
+    """
+    import pkcs11
+    from pkcs11.util.ec import encode_ecdsa_signature
+
+    if kind == "EC":
+        raw = key.sign(hashlib.sha256(data).digest(), mechanism=pkcs11.Mechanism.ECDSA)
+        return bytes(encode_ecdsa_signature(raw))
+    return bytes(key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS))
+
+
+def prove_possession(key: Any, kind: str, cert: x509.Certificate, label: str) -> None:
+    """The token signs a fresh challenge; the certificate's public key must verify it."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    challenge = os.urandom(32)
+    signature = sign(key, kind, challenge)
+    public = cert.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey) and kind == "EC":
+            public.verify(signature, challenge, ec.ECDSA(hashes.SHA256()))
+            return
+        if isinstance(public, rsa.RSAPublicKey) and kind == "RSA":
+            public.verify(signature, challenge, padding.PKCS1v15(), hashes.SHA256())
+            return
+    except InvalidSignature:
+        pass
+    raise CredentialError(
+        f"{label}: the key object does not belong to the certificate (the certificate's public key does "
+        "not verify the token's signature); install the matching pair"
+    )
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+
+class Pkcs11CredentialStore:
+    """CertHandler's store for a PKCS#11 token (entry point `pkcs11` in hub_onboarding.secure_storage)."""
+
+    def __init__(self, token: Pkcs11Config | None = None) -> None:
+        self.token = token
+
+    @classmethod
+    def from_config(cls, token: Pkcs11Config | None) -> Pkcs11CredentialStore:
+        return cls(token)
+
+    def _config(self) -> Pkcs11Config:
+        if self.token is None:
+            raise CredentialError(
+                f"the pkcs11 handler needs {_MODULE_KEY}, {_TOKEN_KEY} and {_PIN_KEY}; set all three",
+                _TOKEN_KEY,
+            )
+        return self.token
+
+    def _uri(self, ref: str, cert_type: CertType, *, is_key: bool) -> TokenUri:
+        token = self._config()
+        if ref == SECURE_STORAGE:
+            cert_label, key_label = DEFAULT_OBJECTS.get(str(cert_type), ("", ""))
+            if not cert_label:
+                raise CredentialError(f"{SECURE_STORAGE} has no default {cert_type} object in the token")
+            return TokenUri(key_label if is_key else cert_label, "private" if is_key else "cert")
+        uri = TokenUri.parse(ref)
+        if uri.token is not None and uri.token != token.token_label:
+            raise CredentialError(
+                f"{ref} names token {uri.token!r} but {_TOKEN_KEY} is {token.token_label!r}; "
+                "keys are read from the configured token",
+                part="private key" if is_key else "certificate",
+            )
+        return uri
+
+    def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
+        """The certificate (token object or PEM file) and the token's key that belongs to it."""
+        from hub_onboarding.certs import Credentials, certificate_id, check_validity_period, load_certificate
+
+        token = self._config()
+        label = f"{cert_type} private key"
+        if key_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(key_ref):
+            raise CredentialError(f"{label}: {key_ref} is not a pkcs11: URI", part="private key")
+        key_uri = self._uri(key_ref, cert_type, is_key=True)
+        with open_token(token) as session:
+            cert_pem = self._certificate(session, cert_type, cert_ref)
+            cert = load_certificate(cert_pem, f"{cert_type} certificate")
+            key = _private_key(session, token, key_uri.label, "private key")
+            kind = _signature_kind(key, key_uri.label)
+            check_endpoint_key(cert, label)
+            prove_possession(key, kind, cert, str(cert_type))
+        if str(cert_type) == "claim":
+            check_validity_period(cert, str(cert_type))
+        token_key = TokenKey(token.module_path, token.token_label, key_uri.label, token.pin_path, kind)
+        return Credentials(cert_pem, b"", certificate_id(cert), token_key=token_key)
+
+    def _certificate(self, session: Any, cert_type: CertType, cert_ref: str) -> bytes:
+        import pkcs11
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from hub_onboarding.certs import read_certificate_file
+
+        if cert_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(cert_ref):
+            return read_certificate_file(cert_ref, f"{cert_type} certificate")
+        uri = self._uri(cert_ref, cert_type, is_key=False)
+        found = _objects(session, uri.label, pkcs11.ObjectClass.CERTIFICATE)
+        if len(found) != 1:
+            many = f"{len(found)} certificates" if found else "no certificate"
+            raise CredentialError(
+                f"token {self._config().token_label!r} holds {many} labelled {uri.label!r}; import exactly "
+                "one certificate under that label or fix the URI's object=",
+                part="certificate",
+            )
+        der = bytes(found[0][pkcs11.Attribute.VALUE])
+        try:
+            return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        except ValueError:
+            raise CredentialError(
+                f"certificate object {uri.label!r} is not an X.509 certificate", part="certificate"
+            ) from None
+
+    # ------------------------------------------------------------------ the permanent key
+
+    def key_for_csr(self, label: str) -> tuple[TokenKey, Any]:
+        """The permanent pair under `label` (reused when whole, else made anew) and its public key's SPKI.
+
+        Returns (TokenKey, DER SubjectPublicKeyInfo). A half-made pair (a private key without its public
+        half, or more than one key) is deleted first: a label never holds two keys.
+        """
+        import pkcs11
+
+        token = self._config()
+        with open_token(token, rw=True) as session:
+            private = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+            public = _objects(session, label, pkcs11.ObjectClass.PUBLIC_KEY)
+            reusable = (
+                len(private) == 1
+                and len(public) == 1
+                and private[0][pkcs11.Attribute.KEY_TYPE] == public[0][pkcs11.Attribute.KEY_TYPE]
+                and _is_locked_in(private[0])
+                and _kind_of(private[0]) == _wanted_kind(token.key_type)
+            )
+            if reusable:
+                log.info("reusing the key pair %r left in token %r", label, token.token_label)
+                pub = public[0]
+            else:
+                removed = _delete_label(session, label)
+                if removed:
+                    log.warning("deleted %d half-made object(s) labelled %r in the token", removed, label)
+                pub = _generate(session, token, label)
+            spki = _spki(pub)
+        kind = _wanted_kind(token.key_type)
+        return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind), spki
+
+    def sign_csr(self, key: TokenKey, spki: bytes, common_name: str) -> bytes:
+        """A PKCS#10 request for `spki`, signed inside the token by `key`: PEM."""
+        from asn1crypto import csr as acsr
+        from asn1crypto import keys as akeys
+        from asn1crypto import pem
+        from asn1crypto import x509 as ax509
+
+        info = acsr.CertificationRequestInfo(
+            {
+                "version": "v1",
+                "subject": ax509.Name.build({"common_name": common_name}),
+                "subject_pk_info": akeys.PublicKeyInfo.load(spki),
+                "attributes": [],
+            }
+        )
+        token = self._config()
+        with open_token(token) as session:
+            private = _private_key(session, token, key.label, "private key")
+            signature = sign(private, key.key_type, info.dump())
+        algorithm = "sha256_ecdsa" if key.key_type == "EC" else "sha256_rsa"
+        request = acsr.CertificationRequest(
+            {
+                "certification_request_info": info,
+                "signature_algorithm": {"algorithm": algorithm},
+                "signature": signature,
+            }
+        )
+        return bytes(pem.armor("CERTIFICATE REQUEST", request.dump()))
+
+    def import_private_key(self, label: str, key_pem: bytes) -> TokenKey:
+        """Put a service-made key into the token (sensitive, non-extractable) under `label`, alone."""
+        import pkcs11
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from pkcs11.util.ec import decode_ec_private_key
+        from pkcs11.util.rsa import decode_rsa_private_key
+
+        token = self._config()
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (TypeError, ValueError):
+            raise CredentialError("the service's private key is not a PEM key this hub can use") from None
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        if isinstance(key, rsa.RSAPrivateKey):
+            attrs, kind = decode_rsa_private_key(der), "RSA"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            attrs, kind = decode_ec_private_key(der), "EC"
+        else:
+            raise CredentialError(f"the service's key is a {type(key).__name__}, not RSA or EC")
+        del key, der  # nothing of the key stays here once it is in the token
+        attrs.update(
+            {
+                pkcs11.Attribute.TOKEN: True,
+                pkcs11.Attribute.PRIVATE: True,
+                pkcs11.Attribute.SENSITIVE: True,
+                pkcs11.Attribute.EXTRACTABLE: False,
+                pkcs11.Attribute.SIGN: True,
+                pkcs11.Attribute.LABEL: label,
+                pkcs11.Attribute.ID: _key_id(label),
+            }
+        )
+        with open_token(token, rw=True) as session:
+            _delete_label(session, label)
+            try:
+                session.create_object(attrs)
+            except pkcs11.PKCS11Error as exc:
+                raise token_error(exc, token, "store the new key") from None
+        return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
+
+    def delete_label(self, label: str) -> int:
+        """Delete every object under `label` (reset); how many there were."""
+        with open_token(self._config(), rw=True) as session:
+            return _delete_label(session, label)
+
+    def describe_key(self, label: str) -> dict[str, object]:
+        """What the token says about the key under `label` (for tests and `status`): no key material."""
+        import pkcs11
+
+        token = self._config()
+        with open_token(token) as session:
+            keys = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+            return {
+                "count": len(keys),
+                "sensitive": [bool(k[pkcs11.Attribute.SENSITIVE]) for k in keys],
+                "extractable": [bool(k[pkcs11.Attribute.EXTRACTABLE]) for k in keys],
+                "kind": [_kind_of(k) for k in keys],
+            }
+
+
+def _is_locked_in(key: Any) -> bool:
+    import pkcs11
+
+    return bool(key[pkcs11.Attribute.SENSITIVE]) and not bool(key[pkcs11.Attribute.EXTRACTABLE])
+
+
+def _kind_of(key: Any) -> str:
+    import pkcs11
+
+    return "EC" if key[pkcs11.Attribute.KEY_TYPE] == pkcs11.KeyType.EC else "RSA"
+
+
+def _wanted_kind(key_type: TokenKeyType) -> str:
+    return "EC" if key_type is TokenKeyType.EC_P256 else "RSA"
+
+
+def _key_id(label: str) -> bytes:
+    # CKA_ID ties the halves of a pair together (some tools look keys up by it); derived from the label.
+    return hashlib.sha256(label.encode()).digest()[:16]
+
+
+def _delete_label(session: Any, label: str) -> int:
+    import pkcs11
+
+    found = list(session.get_objects({pkcs11.Attribute.LABEL: label}))
+    for obj in found:
+        obj.destroy()
+    return len(found)
+
+
+def _generate(session: Any, token: Pkcs11Config, label: str) -> Any:
+    """A new pair in the token: the private half sensitive and non-extractable. Returns the public half."""
+    import pkcs11
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    private_template = {
+        pkcs11.Attribute.SENSITIVE: True,
+        pkcs11.Attribute.EXTRACTABLE: False,
+        pkcs11.Attribute.PRIVATE: True,
+        pkcs11.Attribute.SIGN: True,
+    }
+    try:
+        if token.key_type is TokenKeyType.EC_P256:
+            params = session.create_domain_parameters(
+                pkcs11.KeyType.EC,
+                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True,
+            )
+            public, _ = params.generate_keypair(
+                store=True, label=label, id=_key_id(label), private_template=private_template
+            )
+        else:
+            public, _ = session.generate_keypair(
+                pkcs11.KeyType.RSA,
+                2048,
+                store=True,
+                label=label,
+                id=_key_id(label),
+                private_template=private_template,
+            )
+    except pkcs11.PKCS11Error as exc:
+        raise token_error(exc, token, f"generate the permanent key ({token.key_type.value})") from None
+    return public
+
+
+def _spki(public: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key object."""
+    import pkcs11
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from pkcs11.util.ec import encode_ec_public_key
+
+    if public[pkcs11.Attribute.KEY_TYPE] == pkcs11.KeyType.EC:
+        return bytes(encode_ec_public_key(public))
+    numbers = rsa.RSAPublicNumbers(
+        int.from_bytes(public[pkcs11.Attribute.PUBLIC_EXPONENT], "big"),
+        int.from_bytes(public[pkcs11.Attribute.MODULUS], "big"),
+    )
+    return numbers.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
