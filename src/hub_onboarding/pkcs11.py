@@ -197,7 +197,7 @@ def _find_token(lib: Any, label: str) -> Any:
     try:
         return lib.get_token(token_label=label)
     except pkcs11.NoSuchToken:
-        present = sorted({t.label for t in lib.get_tokens()})
+        present = sorted({t.label for t in lib.get_tokens() if t.label})  # a free slot has no label
         found = ", ".join(repr(t) for t in present) or "none"
         raise CredentialError(
             f"{_TOKEN_KEY}: no token labelled {label!r} is present (tokens present: {found}); "
@@ -559,6 +559,32 @@ class Pkcs11CredentialStore:
             except pkcs11.PKCS11Error as exc:
                 raise token_error(exc, token, "store the new key") from None
         return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
+
+    def store_certificate(self, label: str, cert_pem: bytes) -> str:
+        """Put a certificate into the token under `label`, alone (a factory's job); its URI."""
+        import pkcs11
+        from cryptography.hazmat.primitives import serialization
+
+        from hub_onboarding.certs import load_certificate
+
+        token = self._config()
+        cert = load_certificate(cert_pem, "certificate")
+        attrs = {
+            pkcs11.Attribute.CLASS: pkcs11.ObjectClass.CERTIFICATE,
+            pkcs11.Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+            pkcs11.Attribute.TOKEN: True,
+            pkcs11.Attribute.PRIVATE: False,
+            pkcs11.Attribute.LABEL: label,
+            pkcs11.Attribute.SUBJECT: cert.subject.public_bytes(),
+            pkcs11.Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
+        }
+        with open_token(token, rw=True) as session:
+            _delete_label(session, label)
+            try:
+                session.create_object(attrs)
+            except pkcs11.PKCS11Error as exc:
+                raise token_error(exc, token, "store the certificate") from None
+        return format_uri(token.token_label, label, "cert")
 
     def delete_label(self, label: str) -> int:
         """Delete every object under `label` (reset); how many there were."""
