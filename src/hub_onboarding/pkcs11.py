@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,37 +207,80 @@ def _find_token(lib: Any, label: str) -> Any:
         ) from None
 
 
-@contextlib.contextmanager
-def open_token(token: Pkcs11Config, *, rw: bool = False) -> Iterator[Any]:
-    """A logged-in session on the configured token; every failure is a CredentialError naming its key."""
+@dataclass
+class _OpenSession:
+    session: Any
+    pin_digest: bytes
+    lock: threading.Lock
+
+
+# One logged-in session per token, kept for the life of the process. PKCS#11 login is per application,
+# not per session: python-pkcs11 logs the whole process out when a session it logged in closes, which
+# would also log out awscrt's session and fail its next TLS handshake (a retried claim connect). So the
+# session stays open, and awscrt's own login finds the token already logged in (which it accepts).
+_SESSIONS: dict[tuple[str, str], _OpenSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def forget_sessions() -> None:
+    """Drop the kept sessions (after the library was finalised, e.g. a test's fresh SoftHSM2 folder)."""
+    with _SESSIONS_LOCK:
+        _SESSIONS.clear()
+
+
+def _session(token: Pkcs11Config, pin: str) -> _OpenSession:
+    """The kept session for `token`, opened (and logged in with `pin`) when there is none for this PIN."""
     import pkcs11
 
-    pin = read_pin(token.pin_path)
-    lib = _load_library(token.module_path)
-    found = _find_token(lib, token.token_label)
-    try:
-        session = found.open(user_pin=pin, rw=rw)
-    except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
-        raise CredentialError(
-            f"{_PIN_KEY}: token {token.token_label!r} refused the PIN in {token.pin_path}; "
-            "write the token's user PIN there",
-            _PIN_KEY,
-        ) from None
-    except pkcs11.PinLocked:
-        raise CredentialError(
-            f"{_PIN_KEY}: the user PIN of token {token.token_label!r} is locked after too many wrong "
-            "attempts; unlock it with the security officer PIN, then run again",
-            _PIN_KEY,
-        ) from None
-    except pkcs11.PKCS11Error as exc:
-        raise token_error(exc, token, "open a session") from None
-    try:
-        yield session
-    except pkcs11.PKCS11Error as exc:
-        raise token_error(exc, token, "finish the operation") from None
-    finally:
-        with contextlib.suppress(pkcs11.PKCS11Error):
-            session.close()
+    digest = hashlib.sha256(pin.encode()).digest()  # to notice a changed PIN file, without keeping it
+    key = (token.module_path, token.token_label)
+    with _SESSIONS_LOCK:
+        kept = _SESSIONS.get(key)
+        if kept is not None and kept.pin_digest == digest:
+            return kept
+        if kept is not None:  # another PIN: log out, so the new one is really checked
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                kept.session.close()
+            del _SESSIONS[key]
+        lib = _load_library(token.module_path)
+        found = _find_token(lib, token.token_label)
+        try:
+            session = found.open(user_pin=pin, rw=True)
+        except pkcs11.UserAlreadyLoggedIn:
+            # awscrt logged this process in first (with the same PIN file): a session shares that login.
+            session = found.open(rw=True)
+        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
+            raise CredentialError(
+                f"{_PIN_KEY}: token {token.token_label!r} refused the PIN in {token.pin_path}; "
+                "write the token's user PIN there",
+                _PIN_KEY,
+            ) from None
+        except pkcs11.PinLocked:
+            raise CredentialError(
+                f"{_PIN_KEY}: the user PIN of token {token.token_label!r} is locked after too many wrong "
+                "attempts; unlock it with the security officer PIN, then run again",
+                _PIN_KEY,
+            ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, "open a session") from None
+        kept = _OpenSession(session, digest, threading.Lock())
+        _SESSIONS[key] = kept
+        return kept
+
+
+@contextlib.contextmanager
+def open_token(token: Pkcs11Config) -> Iterator[Any]:
+    """The logged-in session on the configured token, for one operation at a time (a lock: fleet-sim runs
+    hubs on threads); every failure is a CredentialError naming its key. The PIN file is checked on
+    every use."""
+    import pkcs11
+
+    kept = _session(token, read_pin(token.pin_path))
+    with kept.lock:
+        try:
+            yield kept.session
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, "finish the operation") from None
 
 
 def token_error(exc: Exception, token: Pkcs11Config, action: str) -> CredentialError:
@@ -465,7 +509,7 @@ class Pkcs11CredentialStore:
         import pkcs11
 
         token = self._config()
-        with open_token(token, rw=True) as session:
+        with open_token(token) as session:
             private = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
             public = _objects(session, label, pkcs11.ObjectClass.PUBLIC_KEY)
             reusable = (
@@ -552,7 +596,7 @@ class Pkcs11CredentialStore:
                 pkcs11.Attribute.ID: _key_id(label),
             }
         )
-        with open_token(token, rw=True) as session:
+        with open_token(token) as session:
             _delete_label(session, label)
             try:
                 session.create_object(attrs)
@@ -578,7 +622,7 @@ class Pkcs11CredentialStore:
             pkcs11.Attribute.SUBJECT: cert.subject.public_bytes(),
             pkcs11.Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
         }
-        with open_token(token, rw=True) as session:
+        with open_token(token) as session:
             _delete_label(session, label)
             try:
                 session.create_object(attrs)
@@ -588,7 +632,7 @@ class Pkcs11CredentialStore:
 
     def delete_label(self, label: str) -> int:
         """Delete every object under `label` (reset); how many there were."""
-        with open_token(self._config(), rw=True) as session:
+        with open_token(self._config()) as session:
             return _delete_label(session, label)
 
     def describe_key(self, label: str) -> dict[str, object]:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hub_onboarding.certs import CertHandler, CertType
 from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType
 from hub_onboarding.errors import CredentialError
-from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri, format_uri, token_error
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri, format_uri, open_token, token_error
 from hub_onboarding.tools.softhsm import SoftHsmToken
 from tests._support.certificates import make_pair, write_private
 
@@ -87,8 +87,7 @@ def test_imported_keys_are_sensitive_and_never_extractable(softhsm: SoftHsmToken
         "extractable": [False],
         "kind": ["EC"],
     }
-    lib = p11.lib(softhsm.module_path)
-    with lib.get_token(token_label="hub").open(user_pin=softhsm.pin_path.read_text().strip()) as session:
+    with open_token(softhsm.config()) as session:
         key = session.get_key(object_class=p11.ObjectClass.PRIVATE_KEY, label="claim-key")
         with pytest.raises(p11.AttributeSensitive):
             key[p11.Attribute.VALUE]
@@ -137,10 +136,7 @@ def test_a_whole_pair_is_reused_and_a_half_made_one_replaced(softhsm: SoftHsmTok
     _, again = store.key_for_csr("hub-onboarding-SN2")
     assert again == first, "a whole pair left by a cut is reused"
     # A cut that left the private half alone (the public half gone): deleted and made anew.
-    lib = p11.lib(softhsm.module_path)
-    with lib.get_token(token_label="hub").open(
-        user_pin=softhsm.pin_path.read_text().strip(), rw=True
-    ) as session:
+    with open_token(softhsm.config()) as session:
         session.get_key(object_class=p11.ObjectClass.PUBLIC_KEY, label="hub-onboarding-SN2").destroy()
     _, fresh = store.key_for_csr("hub-onboarding-SN2")
     assert fresh != first

@@ -109,5 +109,8 @@ def activate(token: SoftHsmToken) -> None:
     so python-pkcs11's handle on the module is finalised and initialised again."""
     import pkcs11
 
+    from hub_onboarding.pkcs11 import forget_sessions
+
     os.environ[CONF_ENV] = str(token.conf)
+    forget_sessions()
     pkcs11.lib(token.module_path).reinitialize()

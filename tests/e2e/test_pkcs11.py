@@ -1,0 +1,200 @@
+"""Onboarding with the hub's keys in a PKCS#11 token (a fresh SoftHSM2 token per test) against iot-core-local.
+
+The claim (or DHA) key is imported into the token by the factory; the permanent key is generated in the
+token (CSR, the CSR signed there) or the service's key imported into it (CreateKeysAndCertificate). Every
+TLS connection the hub makes signs inside the token through awscrt's PKCS#11 support.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from hub_onboarding.certs import CertHandler, CertType
+from hub_onboarding.cli import main
+from hub_onboarding.config import Endpoint, TokenKeyType
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore
+from hub_onboarding.tools.factory import write_jitr_hub
+from hub_onboarding.tools.softhsm import SoftHsmToken
+from iot_core_local.recipes.claims import hub_policy_document
+from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
+from iot_core_local.server import LocalIotCore
+from tests._support.certificates import pem_certificate_id
+from tests._support.hubs import CloudHubFactory, read_config, snapshot
+
+pytestmark = pytest.mark.e2e
+
+
+def _private_key_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+
+
+def _connects_through_token(cloud: LocalIotCore, token: SoftHsmToken, rw: dict[str, Any]) -> None:
+    """A fresh connection with the permanent certificate, its key signing inside the token."""
+    creds = CertHandler(None, token.config()).read_cert_and_private_key(
+        CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
+    )
+    endpoint = Endpoint(cloud.endpoint.mqtt_host, cloud.endpoint.mqtt_port)
+    IotProvisioning(ConnectionSettings(endpoint, str(cloud.endpoint.root_ca_path), 30)).verify(
+        rw["client_id"], creds, 10
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "key_type", "public_type", "cert_in_token"),
+    [
+        ("CreateCertificateFromCsr", TokenKeyType.EC_P256, ec.EllipticCurvePublicKey, False),
+        ("CreateCertificateFromCsr", TokenKeyType.RSA_2048, rsa.RSAPublicKey, True),
+        ("CreateKeysAndCertificate", TokenKeyType.EC_P256, rsa.RSAPublicKey, False),
+    ],
+)
+def test_fleet_provisioning_with_keys_in_the_token(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    method: str,
+    key_type: TokenKeyType,
+    public_type: type,
+    cert_in_token: bool,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_path = make_cloud_hub(
+        certificate_method=method, token=softhsm.config(key_type), cert_in_token=cert_in_token
+    )
+    assert _private_key_files(config_path.parent) == [], "the factory put the claim key in the token"
+    assert main(["provision", "--config", str(config_path), "--json"]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    doc = read_config(config_path)
+    rw, serial = doc["rw"], doc["ro"]["SN"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    label = f"hub-onboarding-{serial}"
+    assert rw["iot_permanent_pk_path"] == f"pkcs11:token=hub;object={label};type=private"
+    assert result["private_key_path"] == rw["iot_permanent_pk_path"]
+    # The key exists only inside the token, sensitive and non-extractable; no file holds a private key.
+    store = Pkcs11CredentialStore(softhsm.config(key_type))
+    assert store.describe_key(label) == {
+        "count": 1,
+        "sensitive": [True],
+        "extractable": [False],
+        "kind": ["RSA" if public_type is rsa.RSAPublicKey else "EC"],
+    }
+    assert _private_key_files(config_path.parent) == []
+    pin = softhsm.pin_path.read_text().strip()
+    assert pin not in printed.out + printed.err + config_path.read_text()
+    cert_pem = Path(rw["iot_permanent_cert_path"]).read_bytes()
+    assert isinstance(x509.load_pem_x509_certificate(cert_pem).public_key(), public_type)
+    cert_id = pem_certificate_id(cert_pem)
+    assert iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"] == "ACTIVE"
+    _connects_through_token(cloud, softhsm, rw)
+
+
+def test_jitr_with_the_dha_key_in_the_token(
+    cloud: LocalIotCore, iot: Any, tmp_path: Path, softhsm: SoftHsmToken
+) -> None:
+    device_ca = DeviceCA()
+    ca_id = device_ca.register(iot)
+    iot.create_policy(
+        policyName="jitr-token", policyDocument=hub_policy_document("us-east-1", "123456789012")
+    )
+    activator = JitrActivator(
+        iot,
+        host=cloud.endpoint.mqtt_host,
+        port=cloud.endpoint.mqtt_port,
+        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
+        ca_certificate_id=ca_id,
+        device_policy_name="jitr-token",
+    )
+    activator.start()
+    try:
+        dha = device_ca.issue_device("hub-JITR-TOKEN")
+        config_path = write_jitr_hub(
+            tmp_path / "hub",
+            endpoint_url=cloud.endpoint.mqtt_address,
+            root_ca_path=cloud.endpoint.root_ca_path,
+            device_certificate_pem=dha.certificate_pem,
+            device_private_key_pem=dha.private_key_pem,
+            serial="JITR-TOKEN",
+            extra_ro={"mqtt_retry_timeout_seconds": 60},
+            token=softhsm.config(),
+            cert_in_token=True,
+        )
+        assert main(["provision", "--config", str(config_path)]) == 0
+    finally:
+        activator.stop()
+    doc = read_config(config_path)
+    assert doc["ro"]["iot_dha_pk_path"] == "SECURE_STORAGE"
+    rw = doc["rw"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    assert rw["client_id"] == "hub-JITR-TOKEN"
+    cert_id = pem_certificate_id(dha.certificate_pem.encode())
+    assert activator.activated == [cert_id]
+    assert _private_key_files(config_path.parent) == []
+
+
+def test_reset_deletes_onboardings_token_objects_only(
+    make_cloud_hub: CloudHubFactory, softhsm: SoftHsmToken
+) -> None:
+    config_path = make_cloud_hub(token=softhsm.config())
+    assert main(["provision", "--config", str(config_path)]) == 0
+    serial = read_config(config_path)["ro"]["SN"]
+    store = Pkcs11CredentialStore(softhsm.config())
+    assert store.describe_key(f"hub-onboarding-{serial}")["count"] == 1
+    assert main(["reset", "--config", str(config_path)]) == 0
+    assert store.describe_key(f"hub-onboarding-{serial}")["count"] == 0, "onboarding's key is gone"
+    assert store.describe_key("claim-key")["count"] == 1, "the factory's claim key stays"
+    assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert main(["provision", "--config", str(config_path)]) == 0, "and the hub onboards again"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "key"),
+    [
+        ("wrong PIN", "ro.pkcs11_pin_path"),
+        ("PIN file too open", "ro.pkcs11_pin_path"),
+        ("no such module", "ro.pkcs11_module_path"),
+        ("token not present", "ro.pkcs11_token_label"),
+        ("unknown key object", "ro.iot_claim_pk_path"),
+    ],
+)
+def test_token_errors_exit_4_and_write_nothing(
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    breakage: str,
+    key: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_path = make_cloud_hub(token=softhsm.config())
+    doc = read_config(config_path)
+    ro = doc["ro"]
+    if breakage == "wrong PIN":
+        softhsm.pin_path.write_text("99999999\n")
+    elif breakage == "PIN file too open":
+        softhsm.pin_path.chmod(0o640)
+    elif breakage == "no such module":
+        ro["pkcs11_module_path"] = str(config_path.parent / "libnothing.so")
+    elif breakage == "token not present":
+        ro["pkcs11_token_label"] = "unplugged"
+    else:
+        ro["iot_claim_pk_path"] = "pkcs11:token=hub;object=missing-key;type=private"
+    config_path.write_text(json.dumps(doc))
+    before = snapshot(config_path.parent)
+    tokens_before = snapshot(softhsm.folder)
+    assert main(["provision", "--config", str(config_path), "--json"]) == 4
+    printed = capsys.readouterr()
+    error = json.loads(printed.out)
+    assert error["exit_code"] == 4
+    assert error["type"] == "CredentialError"
+    assert error["key"] == key
+    assert key in error["message"]
+    assert "\n" not in error["message"]
+    assert "99999999" not in printed.out + printed.err
+    assert snapshot(config_path.parent) == before, "nothing written"
+    assert snapshot(softhsm.folder) == tokens_before, "nothing made in the token"
