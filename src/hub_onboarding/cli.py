@@ -190,9 +190,10 @@ def _reset(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from hub_onboarding.onboarding import HubOnboarding
 
-    deleted = HubOnboarding(args.config).reset()
+    hub = HubOnboarding(args.config)
+    deleted = [str(p) for p in hub.reset()] + hub.deleted_token_objects  # files, then token objects (URIs)
     if args.json:
-        _print_json({"ok": True, "state": "NOT_PROVISIONED", "deleted": [str(p) for p in deleted]})
+        _print_json({"ok": True, "state": "NOT_PROVISIONED", "deleted": deleted})
     else:
         print("NOT_PROVISIONED" + "".join(f"\ndeleted {p}" for p in deleted))
     return 0

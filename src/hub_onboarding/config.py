@@ -399,7 +399,7 @@ def parse_config(
         state = provisioning_state(doc)
         connection = _parse_connection(ro, rw, p)
         handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
-        token = _parse_pkcs11(ro, p, handler)
+        token = parse_pkcs11(ro, p, handler)
         fleet = _parse_fleet(ro, p, required=choice.method is ProvisioningMethod.FLEET_PROVISIONING)
         jitr = _parse_jitr(ro, p, required=choice.method is ProvisioningMethod.JITR, token=token is not None)
         cert_dir = _parse_permanent_cert_dir(ro, p)
@@ -668,7 +668,7 @@ def _parse_jitr(
 # -------------------------------------------------------------------------------------------- PKCS#11
 
 
-def _parse_pkcs11(ro: Mapping[str, Any], config_path: Path, handler: str | None) -> Pkcs11Config | None:
+def parse_pkcs11(ro: Mapping[str, Any], config_path: Path, handler: str | None) -> Pkcs11Config | None:
     """The token settings: all three keys, when any is set, a path key names a pkcs11: URI, or the
     handler is pkcs11. Whether the library, the token and the PIN work is checked when the token opens
     (a CredentialError then)."""

@@ -68,7 +68,7 @@ from hub_onboarding.errors import (
 )
 from hub_onboarding.lock import lock_path_for, onboarding_lock
 from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
-from hub_onboarding.pkcs11 import format_uri, permanent_key_label
+from hub_onboarding.pkcs11 import factory_labels, format_uri, permanent_key_label
 from hub_onboarding.progress import PROGRESS_FILE_NAME, Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
@@ -270,6 +270,7 @@ class HubOnboarding:
         self._clock = clock
         # Read once now, as the SDK's constructor does, so a missing or broken file fails early.
         self._doc = cfgmod.read_document(self.config_path)
+        self.deleted_token_objects: list[str] = []  # what the last reset deleted in the token (URIs)
 
     # ------------------------------------------------------------------ public API
 
@@ -351,9 +352,44 @@ class HubOnboarding:
             cfgmod.reset_rw(self.config_path, clock=self._clock)
             deleted = _files.delete_files(targets)
             self._doc = cfgmod.read_document(self.config_path)
-        for p in deleted:
-            log.info("deleted %s", p)
+            for p in deleted:
+                log.info("deleted %s", p)
+            self.deleted_token_objects = self._reset_token(doc)
         return deleted
+
+    def _reset_token(self, doc: Mapping[str, Any]) -> list[str]:
+        """Delete the permanent key onboarding made in the token (by its label, derived from ro.SN), never
+        an object the factory put there (the claim and DHA objects, by default or by URI in ro).
+
+        Runs after the config was reset: a token that cannot be reached is a CredentialError saying
+        that a second reset deletes the key."""
+        ro = doc[cfgmod.RO]
+        try:
+            token = cfgmod.parse_pkcs11(ro, self.config_path, ro.get(cfgmod.SECURE_STORAGE_HANDLER))
+        except ConfigError as exc:
+            log.warning("no token objects deleted: %s", exc.message)
+            return []
+        serial = ro.get(cfgmod.SERIAL_NUMBER)
+        if token is None or not isinstance(serial, str) or not serial.strip():
+            return []
+        label = permanent_key_label(serial)
+        if label in factory_labels(ro):
+            log.warning("token object %r is named in ro (the factory's): not deleted", label)
+            return []
+        store = CertHandler(None, token).token_store()
+        assert store is not None
+        try:
+            count = store.delete_label(label)
+        except CredentialError as exc:
+            exc.amend(
+                f"{exc.message} (the config was reset; run reset again to delete the key {label!r} "
+                "onboarding made in the token)"
+            )
+            raise
+        uri = format_uri(token.token_label, label, "private")
+        if count:
+            log.info("deleted %s (%d object(s))", uri, count)
+        return [uri] if count else []
 
     # ------------------------------------------------------------------ steps
 
@@ -517,6 +553,8 @@ def _read_credentials(
     try:
         return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
     except CredentialError as exc:
+        if exc.key is not None:  # the token's own settings (module, token label, PIN file) named already
+            raise
         cert_key, pk_key = (cfgmod.key_name(cfgmod.RO, k) for k in keys)
         if exc.part == "private key":
             exc.amend(f"{exc.message} (from {pk_key})", pk_key)

@@ -33,7 +33,7 @@ import os
 import stat
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +103,17 @@ class TokenUri:
         if kind is not None and kind not in _URI_TYPES:
             raise CredentialError(f"pkcs11 URI: type={kind} is not one of {', '.join(_URI_TYPES)}")
         return cls(label=label, type=kind, token=attrs.get("token"))
+
+
+def factory_labels(ro: Mapping[str, Any]) -> set[str]:
+    """The labels of the token objects the factory installed: the defaults, and those ro's URIs name."""
+    labels = {label for pair in DEFAULT_OBJECTS.values() for label in pair}
+    for key in cfgmod.READ_PATH_KEYS:
+        value = ro.get(key)
+        if cfgmod.is_pkcs11_uri(value):
+            with contextlib.suppress(CredentialError):
+                labels.add(TokenUri.parse(str(value)).label)
+    return labels
 
 
 def format_uri(token: str, label: str, kind: str) -> str:
@@ -459,8 +470,8 @@ class Pkcs11CredentialStore:
         label = f"{cert_type} private key"
         if key_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(key_ref):
             raise CredentialError(f"{label}: {key_ref} is not a pkcs11: URI", part="private key")
-        key_uri = self._uri(key_ref, cert_type, is_key=True)
-        with open_token(token) as session:
+        with open_token(token) as session:  # the token's own problems first: module, PIN, presence
+            key_uri = self._uri(key_ref, cert_type, is_key=True)
             cert_pem = self._certificate(session, cert_type, cert_ref)
             cert = load_certificate(cert_pem, f"{cert_type} certificate")
             key = _private_key(session, token, key_uri.label, "private key")
