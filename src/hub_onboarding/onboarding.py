@@ -112,6 +112,8 @@ class OnboardingStep(enum.StrEnum):
     RESUMED_AFTER_VERIFIED = "RESUMED_AFTER_VERIFIED"
     CLAIM_CONNECTED = "CLAIM_CONNECTED"
     CERTIFICATE_ISSUED = "CERTIFICATE_ISSUED"
+    # The permanent key is in the PKCS#11 token (made there, or imported). A step name, not a secret.
+    KEY_IN_TOKEN = "KEY_IN_TOKEN"  # noqa: S105
     CREDENTIALS_STORED = "CREDENTIALS_STORED"
     THING_REGISTERED = "THING_REGISTERED"
     # The saved ownership token was spent or expired: one new certificate. (A step name, not a secret.)
@@ -851,6 +853,7 @@ class _FleetRun:
         cert_path = self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
             key, spki = token.key_for_csr(label)
+            self.report(OnboardingStep.KEY_IN_TOKEN, f"key pair in the token: {key.uri}")
             csr_pem = token.sign_csr(key, spki, (self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, b"")
             self._report_issued(issued.certificate_id)
@@ -863,6 +866,7 @@ class _FleetRun:
             self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
             # The service's key goes into the token and nowhere else (not a file, not the record).
             key = token.import_private_key(label, issued.credentials.private_key_pem)
+            self.report(OnboardingStep.KEY_IN_TOKEN, f"the service's key imported into the token: {key.uri}")
             issued = replace(issued, credentials=replace(issued.credentials, private_key_pem=b""))
         self.handler.write_file(cert_path, issued.credentials.certificate_pem, CERT_MODE)
         return self._save_issued(

@@ -15,10 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from hub_onboarding.certs import CertHandler, CertType
 from hub_onboarding.cli import main
-from hub_onboarding.config import Endpoint, TokenKeyType
-from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from hub_onboarding.config import TokenKeyType
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 from hub_onboarding.tools.factory import write_jitr_hub
 from hub_onboarding.tools.softhsm import SoftHsmToken
@@ -27,23 +25,13 @@ from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import pem_certificate_id
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
+from tests._support.recovery import connect_through_token
 
 pytestmark = pytest.mark.e2e
 
 
 def _private_key_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
-
-
-def _connects_through_token(cloud: LocalIotCore, token: SoftHsmToken, rw: dict[str, Any]) -> None:
-    """A fresh connection with the permanent certificate, its key signing inside the token."""
-    creds = CertHandler(None, token.config()).read_cert_and_private_key(
-        CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
-    )
-    endpoint = Endpoint(cloud.endpoint.mqtt_host, cloud.endpoint.mqtt_port)
-    IotProvisioning(ConnectionSettings(endpoint, str(cloud.endpoint.root_ca_path), 30)).verify(
-        rw["client_id"], creds, 10
-    )
 
 
 @pytest.mark.parametrize(
@@ -93,7 +81,7 @@ def test_fleet_provisioning_with_keys_in_the_token(
     assert isinstance(x509.load_pem_x509_certificate(cert_pem).public_key(), public_type)
     cert_id = pem_certificate_id(cert_pem)
     assert iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"] == "ACTIVE"
-    _connects_through_token(cloud, softhsm, rw)
+    connect_through_token(cloud, softhsm, rw)
 
 
 def test_jitr_with_the_dha_key_in_the_token(
