@@ -13,11 +13,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hub_onboarding.certs import CertHandler, CertType
-from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType
-from hub_onboarding.errors import CredentialError
+from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType, parse_config
+from hub_onboarding.errors import ConfigError, CredentialError
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri, format_uri, open_token, token_error
 from hub_onboarding.tools.softhsm import SoftHsmToken
 from tests._support.certificates import make_pair, write_private
+from tests._support.hubs import HubFactory
 
 # ------------------------------------------------------------------------------------------- URIs
 
@@ -254,3 +255,54 @@ def test_key_type_the_endpoint_cannot_use(softhsm: SoftHsmToken, tmp_path: Path)
     Pkcs11CredentialStore(softhsm.config()).import_private_key("claim-key", key_pem)
     with pytest.raises(CredentialError, match="RSA-1024, a type the endpoint cannot use"):
         _read(softhsm.config(), path)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+_TOKEN_RO = {
+    "pkcs11_module_path": "lib/softhsm2.so",
+    "pkcs11_token_label": "hub",
+    "pkcs11_pin_path": "token/user.pin",
+    "iot_claim_pk_path": "pkcs11:token=hub;object=claim-key;type=private",
+}
+
+
+def test_config_reads_the_token_settings(make_hub: HubFactory) -> None:
+    hub = make_hub(ro=_TOKEN_RO)
+    cfg = parse_config(hub.config)
+    assert cfg.pkcs11 == Pkcs11Config(
+        str(hub.dir / "lib/softhsm2.so"), "hub", str(hub.dir / "token/user.pin"), TokenKeyType.EC_P256
+    ), "paths relative to the config's folder, EC P-256 by default"
+    assert cfg.fleet is not None
+    assert cfg.fleet.claim_pk_path == _TOKEN_RO["iot_claim_pk_path"], "a URI is not a path"
+    assert "iot_claim_pk_path" not in cfg.read_paths
+    assert parse_config(make_hub(ro={**_TOKEN_RO, "pkcs11_key_type": "RSA_2048"}).config).pkcs11 is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "drop", "key"),
+    [
+        ({}, ("pkcs11_pin_path",), "ro.pkcs11_pin_path"),
+        ({}, ("pkcs11_module_path",), "ro.pkcs11_module_path"),
+        ({"pkcs11_key_type": "EC_P521"}, (), "ro.pkcs11_key_type"),
+        ({"pkcs11_token_label": 7}, (), "ro.pkcs11_token_label"),
+    ],
+)
+def test_config_refuses_incomplete_token_settings(
+    make_hub: HubFactory, change: dict[str, object], drop: tuple[str, ...], key: str
+) -> None:
+    ro = {k: v for k, v in {**_TOKEN_RO, **change}.items() if k not in drop}
+    with pytest.raises(ConfigError) as info:
+        parse_config(make_hub(ro=ro, drop=drop).config)
+    assert info.value.key == key
+
+
+def test_dha_secure_storage_needs_a_token(make_hub: HubFactory) -> None:
+    both = {"iot_dha_cert_path": SECURE_STORAGE, "iot_dha_pk_path": SECURE_STORAGE}
+    with pytest.raises(ConfigError, match="for DHA credentials when a PKCS#11 token is set"):
+        parse_config(make_hub("JITR", ro=both).config)
+    token = {k: v for k, v in _TOKEN_RO.items() if k != "iot_claim_pk_path"}
+    cfg = parse_config(make_hub("JITR", ro={**both, **token}).config)
+    assert cfg.jitr is not None
+    assert cfg.jitr.dha_pk_path == SECURE_STORAGE
