@@ -27,6 +27,7 @@ to fix. python-pkcs11 is imported only here, and only when a token is used.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -36,7 +37,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hub_onboarding import _files
 from hub_onboarding import config as cfgmod
@@ -180,27 +181,100 @@ def read_pin(path: str) -> str:
     return pin
 
 
-def _load_library(module_path: str) -> Any:
-    import pkcs11
+class _InitArgs(ctypes.Structure):
+    """CK_C_INITIALIZE_ARGS: no mutex callbacks, CKF_OS_LOCKING_OK (the library uses the OS's locks)."""
 
-    try:
-        st = os.stat(module_path)
-    except OSError:
-        raise CredentialError(
-            f"{_MODULE_KEY}: {module_path} does not exist; install the token's PKCS#11 library "
-            "(SoftHSM2: apt-get install softhsm2) and set its path",
-            _MODULE_KEY,
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CredentialError(f"{_MODULE_KEY}: {module_path} is not a library file", _MODULE_KEY)
-    try:
-        return pkcs11.lib(module_path)
-    except pkcs11.PKCS11Error:
-        raise CredentialError(
-            f"{_MODULE_KEY}: {module_path} cannot be loaded as a PKCS#11 library; set it to the token's "
-            "PKCS#11 module (a .so exporting C_GetFunctionList)",
-            _MODULE_KEY,
-        ) from None
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("create_mutex", ctypes.c_void_p),
+        ("destroy_mutex", ctypes.c_void_p),
+        ("lock_mutex", ctypes.c_void_p),
+        ("unlock_mutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("reserved", ctypes.c_void_p),
+    ]
+
+
+_CK_RV_FN = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _FunctionListHead(ctypes.Structure):
+    """The start of CK_FUNCTION_LIST: the version, then C_Initialize and C_Finalize."""
+
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("initialize", _CK_RV_FN),
+        ("finalize", _CK_RV_FN),
+    ]
+
+
+_CKF_OS_LOCKING_OK = 0x2
+_CKR_OK = 0x0
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_LIBRARIES: dict[str, Any] = {}  # module path -> python-pkcs11 handle, for the life of the process
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _function_list(module_path: str) -> Any:
+    cdll = ctypes.CDLL(module_path)
+    head = ctypes.POINTER(_FunctionListHead)()
+    if cdll.C_GetFunctionList(ctypes.byref(head)) != _CKR_OK or not head:
+        raise OSError("C_GetFunctionList failed")
+    return head.contents
+
+
+def _initialize(module_path: str) -> None:
+    """C_Initialize with CKF_OS_LOCKING_OK. python-pkcs11 passes no arguments, which tells a library
+    that only one thread calls it (SoftHSM2 then drops its locks), but awscrt signs TLS handshakes on
+    its own threads (and fleet-sim runs hubs on threads): the library must lock."""
+    rv = _function_list(module_path).initialize(
+        ctypes.cast(ctypes.pointer(_InitArgs(flags=_CKF_OS_LOCKING_OK)), ctypes.c_void_p)
+    )
+    if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise OSError(f"C_Initialize returned 0x{rv:x}")
+
+
+def _load_library(module_path: str) -> Any:
+    """The library, initialised for threads (see _initialize), with a python-pkcs11 handle on it.
+
+    The handle is made without its own C_Initialize (it would initialise the library for one thread)."""
+    import pkcs11
+    from pkcs11 import _pkcs11
+
+    with _LIBRARIES_LOCK:
+        if module_path in _LIBRARIES:
+            return _LIBRARIES[module_path]
+        try:
+            st = os.stat(module_path)
+        except OSError:
+            raise CredentialError(
+                f"{_MODULE_KEY}: {module_path} does not exist; install the token's PKCS#11 library "
+                "(SoftHSM2: apt-get install softhsm2) and set its path",
+                _MODULE_KEY,
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CredentialError(f"{_MODULE_KEY}: {module_path} is not a library file", _MODULE_KEY)
+        try:
+            _initialize(module_path)
+            lib_type: Any = _pkcs11.lib
+            handle = lib_type.__new__(lib_type, module_path)  # loads it and reads its function list
+        except (OSError, AttributeError, pkcs11.PKCS11Error):
+            raise CredentialError(
+                f"{_MODULE_KEY}: {module_path} cannot be loaded as a PKCS#11 library; set it to the token's "
+                "PKCS#11 module (a .so exporting C_GetFunctionList)",
+                _MODULE_KEY,
+            ) from None
+        _LIBRARIES[module_path] = handle
+        return handle
+
+
+def reload_library(module_path: str) -> None:
+    """Finalise and initialise the library again (a library reads its settings, e.g. SOFTHSM2_CONF, when
+    initialised). Only for tools and tests that switch token folders; every kept session is dropped."""
+    forget_sessions()
+    functions = _function_list(module_path)
+    functions.finalize(None)
+    _initialize(module_path)
 
 
 def _find_token(lib: Any, label: str) -> Any:

@@ -106,11 +106,8 @@ def make_token(folder: Path, label: str = "hub") -> SoftHsmToken:
 
 def activate(token: SoftHsmToken) -> None:
     """Make this process's SoftHSM2 see `token`'s folder: SoftHSM2 reads SOFTHSM2_CONF when initialised,
-    so python-pkcs11's handle on the module is finalised and initialised again."""
-    import pkcs11
-
-    from hub_onboarding.pkcs11 import forget_sessions
+    so the module is finalised and initialised again."""
+    from hub_onboarding.pkcs11 import reload_library
 
     os.environ[CONF_ENV] = str(token.conf)
-    forget_sessions()
-    pkcs11.lib(token.module_path).reinitialize()
+    reload_library(token.module_path)
