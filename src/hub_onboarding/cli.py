@@ -3,7 +3,7 @@
     hub-onboard provision --config PATH [--json] [-v] [--lock-wait S]
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
-    hub-onboard demo [--keep DIR]
+    hub-onboard demo [--keep DIR] [--pkcs11]
     hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json] [--json]
 
 Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="keep the hub's config and credentials and the stand-in's data in DIR (new or empty)",
+    )
+    d.add_argument(
+        "--pkcs11",
+        action="store_true",
+        help="keep the hub's claim and permanent keys in a SoftHSM2 token (PKCS#11) instead of files",
     )
     # Its options live in tools.fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
     sub.add_parser(
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from hub_onboarding.tools.demo import run_demo
 
-        return run_demo(keep=args.keep)
+        return run_demo(keep=args.keep, pkcs11=args.pkcs11)
     _configure_logging(getattr(args, "verbose", 0))
     from hub_onboarding.errors import OnboardingError
 

@@ -720,7 +720,7 @@ class Pkcs11CredentialStore:
         with open_token(self._config()) as session:
             return _delete_label(session, label)
 
-    def describe_key(self, label: str) -> dict[str, object]:
+    def describe_key(self, label: str) -> dict[str, Any]:
         """What the token says about the key under `label` (for tests and `status`): no key material."""
         import pkcs11
 

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hub_onboarding.cli import main
 from hub_onboarding.config import TokenKeyType
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore
+from hub_onboarding.tools import fleet_sim
 from hub_onboarding.tools.factory import write_jitr_hub
-from hub_onboarding.tools.softhsm import SoftHsmToken
+from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
 from iot_core_local.recipes.claims import hub_policy_document
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
@@ -189,3 +190,55 @@ def test_token_errors_exit_4_and_write_nothing(
     assert "99999999" not in printed.out + printed.err
     assert snapshot(config_path.parent) == before, "nothing written"
     assert set(snapshot(softhsm.folder)) == objects_before, "nothing made in the token"
+
+
+@pytest.mark.timeout(120)
+def test_fleet_sim_with_keys_in_tokens(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fleet-sim --pkcs11: each simulated hub has its own token; three onboard at once (the module is
+    initialised for threads: awscrt signs handshakes on its threads meanwhile)."""
+    monkeypatch.setenv(CONF_ENV, "")  # fleet-sim points this process at its SoftHSM2 folder; undone after
+    code = fleet_sim.main(
+        [
+            "--hubs",
+            "4",
+            "--concurrency",
+            "3",
+            "--json",
+            "--pkcs11",
+            "--serial-prefix",
+            "P",
+            "--work-dir",
+            str(tmp_path),
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    assert summary["onboarded"] == 4
+    for i, config in enumerate(sorted((tmp_path / "hubs").glob("hub-*/iotmi_config.json"))):
+        doc = read_config(config)
+        label = f"hub-{i:06d}"
+        assert doc["ro"]["pkcs11_token_label"] == label
+        assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
+        assert (
+            doc["rw"]["iot_permanent_pk_path"]
+            == f"pkcs11:token={label};object=hub-onboarding-P-{i:06d};type=private"
+        )
+        assert _private_key_files(config.parent) == []
+
+
+def test_demo_shows_the_token_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(CONF_ENV, "")  # the demo points this process at its SoftHSM2 folder; undone after
+    assert main(["demo", "--pkcs11"]) == 0
+    out = capsys.readouterr().out
+    assert "initialising a SoftHSM2 token 'hub'" in out
+    assert "key pair in the token: pkcs11:token=hub;object=hub-onboarding-SN-DEMO-0001;type=private" in out
+    assert "1 object, sensitive True, extractable False" in out
+    assert "private key files beside the config: 0" in out
+    config = json.loads(out[out.index("{", out.index("resulting iotmi_config.json")) :])
+    assert config["rw"]["iot_provisioning_state"] == "PROVISIONED"
+    assert config["ro"]["iot_claim_pk_path"] == "pkcs11:token=hub;object=claim-key;type=private"
+    assert "PRIVATE KEY" not in out

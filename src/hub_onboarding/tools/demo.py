@@ -16,8 +16,12 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hub_onboarding.errors import EXIT_USAGE
+
+if TYPE_CHECKING:
+    from hub_onboarding.config import Pkcs11Config
 
 
 def _step(text: str) -> None:
@@ -33,11 +37,16 @@ def _kept_folder(keep: Path) -> str | None:
     return None
 
 
-def run_demo(keep: Path | None = None) -> int:
-    """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in."""
+def run_demo(keep: Path | None = None, pkcs11: bool = False) -> int:
+    """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in;
+    `pkcs11`: the hub's keys live in a SoftHSM2 token (tools.softhsm) instead of files."""
     from iot_core_local.extra import EXIT_MISSING_EXTRA, missing_server_extra
 
     problem = missing_server_extra("hub-onboard demo")
+    if problem is None and pkcs11:
+        from hub_onboarding.tools.softhsm import missing_softhsm
+
+        problem = missing_softhsm()
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_MISSING_EXTRA
@@ -72,6 +81,7 @@ def run_demo(keep: Path | None = None) -> int:
             print(
                 f"    claim certificate {claim.certificate_id[:16]}... attached to {claim.claim_policy_name}"
             )
+            token = _demo_token(root) if pkcs11 else None
             _step("writing a factory-fresh hub config")
             config_path = write_claim_hub(
                 root / "hub",
@@ -81,6 +91,7 @@ def run_demo(keep: Path | None = None) -> int:
                 claim_private_key_pem=claim.private_key_pem,
                 template_name=claim.template_name,
                 serial="SN-DEMO-0001",
+                token=token,
             )
             hub = HubOnboarding(config_path, on_step=show)
             print(f"    {config_path}: provisioned = {hub.is_provisioned()}")
@@ -95,6 +106,8 @@ def run_demo(keep: Path | None = None) -> int:
                     described = iot.describe_certificate(certificateId=cert_id)
                     status = described["certificateDescription"]["status"]
                     print(f"      certificate {cert_id[:16]}... {status}")
+            if token is not None:
+                _show_token_key(config_path, token)
             _step("running onboarding again (a reboot): nothing to do")
             again = HubOnboarding(config_path)
             print(f"    provisioned = {again.is_provisioned()}")
@@ -107,6 +120,33 @@ def run_demo(keep: Path | None = None) -> int:
             print(f"    cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
             print(f"    hub-onboard status --config {config_path}")
     return 0 if state == "PROVISIONED" else 1
+
+
+def _demo_token(root: Path) -> Pkcs11Config:
+    """A SoftHSM2 token in the demo's folder, which the factory gives the claim key (--pkcs11)."""
+    from hub_onboarding.tools import softhsm
+
+    _step("initialising a SoftHSM2 token 'hub' (the hub's secure element, PKCS#11)")
+    token = softhsm.make_token(root / "softhsm")
+    softhsm.activate(token)
+    print(f"    module {token.module_path}")
+    print(f"    user PIN in {token.pin_path} (0600); the claim key goes into the token, not into a file")
+    return token.config()
+
+
+def _show_token_key(config_path: Path, token: Pkcs11Config) -> None:
+    """Where the permanent key is: an object in the token, sensitive and never extractable."""
+    from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri
+
+    uri = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_permanent_pk_path"]
+    described = Pkcs11CredentialStore(token).describe_key(TokenUri.parse(uri).label)
+    _step("the permanent key lives in the token")
+    print(
+        f"    {uri}: {described['count']} object, sensitive {described['sensitive'][0]}, "
+        f"extractable {described['extractable'][0]}"
+    )
+    keys = [p.name for p in config_path.parent.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    print(f"    private key files beside the config: {len(keys)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `make_token(folder, label)` writes `softhsm2.conf` (its token store inside `folder`), initialises a token
 with a random user PIN and SO PIN (`softhsm2-util --init-token --free`) and writes the user PIN to
-`folder/user.pin` (0600). `activate(token)` points this process's SoftHSM2 at that folder
+`folder/<label>.pin` (0600). `activate(token)` points this process's SoftHSM2 at that folder
 (SOFTHSM2_CONF) and has python-pkcs11 read it again, so one process can use one folder after another.
 A real hub's token comes from its vendor; none of this runs on one.
 """
@@ -76,7 +76,10 @@ class SoftHsmToken:
 
 
 def make_token(folder: Path, label: str = "hub") -> SoftHsmToken:
-    """Initialise a fresh SoftHSM2 token whose store is inside `folder` (made 0700)."""
+    """Initialise a fresh SoftHSM2 token labelled `label` whose store is inside `folder` (made 0700).
+
+    Several tokens may share a folder (one SoftHSM2 config, one PIN file per label): fleet-sim gives
+    each simulated hub a token of its own in one folder."""
     module = find_module()
     if module is None:
         raise RuntimeError(INSTALL_HINT)
@@ -85,11 +88,13 @@ def make_token(folder: Path, label: str = "hub") -> SoftHsmToken:
     tokens = folder / "tokens"
     tokens.mkdir(mode=0o700, exist_ok=True)
     conf = folder / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n", encoding="utf-8"
-    )
+    if not conf.exists():
+        conf.write_text(
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            encoding="utf-8",
+        )
     pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
-    pin_path = folder / "user.pin"
+    pin_path = folder / f"{label}.pin"
     fd = os.open(pin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(pin + "\n")
