@@ -3,8 +3,9 @@
 Reading goes through a CredentialStore. `FileCredentialStore` (entry point `file` in the group
 `hub_onboarding.secure_storage`) reads PEM files; a claim path of `SECURE_STORAGE` selects another store
 registered in that group (a TPM, a secure element...), by the ro key `secure_storage_handler` or, when
-exactly one non-file store is installed, that one. The `pkcs11` store (hub_onboarding.pkcs11) is built
-in: a `pkcs11:` URI in a path key, or SECURE_STORAGE with a token configured, reads through it. A store
+exactly one non-file store is installed, that one. The `pkcs11` store (hub_onboarding.pkcs11) is handed
+in by whoever knows the token (`pkcs11.cert_handler(token)`): a `pkcs11:` URI in a path key, or
+SECURE_STORAGE with a token configured, reads through it (this module never imports it). A store
 yields a certificate plus what awscrt connects with and what signs a CSR: a PEM pair (checked here), or
 `Credentials` whose `token_key` names a key inside a token (checked by the store, by a signature).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hub_onboarding import _files
-from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, is_pkcs11_uri
+from hub_onboarding.config import SECURE_STORAGE, is_pkcs11_uri
 from hub_onboarding.errors import ConfigError, CredentialError
 
 if TYPE_CHECKING:
@@ -141,13 +142,9 @@ class FileCredentialStore:
         return cert, key
 
 
-def load_store(name: str | None, token: Pkcs11Config | None = None) -> CredentialStore:
-    """The secure-storage handler registered under `name` (or the only non-file one when None).
-
-    `pkcs11` is built in (found without scanning the installed packages' entry points) and gets the
-    token's settings; it is the handler when None is asked for and a token is configured."""
-    if name == PKCS11_STORE_NAME or (name is None and token is not None):
-        return pkcs11_store(token)
+def load_store(name: str | None) -> CredentialStore:
+    """The secure-storage handler registered under `name` (or the only non-file, non-pkcs11 one when None;
+    the pkcs11 store needs the token's settings, so CertHandler is given it instead)."""
     # Imported here: importlib.metadata costs ~10 ms at start-up and only SECURE_STORAGE hubs need it.
     from importlib import metadata
 
@@ -183,13 +180,6 @@ def load_store(name: str | None, token: Pkcs11Config | None = None) -> Credentia
             key="ro.secure_storage_handler",
         )
     return store
-
-
-def pkcs11_store(token: Pkcs11Config | None) -> Pkcs11CredentialStore:
-    """The built-in PKCS#11 store for the configured token (python-pkcs11 loads on first use)."""
-    from hub_onboarding.pkcs11 import Pkcs11CredentialStore
-
-    return Pkcs11CredentialStore.from_config(token)
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -286,21 +276,33 @@ def check_validity_period(cert: x509.Certificate, label: str, now: datetime.date
 class CertHandler:
     """Reads claim, DHA and permanent credentials and writes the permanent pair (the SDK's CertHandler)."""
 
-    def __init__(self, secure_storage_handler: str | None = None, token: Pkcs11Config | None = None) -> None:
+    def __init__(
+        self, secure_storage_handler: str | None = None, token_store: Pkcs11CredentialStore | None = None
+    ) -> None:
         self._secure_storage_handler = secure_storage_handler
         self._file_store = FileCredentialStore()
-        self.token = token  # the PKCS#11 token, when the config sets one
+        # The PKCS#11 token's store, when the config sets a token: it reads pkcs11: URIs and
+        # SECURE_STORAGE (unless another handler is named), and keeps the permanent key.
+        self.token_store = token_store
 
     def _store_for(self, cert_ref: str, key_ref: str) -> CredentialStore:
+        name = self._secure_storage_handler
         if is_pkcs11_uri(key_ref) or is_pkcs11_uri(cert_ref):
-            return pkcs11_store(self.token)
+            return self._token()
         if SECURE_STORAGE in (cert_ref, key_ref):
-            return load_store(self._secure_storage_handler, self.token)
+            if name == PKCS11_STORE_NAME or (name is None and self.token_store is not None):
+                return self._token()
+            return load_store(name)
         return self._file_store
 
-    def token_store(self) -> Pkcs11CredentialStore | None:
-        """The store that keeps the permanent key in the token, when one is configured."""
-        return pkcs11_store(self.token) if self.token is not None else None
+    def _token(self) -> CredentialStore:
+        if self.token_store is None:
+            raise CredentialError(
+                "the key is in a PKCS#11 token but no token is set: set ro.pkcs11_module_path, "
+                "ro.pkcs11_token_label and ro.pkcs11_pin_path",
+                "ro.pkcs11_token_label",
+            )
+        return self.token_store
 
     def read_cert_and_private_key(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
         """Read and check a pair; claim certificates must also be within their validity period."""

@@ -68,13 +68,18 @@ from hub_onboarding.errors import (
 )
 from hub_onboarding.lock import lock_path_for, onboarding_lock
 from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
-from hub_onboarding.pkcs11 import factory_labels, format_uri, permanent_key_label
+from hub_onboarding.pkcs11 import (
+    Pkcs11CredentialStore,
+    cert_handler,
+    factory_labels,
+    format_uri,
+    permanent_key_label,
+)
 from hub_onboarding.progress import PROGRESS_FILE_NAME, Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
     from hub_onboarding.device_provisioner import Retry, RetryListener
     from hub_onboarding.fleet import FleetApi, IssuedCertificate
-    from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +304,7 @@ class HubOnboarding:
         self._report(
             OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
         )
-        handler = CertHandler(cfg.secure_storage_handler, cfg.pkcs11)
+        handler = cert_handler(cfg.pkcs11, cfg.secure_storage_handler)
         # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
@@ -378,8 +383,7 @@ class HubOnboarding:
         if label in factory_labels(ro):
             log.warning("token object %r is named in ro (the factory's): not deleted", label)
             return []
-        store = CertHandler(None, token).token_store()
-        assert store is not None
+        store = Pkcs11CredentialStore(token)
         try:
             count = store.delete_label(label)
         except CredentialError as exc:
@@ -795,7 +799,7 @@ class _FleetRun:
     def _create_certificate(self, _saved: Progress | None) -> Progress:
         fleet = self._fleet_api()
         cfg = self.cfg
-        token = self.handler.token_store()
+        token = self.handler.token_store
         if token is not None:
             return self._create_in_token(fleet, token)
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:

@@ -47,7 +47,7 @@ from hub_onboarding.errors import CredentialError
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from hub_onboarding.certs import CertType, Credentials
+    from hub_onboarding.certs import CertHandler, CertType, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -502,15 +502,18 @@ def prove_possession(key: Any, kind: str, cert: x509.Certificate, label: str) ->
 # ------------------------------------------------------------------------------------------- the store
 
 
+def cert_handler(token: Pkcs11Config | None, secure_storage_handler: str | None = None) -> CertHandler:
+    """A CertHandler that reads (and keeps keys) through `token` when one is set."""
+    from hub_onboarding.certs import CertHandler
+
+    return CertHandler(secure_storage_handler, Pkcs11CredentialStore(token) if token is not None else None)
+
+
 class Pkcs11CredentialStore:
     """CertHandler's store for a PKCS#11 token (entry point `pkcs11` in hub_onboarding.secure_storage)."""
 
     def __init__(self, token: Pkcs11Config | None = None) -> None:
         self.token = token
-
-    @classmethod
-    def from_config(cls, token: Pkcs11Config | None) -> Pkcs11CredentialStore:
-        return cls(token)
 
     def _config(self) -> Pkcs11Config:
         if self.token is None:

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hub_onboarding.certs import CertHandler, CertType
+from hub_onboarding.certs import CertType
 from hub_onboarding.config import Endpoint
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
-from hub_onboarding.pkcs11 import Pkcs11CredentialStore
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore, cert_handler
 from hub_onboarding.tools.softhsm import SoftHsmToken
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import key_matches_certificate, pem_certificate_id
@@ -76,7 +76,7 @@ def assert_key_in_token(token: SoftHsmToken, config_path: Path, rw: dict[str, An
     assert described["count"] == 1, "never two keys under one label"
     assert described["sensitive"] == [True]
     assert described["extractable"] == [False]
-    CertHandler(None, token.config()).read_cert_and_private_key(
+    cert_handler(token.config()).read_cert_and_private_key(
         CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
     )
     files = [p for p in config_path.parent.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
@@ -85,7 +85,7 @@ def assert_key_in_token(token: SoftHsmToken, config_path: Path, rw: dict[str, An
 
 def connect_through_token(cloud: LocalIotCore, token: SoftHsmToken, rw: dict[str, Any]) -> None:
     """A fresh connection with the permanent certificate, its key signing inside the token (awscrt)."""
-    creds = CertHandler(None, token.config()).read_cert_and_private_key(
+    creds = cert_handler(token.config()).read_cert_and_private_key(
         CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
     )
     endpoint = Endpoint(cloud.endpoint.mqtt_host, cloud.endpoint.mqtt_port)

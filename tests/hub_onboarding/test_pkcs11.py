@@ -12,10 +12,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from hub_onboarding.certs import CertHandler, CertType
+from hub_onboarding.certs import CertType
 from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType, parse_config
 from hub_onboarding.errors import ConfigError, CredentialError
-from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri, format_uri, open_token, token_error
+from hub_onboarding.pkcs11 import (
+    Pkcs11CredentialStore,
+    TokenUri,
+    cert_handler,
+    format_uri,
+    open_token,
+    token_error,
+)
 from hub_onboarding.tools.softhsm import SoftHsmToken
 from tests._support.certificates import make_pair, write_private
 from tests._support.hubs import HubFactory
@@ -60,7 +67,7 @@ def _claim_in_token(token: SoftHsmToken, tmp_path: Path) -> tuple[Pkcs11Credenti
 
 def test_read_claim_key_from_token_with_pem_certificate(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     _, cert, cert_pem = _claim_in_token(softhsm, tmp_path)
-    handler = CertHandler(None, softhsm.config())
+    handler = cert_handler(softhsm.config())
     creds = handler.read_cert_and_private_key(CertType.CLAIM, str(cert), "pkcs11:token=hub;object=claim-key")
     assert creds.certificate_pem == cert_pem
     assert creds.private_key_pem == b""
@@ -72,7 +79,7 @@ def test_read_claim_key_from_token_with_pem_certificate(softhsm: SoftHsmToken, t
 def test_secure_storage_reads_the_default_objects(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     store, _, cert_pem = _claim_in_token(softhsm, tmp_path)
     assert store.store_certificate("claim-cert", cert_pem) == "pkcs11:token=hub;object=claim-cert;type=cert"
-    creds = CertHandler(None, softhsm.config()).read_cert_and_private_key(
+    creds = cert_handler(softhsm.config()).read_cert_and_private_key(
         CertType.CLAIM, SECURE_STORAGE, SECURE_STORAGE
     )
     assert creds.certificate_pem == cert_pem
@@ -99,7 +106,7 @@ def test_a_key_that_is_not_the_certificates_is_refused(softhsm: SoftHsmToken, tm
     other = tmp_path / "other.crt"
     other.write_bytes(make_pair("someone else").cert_pem)
     with pytest.raises(CredentialError, match="does not belong to the certificate"):
-        CertHandler(None, softhsm.config()).read_cert_and_private_key(
+        cert_handler(softhsm.config()).read_cert_and_private_key(
             CertType.CLAIM, str(other), "pkcs11:object=claim-key"
         )
 
@@ -165,9 +172,7 @@ def test_certificate_issued_for_the_csr_proves_the_token_key(softhsm: SoftHsmTok
     )
     path = tmp_path / "perm.crt"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    creds = CertHandler(None, softhsm.config()).read_cert_and_private_key(
-        CertType.PERMANENT, str(path), key.uri
-    )
+    creds = cert_handler(softhsm.config()).read_cert_and_private_key(CertType.PERMANENT, str(path), key.uri)
     assert creds.token_key == key
 
 
@@ -175,7 +180,7 @@ def test_certificate_issued_for_the_csr_proves_the_token_key(softhsm: SoftHsmTok
 
 
 def _read(token: Pkcs11Config, cert: Path, key_ref: str = "pkcs11:object=claim-key") -> None:
-    CertHandler(None, token).read_cert_and_private_key(CertType.CLAIM, str(cert), key_ref)
+    cert_handler(token).read_cert_and_private_key(CertType.CLAIM, str(cert), key_ref)
 
 
 def test_missing_and_unloadable_module(softhsm: SoftHsmToken, tmp_path: Path) -> None:
