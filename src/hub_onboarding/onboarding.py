@@ -309,6 +309,8 @@ class HubOnboarding:
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
         preflight(cfg)
+        if handler.token_store is not None:
+            handler.token_store.check_ready()
         creds = self._read_initial_credentials(cfg, handler)
         with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             if self.is_provisioned():

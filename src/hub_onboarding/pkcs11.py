@@ -515,6 +515,12 @@ class Pkcs11CredentialStore:
     def __init__(self, token: Pkcs11Config | None = None) -> None:
         self.token = token
 
+    def check_ready(self) -> None:
+        """Open the token (module, PIN file, PIN, presence): before any traffic, so a token that cannot
+        take the permanent key stops onboarding before a certificate is minted for it."""
+        with open_token(self._config()):
+            pass
+
     def _config(self) -> Pkcs11Config:
         if self.token is None:
             raise CredentialError(

@@ -24,7 +24,7 @@ from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
 from iot_core_local.recipes.claims import hub_policy_document
 from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import pem_certificate_id
+from tests._support.certificates import certificate_ids, pem_certificate_id
 from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.recovery import connect_through_token
 
@@ -58,7 +58,7 @@ def test_fleet_provisioning_with_keys_in_the_token(
         certificate_method=method, token=softhsm.config(key_type), cert_in_token=cert_in_token
     )
     assert _private_key_files(config_path.parent) == [], "the factory put the claim key in the token"
-    assert main(["provision", "--config", str(config_path), "--json"]) == 0
+    assert main(["provision", "--config", str(config_path), "--json", "-vv"]) == 0
     printed = capsys.readouterr()
     result = json.loads(printed.out)
     doc = read_config(config_path)
@@ -149,6 +149,7 @@ def test_reset_deletes_onboardings_token_objects_only(
 @pytest.mark.parametrize(
     ("breakage", "key"),
     [
+        ("wrong PIN, claim key a file", "ro.pkcs11_pin_path"),
         ("wrong PIN", "ro.pkcs11_pin_path"),
         ("PIN file too open", "ro.pkcs11_pin_path"),
         ("no such module", "ro.pkcs11_module_path"),
@@ -157,16 +158,20 @@ def test_reset_deletes_onboardings_token_objects_only(
     ],
 )
 def test_token_errors_exit_4_and_write_nothing(
+    iot: Any,
     make_cloud_hub: CloudHubFactory,
     softhsm: SoftHsmToken,
     breakage: str,
     key: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config_path = make_cloud_hub(token=softhsm.config())
+    if breakage.endswith("claim key a file"):  # only the permanent key would go to the token
+        config_path = make_cloud_hub(extra_ro=softhsm.ro())
+    else:
+        config_path = make_cloud_hub(token=softhsm.config())
     doc = read_config(config_path)
     ro = doc["ro"]
-    if breakage == "wrong PIN":
+    if breakage.startswith("wrong PIN"):
         softhsm.pin_path.write_text("99999999\n")
     elif breakage == "PIN file too open":
         softhsm.pin_path.chmod(0o640)
@@ -178,6 +183,7 @@ def test_token_errors_exit_4_and_write_nothing(
         ro["iot_claim_pk_path"] = "pkcs11:token=hub;object=missing-key;type=private"
     config_path.write_text(json.dumps(doc))
     before = snapshot(config_path.parent)
+    certificates_before = certificate_ids(iot)
     objects_before = set(snapshot(softhsm.folder))  # one file per object (token.object counts PIN failures)
     assert main(["provision", "--config", str(config_path), "--json"]) == 4
     printed = capsys.readouterr()
@@ -190,6 +196,7 @@ def test_token_errors_exit_4_and_write_nothing(
     assert "99999999" not in printed.out + printed.err
     assert snapshot(config_path.parent) == before, "nothing written"
     assert set(snapshot(softhsm.folder)) == objects_before, "nothing made in the token"
+    assert certificate_ids(iot) == certificates_before, "no certificate minted"
 
 
 @pytest.mark.timeout(120)

@@ -212,6 +212,15 @@ def test_wrong_pin_and_open_pin_file(softhsm: SoftHsmToken, tmp_path: Path) -> N
     assert softhsm.pin_path.read_text().strip() not in info.value.message
 
 
+def test_a_symlinked_pin_file_is_refused(softhsm: SoftHsmToken, tmp_path: Path) -> None:
+    _, cert, _ = _claim_in_token(softhsm, tmp_path)
+    link = tmp_path / "planted.pin"
+    link.symlink_to(softhsm.pin_path)
+    with pytest.raises(CredentialError, match="is a symbolic link") as info:
+        _read(Pkcs11Config(softhsm.module_path, "hub", str(link)), cert)
+    assert info.value.key == "ro.pkcs11_pin_path"
+
+
 def test_token_not_present(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     _, cert, _ = _claim_in_token(softhsm, tmp_path)
     config = Pkcs11Config(softhsm.module_path, "elsewhere", str(softhsm.pin_path))
