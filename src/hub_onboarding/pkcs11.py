@@ -353,11 +353,24 @@ def _session(token: Pkcs11Config, pin: str) -> _OpenSession:
         return kept
 
 
+def _require_python_pkcs11() -> None:
+    """A hub image installed without the [pkcs11] extra says so in one line, not with a traceback."""
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        raise CredentialError(
+            f"{_MODULE_KEY}: the keys are in a PKCS#11 token but python-pkcs11 is not installed; "
+            "install it with pip install 'hub-onboarding[pkcs11]'",
+            _MODULE_KEY,
+        ) from None
+
+
 @contextlib.contextmanager
 def open_token(token: Pkcs11Config) -> Iterator[Any]:
     """The logged-in session on the configured token, for one operation at a time (a lock: fleet-sim runs
     hubs on threads); every failure is a CredentialError naming its key. The PIN file is checked on
     every use."""
+    _require_python_pkcs11()
     import pkcs11
 
     kept = _session(token, read_pin(token.pin_path))

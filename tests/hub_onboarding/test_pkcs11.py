@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from pathlib import Path
 
 import pkcs11 as p11
@@ -236,6 +237,17 @@ def test_unknown_key_object(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     with pytest.raises(CredentialError, match="no private key 'nope' in token 'hub'") as info:
         _read(softhsm.config(), cert, "pkcs11:object=nope;type=private")
     assert info.value.part == "private key"
+
+
+def test_without_python_pkcs11_one_line_names_the_extra(
+    softhsm: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pkcs11", None)  # as on a hub image installed without [pkcs11]
+    with pytest.raises(
+        CredentialError, match=r"python-pkcs11 is not installed; .*hub-onboarding\[pkcs11\]"
+    ) as info:
+        Pkcs11CredentialStore(softhsm.config()).check_ready()
+    assert info.value.key == "ro.pkcs11_module_path"
 
 
 def test_token_full_is_named() -> None:
