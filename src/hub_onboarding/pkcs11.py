@@ -703,12 +703,7 @@ class Pkcs11CredentialStore:
                 pkcs11.Attribute.ID: _key_id(label),
             }
         )
-        with open_token(token) as session:
-            _delete_label(session, label)
-            try:
-                session.create_object(attrs)
-            except pkcs11.PKCS11Error as exc:
-                raise token_error(exc, token, "store the new key") from None
+        _replace_label(token, label, attrs, "store the new key")
         return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
 
     def store_certificate(self, label: str, cert_pem: bytes) -> str:
@@ -729,12 +724,7 @@ class Pkcs11CredentialStore:
             pkcs11.Attribute.SUBJECT: cert.subject.public_bytes(),
             pkcs11.Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
         }
-        with open_token(token) as session:
-            _delete_label(session, label)
-            try:
-                session.create_object(attrs)
-            except pkcs11.PKCS11Error as exc:
-                raise token_error(exc, token, "store the certificate") from None
+        _replace_label(token, label, attrs, "store the certificate")
         return format_uri(token.token_label, label, "cert")
 
     def delete_label(self, label: str) -> int:
@@ -776,6 +766,18 @@ def _wanted_kind(key_type: TokenKeyType) -> str:
 def _key_id(label: str) -> bytes:
     # CKA_ID ties the halves of a pair together (some tools look keys up by it); derived from the label.
     return hashlib.sha256(label.encode()).digest()[:16]
+
+
+def _replace_label(token: Pkcs11Config, label: str, attrs: dict[Any, Any], action: str) -> None:
+    """Create one object under `label`, alone: whatever was under it goes first (one key per label)."""
+    import pkcs11
+
+    with open_token(token) as session:
+        _delete_label(session, label)
+        try:
+            session.create_object(attrs)
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, action) from None
 
 
 def _delete_label(session: Any, label: str) -> int:

@@ -19,13 +19,10 @@ from hub_onboarding.cli import main
 from hub_onboarding.config import TokenKeyType
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 from hub_onboarding.tools import fleet_sim
-from hub_onboarding.tools.factory import write_jitr_hub
 from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
-from iot_core_local.recipes.claims import hub_policy_document
-from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids, pem_certificate_id
-from tests._support.hubs import CloudHubFactory, read_config, snapshot
+from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
 from tests._support.recovery import connect_through_token
 
 pytestmark = pytest.mark.e2e
@@ -88,33 +85,13 @@ def test_fleet_provisioning_with_keys_in_the_token(
 def test_jitr_with_the_dha_key_in_the_token(
     cloud: LocalIotCore, iot: Any, tmp_path: Path, softhsm: SoftHsmToken
 ) -> None:
-    device_ca = DeviceCA()
-    ca_id = device_ca.register(iot)
-    iot.create_policy(
-        policyName="jitr-token", policyDocument=hub_policy_document("us-east-1", "123456789012")
+    jitr = write_jitr_cloud_hub(
+        cloud, iot, tmp_path / "hub", "JITR-TOKEN", token=softhsm.config(), cert_in_token=True
     )
-    activator = JitrActivator(
-        iot,
-        host=cloud.endpoint.mqtt_host,
-        port=cloud.endpoint.mqtt_port,
-        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
-        ca_certificate_id=ca_id,
-        device_policy_name="jitr-token",
-    )
+    activator = jitr.activator
     activator.start()
     try:
-        dha = device_ca.issue_device("hub-JITR-TOKEN")
-        config_path = write_jitr_hub(
-            tmp_path / "hub",
-            endpoint_url=cloud.endpoint.mqtt_address,
-            root_ca_path=cloud.endpoint.root_ca_path,
-            device_certificate_pem=dha.certificate_pem,
-            device_private_key_pem=dha.private_key_pem,
-            serial="JITR-TOKEN",
-            extra_ro={"mqtt_retry_timeout_seconds": 60},
-            token=softhsm.config(),
-            cert_in_token=True,
-        )
+        config_path = jitr.config
         assert main(["provision", "--config", str(config_path)]) == 0
     finally:
         activator.stop()
@@ -123,8 +100,7 @@ def test_jitr_with_the_dha_key_in_the_token(
     rw = doc["rw"]
     assert rw["iot_provisioning_state"] == "PROVISIONED"
     assert rw["client_id"] == "hub-JITR-TOKEN"
-    cert_id = pem_certificate_id(dha.certificate_pem.encode())
-    assert activator.activated == [cert_id]
+    assert activator.activated == [pem_certificate_id(jitr.dha_certificate_pem.encode())]
     assert _private_key_files(config_path.parent) == []
 
 

@@ -71,6 +71,24 @@ def _token_credentials(
     return cert_ref, key_ref, ro
 
 
+def _credentials(
+    hub_dir: Path,
+    name: str,
+    certificate_pem: str,
+    private_key_pem: str,
+    token: Pkcs11Config | None,
+    cert_in_token: bool,
+) -> tuple[str, str, dict[str, Any]]:
+    """The pair as files, or into `token`: the values of the path keys, and the token's ro keys."""
+    if token is None:
+        cert_path, key_path = _write_credentials(hub_dir, name, certificate_pem, private_key_pem)
+        return str(cert_path), str(key_path), {}
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    return _token_credentials(
+        token, name, certificate_pem, private_key_pem, hub_dir, cert_in_token=cert_in_token
+    )
+
+
 def _write_config(hub_dir: Path, ro: dict[str, Any], extra_ro: dict[str, Any] | None) -> Path:
     config_path = hub_dir / "iotmi_config.json"
     config = {"ro": {**ro, **(extra_ro or {})}, "rw": {"iot_provisioning_state": "NOT_PROVISIONED"}}
@@ -97,16 +115,9 @@ def write_claim_hub(
 
     `token`: the claim key goes into that PKCS#11 token (and the certificate too with `cert_in_token`,
     then both named SECURE_STORAGE), and the hub keeps its permanent key there as well."""
-    token_ro: dict[str, Any] = {}
-    if token is None:
-        cert_ref, key_ref = (
-            str(p) for p in _write_credentials(hub_dir, "claim", claim_certificate_pem, claim_private_key_pem)
-        )
-    else:
-        hub_dir.mkdir(parents=True, exist_ok=True)
-        cert_ref, key_ref, token_ro = _token_credentials(
-            token, "claim", claim_certificate_pem, claim_private_key_pem, hub_dir, cert_in_token=cert_in_token
-        )
+    cert_ref, key_ref, token_ro = _credentials(
+        hub_dir, "claim", claim_certificate_pem, claim_private_key_pem, token, cert_in_token
+    )
     ro: dict[str, Any] = {
         "iot_provisioning_method": "FLEET_PROVISIONING",
         "iot_claim_cert_path": cert_ref,
@@ -137,16 +148,9 @@ def write_jitr_hub(
 ) -> Path:
     """A hub with a factory-installed device (DHA) certificate, onboarding by JITR (`token`: the DHA key
     in that PKCS#11 token, as for write_claim_hub)."""
-    token_ro: dict[str, Any] = {}
-    if token is None:
-        cert_ref, key_ref = (
-            str(p) for p in _write_credentials(hub_dir, "dha", device_certificate_pem, device_private_key_pem)
-        )
-    else:
-        hub_dir.mkdir(parents=True, exist_ok=True)
-        cert_ref, key_ref, token_ro = _token_credentials(
-            token, "dha", device_certificate_pem, device_private_key_pem, hub_dir, cert_in_token=cert_in_token
-        )
+    cert_ref, key_ref, token_ro = _credentials(
+        hub_dir, "dha", device_certificate_pem, device_private_key_pem, token, cert_in_token
+    )
     ro: dict[str, Any] = {
         "iot_provisioning_method": "JITR",
         "iot_dha_cert_path": cert_ref,
