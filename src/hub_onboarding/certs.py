@@ -295,7 +295,7 @@ class CertHandler:
             return load_store(name)
         return self._file_store
 
-    def _token(self) -> CredentialStore:
+    def _token(self) -> Pkcs11CredentialStore:
         if self.token_store is None:
             raise CredentialError(
                 "the key is in a PKCS#11 token but no token is set: set ro.pkcs11_module_path, "
@@ -321,7 +321,24 @@ class CertHandler:
     ) -> None:
         """Store the permanent pair: key first (0600), then certificate, both atomic and durable."""
         self.write_file(key_path, key_pem, KEY_MODE)
+        self.write_permanent_cert(cert_pem, cert_path)
+
+    def write_permanent_cert(self, cert_pem: bytes, cert_path: Path) -> None:
+        """Store the permanent certificate alone (its key is in the token), atomic and durable."""
         self.write_file(cert_path, cert_pem, CERT_MODE)
+
+    # With a token, the permanent key is made or stored where it will live, under the hub's label.
+
+    def make_permanent_key_and_csr(self, label: str, common_name_value: str) -> tuple[TokenKey, bytes]:
+        """The permanent pair made in the token under `label` (a whole pair left there is reused) and a
+        CSR for it signed there: (the key's reference, CSR PEM). The key never leaves the token."""
+        store = self._token()
+        key, spki = store.key_for_csr(label)
+        return key, store.sign_csr(key, spki, common_name_value)
+
+    def write_permanent_key_to_token(self, label: str, key_pem: bytes) -> TokenKey:
+        """Import a service-made key into the token under `label` (sensitive, non-extractable), alone."""
+        return self._token().import_private_key(label, key_pem)
 
 
 def generate_key_and_csr(common_name_value: str) -> tuple[bytes, bytes]:

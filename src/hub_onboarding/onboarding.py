@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from hub_onboarding import _files
 from hub_onboarding import config as cfgmod
 from hub_onboarding.certs import (
-    CERT_MODE,
     PERMANENT_CERT_NAME,
     PERMANENT_KEY_NAME,
     CertHandler,
@@ -801,9 +800,8 @@ class _FleetRun:
     def _create_certificate(self, _saved: Progress | None) -> Progress:
         fleet = self._fleet_api()
         cfg = self.cfg
-        token = self.handler.token_store
-        if token is not None:
-            return self._create_in_token(fleet, token)
+        if self.handler.token_store is not None:
+            return self._create_in_token(fleet)
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
             key_pem, csr_pem = generate_key_and_csr((self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, key_pem)
@@ -849,7 +847,7 @@ class _FleetRun:
         self.report(OnboardingStep.CREDENTIALS_STORED, stored)
         return progress
 
-    def _create_in_token(self, fleet: FleetApi, token: Pkcs11CredentialStore) -> Progress:
+    def _create_in_token(self, fleet: FleetApi) -> Progress:
         """The permanent key in the token: generated there for a CSR (the CSR signed there too), or the
         service's key imported there (CreateKeysAndCertificate). Only the certificate is a file.
 
@@ -858,9 +856,10 @@ class _FleetRun:
         label = permanent_key_label(self.fleet.serial_number)
         cert_path = self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
-            key, spki = token.key_for_csr(label)
+            key, csr_pem = self.handler.make_permanent_key_and_csr(
+                label, (self.fleet.serial_number or "hub")[:_CSR_CN_MAX]
+            )
             self.report(OnboardingStep.KEY_IN_TOKEN, f"key pair in the token: {key.uri}")
-            csr_pem = token.sign_csr(key, spki, (self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, b"")
             self._report_issued(issued.certificate_id)
             self.store.clear()
@@ -871,10 +870,10 @@ class _FleetRun:
             self.store.clear()
             self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
             # The service's key goes into the token and nowhere else (not a file, not the record).
-            key = token.import_private_key(label, issued.credentials.private_key_pem)
+            key = self.handler.write_permanent_key_to_token(label, issued.credentials.private_key_pem)
             self.report(OnboardingStep.KEY_IN_TOKEN, f"the service's key imported into the token: {key.uri}")
             issued = replace(issued, credentials=replace(issued.credentials, private_key_pem=b""))
-        self.handler.write_file(cert_path, issued.credentials.certificate_pem, CERT_MODE)
+        self.handler.write_permanent_cert(issued.credentials.certificate_pem, cert_path)
         return self._save_issued(
             issued,
             key.uri,
