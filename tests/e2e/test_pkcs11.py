@@ -21,7 +21,7 @@ from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 from hub_onboarding.tools import fleet_sim
 from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import certificate_ids, pem_certificate_id
+from tests._support.certificates import certificate_ids, make_rsa_pair, pem_certificate_id
 from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
 from tests._support.recovery import connect_through_token
 
@@ -131,6 +131,7 @@ def test_reset_deletes_onboardings_token_objects_only(
         ("no such module", "ro.pkcs11_module_path"),
         ("token not present", "ro.pkcs11_token_label"),
         ("unknown key object", "ro.iot_claim_pk_path"),
+        ("key type the endpoint cannot use", "ro.iot_claim_pk_path"),
     ],
 )
 def test_token_errors_exit_4_and_write_nothing(
@@ -155,8 +156,12 @@ def test_token_errors_exit_4_and_write_nothing(
         ro["pkcs11_module_path"] = str(config_path.parent / "libnothing.so")
     elif breakage == "token not present":
         ro["pkcs11_token_label"] = "unplugged"
-    else:
+    elif breakage == "unknown key object":
         ro["iot_claim_pk_path"] = "pkcs11:token=hub;object=missing-key;type=private"
+    else:  # an RSA-1024 claim pair, the key in the token
+        cert_pem, key_pem = make_rsa_pair("weak-claim", 1024)
+        Path(ro["iot_claim_cert_path"]).write_bytes(cert_pem)
+        Pkcs11CredentialStore(softhsm.config()).import_private_key("claim-key", key_pem)
     config_path.write_text(json.dumps(doc))
     before = snapshot(config_path.parent)
     certificates_before = certificate_ids(iot)

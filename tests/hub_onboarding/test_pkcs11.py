@@ -25,7 +25,7 @@ from hub_onboarding.pkcs11 import (
     token_error,
 )
 from hub_onboarding.tools.softhsm import SoftHsmToken
-from tests._support.certificates import make_pair, write_private
+from tests._support.certificates import make_pair, make_rsa_pair, write_private
 from tests._support.hubs import HubFactory
 
 # ------------------------------------------------------------------------------------------- URIs
@@ -260,24 +260,9 @@ def test_token_full_is_named() -> None:
 
 
 def test_key_type_the_endpoint_cannot_use(softhsm: SoftHsmToken, tmp_path: Path) -> None:
-    weak = rsa.generate_private_key(65537, 1024)
-    key_pem = weak.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "weak")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(weak.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(weak, hashes.SHA256())
-    )
+    cert_pem, key_pem = make_rsa_pair("weak", 1024)
     path = tmp_path / "weak.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.write_bytes(cert_pem)
     Pkcs11CredentialStore(softhsm.config()).import_private_key("claim-key", key_pem)
     with pytest.raises(CredentialError, match="RSA-1024, a type the endpoint cannot use"):
         _read(softhsm.config(), path)
