@@ -607,7 +607,7 @@ class Pkcs11CredentialStore:
 
     # ------------------------------------------------------------------ the permanent key
 
-    def key_for_csr(self, label: str) -> tuple[TokenKey, Any]:
+    def key_for_csr(self, label: str) -> tuple[TokenKey, bytes]:
         """The permanent pair under `label` (reused when whole, else made anew) and its public key's SPKI.
 
         Returns (TokenKey, DER SubjectPublicKeyInfo). A half-made pair (a private key without its public
