@@ -317,3 +317,18 @@ def test_dha_secure_storage_needs_a_token(make_hub: HubFactory) -> None:
     cfg = parse_config(make_hub("JITR", ro={**both, **token}).config)
     assert cfg.jitr is not None
     assert cfg.jitr.dha_pk_path == SECURE_STORAGE
+
+
+def test_the_pkcs11_handler_is_declared_as_an_entry_point() -> None:
+    """pyproject names the handler in hub_onboarding.secure_storage (read from the file: an editable
+    install's metadata is as old as its last install), and the name loads the store."""
+    import importlib
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["entry-points"][
+        "hub_onboarding.secure_storage"
+    ]
+    module, _, name = declared["pkcs11"].partition(":")
+    assert getattr(importlib.import_module(module), name) is Pkcs11CredentialStore
+    assert "pkcs11" in tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
