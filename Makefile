@@ -6,9 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup mosquitto systemd-analyze clean
+.PHONY: demo test bench setup mosquitto softhsm2 systemd-analyze clean
 
-setup: $(STAMP)-dev mosquitto systemd-analyze
+setup: $(STAMP)-dev mosquitto softhsm2 systemd-analyze
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ mosquitto:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y mosquitto >/dev/null || { apt-get update >/dev/null && apt-get install -y mosquitto >/dev/null; }; \
 	  else echo "Mosquitto 2.0 is required: run 'sudo apt-get install -y mosquitto' (or your system's equivalent)" >&2; exit 1; fi; }
 
+# Keys in a PKCS#11 token are tested (and benchmarked) against SoftHSM2 (Debian's softhsm2: softhsm2-util
+# and the module libsofthsm2.so); install it where missing (as root), else say what to do.
+softhsm2:
+	@command -v softhsm2-util >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y softhsm2 >/dev/null || { apt-get update >/dev/null && apt-get install -y softhsm2 >/dev/null; }; \
+	  else echo "SoftHSM2 is required: run 'sudo apt-get install -y softhsm2' (or your system's equivalent)" >&2; exit 1; fi; }
+
 # The tests verify the boot service's unit file with systemd-analyze (Debian's systemd package).
 systemd-analyze:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
@@ -37,13 +44,13 @@ systemd-analyze:
 demo: $(STAMP)-server mosquitto
 	$(BIN)/hub-onboard demo
 
-test: $(STAMP)-dev mosquitto systemd-analyze
+test: $(STAMP)-dev mosquitto softhsm2 systemd-analyze
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-bench: $(STAMP)-bench mosquitto
+bench: $(STAMP)-bench mosquitto softhsm2
 	$(BIN)/python -m bench
 
 clean:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import create_keys, delayed_ack, fleet, footprint, gateway, latency, profile, report
+from bench import create_keys, delayed_ack, fleet, footprint, gateway, latency, pkcs11_token, profile, report
 from bench.gateway import ServerProcess
 
 FINDING = (
@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         _step(
             "footprint", lambda: footprint.run(server, runs=2 if quick else footprint.RUNS), results, timings
+        )
+        _step(
+            "pkcs11_token",
+            lambda: pkcs11_token.run(server, runs=2 if quick else pkcs11_token.RUNS),
+            results,
+            timings,
         )
         hubs = 100 if quick else fleet.HUBS
         _step("fleet", lambda: fleet.run(server, hubs=hubs, budget_s=60 if quick else 360), results, timings)

@@ -211,6 +211,27 @@ def _footprint_section(fp: dict[str, Any], h: str) -> list[str]:
     return lines
 
 
+def _token_section(tk: dict[str, Any], h: str) -> list[str]:
+    lines = [
+        f"{h} Keys in a PKCS#11 token (SoftHSM2) vs key files",
+        "",
+        f"{tk['method']}; medians, RSS: the largest run.",
+        "",
+        _row("keys", "wall", "CPU", "peak RSS"),
+        _row(*["---"] * 4),
+    ]
+    for side, p in tk["sides"].items():
+        lines.append(
+            _row(side, f"{p['wall_ms_median']} ms", f"{p['cpu_ms_median']} ms", f"{p['peak_rss_mb_max']} MB")
+        )
+    return [
+        *lines,
+        "",
+        f"Latency ratio token / files: {tk['latency_ratio']:.2f}; peak RSS added by the token: "
+        f"{tk['peak_rss_added_mb']} MB.",
+    ]
+
+
 def _fleet_section(fleet: dict[str, Any], h: str) -> list[str]:
     lines = [
         f"{h} Fleet throughput (fleet-sim engine, CreateCertificateFromCsr, verification "
@@ -310,6 +331,8 @@ def sections(results: dict[str, Any], heading: str = "##", *, details: bool = Tr
         parts.append(_delayed_ack_section(results["delayed_ack"], heading))
     if results.get("footprint"):
         parts.append(_footprint_section(results["footprint"], heading))
+    if results.get("pkcs11_token"):
+        parts.append(_token_section(results["pkcs11_token"], heading))
     if results.get("fleet"):
         parts.append(_fleet_section(results["fleet"], heading))
     if results.get("bottleneck"):

@@ -67,3 +67,19 @@ def test_the_create_keys_round_trip_is_a_goal_and_a_table() -> None:
     lines = report.sections(results, "###")
     assert "| paced like onboardings | 50 | 150.0 ms | 7.9 ms | 16.4 ms | 19.9 ms |" in lines
     assert "| back to back | 50 | 150.0 ms | 40.1 ms | 16.4 ms | 19.9 ms |" in lines
+
+
+def test_the_token_benchmark_is_a_table() -> None:
+    side = {"runs": 7, "wall_ms_median": 800.0, "cpu_ms_median": 300.0, "peak_rss_mb_max": 41.0}
+    results = {
+        "pkcs11_token": {
+            "method": "CreateCertificateFromCsr, verification connect",
+            "sides": {"files": side, "token": {**side, "wall_ms_median": 960.0, "peak_rss_mb_max": 47.5}},
+            "latency_ratio": 1.2,
+            "peak_rss_added_mb": 6.5,
+        }
+    }
+    text = "\n".join(report.sections({**results, "machine": {"cpus": 2, "python": "3.11"}}))
+    assert "Keys in a PKCS#11 token (SoftHSM2) vs key files" in text
+    assert "| token | 960.0 ms | 300.0 ms | 47.5 MB |" in text
+    assert "Latency ratio token / files: 1.20; peak RSS added by the token: 6.5 MB." in text

@@ -3,7 +3,11 @@
 Reading goes through a CredentialStore. `FileCredentialStore` (entry point `file` in the group
 `hub_onboarding.secure_storage`) reads PEM files; a claim path of `SECURE_STORAGE` selects another store
 registered in that group (a TPM, a secure element...), by the ro key `secure_storage_handler` or, when
-exactly one non-file store is installed, that one.
+exactly one non-file store is installed, that one. The `pkcs11` store (hub_onboarding.pkcs11) is handed
+in by whoever knows the token (`pkcs11.cert_handler(token)`): a `pkcs11:` URI in a path key, or
+SECURE_STORAGE with a token configured, reads through it (this module never imports it). A store
+yields a certificate plus what awscrt connects with and what signs a CSR: a PEM pair (checked here), or
+`Credentials` whose `token_key` names a key inside a token (checked by the store, by a signature).
 
 Checks (each failure is a CredentialError that names the config key and the path):
 - a key file must be a regular file, not a symlink, with no group/other permission bits
@@ -28,16 +32,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hub_onboarding import _files
-from hub_onboarding.config import SECURE_STORAGE
+from hub_onboarding.config import SECURE_STORAGE, is_pkcs11_uri
 from hub_onboarding.errors import ConfigError, CredentialError
 
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenKey
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "hub_onboarding.secure_storage"
 FILE_STORE_NAME = "file"
+PKCS11_STORE_NAME = "pkcs11"
 PERMANENT_CERT_NAME = "certificate.pem.crt"
 PERMANENT_KEY_NAME = "private.pem.key"
 KEY_MODE = _files.PRIVATE_FILE_MODE
@@ -53,19 +60,29 @@ class CertType(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Credentials:
-    """A certificate and its private key, both PEM. The key never appears in repr()."""
+    """A certificate and its private key: PEM, or (`token_key`) a key object inside a PKCS#11 token, when
+    `private_key_pem` is empty. The key never appears in repr()."""
 
     certificate_pem: bytes
     private_key_pem: bytes = field(repr=False)
     certificate_id: str = ""  # SHA-256 of the DER, as AWS IoT names certificates
+    token_key: TokenKey | None = None
+
+    @property
+    def key_reference(self) -> str:
+        """How the key is named to a person: its PKCS#11 URI, or "PEM" (never the key)."""
+        return self.token_key.uri if self.token_key is not None else "PEM"
 
 
 @runtime_checkable
 class CredentialStore(Protocol):
     """Where credentials come from. `cert_ref`/`key_ref` are the config values (paths or SECURE_STORAGE)."""
 
-    def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> tuple[bytes, bytes]:
-        """Return (certificate PEM, private key PEM); raise CredentialError when they cannot be read."""
+    def read_credentials(
+        self, cert_type: CertType, cert_ref: str, key_ref: str
+    ) -> tuple[bytes, bytes] | Credentials:
+        """(certificate PEM, private key PEM), which CertHandler checks, or Credentials the store checked
+        itself (a key it holds by reference); raise CredentialError when they cannot be read."""
         ...
 
 
@@ -106,6 +123,11 @@ def _read_pem_file(path: str, label: str, *, is_key: bool) -> bytes:
         raise CredentialError(f"{label}: {path} cannot be read ({exc.strerror or exc})", part=part) from None
 
 
+def read_certificate_file(path: str, label: str) -> bytes:
+    """A certificate PEM file, with the same checks as a pair's certificate."""
+    return _read_pem_file(path, label, is_key=False)
+
+
 class FileCredentialStore:
     """PEM files on the local filesystem (the default store)."""
 
@@ -121,13 +143,14 @@ class FileCredentialStore:
 
 
 def load_store(name: str | None) -> CredentialStore:
-    """The secure-storage handler registered under `name` (or the only non-file one when None)."""
+    """The secure-storage handler registered under `name` (or the only non-file, non-pkcs11 one when None;
+    the pkcs11 store needs the token's settings, so CertHandler is given it instead)."""
     # Imported here: importlib.metadata costs ~10 ms at start-up and only SECURE_STORAGE hubs need it.
     from importlib import metadata
 
     eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     if name is None:
-        candidates = sorted(n for n in eps if n != FILE_STORE_NAME)
+        candidates = sorted(n for n in eps if n not in (FILE_STORE_NAME, PKCS11_STORE_NAME))
         if len(candidates) != 1:
             found = ", ".join(candidates) or "none"
             raise ConfigError(
@@ -226,20 +249,25 @@ def check_pair(
             "(their public keys differ); install the matching pair"
         )
     if check_validity:
-        now = now or datetime.datetime.now(datetime.UTC)
-        if now < cert.not_valid_before_utc:
-            raise CredentialError(
-                f"{label} certificate is not valid yet (valid from "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock",
-                part="certificate",
-            )
-        if now > cert.not_valid_after_utc:
-            raise CredentialError(
-                f"{label} certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-                "install a current one",
-                part="certificate",
-            )
+        check_validity_period(cert, label, now)
     return Credentials(cert_pem, key_pem, certificate_id(cert))
+
+
+def check_validity_period(cert: x509.Certificate, label: str, now: datetime.datetime | None = None) -> None:
+    """CredentialError when `now` is outside the certificate's validity period."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now < cert.not_valid_before_utc:
+        raise CredentialError(
+            f"{label} certificate is not valid yet (valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC); check the hub's clock",
+            part="certificate",
+        )
+    if now > cert.not_valid_after_utc:
+        raise CredentialError(
+            f"{label} certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "install a current one",
+            part="certificate",
+        )
 
 
 # ------------------------------------------------------------------------------------------ handler
@@ -248,18 +276,40 @@ def check_pair(
 class CertHandler:
     """Reads claim, DHA and permanent credentials and writes the permanent pair (the SDK's CertHandler)."""
 
-    def __init__(self, secure_storage_handler: str | None = None) -> None:
+    def __init__(
+        self, secure_storage_handler: str | None = None, token_store: Pkcs11CredentialStore | None = None
+    ) -> None:
         self._secure_storage_handler = secure_storage_handler
         self._file_store = FileCredentialStore()
+        # The PKCS#11 token's store, when the config sets a token: it reads pkcs11: URIs and
+        # SECURE_STORAGE (unless another handler is named), and keeps the permanent key.
+        self.token_store = token_store
 
-    def _store_for(self, cert_ref: str) -> CredentialStore:
-        if cert_ref == SECURE_STORAGE:
-            return load_store(self._secure_storage_handler)
+    def _store_for(self, cert_ref: str, key_ref: str) -> CredentialStore:
+        name = self._secure_storage_handler
+        if is_pkcs11_uri(key_ref) or is_pkcs11_uri(cert_ref):
+            return self._token()
+        if SECURE_STORAGE in (cert_ref, key_ref):
+            if name == PKCS11_STORE_NAME or (name is None and self.token_store is not None):
+                return self._token()
+            return load_store(name)
         return self._file_store
+
+    def _token(self) -> Pkcs11CredentialStore:
+        if self.token_store is None:
+            raise CredentialError(
+                "the key is in a PKCS#11 token but no token is set: set ro.pkcs11_module_path, "
+                "ro.pkcs11_token_label and ro.pkcs11_pin_path",
+                "ro.pkcs11_token_label",
+            )
+        return self.token_store
 
     def read_cert_and_private_key(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
         """Read and check a pair; claim certificates must also be within their validity period."""
-        cert_pem, key_pem = self._store_for(cert_ref).read_credentials(cert_type, cert_ref, key_ref)
+        read = self._store_for(cert_ref, key_ref).read_credentials(cert_type, cert_ref, key_ref)
+        if isinstance(read, Credentials):
+            return read
+        cert_pem, key_pem = read
         return check_pair(cert_pem, key_pem, str(cert_type), check_validity=cert_type is CertType.CLAIM)
 
     def write_file(self, path: Path, data: bytes, mode: int) -> None:
@@ -271,7 +321,24 @@ class CertHandler:
     ) -> None:
         """Store the permanent pair: key first (0600), then certificate, both atomic and durable."""
         self.write_file(key_path, key_pem, KEY_MODE)
+        self.write_permanent_cert(cert_pem, cert_path)
+
+    def write_permanent_cert(self, cert_pem: bytes, cert_path: Path) -> None:
+        """Store the permanent certificate alone (its key is in the token), atomic and durable."""
         self.write_file(cert_path, cert_pem, CERT_MODE)
+
+    # With a token, the permanent key is made or stored where it will live, under the hub's label.
+
+    def make_permanent_key_and_csr(self, label: str, common_name_value: str) -> tuple[TokenKey, bytes]:
+        """The permanent pair made in the token under `label` (a whole pair left there is reused) and a
+        CSR for it signed there: (the key's reference, CSR PEM). The key never leaves the token."""
+        store = self._token()
+        key, spki = store.key_for_csr(label)
+        return key, store.sign_csr(key, spki, common_name_value)
+
+    def write_permanent_key_to_token(self, label: str, key_pem: bytes) -> TokenKey:
+        """Import a service-made key into the token under `label` (sensitive, non-extractable), alone."""
+        return self._token().import_private_key(label, key_pem)
 
 
 def generate_key_and_csr(common_name_value: str) -> tuple[bytes, bytes]:

@@ -3,8 +3,9 @@
     hub-onboard provision --config PATH [--json] [-v] [--lock-wait S]
     hub-onboard status    --config PATH [--json]
     hub-onboard reset     --config PATH --yes [--json]
-    hub-onboard demo [--keep DIR] [--plain-iot]
-    hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json] [--json]
+    hub-onboard demo [--keep DIR] [--plain-iot] [--pkcs11]
+    hub-onboard fleet-sim [--hubs N] [--concurrency C] [--method M] [--config CLOUD.json | --plain-iot]
+                          [--json] [--pkcs11]
 
 Exit codes: 0 success (provision: the hub is PROVISIONED, including when it already was), 1 unexpected
 error, 2 usage error, 3 config, 4 credentials, 5 storage, 6 busy (another onboarding holds the lock),
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "--plain-iot",
         action="store_true",
         help="the plain AWS IoT story (template, policies, claim) instead of managed integrations'",
+    )
+    d.add_argument(
+        "--pkcs11",
+        action="store_true",
+        help="keep the hub's claim and permanent keys in a SoftHSM2 token (PKCS#11) instead of files",
     )
     # Its options live in tools.fleet_sim.build_parser(); main() hands the rest of the line over unparsed.
     sub.add_parser(
@@ -195,9 +201,10 @@ def _reset(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from hub_onboarding.onboarding import HubOnboarding
 
-    deleted = HubOnboarding(args.config).reset()
+    hub = HubOnboarding(args.config)
+    deleted = [str(p) for p in hub.reset()] + hub.deleted_token_objects  # files, then token objects (URIs)
     if args.json:
-        _print_json({"ok": True, "state": "NOT_PROVISIONED", "deleted": [str(p) for p in deleted]})
+        _print_json({"ok": True, "state": "NOT_PROVISIONED", "deleted": deleted})
     else:
         print("NOT_PROVISIONED" + "".join(f"\ndeleted {p}" for p in deleted))
     return 0
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from hub_onboarding.tools.demo import run_demo
 
-        return run_demo(keep=args.keep, plain_iot=args.plain_iot)
+        return run_demo(keep=args.keep, plain_iot=args.plain_iot, pkcs11=args.pkcs11)
     _configure_logging(getattr(args, "verbose", 0))
     from hub_onboarding.errors import OnboardingError
 

@@ -54,6 +54,12 @@ RETRY_TIMEOUT = "mqtt_retry_timeout_seconds"
 CLIENT_ID_OVERRIDE = "client_id"  # in ro: JITR's client id instead of the DHA certificate's CN
 SECURE_STORAGE_HANDLER = "secure_storage_handler"
 VERIFY_CONNECTION = "fp_verify_connection"  # bool, default true: connect once with the new certificate
+# The PKCS#11 token (hub_onboarding.pkcs11): set together, they put the hub's keys in the token
+PKCS11_MODULE_PATH = "pkcs11_module_path"
+PKCS11_TOKEN_LABEL = "pkcs11_token_label"  # noqa: S105 (a key name, not a secret)
+PKCS11_PIN_PATH = "pkcs11_pin_path"  # a file holding the user PIN (never the PIN itself)
+PKCS11_KEY_TYPE = "pkcs11_key_type"  # the permanent key made in the token for a CSR: EC_P256 or RSA_2048
+PKCS11_KEYS = (PKCS11_MODULE_PATH, PKCS11_TOKEN_LABEL, PKCS11_PIN_PATH)
 # rw keys
 PROVISIONING_STATE = "iot_provisioning_state"
 CLIENT_ID = "client_id"
@@ -64,6 +70,7 @@ METADATA = "metadata"
 LAST_UPDATED = "last_updated_epoch_time"
 
 SECURE_STORAGE = "SECURE_STORAGE"
+PKCS11_URI_SCHEME = "pkcs11:"  # RFC 7512: a key or certificate object in the token
 # The ro paths onboarding only reads (a file it writes must never be one of them)
 READ_PATH_KEYS = (CLAIM_CERT_PATH, CLAIM_PK_PATH, DHA_CERT_PATH, DHA_PK_PATH, ROOT_CA_PATH)
 DEFAULT_PORT = 8883
@@ -91,6 +98,13 @@ _METHOD_NAMES = frozenset(m.value for m in ProvisioningMethod)
 class CertificateMethod(enum.StrEnum):
     CREATE_KEYS_AND_CERTIFICATE = "CreateKeysAndCertificate"
     CREATE_CERTIFICATE_FROM_CSR = "CreateCertificateFromCsr"
+
+
+class TokenKeyType(enum.StrEnum):
+    """The permanent key a token makes for CreateCertificateFromCsr (both are keys AWS IoT accepts)."""
+
+    EC_P256 = "EC_P256"
+    RSA_2048 = "RSA_2048"
 
 
 class ProvisioningState(enum.StrEnum):
@@ -149,6 +163,19 @@ class JitrConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    """The PKCS#11 token holding the hub's keys: its library, its label, where its user PIN is.
+
+    The PIN itself is read only when the token is opened, never kept here or shown anywhere.
+    """
+
+    module_path: str
+    token_label: str
+    pin_path: str
+    key_type: TokenKeyType = TokenKeyType.EC_P256
+
+
+@dataclass(frozen=True)
 class HubConfig:
     """The validated settings onboarding needs (built by `parse_config`).
 
@@ -173,6 +200,9 @@ class HubConfig:
     # left out), whatever the method: none of them may be a file onboarding writes.
     read_paths: Mapping[str, str] = field(default_factory=dict)
     set_keys: frozenset[str] = frozenset()  # the ro keys present in the file (for messages)
+    # The token for keys named by pkcs11: URIs (or SECURE_STORAGE with the pkcs11 handler); when set,
+    # fleet provisioning keeps the permanent key in it too.
+    pkcs11: Pkcs11Config | None = None
 
 
 def key_name(section: str, key: str) -> str:
@@ -287,10 +317,15 @@ def resolve_path(config_path: str | os.PathLike[str], value: str) -> str:
     Every hub process reads the same config from its own working directory, so a relative path can only
     mean one thing: relative to the file that names it. SECURE_STORAGE is not a path and stays as it is.
     """
-    if value == SECURE_STORAGE:
+    if value == SECURE_STORAGE or is_pkcs11_uri(value):
         return value
     p = Path(value)
     return str(p if p.is_absolute() else Path(config_path).absolute().parent / p)
+
+
+def is_pkcs11_uri(value: object) -> bool:
+    """True for an RFC 7512 URI (a token object), which is never a file path."""
+    return isinstance(value, str) and value.startswith(PKCS11_URI_SCHEME)
 
 
 def permanent_cert_dir(config_path: str | os.PathLike[str], ro: Mapping[str, Any]) -> Path:
@@ -317,7 +352,8 @@ def _path(
     value = _string(section, RO, key, required=required, why=why)
     if value is not None and value == SECURE_STORAGE and not allow_secure_storage:
         raise ConfigError(
-            f"{key_name(RO, key)}: {SECURE_STORAGE} is only supported for claim credentials",
+            f"{key_name(RO, key)}: {SECURE_STORAGE} is only supported for claim credentials, and for DHA "
+            f"credentials when a PKCS#11 token is set ({key_name(RO, PKCS11_TOKEN_LABEL)})",
             key=key_name(RO, key),
         )
     return None if value is None else resolve_path(config_path, value)
@@ -362,10 +398,11 @@ def parse_config(
     try:
         state = provisioning_state(doc)
         connection = _parse_connection(ro, rw, p)
-        fleet = _parse_fleet(ro, p, required=choice.method is ProvisioningMethod.FLEET_PROVISIONING)
-        jitr = _parse_jitr(ro, p, required=choice.method is ProvisioningMethod.JITR)
-        cert_dir = _parse_permanent_cert_dir(ro, p)
         handler = _string(ro, RO, SECURE_STORAGE_HANDLER, required=False)
+        token = parse_pkcs11(ro, p, handler)
+        fleet = _parse_fleet(ro, p, required=choice.method is ProvisioningMethod.FLEET_PROVISIONING)
+        jitr = _parse_jitr(ro, p, required=choice.method is ProvisioningMethod.JITR, token=token is not None)
+        cert_dir = _parse_permanent_cert_dir(ro, p)
     except ConfigError as exc:
         choice.explain(exc)
         raise
@@ -383,9 +420,13 @@ def parse_config(
         read_paths={
             key: resolve_path(p, ro[key])
             for key in READ_PATH_KEYS
-            if isinstance(ro.get(key), str) and ro[key].strip() and ro[key] != SECURE_STORAGE
+            if isinstance(ro.get(key), str)
+            and ro[key].strip()
+            and ro[key] != SECURE_STORAGE
+            and not is_pkcs11_uri(ro[key])
         },
         set_keys=frozenset(k for k in ro if isinstance(k, str)),
+        pkcs11=token,
     )
 
 
@@ -595,11 +636,21 @@ def _parse_verify_connection(ro: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------- JITR
 
 
-def _parse_jitr(ro: Mapping[str, Any], config_path: Path, *, required: bool) -> JitrConfig | None:
-    """The JITR section; None when the method is fleet provisioning (its keys checked where present)."""
+def _parse_jitr(
+    ro: Mapping[str, Any], config_path: Path, *, required: bool, token: bool = False
+) -> JitrConfig | None:
+    """The JITR section; None when the method is fleet provisioning (its keys checked where present).
+
+    SECURE_STORAGE names the token's default DHA objects, so it is accepted only with a token set."""
     why = "JITR needs the device (DHA) certificate and key"
-    dha_cert = _path(ro, DHA_CERT_PATH, config_path, required=required, why=why)
-    dha_pk = _path(ro, DHA_PK_PATH, config_path, required=required, why=why)
+    dha_cert = _path(ro, DHA_CERT_PATH, config_path, required=required, why=why, allow_secure_storage=token)
+    dha_pk = _path(ro, DHA_PK_PATH, config_path, required=required, why=why, allow_secure_storage=token)
+    if required and (dha_cert == SECURE_STORAGE) != (dha_pk == SECURE_STORAGE):
+        raise ConfigError(
+            f"{key_name(RO, DHA_PK_PATH)}: the DHA certificate and key must both be "
+            f"{SECURE_STORAGE} or both be paths or pkcs11: URIs",
+            key=key_name(RO, DHA_PK_PATH),
+        )
     client_id_override = _string(ro, RO, CLIENT_ID_OVERRIDE, required=False)
     if client_id_override is not None and len(client_id_override) > MAX_CLIENT_ID_LENGTH:
         raise ConfigError(
@@ -612,6 +663,34 @@ def _parse_jitr(ro: Mapping[str, Any], config_path: Path, *, required: bool) -> 
     assert dha_cert is not None
     assert dha_pk is not None
     return JitrConfig(dha_cert_path=dha_cert, dha_pk_path=dha_pk, client_id_override=client_id_override)
+
+
+# -------------------------------------------------------------------------------------------- PKCS#11
+
+
+def parse_pkcs11(ro: Mapping[str, Any], config_path: Path, handler: str | None) -> Pkcs11Config | None:
+    """The token settings: all three keys, when any is set, a path key names a pkcs11: URI, or the
+    handler is pkcs11. Whether the library, the token and the PIN work is checked when the token opens
+    (a CredentialError then)."""
+    uses_token = handler == "pkcs11" or any(is_pkcs11_uri(ro.get(k)) for k in READ_PATH_KEYS)
+    if not uses_token and not any(k in ro for k in (*PKCS11_KEYS, PKCS11_KEY_TYPE)):
+        return None
+    why = "the hub's keys are in a PKCS#11 token"
+    module = _path(ro, PKCS11_MODULE_PATH, config_path, required=True, why=why)
+    label = _string(ro, RO, PKCS11_TOKEN_LABEL, required=True, why=why)
+    pin = _path(ro, PKCS11_PIN_PATH, config_path, required=True, why=why + " (a file holding its user PIN)")
+    assert module is not None
+    assert label is not None
+    assert pin is not None
+    raw_type = ro.get(PKCS11_KEY_TYPE, TokenKeyType.EC_P256.value)
+    try:
+        key_type = TokenKeyType(raw_type)
+    except ValueError:
+        raise ConfigError(
+            f"{key_name(RO, PKCS11_KEY_TYPE)}: expected EC_P256 or RSA_2048, got {raw_type!r}",
+            key=key_name(RO, PKCS11_KEY_TYPE),
+        ) from None
+    return Pkcs11Config(module_path=module, token_label=label, pin_path=pin, key_type=key_type)
 
 
 # --------------------------------------------------------------------------------------------- files

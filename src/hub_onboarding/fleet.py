@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hub_onboarding.certs import Credentials, check_pair
+from hub_onboarding.certs import Credentials, certificate_id, check_pair, load_certificate
 from hub_onboarding.config import DEVICE_CONFIG_CLIENT_ID, DEVICE_CONFIG_MANAGED_THING_ID
 from hub_onboarding.errors import (
     CredentialError,
@@ -164,8 +164,13 @@ def _text(value: object, operation: str, field_name: str, limit: int) -> str:
     return value
 
 
-def validate_issued(operation: str, response: Any, private_key_pem: bytes | None = None) -> IssuedCertificate:
-    """Check an /accepted answer of CreateKeysAndCertificate or CreateCertificateFromCsr (pure)."""
+def validate_issued(
+    operation: str, response: Any, private_key_pem: bytes | None = None, csr_pem: bytes | None = None
+) -> IssuedCertificate:
+    """Check an /accepted answer of CreateKeysAndCertificate or CreateCertificateFromCsr (pure).
+
+    An empty `private_key_pem` with `csr_pem`: the key is in a token, so the certificate must carry the
+    CSR's public key (the token signed the CSR; the returned Credentials hold no key)."""
     cert_pem = _text(getattr(response, "certificate_pem", None), operation, "certificatePem", _MAX_PEM_CHARS)
     token = _text(
         getattr(response, "certificate_ownership_token", None),
@@ -179,7 +184,10 @@ def validate_issued(operation: str, response: Any, private_key_pem: bytes | None
             getattr(response, "private_key", None), operation, "privateKey", _MAX_PEM_CHARS
         ).encode()
     try:
-        creds = check_pair(cert_pem.encode(), private_key_pem, "new", check_validity=False)
+        if not private_key_pem and csr_pem is not None:
+            creds = _check_against_csr(cert_pem.encode(), csr_pem)
+        else:
+            creds = check_pair(cert_pem.encode(), private_key_pem, "new", check_validity=False)
     except CredentialError as exc:
         raise IdentityError.malformed(operation, exc.message) from None
     if cert_id != creds.certificate_id:
@@ -191,6 +199,19 @@ def validate_issued(operation: str, response: Any, private_key_pem: bytes | None
             creds.certificate_id,
         )
     return IssuedCertificate(creds, creds.certificate_id, token)
+
+
+def _check_against_csr(cert_pem: bytes, csr_pem: bytes) -> Credentials:
+    """The issued certificate must be for the CSR's key (a key in a token cannot be compared itself)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = load_certificate(cert_pem, "new certificate")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    csr_key = x509.load_pem_x509_csr(csr_pem).public_key().public_bytes(*spki)
+    if cert.public_key().public_bytes(*spki) != csr_key:
+        raise CredentialError("the certificate is not for the key the CSR named")
+    return Credentials(cert_pem, b"", certificate_id(cert))
 
 
 def validate_registered(response: Any) -> RegisteredThing:
@@ -317,7 +338,10 @@ class FleetProvisioning:
                 exc, CREATE_CERTIFICATE_FROM_CSR, self._timeout, self._template_name
             ) from None
         return validate_issued(
-            CREATE_CERTIFICATE_FROM_CSR, self._wait(future, CREATE_CERTIFICATE_FROM_CSR), private_key_pem
+            CREATE_CERTIFICATE_FROM_CSR,
+            self._wait(future, CREATE_CERTIFICATE_FROM_CSR),
+            private_key_pem,
+            csr_pem,
         )
 
     def register_thing(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from hub_onboarding.certs import Credentials
 from hub_onboarding.config import Endpoint
 from hub_onboarding.device_provisioner import format_seconds
-from hub_onboarding.errors import CertificateRefusedError, MqttConnectionError
+from hub_onboarding.errors import CertificateRefusedError, CredentialError, MqttConnectionError
 from hub_onboarding.fleet import FleetProvisioning
 
 if TYPE_CHECKING:
@@ -268,6 +268,8 @@ class IotProvisioning:
                 on_lifecycle_event_disconnection_fn=on_disconnection,
             )
             client = mqtt5.Client(options)
+        except CredentialError:
+            raise
         except Exception as exc:
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
             error = MqttConnectionError(
@@ -309,10 +311,10 @@ class IotProvisioning:
         """
         from awscrt import io
 
-        key = (credentials.certificate_pem, credentials.private_key_pem)
+        key = (credentials.certificate_pem, credentials.private_key_pem or credentials.key_reference.encode())
         context = self._tls_contexts.get(key)
         if context is None:
-            options = io.TlsContextOptions.create_client_with_mtls(*key)
+            options = _mtls_options(credentials)
             if self.settings.root_ca_path:
                 options.override_default_trust_store_from_path(None, self.settings.root_ca_path)
             if self.settings.endpoint.port == 443 and io.is_alpn_available():
@@ -367,6 +369,8 @@ class IotProvisioning:
             budget = tls_probe.PROBE_TIMEOUT
         if credentials.certificate_pem in self._tls_accepted or budget <= 0.5:
             return None
+        if credentials.token_key is not None:
+            return None  # Python's ssl cannot sign with a key inside a token: awscrt's own error stands
         s = self.settings
         result = tls_probe.probe(
             s.endpoint.host,
@@ -385,3 +389,37 @@ class IotProvisioning:
         """Connect once and disconnect: AWS's documented reconnect step after RegisterThing."""
         with self.connect(client_id, credentials, timeout):
             pass
+
+
+# One awscrt handle per PKCS#11 library: its DEFAULT behaviour tolerates a library python-pkcs11 has
+# already initialised (the store checks the pair first) and never finalises it behind the store's back.
+_PKCS11_LIBS: dict[str, Any] = {}
+
+
+def _mtls_options(credentials: Credentials) -> Any:
+    """awscrt TLS options for mutual TLS: a PEM pair, or the certificate plus a key inside a token."""
+    from awscrt import io
+
+    token_key = credentials.token_key
+    if token_key is None:
+        return io.TlsContextOptions.create_client_with_mtls(
+            credentials.certificate_pem, credentials.private_key_pem
+        )
+    lib = _PKCS11_LIBS.get(token_key.module_path)
+    if lib is None:
+        try:
+            lib = io.Pkcs11Lib(file=token_key.module_path)
+        except Exception as exc:
+            raise CredentialError(
+                f"ro.pkcs11_module_path: awscrt could not load {token_key.module_path} ({exc}); "
+                "set it to the token's PKCS#11 module"
+            ) from None
+        _PKCS11_LIBS[token_key.module_path] = lib
+    # awscrt holds the PIN for the TLS handshakes; it is read from its file here and never logged.
+    return io.TlsContextOptions.create_client_with_mtls_pkcs11(
+        pkcs11_lib=lib,
+        user_pin=token_key.read_pin(),
+        token_label=token_key.token_label,
+        private_key_label=token_key.label,
+        cert_file_contents=credentials.certificate_pem,
+    )

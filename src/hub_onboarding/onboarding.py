@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -67,11 +67,18 @@ from hub_onboarding.errors import (
 )
 from hub_onboarding.lock import lock_path_for, onboarding_lock
 from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
+from hub_onboarding.pkcs11 import (
+    Pkcs11CredentialStore,
+    cert_handler,
+    factory_labels,
+    format_uri,
+    permanent_key_label,
+)
 from hub_onboarding.progress import PROGRESS_FILE_NAME, Action, Progress, ProgressStore, Step, next_action
 
 if TYPE_CHECKING:
     from hub_onboarding.device_provisioner import Retry, RetryListener
-    from hub_onboarding.fleet import FleetApi
+    from hub_onboarding.fleet import FleetApi, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,8 @@ class OnboardingStep(enum.StrEnum):
     RESUMED_AFTER_VERIFIED = "RESUMED_AFTER_VERIFIED"
     CLAIM_CONNECTED = "CLAIM_CONNECTED"
     CERTIFICATE_ISSUED = "CERTIFICATE_ISSUED"
+    # The permanent key is in the PKCS#11 token (made there, or imported). A step name, not a secret.
+    KEY_IN_TOKEN = "KEY_IN_TOKEN"  # noqa: S105
     CREDENTIALS_STORED = "CREDENTIALS_STORED"
     THING_REGISTERED = "THING_REGISTERED"
     # The saved ownership token was spent or expired: one new certificate. (A step name, not a secret.)
@@ -267,6 +276,7 @@ class HubOnboarding:
         self._clock = clock
         # Read once now, as the SDK's constructor does, so a missing or broken file fails early.
         self._doc = cfgmod.read_document(self.config_path)
+        self.deleted_token_objects: list[str] = []  # what the last reset deleted in the token (URIs)
 
     # ------------------------------------------------------------------ public API
 
@@ -293,11 +303,13 @@ class HubOnboarding:
         self._report(
             OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
         )
-        handler = CertHandler(cfg.secure_storage_handler)
+        handler = cert_handler(cfg.pkcs11, cfg.secure_storage_handler)
         # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
         preflight(cfg)
+        if handler.token_store is not None:
+            handler.token_store.check_ready()
         creds = self._read_initial_credentials(cfg, handler)
         with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             if self.is_provisioned():
@@ -348,9 +360,43 @@ class HubOnboarding:
             cfgmod.reset_rw(self.config_path, clock=self._clock)
             deleted = _files.delete_files(targets)
             self._doc = cfgmod.read_document(self.config_path)
-        for p in deleted:
-            log.info("deleted %s", p)
+            for p in deleted:
+                log.info("deleted %s", p)
+            self.deleted_token_objects = self._reset_token(doc)
         return deleted
+
+    def _reset_token(self, doc: Mapping[str, Any]) -> list[str]:
+        """Delete the permanent key onboarding made in the token (by its label, derived from ro.SN), never
+        an object the factory put there (the claim and DHA objects, by default or by URI in ro).
+
+        Runs after the config was reset: a token that cannot be reached is a CredentialError saying
+        that a second reset deletes the key."""
+        ro = doc[cfgmod.RO]
+        try:
+            token = cfgmod.parse_pkcs11(ro, self.config_path, ro.get(cfgmod.SECURE_STORAGE_HANDLER))
+        except ConfigError as exc:
+            log.warning("no token objects deleted: %s", exc.message)
+            return []
+        serial = ro.get(cfgmod.SERIAL_NUMBER)
+        if token is None or not isinstance(serial, str) or not serial.strip():
+            return []
+        label = permanent_key_label(serial)
+        if label in factory_labels(ro):
+            log.warning("token object %r is named in ro (the factory's): not deleted", label)
+            return []
+        store = Pkcs11CredentialStore(token)
+        try:
+            count = store.delete_label(label)
+        except CredentialError as exc:
+            exc.amend(
+                f"{exc.message} (the config was reset; run reset again to delete the key {label!r} "
+                "onboarding made in the token)"
+            )
+            raise
+        uri = format_uri(token.token_label, label, "private")
+        if count:
+            log.info("deleted %s (%d object(s))", uri, count)
+        return [uri] if count else []
 
     # ------------------------------------------------------------------ steps
 
@@ -479,8 +525,15 @@ def _binding(cfg: HubConfig, fleet: FleetConfig) -> dict[str, str]:
         # Real paths: after a power cut the hub may reach the same files through another name
         # (a symlinked folder, `..`), and that is no reason to mint a second certificate.
         "certificate_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
-        "private_key_path": os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME),
+        "private_key_path": permanent_key_ref(cfg, fleet),
     }
+
+
+def permanent_key_ref(cfg: HubConfig, fleet: FleetConfig) -> str:
+    """Where the permanent key goes: its URI in the token when one is set, else the key file's real path."""
+    if cfg.pkcs11 is not None:
+        return format_uri(cfg.pkcs11.token_label, permanent_key_label(fleet.serial_number), "private")
+    return os.path.realpath(cfg.permanent_cert_dir / PERMANENT_KEY_NAME)
 
 
 def _identity(progress: Progress) -> tuple[str, str | None]:
@@ -514,6 +567,8 @@ def _read_credentials(
     try:
         return handler.read_cert_and_private_key(cert_type, cert_ref, key_ref)
     except CredentialError as exc:
+        if exc.key is not None:  # the token's own settings (module, token label, PIN file) named already
+            raise
         cert_key, pk_key = (cfgmod.key_name(cfgmod.RO, k) for k in keys)
         if exc.part == "private key":
             exc.amend(f"{exc.message} (from {pk_key})", pk_key)
@@ -557,7 +612,8 @@ def files_written(cfg: HubConfig) -> dict[Path, WrittenFile]:
             cert_dir += " (default: certs beside the config)"
         d = cfg.permanent_cert_dir
         written[d / PERMANENT_CERT_NAME] = WrittenFile("the new certificate", cert_dir)
-        written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
+        if cfg.pkcs11 is None:  # with a token, the new key is an object in it, not a file
+            written[d / PERMANENT_KEY_NAME] = WrittenFile("the new private key", cert_dir)
         written[d / PROGRESS_FILE_NAME] = WrittenFile("the progress record", cert_dir)
         written[d / MANIFEST_FILE_NAME] = WrittenFile("the record of its files", cert_dir)
     return written
@@ -751,15 +807,14 @@ class _FleetRun:
     def _create_certificate(self, _saved: Progress | None) -> Progress:
         fleet = self._fleet_api()
         cfg = self.cfg
+        if self.handler.token_store is not None:
+            return self._create_in_token(fleet)
         if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
             key_pem, csr_pem = generate_key_and_csr((self.fleet.serial_number or "hub")[:_CSR_CN_MAX])
             issued = fleet.create_certificate_from_csr(csr_pem, key_pem)
         else:
             issued = fleet.create_keys_and_certificate()
-        self.report(
-            OnboardingStep.CERTIFICATE_ISSUED,
-            f"certificate issued ({self.fleet.certificate_method.value}): {issued.certificate_id[:16]}...",
-        )
+        self._report_issued(issued.certificate_id)
         cert_path = cfg.permanent_cert_dir / PERMANENT_CERT_NAME
         key_path = cfg.permanent_cert_dir / PERMANENT_KEY_NAME
         # A record we are not resuming (another binding, a spent token) names these same files: it goes
@@ -777,18 +832,60 @@ class _FleetRun:
         self.handler.write_permanent_cert_and_private_key(
             issued.credentials.certificate_pem, issued.credentials.private_key_pem, cert_path, key_path
         )
+        return self._save_issued(issued, str(key_path), f"credentials stored in {cfg.permanent_cert_dir}")
+
+    def _report_issued(self, certificate_id: str) -> None:
+        self.report(
+            OnboardingStep.CERTIFICATE_ISSUED,
+            f"certificate issued ({self.fleet.certificate_method.value}): {certificate_id[:16]}...",
+        )
+
+    def _save_issued(self, issued: IssuedCertificate, key_ref: str, stored: str) -> Progress:
         progress = Progress(
             step=Step.CERTIFICATE_ISSUED,
             binding=dict(self.binding),
             certificate_id=issued.certificate_id,
-            certificate_path=str(cert_path),
-            private_key_path=str(key_path),
+            certificate_path=str(self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME),
+            private_key_path=key_ref,
             token_issued_at=self.clock(),
             ownership_token=issued.ownership_token,
         )
         self.store.save(progress)
-        self.report(OnboardingStep.CREDENTIALS_STORED, f"credentials stored in {cfg.permanent_cert_dir}")
+        self.report(OnboardingStep.CREDENTIALS_STORED, stored)
         return progress
+
+    def _create_in_token(self, fleet: FleetApi) -> Progress:
+        """The permanent key in the token: generated there for a CSR (the CSR signed there too), or the
+        service's key imported there (CreateKeysAndCertificate). Only the certificate is a file.
+
+        The record names the key by its URI. A power cut after the pair is made leaves it under the
+        hub's label, where the next run finds and reuses it (or deletes it when half-made)."""
+        label = permanent_key_label(self.fleet.serial_number)
+        cert_path = self.cfg.permanent_cert_dir / PERMANENT_CERT_NAME
+        if self.fleet.certificate_method is CertificateMethod.CREATE_CERTIFICATE_FROM_CSR:
+            key, csr_pem = self.handler.make_permanent_key_and_csr(
+                label, (self.fleet.serial_number or "hub")[:_CSR_CN_MAX]
+            )
+            self.report(OnboardingStep.KEY_IN_TOKEN, f"key pair in the token: {key.uri}")
+            issued = fleet.create_certificate_from_csr(csr_pem, b"")
+            self._report_issued(issued.certificate_id)
+            self.store.clear()
+            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
+        else:
+            issued = fleet.create_keys_and_certificate()
+            self._report_issued(issued.certificate_id)
+            self.store.clear()
+            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
+            # The service's key goes into the token and nowhere else (not a file, not the record).
+            key = self.handler.write_permanent_key_to_token(label, issued.credentials.private_key_pem)
+            self.report(OnboardingStep.KEY_IN_TOKEN, f"the service's key imported into the token: {key.uri}")
+            issued = replace(issued, credentials=replace(issued.credentials, private_key_pem=b""))
+        self.handler.write_permanent_cert(issued.credentials.certificate_pem, cert_path)
+        return self._save_issued(
+            issued,
+            key.uri,
+            f"certificate stored in {self.cfg.permanent_cert_dir}, key in the token ({key.uri})",
+        )
 
     def _register_thing(self, saved: Progress | None) -> Progress | None:
         assert saved is not None

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hub_onboarding.tools.factory import write_jitr_hub
+from iot_core_local.recipes.claims import hub_policy_document
+from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
+from iot_core_local.server import LocalIotCore
 from tests._support.certificates import Pair, make_pair, write_private
 
 if TYPE_CHECKING:
@@ -121,3 +125,53 @@ def snapshot(folder: Path) -> Snapshot:
         else:  # a FIFO or a device: never read it
             result[rel] = ("other", stat.S_IMODE(st.st_mode), b"")
     return result
+
+
+@dataclass
+class JitrCloudHub:
+    """A JITR hub aimed at an iot-core-local: its config, its DHA pair, the device CA's id, and the
+    activator (a customer's JITR Lambda) the test starts and stops around the onboarding."""
+
+    config: Path
+    dha_certificate_pem: str
+    dha_private_key_pem: str
+    ca_id: str
+    activator: JitrActivator
+
+
+def write_jitr_cloud_hub(
+    cloud: LocalIotCore,
+    iot: Any,
+    folder: Path,
+    name: str,
+    *,
+    activator_client_id: str | None = None,
+    **overrides: Any,
+) -> JitrCloudHub:
+    """A device CA registered for JITR, a hub policy `name`, the activator, and a hub with a DHA certificate
+    (CN `hub-<name>`, serial `name`) that the CA issued; `overrides` go to write_jitr_hub."""
+    device_ca = DeviceCA()
+    ca_id = device_ca.register(iot)
+    iot.create_policy(policyName=name, policyDocument=hub_policy_document("us-east-1", "123456789012"))
+    options: dict[str, Any] = {} if activator_client_id is None else {"client_id": activator_client_id}
+    activator = JitrActivator(
+        iot,
+        host=cloud.endpoint.mqtt_host,
+        port=cloud.endpoint.mqtt_port,
+        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
+        ca_certificate_id=ca_id,
+        device_policy_name=name,
+        **options,
+    )
+    dha = device_ca.issue_device(f"hub-{name}")
+    settings: dict[str, Any] = {
+        "endpoint_url": cloud.endpoint.mqtt_address,
+        "root_ca_path": cloud.endpoint.root_ca_path,
+        "device_certificate_pem": dha.certificate_pem,
+        "device_private_key_pem": dha.private_key_pem,
+        "serial": name,
+        "extra_ro": {"mqtt_retry_timeout_seconds": 60},
+    }
+    settings.update(overrides)
+    config = write_jitr_hub(folder, **settings)
+    return JitrCloudHub(config, dha.certificate_pem, dha.private_key_pem, ca_id, activator)

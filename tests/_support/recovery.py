@@ -6,6 +6,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hub_onboarding.certs import CertType
+from hub_onboarding.config import Endpoint
+from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore, cert_handler
+from hub_onboarding.tools.softhsm import SoftHsmToken
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import key_matches_certificate, pem_certificate_id
 from tests._support.hubs import read_config
@@ -18,8 +23,11 @@ def assert_recovered(
     config_path: Path,
     original: dict[str, Any],
     token_spent_before_cut: Iterable[str] = (),
+    token: SoftHsmToken | None = None,
 ) -> str:
-    """Everything a hub must be after a power cut and one more run; returns the certificate id."""
+    """Everything a hub must be after a power cut and one more run; returns the certificate id.
+
+    `token`: the hub keeps its permanent key in that PKCS#11 token (checked there, not on disk)."""
     doc = read_config(config_path)  # parses
     assert doc["ro"] == original["ro"], "ro is never written"
     for key, value in original.items():
@@ -34,9 +42,14 @@ def assert_recovered(
     assert rw["client_id"] == f"hub-{serial}"
     assert rw["managed_thing_id"] == f"mt-{serial}"
     cert_pem = Path(rw["iot_permanent_cert_path"]).read_bytes()
-    key_path = Path(rw["iot_permanent_pk_path"])
-    assert key_matches_certificate(cert_pem, key_path.read_bytes()), "the key on disk is the certificate's"
-    assert key_path.stat().st_mode & 0o077 == 0
+    if token is None:
+        key_path = Path(rw["iot_permanent_pk_path"])
+        assert key_matches_certificate(cert_pem, key_path.read_bytes()), (
+            "the key on disk is the certificate's"
+        )
+        assert key_path.stat().st_mode & 0o077 == 0
+    else:
+        assert_key_in_token(token, config_path, rw, serial)
     cert_id = pem_certificate_id(cert_pem)
     described = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
     assert described["status"] == "ACTIVE"
@@ -47,8 +60,38 @@ def assert_recovered(
     # Besides it, only a certificate whose RegisterThing the service accepted just before the cut, before
     # the hub could record the answer: its token is then spent, so the hub had to start over.
     assert principals - {cert_id} <= set(token_spent_before_cut), "the thing has no stray certificate"
-    assert connects(cloud, rw["iot_permanent_cert_path"], key_path, rw["client_id"])
+    if token is None:
+        assert connects(cloud, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"], rw["client_id"])
+    else:
+        connect_through_token(cloud, token, rw)
     return cert_id
+
+
+def assert_key_in_token(token: SoftHsmToken, config_path: Path, rw: dict[str, Any], serial: str) -> None:
+    """The permanent key is one sensitive, non-extractable object under the hub's label, and the
+    certificate's (the token signs, the certificate verifies); no file near the config holds a key."""
+    label = f"hub-onboarding-{serial}"
+    assert rw["iot_permanent_pk_path"] == f"pkcs11:token={token.label};object={label};type=private"
+    described = Pkcs11CredentialStore(token.config()).describe_key(label)
+    assert described["count"] == 1, "never two keys under one label"
+    assert described["sensitive"] == [True]
+    assert described["extractable"] == [False]
+    cert_handler(token.config()).read_cert_and_private_key(
+        CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
+    )
+    files = [p for p in config_path.parent.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert files == [], "no file holds a private key"
+
+
+def connect_through_token(cloud: LocalIotCore, token: SoftHsmToken, rw: dict[str, Any]) -> None:
+    """A fresh connection with the permanent certificate, its key signing inside the token (awscrt)."""
+    creds = cert_handler(token.config()).read_cert_and_private_key(
+        CertType.PERMANENT, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"]
+    )
+    endpoint = Endpoint(cloud.endpoint.mqtt_host, cloud.endpoint.mqtt_port)
+    IotProvisioning(ConnectionSettings(endpoint, str(cloud.endpoint.root_ca_path), 30)).verify(
+        rw["client_id"], creds, 10
+    )
 
 
 ONBOARDING_RW_KEYS = {

@@ -18,12 +18,10 @@ from hub_onboarding.certs import Credentials
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
-from hub_onboarding.tools.factory import write_jitr_hub
-from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
-from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import pem_certificate_id
-from tests._support.hubs import CloudHubFactory, cloud_claim_hub, read_config
+from tests._support.hubs import CloudHubFactory, cloud_claim_hub, read_config, write_jitr_cloud_hub
 from tests._support.network import connects
 
 pytestmark = pytest.mark.e2e
@@ -197,29 +195,10 @@ def test_bogus_token_is_an_identity_error(cloud: LocalIotCore, claim: ClaimSetup
 
 
 def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp_path: Path) -> None:
-    device_ca = DeviceCA()
-    ca_id = device_ca.register(iot)
-    iot.create_policy(policyName="jitr-hub", policyDocument=hub_policy_document("us-east-1", "123456789012"))
-    activator = JitrActivator(
-        iot,
-        host=cloud.endpoint.mqtt_host,
-        port=cloud.endpoint.mqtt_port,
-        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
-        ca_certificate_id=ca_id,
-        device_policy_name="jitr-hub",
-    )
+    jitr = write_jitr_cloud_hub(cloud, iot, tmp_path / "hub", "JITR-0001")
+    config_path, ca_id, activator = jitr.config, jitr.ca_id, jitr.activator
     activator.start()
     try:
-        dha = device_ca.issue_device("hub-JITR-0001")
-        config_path = write_jitr_hub(
-            tmp_path / "hub",
-            endpoint_url=cloud.endpoint.mqtt_address,
-            root_ca_path=cloud.endpoint.root_ca_path,
-            device_certificate_pem=dha.certificate_pem,
-            device_private_key_pem=dha.private_key_pem,
-            serial="JITR-0001",
-            extra_ro={"mqtt_retry_timeout_seconds": 60},
-        )
         assert main(["provision", "--config", str(config_path)]) == 0
     finally:
         activator.stop()
@@ -229,7 +208,7 @@ def test_jitr_with_an_activator_like_a_lambda(cloud: LocalIotCore, iot: Any, tmp
     assert rw["client_id"] == "hub-JITR-0001", "JITR's client id is the DHA certificate's common name"
     assert rw["iot_permanent_cert_path"] == doc["ro"]["iot_dha_cert_path"]
     assert rw["iot_permanent_pk_path"] == doc["ro"]["iot_dha_pk_path"]
-    cert_id = pem_certificate_id(dha.certificate_pem.encode())
+    cert_id = pem_certificate_id(Path(doc["ro"]["iot_dha_cert_path"]).read_bytes())
     assert activator.activated == [cert_id]
     assert activator.events
     assert activator.events[0]["caCertificateId"] == ca_id

@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from hub_onboarding.onboarding import OnboardingStep as S
+from hub_onboarding.tools.softhsm import SoftHsmToken
 from iot_core_local.faults import Fault
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids
@@ -337,3 +338,72 @@ def test_two_cuts_in_a_row_then_success(
     cert_id = assert_recovered(cloud, iot, config_path, original)
     assert certificate_ids(iot) - before == {cert_id}
     KILLS.extend(["double-1", "double-2"])
+
+
+CSR, CREATE_KEYS = "CreateCertificateFromCsr", "CreateKeysAndCertificate"
+# With the permanent key in a PKCS#11 token: (method, kill point). The key is made in the token before
+# the CSR is sent (a cut there costs nothing: the next run reuses the pair), or imported after
+# CreateKeysAndCertificate (a cut there leaves the key under the hub's label; the next run replaces it).
+TOKEN_CASES = [
+    (CSR, KillPoint("claim connected", freeze_at_step(S.CLAIM_CONNECTED), 1)),
+    (CSR, KillPoint("key pair made in the token", freeze_at_step(S.KEY_IN_TOKEN), 1)),
+    (CSR, KillPoint("certificate issued", freeze_at_step(S.CERTIFICATE_ISSUED), 2)),
+    (CSR, KillPoint("middle of the certificate write", _mid_write(".certificate.pem.crt."), 2)),
+    (CREATE_KEYS, KillPoint("certificate issued", freeze_at_step(S.CERTIFICATE_ISSUED), 2)),
+    (CREATE_KEYS, KillPoint("key imported into the token", freeze_at_step(S.KEY_IN_TOKEN), 2)),
+    *[
+        (method, point)
+        for method in METHODS
+        for point in KILL_POINTS
+        if point.name
+        in (
+            "credentials written",
+            "RegisterThing accepted",
+            "verification connected",
+            "config write 4 (PROVISIONED)",
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(("method", "point"), TOKEN_CASES, ids=[f"{p.name}/{m}" for m, p in TOKEN_CASES])
+def test_power_cut_at_every_step_with_the_key_in_a_token(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    shim_dir: Path,
+    softhsm: SoftHsmToken,
+    method: str,
+    point: KillPoint,
+) -> None:
+    """The same cuts, the claim and permanent keys in a SoftHSM2 token: the record names the key's URI,
+    a pair left by the cut is reused or replaced, never two keys under the hub's label."""
+    config_path = make_cloud_hub(certificate_method=method, token=softhsm.config())
+    original = _with_unknown_keys(config_path)
+    freeze = json.loads(json.dumps(point.freeze).replace("{config}", str(config_path.absolute())))
+    before = certificate_ids(iot)
+    hub = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze)
+    hub.wait_frozen()
+    assert hub.kill().returncode == -signal.SIGKILL
+    left = read_config(config_path)
+    assert left["ro"] == original["ro"]
+    assert (left["rw"].get("iot_provisioning_state") == "PROVISIONED") == point.name.startswith(
+        "config write 4"
+    )
+    record = config_path.parent / "certs" / "onboarding-progress.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        assert saved["private_key_path"].startswith("pkcs11:token=hub;object=hub-onboarding-"), (
+            "the record names the token object"
+        )
+    second = run_hub(config_path, shim_dir=shim_dir, json_steps=True)
+    assert second.returncode == 0, second.stderr
+    for step in point.resumed_steps:
+        assert step in second.steps, f"{step} expected in the second run: {second.steps}"
+    for step in point.resumed_never:
+        assert step not in second.steps, f"{step} repeated in the second run: {second.steps}"
+    cert_id = assert_recovered(cloud, iot, config_path, original, token=softhsm)
+    new = certificate_ids(iot) - before
+    assert len(new) == point.certificates, f"new certificates: {len(new)}"
+    assert cert_id in new
+    KILLS.append(f"token:{point.name}/{method}")

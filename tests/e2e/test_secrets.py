@@ -16,11 +16,10 @@ import pytest
 
 from hub_onboarding import cli
 from hub_onboarding import config as cfgmod
-from hub_onboarding.tools.factory import write_jitr_hub
-from iot_core_local.recipes.claims import ClaimSetup, hub_policy_document, set_up_fleet_provisioning
-from iot_core_local.recipes.jitr import DeviceCA, JitrActivator
+from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
+from iot_core_local.recipes.jitr import DeviceCA
 from iot_core_local.server import LocalIotCore
-from tests._support.hubs import CloudHubFactory, read_config
+from tests._support.hubs import CloudHubFactory, read_config, write_jitr_cloud_hub
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
 
 pytestmark = pytest.mark.e2e
@@ -32,34 +31,6 @@ def _pem_lines(pem: str | bytes) -> list[str]:
     """Every base64 line of a PEM body: any one of them in a log means the key leaked."""
     text = pem.decode() if isinstance(pem, bytes) else pem
     return [line for line in text.strip().splitlines() if not line.startswith("-----") and len(line) >= 16]
-
-
-def _jitr_hub(cloud: LocalIotCore, iot: Any, folder: Path) -> tuple[Path, str, JitrActivator]:
-    device_ca = DeviceCA()
-    ca_id = device_ca.register(iot)
-    iot.create_policy(
-        policyName="secrets-jitr-hub", policyDocument=hub_policy_document("us-east-1", "123456789012")
-    )
-    activator = JitrActivator(
-        iot,
-        host=cloud.endpoint.mqtt_host,
-        port=cloud.endpoint.mqtt_port,
-        root_ca_pem=cloud.endpoint.root_ca_path.read_bytes(),
-        ca_certificate_id=ca_id,
-        device_policy_name="secrets-jitr-hub",
-        client_id="secrets-activator",
-    )
-    dha = device_ca.issue_device("hub-JITR-SECRETS")
-    config = write_jitr_hub(
-        folder,
-        endpoint_url=cloud.endpoint.mqtt_address,
-        root_ca_path=cloud.endpoint.root_ca_path,
-        device_certificate_pem=dha.certificate_pem,
-        device_private_key_pem=dha.private_key_pem,
-        serial="JITR-SECRETS",
-        extra_ro={"mqtt_retry_timeout_seconds": 60},
-    )
-    return config, dha.private_key_pem, activator
 
 
 def test_no_secret_in_any_log_or_output_at_debug(
@@ -122,7 +93,10 @@ def test_no_secret_in_any_log_or_output_at_debug(
     secrets["claim key (denied)"] = _pem_lines(denied.private_key_pem)
 
     # 5. JITR
-    config, dha_key, activator = _jitr_hub(cloud, iot, tmp_path / "jitr")
+    jitr = write_jitr_cloud_hub(
+        cloud, iot, tmp_path / "jitr", "JITR-SECRETS", activator_client_id="secrets-activator"
+    )
+    config, dha_key, activator = jitr.config, jitr.dha_private_key_pem, jitr.activator
     activator.start()
     try:
         done = run_hub(config, verbosity="-vv")

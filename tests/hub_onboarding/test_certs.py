@@ -50,11 +50,12 @@ def test_write_permanent_pair_modes_whatever_the_umask(tmp_path: Path, umask: in
     assert sorted(p.name for p in folder.iterdir()) == ["cert.pem", "key.pem"]  # no temp files left
 
 
+@pytest.mark.parametrize("umask", [0o000], indirect=True, ids=["umask000"])
 def test_key_is_never_readable_by_others_while_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int
 ) -> None:
-    """Watch every fd the writer opens: the key's temp file is 0600 before its first byte."""
-    os.umask(0)
+    """Watch every fd the writer opens: the key's temp file is 0600 before its first byte (umask 000,
+    restored afterwards: a umask left at 000 made later tests' files world-writable)."""
     seen: list[int] = []
     real_fdopen = os.fdopen
 

@@ -6,7 +6,8 @@ Starts iot-core-local in a temporary folder and tells the managed integrations s
 the hub connects as it, connected; offboarding deletes the managed thing (the cloud closes the hub's
 connection) and resets the hub. `plain_iot` tells the plain AWS IoT story instead: a provisioning
 template, policies and a claim certificate (`recipes.claims`), with the takeover guard as its
-pre-provisioning hook, which refuses a second hub sending the same serial.
+pre-provisioning hook, which refuses a second hub sending the same serial. `pkcs11` keeps the hub's claim
+and permanent keys in a SoftHSM2 token (`tools.softhsm`) instead of files, in either story.
 
 The folder is deleted at exit, unless `keep` names one to keep it in: the hub's config and credentials
 (`hub/`) and the stand-in's data (`cloud/`, which `iot-core-local serve --data-dir` serves again) stay
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from hub_onboarding.errors import EXIT_USAGE
 
 if TYPE_CHECKING:
+    from hub_onboarding.config import Pkcs11Config
     from hub_onboarding.onboarding import StepEvent
     from iot_core_local.server import LocalIotCore
 
@@ -65,11 +67,12 @@ def _kept_folder(keep: Path) -> str | None:
 
 @dataclass(frozen=True)
 class _Stage:
-    """Where the demo runs: the stand-in, the folder, whether it is kept."""
+    """Where the demo runs: the stand-in, the folder, whether it is kept, the hub's token (if any)."""
 
     core: LocalIotCore
     root: Path
     kept: bool
+    token: Pkcs11Config | None = None
 
     def write_hub(
         self, claim_certificate_pem: str, claim_private_key_pem: str, template_name: str, *, name: str = "hub"
@@ -86,15 +89,39 @@ class _Stage:
             template_name=template_name,
             serial=SERIAL,
             upc=UPC,
+            token=self.token,
         )
 
+    def show_token_key(self, config_path: Path) -> None:
+        """Where the permanent key is, when the hub has a token: an object in it, never extractable."""
+        if self.token is None:
+            return
+        from hub_onboarding.pkcs11 import Pkcs11CredentialStore, TokenUri
 
-def run_demo(keep: Path | None = None, *, plain_iot: bool = False) -> int:
+        uri = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_permanent_pk_path"]
+        described = Pkcs11CredentialStore(self.token).describe_key(TokenUri.parse(uri).label)
+        _step("the permanent key lives in the token")
+        _show(
+            f"{uri}: {described['count']} object, sensitive {described['sensitive'][0]}, "
+            f"extractable {described['extractable'][0]}"
+        )
+        keys = [
+            p.name for p in config_path.parent.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
+        ]
+        _show(f"private key files beside the config: {len(keys)}")
+
+
+def run_demo(keep: Path | None = None, *, plain_iot: bool = False, pkcs11: bool = False) -> int:
     """Run the demo; `keep`: a new or empty folder to leave the hub's and the stand-in's files in;
-    `plain_iot`: the plain AWS IoT story instead of managed integrations'."""
+    `plain_iot`: the plain AWS IoT story instead of managed integrations'; `pkcs11`: the hub's keys live
+    in a SoftHSM2 token (tools.softhsm) instead of files."""
     from iot_core_local.extra import EXIT_MISSING_EXTRA, missing_server_extra
 
     problem = missing_server_extra("hub-onboard demo")
+    if problem is None and pkcs11:
+        from hub_onboarding.tools.softhsm import missing_softhsm
+
+        problem = missing_softhsm()
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_MISSING_EXTRA
@@ -114,7 +141,8 @@ def run_demo(keep: Path | None = None, *, plain_iot: bool = False) -> int:
         with LocalIotCore(root / "cloud") as core:
             _show(f"MQTT   mqtts://{core.endpoint.mqtt_address}")
             _show(f"API    {core.endpoint.api_url}")
-            ok = story(_Stage(core, root, keep is not None))
+            token = _demo_token(root) if pkcs11 else None
+            ok = story(_Stage(core, root, keep is not None, token))
         if keep is not None:
             config_path = root / "hub" / "iotmi_config.json"
             _step(f"kept in {root}")
@@ -147,6 +175,7 @@ def _managed_integrations_story(stage: _Stage) -> bool:
     )
     hub = HubOnboarding(config_path, on_step=_hub_progress)
     result = hub.process_device()
+    stage.show_token_key(config_path)
     thing = mi.get_managed_thing(Identifier=managed_thing_id)
     _step("the managed thing after onboarding")
     _show(f"{managed_thing_id} {thing['ProvisioningStatus']} since {thing.get('ActivatedAt')}")
@@ -157,7 +186,7 @@ def _managed_integrations_story(stage: _Stage) -> bool:
     if stage.kept:
         _offboarding_commands(stage, managed_thing_id, config_path)
         return result.state == "PROVISIONED"
-    with _hub_connection(config_path) as lost:
+    with _hub_connection(config_path, stage.token) as lost:
         data = mi.get_managed_thing_connectivity_data(Identifier=managed_thing_id)
         _step(f"the hub connects as {result.client_id}")
         _show(f"GetManagedThingConnectivityData: Connected {data['Connected']}")
@@ -174,21 +203,23 @@ def _managed_integrations_story(stage: _Stage) -> bool:
 
 
 @contextlib.contextmanager
-def _hub_connection(config_path: Path) -> Iterator[threading.Event]:
+def _hub_connection(config_path: Path, token: Pkcs11Config | None = None) -> Iterator[threading.Event]:
     """The hub's own connection with its permanent identity, as its runtime keeps one; yields the event
     set when the cloud closes it."""
     from hub_onboarding import config as cfgmod
-    from hub_onboarding.certs import check_pair
+    from hub_onboarding.certs import CertHandler, CertType
     from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
 
     doc = cfgmod.read_document(config_path)
     cfg = cfgmod.parse_config(config_path, doc, warn=False)
     rw = doc[cfgmod.RW]
-    credentials = check_pair(
-        Path(rw[cfgmod.PERMANENT_CERT_PATH]).read_bytes(),
-        Path(rw[cfgmod.PERMANENT_PK_PATH]).read_bytes(),
-        "permanent",
-        check_validity=True,
+    handler = CertHandler()
+    if token is not None:  # the permanent key is an object in the hub's token
+        from hub_onboarding.pkcs11 import Pkcs11CredentialStore
+
+        handler = CertHandler(token_store=Pkcs11CredentialStore(token))
+    credentials = handler.read_cert_and_private_key(
+        CertType.PERMANENT, rw[cfgmod.PERMANENT_CERT_PATH], rw[cfgmod.PERMANENT_PK_PATH]
     )
     settings = ConnectionSettings(
         cfg.connection.endpoint, cfg.connection.root_ca_path, cfg.connection.keep_alive
@@ -241,6 +272,7 @@ def _plain_iot_story(stage: _Stage) -> bool:
         _show(f"{config_path}: provisioned = {hub.is_provisioned()}")
         _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
         hub.process_device()
+        stage.show_token_key(config_path)
         _step(f"a second hub sending serial {SERIAL} with the same claim")
         intruder = stage.write_hub(
             claim.certificate_pem, claim.private_key_pem, claim.template_name, name="intruder"
@@ -266,6 +298,18 @@ def _plain_iot_story(stage: _Stage) -> bool:
     print(config_path.read_text(encoding="utf-8"))
     state = json.loads(config_path.read_text(encoding="utf-8"))["rw"]["iot_provisioning_state"]
     return bool(state == "PROVISIONED")
+
+
+def _demo_token(root: Path) -> Pkcs11Config:
+    """A SoftHSM2 token in the demo's folder, which the factory gives the claim key (--pkcs11)."""
+    from hub_onboarding.tools import softhsm
+
+    _step("initialising a SoftHSM2 token 'hub' (the hub's secure element, PKCS#11)")
+    token = softhsm.make_token(root / "softhsm")
+    softhsm.activate(token)
+    _show(f"module {token.module_path}")
+    _show(f"user PIN in {token.pin_path} (0600); the claim key goes into the token, not into a file")
+    return token.config()
 
 
 if __name__ == "__main__":

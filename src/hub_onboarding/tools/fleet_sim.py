@@ -2,7 +2,7 @@
 
     hub-onboard fleet-sim [--hubs N] [--concurrency C]
                           [--method CreateCertificateFromCsr|CreateKeysAndCertificate]
-                          [--config CLOUD.json | --plain-iot] [--json]
+                          [--config CLOUD.json | --plain-iot] [--json] [--pkcs11]
 
 Each simulated hub is what the line puts on a real one: its own folder, claim credentials, serial number
 and `iotmi_config.json` (`tools.factory.write_claim_hub`). Hubs onboard through the product itself
@@ -20,6 +20,10 @@ object (`region`, and `endpoint_url` for a stand-in) makes fleet-sim pre-associa
     {"endpoint_url": "abc-ats.iot.eu-west-1.amazonaws.com:8883", "root_ca_path": "AmazonRootCA1.pem",
      "claim_certificate_path": "claim.pem.crt", "claim_private_key_path": "claim.pem.key",
      "template_name": "HubTemplate", "managed_integrations": {"region": "eu-west-1"}}
+
+With `--pkcs11` each hub keeps its keys in a SoftHSM2 token of its own (one token per hub, all in one
+SoftHSM2 folder under the work folder): the factory imports the claim key into the token, and onboarding
+makes the permanent key there (`tools.softhsm`, `tools.factory`).
 
 Exit codes: 0 every hub onboarded, 1 at least one failed (or an unexpected error), 2 usage, 3 the cloud
 config is invalid, or the embedded iot-core-local lacks the [server] extra. The engine (`write_hubs`,
@@ -51,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from hub_onboarding.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
 if TYPE_CHECKING:
+    from hub_onboarding.config import Pkcs11Config
     from hub_onboarding.onboarding import StepEvent
 
 EXIT_FAILED = 1  # at least one hub failed (fleet-sim's own meaning of 1)
@@ -221,8 +226,11 @@ def write_hubs(
     method: str = METHODS[0],
     serial_prefix: str | None = None,
     extra_ro: dict[str, Any] | None = None,
+    tokens: Sequence[Pkcs11Config] | None = None,
 ) -> list[Path]:
-    """Write `count` factory-fresh hubs under `work_dir` (hub-000000, ...); return their config paths."""
+    """Write `count` factory-fresh hubs under `work_dir` (hub-000000, ...); return their config paths.
+
+    `tokens`: one PKCS#11 token per hub, which then holds its claim key and gets its permanent key."""
     from hub_onboarding.tools.factory import write_claim_hub
 
     prefix = serial_prefix or f"SIM-{uuid.uuid4().hex[:8]}"
@@ -241,9 +249,20 @@ def write_hubs(
             serial=f"{prefix}-{i:0{width}d}",
             certificate_method=method,
             extra_ro=ro,
+            token=tokens[i] if tokens is not None else None,
         )
         for i in range(count)
     ]
+
+
+def make_hub_tokens(folder: Path, count: int) -> list[Pkcs11Config]:
+    """`count` SoftHSM2 tokens (hub-000000, ...) in one folder, seen by this process from now on."""
+    from hub_onboarding.tools import softhsm
+
+    width = max(6, len(str(count - 1)))
+    made = [softhsm.make_token(folder, f"hub-{i:0{width}d}") for i in range(count)]
+    softhsm.activate(made[0])
+    return [token.config() for token in made]
 
 
 class RetryCounter:
@@ -459,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="each hub's retry budget (default 60; a real hub uses 300)",
     )
     parser.add_argument(
+        "--pkcs11",
+        action="store_true",
+        help="each hub keeps its claim and permanent keys in a SoftHSM2 token of its own",
+    )
+    parser.add_argument(
         "--no-verify",
         action="store_true",
         help="skip the verification connect with the new certificate (fp_verify_connection)",
@@ -561,6 +585,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(problem, file=sys.stderr)
             return EXIT_MISSING_EXTRA
+    if args.pkcs11:  # the tokens need SoftHSM2 and python-pkcs11: say so before writing anything
+        from hub_onboarding.tools.softhsm import missing_softhsm
+
+        if (problem := missing_softhsm()) is not None:
+            print(f"hub-onboard fleet-sim --pkcs11: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
 
     with contextlib.ExitStack() as stack:
         if args.work_dir is not None:
@@ -583,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.method,
             serial_prefix=args.serial_prefix,
             extra_ro=extra_ro,
+            tokens=make_hub_tokens(work / "softhsm", args.hubs) if args.pkcs11 else None,
         )
         managed_integrations = target.managed_integrations_client()
         pre_associated = 0 if managed_integrations is None else pre_associate(managed_integrations, configs)

@@ -1,0 +1,842 @@
+"""The `pkcs11` secure-storage handler: keys that never leave the hub's token (HSM, TPM, secure element).
+
+Configured by three ro keys (config.Pkcs11Config): `pkcs11_module_path` (the PKCS#11 library),
+`pkcs11_token_label` (the token) and `pkcs11_pin_path` (a file holding the user PIN: a regular file, not
+a symlink, no wider than 0600). The PIN is read when the token is opened and handed to the library and
+to awscrt only: it never appears in the config, a log line, an error or `--json` output.
+
+Keys (and, if wanted, certificates) are named by RFC 7512 URIs in the usual path keys, e.g.
+`"iot_claim_pk_path": "pkcs11:token=hub;object=claim-key;type=private"`. Only `token`, `object` and
+`type` are read; `pin-value`/`pin-source` are refused (the PIN comes from `pkcs11_pin_path`). A
+certificate may also stay a PEM file. `SECURE_STORAGE` names the handler's default objects
+(DEFAULT_OBJECTS): claim `claim-cert`/`claim-key`, DHA `dha-cert`/`dha-key`, in the configured token.
+
+The permanent key is made or stored in the token under `permanent_key_label(SN)`
+("hub-onboarding-<SN>"): by CreateCertificateFromCsr it is generated there (CKA_SENSITIVE true,
+CKA_EXTRACTABLE false) and the CSR is signed by the token, so the key never exists outside it; by
+CreateKeysAndCertificate the service made the key, and it is imported (sensitive, non-extractable) and
+not written anywhere else. A label holds at most one key: a pair left half-made by a power cut is
+reused when whole, else deleted with everything under that label before a new one is made.
+
+What awscrt connects with is a `TokenKey` (library, token, key label, PIN file), carried by
+`Credentials.token_key`. A pair is checked by a signature: the token signs a fresh challenge and the
+certificate's public key must verify it. Every failure is a CredentialError (exit 4) naming the setting
+to fix. python-pkcs11 is imported only here, and only when a token is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import stat
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from hub_onboarding import _files
+from hub_onboarding import config as cfgmod
+from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType
+from hub_onboarding.errors import CredentialError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from hub_onboarding.certs import CertHandler, CertType, Credentials
+
+log = logging.getLogger(__name__)
+
+# SECURE_STORAGE: the objects the handler reads for each credential (certificate label, key label).
+DEFAULT_OBJECTS = {"claim": ("claim-cert", "claim-key"), "DHA": ("dha-cert", "dha-key")}
+PERMANENT_LABEL_PREFIX = "hub-onboarding-"
+_MAX_PIN_BYTES = 256
+_MODULE_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_MODULE_PATH)
+_TOKEN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_TOKEN_LABEL)
+_PIN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_PIN_PATH)
+_URI_TYPES = ("private", "cert", "public")
+_REFUSED_URI_ATTRS = ("pin-value", "pin-source")
+
+
+def permanent_key_label(serial_number: str) -> str:
+    """The label of the permanent key in the token: derived from the hub, so a rerun finds its own."""
+    return f"{PERMANENT_LABEL_PREFIX}{serial_number}"
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+@dataclass(frozen=True)
+class TokenUri:
+    """What an RFC 7512 URI names: an object (by label) of a type, in a token (None: the configured one)."""
+
+    label: str
+    type: str | None = None
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TokenUri:
+        """Parse `pkcs11:token=...;object=...;type=...`; CredentialError naming what is wrong."""
+        if not text.startswith(cfgmod.PKCS11_URI_SCHEME):
+            raise CredentialError(f"{text!r} is not a pkcs11: URI")
+        path, _, query = text[len(cfgmod.PKCS11_URI_SCHEME) :].partition("?")
+        attrs: dict[str, str] = {}
+        for part in [*path.split(";"), *query.split("&")]:
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise CredentialError(f"pkcs11 URI: {name!r} has no value; write name=value")
+            if name in _REFUSED_URI_ATTRS:
+                # The PIN would end up in the shared config file and in every message naming the URI.
+                raise CredentialError(
+                    f"pkcs11 URI: {name} is not accepted; put the user PIN in the file named by {_PIN_KEY}"
+                )
+            attrs[name] = urllib.parse.unquote(value)
+        label = attrs.get("object")
+        if not label:
+            raise CredentialError("pkcs11 URI: no object=LABEL; name the key or certificate object")
+        kind = attrs.get("type")
+        if kind is not None and kind not in _URI_TYPES:
+            raise CredentialError(f"pkcs11 URI: type={kind} is not one of {', '.join(_URI_TYPES)}")
+        return cls(label=label, type=kind, token=attrs.get("token"))
+
+
+def factory_labels(ro: Mapping[str, Any]) -> set[str]:
+    """The labels of the token objects the factory installed: the defaults, and those ro's URIs name."""
+    labels = {label for pair in DEFAULT_OBJECTS.values() for label in pair}
+    for key in cfgmod.READ_PATH_KEYS:
+        value = ro.get(key)
+        if cfgmod.is_pkcs11_uri(value):
+            with contextlib.suppress(CredentialError):
+                labels.add(TokenUri.parse(str(value)).label)
+    return labels
+
+
+def format_uri(token: str, label: str, kind: str) -> str:
+    """The RFC 7512 URI of an object (percent-encoding what the URI syntax reserves)."""
+
+    def q(value: str) -> str:
+        return urllib.parse.quote(value, safe="-._~")
+
+    return f"{cfgmod.PKCS11_URI_SCHEME}token={q(token)};object={q(label)};type={kind}"
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """A private key inside a token, as awscrt needs it to connect (never the key itself, nor the PIN)."""
+
+    module_path: str
+    token_label: str
+    label: str
+    pin_path: str
+    key_type: str = "EC"  # "EC" or "RSA": how the token signs (ECDSA over a digest, or PKCS#1 v1.5)
+
+    @property
+    def uri(self) -> str:
+        return format_uri(self.token_label, self.label, "private")
+
+    def read_pin(self) -> str:
+        return read_pin(self.pin_path)
+
+
+# ---------------------------------------------------------------------------------------- the token
+
+
+def read_pin(path: str) -> str:
+    """The user PIN from its file: a regular file, not a symlink, no wider than 0600, small."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} does not exist; write the token's user PIN there (mode 0600)", _PIN_KEY
+        ) from None
+    except OSError as exc:
+        raise CredentialError(f"{_PIN_KEY}: {path} cannot be examined ({exc.strerror})", _PIN_KEY) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} is a symbolic link; put the PIN file itself there", _PIN_KEY
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise CredentialError(f"{_PIN_KEY}: {path} is not a regular file", _PIN_KEY)
+    if st.st_mode & 0o077:
+        raise CredentialError(
+            f"{_PIN_KEY}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by other "
+            f"users; run 'chmod 600 {path}' (0600 or narrower is accepted)",
+            _PIN_KEY,
+        )
+    try:
+        data = _files.read_at_most(Path(path), _MAX_PIN_BYTES + 1, follow_symlinks=False)
+    except OSError as exc:
+        raise CredentialError(f"{_PIN_KEY}: {path} cannot be read ({exc.strerror})", _PIN_KEY) from None
+    if len(data) > _MAX_PIN_BYTES:
+        raise CredentialError(f"{_PIN_KEY}: {path} is too large for a PIN file", _PIN_KEY)
+    pin = data.decode("utf-8", "replace").strip("\r\n")
+    if not pin:
+        raise CredentialError(f"{_PIN_KEY}: {path} is empty; write the token's user PIN there", _PIN_KEY)
+    return pin
+
+
+class _InitArgs(ctypes.Structure):
+    """CK_C_INITIALIZE_ARGS: no mutex callbacks, CKF_OS_LOCKING_OK (the library uses the OS's locks)."""
+
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("create_mutex", ctypes.c_void_p),
+        ("destroy_mutex", ctypes.c_void_p),
+        ("lock_mutex", ctypes.c_void_p),
+        ("unlock_mutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("reserved", ctypes.c_void_p),
+    ]
+
+
+_CK_RV_FN = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _FunctionListHead(ctypes.Structure):
+    """The start of CK_FUNCTION_LIST: the version, then C_Initialize and C_Finalize."""
+
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("initialize", _CK_RV_FN),
+        ("finalize", _CK_RV_FN),
+    ]
+
+
+_CKF_OS_LOCKING_OK = 0x2
+_CKR_OK = 0x0
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_LIBRARIES: dict[str, Any] = {}  # module path -> python-pkcs11 handle, for the life of the process
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _function_list(module_path: str) -> Any:
+    cdll = ctypes.CDLL(module_path)
+    head = ctypes.POINTER(_FunctionListHead)()
+    if cdll.C_GetFunctionList(ctypes.byref(head)) != _CKR_OK or not head:
+        raise OSError("C_GetFunctionList failed")
+    return head.contents
+
+
+def _initialize(module_path: str) -> None:
+    """C_Initialize with CKF_OS_LOCKING_OK. python-pkcs11 passes no arguments, which tells a library
+    that only one thread calls it (SoftHSM2 then drops its locks), but awscrt signs TLS handshakes on
+    its own threads (and fleet-sim runs hubs on threads): the library must lock."""
+    rv = _function_list(module_path).initialize(
+        ctypes.cast(ctypes.pointer(_InitArgs(flags=_CKF_OS_LOCKING_OK)), ctypes.c_void_p)
+    )
+    if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise OSError(f"C_Initialize returned 0x{rv:x}")
+
+
+def _load_library(module_path: str) -> Any:
+    """The library, initialised for threads (see _initialize), with a python-pkcs11 handle on it.
+
+    The handle is made without its own C_Initialize (it would initialise the library for one thread)."""
+    import pkcs11
+    from pkcs11 import _pkcs11
+
+    with _LIBRARIES_LOCK:
+        if module_path in _LIBRARIES:
+            return _LIBRARIES[module_path]
+        try:
+            st = os.stat(module_path)
+        except OSError:
+            raise CredentialError(
+                f"{_MODULE_KEY}: {module_path} does not exist; install the token's PKCS#11 library "
+                "(SoftHSM2: apt-get install softhsm2) and set its path",
+                _MODULE_KEY,
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CredentialError(f"{_MODULE_KEY}: {module_path} is not a library file", _MODULE_KEY)
+        try:
+            _initialize(module_path)
+            lib_type: Any = _pkcs11.lib
+            handle = lib_type.__new__(lib_type, module_path)  # loads it and reads its function list
+        except (OSError, AttributeError, pkcs11.PKCS11Error):
+            raise CredentialError(
+                f"{_MODULE_KEY}: {module_path} cannot be loaded as a PKCS#11 library; set it to the token's "
+                "PKCS#11 module (a .so exporting C_GetFunctionList)",
+                _MODULE_KEY,
+            ) from None
+        _LIBRARIES[module_path] = handle
+        return handle
+
+
+def reload_library(module_path: str) -> None:
+    """Finalise and initialise the library again (a library reads its settings, e.g. SOFTHSM2_CONF, when
+    initialised). Only for tools and tests that switch token folders; every kept session is dropped."""
+    forget_sessions()
+    functions = _function_list(module_path)
+    functions.finalize(None)
+    _initialize(module_path)
+
+
+def _find_token(lib: Any, label: str) -> Any:
+    import pkcs11
+
+    try:
+        return lib.get_token(token_label=label)
+    except pkcs11.NoSuchToken:
+        present = sorted({t.label for t in lib.get_tokens() if t.label})  # a free slot has no label
+        found = ", ".join(repr(t) for t in present) or "none"
+        raise CredentialError(
+            f"{_TOKEN_KEY}: no token labelled {label!r} is present (tokens present: {found}); "
+            "insert or initialise the token, or fix the label",
+            _TOKEN_KEY,
+        ) from None
+
+
+@dataclass
+class _OpenSession:
+    session: Any
+    pin_digest: bytes
+    lock: threading.Lock
+
+
+# One logged-in session per token, kept for the life of the process. PKCS#11 login is per application,
+# not per session: python-pkcs11 logs the whole process out when a session it logged in closes, which
+# would also log out awscrt's session and fail its next TLS handshake (a retried claim connect). So the
+# session stays open, and awscrt's own login finds the token already logged in (which it accepts).
+_SESSIONS: dict[tuple[str, str], _OpenSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def forget_sessions() -> None:
+    """Drop the kept sessions (after the library was finalised, e.g. a test's fresh SoftHSM2 folder)."""
+    with _SESSIONS_LOCK:
+        _SESSIONS.clear()
+
+
+def _session(token: Pkcs11Config, pin: str) -> _OpenSession:
+    """The kept session for `token`, opened (and logged in with `pin`) when there is none for this PIN."""
+    import pkcs11
+
+    digest = hashlib.sha256(pin.encode()).digest()  # to notice a changed PIN file, without keeping it
+    key = (token.module_path, token.token_label)
+    with _SESSIONS_LOCK:
+        kept = _SESSIONS.get(key)
+        if kept is not None and kept.pin_digest == digest:
+            return kept
+        if kept is not None:  # another PIN: log out, so the new one is really checked
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                kept.session.close()
+            del _SESSIONS[key]
+        lib = _load_library(token.module_path)
+        found = _find_token(lib, token.token_label)
+        try:
+            session = found.open(user_pin=pin, rw=True)
+        except pkcs11.UserAlreadyLoggedIn:
+            # awscrt logged this process in first (with the same PIN file): a session shares that login.
+            session = found.open(rw=True)
+        except (pkcs11.PinIncorrect, pkcs11.PinInvalid, pkcs11.PinLenRange):
+            raise CredentialError(
+                f"{_PIN_KEY}: token {token.token_label!r} refused the PIN in {token.pin_path}; "
+                "write the token's user PIN there",
+                _PIN_KEY,
+            ) from None
+        except pkcs11.PinLocked:
+            raise CredentialError(
+                f"{_PIN_KEY}: the user PIN of token {token.token_label!r} is locked after too many wrong "
+                "attempts; unlock it with the security officer PIN, then run again",
+                _PIN_KEY,
+            ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, "open a session") from None
+        kept = _OpenSession(session, digest, threading.Lock())
+        _SESSIONS[key] = kept
+        return kept
+
+
+def _require_python_pkcs11() -> None:
+    """A hub image installed without the [pkcs11] extra says so in one line, not with a traceback."""
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        raise CredentialError(
+            f"{_MODULE_KEY}: the keys are in a PKCS#11 token but python-pkcs11 is not installed; "
+            "install it with pip install 'hub-onboarding[pkcs11]'",
+            _MODULE_KEY,
+        ) from None
+
+
+@contextlib.contextmanager
+def open_token(token: Pkcs11Config) -> Iterator[Any]:
+    """The logged-in session on the configured token, for one operation at a time (a lock: fleet-sim runs
+    hubs on threads); every failure is a CredentialError naming its key. The PIN file is checked on
+    every use."""
+    _require_python_pkcs11()
+    import pkcs11
+
+    kept = _session(token, read_pin(token.pin_path))
+    with kept.lock:
+        try:
+            yield kept.session
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, "finish the operation") from None
+
+
+def token_error(exc: Exception, token: Pkcs11Config, action: str) -> CredentialError:
+    """A library error as one line naming the setting to look at (pure: tests pass exceptions)."""
+    import pkcs11
+
+    name = type(exc).__name__
+    if isinstance(exc, pkcs11.DeviceMemory | pkcs11.HostMemory):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is full and could not {action} ({name}); "
+            "delete objects it no longer needs, or use a token with room",
+            _TOKEN_KEY,
+        )
+    if isinstance(exc, pkcs11.TokenNotPresent | pkcs11.DeviceRemoved | pkcs11.TokenNotRecognised):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is not present ({name}); insert it and run again",
+            _TOKEN_KEY,
+        )
+    if isinstance(exc, pkcs11.TokenWriteProtected | pkcs11.SessionReadOnly):
+        return CredentialError(
+            f"{_TOKEN_KEY}: token {token.token_label!r} is write-protected and could not {action}", _TOKEN_KEY
+        )
+    return CredentialError(
+        f"{_TOKEN_KEY}: token {token.token_label!r} could not {action} ({name}); check the token with its "
+        "vendor's tool (softhsm2-util --show-slots for SoftHSM2)",
+        _TOKEN_KEY,
+    )
+
+
+# ------------------------------------------------------------------------------------- key objects
+
+
+def _objects(session: Any, label: str, object_class: Any) -> list[Any]:
+    import pkcs11
+
+    return list(session.get_objects({pkcs11.Attribute.CLASS: object_class, pkcs11.Attribute.LABEL: label}))
+
+
+def _private_key(session: Any, token: Pkcs11Config, label: str, part: str) -> Any:
+    import pkcs11
+
+    keys = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+    if not keys:
+        raise CredentialError(
+            f"no private key {label!r} in token {token.token_label!r}; import the key under that label "
+            "or fix the URI's object=",
+            part=part,
+        )
+    if len(keys) > 1:
+        raise CredentialError(
+            f"token {token.token_label!r} holds {len(keys)} private keys labelled {label!r}; keep one",
+            part=part,
+        )
+    return keys[0]
+
+
+def _signature_kind(key: Any, label: str) -> str:
+    import pkcs11
+
+    key_type = key[pkcs11.Attribute.KEY_TYPE]
+    if key_type == pkcs11.KeyType.EC:
+        return "EC"
+    if key_type == pkcs11.KeyType.RSA:
+        return "RSA"
+    raise CredentialError(
+        f"private key {label!r} is a {getattr(key_type, 'name', key_type)} key; AWS IoT Core accepts RSA "
+        "(2048 bits or more) and EC (P-256, P-384) keys only: put one of those in the token",
+        part="private key",
+    )
+
+
+def check_endpoint_key(cert: x509.Certificate, label: str) -> None:
+    """The certificate's key must be one AWS IoT Core accepts for mutual TLS (RSA >= 2048, EC P-256/384)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    public = cert.public_key()
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048:
+        return
+    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name in ("secp256r1", "secp384r1"):
+        return
+    what = (
+        f"RSA-{public.key_size}"
+        if isinstance(public, rsa.RSAPublicKey)
+        else f"EC {public.curve.name}"
+        if isinstance(public, ec.EllipticCurvePublicKey)
+        else type(public).__name__
+    )
+    raise CredentialError(
+        f"{label}: the key is {what}, a type the endpoint cannot use; AWS IoT Core accepts RSA "
+        "(2048 bits or more) and EC P-256 or P-384 keys: make a key of one of those types",
+        part="private key",
+    )
+
+
+def sign(key: Any, kind: str, data: bytes) -> bytes:
+    """A DER-ready signature by the token: ECDSA P-256 over SHA-256 (DER), or RSA PKCS#1 v1.5 SHA-256.
+
+    SoftHSM2 2.6 has no CKM_ECDSA_SHA256: the digest is made here and the token signs it (CKM_ECDSA),
+    which is the same signature; the token answers r||s, which X.509 wants as a DER SEQUENCE.
+    """
+    import pkcs11
+    from pkcs11.util.ec import encode_ecdsa_signature
+
+    if kind == "EC":
+        raw = key.sign(hashlib.sha256(data).digest(), mechanism=pkcs11.Mechanism.ECDSA)
+        return bytes(encode_ecdsa_signature(raw))
+    return bytes(key.sign(data, mechanism=pkcs11.Mechanism.SHA256_RSA_PKCS))
+
+
+def prove_possession(key: Any, kind: str, cert: x509.Certificate, label: str) -> None:
+    """The token signs a fresh challenge; the certificate's public key must verify it."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    challenge = os.urandom(32)
+    signature = sign(key, kind, challenge)
+    public = cert.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey) and kind == "EC":
+            public.verify(signature, challenge, ec.ECDSA(hashes.SHA256()))
+            return
+        if isinstance(public, rsa.RSAPublicKey) and kind == "RSA":
+            public.verify(signature, challenge, padding.PKCS1v15(), hashes.SHA256())
+            return
+    except InvalidSignature:
+        pass
+    raise CredentialError(
+        f"{label}: the key object does not belong to the certificate (the certificate's public key does "
+        "not verify the token's signature); install the matching pair"
+    )
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+
+def cert_handler(token: Pkcs11Config | None, secure_storage_handler: str | None = None) -> CertHandler:
+    """A CertHandler that reads (and keeps keys) through `token` when one is set."""
+    from hub_onboarding.certs import CertHandler
+
+    return CertHandler(secure_storage_handler, Pkcs11CredentialStore(token) if token is not None else None)
+
+
+class Pkcs11CredentialStore:
+    """CertHandler's store for a PKCS#11 token (entry point `pkcs11` in hub_onboarding.secure_storage)."""
+
+    def __init__(self, token: Pkcs11Config | None = None) -> None:
+        self.token = token
+
+    def check_ready(self) -> None:
+        """Open the token (module, PIN file, PIN, presence): before any traffic, so a token that cannot
+        take the permanent key stops onboarding before a certificate is minted for it."""
+        with open_token(self._config()):
+            pass
+
+    def _config(self) -> Pkcs11Config:
+        if self.token is None:
+            raise CredentialError(
+                f"the pkcs11 handler needs {_MODULE_KEY}, {_TOKEN_KEY} and {_PIN_KEY}; set all three",
+                _TOKEN_KEY,
+            )
+        return self.token
+
+    def _uri(self, ref: str, cert_type: CertType, *, is_key: bool) -> TokenUri:
+        token = self._config()
+        if ref == SECURE_STORAGE:
+            cert_label, key_label = DEFAULT_OBJECTS.get(str(cert_type), ("", ""))
+            if not cert_label:
+                raise CredentialError(f"{SECURE_STORAGE} has no default {cert_type} object in the token")
+            return TokenUri(key_label if is_key else cert_label, "private" if is_key else "cert")
+        uri = TokenUri.parse(ref)
+        if uri.token is not None and uri.token != token.token_label:
+            raise CredentialError(
+                f"{ref} names token {uri.token!r} but {_TOKEN_KEY} is {token.token_label!r}; "
+                "keys are read from the configured token",
+                part="private key" if is_key else "certificate",
+            )
+        return uri
+
+    def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
+        """The certificate (token object or PEM file) and the token's key that belongs to it."""
+        from hub_onboarding.certs import Credentials, certificate_id, check_validity_period, load_certificate
+
+        token = self._config()
+        label = f"{cert_type} private key"
+        if key_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(key_ref):
+            raise CredentialError(f"{label}: {key_ref} is not a pkcs11: URI", part="private key")
+        with open_token(token) as session:  # the token's own problems first: module, PIN, presence
+            key_uri = self._uri(key_ref, cert_type, is_key=True)
+            cert_pem = self._certificate(session, cert_type, cert_ref)
+            cert = load_certificate(cert_pem, f"{cert_type} certificate")
+            key = _private_key(session, token, key_uri.label, "private key")
+            kind = _signature_kind(key, key_uri.label)
+            check_endpoint_key(cert, label)
+            prove_possession(key, kind, cert, str(cert_type))
+        if str(cert_type) == "claim":
+            check_validity_period(cert, str(cert_type))
+        token_key = TokenKey(token.module_path, token.token_label, key_uri.label, token.pin_path, kind)
+        return Credentials(cert_pem, b"", certificate_id(cert), token_key=token_key)
+
+    def _certificate(self, session: Any, cert_type: CertType, cert_ref: str) -> bytes:
+        import pkcs11
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from hub_onboarding.certs import read_certificate_file
+
+        if cert_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(cert_ref):
+            return read_certificate_file(cert_ref, f"{cert_type} certificate")
+        uri = self._uri(cert_ref, cert_type, is_key=False)
+        found = _objects(session, uri.label, pkcs11.ObjectClass.CERTIFICATE)
+        if len(found) != 1:
+            many = f"{len(found)} certificates" if found else "no certificate"
+            raise CredentialError(
+                f"token {self._config().token_label!r} holds {many} labelled {uri.label!r}; import exactly "
+                "one certificate under that label or fix the URI's object=",
+                part="certificate",
+            )
+        der = bytes(found[0][pkcs11.Attribute.VALUE])
+        try:
+            return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+        except ValueError:
+            raise CredentialError(
+                f"certificate object {uri.label!r} is not an X.509 certificate", part="certificate"
+            ) from None
+
+    # ------------------------------------------------------------------ the permanent key
+
+    def key_for_csr(self, label: str) -> tuple[TokenKey, bytes]:
+        """The permanent pair under `label` (reused when whole, else made anew) and its public key's SPKI.
+
+        Returns (TokenKey, DER SubjectPublicKeyInfo). A half-made pair (a private key without its public
+        half, or more than one key) is deleted first: a label never holds two keys.
+        """
+        import pkcs11
+
+        token = self._config()
+        with open_token(token) as session:
+            private = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+            public = _objects(session, label, pkcs11.ObjectClass.PUBLIC_KEY)
+            reusable = (
+                len(private) == 1
+                and len(public) == 1
+                and private[0][pkcs11.Attribute.KEY_TYPE] == public[0][pkcs11.Attribute.KEY_TYPE]
+                and _is_locked_in(private[0])
+                and _kind_of(private[0]) == _wanted_kind(token.key_type)
+            )
+            if reusable:
+                log.info("reusing the key pair %r left in token %r", label, token.token_label)
+                pub = public[0]
+            else:
+                removed = _delete_label(session, label)
+                if removed:
+                    log.warning("deleted %d half-made object(s) labelled %r in the token", removed, label)
+                pub = _generate(session, token, label)
+            spki = _spki(pub)
+        kind = _wanted_kind(token.key_type)
+        return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind), spki
+
+    def sign_csr(self, key: TokenKey, spki: bytes, common_name: str) -> bytes:
+        """A PKCS#10 request for `spki`, signed inside the token by `key`: PEM."""
+        from asn1crypto import csr as acsr
+        from asn1crypto import keys as akeys
+        from asn1crypto import pem
+        from asn1crypto import x509 as ax509
+
+        info = acsr.CertificationRequestInfo(
+            {
+                "version": "v1",
+                "subject": ax509.Name.build({"common_name": common_name}),
+                "subject_pk_info": akeys.PublicKeyInfo.load(spki),
+                "attributes": [],
+            }
+        )
+        token = self._config()
+        with open_token(token) as session:
+            private = _private_key(session, token, key.label, "private key")
+            signature = sign(private, key.key_type, info.dump())
+        algorithm = "sha256_ecdsa" if key.key_type == "EC" else "sha256_rsa"
+        request = acsr.CertificationRequest(
+            {
+                "certification_request_info": info,
+                "signature_algorithm": {"algorithm": algorithm},
+                "signature": signature,
+            }
+        )
+        return bytes(pem.armor("CERTIFICATE REQUEST", request.dump()))
+
+    def import_private_key(self, label: str, key_pem: bytes) -> TokenKey:
+        """Put a service-made key into the token (sensitive, non-extractable) under `label`, alone."""
+        import pkcs11
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from pkcs11.util.ec import decode_ec_private_key
+        from pkcs11.util.rsa import decode_rsa_private_key
+
+        token = self._config()
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (TypeError, ValueError):
+            raise CredentialError("the service's private key is not a PEM key this hub can use") from None
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        if isinstance(key, rsa.RSAPrivateKey):
+            attrs, kind = decode_rsa_private_key(der), "RSA"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            attrs, kind = decode_ec_private_key(der), "EC"
+        else:
+            raise CredentialError(f"the service's key is a {type(key).__name__}, not RSA or EC")
+        del key, der  # nothing of the key stays here once it is in the token
+        attrs.update(
+            {
+                pkcs11.Attribute.TOKEN: True,
+                pkcs11.Attribute.PRIVATE: True,
+                pkcs11.Attribute.SENSITIVE: True,
+                pkcs11.Attribute.EXTRACTABLE: False,
+                pkcs11.Attribute.SIGN: True,
+                pkcs11.Attribute.LABEL: label,
+                pkcs11.Attribute.ID: _key_id(label),
+            }
+        )
+        _replace_label(token, label, attrs, "store the new key")
+        return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
+
+    def store_certificate(self, label: str, cert_pem: bytes) -> str:
+        """Put a certificate into the token under `label`, alone (a factory's job); its URI."""
+        import pkcs11
+        from cryptography.hazmat.primitives import serialization
+
+        from hub_onboarding.certs import load_certificate
+
+        token = self._config()
+        cert = load_certificate(cert_pem, "certificate")
+        attrs = {
+            pkcs11.Attribute.CLASS: pkcs11.ObjectClass.CERTIFICATE,
+            pkcs11.Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+            pkcs11.Attribute.TOKEN: True,
+            pkcs11.Attribute.PRIVATE: False,
+            pkcs11.Attribute.LABEL: label,
+            pkcs11.Attribute.SUBJECT: cert.subject.public_bytes(),
+            pkcs11.Attribute.VALUE: cert.public_bytes(serialization.Encoding.DER),
+        }
+        _replace_label(token, label, attrs, "store the certificate")
+        return format_uri(token.token_label, label, "cert")
+
+    def delete_label(self, label: str) -> int:
+        """Delete every object under `label` (reset); how many there were."""
+        with open_token(self._config()) as session:
+            return _delete_label(session, label)
+
+    def describe_key(self, label: str) -> dict[str, Any]:
+        """What the token says about the key under `label` (for tests and `status`): no key material."""
+        import pkcs11
+
+        token = self._config()
+        with open_token(token) as session:
+            keys = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
+            return {
+                "count": len(keys),
+                "sensitive": [bool(k[pkcs11.Attribute.SENSITIVE]) for k in keys],
+                "extractable": [bool(k[pkcs11.Attribute.EXTRACTABLE]) for k in keys],
+                "kind": [_kind_of(k) for k in keys],
+            }
+
+
+def _is_locked_in(key: Any) -> bool:
+    import pkcs11
+
+    return bool(key[pkcs11.Attribute.SENSITIVE]) and not bool(key[pkcs11.Attribute.EXTRACTABLE])
+
+
+def _kind_of(key: Any) -> str:
+    import pkcs11
+
+    return "EC" if key[pkcs11.Attribute.KEY_TYPE] == pkcs11.KeyType.EC else "RSA"
+
+
+def _wanted_kind(key_type: TokenKeyType) -> str:
+    return "EC" if key_type is TokenKeyType.EC_P256 else "RSA"
+
+
+def _key_id(label: str) -> bytes:
+    # CKA_ID ties the halves of a pair together (some tools look keys up by it); derived from the label.
+    return hashlib.sha256(label.encode()).digest()[:16]
+
+
+def _replace_label(token: Pkcs11Config, label: str, attrs: dict[Any, Any], action: str) -> None:
+    """Create one object under `label`, alone: whatever was under it goes first (one key per label)."""
+    import pkcs11
+
+    with open_token(token) as session:
+        _delete_label(session, label)
+        try:
+            session.create_object(attrs)
+        except pkcs11.PKCS11Error as exc:
+            raise token_error(exc, token, action) from None
+
+
+def _delete_label(session: Any, label: str) -> int:
+    import pkcs11
+
+    found = list(session.get_objects({pkcs11.Attribute.LABEL: label}))
+    for obj in found:
+        obj.destroy()
+    return len(found)
+
+
+def _generate(session: Any, token: Pkcs11Config, label: str) -> Any:
+    """A new pair in the token: the private half sensitive and non-extractable. Returns the public half."""
+    import pkcs11
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    private_template = {
+        pkcs11.Attribute.SENSITIVE: True,
+        pkcs11.Attribute.EXTRACTABLE: False,
+        pkcs11.Attribute.PRIVATE: True,
+        pkcs11.Attribute.SIGN: True,
+    }
+    try:
+        if token.key_type is TokenKeyType.EC_P256:
+            params = session.create_domain_parameters(
+                pkcs11.KeyType.EC,
+                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True,
+            )
+            public, _ = params.generate_keypair(
+                store=True, label=label, id=_key_id(label), private_template=private_template
+            )
+        else:
+            public, _ = session.generate_keypair(
+                pkcs11.KeyType.RSA,
+                2048,
+                store=True,
+                label=label,
+                id=_key_id(label),
+                private_template=private_template,
+            )
+    except pkcs11.PKCS11Error as exc:
+        raise token_error(exc, token, f"generate the permanent key ({token.key_type.value})") from None
+    return public
+
+
+def _spki(public: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key object."""
+    import pkcs11
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from pkcs11.util.ec import encode_ec_public_key
+
+    if public[pkcs11.Attribute.KEY_TYPE] == pkcs11.KeyType.EC:
+        return bytes(encode_ec_public_key(public))
+    numbers = rsa.RSAPublicNumbers(
+        int.from_bytes(public[pkcs11.Attribute.PUBLIC_EXPONENT], "big"),
+        int.from_bytes(public[pkcs11.Attribute.MODULUS], "big"),
+    )
+    return numbers.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

@@ -1,0 +1,232 @@
+"""Onboarding with the hub's keys in a PKCS#11 token (a fresh SoftHSM2 token per test) against iot-core-local.
+
+The claim (or DHA) key is imported into the token by the factory; the permanent key is generated in the
+token (CSR, the CSR signed there) or the service's key imported into it (CreateKeysAndCertificate). Every
+TLS connection the hub makes signs inside the token through awscrt's PKCS#11 support.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from hub_onboarding.cli import main
+from hub_onboarding.config import TokenKeyType
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore
+from hub_onboarding.tools import fleet_sim
+from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
+from iot_core_local.server import LocalIotCore
+from tests._support.certificates import certificate_ids, make_rsa_pair, pem_certificate_id
+from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
+from tests._support.recovery import connect_through_token
+
+pytestmark = pytest.mark.e2e
+
+
+def _private_key_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+
+
+@pytest.mark.parametrize(
+    ("method", "key_type", "public_type", "cert_in_token"),
+    [
+        ("CreateCertificateFromCsr", TokenKeyType.EC_P256, ec.EllipticCurvePublicKey, False),
+        ("CreateCertificateFromCsr", TokenKeyType.RSA_2048, rsa.RSAPublicKey, True),
+        ("CreateKeysAndCertificate", TokenKeyType.EC_P256, rsa.RSAPublicKey, False),
+    ],
+)
+def test_fleet_provisioning_with_keys_in_the_token(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    method: str,
+    key_type: TokenKeyType,
+    public_type: type,
+    cert_in_token: bool,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_path = make_cloud_hub(
+        certificate_method=method, token=softhsm.config(key_type), cert_in_token=cert_in_token
+    )
+    assert _private_key_files(config_path.parent) == [], "the factory put the claim key in the token"
+    assert main(["provision", "--config", str(config_path), "--json", "-vv"]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    doc = read_config(config_path)
+    rw, serial = doc["rw"], doc["ro"]["SN"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    label = f"hub-onboarding-{serial}"
+    assert rw["iot_permanent_pk_path"] == f"pkcs11:token=hub;object={label};type=private"
+    assert result["private_key_path"] == rw["iot_permanent_pk_path"]
+    # The key exists only inside the token, sensitive and non-extractable; no file holds a private key.
+    store = Pkcs11CredentialStore(softhsm.config(key_type))
+    assert store.describe_key(label) == {
+        "count": 1,
+        "sensitive": [True],
+        "extractable": [False],
+        "kind": ["RSA" if public_type is rsa.RSAPublicKey else "EC"],
+    }
+    assert _private_key_files(config_path.parent) == []
+    pin = softhsm.pin_path.read_text().strip()
+    assert pin not in printed.out + printed.err + config_path.read_text()
+    cert_pem = Path(rw["iot_permanent_cert_path"]).read_bytes()
+    assert isinstance(x509.load_pem_x509_certificate(cert_pem).public_key(), public_type)
+    cert_id = pem_certificate_id(cert_pem)
+    assert iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"] == "ACTIVE"
+    connect_through_token(cloud, softhsm, rw)
+
+
+def test_jitr_with_the_dha_key_in_the_token(
+    cloud: LocalIotCore, iot: Any, tmp_path: Path, softhsm: SoftHsmToken
+) -> None:
+    jitr = write_jitr_cloud_hub(
+        cloud, iot, tmp_path / "hub", "JITR-TOKEN", token=softhsm.config(), cert_in_token=True
+    )
+    activator = jitr.activator
+    activator.start()
+    try:
+        config_path = jitr.config
+        assert main(["provision", "--config", str(config_path)]) == 0
+    finally:
+        activator.stop()
+    doc = read_config(config_path)
+    assert doc["ro"]["iot_dha_pk_path"] == "SECURE_STORAGE"
+    rw = doc["rw"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    assert rw["client_id"] == "hub-JITR-TOKEN"
+    assert activator.activated == [pem_certificate_id(jitr.dha_certificate_pem.encode())]
+    assert _private_key_files(config_path.parent) == []
+
+
+def test_reset_deletes_onboardings_token_objects_only(
+    make_cloud_hub: CloudHubFactory, softhsm: SoftHsmToken, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = make_cloud_hub(token=softhsm.config())
+    assert main(["provision", "--config", str(config_path)]) == 0
+    capsys.readouterr()
+    serial = read_config(config_path)["ro"]["SN"]
+    store = Pkcs11CredentialStore(softhsm.config())
+    assert store.describe_key(f"hub-onboarding-{serial}")["count"] == 1
+    assert main(["reset", "--config", str(config_path), "--yes", "--json"]) == 0
+    deleted = json.loads(capsys.readouterr().out)["deleted"]
+    assert f"pkcs11:token=hub;object=hub-onboarding-{serial};type=private" in deleted
+    assert store.describe_key(f"hub-onboarding-{serial}")["count"] == 0, "onboarding's key is gone"
+    assert store.describe_key("claim-key")["count"] == 1, "the factory's claim key stays"
+    assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    assert main(["provision", "--config", str(config_path)]) == 0, "and the hub onboards again"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "key"),
+    [
+        ("wrong PIN, claim key a file", "ro.pkcs11_pin_path"),
+        ("wrong PIN", "ro.pkcs11_pin_path"),
+        ("PIN file too open", "ro.pkcs11_pin_path"),
+        ("no such module", "ro.pkcs11_module_path"),
+        ("token not present", "ro.pkcs11_token_label"),
+        ("unknown key object", "ro.iot_claim_pk_path"),
+        ("key type the endpoint cannot use", "ro.iot_claim_pk_path"),
+    ],
+)
+def test_token_errors_exit_4_and_write_nothing(
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    breakage: str,
+    key: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if breakage.endswith("claim key a file"):  # only the permanent key would go to the token
+        config_path = make_cloud_hub(extra_ro=softhsm.ro())
+    else:
+        config_path = make_cloud_hub(token=softhsm.config())
+    doc = read_config(config_path)
+    ro = doc["ro"]
+    if breakage.startswith("wrong PIN"):
+        softhsm.pin_path.write_text("99999999\n")
+    elif breakage == "PIN file too open":
+        softhsm.pin_path.chmod(0o640)
+    elif breakage == "no such module":
+        ro["pkcs11_module_path"] = str(config_path.parent / "libnothing.so")
+    elif breakage == "token not present":
+        ro["pkcs11_token_label"] = "unplugged"
+    elif breakage == "unknown key object":
+        ro["iot_claim_pk_path"] = "pkcs11:token=hub;object=missing-key;type=private"
+    else:  # an RSA-1024 claim pair, the key in the token
+        cert_pem, key_pem = make_rsa_pair("weak-claim", 1024)
+        Path(ro["iot_claim_cert_path"]).write_bytes(cert_pem)
+        Pkcs11CredentialStore(softhsm.config()).import_private_key("claim-key", key_pem)
+    config_path.write_text(json.dumps(doc))
+    before = snapshot(config_path.parent)
+    certificates_before = certificate_ids(iot)
+    objects_before = set(snapshot(softhsm.folder))  # one file per object (token.object counts PIN failures)
+    assert main(["provision", "--config", str(config_path), "--json"]) == 4
+    printed = capsys.readouterr()
+    error = json.loads(printed.out)["error"]
+    assert error["exit_code"] == 4
+    assert error["type"] == "CredentialError"
+    assert error["key"] == key
+    assert key in error["message"]
+    assert "\n" not in error["message"]
+    assert "99999999" not in printed.out + printed.err
+    assert snapshot(config_path.parent) == before, "nothing written"
+    assert set(snapshot(softhsm.folder)) == objects_before, "nothing made in the token"
+    assert certificate_ids(iot) == certificates_before, "no certificate minted"
+
+
+@pytest.mark.timeout(120)
+def test_fleet_sim_with_keys_in_tokens(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fleet-sim --pkcs11: each simulated hub has its own token; three onboard at once (the module is
+    initialised for threads: awscrt signs handshakes on its threads meanwhile)."""
+    monkeypatch.setenv(CONF_ENV, "")  # fleet-sim points this process at its SoftHSM2 folder; undone after
+    code = fleet_sim.main(
+        [
+            "--hubs",
+            "4",
+            "--concurrency",
+            "3",
+            "--json",
+            "--pkcs11",
+            "--serial-prefix",
+            "P",
+            "--work-dir",
+            str(tmp_path),
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, summary
+    assert summary["onboarded"] == 4
+    for i, config in enumerate(sorted((tmp_path / "hubs").glob("hub-*/iotmi_config.json"))):
+        doc = read_config(config)
+        label = f"hub-{i:06d}"
+        assert doc["ro"]["pkcs11_token_label"] == label
+        assert doc["rw"]["iot_provisioning_state"] == "PROVISIONED"
+        assert (
+            doc["rw"]["iot_permanent_pk_path"]
+            == f"pkcs11:token={label};object=hub-onboarding-P-{i:06d};type=private"
+        )
+        assert _private_key_files(config.parent) == []
+
+
+def test_demo_shows_the_token_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(CONF_ENV, "")  # the demo points this process at its SoftHSM2 folder; undone after
+    assert main(["demo", "--pkcs11"]) == 0
+    out = capsys.readouterr().out
+    assert "initialising a SoftHSM2 token 'hub'" in out
+    assert "key pair in the token: pkcs11:token=hub;object=hub-onboarding-SN-DEMO-0001;type=private" in out
+    assert "1 object, sensitive True, extractable False" in out
+    assert "private key files beside the config: 0" in out
+    config = json.loads(out[out.index("{", out.index("resulting iotmi_config.json")) :])
+    assert config["rw"]["iot_provisioning_state"] == "PROVISIONED"
+    assert config["ro"]["iot_claim_pk_path"] == "pkcs11:token=hub;object=claim-key;type=private"
+    assert "PRIVATE KEY" not in out
