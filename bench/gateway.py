@@ -86,9 +86,9 @@ class ServerProcess:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def broker_port(self) -> int:
-        conf = (self.data_dir / "mosquitto" / "mosquitto.conf").read_text()
-        return int(re.search(r"^listener\s+(\d+)", conf, re.M).group(1))  # type: ignore[union-attr]
+    def broker_socket(self) -> str:
+        """Mosquitto's Unix socket: it has no TCP port (broker.py); this process is the server's user."""
+        return str(self.data_dir / "mosquitto" / "mosquitto.sock")
 
 
 def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
@@ -164,7 +164,7 @@ async def _added_latency(server: ServerProcess, work: Path, count: int) -> dict[
     via_gateway = await MqttConnection.open(
         server.endpoint["mqttHost"], server.endpoint["mqttPort"], "lat-gw", ctx
     )
-    direct = await MqttConnection.open("127.0.0.1", server.broker_port(), "lat-direct", None)
+    direct = await MqttConnection.open_unix(server.broker_socket(), "lat-direct")
     gateway_s: list[float] = []
     direct_s: list[float] = []
     # Alternate in blocks so that drift on a shared machine hits both sides alike.

@@ -44,6 +44,18 @@ class MqttConnection:
         cls, host: str, port: int, client_id: str, ssl_context: ssl.SSLContext | None
     ) -> MqttConnection:
         reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        return await cls._connect(reader, writer, client_id)
+
+    @classmethod
+    async def open_unix(cls, path: str, client_id: str) -> MqttConnection:
+        """Straight to a Mosquitto's Unix socket (the server's own user only): the baseline of latency."""
+        reader, writer = await asyncio.open_unix_connection(path)
+        return await cls._connect(reader, writer, client_id)
+
+    @classmethod
+    async def _connect(
+        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_id: str
+    ) -> MqttConnection:
         conn = cls(reader, writer)
         conn.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60))
         connack = await conn.receive()

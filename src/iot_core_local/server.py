@@ -281,14 +281,13 @@ class LocalIotCore:
                 hook_timeout=self.hook_timeout,
                 hook_workers=self.hook_workers,
                 clock=self.clock,
-                broker=(self._broker.host, self._broker.port),
+                broker=self._broker.address,
             )
             self._gateway = Gateway(
                 registry=self._registry,
                 ca=self._ca,
                 provisioning=provisioning,
-                broker_host=self._broker.host,
-                broker_port=self._broker.port,
+                broker_address=self._broker.address,
                 host=self.host,
                 port=self.mqtt_port,
                 faults=self.faults,
@@ -390,6 +389,7 @@ class LocalIotCore:
                         "mosquitto.db.new",
                         "mosquitto.log",
                         "mosquitto.pid",
+                        "mosquitto.sock",
                         "mosquitto.stderr",
                     )
                 ),

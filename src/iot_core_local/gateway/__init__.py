@@ -73,8 +73,7 @@ class Gateway:
         registry: Registry,
         ca: CertificateAuthority,
         provisioning: ProvisioningService,
-        broker_host: str,
-        broker_port: int,
+        broker_address: str,
         host: str = "127.0.0.1",
         port: int = 0,
         faults: FaultInjector | None = None,
@@ -85,8 +84,7 @@ class Gateway:
         self.faults = faults if faults is not None else FaultInjector()
         self.ca = ca
         self.provisioning = provisioning
-        self.broker_host = broker_host
-        self.broker_port = broker_port
+        self.broker_address = broker_address  # Mosquitto's Unix socket (broker.py), the gateway's alone
         self.host = host
         self.port = port
         self.arn_prefix = registry.arn("")
@@ -131,13 +129,7 @@ class Gateway:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._maintain())
-        log.info(
-            "gateway listening on %s:%d, relaying to %s:%d",
-            self.host,
-            self.port,
-            self.broker_host,
-            self.broker_port,
-        )
+        log.info("gateway listening on %s:%d, relaying to %s", self.host, self.port, self.broker_address)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -166,6 +158,10 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def open_broker(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """One relay stream to Mosquitto, through its Unix socket."""
+        return await asyncio.open_unix_connection(self.broker_address)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (a trust store build, a heap trim) in the gateway's workers."""
