@@ -149,6 +149,6 @@ def test_a_socket_path_too_long_elsewhere_fails_with_one_line(
 ) -> None:
     monkeypatch.setattr("iot_core_local.broker.sys.platform", "darwin")
     with pytest.raises(
-        ServerError, match="too long for Mosquitto's Unix socket.*choose a shorter --data-dir"
+        ServerError, match=r"too long for Mosquitto's Unix socket.*choose a shorter --data-dir"
     ):
         socket_address(tmp_path / ("d" * 100))
