@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
     )
     serve.add_argument(
+        "--alpn-port",
+        type=_port,
+        default=None,
+        help="also serve MQTT over TLS here to clients offering ALPN x-amzn-mqtt-ca, as AWS IoT Core's "
+        "port 443 does (0 = any free port; default: not served)",
+    )
+    serve.add_argument(
         "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
     )
     serve.add_argument(
@@ -164,13 +171,14 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,
+        alpn_port=args.alpn_port,
         token_ttl=args.token_ttl,
         faults=args.fault,
     )
     try:
         endpoint = core.start()
     except PortUnavailable as exc:
-        flag = "--mqtt-port" if exc.service == "mqtt" else "--api-port"
+        flag = {"mqtt": "--mqtt-port", "alpn": "--alpn-port"}.get(exc.service, "--api-port")
         print(
             f"iot-core-local: cannot start: {exc} ({flag}); stop that program or choose another {flag} "
             "(0: any free port)",

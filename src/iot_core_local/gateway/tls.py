@@ -23,12 +23,16 @@ from cryptography import x509
 from ..ca import CertificateAuthority
 from ..registry import Registry
 
-__all__ = ["LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
+__all__ = ["ALPN_MQTT", "LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
 
 log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], T]], Awaitable[T]]
+
+# The ALPN protocol id AWS IoT Core's port 443 serves MQTT under (without it, 443 is HTTPS there); the
+# SDKs' samples offer it by default on 443.
+ALPN_MQTT = "x-amzn-mqtt-ca"
 
 # The StreamReader's buffer limit for a device connection; MQTT packets are read this much at a time.
 READ_SIZE = 65536
@@ -98,10 +102,15 @@ async def start_tls(
 
 
 async def handshake(
-    transport: asyncio.Transport, peer: str, context: ssl.SSLContext, handshake_timeout: float
+    transport: asyncio.Transport,
+    peer: str,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+    require_alpn: str | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
     """TLS on a connection whose reading was paused at accept: (reader, writer, client certificate DER),
-    or None (logged) if the handshake fails or the client sent no certificate.
+    or None (logged) if the handshake fails, the client sent no certificate, or `require_alpn` is given
+    and the client did not offer it.
 
     Reading stays paused until TLS takes over the transport, so no byte of the ClientHello can be
     consumed as plain data first (the race StreamWriter.start_tls has on the server side).
@@ -131,6 +140,12 @@ async def handshake(
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         log.info("connection %s: closed: no client certificate", peer)
+        tls.abort()
+        return None
+    if require_alpn is not None and ssl_object.selected_alpn_protocol() != require_alpn:
+        # OpenSSL asks the server's ALPN choice only of a client that offers ALPN at all, so a client
+        # without it completes the handshake; it is closed before it can send a byte of MQTT.
+        log.info("connection %s: closed: ALPN %s not offered on the ALPN port", peer, require_alpn)
         tls.abort()
         return None
     return reader, writer, der
@@ -224,5 +239,8 @@ class TrustStore:
         context.load_cert_chain(self.ca.server_cert_path, self.ca.server_key_path)
         context.verify_mode = ssl.CERT_REQUIRED
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        # Chosen when offered, on either port; a client offering only other protocols gets none, and the
+        # MQTT port serves it as before (the ALPN port closes it, see `handshake`).
+        context.set_alpn_protocols([ALPN_MQTT])
         context.load_verify_locations(cadata="".join(pems.values()))
         return context, generation, len(pems)
