@@ -193,8 +193,6 @@ class Broker:
                 "allow_anonymous true",
                 # AWS IoT Core has no QoS 2; the gateway refuses it before it gets here, this is a backstop.
                 "max_qos 1",
-                # Latency: the gateway adds a hop, so the broker must not add Nagle delays to it.
-                "set_tcp_nodelay true",
                 # Per-client queues bounded in messages and bytes.
                 *self.limits.config_lines(),
                 f"user {user}",

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "kinds throttle, drop, ignore, delay, refuse; operations Connect, CreateKeysAndCertificate, "
         "CreateCertificateFromCsr, RegisterThing, any (repeatable; also POST API_URL/_local/faults)",
     )
+    _limit_flags(serve)
     serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
 
     fleet = sub.add_parser(
@@ -89,6 +90,64 @@ def _parser() -> argparse.ArgumentParser:
         "--ca-dir", type=Path, help="where the device CA's certificate and key live (default OUT/device-ca)"
     )
     return parser
+
+
+def _limit_flags(serve: argparse.ArgumentParser) -> None:
+    """The limits a user of `serve` may tune; each defaults to GatewayLimits' or BrokerLimits' value."""
+    from .broker import BrokerLimits
+    from .gateway.limits import GatewayLimits
+
+    gateway, broker = GatewayLimits(), BrokerLimits()
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=gateway.max_connections,
+        metavar="N",
+        help="device connections open at once; more are closed before TLS "
+        f"(default {gateway.max_connections})",
+    )
+    limits.add_argument(
+        "--max-handshakes-per-address",
+        type=_positive,
+        default=gateway.max_handshakes_per_address,
+        metavar="N",
+        help="TLS handshakes in flight from one non-loopback address "
+        f"(default {gateway.max_handshakes_per_address})",
+    )
+    limits.add_argument(
+        "--max-keep-alive",
+        type=_positive,
+        default=gateway.max_keep_alive,
+        metavar="SECONDS",
+        help="the longest keep-alive in seconds; 0 and longer ones get this as Server Keep Alive "
+        f"(default {gateway.max_keep_alive}, AWS IoT Core's)",
+    )
+    limits.add_argument(
+        "--max-queued-messages",
+        type=_positive,
+        default=broker.max_queued_messages,
+        metavar="N",
+        help="QoS 1 messages Mosquitto queues per client beyond those in flight; later ones are dropped "
+        f"(default {broker.max_queued_messages})",
+    )
+    limits.add_argument(
+        "--max-queued-bytes",
+        type=_positive,
+        default=broker.max_queued_bytes,
+        metavar="BYTES",
+        help=f"the same queue in bytes (default {broker.max_queued_bytes})",
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -166,8 +225,19 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    from .broker import BrokerLimits
+    from .gateway.limits import GatewayLimits
+
     core = LocalIotCore(
         args.data_dir,
+        gateway_limits=GatewayLimits(
+            max_connections=args.max_connections,
+            max_handshakes_per_address=args.max_handshakes_per_address,
+            max_keep_alive=args.max_keep_alive,
+        ),
+        broker_limits=BrokerLimits(
+            max_queued_messages=args.max_queued_messages, max_queued_bytes=args.max_queued_bytes
+        ),
         host=args.host,
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,
