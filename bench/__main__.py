@@ -15,15 +15,14 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import create_keys, delayed_ack, fleet, footprint, gateway, latency, profile, report
-from bench.gateway import ServerProcess
+from bench import abuse, create_keys, delayed_ack, fleet, footprint, gateway, latency, profile, report
+from bench.gateway import ServerProcess, commit
 
 FINDING = (
     "Profiled with py-spy at concurrency 200 (bench/profile.py): on the hubs' side, 67-75% of the time a "
@@ -36,16 +35,6 @@ FINDING = (
     "on the gateway's single event loop (`SSLObject.do_handshake`) and to SQLite commits "
     "(`Registry.transaction`)."
 )
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def _step(name: str, fn: Any, results: dict[str, Any], timings: dict[str, float]) -> None:
@@ -68,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -112,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         _step("bottleneck", bottleneck, results, timings)
+    # On a server of its own: its memory peak is the abuse's, not what the runs above left behind.
+    _step("abuse", lambda: abuse.run(scale=abuse.QUICK if quick else abuse.Scale()), results, timings)
     # The profiles run on a server of their own: py-spy attaches to its process.
     if not quick:
         _step("profile_after", lambda: profile.run(400, 200, trim_tls=True), results["bottleneck"], timings)

@@ -39,25 +39,28 @@ class ServerProcess:
         self.endpoint: dict[str, Any] = {}
 
     def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "iot_core_local",
-                "serve",
-                "--data-dir",
-                str(self.data_dir),
-                "--mqtt-port",
-                "0",
-                "--api-port",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(self.data_dir.parent / "server.log", "wb"),
-        )
+        # The child keeps its own copy of the log's descriptor; ours closes once it has started.
+        with open(self.data_dir.parent / "server.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "iot_core_local",
+                    "serve",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--mqtt-port",
+                    "0",
+                    "--api-port",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
+            self.__exit__()
             raise RuntimeError(f"server did not start; see {self.data_dir.parent / 'server.log'}")
         self.endpoint = json.loads(line)
         return self
@@ -66,6 +69,8 @@ class ServerProcess:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def client(self) -> Any:
         return boto3.client(
@@ -86,9 +91,29 @@ class ServerProcess:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def broker_pid(self) -> int:
+        """Mosquitto's pid, as the server records it for its crash hygiene."""
+        return int((self.data_dir / "mosquitto" / "mosquitto.pid").read_text())
+
     def broker_socket(self) -> str:
         """Mosquitto's Unix socket: it has no TCP port (broker.py); this process is the server's user."""
         return str(self.data_dir / "mosquitto" / "mosquitto.sock")
+
+
+def commit() -> str:
+    """The short hash of the commit measured ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
 
 
 def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:

@@ -4,12 +4,15 @@
 
 rewrites the generated part of docs/performance.md (between its markers) from a results file, by default
 the newest full run in bench/results (by the date it recorded). `python -m bench` does it after each run,
-and a test checks that the doc shows exactly what the newest committed results say.
+and a test checks that the doc shows exactly what the newest committed results say. A run of one part
+alone (`python -m bench.abuse --record`: "partial" in its file) is never the newest full run; when the
+full run has no such part, the doc shows the newest partial run of it beside, naming its own file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -119,7 +122,35 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         )
         a = gw["latency"]["added_median_ms"]
         out.append(("gateway: added median latency vs Mosquitto", "< 2 ms", f"{a} ms", a < 2))
+    if results.get("abuse"):
+        out += _abuse_goals(results["abuse"])
     return out
+
+
+def _abuse_goals(ab: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    scale, abused, calm = ab["scale"], ab["with_abuse"], ab["without_abuse"]
+    return [
+        (
+            f"abuse: hubs provisioned beside {scale['idle']:,} idle connections and {scale['deaf']} "
+            "subscribers that never read",
+            f"{abused['hubs']} of {abused['hubs']}",
+            f"{abused['succeeded']} of {abused['hubs']}",
+            abused["failed"] == 0,
+        ),
+        (
+            "abuse: server + Mosquitto peak RSS",
+            "<= 250 MB",
+            f"{ab['peak_rss_mb']} MB",
+            ab["peak_rss_mb"] <= 250,
+        ),
+        (
+            f"abuse: provisionings/s without abuse ({calm['hubs']:,} hubs, "
+            f"concurrency {scale['concurrency']})",
+            ">= 250/s",
+            f"{calm['provisionings_per_s']}/s",
+            calm["provisionings_per_s"] >= 250,
+        ),
+    ]
 
 
 def _goals_section(results: dict[str, Any], h: str) -> list[str]:
@@ -298,6 +329,34 @@ def _gateway_section(gw: dict[str, Any], h: str) -> list[str]:
     ]
 
 
+def _abuse_section(ab: dict[str, Any], h: str) -> list[str]:
+    scale = ab["scale"]
+    phases = (("without abuse", ab["without_abuse"]), ("with abuse", ab["with_abuse"]))
+    return [
+        f"{h} Under abuse ({scale['idle']:,} idle TLS connections, {scale['deaf']} subscribers that never "
+        f"read, {scale['flood_messages']} messages of {scale['flood_payload'] // 1024} KiB to them)",
+        "",
+        _row("phase", "hubs", "concurrency", "succeeded", "per s", "p50"),
+        _row(*["---"] * 6),
+        *(
+            _row(
+                name,
+                p["hubs"],
+                scale["concurrency"],
+                p["succeeded"],
+                p["provisionings_per_s"],
+                f"{p['latency_p50_ms']} ms",
+            )
+            for name, p in phases
+        ),
+        "",
+        f"Peak VmRSS during the abuse: server {ab['server_peak_rss_mb']} MB, Mosquitto "
+        f"{ab['broker_peak_rss_mb']} MB (sum of the two peaks {ab['peak_rss_mb']} MB). Still connected at "
+        f"the end: {ab['idle_still_open']} of {scale['idle']} idle connections, {ab['deaf_still_open']} of "
+        f"{scale['deaf']} subscribers that never read.",
+    ]
+
+
 def sections(results: dict[str, Any], heading: str = "##", *, details: bool = True) -> list[str]:
     """Every table of one run, each under a `heading` title. `details`: the bottleneck's finding and
     profiles too (the results file has them; the performance doc tells them in its own words)."""
@@ -316,6 +375,8 @@ def sections(results: dict[str, Any], heading: str = "##", *, details: bool = Tr
         parts.append(_bottleneck_section(results["bottleneck"], heading, details))
     if results.get("gateway"):
         parts.append(_gateway_section(results["gateway"], heading))
+    if results.get("abuse"):
+        parts.append(_abuse_section(results["abuse"], heading))
     lines: list[str] = []
     for part in parts:
         lines += [*part, ""]
@@ -403,27 +464,63 @@ def charts(results: dict[str, Any], out_dir: Path) -> list[Path]:
 # ---- the generated part of docs/performance.md ---------------------------------------------------
 
 
-def newest_results(folder: Path = RESULTS_DIR) -> Path:
-    """The results file of the newest full run (`--quick` runs are not for the record), by its own date."""
+def newest_results(folder: Path = RESULTS_DIR, *, part: str | None = None) -> Path:
+    """The results file of the newest full run (`--quick` runs are not for the record), by its own date;
+    with `part`, the newest run, full or partial, that has that part."""
     runs = []
     for path in folder.glob("*.json"):
         results = json.loads(path.read_text())
-        if not results.get("quick"):
+        if results.get("quick"):
+            continue
+        if (part is None and not results.get("partial")) or (part is not None and results.get(part)):
             runs.append((results["date"], path.name, path))
     if not runs:
-        raise FileNotFoundError(f"no results of a full run in {folder}")
+        raise FileNotFoundError(f"no results of a full run{f' with {part}' if part else ''} in {folder}")
     return max(runs)[2]
 
 
-def docs_block(results: dict[str, Any], source: Path) -> str:
-    """The generated part of docs/performance.md, markers included, for the run in `source`."""
+def docs_block_for(source: Path | None = None, folder: Path = RESULTS_DIR) -> str:
+    """`docs_block` of `source` (default: the newest full run), with the newest abuse run beside it
+    when that run has none."""
+    source = source or newest_results(folder)
+    results = json.loads(source.read_text())
+    beside = None
+    if not results.get("abuse"):
+        with_abuse: Path | None = None
+        with contextlib.suppress(FileNotFoundError):
+            with_abuse = newest_results(folder, part="abuse")
+        if with_abuse is not None:
+            beside = (json.loads(with_abuse.read_text()), with_abuse)
+    return docs_block(results, source, beside)
+
+
+def docs_block(
+    results: dict[str, Any], source: Path, abuse: tuple[dict[str, Any], Path] | None = None
+) -> str:
+    """The generated part of docs/performance.md, markers included, for the run in `source`; `abuse`: a
+    partial run of the abuse benchmark shown beside it (its goals and table, naming its file)."""
     machine = results["machine"]
+    beside: list[str] = []
+    if abuse is not None:
+        part, path = abuse
+        beside = [
+            "",
+            f"The abuse benchmark ran alone on {part['date']}, commit {part['commit']} "
+            f"(`python -m bench.abuse --record`); every sample is in `bench/results/{path.name}`.",
+            "",
+            _row("measure", "goal", "measured", ""),
+            _row("---", "---", "---", "---"),
+            *(_row(what, goal, got, _ok(met)) for what, goal, got, met in _abuse_goals(part["abuse"])),
+            "",
+            *_abuse_section(part["abuse"], "###"),
+        ]
     lines = [
         BEGIN_MARK.format(name=source.name),
         f"Run of {results['date']}, commit {results['commit']}, on {machine['cpus']} CPUs "
         f"(Python {machine['python']}); every sample is in `bench/results/{source.name}`.",
         "",
         *sections(results, "###", details=False),
+        *beside,
         "",
         "![Onboarding latency](../bench/results/latency.png)",
         "",
@@ -445,9 +542,8 @@ def generated_block(text: str) -> str:
 
 def update_docs(source: Path | None = None, doc: Path = PERFORMANCE_DOC) -> bool:
     """Rewrite the generated part of `doc` from `source` (default: the newest run); whether it changed."""
-    source = source or newest_results()
     text = doc.read_text()
-    block = docs_block(json.loads(source.read_text()), source)
+    block = docs_block_for(source, source.parent if source else RESULTS_DIR)
     updated = text.replace(generated_block(text), block)
     if updated == text:
         return False
