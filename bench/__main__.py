@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import abuse, create_keys, delayed_ack, fleet, footprint, gateway, latency, profile, report
-from bench.gateway import ServerProcess, commit
+from bench.gateway import ServerProcess
 
 FINDING = (
     "Profiled with py-spy at concurrency 200 (bench/profile.py): on the hubs' side, 67-75% of the time a "
@@ -57,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "commit": report.commit(),
+        "machine": report.machine(),
         "quick": quick,
     }
     timings: dict[str, float] = {}

@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
-import platform
 import ssl
 import statistics
 import sys
@@ -34,7 +32,7 @@ import mqtt5
 
 from bench import report
 from bench.fleet import PeakRss
-from bench.gateway import ServerProcess, commit
+from bench.gateway import ServerProcess, write_pair
 from bench.loadgen import MqttConnection, client_context, make_csr, provision_one
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.resources import raise_open_file_limit
@@ -63,14 +61,6 @@ class Scale:
 
 SMOKE = Scale(idle=20, deaf=5, hubs=10, calm_hubs=10, concurrency=10, flood_messages=40)  # tests
 QUICK = Scale(idle=100, deaf=20, hubs=50, calm_hubs=100, concurrency=50)  # python -m bench --quick
-
-
-def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_text(cert)
-    key_path.write_text(key)
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path)
 
 
 async def _provision(
@@ -144,14 +134,14 @@ async def _run(server: ServerProcess, work: Path, scale: Scale) -> dict[str, Any
     claim = set_up_fleet_provisioning(iot, "AbuseBench")
     claim_ctx = client_context(
         server.endpoint["rootCaPath"],
-        *_write_pair(work, "abuse-claim", claim.certificate_pem, claim.private_key_pem),
+        *write_pair(work, "abuse-claim", claim.certificate_pem, claim.private_key_pem),
     )
     iot.create_policy(policyName="abuse-open", policyDocument=OPEN_POLICY)
     created = iot.create_keys_and_certificate(setAsActive=True)
     iot.attach_policy(policyName="abuse-open", target=created["certificateArn"])
     abuser_ctx = client_context(
         server.endpoint["rootCaPath"],
-        *_write_pair(work, "abuser", created["certificatePem"], created["keyPair"]["PrivateKey"]),
+        *write_pair(work, "abuser", created["certificatePem"], created["keyPair"]["PrivateKey"]),
     )
     host, port = server.endpoint["mqttHost"], server.endpoint["mqttPort"]
     template = claim.template_name
@@ -217,12 +207,8 @@ def record(results: dict[str, Any], out_dir: Path = report.RESULTS_DIR) -> Path:
     rewrite docs/performance.md's tables, which show it beside the newest full run."""
     run_record = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "commit": report.commit(),
+        "machine": report.machine(),
         "quick": False,
         "partial": True,
         "abuse": results,

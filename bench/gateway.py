@@ -105,18 +105,7 @@ class ServerProcess:
         return str(self.data_dir / "mosquitto" / "mosquitto.sock")
 
 
-def commit() -> str:
-    """The short hash of the commit measured ("unknown" outside a git checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
+def write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_text(cert)
     key_path.write_text(key)
@@ -127,7 +116,7 @@ def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]
 async def _throughput(server: ServerProcess, work: Path, hubs: int, concurrency: int) -> dict[str, Any]:
     iot = server.client()
     claim = set_up_fleet_provisioning(iot, f"Bench{concurrency}")
-    cert, key = _write_pair(work, f"claim{concurrency}", claim.certificate_pem, claim.private_key_pem)
+    cert, key = write_pair(work, f"claim{concurrency}", claim.certificate_pem, claim.private_key_pem)
     ctx = client_context(server.endpoint["rootCaPath"], cert, key)
     csrs = [make_csr(f"bench-{concurrency}-{i}") for i in range(hubs)]
     host, port = server.endpoint["mqttHost"], server.endpoint["mqttPort"]
@@ -184,7 +173,7 @@ async def _added_latency(server: ServerProcess, work: Path, count: int) -> dict[
     )
     created = iot.create_keys_and_certificate(setAsActive=True)
     iot.attach_policy(policyName="bench-open", target=created["certificateArn"])
-    cert, key = _write_pair(work, "open", created["certificatePem"], created["keyPair"]["PrivateKey"])
+    cert, key = write_pair(work, "open", created["certificatePem"], created["keyPair"]["PrivateKey"])
     ctx = client_context(server.endpoint["rootCaPath"], cert, key)
     via_gateway = await MqttConnection.open(
         server.endpoint["mqttHost"], server.endpoint["mqttPort"], "lat-gw", ctx

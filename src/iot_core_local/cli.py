@@ -99,45 +99,20 @@ def _limit_flags(serve: argparse.ArgumentParser) -> None:
 
     gateway, broker = GatewayLimits(), BrokerLimits()
     limits = serve.add_argument_group("limits")
-    limits.add_argument(
-        "--max-connections",
-        type=_positive,
-        default=gateway.max_connections,
-        metavar="N",
-        help="device connections open at once; more are closed before TLS "
-        f"(default {gateway.max_connections})",
-    )
-    limits.add_argument(
-        "--max-handshakes-per-address",
-        type=_positive,
-        default=gateway.max_handshakes_per_address,
-        metavar="N",
-        help="TLS handshakes in flight from one non-loopback address "
-        f"(default {gateway.max_handshakes_per_address})",
-    )
-    limits.add_argument(
-        "--max-keep-alive",
-        type=_positive,
-        default=gateway.max_keep_alive,
-        metavar="SECONDS",
-        help="the longest keep-alive in seconds; 0 and longer ones get this as Server Keep Alive "
-        f"(default {gateway.max_keep_alive}, AWS IoT Core's)",
-    )
-    limits.add_argument(
-        "--max-queued-messages",
-        type=_positive,
-        default=broker.max_queued_messages,
-        metavar="N",
-        help="QoS 1 messages Mosquitto queues per client beyond those in flight; later ones are dropped "
-        f"(default {broker.max_queued_messages})",
-    )
-    limits.add_argument(
-        "--max-queued-bytes",
-        type=_positive,
-        default=broker.max_queued_bytes,
-        metavar="BYTES",
-        help=f"the same queue in bytes (default {broker.max_queued_bytes})",
-    )
+    for flag, default, metavar, what in (
+        ("max-connections", gateway.max_connections, "N", "device connections open at once; more are "
+         "closed before TLS"),
+        ("max-handshakes-per-address", gateway.max_handshakes_per_address, "N", "TLS handshakes in flight "
+         "from one non-loopback address"),
+        ("max-keep-alive", gateway.max_keep_alive, "SECONDS", "the longest keep-alive; 0 and longer ones "
+         "get this as Server Keep Alive (AWS IoT Core's)"),
+        ("max-queued-messages", broker.max_queued_messages, "N", "QoS 1 messages Mosquitto queues per "
+         "client beyond those in flight; later ones are dropped"),
+        ("max-queued-bytes", broker.max_queued_bytes, "BYTES", "the same queue in bytes"),
+    ):  # fmt: skip
+        limits.add_argument(
+            f"--{flag}", type=_positive, default=default, metavar=metavar, help=f"{what} (default {default})"
+        )
 
 
 def _positive(text: str) -> int:
