@@ -10,6 +10,7 @@ with anonymous access: any local process could read every device's traffic, inje
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -32,7 +33,7 @@ from pathlib import Path
 from .datadir import read_nofollow, write_atomically
 from .errors import ServerError
 
-__all__ = ["Broker", "BrokerLimits"]
+__all__ = ["Broker", "BrokerLimits", "open_connection", "socket_address"]
 
 log = logging.getLogger("iot_core_local.broker")
 
@@ -43,6 +44,11 @@ _STOP_DEADLINE = 5.0
 SOCKET_NAME = "mosquitto.sock"
 # sun_path holds 108 bytes on Linux, including the terminating NUL.
 _SUN_PATH_MAX = 107
+# Mosquitto listens on its Unix socket with a backlog of 10; beyond it, a non-blocking connect fails at
+# once with EAGAIN (TCP would have retried its SYN). Retried after these pauses, doubling, until the
+# caller's own deadline.
+_BACKLOG_RETRY_FIRST = 0.001
+_BACKLOG_RETRY_MAX = 0.05
 _LOG_TAIL_LINES = 20
 # Where Debian/Ubuntu install it; daemons live in sbin, which is often not on a user's PATH.
 _FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -122,6 +128,33 @@ def socket_address(directory: Path) -> tuple[str, int | None]:
         )
     fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     return f"/proc/self/fd/{fd}/{SOCKET_NAME}", fd
+
+
+async def open_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One stream to Mosquitto's Unix socket at `address`; waits while its accept backlog is full.
+
+    A burst of device connections (1,000 at once) fills Mosquitto's backlog of 10 faster than it
+    accepts; a connect then fails with EAGAIN. asyncio's own connect takes EAGAIN for "in progress" and
+    hands back a socket that is not connected (its first read fails with EINVAL: the device got CONNACK
+    136), so the connect is made here, and tried again shortly. The caller bounds the whole wait
+    (`GatewayLimits.broker_timeout`).
+    """
+    pause = _BACKLOG_RETRY_FIRST
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(address)  # a Unix socket connects at once, or not at all
+        except BlockingIOError:
+            sock.close()
+            # Mosquitto tells nobody when its backlog has room: trying again is the only way to know.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _BACKLOG_RETRY_MAX)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_unix_connection(sock=sock)
 
 
 @dataclass(frozen=True)

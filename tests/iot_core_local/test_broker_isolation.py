@@ -7,6 +7,7 @@ re-activated an INACTIVE certificate).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from iot_core_local.broker import SOCKET_NAME, socket_address
+from iot_core_local.broker import SOCKET_NAME, open_connection, socket_address
 from iot_core_local.errors import ServerError
 from iot_core_local.server import LocalIotCore
 from tests._support.devices import RawClient, new_device
@@ -152,3 +153,43 @@ def test_a_socket_path_too_long_elsewhere_fails_with_one_line(
         ServerError, match=r"too long for Mosquitto's Unix socket.*choose a shorter --data-dir"
     ):
         socket_address(tmp_path / ("d" * 100))
+
+
+def test_a_full_accept_backlog_is_waited_out_not_refused(tmp_path: Path) -> None:
+    # Mosquitto's backlog is 10: a burst of device connections used to get CONNACK 136 (EAGAIN).
+    async def scenario(address: str) -> bool:
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(address)
+            listener.listen(0)
+            listener.setblocking(False)
+            fillers = []
+            while True:  # fill the backlog until the kernel says EAGAIN
+                filler = socket.socket(socket.AF_UNIX)
+                filler.setblocking(False)
+                try:
+                    filler.connect(address)
+                except BlockingIOError:
+                    filler.close()
+                    break
+                fillers.append(filler)
+            opening = asyncio.create_task(open_connection(address))
+            await asyncio.sleep(0)  # its first attempt: EAGAIN
+            assert not opening.done()
+            accepted = []
+            async with asyncio.timeout(10):
+                while not opening.done():  # Mosquitto accepting at last
+                    accepted.append((await loop.sock_accept(listener))[0])
+            _, writer = opening.result()
+            writer.close()
+            for sock in fillers + accepted:
+                sock.close()
+            # Every filler, then ours: a connection in the backlog, not asyncio's unconnected socket.
+            return len(accepted) == len(fillers) + 1
+
+    address, held = socket_address(tmp_path)
+    try:
+        assert asyncio.run(scenario(address))
+    finally:
+        if held is not None:
+            os.close(held)

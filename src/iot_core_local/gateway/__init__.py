@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..broker import open_connection
 from ..ca import CertificateAuthority
 from ..faults import FaultInjector
 from ..model import CaStatus, CertificateStatus
@@ -184,7 +185,7 @@ class Gateway:
 
     async def open_broker(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """One relay stream to Mosquitto, through its Unix socket."""
-        return await asyncio.open_unix_connection(self.broker_address)
+        return await open_connection(self.broker_address)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (a trust store build, a heap trim) in the gateway's workers."""

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .. import templates
+from ..broker import open_connection
 from ..errors import ResourceNotFound, ServiceError
 from ..model import CACertificate, Certificate, CertificateStatus
 from ..registry import ACCOUNT_ID, Registry
@@ -120,7 +121,7 @@ class EventPublisher:
             await self._writer.drain()
 
     async def _connect(self) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.address), self.timeout)
+        reader, writer = await asyncio.wait_for(open_connection(self.address), self.timeout)
         try:
             await self._handshake(reader, writer)
         except BaseException:
