@@ -170,9 +170,11 @@ class BrokerLimits:
     max_inflight_messages: int = 20
     # QoS 1 messages queued beyond those in flight, per client; later ones are dropped.
     max_queued_messages: int = 1000
-    # The same queue in bytes (Mosquitto's default is no limit): 200 stuck subscribers cost 200 MB at
-    # most.
-    max_queued_bytes: int = 1024 * 1024
+    # The same queue in bytes (Mosquitto's default is no limit). It also bounds the QoS 0 messages Mosquitto
+    # holds for a connected client that does not read: with 1 MiB, 60 such subscribers cost Mosquitto
+    # ~85 MB (bench/abuse.py), with 256 KiB ~15 MB. 256 KiB is still hundreds of typical device messages
+    # for a persistent session.
+    max_queued_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes"):

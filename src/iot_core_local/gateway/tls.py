@@ -36,6 +36,10 @@ ALPN_MQTT = "x-amzn-mqtt-ca"
 
 # The StreamReader's buffer limit for a device connection; MQTT packets are read this much at a time.
 READ_SIZE = 65536
+# What a device connection may have written and not yet sent before its writer's drain() waits. asyncio's
+# TLS default is 512 KiB: with 200 subscribers that never read, that was ~100 MB of the server's memory
+# parked in their buffers, which the relay could still fill from Mosquitto before it waited.
+WRITE_HIGH_WATER = 64 * 1024
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
@@ -134,6 +138,7 @@ async def handshake(
     if tls is None:  # the peer went away during the handshake
         transport.abort()
         return None
+    tls.set_write_buffer_limits(high=WRITE_HIGH_WATER)
     protocol.connection_made(tls)
     writer = asyncio.StreamWriter(tls, protocol, reader, loop)
     ssl_object = tls.get_extra_info("ssl_object")
