@@ -529,7 +529,8 @@ def docs_block(
         beside = [
             "",
             f"The abuse benchmark ran alone on {part['date']}, commit {part['commit']} "
-            f"(`python -m bench.abuse --record`); every sample is in `bench/results/{path.name}`.",
+            f"(`python -m bench.abuse --record`, load average {part['machine'].get('load_average_at_start')} "
+            f"at its start); every sample is in `bench/results/{path.name}`.",
             "",
             _row("measure", "goal", "measured", ""),
             _row("---", "---", "---", "---"),

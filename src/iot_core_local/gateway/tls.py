@@ -37,22 +37,22 @@ ALPN_MQTT = "x-amzn-mqtt-ca"
 # The StreamReader's buffer limit for a device connection; MQTT packets are read this much at a time.
 READ_SIZE = 65536
 # What a device connection may have written and not yet sent before its writer's drain() waits. asyncio's
-# TLS default is 512 KiB: with 200 subscribers that never read, that was ~100 MB of the server's memory
-# parked in their buffers, which the relay could still fill from Mosquitto before it waited.
+# TLS default is 512 KiB: with 60 subscribers that never read, 64 KiB took ~10 MB off the server's peak
+# (bench/abuse.py); smaller (with the socket transport's own limit lowered too) measured no better.
 WRITE_HIGH_WATER = 64 * 1024
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a 32 KiB read buffer instead of 256 KiB.
+    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB.
 
     asyncio allocates (and zero-fills, so it is resident) `max_size` bytes per TLS connection: 256 KiB
-    each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB. A TLS
-    record carries at most 16 KiB, and MQTT packets here are read 64 KiB at a time anyway, so 32 KiB
-    costs no throughput.
+    each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB; 32 KiB
+    still cost 1,000 idle connections 32 MB. A TLS record carries at most 16 KiB, so one read takes in
+    about a record; a 64 KiB MQTT packet takes five reads instead of two.
     """
 
-    max_size = 32 * 1024
+    max_size = 16 * 1024
 
     def buffer_updated(self, nbytes: int) -> None:
         # During the handshake, ACK every segment at once. awscrt (s2n) writes TLS 1.3's 6-byte
