@@ -12,6 +12,7 @@ missing, port taken, no server running on DIR, a file in the way, or the [server
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -92,27 +94,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _limit_flags(serve: argparse.ArgumentParser) -> None:
-    """The limits a user of `serve` may tune; each defaults to GatewayLimits' or BrokerLimits' value."""
-    from .broker import BrokerLimits
-    from .gateway.limits import GatewayLimits
+# The limits `serve` lets a user tune: (flag, the field it sets, its default, metavar, what it bounds). The
+# defaults are GatewayLimits' and BrokerLimits' own (a test keeps them equal); written out here because
+# importing gateway/ needs the [server] extra, whose absence main() must still be able to report.
+LIMIT_FLAGS = (
+    ("max-connections", "gateway", 4000, "N", "device connections open at once; more are closed before TLS"),
+    ("max-handshakes-per-address", "gateway", 64, "N", "TLS handshakes in flight from one non-loopback "
+     "address"),
+    ("max-keep-alive", "gateway", 1200, "SECONDS", "the longest keep-alive; 0 and longer ones get this as "
+     "Server Keep Alive (AWS IoT Core's)"),
+    ("max-queued-messages", "broker", 1000, "N", "QoS 1 messages Mosquitto queues per client beyond those in "
+     "flight; later ones are dropped"),
+    ("max-queued-bytes", "broker", 256 * 1024, "BYTES", "the same queue in bytes; it bounds the QoS 0 "
+     "messages held for a client that does not read too"),
+)  # fmt: skip
 
-    gateway, broker = GatewayLimits(), BrokerLimits()
+
+def _limit_flags(serve: argparse.ArgumentParser) -> None:
     limits = serve.add_argument_group("limits")
-    for flag, default, metavar, what in (
-        ("max-connections", gateway.max_connections, "N", "device connections open at once; more are "
-         "closed before TLS"),
-        ("max-handshakes-per-address", gateway.max_handshakes_per_address, "N", "TLS handshakes in flight "
-         "from one non-loopback address"),
-        ("max-keep-alive", gateway.max_keep_alive, "SECONDS", "the longest keep-alive; 0 and longer ones "
-         "get this as Server Keep Alive (AWS IoT Core's)"),
-        ("max-queued-messages", broker.max_queued_messages, "N", "QoS 1 messages Mosquitto queues per "
-         "client beyond those in flight; later ones are dropped"),
-        ("max-queued-bytes", broker.max_queued_bytes, "BYTES", "the same queue in bytes"),
-    ):  # fmt: skip
+    for flag, _, default, metavar, what in LIMIT_FLAGS:
         limits.add_argument(
             f"--{flag}", type=_positive, default=default, metavar=metavar, help=f"{what} (default {default})"
         )
+
+
+def _limits(args: argparse.Namespace, owner: str) -> dict[str, Any]:
+    """The keyword arguments of GatewayLimits ("gateway") or BrokerLimits ("broker") the flags set."""
+    return {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
+        for flag, of, *_ in LIMIT_FLAGS
+        if of == owner
+    }
 
 
 def _positive(text: str) -> int:
@@ -205,14 +217,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     core = LocalIotCore(
         args.data_dir,
-        gateway_limits=GatewayLimits(
-            max_connections=args.max_connections,
-            max_handshakes_per_address=args.max_handshakes_per_address,
-            max_keep_alive=args.max_keep_alive,
-        ),
-        broker_limits=BrokerLimits(
-            max_queued_messages=args.max_queued_messages, max_queued_bytes=args.max_queued_bytes
-        ),
+        gateway_limits=dataclasses.replace(GatewayLimits(), **_limits(args, "gateway")),
+        broker_limits=dataclasses.replace(BrokerLimits(), **_limits(args, "broker")),
         host=args.host,
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,

@@ -18,7 +18,7 @@ import mqtt5
 import pytest
 
 from iot_core_local.broker import BrokerLimits
-from iot_core_local.cli import EXIT_USAGE, main
+from iot_core_local.cli import EXIT_USAGE, LIMIT_FLAGS, main
 from iot_core_local.gateway import GatewayLimits
 from iot_core_local.resources import LimitLog, raise_open_file_limit
 from iot_core_local.server import LocalIotCore
@@ -300,6 +300,13 @@ def test_a_limit_flag_out_of_range_is_a_usage_error(
     err = capsys.readouterr().err
     assert f"argument {flag}:" in err.splitlines()[-1]
     assert not (tmp_path / "d").exists()
+
+
+def test_the_limit_flags_default_to_the_limits_own_defaults() -> None:
+    # cli.py writes them out (it must parse without the [server] extra); they must not drift.
+    for flag, owner, default, *_ in LIMIT_FLAGS:
+        limits = GatewayLimits() if owner == "gateway" else BrokerLimits()
+        assert getattr(limits, flag.replace("-", "_")) == default, flag
 
 
 def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
