@@ -1,6 +1,7 @@
-"""Run every benchmark against one iot-core-local and record the numbers with the commit they measured.
+"""Run every benchmark against one iot-core-local (the abuse benchmark and the profiles against their
+own) and record the numbers with the commit they measured.
 
-    python -m bench            # what `make bench` runs (about 9 minutes on a 2-core machine)
+    python -m bench            # what `make bench` runs (about 10 minutes on a 2-core machine)
     python -m bench --quick    # a smaller run to check the machinery (not for the record)
 
 Writes bench/results/<date>-<commit>.json and .md, and bench/results/latency.png and fleet.png
