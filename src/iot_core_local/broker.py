@@ -42,8 +42,8 @@ _STOP_DEADLINE = 5.0
 # Bound relative to Mosquitto's working directory (its folder), so that the data dir's path length never
 # matters to Mosquitto; connected to by the absolute path, or through /proc when that path is too long.
 SOCKET_NAME = "mosquitto.sock"
-# sun_path holds 108 bytes on Linux, including the terminating NUL.
-_SUN_PATH_MAX = 107
+# sun_path holds 108 bytes on Linux and 104 on macOS and the BSDs, including the terminating NUL.
+_SUN_PATH_MAX = 107 if sys.platform == "linux" else 103
 # Mosquitto listens on its Unix socket with a backlog of 10; beyond it, a non-blocking connect fails at
 # once with EAGAIN (TCP would have retried its SYN). Retried after these pauses, doubling, until the
 # caller's own deadline.
