@@ -1,4 +1,5 @@
-"""Clients of the stand-in, for tests: a boto3 IoT client pointed at a control plane."""
+"""Clients of the stand-in, for tests: a boto3 IoT client pointed at a control plane, awsiotsdk's fleet
+provisioning client."""
 
 from __future__ import annotations
 
@@ -15,4 +16,19 @@ def iot_client(url: str, region: str = "us-east-1") -> Any:
         region_name=region,
         aws_access_key_id="x",
         aws_secret_access_key="x",  # a dummy: the stand-in checks no credentials
+    )
+
+
+def identity_client(crt_client: Any) -> Any:
+    """awsiotsdk's fleet provisioning client (IotIdentityClientV2) over a started awscrt MQTT 5 client."""
+    from awscrt import mqtt_request_response
+    from awsiot import iotidentity
+
+    return iotidentity.IotIdentityClientV2(
+        crt_client,
+        mqtt_request_response.ClientOptions(
+            max_request_response_subscriptions=2,
+            max_streaming_subscriptions=0,
+            operation_timeout_in_seconds=10,
+        ),
     )

@@ -21,6 +21,7 @@ import pytest
 from iot_core_local.gateway.tls import ALPN_MQTT
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import Endpoint, LocalIotCore
+from tests._support.clients import identity_client
 from tests._support.devices import Credentials, client_context, new_device, write_credentials
 
 
@@ -112,7 +113,6 @@ def _crt_client(core: LocalIotCore, creds: Credentials, client_id: str, alpn: li
 
 
 def test_awscrt_with_the_alpn_provisions_through_the_alpn_port(core: LocalIotCore, tmp_path: Path) -> None:
-    from awscrt import mqtt_request_response
     from awsiot import iotidentity
 
     setup: ClaimSetup = set_up_fleet_provisioning(core.client(), "AlpnTemplate")
@@ -122,14 +122,7 @@ def test_awscrt_with_the_alpn_provisions_through_the_alpn_port(core: LocalIotCor
     client, connected, stopped = _crt_client(core, claim, "hub-alpn", [ALPN_MQTT])
     try:
         assert connected.result(10), "awscrt could not connect to the ALPN port with the ALPN"
-        identity = iotidentity.IotIdentityClientV2(
-            client,
-            mqtt_request_response.ClientOptions(
-                max_request_response_subscriptions=2,
-                max_streaming_subscriptions=0,
-                operation_timeout_in_seconds=10,
-            ),
-        )
+        identity = identity_client(client)
         issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(
             10
         )
