@@ -1,6 +1,7 @@
-"""Run every benchmark against one iot-core-local and record the numbers with the commit they measured.
+"""Run every benchmark against one iot-core-local (the abuse benchmark and the profiles against their
+own) and record the numbers with the commit they measured.
 
-    python -m bench            # what `make bench` runs (about 9 minutes on a 2-core machine)
+    python -m bench            # what `make bench` runs (about 10 minutes on a 2-core machine)
     python -m bench --quick    # a smaller run to check the machinery (not for the record)
 
 Writes bench/results/<date>-<commit>.json and .md, and bench/results/latency.png and fleet.png
@@ -13,16 +14,24 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import create_keys, delayed_ack, fleet, footprint, gateway, latency, pkcs11_token, profile, report
+from bench import (
+    abuse,
+    create_keys,
+    delayed_ack,
+    fleet,
+    footprint,
+    gateway,
+    latency,
+    pkcs11_token,
+    profile,
+    report,
+)
 from bench.gateway import ServerProcess
 
 FINDING = (
@@ -36,16 +45,6 @@ FINDING = (
     "on the gateway's single event loop (`SSLObject.do_handshake`) and to SQLite commits "
     "(`Registry.transaction`)."
 )
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def _step(name: str, fn: Any, results: dict[str, Any], timings: dict[str, float]) -> None:
@@ -68,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        },
+        "commit": report.commit(),
+        "machine": report.machine(),
         "quick": quick,
     }
     timings: dict[str, float] = {}
@@ -118,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         _step("bottleneck", bottleneck, results, timings)
+    # On a server of its own: its memory peak is the abuse's, not what the runs above left behind.
+    _step("abuse", lambda: abuse.run(scale=abuse.QUICK if quick else abuse.Scale()), results, timings)
     # The profiles run on a server of their own: py-spy attaches to its process.
     if not quick:
         _step("profile_after", lambda: profile.run(400, 200, trim_tls=True), results["bottleneck"], timings)

@@ -39,26 +39,29 @@ class ServerProcess:
         self.endpoint: dict[str, Any] = {}
 
     def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "iot_core_local",
-                "serve",
-                "--data-dir",
-                str(self.data_dir),
-                "--mqtt-port",
-                "0",
-                "--api-port",
-                "0",
-                "--no-quotas",  # the server's throughput, not AWS's default rates per account
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(self.data_dir.parent / "server.log", "wb"),
-        )
+        # The child keeps its own copy of the log's descriptor; ours closes once it has started.
+        with open(self.data_dir.parent / "server.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "iot_core_local",
+                    "serve",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--mqtt-port",
+                    "0",
+                    "--api-port",
+                    "0",
+                    "--no-quotas",  # the server's throughput, not AWS's default rates per account
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
+            self.__exit__()
             raise RuntimeError(f"server did not start; see {self.data_dir.parent / 'server.log'}")
         self.endpoint = json.loads(line)
         return self
@@ -67,6 +70,8 @@ class ServerProcess:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def client(self) -> Any:
         return boto3.client(
@@ -87,12 +92,21 @@ class ServerProcess:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def broker_port(self) -> int:
-        conf = (self.data_dir / "mosquitto" / "mosquitto.conf").read_text()
-        return int(re.search(r"^listener\s+(\d+)", conf, re.M).group(1))  # type: ignore[union-attr]
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def broker_pid(self) -> int:
+        """Mosquitto's pid, as the server records it for its crash hygiene."""
+        return int((self.data_dir / "mosquitto" / "mosquitto.pid").read_text())
+
+    def broker_socket(self) -> str:
+        """Mosquitto's Unix socket: it has no TCP port (broker.py); this process is the server's user."""
+        return str(self.data_dir / "mosquitto" / "mosquitto.sock")
 
 
-def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
+def write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]:
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     cert_path.write_text(cert)
     key_path.write_text(key)
@@ -103,7 +117,7 @@ def _write_pair(folder: Path, name: str, cert: str, key: str) -> tuple[str, str]
 async def _throughput(server: ServerProcess, work: Path, hubs: int, concurrency: int) -> dict[str, Any]:
     iot = server.client()
     claim = set_up_fleet_provisioning(iot, f"Bench{concurrency}")
-    cert, key = _write_pair(work, f"claim{concurrency}", claim.certificate_pem, claim.private_key_pem)
+    cert, key = write_pair(work, f"claim{concurrency}", claim.certificate_pem, claim.private_key_pem)
     ctx = client_context(server.endpoint["rootCaPath"], cert, key)
     csrs = [make_csr(f"bench-{concurrency}-{i}") for i in range(hubs)]
     host, port = server.endpoint["mqttHost"], server.endpoint["mqttPort"]
@@ -160,12 +174,12 @@ async def _added_latency(server: ServerProcess, work: Path, count: int) -> dict[
     )
     created = iot.create_keys_and_certificate(setAsActive=True)
     iot.attach_policy(policyName="bench-open", target=created["certificateArn"])
-    cert, key = _write_pair(work, "open", created["certificatePem"], created["keyPair"]["PrivateKey"])
+    cert, key = write_pair(work, "open", created["certificatePem"], created["keyPair"]["PrivateKey"])
     ctx = client_context(server.endpoint["rootCaPath"], cert, key)
     via_gateway = await MqttConnection.open(
         server.endpoint["mqttHost"], server.endpoint["mqttPort"], "lat-gw", ctx
     )
-    direct = await MqttConnection.open("127.0.0.1", server.broker_port(), "lat-direct", None)
+    direct = await MqttConnection.open_unix(server.broker_socket(), "lat-direct")
     gateway_s: list[float] = []
     direct_s: list[float] = []
     # Alternate in blocks so that drift on a shared machine hits both sides alike.

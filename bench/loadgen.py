@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -41,11 +42,45 @@ class MqttConnection:
 
     @classmethod
     async def open(
-        cls, host: str, port: int, client_id: str, ssl_context: ssl.SSLContext | None
+        cls,
+        host: str,
+        port: int,
+        client_id: str,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        keep_alive: int = 60,
+        receive_buffer: int | None = None,
     ) -> MqttConnection:
-        reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        """Connect and CONNECT. `receive_buffer`: SO_RCVBUF, set before connecting (a small one keeps a
+        client that stops reading from parking megabytes in the kernel)."""
+        if receive_buffer is None:
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=ssl_context, server_hostname=host if ssl_context else None
+            )
+        return await cls._connect(reader, writer, client_id, keep_alive)
+
+    @classmethod
+    async def open_unix(cls, path: str, client_id: str) -> MqttConnection:
+        """Straight to a Mosquitto's Unix socket (the server's own user only): the baseline of latency."""
+        reader, writer = await asyncio.open_unix_connection(path)
+        return await cls._connect(reader, writer, client_id, 60)
+
+    @classmethod
+    async def _connect(
+        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_id: str, keep_alive: int
+    ) -> MqttConnection:
         conn = cls(reader, writer)
-        conn.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60))
+        conn.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=keep_alive))
         connack = await conn.receive()
         if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != 0:
             raise ConnectionError(f"CONNECT refused: {connack!r}")

@@ -1,13 +1,16 @@
 """The Mosquitto process behind the gateway.
 
 Mosquitto is the pub/sub engine (sessions, retained messages, wills, QoS 1 redelivery); the gateway in
-front of it does everything AWS-specific. It listens on a free loopback port only and allows anonymous
-clients: the only clients that can reach it are the gateway's own relay connections (and local
-processes of the same machine, which is the trust boundary of a developer's stand-in anyway).
+front of it does everything AWS-specific. It is the gateway's alone: it listens on no TCP port at all,
+only on a Unix socket in its 0700 folder of the data dir, so the only processes that can reach it are
+those that can already read the data dir (the server's user). Before, it listened on a loopback port
+with anonymous access: any local process could read every device's traffic, inject commands and forge
+`$aws/events/...` (a forged JITR event re-activated an INACTIVE certificate).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -30,13 +33,26 @@ from pathlib import Path
 from .datadir import read_nofollow, write_atomically
 from .errors import ServerError
 
-__all__ = ["Broker", "BrokerLimits"]
+__all__ = ["Broker", "BrokerLimits", "open_connection", "socket_address"]
 
 log = logging.getLogger("iot_core_local.broker")
 
 _START_DEADLINE = 10.0
 _STOP_DEADLINE = 5.0
-_PORT_ATTEMPTS = 3
+# Bound relative to Mosquitto's working directory (its folder), so that the data dir's path length never
+# matters to Mosquitto; connected to by the absolute path, or through /proc when that path is too long.
+SOCKET_NAME = "mosquitto.sock"
+# sun_path holds 108 bytes on Linux and 104 on macOS and the BSDs, including the terminating NUL.
+_SUN_PATH_MAX = 107 if sys.platform == "linux" else 103
+# Mosquitto listens on its Unix socket with a backlog of 10; beyond it, a non-blocking connect fails at
+# once with EAGAIN (TCP would have retried its SYN). Retried after these pauses, doubling, until the
+# caller's own deadline.
+_BACKLOG_RETRY_FIRST = 0.001
+_BACKLOG_RETRY_MAX = 0.05
+# A relay's reader pauses reading from Mosquitto past twice this many unread bytes. asyncio's default
+# (64 KiB, so 128 KiB) is what a subscriber that does not read costs the server while the relay waits
+# for it; with 200 of them, 16 KiB saved ~17 MB. The relay reads whole MQTT packets of any size anyway.
+_READER_LIMIT = 16 * 1024
 _LOG_TAIL_LINES = 20
 # Where Debian/Ubuntu install it; daemons live in sbin, which is often not on a user's PATH.
 _FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
@@ -99,11 +115,50 @@ def _wait_exit(pidfd: int, timeout: float) -> bool:
     return bool(readable)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+def socket_address(directory: Path) -> tuple[str, int | None]:
+    """(the path a client of this process connects to, a descriptor it needs kept open, or None).
+
+    The socket's absolute path when it fits `sun_path`. When it does not (a deep data dir, pytest's
+    `tmp_path`), the path through `/proc/self/fd/N` of an `O_PATH` descriptor of the folder, which
+    always fits, is Linux's own and names the same socket; elsewhere, a ServerError naming the fix.
+    """
+    path = directory / SOCKET_NAME
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        return str(path), None
+    if sys.platform != "linux":
+        raise ServerError(
+            f"the data dir's path is too long for Mosquitto's Unix socket ({len(os.fsencode(path))} bytes "
+            f"> {_SUN_PATH_MAX}): choose a shorter --data-dir"
+        )
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    return f"/proc/self/fd/{fd}/{SOCKET_NAME}", fd
+
+
+async def open_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """One stream to Mosquitto's Unix socket at `address`; waits while its accept backlog is full.
+
+    A burst of device connections (1,000 at once) fills Mosquitto's backlog of 10 faster than it
+    accepts; a connect then fails with EAGAIN. asyncio's own connect takes EAGAIN for "in progress" and
+    hands back a socket that is not connected (its first read fails with EINVAL: the device got CONNACK
+    136), so the connect is made here, and tried again shortly. The caller bounds the whole wait
+    (`GatewayLimits.broker_timeout`).
+    """
+    pause = _BACKLOG_RETRY_FIRST
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(address)  # a Unix socket connects at once, or not at all
+        except BlockingIOError:
+            sock.close()
+            # Mosquitto tells nobody when its backlog has room: trying again is the only way to know.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _BACKLOG_RETRY_MAX)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_unix_connection(sock=sock, limit=_READER_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -119,9 +174,11 @@ class BrokerLimits:
     max_inflight_messages: int = 20
     # QoS 1 messages queued beyond those in flight, per client; later ones are dropped.
     max_queued_messages: int = 1000
-    # The same queue in bytes (Mosquitto's default is no limit): 200 stuck subscribers cost 200 MB at
-    # most.
-    max_queued_bytes: int = 1024 * 1024
+    # The same queue in bytes (Mosquitto's default is no limit). It also bounds the QoS 0 messages Mosquitto
+    # holds for a connected client that does not read: with 1 MiB, 60 such subscribers cost Mosquitto
+    # ~85 MB (bench/abuse.py), with 256 KiB ~15 MB. 256 KiB is still hundreds of typical device messages
+    # for a persistent session.
+    max_queued_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes"):
@@ -139,14 +196,17 @@ class BrokerLimits:
 
 
 class Broker:
-    """A Mosquitto child process with its config, persistence and log in `directory`."""
+    """A Mosquitto child process with its config, persistence, log and socket in `directory`.
+
+    `address` is the Unix socket path this process connects to, valid while the broker runs.
+    """
 
     def __init__(self, directory: Path, limits: BrokerLimits | None = None) -> None:
         # Absolute: the config path on Mosquitto's command line is how a later server recognises it.
         self.directory = Path(directory).absolute()
         self.limits = limits if limits is not None else BrokerLimits()
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.address = ""
+        self._address_fd: int | None = None  # keeps `/proc/self/fd/N/...` valid while we run
         self.config_path = self.directory / "mosquitto.conf"
         self.log_path = self.directory / "mosquitto.log"
         self.stderr_path = self.directory / "mosquitto.stderr"
@@ -158,20 +218,20 @@ class Broker:
         # `start()` (a test's worker thread, say, that ends while the server runs).
         self._spawner: ThreadPoolExecutor | None = None
 
-    def _config(self, port: int) -> str:
+    def _config(self) -> str:
         # Mosquitto started as root drops to the user "mosquitto", which then cannot write into our
         # 0700 directory; naming the current user keeps it as is (and is a no-op for non-root).
         user = pwd.getpwuid(os.getuid()).pw_name
         return "\n".join(
             [
                 "# Generated by iot-core-local at every start; edits are overwritten.",
-                f"listener {port} {self.host}",
-                # Only the gateway reaches this loopback port; it authenticates devices itself.
+                # A Unix socket and no TCP listener: the gateway's alone (see the module's docstring).
+                # Relative to Mosquitto's working directory, this folder: see SOCKET_NAME.
+                f"listener 0 {SOCKET_NAME}",
+                # Only the server's user can reach the socket; the gateway authenticates devices itself.
                 "allow_anonymous true",
                 # AWS IoT Core has no QoS 2; the gateway refuses it before it gets here, this is a backstop.
                 "max_qos 1",
-                # Latency: the gateway adds a hop, so the broker must not add Nagle delays to it.
-                "set_tcp_nodelay true",
                 # Per-client queues bounded in messages and bytes.
                 *self.limits.config_lines(),
                 f"user {user}",
@@ -190,7 +250,7 @@ class Broker:
         )
 
     def start(self) -> None:
-        """Start Mosquitto on a free loopback port and wait until it accepts connections."""
+        """Start Mosquitto on its Unix socket and wait until it accepts connections."""
         if self._process is not None:
             return
         executable = _find_mosquitto()
@@ -198,28 +258,28 @@ class Broker:
         if self.directory.stat().st_mode & 0o077:
             self.directory.chmod(0o700)
         self.stop_stale()
+        self.address, self._address_fd = socket_address(self.directory)
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iot-core-local-broker")
-        # The free port is found by binding and releasing it, so another process may take it before
-        # Mosquitto binds; a retry with a new port covers that race.
-        last_error = "not started"
-        for _ in range(_PORT_ATTEMPTS):
-            port = _free_port(self.host)
-            self.config_path.write_text(self._config(port), encoding="utf-8")
-            self.config_path.chmod(0o600)
-            # stderr goes to a file, not a pipe: nobody reads a pipe while the broker runs, and a full
-            # pipe would block it.
-            process = self._spawner.submit(self._spawn, executable).result()
-            write_atomically(self.pid_path, f"{process.pid}\n".encode(), 0o600)
-            error = self._wait_ready(process, port)
-            if error is None:
-                self._process = process
-                self.port = port
-                log.info("mosquitto (pid %d) listening on %s:%d", process.pid, self.host, port)
-                return
-            last_error = error
+        try:
+            process = self._launch(executable)
+        except BaseException:
+            self._stop_spawner()
+            self._close_address()
+            raise
+        self._process = process
+        log.info("mosquitto (pid %d) listening on %s", process.pid, self.directory / SOCKET_NAME)
+
+    def _launch(self, executable: str) -> subprocess.Popen[bytes]:
+        assert self._spawner is not None
+        self.config_path.write_text(self._config(), encoding="utf-8")
+        self.config_path.chmod(0o600)
+        process = self._spawner.submit(self._spawn, executable).result()
+        write_atomically(self.pid_path, f"{process.pid}\n".encode(), 0o600)
+        error = self._wait_ready(process)
+        if error is not None:
             self._terminate(process)
-        self._stop_spawner()
-        raise ServerError(f"Mosquitto did not start: {last_error}")
+            raise ServerError(f"Mosquitto did not start: {error}")
+        return process
 
     def _spawn(self, executable: str) -> subprocess.Popen[bytes]:
         # stderr goes to a file, not a pipe: nobody reads a pipe while the broker runs, and a full
@@ -227,6 +287,7 @@ class Broker:
         with open(self.stderr_path, "ab") as stderr:
             return subprocess.Popen(
                 [executable, "-c", str(self.config_path)],
+                cwd=self.directory,  # where its relative socket path is bound
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -278,17 +339,25 @@ class Broker:
         if spawner is not None:
             spawner.shutdown(wait=True)
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
-        # Polled with a deadline: Mosquitto is another process and tells nobody when its port is open,
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> str | None:
+        # Polled with a deadline: Mosquitto is another process and tells nobody when its socket is open,
         # so trying to connect is the only way to know.
         deadline = time.monotonic() + _START_DEADLINE
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 return f"it exited with status {process.returncode}\n{self._log_tail()}"
-            with contextlib.suppress(OSError), socket.create_connection((self.host, port), timeout=0.5):
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                probe.connect(self.address)
                 return None
             time.sleep(0.02)
-        return f"port {port} did not accept connections within {_START_DEADLINE:.0f} s\n{self._log_tail()}"
+        return f"its socket did not accept connections within {_START_DEADLINE:.0f} s\n{self._log_tail()}"
+
+    def _close_address(self) -> None:
+        self.address = ""
+        fd, self._address_fd = self._address_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _log_tail(self) -> str:
         lines: list[str] = []
@@ -317,3 +386,4 @@ class Broker:
             log.info("mosquitto stopped")
         # After the broker has exited: this thread's end would send it the parent-death signal.
         self._stop_spawner()
+        self._close_address()

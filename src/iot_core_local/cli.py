@@ -15,6 +15,7 @@ missing, port taken, no server running on DIR, a file in the way, or the [server
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -57,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
     )
     serve.add_argument(
+        "--alpn-port",
+        type=_port,
+        default=None,
+        help="also serve MQTT over TLS here to clients offering ALPN x-amzn-mqtt-ca, as AWS IoT Core's "
+        "port 443 does (0 = any free port; default: not served)",
+    )
+    serve.add_argument(
         "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
     )
     serve.add_argument(
@@ -84,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "kinds throttle, drop, ignore, delay, refuse; operations Connect, CreateKeysAndCertificate, "
         "CreateCertificateFromCsr, RegisterThing, any (repeatable; needs --faults)",
     )
+    _limit_flags(serve)
     serve.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
 
     fleet = sub.add_parser(
@@ -134,6 +143,49 @@ def _parser() -> argparse.ArgumentParser:
         "--ca-dir", type=Path, help="where the device CA's certificate and key live (default OUT/device-ca)"
     )
     return parser
+
+
+# The limits `serve` lets a user tune: (flag, the field it sets, its default, metavar, what it bounds). The
+# defaults are GatewayLimits' and BrokerLimits' own (a test keeps them equal); written out here because
+# importing gateway/ needs the [server] extra, whose absence main() must still be able to report.
+LIMIT_FLAGS = (
+    ("max-connections", "gateway", 4000, "N", "device connections open at once; more are closed before TLS"),
+    ("max-handshakes-per-address", "gateway", 64, "N", "TLS handshakes in flight from one non-loopback "
+     "address"),
+    ("max-keep-alive", "gateway", 1200, "SECONDS", "the longest keep-alive; 0 and longer ones get this as "
+     "Server Keep Alive (AWS IoT Core's)"),
+    ("max-queued-messages", "broker", 1000, "N", "QoS 1 messages Mosquitto queues per client beyond those in "
+     "flight; later ones are dropped"),
+    ("max-queued-bytes", "broker", 256 * 1024, "BYTES", "the same queue in bytes; it bounds the QoS 0 "
+     "messages held for a client that does not read too"),
+)  # fmt: skip
+
+
+def _limit_flags(serve: argparse.ArgumentParser) -> None:
+    limits = serve.add_argument_group("limits")
+    for flag, _, default, metavar, what in LIMIT_FLAGS:
+        limits.add_argument(
+            f"--{flag}", type=_positive, default=default, metavar=metavar, help=f"{what} (default {default})"
+        )
+
+
+def _limits(args: argparse.Namespace, owner: str) -> dict[str, Any]:
+    """The keyword arguments of GatewayLimits ("gateway") or BrokerLimits ("broker") the flags set."""
+    return {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
+        for flag, of, *_ in LIMIT_FLAGS
+        if of == owner
+    }
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -239,11 +291,17 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    from .broker import BrokerLimits
+    from .gateway.limits import GatewayLimits
+
     core = LocalIotCore(
         args.data_dir,
+        gateway_limits=dataclasses.replace(GatewayLimits(), **_limits(args, "gateway")),
+        broker_limits=dataclasses.replace(BrokerLimits(), **_limits(args, "broker")),
         host=args.host,
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,
+        alpn_port=args.alpn_port,
         token_ttl=args.token_ttl,
         faults=args.fault,
         api_host=args.api_host,
@@ -255,7 +313,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         endpoint = core.start()
     except PortUnavailable as exc:
-        flag = "--mqtt-port" if exc.service == "mqtt" else "--api-port"
+        flag = {"mqtt": "--mqtt-port", "alpn": "--alpn-port"}.get(exc.service, "--api-port")
         print(
             f"iot-core-local: cannot start: {exc} ({flag}); stop that program or choose another {flag} "
             "(0: any free port)",

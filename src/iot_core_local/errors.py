@@ -50,13 +50,14 @@ class ServerError(IotCoreLocalError):
 
 
 class PortUnavailable(ServerError):
-    """The MQTT or API port the server was told to listen on is in use, or needs privileges.
+    """A port (MQTT, ALPN MQTT or API) the server was told to listen on is in use, or needs privileges.
 
-    `service` is "mqtt" or "api", so a front end can name its own option for that port.
+    `service` is "mqtt", "alpn" (the MQTT port for ALPN clients) or "api", so a front end can name its
+    own option for that port.
     """
 
     def __init__(self, service: str, host: str, port: int, problem: str) -> None:
-        what = "MQTT" if service == "mqtt" else "API"
+        what = {"mqtt": "MQTT", "alpn": "ALPN MQTT"}.get(service, "API")
         super().__init__(f"the {what} port {port} on {host} {problem}")
         self.service = service
         self.host = host

@@ -63,11 +63,14 @@ class Endpoint:
     root_ca_path: Path
     # The control plane's key pair (credentials.py), an AWS shared-credentials file; never its content.
     credentials_path: Path | None = None
+    # MQTT over TLS for clients offering ALPN x-amzn-mqtt-ca (AWS IoT Core's port 443); None: not served.
+    alpn_port: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = {
             "mqttHost": self.mqtt_host,
             "mqttPort": self.mqtt_port,
+            "alpnPort": self.alpn_port,
             "apiUrl": self.api_url,
             "rootCaPath": str(self.root_ca_path),
         }
@@ -78,12 +81,14 @@ class Endpoint:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Endpoint:
         credentials = data.get("credentialsFile")
+        alpn = data.get("alpnPort")
         return cls(
             data["mqttHost"],
             int(data["mqttPort"]),
             data["apiUrl"],
             Path(data["rootCaPath"]),
             Path(credentials) if credentials else None,
+            None if alpn is None else int(alpn),
         )
 
     def client(self, region: str = "us-east-1", service: str = "iot") -> Any:
@@ -156,6 +161,8 @@ class LocalIotCore:
     """A running iot-core-local: `with LocalIotCore(dir) as core: core.endpoint, core.client()`.
 
     Ports 0 mean "any free port"; the chosen ones are in `endpoint` and in `DIR/endpoint.json`.
+    `alpn_port` is a second MQTT port, for clients that offer ALPN `x-amzn-mqtt-ca` (AWS IoT Core's 443);
+    None (the default) serves none.
     `clock` (epoch seconds) stamps the registry's records and decides when ownership tokens expire, so a
     test can advance it; certificates are dated by the real time, which every TLS stack checks them against.
     `key_pool_size` RSA keys are generated ahead for CreateKeysAndCertificate by one background thread
@@ -175,6 +182,7 @@ class LocalIotCore:
         host: str = "127.0.0.1",
         mqtt_port: int = 0,
         api_port: int = 0,
+        alpn_port: int | None = None,
         region: str = "us-east-1",
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
@@ -205,6 +213,7 @@ class LocalIotCore:
         self.host = host
         self.mqtt_port = mqtt_port
         self.api_port = api_port
+        self.alpn_port = alpn_port
         self.region = region
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
@@ -314,6 +323,8 @@ class LocalIotCore:
         try:
             check_port("mqtt", self.host, self.mqtt_port)
             check_port("api", self.api_host, self.api_port)
+            if self.alpn_port is not None:
+                check_port("alpn", self.host, self.alpn_port)
             raise_open_file_limit()  # each device connection costs two descriptors; logged
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
@@ -342,7 +353,7 @@ class LocalIotCore:
                 hook_timeout=self.hook_timeout,
                 hook_workers=self.hook_workers,
                 clock=self.clock,
-                broker=(self._broker.host, self._broker.port),
+                broker=self._broker.address,
                 limiter=limiter,
             )
             matcher = ManagedMatcher(self._managed)
@@ -352,10 +363,10 @@ class LocalIotCore:
                 registry=self._registry,
                 ca=self._ca,
                 provisioning=provisioning,
-                broker_host=self._broker.host,
-                broker_port=self._broker.port,
+                broker_address=self._broker.address,
                 host=self.host,
                 port=self.mqtt_port,
+                alpn_port=self.alpn_port,
                 faults=self.faults,
                 limits=self.gateway_limits,
             )
@@ -363,7 +374,11 @@ class LocalIotCore:
             try:
                 asyncio.run_coroutine_threadsafe(self._gateway.start(), self._loop).result(_START_DEADLINE)
             except OSError as exc:
-                raise port_problem("mqtt", self.host, self.mqtt_port, exc) or exc from None
+                # The MQTT port is bound first: if it is bound now, the ALPN port failed.
+                service, port = ("mqtt", self.mqtt_port)
+                if self._gateway.listening and self.alpn_port is not None:
+                    service, port = ("alpn", self.alpn_port)
+                raise port_problem(service, self.host, port, exc) or exc from None
 
             self._api = ControlPlane(
                 self._registry,
@@ -389,6 +404,7 @@ class LocalIotCore:
                 api_url=self._api.url,
                 root_ca_path=self._ca.root_ca_path.resolve(),
                 credentials_path=(self.data_dir / CREDENTIALS_FILE).resolve(),
+                alpn_port=self._gateway.alpn_port,
             )
             write_json_atomically(self.data_dir / ENDPOINT_FILE, self._endpoint.to_json())
         except BaseException:
@@ -463,6 +479,7 @@ class LocalIotCore:
                         "mosquitto.db.new",
                         "mosquitto.log",
                         "mosquitto.pid",
+                        "mosquitto.sock",
                         "mosquitto.stderr",
                     )
                 ),

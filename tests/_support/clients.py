@@ -1,4 +1,5 @@
-"""Clients of the stand-in, for tests: boto3 clients pointed at a control plane."""
+"""Clients of the stand-in, for tests: boto3 clients pointed at a control plane, awsiotsdk's fleet
+provisioning client."""
 
 from __future__ import annotations
 
@@ -21,3 +22,18 @@ def iot_client(url: str, region: str = "us-east-1", service: str = "iot") -> Any
 def managed_client(url: str, region: str = "us-east-1") -> Any:
     """A boto3 managed integrations client for the control plane at `url`."""
     return iot_client(url, region, "iot-managed-integrations")
+
+
+def identity_client(crt_client: Any) -> Any:
+    """awsiotsdk's fleet provisioning client (IotIdentityClientV2) over a started awscrt MQTT 5 client."""
+    from awscrt import mqtt_request_response
+    from awsiot import iotidentity
+
+    return iotidentity.IotIdentityClientV2(
+        crt_client,
+        mqtt_request_response.ClientOptions(
+            max_request_response_subscriptions=2,
+            max_streaming_subscriptions=0,
+            operation_timeout_in_seconds=10,
+        ),
+    )

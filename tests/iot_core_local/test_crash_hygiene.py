@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from iot_core_local.broker import socket_address
 from iot_core_local.server import LocalIotCore
 from tests._support.brokers import MOSQUITTO
 from tests._support.clients import iot_client
@@ -125,30 +126,31 @@ def test_kill_9_of_serve_takes_mosquitto_with_it(tmp_path: Path) -> None:
         assert _exits_within(broker, _DEADLINE), "Mosquitto outlived a kill -9 of serve"
 
 
-def _listener_port(config: Path) -> int:
-    for line in config.read_text().splitlines():
-        if line.startswith("listener "):
-            return int(line.split()[1])
-    raise AssertionError(f"no listener in {config}")
-
-
 def _plant_stale_broker(data_dir: Path) -> subprocess.Popen[bytes]:
     """A Mosquitto on the data dir's own config and persistence, named by its pid file: what a server
     killed before it could stop its broker leaves behind."""
     config = data_dir / "mosquitto" / "mosquitto.conf"
     stale = subprocess.Popen(
-        [str(MOSQUITTO), "-c", str(config.absolute())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(MOSQUITTO), "-c", str(config.absolute())],
+        cwd=config.parent,  # as the server starts it: its socket path is relative to its folder
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     (data_dir / "mosquitto" / "mosquitto.pid").write_text(f"{stale.pid}\n")
-    # Polled with a deadline: Mosquitto tells nobody when its port is open. Once it accepts, it has
+    # Polled with a deadline: Mosquitto tells nobody when its socket is open. Once it accepts, it has
     # loaded the persistence file and would write it back at its next autosave.
-    port = _listener_port(config)
-    deadline = time.monotonic() + _DEADLINE
-    while time.monotonic() < deadline:
-        assert stale.poll() is None, "the planted Mosquitto exited at once"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return stale
-        time.sleep(0.05)
+    address, held = socket_address(config.parent)
+    try:
+        deadline = time.monotonic() + _DEADLINE
+        while time.monotonic() < deadline:
+            assert stale.poll() is None, "the planted Mosquitto exited at once"
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(address)
+                return stale
+            time.sleep(0.05)
+    finally:
+        if held is not None:
+            os.close(held)
     stale.kill()
     raise AssertionError("the planted Mosquitto never accepted connections")
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import signal
 import socket
+import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +18,12 @@ import mqtt5
 import pytest
 
 from iot_core_local.broker import BrokerLimits
+from iot_core_local.cli import EXIT_USAGE, LIMIT_FLAGS, main
 from iot_core_local.gateway import GatewayLimits
 from iot_core_local.resources import LimitLog, raise_open_file_limit
 from iot_core_local.server import LocalIotCore
-from tests._support.devices import RawClient, new_device
+from tests._support.clients import iot_client
+from tests._support.devices import OPEN_POLICY, RawClient, new_device, write_credentials
 from tests._support.logs import watch_log
 
 GATEWAY_LOG = "iot_core_local.gateway"
@@ -76,7 +83,10 @@ def test_silent_client_is_closed_after_one_and_a_half_keep_alives(
 
 
 def _silent_sockets(core: LocalIotCore, count: int) -> list[socket.socket]:
-    address = (core.endpoint.mqtt_host, core.endpoint.mqtt_port)
+    return _silent_sockets_at((core.endpoint.mqtt_host, core.endpoint.mqtt_port), count)
+
+
+def _silent_sockets_at(address: tuple[str, int], count: int) -> list[socket.socket]:
     return [socket.create_connection(address, timeout=5) for _ in range(count)]
 
 
@@ -182,6 +192,121 @@ def test_broker_queues_are_bounded_in_messages_and_bytes(iot_core: LocalIotCore)
     assert f"max_inflight_messages {limits.max_inflight_messages}" in conf
     with pytest.raises(ValueError, match="max_queued_bytes"):
         BrokerLimits(max_queued_bytes=0)  # Mosquitto's "no maximum" is not a bound
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_subscriber_that_does_not_read_costs_mosquitto_a_bounded_queue(
+    tmp_path: Path, creds_dir: Path
+) -> None:
+    # Before: Mosquitto held ~100 MB for each subscriber that never read. Here the gateway's own drain
+    # timeout is out of reach, so only Mosquitto's per-client bounds can stop the growth: 48 MB
+    # published to the deaf subscriber must cost Mosquitto a small fraction of that, the rest dropped.
+    limits = BrokerLimits(max_queued_messages=100, max_queued_bytes=256 * 1024)
+    with LocalIotCore(
+        tmp_path / "data",
+        gateway_limits=GatewayLimits(client_drain_timeout=600.0),
+        broker_limits=limits,
+        key_pool_size=0,
+    ) as core:
+        broker = int((core.data_dir / "mosquitto" / "mosquitto.pid").read_text())
+        creds = new_device(core, creds_dir, "queue")
+        deaf, publisher = RawClient(core, creds), RawClient(core, creds)
+        try:
+            assert deaf.connect("deaf-queue").reason_code == 0
+            assert deaf.subscribe("queue/#") == [1]  # QoS 1: queued by Mosquitto while in flight
+            assert publisher.connect("queue-flooder").reason_code == 0
+            before = _rss_mb(broker)
+            payload = b"q" * 64 * 1024
+            for i in range(768):  # 48 MB
+                # A round trip now and then, so the flood does not outrun the broker; the last PUBACK
+                # comes once Mosquitto has queued or dropped everything before it.
+                qos = 1 if i % 16 == 15 else 0
+                assert publisher.publish("queue/x", payload, qos=qos) in (0, None)
+            grown = _rss_mb(broker) - before
+            assert core.gateway.connection("deaf-queue") is not None  # still connected: the queue held
+        finally:
+            deaf.close()
+            publisher.close()
+        # Mosquitto says so itself (log_type notice): it dropped what exceeded the queue.
+        assert (
+            "Outgoing messages are being dropped"
+            in (core.data_dir / "mosquitto" / "mosquitto.log").read_text()
+        )
+    assert grown < 12, f"Mosquitto grew by {grown:.1f} MB for one subscriber that does not read"
+
+
+def test_serve_flags_set_the_limits(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    command = [sys.executable, "-m", "iot_core_local", "serve", "--data-dir", str(data_dir)]
+    flags = ["--max-keep-alive", "30", "--max-queued-messages", "7", "--max-queued-bytes", "70000"]
+    with subprocess.Popen(
+        [*command, "--mqtt-port", "0", "--api-port", "0", "--max-connections", "5", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            endpoint = json.loads(proc.stdout.readline())
+            conf = (data_dir / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8").splitlines()
+            assert "max_queued_messages 7" in conf
+            assert "max_queued_bytes 70000" in conf
+            iot = iot_client(endpoint["apiUrl"])
+            created = iot.create_keys_and_certificate(setAsActive=True)
+            iot.create_policy(policyName="open", policyDocument=OPEN_POLICY)
+            iot.attach_policy(policyName="open", target=created["certificateArn"])
+            creds = write_credentials(
+                tmp_path,
+                "flags",
+                created["certificateId"],
+                created["certificatePem"],
+                created["keyPair"]["PrivateKey"],
+            )
+            context = ssl.create_default_context(cafile=endpoint["rootCaPath"])
+            context.load_cert_chain(creds.cert_path, creds.key_path)
+            address = (endpoint["mqttHost"], endpoint["mqttPort"])
+            with (
+                socket.create_connection(address, timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(mqtt5.ConnectPacket("flags", clean_start=True, keep_alive=0).write())
+                connack, _ = mqtt5.read(memoryview(tls.recv(4096)))
+                assert isinstance(connack, mqtt5.ConnAckPacket)
+                assert connack.server_keep_alive == 30
+                # max_connections 5: this one and four more; the sixth is closed before TLS.
+                held = _silent_sockets_at(address, 5)
+                try:
+                    assert all(_still_open(sock) for sock in held[:4])
+                    assert _closed_at_once(held[4])
+                finally:
+                    _close_all(held)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--max-connections", "0"), ("--max-queued-bytes", "-1"), ("--max-keep-alive", "x")]
+)
+def test_a_limit_flag_out_of_range_is_a_usage_error(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), flag, value]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err.splitlines()[-1]
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_limit_flags_default_to_the_limits_own_defaults() -> None:
+    # cli.py writes them out (it must parse without the [server] extra); they must not drift.
+    for flag, owner, default, *_ in LIMIT_FLAGS:
+        limits = GatewayLimits() if owner == "gateway" else BrokerLimits()
+        assert getattr(limits, flag.replace("-", "_")) == default, flag
 
 
 def test_open_file_limit_is_raised_to_the_hard_limit() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
+from tests._support.clients import identity_client
 from tests._support.devices import (
     Credentials,
     DeviceCA,
@@ -112,7 +113,6 @@ def _aws_stop(client: Any, stopped: threading.Event) -> None:
 def test_claim_flow_with_iot_identity_client_v2(
     core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], tmp_path: Path, operation: str
 ) -> None:
-    from awscrt import mqtt_request_response
     from awsiot import iotidentity
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -120,14 +120,7 @@ def test_claim_flow_with_iot_identity_client_v2(
     setup, claim_creds = claim
     crt, stopped = _aws_connect(core, claim_creds, f"SN-{operation}")  # a claim connects as its serial
     try:
-        identity = iotidentity.IotIdentityClientV2(
-            crt,
-            mqtt_request_response.ClientOptions(
-                max_request_response_subscriptions=2,
-                max_streaming_subscriptions=0,
-                operation_timeout_in_seconds=10,
-            ),
-        )
+        identity = identity_client(crt)
         if operation == "CreateKeysAndCertificate":
             issued = identity.create_keys_and_certificate(
                 iotidentity.CreateKeysAndCertificateRequest()

@@ -32,14 +32,18 @@ def _serve(data_dir: Path, *ports: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("flag", "other", "service"),
-    [("--api-port", "--mqtt-port", "API"), ("--mqtt-port", "--api-port", "MQTT")],
+    ("flag", "others", "service"),
+    [
+        ("--api-port", ["--mqtt-port"], "API"),
+        ("--mqtt-port", ["--api-port"], "MQTT"),
+        ("--alpn-port", ["--mqtt-port", "--api-port"], "ALPN MQTT"),
+    ],
 )
 def test_a_taken_port_is_named_with_its_flag_in_one_line(
-    tmp_path: Path, taken_port: int, flag: str, other: str, service: str
+    tmp_path: Path, taken_port: int, flag: str, others: list[str], service: str
 ) -> None:
     data_dir = tmp_path / "data"
-    done = _serve(data_dir, flag, str(taken_port), other, "0")
+    done = _serve(data_dir, flag, str(taken_port), *(arg for other in others for arg in (other, "0")))
     assert done.returncode == EXIT_SERVER
     assert done.stdout == ""
     assert done.stderr.splitlines() == [

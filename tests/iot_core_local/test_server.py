@@ -70,8 +70,16 @@ def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: 
             printed = json.loads(proc.stdout.readline())
             on_disk = json.loads((data_dir / "endpoint.json").read_text())
             assert printed == on_disk
-            assert set(on_disk) == {"mqttHost", "mqttPort", "apiUrl", "rootCaPath", "credentialsFile"}
+            assert set(on_disk) == {
+                "mqttHost",
+                "mqttPort",
+                "alpnPort",
+                "apiUrl",
+                "rootCaPath",
+                "credentialsFile",
+            }
             assert Path(on_disk["credentialsFile"]) == (data_dir / "credentials").resolve()
+            assert on_disk["alpnPort"] is None  # not served unless --alpn-port
             assert on_disk["mqttPort"] > 0
             assert on_disk["apiUrl"].startswith(f"http://{on_disk['mqttHost']}:")
             assert Path(on_disk["rootCaPath"]).is_file()

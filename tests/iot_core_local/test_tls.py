@@ -71,7 +71,7 @@ def test_lean_protocol_instance_attributes() -> None:
             "a new SSLProtocol is not in state UNWRAPPED"
         )
         # The memory saving itself: the read buffer allocated per connection follows max_size.
-        assert len(attributes["_ssl_buffer"]) == LeanSSLProtocol.max_size == 32 * 1024, _moved(
+        assert len(attributes["_ssl_buffer"]) == LeanSSLProtocol.max_size == 16 * 1024, _moved(
             "SSLProtocol no longer sizes its read buffer from max_size"
         )
     finally:

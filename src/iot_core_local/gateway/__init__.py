@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..broker import open_connection
 from ..ca import CertificateAuthority
 from ..faults import FaultInjector
 from ..model import CaStatus, CertificateStatus
@@ -43,7 +44,7 @@ from ..resources import LimitLog
 from .connection import Connection
 from .lifecycle import CONNECTION_LOST, LifecycleListener
 from .limits import GatewayLimits
-from .tls import TrustStore, brief, handshake
+from .tls import ALPN_MQTT, TrustStore, brief, handshake
 from .wire import Reason, topic_limit_problem, topic_matches
 
 __all__ = ["Connection", "Gateway", "GatewayLimits", "topic_limit_problem", "topic_matches"]
@@ -54,19 +55,27 @@ T = TypeVar("T")
 
 
 class _PlainAccept(asyncio.Protocol):
-    """Accepts TCP and pauses reading at once; the gateway then starts TLS on the transport."""
+    """Accepts TCP and pauses reading at once; the gateway then starts TLS on the transport.
 
-    def __init__(self, gateway: Gateway) -> None:
+    `require_alpn`: the ALPN protocol a client of this listener must offer (the port-443 listener).
+    """
+
+    def __init__(self, gateway: Gateway, require_alpn: str | None = None) -> None:
         self.gateway = gateway
+        self.require_alpn = require_alpn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
-        self.gateway.accept(transport)
+        self.gateway.accept(transport, self.require_alpn)
 
 
 class Gateway:
-    """The MQTT 5 / TLS endpoint devices connect to; `start()` binds, then `port` is the real port."""
+    """The MQTT 5 / TLS endpoint devices connect to; `start()` binds, then `port` is the real port.
+
+    `alpn_port` (None: none) is a second listener, AWS IoT Core's port 443: it serves exactly as `port`,
+    to clients that offer ALPN `x-amzn-mqtt-ca` only; after `start()` it is the real port.
+    """
 
     def __init__(
         self,
@@ -74,10 +83,10 @@ class Gateway:
         registry: Registry,
         ca: CertificateAuthority,
         provisioning: ProvisioningService,
-        broker_host: str,
-        broker_port: int,
+        broker_address: str,
         host: str = "127.0.0.1",
         port: int = 0,
+        alpn_port: int | None = None,
         faults: FaultInjector | None = None,
         limits: GatewayLimits | None = None,
     ) -> None:
@@ -86,13 +95,13 @@ class Gateway:
         self.faults = faults if faults is not None else FaultInjector()
         self.ca = ca
         self.provisioning = provisioning
-        self.broker_host = broker_host
-        self.broker_port = broker_port
+        self.broker_address = broker_address  # Mosquitto's Unix socket (broker.py), the gateway's alone
         self.host = host
         self.port = port
+        self.alpn_port = alpn_port
         self.arn_prefix = registry.arn("")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         # The trust store rebuild and the heap trim; provisioning has workers of its own.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="iot-core-local-worker")
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,23 +139,30 @@ class Gateway:
         self.registry.add_listener(self._on_certificate_change)
         self.registry.add_policy_listener(self._on_policy_change)
         self.registry.add_ca_listener(self._on_ca_change)
-        self._server = await self._loop.create_server(
+        server = await self._loop.create_server(
             lambda: _PlainAccept(self), self.host, self.port, backlog=1024
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        if self.alpn_port is not None:
+            alpn = await self._loop.create_server(
+                lambda: _PlainAccept(self, ALPN_MQTT), self.host, self.alpn_port, backlog=1024
+            )
+            self._servers.append(alpn)
+            self.alpn_port = alpn.sockets[0].getsockname()[1]
+            log.info("gateway listening on %s:%d for ALPN %s", self.host, self.alpn_port, ALPN_MQTT)
         self._spawn(self._maintain())
-        log.info(
-            "gateway listening on %s:%d, relaying to %s:%d",
-            self.host,
-            self.port,
-            self.broker_host,
-            self.broker_port,
-        )
+        log.info("gateway listening on %s:%d, relaying to %s", self.host, self.port, self.broker_address)
+
+    @property
+    def listening(self) -> bool:
+        """True once the MQTT port is bound (the ALPN port, if any, is bound after it)."""
+        return bool(self._servers)
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for connections in list(self._by_certificate.values()):
             for connection in list(connections):
                 connection.kick("server shutting down", Reason.SERVER_SHUTTING_DOWN)
@@ -163,13 +179,17 @@ class Gateway:
         await self.provisioning.close()
         await self.trust_store.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        self._server = None
+        self._servers = []
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def open_broker(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """One relay stream to Mosquitto, through its Unix socket."""
+        return await open_connection(self.broker_address)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (a trust store build, a heap trim) in the gateway's workers."""
@@ -178,7 +198,7 @@ class Gateway:
             return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
-    def accept(self, transport: asyncio.Transport) -> None:
+    def accept(self, transport: asyncio.Transport, require_alpn: str | None = None) -> None:
         """Take a new TCP connection, or close it at once (before TLS) when a cap is reached."""
         if self._stopping:
             transport.abort()
@@ -202,15 +222,15 @@ class Gateway:
         self._live += 1
         self._live_peak = max(self._live_peak, self._live)
         self._transports.add(transport)
-        self._spawn(self._serve(transport, address))
+        self._spawn(self._serve(transport, address, require_alpn))
 
-    async def _serve(self, transport: asyncio.Transport, address: str) -> None:
+    async def _serve(self, transport: asyncio.Transport, address: str, require_alpn: str | None) -> None:
         handshaking = True
         try:
             peername = transport.get_extra_info("peername")
             peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
             try:
-                opened = await self._handshake(transport, peer)
+                opened = await self._handshake(transport, peer, require_alpn)
             finally:
                 handshaking = False
                 self._handshake_done(address)
@@ -253,7 +273,7 @@ class Gateway:
         return self._live
 
     async def _handshake(
-        self, transport: asyncio.Transport, peer: str
+        self, transport: asyncio.Transport, peer: str, require_alpn: str | None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
         try:
             context = await self.trust_store.context()
@@ -261,7 +281,7 @@ class Gateway:
             transport.abort()
             log.info("connection %s: TLS handshake failed: %s", peer, brief(e))
             return None
-        return await handshake(transport, peer, context, self.limits.handshake_timeout)
+        return await handshake(transport, peer, context, self.limits.handshake_timeout, require_alpn)
 
     # ---- connections by certificate -----------------------------------------------------------
 

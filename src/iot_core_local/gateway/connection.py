@@ -406,7 +406,7 @@ class Connection:
         gw = self.gw
         try:
             broker_reader, broker_writer = await asyncio.wait_for(
-                asyncio.open_connection(gw.broker_host, gw.broker_port), self.limits.broker_timeout
+                gw.open_broker(), self.limits.broker_timeout
             )
         except (OSError, TimeoutError) as e:
             self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE))

@@ -23,28 +23,36 @@ from cryptography import x509
 from ..ca import CertificateAuthority
 from ..registry import Registry
 
-__all__ = ["LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
+__all__ = ["ALPN_MQTT", "LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
 
 log = logging.getLogger("iot_core_local.gateway")
 
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], T]], Awaitable[T]]
 
+# The ALPN protocol id AWS IoT Core's port 443 serves MQTT under (without it, 443 is HTTPS there); the
+# SDKs' samples offer it by default on 443.
+ALPN_MQTT = "x-amzn-mqtt-ca"
+
 # The StreamReader's buffer limit for a device connection; MQTT packets are read this much at a time.
 READ_SIZE = 65536
+# What a device connection may have written and not yet sent before its writer's drain() waits. asyncio's
+# TLS default is 512 KiB: with 60 subscribers that never read, 64 KiB took ~10 MB off the server's peak
+# (bench/abuse.py); smaller (with the socket transport's own limit lowered too) measured no better.
+WRITE_HIGH_WATER = 64 * 1024
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a 32 KiB read buffer instead of 256 KiB.
+    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB.
 
     asyncio allocates (and zero-fills, so it is resident) `max_size` bytes per TLS connection: 256 KiB
-    each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB. A TLS
-    record carries at most 16 KiB, and MQTT packets here are read 64 KiB at a time anyway, so 32 KiB
-    costs no throughput.
+    each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB; 32 KiB
+    still cost 1,000 idle connections 32 MB. A TLS record carries at most 16 KiB, so one read takes in
+    about a record; a 64 KiB MQTT packet takes five reads instead of two.
     """
 
-    max_size = 32 * 1024
+    max_size = 16 * 1024
 
     def buffer_updated(self, nbytes: int) -> None:
         # During the handshake, ACK every segment at once. awscrt (s2n) writes TLS 1.3's 6-byte
@@ -98,10 +106,15 @@ async def start_tls(
 
 
 async def handshake(
-    transport: asyncio.Transport, peer: str, context: ssl.SSLContext, handshake_timeout: float
+    transport: asyncio.Transport,
+    peer: str,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+    require_alpn: str | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
     """TLS on a connection whose reading was paused at accept: (reader, writer, client certificate DER),
-    or None (logged) if the handshake fails or the client sent no certificate.
+    or None (logged) if the handshake fails, the client sent no certificate, or `require_alpn` is given
+    and the client did not offer it.
 
     Reading stays paused until TLS takes over the transport, so no byte of the ClientHello can be
     consumed as plain data first (the race StreamWriter.start_tls has on the server side).
@@ -125,12 +138,19 @@ async def handshake(
     if tls is None:  # the peer went away during the handshake
         transport.abort()
         return None
+    tls.set_write_buffer_limits(high=WRITE_HIGH_WATER)
     protocol.connection_made(tls)
     writer = asyncio.StreamWriter(tls, protocol, reader, loop)
     ssl_object = tls.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         log.info("connection %s: closed: no client certificate", peer)
+        tls.abort()
+        return None
+    if require_alpn is not None and ssl_object.selected_alpn_protocol() != require_alpn:
+        # OpenSSL asks the server's ALPN choice only of a client that offers ALPN at all, so a client
+        # without it completes the handshake; it is closed before it can send a byte of MQTT.
+        log.info("connection %s: closed: ALPN %s not offered on the ALPN port", peer, require_alpn)
         tls.abort()
         return None
     return reader, writer, der
@@ -224,5 +244,8 @@ class TrustStore:
         context.load_cert_chain(self.ca.server_cert_path, self.ca.server_key_path)
         context.verify_mode = ssl.CERT_REQUIRED
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        # Chosen when offered, on either port; a client offering only other protocols gets none, and the
+        # MQTT port serves it as before (the ALPN port closes it, see `handshake`).
+        context.set_alpn_protocols([ALPN_MQTT])
         context.load_verify_locations(cadata="".join(pems.values()))
         return context, generation, len(pems)

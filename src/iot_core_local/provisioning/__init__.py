@@ -108,7 +108,7 @@ class ProvisioningService:
     """Fleet provisioning (by claim) and just-in-time registration/provisioning over one registry.
 
     `clock` (epoch seconds) dates the JITR events and decides which ownership tokens have expired for the
-    sweep; tests pass one they advance. `broker` is Mosquitto's address, where JITR events are published.
+    sweep; tests pass one they advance. `broker` is Mosquitto's Unix socket, where JITR events are published.
     """
 
     def __init__(
@@ -119,7 +119,7 @@ class ProvisioningService:
         token_ttl: float = 3600.0,
         hook_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
-        broker: tuple[str, int] | None = None,
+        broker: str | None = None,
         broker_timeout: float = 10.0,
         hook_workers: int = HOOK_WORKERS,
         limiter: RateLimiter | None = None,
@@ -131,7 +131,7 @@ class ProvisioningService:
         self.clock = clock
         self.fleet = FleetProvisioning(registry, ca, token_ttl=token_ttl, hook_timeout=hook_timeout)
         self.jit = JustInTime(registry, clock)
-        self.events = EventPublisher(*broker, timeout=broker_timeout) if broker is not None else None
+        self.events = EventPublisher(broker, timeout=broker_timeout) if broker is not None else None
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="iot-core-local-provisioning")
         # Hooks wait on other people's servers for up to hook_timeout each: they get their own threads, so
         # slow hooks never hold the threads CreateKeysAndCertificate and JITR need. A slot is taken on the

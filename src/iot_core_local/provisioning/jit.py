@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .. import templates
+from ..broker import open_connection
 from ..errors import ResourceNotFound, ServiceError
 from ..model import CACertificate, Certificate, CertificateStatus
 from ..registry import ACCOUNT_ID, Registry
@@ -104,10 +105,9 @@ class JustInTime:
 class EventPublisher:
     """The stand-in's own client of Mosquitto, for the events it publishes (JITR registrations)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout  # Mosquitto's TCP connect, and its CONNACK
+    def __init__(self, address: str, *, timeout: float = 10.0) -> None:
+        self.address = address  # Mosquitto's Unix socket (broker.py): the gateway's, no other door
+        self.timeout = timeout  # Mosquitto's connect, and its CONNACK
         self.client_id = f"iot-core-local-events-{uuid.uuid4().hex[:12]}"
         self._writer: asyncio.StreamWriter | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -127,7 +127,7 @@ class EventPublisher:
             await self._writer.drain()
 
     async def _connect(self) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        reader, writer = await asyncio.wait_for(open_connection(self.address), self.timeout)
         try:
             await self._handshake(reader, writer)
         except BaseException:
@@ -163,7 +163,7 @@ class EventPublisher:
 
 
 async def _read_packet(reader: asyncio.StreamReader) -> mqtt5.Packet:
-    """The next packet from Mosquitto (trusted: it is our own broker, on loopback)."""
+    """The next packet from Mosquitto (trusted: it is our own broker, behind its own socket)."""
     buf = bytearray()
     while True:
         if buf:
