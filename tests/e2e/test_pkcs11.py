@@ -217,16 +217,18 @@ def test_fleet_sim_with_keys_in_tokens(
 
 
 def test_demo_shows_the_token_path(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv(CONF_ENV, "")  # the demo points this process at its SoftHSM2 folder; undone after
-    assert main(["demo", "--pkcs11"]) == 0
+    kept = tmp_path / "kept"
+    assert main(["demo", "--pkcs11", "--keep", str(kept)]) == 0
     out = capsys.readouterr().out
     assert "initialising a SoftHSM2 token 'hub'" in out
-    assert "key pair in the token: pkcs11:token=hub;object=hub-onboarding-SN-DEMO-0001;type=private" in out
-    assert "1 object, sensitive True, extractable False" in out
+    uri = "pkcs11:token=hub;object=hub-onboarding-SN-DEMO-0001;type=private"
+    assert f"{uri}: 1 object, sensitive True, extractable False" in out
     assert "private key files beside the config: 0" in out
-    config = json.loads(out[out.index("{", out.index("resulting iotmi_config.json")) :])
+    config = json.loads((kept / "hub" / "iotmi_config.json").read_text(encoding="utf-8"))
     assert config["rw"]["iot_provisioning_state"] == "PROVISIONED"
+    assert config["rw"]["iot_permanent_pk_path"] == uri
     assert config["ro"]["iot_claim_pk_path"] == "pkcs11:token=hub;object=claim-key;type=private"
     assert "PRIVATE KEY" not in out

@@ -119,7 +119,9 @@ def test_awscrt_with_the_alpn_provisions_through_the_alpn_port(core: LocalIotCor
     claim = write_credentials(
         tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
     )
-    client, connected, stopped = _crt_client(core, claim, "hub-alpn", [ALPN_MQTT])
+    client, connected, stopped = _crt_client(
+        core, claim, "claim-alpn", [ALPN_MQTT]
+    )  # not hub-*: denied to claims
     try:
         assert connected.result(10), "awscrt could not connect to the ALPN port with the ALPN"
         identity = identity_client(client)
