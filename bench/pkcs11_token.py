@@ -9,10 +9,16 @@ verification connect:
 Each token run gets a token of its own in one SoftHSM2 folder (SOFTHSM2_CONF, set for the children
 while this part runs). The latency ratio is token median / files median; the RSS figures are the largest
 run of each (python-pkcs11 and the module's own libraries are the difference).
+
+    python -m bench.pkcs11_token [RUNS] [--record]
+
+prints the summary; `--record` writes it as a partial run (`report.record_partial`), which
+docs/performance.md shows beside the newest full run until a `python -m bench` includes this part.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -21,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.footprint import measure
 from bench.gateway import ServerProcess
 from hub_onboarding.tools import softhsm
@@ -98,8 +105,29 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pkcs11_token")
+    parser.add_argument("runs", nargs="?", type=int, default=RUNS, help=f"runs of each side ({RUNS})")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write bench/results/<date>-<commit>-pkcs11-token.json and .md, and rewrite docs/performance.md",
+    )
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"runs must be at least 1, not {args.runs}")
+    out = run(runs=args.runs)
+    if args.record:
+        print(f"written: {report.record_partial('pkcs11_token', out)}", file=sys.stderr)
+    shown = {
+        **out,
+        "sides": {
+            name: {k: v for k, v in side.items() if k != "samples"} for name, side in out["sides"].items()
+        },
+    }
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
 if __name__ == "__main__":
-    out = run(runs=int(sys.argv[1]) if len(sys.argv) > 1 else RUNS)
-    for side in out["sides"].values():
-        side.pop("samples")
-    print(json.dumps(out, indent=2))
+    sys.exit(main())

@@ -4,20 +4,25 @@
 
 rewrites the generated part of docs/performance.md (between its markers) from a results file, by default
 the newest full run in bench/results (by the date it recorded). `python -m bench` does it after each run,
-and a test checks that the doc shows exactly what the newest committed results say. A run of one part
-alone (`python -m bench.abuse --record`: "partial" in its file) is never the newest full run; when the
-full run has no such part, the doc shows the newest partial run of it beside, naming its own file.
+and a test checks that the doc shows exactly what the newest committed results say, and that the doc has
+no table of numbers outside that part. A run of one part alone (`python -m bench.abuse --record`,
+`python -m bench.pkcs11_token --record`: "partial" in its file, written by `record_partial`) is never the
+newest full run; when the full run has no such part, the doc shows the newest run of it beside, naming
+its own file.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -525,49 +530,95 @@ def newest_results(folder: Path = RESULTS_DIR, *, part: str | None = None) -> Pa
     return max(runs)[2]
 
 
+def _abuse_beside(ab: dict[str, Any], h: str) -> list[str]:
+    return [
+        _row("measure", "goal", "measured", ""),
+        _row("---", "---", "---", "---"),
+        *(_row(what, goal, got, _ok(met)) for what, goal, got, met in _abuse_goals(ab)),
+        "",
+        *_abuse_section(ab, h),
+    ]
+
+
+# The parts that a run of their own records (`python -m bench.<part> --record`, `record_partial`), in the
+# order the doc shows them beside the newest full run when that run has none: the part's key in a
+# results file, what the doc calls it, and its tables.
+PARTIAL_PARTS: dict[str, tuple[str, Callable[[dict[str, Any], str], list[str]]]] = {
+    "pkcs11_token": ("The token benchmark", _token_section),
+    "abuse": ("The abuse benchmark", _abuse_beside),
+}
+
+
+def record_partial(part: str, results: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+    """Write a run of `part` alone into `out_dir` as `python -m bench` writes a full one
+    (`<date>-<commit>-<part>.json` and `.md`, "partial" in it: never the newest full run); in
+    bench/results, rewrite docs/performance.md's tables too, which show it beside the newest full run."""
+    if part not in PARTIAL_PARTS:
+        raise ValueError(
+            f"{part!r} is not a part a run of its own records (one of {', '.join(PARTIAL_PARTS)})"
+        )
+    run_record = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "quick": False,
+        "partial": True,
+        part: results,
+    }
+    stem = f"{dt.date.today().isoformat()}-{run_record['commit']}-{part.replace('_', '-')}"
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(run_record, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(run_record))
+    if out_dir.resolve() == RESULTS_DIR:
+        update_docs()
+    return path
+
+
 def docs_block_for(source: Path | None = None, folder: Path = RESULTS_DIR) -> str:
-    """`docs_block` of `source` (default: the newest full run), with the newest abuse run beside it
-    when that run has none."""
+    """`docs_block` of `source` (default: the newest full run), with the newest run of each of
+    `PARTIAL_PARTS` that it lacks beside it."""
     source = source or newest_results(folder)
     results = json.loads(source.read_text())
-    beside = None
-    if not results.get("abuse"):
-        with_abuse: Path | None = None
+    beside: list[tuple[str, dict[str, Any], Path]] = []
+    for part in PARTIAL_PARTS:
+        if results.get(part):
+            continue
         with contextlib.suppress(FileNotFoundError):
-            with_abuse = newest_results(folder, part="abuse")
-        if with_abuse is not None:
-            beside = (json.loads(with_abuse.read_text()), with_abuse)
+            path = newest_results(folder, part=part)
+            beside.append((part, json.loads(path.read_text()), path))
     return docs_block(results, source, beside)
 
 
+def _beside_lines(part: str, run: dict[str, Any], path: Path) -> list[str]:
+    title, tables = PARTIAL_PARTS[part]
+    load = run["machine"].get("load_average_at_start")
+    how = (
+        f"ran alone on {run['date']}, commit {run['commit']} (`python -m bench.{part} --record`"
+        if run.get("partial")
+        else f"is from the full run of {run['date']}, commit {run['commit']} (`python -m bench`"
+    )
+    return [
+        "",
+        f"{title} {how}, load average {load} at its start); every sample is in `bench/results/{path.name}`.",
+        "",
+        *tables(run[part], "###"),
+    ]
+
+
 def docs_block(
-    results: dict[str, Any], source: Path, abuse: tuple[dict[str, Any], Path] | None = None
+    results: dict[str, Any], source: Path, beside: list[tuple[str, dict[str, Any], Path]] | None = None
 ) -> str:
-    """The generated part of docs/performance.md, markers included, for the run in `source`; `abuse`: a
-    partial run of the abuse benchmark shown beside it (its goals and table, naming its file)."""
+    """The generated part of docs/performance.md, markers included, for the run in `source`; `beside`:
+    (part, run, its file) for runs of parts that `results` lacks, shown after its tables, naming their
+    files."""
     machine = results["machine"]
-    beside: list[str] = []
-    if abuse is not None:
-        part, path = abuse
-        beside = [
-            "",
-            f"The abuse benchmark ran alone on {part['date']}, commit {part['commit']} "
-            f"(`python -m bench.abuse --record`, load average {part['machine'].get('load_average_at_start')} "
-            f"at its start); every sample is in `bench/results/{path.name}`.",
-            "",
-            _row("measure", "goal", "measured", ""),
-            _row("---", "---", "---", "---"),
-            *(_row(what, goal, got, _ok(met)) for what, goal, got, met in _abuse_goals(part["abuse"])),
-            "",
-            *_abuse_section(part["abuse"], "###"),
-        ]
     lines = [
         BEGIN_MARK.format(name=source.name),
         f"Run of {results['date']}, commit {results['commit']}, on {machine['cpus']} CPUs "
         f"(Python {machine['python']}); every sample is in `bench/results/{source.name}`.",
         "",
         *sections(results, "###", details=False),
-        *beside,
+        *(line for part, run, path in beside or [] for line in _beside_lines(part, run, path)),
         "",
         "![Onboarding latency](../bench/results/latency.png)",
         "",
@@ -585,6 +636,30 @@ def generated_block(text: str) -> str:
     if start < 0 or end < 0:
         raise ValueError(f"the doc has no generated part ({prefix}... {END_MARK})")
     return text[start : end + len(END_MARK)]
+
+
+# A table cell that is a measurement: a number, with a unit or a "x" after it and bold or not ("1.41",
+# "1393.8 ms", "**6.2 MB**", "35.4/s", "1.15x", "-0.9 ms").
+_MEASUREMENT = re.compile(r"^\**[-+]?\d[\d,]*(\.\d+)?\s*(ms|s|MB|MiB|KiB|KB|GB|/s|x|%)?\**$")
+
+
+def hand_written_tables(text: str) -> list[str]:
+    """The header lines of the tables of numbers in `text` outside its generated part: a table with a
+    cell that is a measurement. The doc's numbers come from bench/results; prose tables (what a module
+    answers, what decides a goal) have none."""
+    with contextlib.suppress(ValueError):
+        text = text.replace(generated_block(text), "")
+    found: list[str] = []
+    table: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        body = [row.strip().strip("|").split("|") for row in table[2:]]
+        if any(_MEASUREMENT.match(cell.strip()) for row in body for cell in row):
+            found.append(table[0])
+        table = []
+    return found
 
 
 def update_docs(source: Path | None = None, doc: Path = PERFORMANCE_DOC) -> bool:
