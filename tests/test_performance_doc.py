@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bench import report
+from bench import pkcs11_token, report
 
 
 def test_the_docs_tables_are_generated_from_the_newest_results_file() -> None:
@@ -82,3 +82,89 @@ def test_the_token_benchmark_is_a_table() -> None:
     assert "Keys in a PKCS#11 token (SoftHSM2) vs key files" in text
     assert "| token | 960.0 ms | 300.0 ms | 47.5 MB |" in text
     assert "Latency ratio token / files: 1.20; peak RSS added by the token: 6.5 MB." in text
+
+
+def test_the_doc_has_no_table_of_numbers_outside_the_generated_part() -> None:
+    # Numbers copied by hand go stale: a table of them belongs in bench/results, shown by bench/report.py.
+    assert report.hand_written_tables(report.PERFORMANCE_DOC.read_text()) == []
+
+
+def test_a_hand_written_table_of_numbers_is_found_and_prose_tables_are_not() -> None:
+    generated = report.BEGIN_MARK.format(name="run.json") + "\n| n | wall |\n| --- | --- |\n| 7 | 1.5 ms |\n"
+    text = "\n".join(
+        [
+            "| part | question it answers |",
+            "| --- | --- |",
+            "| fleet | How fast can 1,000 hubs onboard at concurrency 200? |",
+            "",
+            "| goal | what decides it |",
+            "| --- | --- |",
+            "| wall <= 1.5x the script | a few ms of checks (175-181/s before) |",
+            "",
+            generated + report.END_MARK,
+            "",
+            "| keys | wall (median) | peak RSS |",
+            "| --- | --- | --- |",
+            "| files | 1393.8 ms | 41.2 MB |",
+            "Latency ratio:",
+            "| ratio |",
+            "| --- |",
+            "| **1.41** |",
+        ]
+    )
+    assert report.hand_written_tables(text) == ["| keys | wall (median) | peak RSS |", "| ratio |"]
+
+
+def _token_run(wall_ms: float) -> dict[str, object]:
+    side = {"runs": 7, "wall_ms_median": 1000.0, "cpu_ms_median": 500.0, "peak_rss_mb_max": 41.4}
+    return {
+        "method": "CreateCertificateFromCsr, verification connect",
+        "sides": {"files": side, "token": {**side, "wall_ms_median": wall_ms, "peak_rss_mb_max": 47.5}},
+        "latency_ratio": wall_ms / 1000,
+        "peak_rss_added_mb": 6.1,
+    }
+
+
+def test_a_recorded_token_run_is_shown_beside_the_newest_full_run(tmp_path: Path) -> None:
+    full = _run(tmp_path, "fullrun.json", "2026-11-30T10:00:00+00:00")
+    path = report.record_partial("pkcs11_token", _token_run(1390.0), tmp_path)
+    assert path.name.endswith("-pkcs11-token.json")
+    recorded = json.loads(path.read_text())
+    assert recorded["partial"] is True
+    assert recorded["pkcs11_token"]["latency_ratio"] == 1.39
+    assert "load_average_at_start" in recorded["machine"]
+    # Its own page has its table and no empty goals table (the token benchmark sets no goal).
+    page = path.with_suffix(".md").read_text()
+    assert "| token | 1390.0 ms | 500.0 ms | 47.5 MB |" in page
+    assert "Goals" not in page
+    assert report.newest_results(tmp_path) == full  # a partial run is never the newest full run
+    block = report.docs_block_for(folder=tmp_path)
+    assert "bench/results/fullrun.json" in block.splitlines()[0]
+    assert f"The token benchmark ran alone on {recorded['date']}, commit {recorded['commit']}" in block
+    assert f"every sample is in `bench/results/{path.name}`." in block
+    assert "| token | 1390.0 ms | 500.0 ms | 47.5 MB |" in block
+    assert "Latency ratio token / files: 1.39; peak RSS added by the token: 6.1 MB." in block
+    assert report.hand_written_tables(block) == []  # the markers hold every table
+
+
+def test_a_full_run_with_the_token_part_shows_it_in_place_and_nothing_beside(tmp_path: Path) -> None:
+    report.record_partial("pkcs11_token", _token_run(1390.0), tmp_path)
+    full = _run(tmp_path, "fullrun.json", "2999-01-01T00:00:00+00:00")
+    full.write_text(json.dumps({**json.loads(full.read_text()), "pkcs11_token": _token_run(1200.0)}))
+    block = report.docs_block_for(folder=tmp_path)
+    assert "| token | 1200.0 ms |" in block
+    assert "1390.0 ms" not in block
+    assert "ran alone" not in block
+
+
+def test_only_a_part_that_runs_alone_is_recorded_as_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'fleet' is not a part a run of its own records"):
+        report.record_partial("fleet", {}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_token_benchmark_refuses_zero_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        pkcs11_token.main(["0", "--record"])
+    assert exited.value.code == 2
+    assert "runs must be at least 1, not 0" in capsys.readouterr().err
