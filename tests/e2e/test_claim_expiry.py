@@ -37,7 +37,12 @@ def test_an_open_connection_of_a_temporary_claim_is_refused_after_its_expiration
     claim = temporary_claim(core, "Expiring")
     arn = core.registry.cert_arn(claim["certificateId"])
     expired = threading.Event()
-    core.registry.add_policy_listener(lambda target: target == arn and expired.set())
+
+    def on_policy_change(target: str) -> None:
+        if target == arn:
+            expired.set()
+
+    core.registry.add_policy_listener(on_policy_change)
     creds = write_credentials(
         tmp_path, "claim", claim["certificateId"], claim["certificatePem"], claim["keyPair"]["PrivateKey"]
     )
