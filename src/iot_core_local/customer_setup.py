@@ -129,12 +129,15 @@ def _set_up_fleet(cloud: Cloud, data_dir: Path, out: Path, template_name: str, h
     if existing is not None:
         certificate_id = certificate_id_of(x509.load_pem_x509_certificate(existing[0].encode()))
         try:
-            iot.describe_certificate(certificateId=certificate_id)
+            arn = iot.describe_certificate(certificateId=certificate_id)["certificateDescription"][
+                "certificateArn"
+            ]
         except iot.exceptions.ResourceNotFoundException:
             raise SetupError(
                 f"{out / CLAIM_FILES[0]} is not a certificate of the cloud in {data_dir}: "
                 "remove the claim files to make a new claim"
             ) from None
+        _require_claim_policy(iot, out, arn, resources.claim_policy_name)
         _report(f"claim certificate {certificate_id}", False, f", {out / CLAIM_FILES[0]}")
     else:
         claim = create_claim(iot, resources)
@@ -145,6 +148,17 @@ def _set_up_fleet(cloud: Cloud, data_dir: Path, out: Path, template_name: str, h
             f", {out / CLAIM_FILES[0]} and {out / CLAIM_FILES[1]}",
         )
     cloud.print_hub_settings()
+
+
+def _require_claim_policy(iot: Any, out: Path, certificate_arn: str, policy_name: str) -> None:
+    """A claim pair left in `out` by another template or profile (e.g. `setup-managed`) would be refused
+    RegisterThing under this template: say so rather than report it as this template's claim."""
+    attached = [p["policyName"] for p in iot.list_attached_policies(target=certificate_arn)["policies"]]
+    if policy_name not in attached:
+        raise SetupError(
+            f"{out / CLAIM_FILES[0]} is the claim of another template or profile (policies: "
+            f"{', '.join(attached) or 'none'}), not one with {policy_name}: use another --out folder"
+        )
 
 
 def set_up_managed(data_dir: Path, out: Path, profile_name: str, hubs: list[Hub]) -> None:

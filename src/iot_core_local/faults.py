@@ -4,7 +4,8 @@ Hub makers rehearse onboarding against failures here instead of waiting for them
 fault applies to the next `count` matching operations, then clears itself:
 
     throttle  a provisioning request gets /rejected {"statusCode": 429, "errorCode": "ThrottlingException"};
-              a CONNECT gets CONNACK 151 (quota exceeded), as AWS throttles connects
+              a CONNECT gets CONNACK 151 (quota exceeded), as AWS throttles connects; over MQTT 3.1.1,
+              which has no such code, CONNACK return code 3 (server unavailable)
     drop      the connection is closed in the middle of the request (no PUBACK, no answer, nothing done)
               or right after CONNECT (no CONNACK)
     ignore    the request is swallowed (PUBACK, then no answer ever, nothing done); a CONNECT is never

@@ -16,7 +16,9 @@ What AWS leaves open, decided here (README, docs/internals.md):
   UNASSOCIATED;
 - DeleteManagedThing of an onboarded hub makes its certificate INACTIVE (the gateway closes its
   connection) and the thing DELETE_IN_PROGRESS; it is gone once the gateway reports the disconnect,
-  at once if the hub is not connected, or at once with Force.
+  at once if the hub is not connected, or at once with Force;
+- the custom endpoint is the gateway's host; an IPv6 address, which the model's pattern
+  (`[A-Za-z0-9._@-]+`) cannot carry, is a ValidationException naming what works (`endpoint_name`).
 """
 
 # S608: the f-strings below only splice this module's constant column lists; values are always bound.
@@ -25,6 +27,7 @@ What AWS leaves open, decided here (README, docs/internals.md):
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import re
@@ -330,6 +333,26 @@ _PROFILE_COLUMNS = "id, name, type, status, claim_certificate_id, ca_certificate
 StatusListener = Callable[[str, str], None]  # (managed thing id, new ProvisioningStatus or "DELETED")
 
 
+def endpoint_name(host: str) -> str:
+    """The gateway's host as GetCustomEndpoint's `EndpointAddress` (`[A-Za-z0-9._@-]+`) can carry it.
+
+    An IPv6 address has colons the pattern refuses, and no other spelling of it reaches the gateway: a
+    name such as `localhost` may resolve to IPv4 only (it does in many /etc/hosts), and the server
+    certificate names no other host. So it is a ValidationException saying what works instead.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        raise Validation(
+            f"The gateway listens on the IPv6 address {host}, which an EndpointAddress cannot carry: "
+            "serve with --host localhost or an IPv4 address, or give hubs endpoint.json's address "
+            f"([{host}]:PORT) as endpoint_url"
+        )
+    return host
+
+
 class ManagedIntegrations:
     """The account's managed integrations, over one registry (AWS IoT's state) and CA."""
 
@@ -387,7 +410,7 @@ class ManagedIntegrations:
     # ---- custom endpoint ---------------------------------------------------------------------------
 
     def register_custom_endpoint(self) -> str:
-        address = self.endpoint_address()
+        address = endpoint_name(self.endpoint_address())
         with self.registry.transaction():
             if self.registry.query("SELECT 1 FROM mi_meta WHERE key = 'endpoint'"):
                 raise Conflict("A custom endpoint is already registered for this account; GetCustomEndpoint")
@@ -402,7 +425,7 @@ class ManagedIntegrations:
                 "CustomEndpoint",
             )
         # The server's address now (it may listen elsewhere after a restart), as the hub must reach it.
-        return self.endpoint_address()
+        return endpoint_name(self.endpoint_address())
 
     # ---- provisioning profiles -----------------------------------------------------------------------
 

@@ -355,6 +355,25 @@ class Registry:
             )
             return cert
 
+    def expire_provisioning_claims(self) -> list[str]:
+        """Drop the implicit policy of every CreateProvisioningClaim certificate past its expiration (this
+        registry's clock) and tell the policy listeners, so that a connection made before the expiration
+        loses it too: the gateway re-reads a connection's policies on such a change. Returns their ids."""
+        at = self.clock()
+        if not self._query("SELECT 1 FROM provisioning_claims WHERE expires <= ? LIMIT 1", (at,)):
+            return []  # the common case, checked without a write
+        with self.transaction():
+            rows = self._db.execute(
+                "SELECT certificate_id FROM provisioning_claims WHERE expires <= ?", (at,)
+            ).fetchall()
+            expired = [row[0] for row in rows]
+            for certificate_id in expired:
+                self._db.execute(
+                    "DELETE FROM provisioning_claims WHERE certificate_id = ?", (certificate_id,)
+                )
+                self._pending_targets.append(self.cert_arn(certificate_id))
+        return expired
+
     def policy_documents(self, certificate_id: str) -> list[str]:
         """What a connection with this certificate may do: the policies attached to it, and for a
         CreateProvisioningClaim certificate not yet expired the implicit policy of its template."""

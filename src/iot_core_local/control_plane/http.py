@@ -19,6 +19,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import sys
@@ -50,6 +51,9 @@ __all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketRead
 log = logging.getLogger(__name__)
 
 C = TypeVar("C")
+
+# How often the server drops the implicit policy of expired CreateProvisioningClaim certificates (seconds).
+CLAIM_EXPIRY_INTERVAL = 1.0
 
 MAX_BODY = 1 << 20  # AWS IoT's largest request (a 64 KiB PEM, a 10 KiB template) fits many times over
 # The stand-in's own endpoints (the fault switch); no AWS REST path starts with this.
@@ -209,6 +213,11 @@ class _Server(ThreadingHTTPServer):
             request.send(_BUSY)
         super().shutdown_request(request)  # not ours: it was never counted
         self.refused.hit(f"from {client_address[0] if isinstance(client_address, tuple) else client_address}")
+
+    def service_actions(self) -> None:
+        # serve_forever calls this between requests and at least every poll_interval: housekeeping that
+        # needs no thread of its own.
+        self.control_plane.expire_claims()
 
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
@@ -421,11 +430,28 @@ class ControlPlane:
         self.endpoint_address = endpoint_address
         self.claim_ttl = claim_ttl
         self._requested_port = port
+        self._claims_checked = -math.inf
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.services = HostedServices()
         # Built here, not on the first request: the model is megabytes of JSON and the routes compile once.
         self.host_service(iot.service(), iot.IotBackend(registry, ca, endpoint_address, claim_ttl))
+
+    def expire_claims(self) -> None:
+        """At most once a second (from the server's loop): CreateProvisioningClaim certificates past their
+        expiration lose their implicit policy, on connections already open too (`Registry.
+        expire_provisioning_claims`)."""
+        now = time.monotonic()
+        if now - self._claims_checked < CLAIM_EXPIRY_INTERVAL:
+            return
+        self._claims_checked = now
+        try:
+            expired = self.registry.expire_provisioning_claims()
+        except Exception:
+            log.exception("control plane: expiring provisioning claims failed")
+            return
+        if expired:
+            log.info("provisioning claims expired: %s", ", ".join(expired))
 
     def take_quota(self, service: str, operation: str) -> None:
         """Throttling (ThrottlingException) when `operation` is over the account's rate."""

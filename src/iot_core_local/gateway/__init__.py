@@ -1,4 +1,4 @@
-"""The device gateway: MQTT 5 over TLS with client certificates, in front of Mosquitto.
+"""The device gateway: MQTT 5 and 3.1.1 over TLS with client certificates, in front of Mosquitto.
 
 Why it exists: Mosquitto alone cannot refuse an inactive or revoked certificate at CONNECT, and would
 broadcast `$aws/certificates/create/json/accepted` (a private key) to every hub that shares a claim
