@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hub_onboarding.certs import Credentials
 from hub_onboarding.cli import main
 from hub_onboarding.config import Endpoint
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
+from iot_core_local.model import CertificateStatus
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import pem_certificate_id
@@ -291,3 +293,37 @@ def _key_body(pem: str) -> str:
     """A distinctive line from the middle of a PEM key: enough to find it in any log."""
     lines = [line for line in pem.strip().splitlines() if not line.startswith("-----")]
     return lines[len(lines) // 2]
+
+
+def test_jitr_activator_activates_once_for_two_events(cloud: LocalIotCore, iot: Any, tmp_path: Path) -> None:
+    """A hub that retries while its certificate is still PENDING_ACTIVATION makes a second registration
+    event; two workers handling both at once activate (and attach) once."""
+    jitr = write_jitr_cloud_hub(cloud, iot, tmp_path / "hub", "JITR-TWICE")
+    # As the gateway does at the DHA certificate's first connect (its own tests show that part).
+    cloud.registry.add_certificate(
+        jitr.dha_certificate_pem, CertificateStatus.PENDING_ACTIVATION, ca_certificate_id=jitr.ca_id
+    )
+    cert_id = pem_certificate_id(jitr.dha_certificate_pem.encode())
+    described = iot.describe_certificate(certificateId=cert_id)["certificateDescription"]
+    assert described["status"] == "PENDING_ACTIVATION"
+    event = {
+        "certificateId": cert_id,
+        "caCertificateId": jitr.ca_id,
+        "certificateStatus": "PENDING_ACTIVATION",
+    }
+    start = threading.Barrier(2)
+
+    def handle() -> None:
+        start.wait(timeout=10)
+        jitr.activator.handle_event(event)
+
+    workers = [threading.Thread(target=handle) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert jitr.activator.activated == [cert_id]
+    assert iot.describe_certificate(certificateId=cert_id)["certificateDescription"]["status"] == "ACTIVE"
+    assert iot.list_thing_principals(thingName="hub-JITR-TWICE")["principals"] == [
+        described["certificateArn"]
+    ]

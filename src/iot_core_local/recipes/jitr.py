@@ -224,6 +224,9 @@ class JitrActivator:
         self.activated: list[str] = []
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # `events` and `activated` grow on awscrt's and the pool's threads
+        # Certificates being activated or done: a device that retries while still PENDING_ACTIVATION makes
+        # a second event, and two workers must not both activate it.
+        self._claimed: set[str] = set()
         self._stopped = threading.Event()
 
     def start(self, timeout: float = 10.0) -> None:
@@ -276,13 +279,17 @@ class JitrActivator:
             return
         with self._lock:
             self.events.append(event)
-        self._pool.submit(self._activate, event)
+        self._pool.submit(self.handle_event, event)
 
-    def _activate(self, event: dict[str, Any]) -> None:
+    def handle_event(self, event: dict[str, Any]) -> None:
+        """Activate the certificate a registration event names (what the Lambda does in AWS); a second
+        event for the same certificate, from a device that retried meanwhile, does nothing."""
         certificate_id = event.get("certificateId", "")
         pending = event.get("certificateStatus") == CertificateStatus.PENDING_ACTIVATION
-        if not pending or certificate_id in self.activated:
-            return
+        with self._lock:
+            if not pending or certificate_id in self._claimed:
+                return
+            self._claimed.add(certificate_id)
         try:
             description = self._iot.describe_certificate(certificateId=certificate_id)[
                 "certificateDescription"
@@ -298,6 +305,8 @@ class JitrActivator:
             self._iot.update_certificate(certificateId=certificate_id, newStatus=CertificateStatus.ACTIVE)
         except Exception:
             log.exception("JITR activator: could not activate certificate %s", certificate_id)
+            with self._lock:
+                self._claimed.discard(certificate_id)  # the device's next attempt may try again
             return
         log.info("JITR activator: activated certificate %s as thing %s", certificate_id, thing_name)
         with self._lock:
