@@ -27,6 +27,7 @@ to fix. python-pkcs11 is imported only here, and only when a token is used.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ctypes
 import hashlib
 import logging
@@ -272,6 +273,10 @@ def reload_library(module_path: str) -> None:
     """Finalise and initialise the library again (a library reads its settings, e.g. SOFTHSM2_CONF, when
     initialised). Only for tools and tests that switch token folders; every kept session is dropped."""
     forget_sessions()
+    # python-pkcs11 objects of the old sessions that sit in reference cycles (an unfinished search or
+    # operation held by a traceback) are finalised now, while their sessions exist: after C_Finalize
+    # their __del__ fails with SessionHandleInvalid in whatever code the collector interrupts.
+    gc.collect()
     functions = _function_list(module_path)
     functions.finalize(None)
     _initialize(module_path)
