@@ -27,8 +27,8 @@ to fix. python-pkcs11 is imported only here, and only when a token is used.
 from __future__ import annotations
 
 import contextlib
-import gc
 import ctypes
+import gc
 import hashlib
 import logging
 import os
