@@ -10,6 +10,11 @@ stand-in (issue 11).
 
 The server runs as its own process (`iot-core-local serve`, its default limits); the load is one asyncio
 process. `python -m bench.abuse` runs the full scale; `run(..., scale)` any other (tests run a small one).
+
+Phase 1 is a warm-up and a reference for phase 2 on the same server, not the gateway's throughput figure:
+that is `bench/gateway.py`'s (2,000 hubs at concurrency 200 on a server of its own), and both use the same
+lean clients (`bench.loadgen.provision_one`). Both share the machine's cores with the load generator, so a
+busy machine (the load average each record names) lowers both.
 """
 
 from __future__ import annotations

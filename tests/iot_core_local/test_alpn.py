@@ -177,3 +177,25 @@ def test_mosquitto_pub_with_tls_alpn(core: LocalIotCore, device: Credentials) ->
     assert served.returncode == 0, served.stderr
     refused = _mosquitto_pub(core, device)
     assert refused.returncode != 0
+
+
+@pytest.mark.parametrize("alpn", [False, True])
+def test_no_session_ticket_is_issued(core: LocalIotCore, device: Credentials, alpn: bool) -> None:
+    # Each ticket cost the server ~0.5 ms of its loop per handshake, and no client of it resumes.
+    context = client_context(core, device)
+    port = _alpn_port(core) if alpn else core.endpoint.mqtt_port
+    if alpn:
+        context.set_alpn_protocols([ALPN_MQTT])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(mqtt5.ConnectPacket(f"ticket-{alpn}", clean_start=True, keep_alive=60).write())
+        data = tls.recv(4096)  # the CONNACK comes after any ticket the server would send
+        assert tls.version() == "TLSv1.3"
+        session = tls.session
+        assert session is not None
+        assert not session.has_ticket
+    packet, _ = mqtt5.read(memoryview(data))
+    assert isinstance(packet, mqtt5.ConnAckPacket)
+    assert packet.reason_code == 0

@@ -151,7 +151,9 @@ def test_handshakes_in_flight_per_address_are_capped(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fast", [{"client_drain_timeout": 1.0}], indirect=True)
-def test_subscriber_that_does_not_read_is_closed(fast: LocalIotCore, creds_dir: Path) -> None:
+def test_subscriber_that_does_not_read_is_closed(
+    fast: LocalIotCore, creds_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Before: Mosquitto held ~100 MB for each subscriber that never read, and never disconnected it.
     creds = new_device(fast, creds_dir, "flood")
     deaf = RawClient(fast, creds)
@@ -175,6 +177,12 @@ def test_subscriber_that_does_not_read_is_closed(fast: LocalIotCore, creds_dir: 
                 if i % 50 == 49:  # a round trip now and then, so the flood does not outrun the broker
                     assert publisher.publish("flood/x", payload, qos=1) == 0
             assert closed.wait(timeout=10)
+        # One line per interval for every such close (resources.LimitLog), naming the last connection.
+        assert fast.gateway.stuck_clients.total == 1
+        lines = [r for r in caplog.records if "did not read" in r.getMessage() and r.levelno >= logging.INFO]
+        assert len(lines) == 1
+        assert lines[0].levelno == logging.WARNING
+        assert "1 time(s) in the last" in lines[0].getMessage()
         assert fast.gateway.connection("deaf-sub") is None
         deaf.expect_closed(within=10)  # what was in flight, then the end of the connection
         # The publisher and the broker are unharmed.

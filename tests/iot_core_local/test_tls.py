@@ -51,33 +51,41 @@ def test_ssl_protocol_members() -> None:
     assert "DO_HANDSHAKE" in states.__members__, _moved("SSLProtocolState.DO_HANDSHAKE is gone")
 
 
-def test_lean_protocol_instance_attributes() -> None:
-    loop = asyncio.new_event_loop()
+def _lean_protocol(loop: asyncio.AbstractEventLoop) -> LeanSSLProtocol:
     waiter: asyncio.Future[None] = loop.create_future()
-    protocol = LeanSSLProtocol(
+    return LeanSSLProtocol(
         loop,
         asyncio.Protocol(),
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
         waiter,
         server_side=True,
-        ssl_handshake_timeout=10.0,  # type: ignore[arg-type]  # typeshed says int; floats work
+        ssl_handshake_timeout=10.0,
         call_connection_made=False,
     )
-    attributes = vars(protocol)
+
+
+def test_lean_protocol_instance_attributes() -> None:
+    loop = asyncio.new_event_loop()
+    protocols = [_lean_protocol(loop), _lean_protocol(loop)]
+    attributes = vars(protocols[0])
     try:
-        for name in ("_state", "_app_transport", "_transport", "_ssl_buffer"):
+        for name in ("_state", "_app_transport", "_transport", "_ssl_buffer", "_ssl_buffer_view"):
             assert name in attributes, _moved(f"an SSLProtocol has no {name!r} attribute after __init__")
         assert attributes["_state"] is asyncio.sslproto.SSLProtocolState.UNWRAPPED, _moved(
             "a new SSLProtocol is not in state UNWRAPPED"
         )
-        # The memory saving itself: the read buffer allocated per connection follows max_size.
-        assert len(attributes["_ssl_buffer"]) == LeanSSLProtocol.max_size == 16 * 1024, _moved(
-            "SSLProtocol no longer sizes its read buffer from max_size"
-        )
+        # The memory saving itself: one read buffer of max_size, shared by the connections of a thread,
+        # and the one get_buffer() hands to the transport.
+        assert len(attributes["_ssl_buffer"]) == LeanSSLProtocol.max_size == 16 * 1024
+        assert vars(protocols[1])["_ssl_buffer"] is attributes["_ssl_buffer"]
+        handed = protocols[1].get_buffer(-1)
+        assert isinstance(handed, memoryview)
+        assert handed.obj is attributes["_ssl_buffer"], _moved("SSLProtocol.get_buffer() reads elsewhere")
     finally:
-        app = attributes.get("_app_transport")
-        if app is not None:
-            app.abort()  # created by __init__; never connected, it must still be closed
+        for protocol in protocols:
+            app = vars(protocol).get("_app_transport")
+            if app is not None:
+                app.abort()  # created by __init__; never connected, it must still be closed
         loop.close()
 
 

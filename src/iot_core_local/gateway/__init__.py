@@ -130,6 +130,13 @@ class Gateway:
         self.refused_handshakes = LimitLog(
             log, "connections closed at accept (max_handshakes_per_address)", interval
         )
+        # A flood toward many subscribers that stopped reading closes them all within one drain timeout.
+        self.stuck_clients = LimitLog(
+            log,
+            f"connections closed: the client did not read its answers or messages for "
+            f"{self.limits.client_drain_timeout:g} s (client_drain_timeout)",
+            interval,
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -573,9 +573,11 @@ class Connection:
             await asyncio.wait_for(self.writer.drain(), self.limits.client_drain_timeout)
         except TimeoutError:
             self.stuck = True
+            # Logged once per interval for all of them (issue 11); this connection's close at DEBUG.
+            self.gw.stuck_clients.hit(self.describe())
             raise Close(
                 f"the client did not read its answers or messages for {self.limits.client_drain_timeout:g} s",
-                notable=True,
+                notable=False,
             ) from None
 
     async def _client_packet(self, packet: mqtt5.Packet) -> bool:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -41,18 +42,53 @@ READ_SIZE = 65536
 # (bench/abuse.py); smaller (with the socket transport's own limit lowered too) measured no better.
 WRITE_HIGH_WATER = 64 * 1024
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+# The read buffer every LeanSSLProtocol of one thread (one event loop) shares.
+_read_buffers = threading.local()
 
 
 class LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a 16 KiB read buffer instead of 256 KiB.
+    """asyncio's TLS protocol with one 16 KiB read buffer per thread instead of 256 KiB per connection.
 
     asyncio allocates (and zero-fills, so it is resident) `max_size` bytes per TLS connection: 256 KiB
     each made 200 concurrent provisionings cost ~50 MB and 1,000 half-open handshakes ~250 MB; 32 KiB
     still cost 1,000 idle connections 32 MB. A TLS record carries at most 16 KiB, so one read takes in
     about a record; a 64 KiB MQTT packet takes five reads instead of two.
+
+    The buffer only holds the bytes of one `recv_into` until `buffer_updated` copies them into the TLS
+    object's incoming BIO: the transport calls the two back to back, and a loop runs one callback at a
+    time, so every connection of a loop's thread can share one buffer (16 KiB per connection less:
+    1,200 connections held ~19 MB of them).
     """
 
     max_size = 16 * 1024
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_protocol: asyncio.BaseProtocol,
+        sslcontext: ssl.SSLContext,
+        waiter: asyncio.Future[None],
+        *,
+        server_side: bool,
+        ssl_handshake_timeout: float,
+        call_connection_made: bool,
+    ) -> None:
+        super().__init__(
+            loop,
+            app_protocol,
+            sslcontext,
+            waiter,
+            server_side=server_side,
+            ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]  # typeshed: int; floats work
+            call_connection_made=call_connection_made,
+        )
+        shared = _read_buffers.__dict__
+        if "view" not in shared:
+            shared["buffer"] = bytearray(self.max_size)
+            shared["view"] = memoryview(shared["buffer"])
+        # asyncio internals (see the module's docstring): the buffer get_buffer() hands to the transport.
+        self._ssl_buffer = shared["buffer"]
+        self._ssl_buffer_view = shared["view"]
 
     def buffer_updated(self, nbytes: int) -> None:
         # During the handshake, ACK every segment at once. awscrt (s2n) writes TLS 1.3's 6-byte
@@ -85,7 +121,7 @@ async def start_tls(
         context,
         waiter,
         server_side=True,
-        ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # typeshed says int; floats work
+        ssl_handshake_timeout=handshake_timeout,
         call_connection_made=False,
     )
     # Reading is paused until TLS owns the transport, so no ClientHello byte is read as plain data.
@@ -247,5 +283,9 @@ class TrustStore:
         # Chosen when offered, on either port; a client offering only other protocols gets none, and the
         # MQTT port serves it as before (the ALPN port closes it, see `handshake`).
         context.set_alpn_protocols([ALPN_MQTT])
+        # No TLS 1.3 session tickets: no client of the stand-in resumes a session (each connection of
+        # awscrt, paho or Python's ssl starts afresh), and the two tickets OpenSSL 3.0 sends by default
+        # after every handshake took ~1 ms of the loop's CPU each time, a fifth of a provisioning.
+        context.num_tickets = 0
         context.load_verify_locations(cadata="".join(pems.values()))
         return context, generation, len(pems)
