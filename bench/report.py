@@ -142,10 +142,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         t = gw["throughput"]
         out.append(
             (
-                "gateway: provisionings/s, 200 lean clients",
-                ">= 200/s",
+                "gateway: provisionings/s, 200 lean clients, no abuse",
+                ">= 250/s",  # issue 11 raised it from issue 2's 200/s
                 f"{t['provisionings_per_s']}/s",
-                t["provisionings_per_s"] >= 200,
+                t["provisionings_per_s"] >= 250,
             )
         )
         a = gw["latency"]["added_median_ms"]
@@ -174,9 +174,9 @@ def _abuse_goals(ab: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         (
             f"abuse: provisionings/s without abuse ({calm['hubs']:,} hubs, "
             f"concurrency {scale['concurrency']})",
-            ">= 250/s",
+            "a reference for the run under abuse (the throughput goal is the gateway row's)",
             f"{calm['provisionings_per_s']}/s",
-            calm["provisionings_per_s"] >= 250,
+            None,
         ),
     ]
 
