@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder: a fresh SoftHSM2 token per test."""
+"""Fixtures shared by every test folder (a fresh SoftHSM2 token per test), and the order of the files."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHsmToken:
     monkeypatch.setenv(CONF_ENV, str(token.conf))
     activate(token)
     return token
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole files in this order: those with a `slow` test, then the end-to-end ones, then the rest, each
+    file's tests kept in their order. `make test`'s workers (pytest-xdist, --dist loadfile
+    --no-loadscope-reorder) take files in this order: the long ones start first and the many short unit
+    files fill in at the end, so the two workers finish together."""
+    rank: dict[Path, int] = {}
+    for item in items:
+        here = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+        rank[item.path] = min(here, rank.get(item.path, here))
+    items.sort(key=lambda item: rank[item.path])  # stable: each file's tests keep their order

@@ -35,8 +35,19 @@ def iot(cloud: LocalIotCore) -> Any:
 
 
 @pytest.fixture
-def claim(iot: Any) -> ClaimSetup:
+def claim(request: pytest.FixtureRequest, iot: Any) -> ClaimSetup:
+    """A template and an ACTIVE claim certificate of this test's own; in a module marked `shared_claim`
+    (whose tests never change a claim or its template in the cloud) one for the whole module."""
+    if request.node.get_closest_marker("shared_claim") is not None:
+        shared: ClaimSetup = request.getfixturevalue("module_claim")
+        return shared
     return set_up_fleet_provisioning(iot, f"Tmpl{next(_names)}")
+
+
+@pytest.fixture(scope="module")
+def module_claim(cloud: LocalIotCore) -> ClaimSetup:
+    # Creating a claim costs a CreateKeysAndCertificate (an RSA key) and five API calls per test.
+    return set_up_fleet_provisioning(cloud.client(), f"Tmpl{next(_names)}")
 
 
 @pytest.fixture

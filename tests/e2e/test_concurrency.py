@@ -17,7 +17,8 @@ from tests._support.hubs import CloudHubFactory, read_config, snapshot
 from tests._support.processes import HubProcess, freeze_at_step
 from tests._support.recovery import assert_recovered
 
-pytestmark = pytest.mark.e2e
+# No test here changes the claim or its template in the cloud: one claim serves the module.
+pytestmark = [pytest.mark.e2e, pytest.mark.shared_claim]
 
 
 @pytest.mark.parametrize("method", ["CreateKeysAndCertificate", "CreateCertificateFromCsr"])

@@ -49,7 +49,8 @@ from tests._support.network import TcpProxy
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
 from tests._support.recovery import assert_recovered
 
-pytestmark = pytest.mark.e2e
+# No test here changes the claim or its template in the cloud: one claim serves the module.
+pytestmark = [pytest.mark.e2e, pytest.mark.shared_claim]
 
 METHODS = ["CreateKeysAndCertificate", "CreateCertificateFromCsr"]
 

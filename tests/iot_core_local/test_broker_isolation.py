@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ from tests._support.devices import RawClient, new_device
 
 _NOBODY = 65534
 _TCP_LISTEN = "0A"
+
+
+@pytest.fixture
+def iot_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
+    """The package's `iot_core` fixture, in a shorter folder: mosquitto_sub is given the socket's path
+    itself, which must fit in sun_path (107 bytes), and pytest-xdist nests tmp_path one level deeper."""
+    with LocalIotCore(tmp_path_factory.mktemp("iso") / "iot-core-local") as core:
+        yield core
 
 
 def _broker_pid(core: LocalIotCore) -> int:
