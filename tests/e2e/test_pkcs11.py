@@ -202,7 +202,7 @@ def test_fleet_sim_with_keys_in_tokens(
         ]
     )
     summary = json.loads(capsys.readouterr().out)
-    assert code == 0, summary
+    assert code == 0, summary.get("errors")  # each failed hub: its exit code and message
     assert summary["onboarded"] == 4
     for i, config in enumerate(sorted((tmp_path / "hubs").glob("hub-*/iotmi_config.json"))):
         doc = read_config(config)
