@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import ssl
 import statistics
@@ -207,26 +206,6 @@ def run(server: ServerProcess | None = None, scale: Scale = Scale()) -> dict[str
         return asyncio.run(_run(server, work, scale))
 
 
-def record(results: dict[str, Any], out_dir: Path = report.RESULTS_DIR) -> Path:
-    """Write a partial run (this part alone) into `out_dir` as `python -m bench` writes a full one, and
-    rewrite docs/performance.md's tables, which show it beside the newest full run."""
-    run_record = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": report.commit(),
-        "machine": report.machine(),
-        "quick": False,
-        "partial": True,
-        "abuse": results,
-    }
-    stem = f"{dt.date.today().isoformat()}-{run_record['commit']}-abuse"
-    path = out_dir / f"{stem}.json"
-    path.write_text(json.dumps(run_record, indent=1) + "\n")
-    (out_dir / f"{stem}.md").write_text(report.markdown(run_record))
-    if out_dir.resolve() == report.RESULTS_DIR:
-        report.update_docs()
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.abuse")
     parser.add_argument("--smoke", action="store_true", help="the tests' small scale")
@@ -243,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run(scale=scale)
     print(json.dumps(results, indent=1))
     if args.record:
-        print(f"written: {record(results)}", file=sys.stderr)
+        print(f"written: {report.record_partial('abuse', results)}", file=sys.stderr)
     return 0
 
 

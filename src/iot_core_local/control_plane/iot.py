@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from iot_core_local.ca import CertificateAuthority, certificate_id, load_certificate, load_csr
-from iot_core_local.control_plane.restjson import Handler, Pager, RestJsonService
+from iot_core_local.control_plane.restjson import HandlerTable, Pager, RestJsonService
 from iot_core_local.errors import (
     CertificateState,
     CertificateValidation,
@@ -193,15 +193,8 @@ def _hook(value: Mapping[str, Any] | None, template_type: str) -> dict[str, str]
 
 # ---- operations ---------------------------------------------------------------------------------
 
-_HANDLERS: dict[str, Handler[IotBackend]] = {}
-
-
-def _operation(name: str) -> Callable[[Handler[IotBackend]], Handler[IotBackend]]:
-    def register(fn: Handler[IotBackend]) -> Handler[IotBackend]:
-        _HANDLERS[name] = fn
-        return fn
-
-    return register
+_HANDLERS: HandlerTable[IotBackend] = HandlerTable()
+_operation = _HANDLERS.operation
 
 
 def _initial_status(params: Mapping[str, Any]) -> str:

@@ -9,12 +9,12 @@ operations, whose model names that one). Any other operation of the model is ans
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from botocore.model import OperationModel
 
-from iot_core_local.control_plane.restjson import Handler, Pager, Response, RestJsonService
+from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService
 from iot_core_local.errors import InvalidRequest, Validation
 from iot_core_local.managed import DETAIL_MEMBERS, ManagedIntegrations, ManagedThing, Profile
 
@@ -22,15 +22,8 @@ __all__ = ["SUPPORTED_OPERATIONS", "ManagedIntegrationsService", "service"]
 
 _PAGER = Pager(size_params=("MaxResults",), token_params=("NextToken",), default_size=100)
 
-_HANDLERS: dict[str, Handler[ManagedIntegrations]] = {}
-
-
-def _operation(name: str) -> Callable[[Handler[ManagedIntegrations]], Handler[ManagedIntegrations]]:
-    def register(fn: Handler[ManagedIntegrations]) -> Handler[ManagedIntegrations]:
-        _HANDLERS[name] = fn
-        return fn
-
-    return register
+_HANDLERS: HandlerTable[ManagedIntegrations] = HandlerTable()
+_operation = _HANDLERS.operation
 
 
 # ---- custom endpoint ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from iot_core_local.errors import InvalidRequest, ServiceError, UnknownOperation
 
 __all__ = [
     "Handler",
+    "HandlerTable",
     "Pager",
     "Response",
     "RestJsonService",
@@ -42,6 +43,17 @@ C = TypeVar("C")
 # A handler gets its service's context (whatever the service needs: a registry, a CA...) and the parsed,
 # validated input members by name; it returns the output members by name (None values are left out).
 Handler = Callable[[C, dict[str, Any]], Mapping[str, Any]]
+
+
+class HandlerTable(dict[str, Handler[C]]):
+    """Operation name -> handler, filled at import by the `operation` decorator (one per service module)."""
+
+    def operation(self, name: str) -> Callable[[Handler[C]], Handler[C]]:
+        def register(fn: Handler[C]) -> Handler[C]:
+            self[name] = fn
+            return fn
+
+        return register
 
 
 class Response(NamedTuple):
