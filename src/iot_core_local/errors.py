@@ -21,10 +21,10 @@
         ├── ResourceAlreadyExists   409 ResourceAlreadyExistsException (with resourceId, resourceArn)
         ├── DeleteConflict          409 DeleteConflictException
         ├── VersionConflict         409 VersionConflictException
-        ├── Validation              400 ValidationException (managed integrations' bad input)
-        ├── Conflict                409 ConflictException (managed integrations: a duplicate name or serial)
-        ├── ManagedResourceNotFound 404 ResourceNotFoundException with ResourceId, ResourceType
-        │                               (managed integrations)
+        ├── ManagedIntegrationsError    managed integrations' errors (member `Message`):
+        │   ├── Validation              400 ValidationException (bad input)
+        │   ├── Conflict                409 ConflictException (a duplicate name or serial)
+        │   └── ManagedResourceNotFound 404 ResourceNotFoundException with ResourceId, ResourceType
         ├── Throttling              429 ThrottlingException (a request over its rate, quotas.py)
         └── AuthenticationFailure   403 the request's SigV4 signature is missing or wrong:
             ├── MissingAuthenticationToken  403 MissingAuthenticationTokenException (unsigned)
@@ -172,28 +172,29 @@ class VersionConflict(ServiceError):
     status = 409
 
 
-class Validation(ServiceError):
+class ManagedIntegrationsError(ServiceError):
+    """Managed integrations' errors: its model spells the member `Message`, AWS IoT's `message`."""
+
+    def body(self) -> dict[str, str]:
+        return {"Message": self.message}
+
+
+class Validation(ManagedIntegrationsError):
     """Managed integrations' answer to bad input (its model says ValidationException, not AWS IoT's
     InvalidRequestException)."""
 
     error_type = "ValidationException"
     status = 400
 
-    def body(self) -> dict[str, str]:
-        return {"Message": self.message}
 
-
-class Conflict(ServiceError):
+class Conflict(ManagedIntegrationsError):
     """Managed integrations: the request conflicts with what exists (a profile name, a hub's serial)."""
 
     error_type = "ConflictException"
     status = 409
 
-    def body(self) -> dict[str, str]:
-        return {"Message": self.message}
 
-
-class ManagedResourceNotFound(ServiceError):
+class ManagedResourceNotFound(ManagedIntegrationsError):
     """Managed integrations' ResourceNotFoundException, which names the resource's id and type."""
 
     error_type = "ResourceNotFoundException"
@@ -205,7 +206,7 @@ class ManagedResourceNotFound(ServiceError):
         self.resource_type = resource_type
 
     def body(self) -> dict[str, str]:
-        return {"Message": self.message, "ResourceId": self.resource_id, "ResourceType": self.resource_type}
+        return {**super().body(), "ResourceId": self.resource_id, "ResourceType": self.resource_type}
 
 
 class Throttling(ServiceError):
