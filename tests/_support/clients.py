@@ -25,7 +25,8 @@ def managed_client(url: str, region: str = "us-east-1") -> Any:
 
 
 def identity_client(crt_client: Any) -> Any:
-    """awsiotsdk's fleet provisioning client (IotIdentityClientV2) over a started awscrt MQTT 5 client."""
+    """awsiotsdk's fleet provisioning client (IotIdentityClientV2) over a started awscrt MQTT 5 client or
+    a connected MQTT 3 connection."""
     from awscrt import mqtt_request_response
     from awsiot import iotidentity
 

@@ -22,6 +22,7 @@ import pytest
 from iot_core_local.gateway import GatewayLimits
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
+from tests._support.clients import identity_client
 from tests._support.devices import (
     ARN,
     OPEN_POLICY,
@@ -203,7 +204,6 @@ def test_awscrt_mqtt3_client_publishes_and_subscribes(core: LocalIotCore, creds_
 def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     core: LocalIotCore, creds_dir: Path
 ) -> None:
-    from awscrt import mqtt_request_response
     from awsiot import iotidentity
 
     setup = set_up_fleet_provisioning(core.client(), "Tmpl311")
@@ -212,14 +212,7 @@ def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     )
     connection = _crt_connection(core, claim, "claim-311")  # claims may not use hub-* ids
     try:
-        identity = iotidentity.IotIdentityClientV2(
-            connection,
-            mqtt_request_response.ClientOptions(
-                max_request_response_subscriptions=2,
-                max_streaming_subscriptions=0,
-                operation_timeout_in_seconds=10,
-            ),
-        )
+        identity = identity_client(connection)
         issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(
             10
         )
