@@ -219,14 +219,7 @@ def profile_template_body(hub_policy_name: str) -> str:
                         },
                     },
                 },
-                "certificate": {
-                    "Type": "AWS::IoT::Certificate",
-                    "Properties": {
-                        "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
-                        "Status": CertificateStatus.ACTIVE,
-                    },
-                },
-                "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": hub_policy_name}},
+                **claims.hub_credential_resources(hub_policy_name),
             },
             "DeviceConfiguration": {CLIENT_ID_KEY: managed_id, MANAGED_THING_ID_KEY: managed_id},
         }

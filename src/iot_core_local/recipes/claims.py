@@ -90,6 +90,20 @@ def hub_policy_document(region: str, account: str) -> str:
     )
 
 
+def hub_credential_resources(hub_policy_name: str) -> dict[str, Any]:
+    """The resources every hub template shares: the new certificate ACTIVE, the hub policy attached."""
+    return {
+        "certificate": {
+            "Type": "AWS::IoT::Certificate",
+            "Properties": {
+                "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
+                "Status": CertificateStatus.ACTIVE,
+            },
+        },
+        "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": hub_policy_name}},
+    }
+
+
 def hub_template_body(hub_policy_name: str) -> str:
     """A template in the shape a managed-integrations hub expects (AWS does not publish theirs).
 
@@ -115,14 +129,7 @@ def hub_template_body(hub_policy_name: str) -> str:
                     },
                     "OverrideSettings": {"AttributePayload": "MERGE"},
                 },
-                "certificate": {
-                    "Type": "AWS::IoT::Certificate",
-                    "Properties": {
-                        "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"},
-                        "Status": CertificateStatus.ACTIVE,
-                    },
-                },
-                "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": hub_policy_name}},
+                **hub_credential_resources(hub_policy_name),
             },
             "DeviceConfiguration": {
                 CLIENT_ID_KEY: thing_name,
