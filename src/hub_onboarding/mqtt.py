@@ -285,6 +285,16 @@ class IotProvisioning:
         except CredentialError:
             raise
         except Exception as exc:
+            if credentials.token_key is not None:
+                # The token is the likelier cause (our own check of it passed: a PIN, a module or a store
+                # awscrt's session cannot use): a credential error, which a boot service does not restart.
+                raise CredentialError(
+                    f"awscrt could not use the key {credentials.token_key.label!r} in PKCS#11 token "
+                    f"{credentials.token_key.token_label!r} ({exc}); check ro.pkcs11_module_path, "
+                    "ro.pkcs11_token_label and ro.pkcs11_pin_path, and that this process may write the "
+                    "token's store (a systemd unit lists it in ReadWritePaths=)",
+                    "ro.pkcs11_module_path",
+                ) from None
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
             error = MqttConnectionError(
                 f"could not set up the MQTT client for {s.endpoint}: {exc}; check "
