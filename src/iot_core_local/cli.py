@@ -67,9 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="require SigV4 signatures with that key pair on loopback too",
     )
-    serve.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT over TLS port; 0 = any free port")
     serve.add_argument(
-        "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
+        "--mqtt-port", type=_port, default=8883, help="MQTT over TLS port (default 8883); 0 = any free port"
+    )
+    serve.add_argument(
+        "--api-port",
+        type=_port,
+        default=8080,
+        help="control plane HTTP port (default 8080); 0 = any free port",
     )
     serve.add_argument(
         "--alpn-port",
@@ -79,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         "port 443 does (0 = any free port; default: not served)",
     )
     serve.add_argument(
-        "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        help="ownership token lifetime in seconds (default 3600, as AWS)",
     )
     serve.add_argument(
         "--faults",
