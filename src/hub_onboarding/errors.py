@@ -197,6 +197,24 @@ INVALID_IDENTITY_CODE = "InvalidIdentity"  # our code for an identity the hub re
 _MAX_SHOWN_IDENTITY = 80  # characters of a refused identity shown in the message
 
 
+# Managed integrations' refusals at RegisterThing, by errorCode (lowercase): each names the config key or
+# the cloud-side step that fixes it. A status code alone would mislead (404 is also "no such template").
+_REJECTION_HINTS = {
+    "unknownserialnumber": (
+        "no managed thing is pre-associated with this hub's serial number: check ro.SN, or create the "
+        "managed thing (CreateManagedThing, Role CONTROLLER, AuthenticationMaterial SN:<SN>;UPC:<UPC>) first"
+    ),
+    "productcodemismatch": (
+        "the managed thing of this serial number was created with another product code: check ro.UPC "
+        "against its AuthenticationMaterial"
+    ),
+    "alreadyonboarded": (
+        "a hub with this serial number is already onboarded: offboard it (DeleteManagedThing) and create "
+        "the managed thing again before onboarding this hub, or check ro.SN"
+    ),
+}
+
+
 class IdentityError(ProvisioningError):
     """The service rejected a request (its /rejected answer) or gave an answer that is not valid.
 
@@ -234,7 +252,10 @@ class IdentityError(ProvisioningError):
         err = _clean(error_code)
         msg = _clean(error_message)
         words = f"statusCode={code} errorCode={err} errorMessage={msg!r}"
-        if is_throttling(code, err):
+        by_code = _REJECTION_HINTS.get((err or "").lower())
+        if by_code is not None:
+            hint = by_code  # the service said which rule refused the hub: more precise than any status
+        elif is_throttling(code, err):
             hint = "the service is throttling requests; retry later"
         elif is_token_refusal(code, err, msg):
             hint = "the certificate ownership token was refused; run provision again to get a new certificate"

@@ -37,10 +37,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 3.0  # a clean stop takes milliseconds; a stuck one must not hold the hub
+# After a final failure nothing waits for the client any more: a client stuck in s2n's blinding delay
+# (10-30 s after a handshake it refused) stops in the background instead of holding the hub's answer.
+FINAL_STOP_TIMEOUT = 0.2
 PING_TIMEOUT_MS = 10_000  # must stay below the shortest keep-alive (30 s) allowed in the config
 # A healthy connect takes well under a second; past this the TLS probe looks at the endpoint meanwhile
-# (s2n reports a handshake the hub refused only when the server closes, which it may never do).
-PROBE_AFTER = 3.0
+# (s2n reports a handshake the hub refused only after its blinding delay, 10-30 s, or when the server
+# closes, which it may never do). On a slow link the probe may run needlessly: one extra handshake, once
+# per certificate (`_tls_accepted`).
+PROBE_AFTER = 1.0
 # awscrt failures, before any MQTT answer, where the TLS probe can say what went wrong.
 _PROBED_ERRORS = {
     "AWS_IO_SOCKET_CLOSED",
@@ -171,12 +176,21 @@ class MqttConnection:
         if self._closed:
             return
         self._closed = True
+        from awscrt import mqtt5
+
         try:
-            self.client.stop()
+            # A DISCONNECT (normal disconnection) first: without one, AWS IoT records the hub's every
+            # onboarding connection as CONNECTION_LOST in its lifecycle events and managed integrations'
+            # connectivity data, which reads like a fault to whoever watches the fleet.
+            self.client.stop(mqtt5.DisconnectPacket())
         except Exception as exc:  # stopping an already-failed client must not mask the real error
             log.debug("stopping %s: %s", self._description, exc)
             return
-        if not self._stopped.wait(timeout):
+        if self._stopped.wait(timeout):
+            return
+        if timeout < STOP_TIMEOUT:  # a final failure's short wait: nobody waits for this client any more
+            log.debug("MQTT client for %s left to stop in the background", self._description)
+        else:
             log.warning("MQTT client for %s did not stop within %.0f s", self._description, timeout)
 
     def __enter__(self) -> MqttConnection:
@@ -271,6 +285,16 @@ class IotProvisioning:
         except CredentialError:
             raise
         except Exception as exc:
+            if credentials.token_key is not None:
+                # The token is the likelier cause (our own check of it passed: a PIN, a module or a store
+                # awscrt's session cannot use): a credential error, which a boot service does not restart.
+                raise CredentialError(
+                    f"awscrt could not use the key {credentials.token_key.label!r} in PKCS#11 token "
+                    f"{credentials.token_key.token_label!r} ({exc}); check ro.pkcs11_module_path, "
+                    "ro.pkcs11_token_label and ro.pkcs11_pin_path, and that this process may write the "
+                    "token's store (a systemd unit lists it in ReadWritePaths=)",
+                    "ro.pkcs11_module_path",
+                ) from None
             # awscrt refuses unusable credentials or CA files here, before any traffic: retrying won't help.
             error = MqttConnectionError(
                 f"could not set up the MQTT client for {s.endpoint}: {exc}; check "
@@ -294,8 +318,8 @@ class IotProvisioning:
             raise error from None
         try:
             self._wait_connected(client_id, credentials, done, outcome, timeout)
-        except MqttConnectionError:
-            conn.close()
+        except MqttConnectionError as error:
+            conn.close(STOP_TIMEOUT if error.retriable else FINAL_STOP_TIMEOUT)
             raise
         log.debug("connected to %s as %r", s.endpoint, client_id)
         return conn

@@ -282,7 +282,7 @@ def reload_library(module_path: str) -> None:
     _initialize(module_path)
 
 
-def _find_token(lib: Any, label: str) -> Any:
+def _find_token(lib: Any, label: str, module_path: str) -> Any:
     import pkcs11
 
     try:
@@ -290,9 +290,14 @@ def _find_token(lib: Any, label: str) -> Any:
     except pkcs11.NoSuchToken:
         present = sorted({t.label for t in lib.get_tokens() if t.label})  # a free slot has no label
         found = ", ".join(repr(t) for t in present) or "none"
+        # SoftHSM2 reads which store to look in from SOFTHSM2_CONF: a shell without it sees another store
+        # (often empty), the commonest reason a token made a minute ago is "not present".
+        softhsm = ""
+        if "softhsm" in os.path.basename(module_path).lower() and not os.environ.get("SOFTHSM2_CONF"):
+            softhsm = "; SOFTHSM2_CONF is not set: set it to the SoftHSM2 config the token was made with"
         raise CredentialError(
             f"{_TOKEN_KEY}: no token labelled {label!r} is present (tokens present: {found}); "
-            "insert or initialise the token, or fix the label",
+            f"insert or initialise the token, or fix the label{softhsm}",
             _TOKEN_KEY,
         ) from None
 
@@ -333,7 +338,7 @@ def _session(token: Pkcs11Config, pin: str) -> _OpenSession:
                 kept.session.close()
             del _SESSIONS[key]
         lib = _load_library(token.module_path)
-        found = _find_token(lib, token.token_label)
+        found = _find_token(lib, token.token_label, token.module_path)
         try:
             session = found.open(user_pin=pin, rw=True)
         except pkcs11.UserAlreadyLoggedIn:

@@ -3,7 +3,7 @@
 Three key pairs live in one directory (0700, keys 0600):
 
 - the root CA stands in for Amazon Root CA 1: clients trust `root-ca.pem`, and the server certificate
-  (localhost, 127.0.0.1, ::1) chains to it;
+  (localhost, 127.0.0.1, ::1 and the names `serve --advertise` gives) chains to it;
 - the issuing CA stands in for the CA with which AWS signs device certificates (CreateKeysAndCertificate,
   CreateCertificateFromCsr, provisioning claims). It is self-signed rather than signed by the root: a
   TLS server then trusts device certificates by loading `issuing-ca.pem` alone, exactly as AWS keeps its
@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -118,6 +118,30 @@ def _check_key_strength(key: object, what: str) -> None:
         )
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def server_alt_names(extra: Iterable[str] = ()) -> list[x509.GeneralName]:
+    """The server certificate's subjectAltName entries: loopback, then `extra` (IP literals as IP
+    addresses, anything else as a DNS name, as TLS clients match them), without repeats."""
+    names: list[x509.GeneralName] = []
+    for value in (*_LOOPBACK_NAMES, *extra):
+        try:
+            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            name = x509.DNSName(value.lower())
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _alt_names(cert: x509.Certificate) -> set[x509.GeneralName]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [
@@ -164,12 +188,16 @@ class CertificateAuthority:
         *,
         clock: Callable[[], float] = time.time,
         keys: KeySource | None = None,
+        server_names: Iterable[str] = (),
     ) -> None:
         """`clock` (epoch seconds) dates every certificate and decides when the server certificate is
         renewed; tests pass one they advance. `keys` gives CreateKeysAndCertificate its RSA keys (a
-        `keys.KeyPool` generates them ahead); by default each is generated when asked for."""
+        `keys.KeyPool` generates them ahead); by default each is generated when asked for.
+        `server_names` (host names or IP addresses) are what devices on other machines reach the server by;
+        the server certificate names them besides localhost, 127.0.0.1 and ::1."""
         self.directory = Path(directory)
         self.clock = clock
+        self.server_names = server_alt_names(server_names)
         self.keys: KeySource = keys if keys is not None else OnDemandKeys()
         refuse_links([self.directory])
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -279,7 +307,7 @@ class CertificateAuthority:
                 signed_by_root = True
             except (ValueError, TypeError, InvalidSignature):
                 signed_by_root = False
-            if fresh and signed_by_root:
+            if fresh and signed_by_root and _alt_names(cert) >= set(self.server_names):
                 return
         key = ec.generate_private_key(ec.SECP256R1())
         now = self._now()
@@ -292,16 +320,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE)
             .not_valid_after(now + _SERVER_LIFETIME)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                        x509.IPAddress(ipaddress.ip_address("::1")),
-                    ]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(self.server_names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -312,7 +331,7 @@ class CertificateAuthority:
         )
         _write_private(self.server_key_path, _key_pem(key))
         _write_public(self.server_cert_path, _cert_pem(cert))
-        log.info("created server certificate for localhost, 127.0.0.1, ::1")
+        log.info("created server certificate for %s", ", ".join(str(n.value) for n in self.server_names))
 
     # ---- issuing device certificates ------------------------------------------------------------
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -41,7 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir", type=Path, required=True, help="where all state lives (kept across restarts)"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="MQTT address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="MQTT address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    serve.add_argument(
+        "--advertise",
+        type=_advertised_host,
+        metavar="NAME",
+        help="the host name or IP address hubs on other machines reach MQTT by: written to endpoint.json "
+        "and DescribeEndpoint, and named in the server certificate (default: --host, or 127.0.0.1 when "
+        "--host listens everywhere)",
+    )
     serve.add_argument(
         "--api-host",
         default="127.0.0.1",
@@ -53,9 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="require SigV4 signatures with that key pair on loopback too",
     )
-    serve.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT over TLS port; 0 = any free port")
     serve.add_argument(
-        "--api-port", type=_port, default=8080, help="control plane HTTP port; 0 = any free port"
+        "--mqtt-port", type=_port, default=8883, help="MQTT over TLS port (default 8883); 0 = any free port"
+    )
+    serve.add_argument(
+        "--api-port",
+        type=_port,
+        default=8080,
+        help="control plane HTTP port (default 8080); 0 = any free port",
     )
     serve.add_argument(
         "--alpn-port",
@@ -65,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         "port 443 does (0 = any free port; default: not served)",
     )
     serve.add_argument(
-        "--token-ttl", type=float, default=3600.0, help="ownership token lifetime in seconds (AWS: 3600)"
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        help="ownership token lifetime in seconds (default 3600, as AWS)",
     )
     serve.add_argument(
         "--faults",
@@ -198,6 +220,28 @@ def _port(text: str) -> int:
     return port
 
 
+# A DNS name as TLS clients match it: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _advertised_host(text: str) -> str:
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        labels = text.rstrip(".").split(".")
+        if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise argparse.ArgumentTypeError(
+                f"not a host name or IP address: {text!r} (for example hub-lab.local or 192.168.1.20)"
+            ) from None
+        return text.rstrip(".").lower()
+    if address.is_unspecified:
+        raise argparse.ArgumentTypeError(
+            f"{text} is where a server listens, not an address hubs can reach; give this machine's "
+            "name or address (for example 192.168.1.20)"
+        )
+    return str(address)
+
+
 def _hub(text: str) -> Any:
     from .recipes.managed_integrations import Hub
 
@@ -299,6 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
         gateway_limits=dataclasses.replace(GatewayLimits(), **_limits(args, "gateway")),
         broker_limits=dataclasses.replace(BrokerLimits(), **_limits(args, "broker")),
         host=args.host,
+        advertise=args.advertise,
         mqtt_port=args.mqtt_port,
         api_port=args.api_port,
         alpn_port=args.alpn_port,

@@ -171,6 +171,17 @@ def set_up_managed(data_dir: Path, out: Path, profile_name: str, hubs: list[Hub]
         raise SetupError(str(exc)) from None
     for step in setup.steps:
         print(step, flush=True)
+    cert_path, key_path = (out / name for name in CLAIM_FILES)
+    saved = cert_path.read_text(encoding="utf-8").strip() if cert_path.is_file() else None
+    if saved != setup.claim_certificate_pem.strip() or not key_path.is_file():
+        # The recipe reports it (a library caller may keep the claim elsewhere); a hub maker's command must
+        # not end well with a folder no hub can onboard from.
+        raise SetupError(
+            f"{out} does not hold the claim of provisioning profile {profile_name} (its private key was "
+            "returned once, when the profile was created): use the --out folder given then, or delete the "
+            f"profile (aws iot-managed-integrations delete-provisioning-profile --identifier {profile_name}) "
+            "to make a new claim"
+        )
     cloud.print_hub_settings()
     print(f"fp_template_name {setup.template_name}")
 

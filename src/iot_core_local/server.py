@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -114,9 +115,22 @@ class Endpoint:
     def mqtt_address(self) -> str:
         """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json; an IPv6 host in
         brackets (`[::1]:8883`), as a URL writes it, so the port cannot be read as part of the address."""
-        if ":" in self.mqtt_host and not self.mqtt_host.startswith("["):
-            return f"[{self.mqtt_host}]:{self.mqtt_port}"
-        return f"{self.mqtt_host}:{self.mqtt_port}"
+        return f"{bracketed(self.mqtt_host)}:{self.mqtt_port}"
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address that means "every interface" (0.0.0.0, ::, the empty string)."""
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def bracketed(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def port_problem(service: str, host: str, port: int, exc: OSError) -> PortUnavailable | None:
@@ -168,6 +182,8 @@ class LocalIotCore:
     `key_pool_size` RSA keys are generated ahead for CreateKeysAndCertificate by one background thread
     (0: each key is generated when asked for).
 
+    `advertise` is the host name or address devices on other machines reach MQTT by (with `host` 0.0.0.0,
+    say): endpoint.json, DescribeEndpoint and GetCustomEndpoint give it, and the server certificate names it.
     The control plane listens on `api_host` (loopback by default), MQTT on `host`. Off loopback, or with
     `require_signature`, every API request must be signed with the key pair in `DIR/credentials`.
     `faults_enabled` opens the fault switch over HTTP (`/_local/faults`); `core.faults` arms faults from
@@ -198,8 +214,10 @@ class LocalIotCore:
         faults_enabled: bool = False,
         quotas: Quotas | None = None,
         quota_clock: Callable[[], float] = time.monotonic,
+        advertise: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.advertise = advertise
         self.api_host = api_host
         self.require_signature = require_signature
         self.faults_enabled = faults_enabled  # the HTTP switch; core.faults works from Python regardless
@@ -234,6 +252,15 @@ class LocalIotCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._endpoint: Endpoint | None = None
+
+    @property
+    def public_host(self) -> str:
+        """The MQTT address clients are told (endpoint.json, DescribeEndpoint, GetCustomEndpoint): the
+        advertised name, else the listening address, else loopback for a wildcard bind (0.0.0.0 and ::
+        are where a server listens, never an address a client can connect to)."""
+        if self.advertise:
+            return self.advertise
+        return "127.0.0.1" if is_wildcard(self.host) else self.host
 
     # -- the parts, for embedding and tests -------------------------------------------------------
 
@@ -329,12 +356,16 @@ class LocalIotCore:
             if self.key_pool_size > 0:
                 self._keys = KeyPool(generate_rsa_key, self.key_pool_size)
                 self._keys.start()
-            self._ca = CertificateAuthority(self.data_dir / "ca", keys=self._keys)
+            self._ca = CertificateAuthority(
+                self.data_dir / "ca",
+                keys=self._keys,
+                server_names=[n for n in (self.advertise, self.host) if n and not is_wildcard(n)],
+            )
             self._registry = Registry(
                 self.data_dir / "registry.sqlite3", region=self.region, clock=self.clock
             )
             self._managed = ManagedIntegrations(
-                self._registry, self._ca, endpoint_address=lambda: self.host, clock=self.clock
+                self._registry, self._ca, endpoint_address=lambda: self.public_host, clock=self.clock
             )
             access_key = load_or_create(self.data_dir / CREDENTIALS_FILE)
             limiter = RateLimiter(self.quotas, self.quota_clock) if self.quotas is not None else None
@@ -385,7 +416,7 @@ class LocalIotCore:
                 self._ca,
                 host=self.api_host,
                 port=self.api_port,
-                endpoint_address=lambda: self.host,
+                endpoint_address=lambda: self.public_host,
                 faults=self.faults if self.faults_enabled else None,
                 limits=self.control_plane_limits,
                 access_key=access_key,
@@ -398,10 +429,13 @@ class LocalIotCore:
             except OSError as exc:
                 raise port_problem("api", self.api_host, self.api_port, exc) or exc from None
 
+            api_url = self._api.url
+            if is_wildcard(self.api_host):  # listening everywhere: name the address clients use
+                api_url = f"http://{bracketed(self.public_host)}:{self._api.port}"
             self._endpoint = Endpoint(
-                mqtt_host=self.host,
+                mqtt_host=self.public_host,
                 mqtt_port=self._gateway.port,
-                api_url=self._api.url,
+                api_url=api_url,
                 root_ca_path=self._ca.root_ca_path.resolve(),
                 credentials_path=(self.data_dir / CREDENTIALS_FILE).resolve(),
                 alpn_port=self._gateway.alpn_port,
@@ -412,7 +446,7 @@ class LocalIotCore:
             raise
         log.info(
             "iot-core-local ready: mqtts://%s:%d, api %s, data %s",
-            self.host,
+            bracketed(self.public_host),
             self._endpoint.mqtt_port,
             self._endpoint.api_url,
             self.data_dir,

@@ -89,8 +89,8 @@ def test_the_documented_flow(cloud: LocalIotCore, tmp_path: Path, capsys: pytest
     watcher = Lifecycle(cloud)
     try:
         assert main(["provision", "--config", str(config)]) == 0
-        # The hub verified its new identity: connected, then closed (awscrt's stop sends no DISCONNECT).
-        watcher.wait_for((thing_id, False, "CONNECTION_LOST"))
+        # The hub verified its new identity: connected, then said goodbye with a DISCONNECT.
+        watcher.wait_for((thing_id, False, "CLIENT_INITIATED_DISCONNECT"))
     finally:
         watcher.close()
     rw = read_config(config)["rw"]
@@ -104,7 +104,7 @@ def test_the_documented_flow(cloud: LocalIotCore, tmp_path: Path, capsys: pytest
     )
     assert "ActivatedAt" in got
     data = aws(cloud, "get-managed-thing-connectivity-data", "--identifier", thing_id)
-    assert (data["Connected"], data["DisconnectReason"]) == (False, "CONNECTION_LOST")
+    assert (data["Connected"], data["DisconnectReason"]) == (False, "CLIENT_INITIATED_DISCONNECT")
     assert connects(cloud, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"], rw["client_id"])
 
     # The same serial again (a cloned hub, or the same hub after a reset without offboarding): refused.

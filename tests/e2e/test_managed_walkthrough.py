@@ -141,6 +141,25 @@ def test_setup_managed_pre_associates_and_a_hub_onboards_with_its_output(
         assert read_config(config)["rw"]["managed_thing_id"] == thing["Id"]
 
 
+def test_setup_managed_into_a_folder_without_the_claim_fails_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The profile exists and its claim was saved elsewhere: a folder no hub can onboard from is an error."""
+    cloud = tmp_path / "cloud"
+    with LocalIotCore(cloud):
+        first = ["setup-managed", "--data-dir", str(cloud), "--out", str(tmp_path / "hub")]
+        assert local_cli.main(first) == 0
+        capsys.readouterr()
+        other = tmp_path / "other"
+        assert local_cli.main(["setup-managed", "--data-dir", str(cloud), "--out", str(other)]) == 3
+        err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"iot-core-local setup-managed: {other} does not hold the claim of provisioning")
+    assert "use the --out folder given then" in err
+    assert "delete-provisioning-profile --identifier HubProfile" in err
+    assert not list(other.glob("claim.*"))
+
+
 @pytest.mark.parametrize("bad", ["SN-0001", "SN-0001:12ab", "SN-0001:1234567", ":012345678905"])
 def test_setup_managed_names_a_bad_hub(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str) -> None:
     assert (

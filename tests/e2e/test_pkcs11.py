@@ -8,6 +8,9 @@ TLS connection the hub makes signs inside the token through awscrt's PKCS#11 sup
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +235,12 @@ def test_demo_shows_the_token_path(
     assert config["rw"]["iot_permanent_pk_path"] == uri
     assert config["ro"]["iot_claim_pk_path"] == "pkcs11:token=hub;object=claim-key;type=private"
     assert "PRIVATE KEY" not in out
+    # The reset it prints works as printed from a new shell, which has no SOFTHSM2_CONF of its own.
+    (reset,) = [line.strip() for line in out.splitlines() if "hub-onboard reset --config" in line]
+    assert reset.startswith(f"{CONF_ENV}={kept.resolve() / 'softhsm' / 'softhsm2.conf'} hub-onboard reset")
+    env = {k: v for k, v in os.environ.items() if k != CONF_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["sh", "-c", reset], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((kept / "hub" / "iotmi_config.json").read_text(encoding="utf-8"))
+    assert config["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"

@@ -464,6 +464,29 @@ def test_token_refusal_is_one_predicate(
     assert ("ownership token was refused" in exc.message) is refused
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "hint"),
+    [
+        (
+            404,
+            "UnknownSerialNumber",
+            "no managed thing is pre-associated with this hub's serial number: check ro.SN",
+        ),
+        (403, "ProductCodeMismatch", "created with another product code: check ro.UPC"),
+        (409, "AlreadyOnboarded", "already onboarded: offboard it (DeleteManagedThing)"),
+    ],
+)
+def test_a_managed_integrations_refusal_gets_the_hint_of_its_error_code(
+    status: int, code: str, hint: str
+) -> None:
+    exc = IdentityError.from_rejection("RegisterThing", status, code, "the service's own words")
+    assert hint in exc.message
+    # never the status code's generic guess: a 404 here is not a missing template
+    assert "fp_template_name" not in exc.message
+    assert "check the provisioning template" not in exc.message
+    assert exc.retriable is False
+
+
 def test_jitr_does_not_retry_a_failure_that_cannot_succeed(tmp_path: Any) -> None:
     # Through the real IotProvisioning: awscrt refusing the CA file (retriable False) used to be retried
     # until ro.mqtt_retry_timeout_seconds (5 minutes by default) ran out.

@@ -156,6 +156,14 @@ def test_cloud_config_errors_name_the_key(tmp_path: Path) -> None:
     assert fleet_sim.main(["--hubs", "0"]) == EXIT_USAGE
 
 
+def test_plain_iot_with_a_cloud_config_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plain-iot chooses what the embedded cloud sets up; with --config there is none to choose for."""
+    assert fleet_sim.main(["--config", str(tmp_path / "c.json"), "--plain-iot"]) == EXIT_USAGE
+    assert "argument --plain-iot: not allowed with argument --config" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("managed", [[], {"region": 7}, {"regio": "eu-west-1"}, {"region": ""}])
 def test_a_bad_managed_integrations_object_is_named(tmp_path: Path, managed: Any) -> None:
     for name in ("ca.pem", "claim.crt", "claim.key"):

@@ -222,3 +222,38 @@ def test_the_diagnostic_is_imported_only_when_a_connect_fails() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ a token awscrt cannot use
+
+
+def test_a_token_awscrt_cannot_use_is_a_credential_error_naming_the_pkcs11_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Our own check of the token passed, yet awscrt's session fails (a store mounted read-only under a
+    hardened unit, say): exit 4, which the boot service does not restart, naming the ro.pkcs11_* keys."""
+    from hub_onboarding import mqtt
+    from hub_onboarding.errors import CredentialError
+    from hub_onboarding.mqtt import IotProvisioning
+    from hub_onboarding.pkcs11 import TokenKey
+
+    pin = tmp_path / "pin"
+    pin.write_text("8642-secret-pin")
+    pin.chmod(0o600)
+
+    def refuse(credentials: Credentials) -> Any:
+        raise RuntimeError("AWS_ERROR_PKCS11_CKR_GENERAL_ERROR: general error")
+
+    monkeypatch.setattr(mqtt, "_mtls_options", refuse)
+    key = TokenKey("/usr/lib/softhsm/libsofthsm2.so", "hub", "hub-onboarding-SN1", str(pin))
+    credentials = Credentials(b"-----BEGIN CERTIFICATE-----", b"", "id", token_key=key)
+    with pytest.raises(CredentialError) as caught:
+        IotProvisioning(_settings()).connect("hub-1", credentials, timeout=1)
+    error = caught.value
+    assert error.exit_code == 4
+    assert "'hub-onboarding-SN1' in PKCS#11 token 'hub'" in error.message
+    assert "AWS_ERROR_PKCS11_CKR_GENERAL_ERROR" in error.message
+    assert "check ro.pkcs11_module_path, ro.pkcs11_token_label and ro.pkcs11_pin_path" in error.message
+    assert "ReadWritePaths" in error.message
+    assert "iot_root_ca_path" not in error.message
+    assert "8642-secret-pin" not in error.message

@@ -232,6 +232,23 @@ def test_token_not_present(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     assert info.value.key == "ro.pkcs11_token_label"
 
 
+def test_token_not_present_without_softhsm2_conf_says_to_set_it(
+    softhsm: SoftHsmToken, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual cause with SoftHSM2: a new shell without SOFTHSM2_CONF looks in another token store."""
+    _, cert, _ = _claim_in_token(softhsm, tmp_path)
+    config = Pkcs11Config(softhsm.module_path, "elsewhere", str(softhsm.pin_path))
+    with pytest.raises(CredentialError) as with_conf:
+        _read(config, cert)
+    assert "SOFTHSM2_CONF" not in with_conf.value.message  # set: the label is what is wrong
+    monkeypatch.delenv("SOFTHSM2_CONF")
+    with pytest.raises(CredentialError) as without:
+        _read(config, cert)
+    assert without.value.message.endswith(
+        "; SOFTHSM2_CONF is not set: set it to the SoftHSM2 config the token was made with"
+    )
+
+
 def test_unknown_key_object(softhsm: SoftHsmToken, tmp_path: Path) -> None:
     _, cert, _ = _claim_in_token(softhsm, tmp_path)
     with pytest.raises(CredentialError, match="no private key 'nope' in token 'hub'") as info:

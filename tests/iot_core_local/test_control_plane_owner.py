@@ -162,7 +162,8 @@ def test_a_body_changed_after_signing_is_refused(open_core: LocalIotCore) -> Non
 
 def test_mqtt_stays_on_its_own_host(open_core: LocalIotCore) -> None:
     assert open_core.endpoint.mqtt_host == "127.0.0.1"
-    assert open_core.endpoint.api_url.startswith("http://0.0.0.0:")
+    # Listening everywhere, it tells clients an address they can connect to, never 0.0.0.0.
+    assert open_core.endpoint.api_url.startswith("http://127.0.0.1:")
 
 
 # ---- loopback -------------------------------------------------------------------------------------

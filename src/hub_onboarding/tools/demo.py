@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hub_onboarding.errors import EXIT_USAGE
+from hub_onboarding.tools import softhsm
 
 if TYPE_CHECKING:
     from hub_onboarding.config import Pkcs11Config
@@ -73,6 +74,7 @@ class _Stage:
     root: Path
     kept: bool
     token: Pkcs11Config | None = None
+    env: str = ""  # what commands printed for later need before them (SOFTHSM2_CONF=... with a token)
 
     def write_hub(
         self, claim_certificate_pem: str, claim_private_key_pem: str, template_name: str, *, name: str = "hub"
@@ -141,14 +143,18 @@ def run_demo(keep: Path | None = None, *, plain_iot: bool = False, pkcs11: bool 
         with LocalIotCore(root / "cloud") as core:
             _show(f"MQTT   mqtts://{core.endpoint.mqtt_address}")
             _show(f"API    {core.endpoint.api_url}")
-            token = _demo_token(root) if pkcs11 else None
-            ok = story(_Stage(core, root, keep is not None, token))
+            softhsm_token = _demo_token(root) if pkcs11 else None
+            token = softhsm_token.config() if softhsm_token is not None else None
+            # Commands printed for later runs carry the token's SoftHSM2 config: from a new shell, SoftHSM2
+            # finds no token without it (its default config names another store).
+            env = f"{softhsm.CONF_ENV}={softhsm_token.conf} " if softhsm_token is not None else ""
+            ok = story(_Stage(core, root, keep is not None, token, env))
         if keep is not None:
             config_path = root / "hub" / "iotmi_config.json"
             _step(f"kept in {root}")
             _show(f"hub:   {config_path} and its credentials in {config_path.parent}")
             _show(f"cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
-            _show(f"hub-onboard status --config {config_path}")
+            _show(f"{env}hub-onboard status --config {config_path}")
     return 0 if ok else 1
 
 
@@ -249,7 +255,7 @@ def _offboarding_commands(stage: _Stage, managed_thing_id: str, config_path: Pat
         f"aws iot-managed-integrations delete-managed-thing --identifier {managed_thing_id} "
         f"--endpoint-url <apiUrl of iot-core-local serve --data-dir {stage.root / 'cloud'}>"
     )
-    _show(f"hub-onboard reset --config {config_path} --yes")
+    _show(f"{stage.env}hub-onboard reset --config {config_path} --yes")
 
 
 # ---------------------------------------------------------------------------------------- plain IoT
@@ -300,16 +306,15 @@ def _plain_iot_story(stage: _Stage) -> bool:
     return bool(state == "PROVISIONED")
 
 
-def _demo_token(root: Path) -> Pkcs11Config:
+def _demo_token(root: Path) -> softhsm.SoftHsmToken:
     """A SoftHSM2 token in the demo's folder, which the factory gives the claim key (--pkcs11)."""
-    from hub_onboarding.tools import softhsm
 
     _step("initialising a SoftHSM2 token 'hub' (the hub's secure element, PKCS#11)")
     token = softhsm.make_token(root / "softhsm")
     softhsm.activate(token)
     _show(f"module {token.module_path}")
     _show(f"user PIN in {token.pin_path} (0600); the claim key goes into the token, not into a file")
-    return token.config()
+    return token
 
 
 if __name__ == "__main__":

@@ -451,14 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=METHODS[0],
         help="certificate method (default CreateCertificateFromCsr)",
     )
-    parser.add_argument(
+    # --plain-iot chooses what the embedded cloud sets up: with --config there is none (exit 2, argparse).
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument(
         "--config",
         type=Path,
         metavar="CLOUD.json",
         help="target this endpoint and claim instead of an embedded iot-core-local (see docs/performance.md)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    parser.add_argument(
+    target.add_argument(
         "--plain-iot",
         action="store_true",
         help="embedded cloud: a plain IoT template and claim, no managed things to pre-associate",
