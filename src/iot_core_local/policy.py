@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import MalformedPolicy
+from .recipes.claims import THING_PREFIX
 
 __all__ = [
     "CONDITION_OPERATORS",
@@ -420,11 +421,18 @@ def validate_policy(document: str) -> None:
         raise MalformedPolicy(str(e)) from None
 
 
+# The client ids provisioned hubs use under this project's recipes: `hub-<serial>` (recipes/claims.py's
+# THING_PREFIX) and managed integrations' 32-character managed thing ids (managed.CLAIM_DENIED_CLIENT_IDS;
+# a test keeps the two equal, since managed.py cannot be imported here without a cycle). A provisioning
+# claim connecting with one of them would take that hub's session over (one connection per client id).
+PROVISIONED_CLIENT_IDS = (f"{THING_PREFIX}*", "?" * 32)
+
+
 def provisioning_claim_document(arn_prefix: str, template_name: str) -> str:
-    """The implicit policy of a CreateProvisioningClaim certificate: connect, and the provisioning topics
-    of its own template (the MQTT API's certificate topics and that template's RegisterThing), nothing
-    else. `arn_prefix` is `arn:aws:iot:REGION:ACCOUNT:`. AWS's SDK samples provision with such a
-    certificate directly, with no policy attached."""
+    """The implicit policy of a CreateProvisioningClaim certificate: connect (never as a provisioned hub),
+    and the provisioning topics of its own template (the MQTT API's certificate topics and that template's
+    RegisterThing), nothing else. `arn_prefix` is `arn:aws:iot:REGION:ACCOUNT:`. AWS's SDK samples
+    provision with such a certificate directly, with no policy attached."""
     topics = [
         "$aws/certificates/create/*",
         "$aws/certificates/create-from-csr/*",
@@ -435,6 +443,11 @@ def provisioning_claim_document(arn_prefix: str, template_name: str) -> str:
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn_prefix}client/*"},
+                {
+                    "Effect": "Deny",
+                    "Action": "iot:Connect",
+                    "Resource": [f"{arn_prefix}client/{ids}" for ids in PROVISIONED_CLIENT_IDS],
+                },
                 {
                     "Effect": "Allow",
                     "Action": ["iot:Publish", "iot:Receive"],

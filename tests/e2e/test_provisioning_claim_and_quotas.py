@@ -166,3 +166,27 @@ def _csr() -> bytes:
 
 def _params() -> dict[str, str]:
     return {"SerialNumber": "SN-ONLY", "UniversalProductCode": "012345678905"}
+
+
+@pytest.mark.parametrize("client_id", ["hub-SN-VICTIM", "8d1a17b8662ae1071dc22b2b7ecdb3c4"])
+def test_the_temporary_claim_cannot_take_a_hubs_session_over(
+    core: LocalIotCore, clock: FakeClock, tmp_path: Path, client_id: str
+) -> None:
+    """A provisioned hub's client id (the plain recipe's `hub-<serial>`, or a managed thing id) is not the
+    temporary claim's to use: connecting with it would close the hub's own connection."""
+    claim = temporary_claim(core, "NoTakeover")
+    creds = write_credentials(
+        tmp_path, "claim", claim["certificateId"], claim["certificatePem"], claim["keyPair"]["PrivateKey"]
+    )
+    client = RawClient(core, creds)
+    try:
+        assert client.connect(client_id).reason_code == mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+    finally:
+        client.close()
+
+
+def test_the_implicit_policy_denies_the_managed_recipe_s_client_ids_too() -> None:
+    from iot_core_local.managed import CLAIM_DENIED_CLIENT_IDS
+    from iot_core_local.policy import PROVISIONED_CLIENT_IDS
+
+    assert CLAIM_DENIED_CLIENT_IDS in PROVISIONED_CLIENT_IDS
