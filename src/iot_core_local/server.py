@@ -166,9 +166,10 @@ def check_port(service: str, host: str, port: int) -> None:
 
 
 def write_json_atomically(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a part; a symbolic link at
-    `path` is refused (ServerError), never followed or replaced."""
-    write_atomically(path, (json.dumps(data, indent=2) + "\n").encode(), mode)
+    """Write JSON on one line (the line `serve` prints, so `head -1` of either reads the same), so that a
+    reader sees the old file or the new one, never a part; a symbolic link at `path` is refused
+    (ServerError), never followed or replaced."""
+    write_atomically(path, (json.dumps(data) + "\n").encode(), mode)
 
 
 class LocalIotCore:

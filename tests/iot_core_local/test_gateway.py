@@ -871,3 +871,78 @@ def test_ca_set_inactive_during_the_connect_window_is_not_missed(
         assert _administratively_closed(client)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("topic", "service"),
+    [
+        ("$aws/things/dev-thing/shadow/get", "the Device Shadow service"),
+        ("$aws/things/dev-thing/shadow/name/config/update", "the Device Shadow service"),
+        ("$aws/things/dev-thing/jobs/start-next", "the Jobs service"),
+        ("$aws/rules/MyRule/telemetry", "Basic Ingest ($aws/rules)"),
+    ],
+)
+def test_an_unserved_aws_service_is_named_not_blamed_on_the_policy(
+    core: LocalIotCore, creds_dir: Path, topic: str, service: str
+) -> None:
+    """AWS's shadow and jobs samples publish there; with a policy that allows it, the answer says the
+    stand-in does not serve the service (131 and a reason), not NOT_AUTHORIZED."""
+    client = RawClient(core, new_device(core, creds_dir, "unserved"))
+    quiet = RawClient(core, new_device(core, creds_dir, "unserved-quiet"))
+    try:
+        noted = core.gateway.unserved_requests.total  # logged once per interval, counted every time
+        assert client.connect("unserved").reason_code == 0
+        pid = client.packet_id()
+        client.send(mqtt5.PublishPacket(topic, b"{}", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=pid))
+        puback = client.receive_type(mqtt5.PubAckPacket)
+        assert core.gateway.unserved_requests.total == noted + 1
+        assert puback.reason_code == mqtt5.PubAckReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
+        assert (
+            puback.reason_str
+            == f"iot-core-local does not serve {service} ({topic!r}); it serves fleet provisioning"
+        )
+        # A client that asked for no problem information gets the code alone (MQTT 5, 3.1.2.11.7).
+        assert quiet.connect("unserved-quiet", request_problem_info=False).reason_code == 0
+        assert quiet.publish(topic, b"{}") == mqtt5.PubAckReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
+        # The service's own topics stay refused as before, and the connection stays up.
+        assert (
+            client.publish("$aws/events/presence/connected/x", b"{}") == mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+        )
+        assert client.publish("home/still-connected", b"x") in OK
+    finally:
+        client.close()
+        quiet.close()
+
+
+def test_an_unserved_service_is_not_authorized_when_the_policy_denies_it(
+    core: LocalIotCore, creds_dir: Path
+) -> None:
+    policy = json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+                {"Effect": "Allow", "Action": "iot:Publish", "Resource": "arn:aws:iot:*:*:topic/home/*"},
+            ],
+        }
+    )
+    client = RawClient(core, new_device(core, creds_dir, "unserved-denied", policy=policy))
+    try:
+        assert client.connect("unserved-denied").reason_code == 0
+        assert client.publish("$aws/things/x/shadow/get", b"{}") == mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+    finally:
+        client.close()
+
+
+def test_an_unserved_service_closes_an_mqtt311_client(core: LocalIotCore, creds_dir: Path) -> None:
+    client = RawClient(core, new_device(core, creds_dir, "unserved-311"), mqtt311=True)
+    try:
+        noted = core.gateway.unserved_requests.total
+        assert client.connect("unserved-311").reason_code == 0
+        client.send(
+            mqtt5.PublishPacket("$aws/things/x/shadow/get", b"{}", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1)
+        )
+        assert client.expect_closed() == []  # 3.1.1 has no PUBACK code: closed, as AWS does for refusals
+        assert core.gateway.unserved_requests.total == noted + 1
+    finally:
+        client.close()

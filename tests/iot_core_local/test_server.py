@@ -67,9 +67,12 @@ def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: 
     with _serve(data_dir) as proc:  # leaving the block closes the pipes and reaps the process
         try:
             assert proc.stdout is not None
-            printed = json.loads(proc.stdout.readline())
-            on_disk = json.loads((data_dir / "endpoint.json").read_text())
+            line = proc.stdout.readline()
+            printed = json.loads(line)
+            text = (data_dir / "endpoint.json").read_text()
+            on_disk = json.loads(text)
             assert printed == on_disk
+            assert text.splitlines() == [line.decode().strip()]  # the same one line (README: `head -1`)
             assert set(on_disk) == {
                 "mqttHost",
                 "mqttPort",

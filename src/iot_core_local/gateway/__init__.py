@@ -130,6 +130,13 @@ class Gateway:
         self.refused_handshakes = LimitLog(
             log, "connections closed at accept (max_handshakes_per_address)", interval
         )
+        # Device Shadow, Jobs and the like are not served: requests refused, noted once per interval.
+        self.unserved_requests = LimitLog(
+            log,
+            "requests to AWS IoT services iot-core-local does not serve (it serves fleet provisioning and "
+            "relays MQTT; answered PUBACK 131 with a reason, MQTT 3.1.1 closed)",
+            interval,
+        )
         # A flood toward many subscribers that stopped reading closes them all within one drain timeout.
         self.stuck_clients = LimitLog(
             log,

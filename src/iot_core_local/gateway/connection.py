@@ -59,6 +59,34 @@ _DISCONNECT = 14  # the MQTT packet type, relayed to Mosquitto unchanged; noted 
 MAX_CLIENT_ID_BYTES = 128
 
 
+# AWS IoT services a device reaches through reserved topics, which the stand-in does not offer: a request
+# there is answered "not served" (PUBACK 131 with a reason), not "not authorized" (135), which would send
+# the client's owner looking for a fault in a policy that is fine. Keyed by the topic's words after $aws/.
+_UNSERVED_THING_SERVICES = {
+    "shadow": "the Device Shadow service",
+    "jobs": "the Jobs service",
+    "tunnels": "Secure Tunneling",
+    "streams": "MQTT-based file delivery",
+    "defender": "Device Defender",
+}
+_UNSERVED_SERVICES = {
+    "rules": "Basic Ingest ($aws/rules)",
+    "sitewise": "AWS IoT SiteWise",
+    "defender": "Device Defender",
+}
+
+
+def unserved_service(topic: str) -> str | None:
+    """The AWS IoT service a reserved `topic` belongs to when the stand-in does not serve it, else None
+    (the service's own topics, such as $aws/events, are not any client's to publish to)."""
+    words = topic.split("/")
+    if len(words) < 3 or words[0] != "$aws":
+        return None
+    if words[1] == "things" and len(words) >= 4:
+        return _UNSERVED_THING_SERVICES.get(words[3])
+    return _UNSERVED_SERVICES.get(words[1])
+
+
 class _Merge:
     """A SUBSCRIBE or UNSUBSCRIBE answered partly here and partly by Mosquitto."""
 
@@ -113,6 +141,7 @@ class Connection:
         self.keep_alive = 0  # granted at CONNECT: what the client asked for, within 1..max_keep_alive
         self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
         self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
+        self.problem_info = True  # the CONNECT's Request Problem Information (MQTT 5's default: yes)
         # The client's protocol, known at CONNECT: a 3.1.1 client's packets are read and written with
         # the 3.1.1 codec, toward the client and toward Mosquitto alike (see `_use_mqtt311`).
         self.mqtt311 = False
@@ -248,6 +277,7 @@ class Connection:
                 mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID, "an MQTT 3.1.1 client must name its client id"
             )
         self.client_id = packet.client_id
+        self.problem_info = packet.request_problem_info
         # As AWS IoT Core: no keep-alive (0) or one above the maximum becomes the maximum.
         asked = packet.keep_alive
         self.keep_alive = asked if 0 < asked <= self.limits.max_keep_alive else self.limits.max_keep_alive
@@ -606,7 +636,11 @@ class Connection:
             return False
         # $aws/... and other $ topics belong to the service; clients may not publish there.
         if topic.startswith("$") or not self._may_publish(topic, retain=packet.retain):
-            self._refuse_publish(packet)
+            service = unserved_service(topic)
+            if service is not None and self._may_publish(topic, retain=packet.retain):
+                self._refuse_unserved(packet, service)
+            else:
+                self._refuse_publish(packet)
             return False
         if alias is not None:
             # Aliases stop here: a refused PUBLISH may have set one that Mosquitto never saw.
@@ -666,6 +700,22 @@ class Connection:
             request, packet.payload, Requester(self.certificate_id, self.client_id)
         )
         self._answer(answer)
+
+    def _refuse_unserved(self, packet: mqtt5.PublishPacket, service: str) -> None:
+        """A request to an AWS IoT service the stand-in does not offer, which the policy allows: say so,
+        rather than blame the policy with NOT_AUTHORIZED (its owner would look for a fault in it)."""
+        why = f"iot-core-local does not serve {service} ({packet.topic!r}); it serves fleet provisioning"
+        self.gw.unserved_requests.hit(f"{service}: {self.describe()}")
+        if self.mqtt311:
+            raise Close(f"{why}: MQTT 3.1.1 client disconnected (3.1.1 has no PUBACK reason code)")
+        if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+            self._send_client(
+                mqtt5.PubAckPacket(
+                    packet.packet_id,
+                    reason_code=mqtt5.PubAckReasonCode.IMPLEMENTATION_SPECIFIC_ERROR,
+                    reason_str=why if self.problem_info else None,
+                )
+            )
 
     def _refuse_publish(self, packet: mqtt5.PublishPacket) -> None:
         if self.mqtt311:
