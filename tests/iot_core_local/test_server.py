@@ -72,7 +72,7 @@ def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: 
             text = (data_dir / "endpoint.json").read_text()
             on_disk = json.loads(text)
             assert printed == on_disk
-            assert text.splitlines() == [line.decode().strip()]  # the same one line (README: `head -1`)
+            assert text.splitlines() == [line.strip()]  # the same one line (README: `head -1`)
             assert set(on_disk) == {
                 "mqttHost",
                 "mqttPort",
