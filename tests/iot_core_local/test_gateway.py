@@ -946,3 +946,16 @@ def test_an_unserved_service_closes_an_mqtt311_client(core: LocalIotCore, creds_
         assert core.gateway.unserved_requests.total == noted + 1
     finally:
         client.close()
+
+
+def test_enhanced_authentication_is_refused_with_bad_authentication_method(
+    core: LocalIotCore, creds_dir: Path
+) -> None:
+    """Identity is the client certificate: a CONNECT naming an AUTH method gets 0x8C (MQTT 5, 4.12)."""
+    client = RawClient(core, new_device(core, creds_dir, "enhanced-auth"))
+    try:
+        connack = client.connect("enhanced-auth", authentication_method="SCRAM-SHA-1")
+        assert connack.reason_code == mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD
+        client.expect_closed()
+    finally:
+        client.close()
