@@ -270,14 +270,6 @@ class Connection:
                 mqtt5.ConnAckReasonCode.CLIENT_ID_NOT_VALID,
                 f"client id of {size} bytes (at most {MAX_CLIENT_ID_BYTES})",
             )
-        if packet.authentication_method is not None:
-            # MQTT 5 enhanced authentication (AUTH exchanges): AWS IoT Core authenticates by the TLS client
-            # certificate (or a custom authorizer), never by an AUTH method; the broker must not see one.
-            raise self._refuse_with(
-                mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD,
-                f"authentication method {packet.authentication_method[:32]!r} (enhanced authentication is "
-                "not supported)",
-            )
         if not size and self.mqtt311:
             # MQTT 5 learns the id Mosquitto assigns from its CONNACK; 3.1.1 never says it, and policies
             # (iot:Connect on client/<id>) and takeovers need it.
