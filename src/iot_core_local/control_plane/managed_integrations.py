@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.model import OperationModel
 
-from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService
+from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService, clip
 from iot_core_local.errors import InvalidRequest, Validation
 from iot_core_local.managed import DETAIL_MEMBERS, ManagedIntegrations, ManagedThing, Profile
 
@@ -55,6 +55,7 @@ def _profile_view(profile: Profile) -> dict[str, Any]:
 
 @_operation("CreateProvisioningProfile")
 def _create_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params.get("Tags"))
     profile, key = mi.create_profile(params)
     return {**_profile_view(profile), "ClaimCertificatePrivateKey": key}
 
@@ -120,6 +121,7 @@ _SUMMARY_MEMBERS = (
 
 @_operation("CreateManagedThing")
 def _create_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params.get("Tags"))
     thing = mi.create_thing(params)
     return {"Id": thing.id, "Arn": thing.arn, "CreatedAt": thing.created}
 
@@ -181,8 +183,19 @@ def _get_certificate(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping
 # ---- tags -----------------------------------------------------------------------------------------
 
 
+def _check_tag_keys(tags: Mapping[str, str] | None) -> None:
+    # AWS reserves the aws: prefix (any case) for its own tags; users may neither add nor change them.
+    for key in tags or {}:
+        if key.lower().startswith("aws:"):
+            raise InvalidRequest(
+                f"Tag key {clip(key)!r} is reserved: keys starting with 'aws:' are for AWS's use; "
+                "choose another key"
+            )
+
+
 @_operation("TagResource")
 def _tag_resource(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params["Tags"])
     mi.tag(params["ResourceArn"], params["Tags"])
     return {}
 

@@ -426,7 +426,9 @@ def _document(body: bytes, has_payload_member: bool) -> Any:
     if body.strip():
         try:
             document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer past Python's
+            # 4,300-digit conversion limit: all bad input, none a server fault.
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not has_payload_member and not isinstance(document, dict):
         raise InvalidRequest("The request body must be a JSON object")
