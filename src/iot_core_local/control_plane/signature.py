@@ -93,17 +93,7 @@ def verify(
     access_key_id, day, scope_region, service, _ = parts
     if not hmac.compare_digest(access_key_id.encode(), key.access_key_id.encode()):
         raise UnrecognizedClient("The security token included in the request is invalid.")
-    # AWS's own wording for a scope of another region or service (botocore users recognise it).
-    if region is not None and scope_region != region:
-        raise InvalidSignature(
-            f"Credential should be scoped to a valid region. (the server's region is {region}; "
-            "give the client region_name or AWS_REGION to match)"
-        )
-    if services is not None and service not in services:
-        raise InvalidSignature(
-            "Credential should be scoped to correct service. "
-            f"(this server hosts {', '.join(sorted(services))})"
-        )
+    _check_scope(scope_region, service, region, services)
     timestamp = _checked_date(received.get("x-amz-date"), day, time.time() if now is None else now)
 
     signed = HTTPHeaders()
@@ -117,17 +107,7 @@ def verify(
         for value in values:
             signed.add_header(name, value)
 
-    body_sha = hashlib.sha256(body).hexdigest()
-    content_sha = received.get("x-amz-content-sha256")
-    if content_sha is not None:
-        # Present, it must be signed and be the body's hash; UNSIGNED-PAYLOAD and STREAMING-* are S3's.
-        if "x-amz-content-sha256" not in names:
-            raise InvalidSignature("X-Amz-Content-SHA256 is sent but not among the SignedHeaders")
-        if not hmac.compare_digest(content_sha.strip().lower().encode(), body_sha.encode()):
-            raise InvalidSignature(
-                "X-Amz-Content-SHA256 is not the SHA-256 of the body received "
-                "(UNSIGNED-PAYLOAD is accepted only by S3)"
-            )
+    body_sha = _checked_body_hash(received.get("x-amz-content-sha256"), names, body)
 
     host = received.get("host", "")
     request = AWSRequest(method=method, url=f"http://{host}{target}", data=body)
@@ -139,6 +119,37 @@ def verify(
     if not hmac.compare_digest(expected, found["signature"]):
         raise InvalidSignature(_MISMATCH)
     return service
+
+
+def _check_scope(
+    scope_region: str, service: str, region: str | None, services: Collection[str] | None
+) -> None:
+    # AWS's own wording for a scope of another region or service (botocore users recognise it).
+    if region is not None and scope_region != region:
+        raise InvalidSignature(
+            f"Credential should be scoped to a valid region. (the server's region is {region}; "
+            "give the client region_name or AWS_REGION to match)"
+        )
+    if services is not None and service not in services:
+        raise InvalidSignature(
+            "Credential should be scoped to correct service. "
+            f"(this server hosts {', '.join(sorted(services))})"
+        )
+
+
+def _checked_body_hash(content_sha: str | None, signed_names: list[str], body: bytes) -> str:
+    """sha256(body) in hex; a client's X-Amz-Content-SHA256, if sent, must be signed and be that hash
+    (UNSIGNED-PAYLOAD and STREAMING-* are S3's alone)."""
+    body_sha = hashlib.sha256(body).hexdigest()
+    if content_sha is not None:
+        if "x-amz-content-sha256" not in signed_names:
+            raise InvalidSignature("X-Amz-Content-SHA256 is sent but not among the SignedHeaders")
+        if not hmac.compare_digest(content_sha.strip().lower().encode(), body_sha.encode()):
+            raise InvalidSignature(
+                "X-Amz-Content-SHA256 is not the SHA-256 of the body received "
+                "(UNSIGNED-PAYLOAD is accepted only by S3)"
+            )
+    return body_sha
 
 
 def _checked_date(amz_date: str | None, scope_day: str, now: float) -> str:
