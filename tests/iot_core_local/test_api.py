@@ -619,6 +619,21 @@ def test_error_answers_on_the_wire(cp_plane: ControlPlane) -> None:
     assert json.loads(body)["resourceArn"].endswith(":thing/dup")
 
 
+def test_a_json_integer_past_pythons_digit_limit_is_a_400_not_a_500(cp_plane: ControlPlane) -> None:
+    # int() refuses more than 4,300 digits with a ValueError: bad input, as any other unparsable body.
+    huge = b"1" + b"0" * 5000
+    for path, body in (
+        ("/things/big", b'{"thingTypeName": ' + huge + b"}"),
+        ("/policies/big", b'{"policyDocument": ' + huge + b"}"),
+    ):
+        status, headers, answer = _raw(cp_plane, "POST", path, body)
+        assert status == 400
+        assert headers["x-amzn-errortype"] == "InvalidRequestException"
+        message = json.loads(answer)["message"]
+        assert message.startswith("The request body is not valid JSON")
+        assert len(message) < 300
+
+
 def test_unexpected_errors_stay_clean(
     cp_client: Any, cp_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:

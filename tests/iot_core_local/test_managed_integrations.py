@@ -4,6 +4,8 @@ real MQTT over TLS (RawClient, the claim) for RegisterThing's matching, the gate
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,38 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
         mi.list_tags_for_resource(ResourceArn=unknown)
     with pytest.raises(mi.exceptions.InvalidRequestException):
         mi.tag_resource(ResourceArn="arn:aws:iot:us-east-1:1:thing/x", Tags={"a": "b"})
+
+
+def test_tag_keys_starting_with_aws_are_reserved(
+    mi: Any, profile: tuple[dict[str, Any], Credentials]
+) -> None:
+    created, _ = profile
+    for key in ("aws:x", "AWS:CreatedBy"):
+        with pytest.raises(mi.exceptions.InvalidRequestException) as refused:
+            mi.tag_resource(ResourceArn=created["Arn"], Tags={"team": "hubs", key: "v"})
+        code, status, message = error(refused)
+        assert (code, status) == ("InvalidRequestException", 400)
+        assert "reserved" in message
+        assert key in message
+    assert mi.list_tags_for_resource(ResourceArn=created["Arn"]).get("tags") in (None, {})
+    with pytest.raises(mi.exceptions.ValidationException, match="reserved"):
+        create_hub(mi, serial(), Tags={"aws:owner": "me"})
+    mi.tag_resource(ResourceArn=created["Arn"], Tags={"awsome": "yes"})  # only the prefix "aws:" is AWS's
+
+
+def test_a_json_integer_past_pythons_digit_limit_is_a_validation_exception(core: LocalIotCore) -> None:
+    body = b'{"Role": "CONTROLLER", "Name": 1' + b"0" * 5000 + b"}"
+    request = urllib.request.Request(
+        core.endpoint.api_url + "/managed-things",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    with caught.value as answer:
+        assert (answer.code, answer.headers["x-amzn-ErrorType"]) == (400, "ValidationException")
+        assert b"not valid JSON" in answer.read()
 
 
 @pytest.mark.parametrize(
