@@ -295,6 +295,31 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
         mi.tag_resource(ResourceArn="arn:aws:iot:us-east-1:1:thing/x", Tags={"a": "b"})
 
 
+def test_paging_tokens_are_bound_and_survive_deletions(mi: Any) -> None:
+    mine = [create_hub(mi, serial()) for _ in range(5)]
+    token = mi.list_managed_things(MaxResults=1)["NextToken"]
+    for call in (
+        lambda: mi.list_provisioning_profiles(NextToken=token),  # another operation
+        lambda: mi.list_managed_things(NextToken=token, RoleFilter="DEVICE"),  # another filter
+        lambda: mi.list_managed_things(NextToken="Mg=="),  # an offset, as tokens once were
+    ):
+        with pytest.raises(mi.exceptions.ValidationException) as refused:
+            call()
+        code, status, message = error(refused)
+        assert (code, status) == ("ValidationException", 400)
+        assert "pagination token" in message
+    # Delete as you go: none of them is left behind.
+    deleted = []
+    for page in mi.get_paginator("list_managed_things").paginate(
+        RoleFilter="CONTROLLER", PaginationConfig={"PageSize": 2}
+    ):
+        for item in page["Items"]:
+            if item["Id"] in mine:
+                mi.delete_managed_thing(Identifier=item["Id"])
+                deleted.append(item["Id"])
+    assert deleted == mine
+
+
 def test_tag_keys_starting_with_aws_are_reserved(
     mi: Any, profile: tuple[dict[str, Any], Credentials]
 ) -> None:

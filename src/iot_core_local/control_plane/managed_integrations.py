@@ -68,7 +68,9 @@ def _get_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -
 
 @_operation("ListProvisioningProfiles")
 def _list_provisioning_profiles(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
-    page, token = _PAGER.page(mi.list_profiles(), params)
+    page, token = _PAGER.page(
+        mi.list_profiles(), params, "ListProvisioningProfiles", lambda p: (p.created, p.id)
+    )
     items = [{k: v for k, v in _profile_view(p).items() if k != "ClaimCertificate"} for p in page]
     return {"Items": items, "NextToken": token}
 
@@ -142,7 +144,7 @@ def _list_managed_things(mi: ManagedIntegrations, params: dict[str, Any]) -> Map
             "credential_locker": params.get("CredentialLockerFilter"),
         }
     )
-    page, token = _PAGER.page(things, params)
+    page, token = _PAGER.page(things, params, "ListManagedThings", lambda t: (t.created, t.id))
     items = [{k: v for k, v in _thing_view(t).items() if k in _SUMMARY_MEMBERS} for t in page]
     return {"Items": items, "NextToken": token}
 
