@@ -432,10 +432,14 @@ def _document(body: bytes, has_payload_member: bool) -> Any:
     if body.strip():
         try:
             document = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer past Python's
-            # 4,300-digit conversion limit: all bad input, none a server fault.
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        except ValueError:
+            # int() past Python's 4,300-digit limit: bad input, not a server fault (and its message's
+            # advice, sys.set_int_max_str_digits, is for the server's code, not for the client).
+            raise InvalidRequest(
+                "The request body is not valid JSON: it has an integer of more than 4300 digits"
+            ) from None
     if not has_payload_member and not isinstance(document, dict):
         raise InvalidRequest("The request body must be a JSON object")
     return document
