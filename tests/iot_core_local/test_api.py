@@ -619,6 +619,20 @@ def test_error_answers_on_the_wire(cp_plane: ControlPlane) -> None:
     assert json.loads(body)["resourceArn"].endswith(":thing/dup")
 
 
+def test_a_json_integer_past_pythons_digit_limit_is_a_400_not_a_500(cp_plane: ControlPlane) -> None:
+    # int() refuses more than 4,300 digits with a ValueError: bad input, as any other unparsable body.
+    huge = b"1" + b"0" * 5000
+    for path, body in (
+        ("/things/big", b'{"thingTypeName": ' + huge + b"}"),
+        ("/policies/big", b'{"policyDocument": ' + huge + b"}"),
+    ):
+        status, headers, answer = _raw(cp_plane, "POST", path, body)
+        assert status == 400
+        assert headers["x-amzn-errortype"] == "InvalidRequestException"
+        message = json.loads(answer)["message"]
+        assert message == "The request body is not valid JSON: it has an integer of more than 4300 digits"
+
+
 def test_unexpected_errors_stay_clean(
     cp_client: Any, cp_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -633,21 +647,97 @@ def test_unexpected_errors_stay_clean(
     assert b"Traceback" not in body
 
 
-def test_pagination_tokens_past_64_bits_are_invalid_requests(cp_client: Any) -> None:
-    # The certificate list is paged in SQL, whose integers stop at 2**63 - 1: not a 500 past that.
-    marker = base64.b64encode(str(2**63).encode()).decode()
+def test_forged_pagination_tokens_are_invalid_requests(cp_client: Any) -> None:
+    # The old offsets (base64 of a number), past 64 bits or not, and anything else not handed out.
     cp_client.create_keys_and_certificate()
+    for marker in (
+        base64.b64encode(str(2**63).encode()).decode(),
+        base64.b64encode(str(2**63 - 1).encode()).decode(),
+        base64.b64encode(b"2").decode(),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ):
+        for call in (
+            lambda m=marker: cp_client.list_certificates(marker=m),
+            lambda m=marker: cp_client.list_certificates_by_ca(caCertificateId="0" * 64, marker=m),
+            lambda m=marker: cp_client.list_things(nextToken=m),
+            lambda m=marker: cp_client.list_policies(marker=m),
+        ):
+            error = _error(call)
+            assert error["Code"] == "InvalidRequestException"
+            assert "pagination token" in error["Message"]
+
+
+def test_deleting_while_paging_skips_nothing(cp_client: Any) -> None:
+    """The usual clean-up loop (page with boto3's paginator, delete what each page lists) removes every
+    item: a page resumes after the last item handed out, not at an offset the deletions have moved."""
+    for i in range(8):
+        cp_client.create_thing(thingName=f"zz-del-{i}")
+    deleted = []
+    for page in cp_client.get_paginator("list_things").paginate(PaginationConfig={"PageSize": 2}):
+        for thing in page["things"]:
+            cp_client.delete_thing(thingName=thing["thingName"])
+            deleted.append(thing["thingName"])
+    assert deleted == [f"zz-del-{i}" for i in range(8)]
+    assert cp_client.list_things()["things"] == []
+    for ascending in (True, False):
+        names = [f"zz-pol-{i}" for i in range(7)]
+        for name in names:
+            cp_client.create_policy(policyName=name, policyDocument=POLICY)
+        listed = []
+        for page in cp_client.get_paginator("list_policies").paginate(
+            ascendingOrder=ascending, PaginationConfig={"PageSize": 3}
+        ):
+            for policy in page["policies"]:
+                cp_client.delete_policy(policyName=policy["policyName"])
+                listed.append(policy["policyName"])
+        assert listed == (names if ascending else names[::-1])
+        assert cp_client.list_policies()["policies"] == []
+
+    for ascending in (True, False):
+        ids = [cp_client.create_keys_and_certificate()["certificateId"] for _ in range(6)]
+        gone = []
+        for page in cp_client.get_paginator("list_certificates").paginate(
+            ascendingOrder=ascending, PaginationConfig={"PageSize": 2}
+        ):
+            for cert in page["certificates"]:
+                cp_client.delete_certificate(certificateId=cert["certificateId"])
+                gone.append(cert["certificateId"])
+        assert gone == (ids if ascending else ids[::-1])
+        assert cp_client.list_certificates()["certificates"] == []
+
+
+def test_creating_while_paging_repeats_nothing(cp_client: Any) -> None:
+    ids = [cp_client.create_keys_and_certificate()["certificateId"] for _ in range(4)]
+    first = cp_client.list_certificates(pageSize=2, ascendingOrder=False)
+    assert [c["certificateId"] for c in first["certificates"]] == ids[:1:-1]
+    newer = cp_client.create_keys_and_certificate()["certificateId"]  # lands before the resume point
+    rest = cp_client.list_certificates(pageSize=2, ascendingOrder=False, marker=first["nextMarker"])
+    assert [c["certificateId"] for c in rest["certificates"]] == ids[1::-1]
+    assert newer not in [c["certificateId"] for c in rest["certificates"]]
+
+
+def test_a_token_is_valid_only_for_its_operation_and_parameters(cp_client: Any) -> None:
+    for i in range(3):
+        cp_client.create_thing(thingName=f"t{i}", attributePayload={"attributes": {"k": "v"}})
+        cp_client.create_policy(policyName=f"p{i}", policyDocument=POLICY)
+        cp_client.create_keys_and_certificate()
+    token = cp_client.list_things(maxResults=1)["nextToken"]
+    assert [t["thingName"] for t in cp_client.list_things(maxResults=1, nextToken=token)["things"]] == ["t1"]
+    marker = cp_client.list_policies(pageSize=1)["nextMarker"]
+    cert_marker = cp_client.list_certificates(pageSize=1)["nextMarker"]
     for call in (
-        lambda: cp_client.list_certificates(marker=marker),
-        lambda: cp_client.list_certificates_by_ca(caCertificateId="0" * 64, marker=marker),
+        lambda: cp_client.list_policies(marker=token),  # another operation
         lambda: cp_client.list_things(nextToken=marker),
-        lambda: cp_client.list_policies(marker=marker),
+        lambda: cp_client.list_things(nextToken=token, attributeName="k"),  # another filter
+        lambda: cp_client.list_policies(marker=marker, ascendingOrder=False),  # another order
+        lambda: cp_client.list_certificates(marker=cert_marker, ascendingOrder=True),
+        lambda: cp_client.list_certificates_by_ca(caCertificateId="0" * 64, marker=cert_marker),
+        lambda: cp_client.list_things(nextToken=token[:-2] + ("AA" if token[-2:] != "AA" else "BB")),
     ):
         error = _error(call)
         assert error["Code"] == "InvalidRequestException"
         assert "pagination token" in error["Message"]
-    largest = base64.b64encode(str(2**63 - 1).encode()).decode()
-    assert cp_client.list_certificates(marker=largest)["certificates"] == []
+        assert "same parameters" in error["Message"]
 
 
 def test_a_second_service_is_hosted_by_registering_it(

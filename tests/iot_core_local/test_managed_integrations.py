@@ -4,6 +4,8 @@ real MQTT over TLS (RawClient, the claim) for RegisterThing's matching, the gate
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +293,63 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
         mi.list_tags_for_resource(ResourceArn=unknown)
     with pytest.raises(mi.exceptions.InvalidRequestException):
         mi.tag_resource(ResourceArn="arn:aws:iot:us-east-1:1:thing/x", Tags={"a": "b"})
+
+
+def test_paging_tokens_are_bound_and_survive_deletions(mi: Any) -> None:
+    mine = [create_hub(mi, serial()) for _ in range(5)]
+    token = mi.list_managed_things(MaxResults=1)["NextToken"]
+    for call in (
+        lambda: mi.list_provisioning_profiles(NextToken=token),  # another operation
+        lambda: mi.list_managed_things(NextToken=token, RoleFilter="DEVICE"),  # another filter
+        lambda: mi.list_managed_things(NextToken="Mg=="),  # an offset, as tokens once were
+    ):
+        with pytest.raises(mi.exceptions.ValidationException) as refused:
+            call()
+        code, status, message = error(refused)
+        assert (code, status) == ("ValidationException", 400)
+        assert "pagination token" in message
+    # Delete as you go: none of them is left behind.
+    deleted = []
+    for page in mi.get_paginator("list_managed_things").paginate(
+        RoleFilter="CONTROLLER", PaginationConfig={"PageSize": 2}
+    ):
+        for item in page["Items"]:
+            if item["Id"] in mine:
+                mi.delete_managed_thing(Identifier=item["Id"])
+                deleted.append(item["Id"])
+    assert deleted == mine
+
+
+def test_tag_keys_starting_with_aws_are_reserved(
+    mi: Any, profile: tuple[dict[str, Any], Credentials]
+) -> None:
+    created, _ = profile
+    for key in ("aws:x", "AWS:CreatedBy"):
+        with pytest.raises(mi.exceptions.InvalidRequestException) as refused:
+            mi.tag_resource(ResourceArn=created["Arn"], Tags={"team": "hubs", key: "v"})
+        code, status, message = error(refused)
+        assert (code, status) == ("InvalidRequestException", 400)
+        assert "reserved" in message
+        assert key in message
+    assert mi.list_tags_for_resource(ResourceArn=created["Arn"]).get("tags") in (None, {})
+    with pytest.raises(mi.exceptions.ValidationException, match="reserved"):
+        create_hub(mi, serial(), Tags={"aws:owner": "me"})
+    mi.tag_resource(ResourceArn=created["Arn"], Tags={"awsome": "yes"})  # only the prefix "aws:" is AWS's
+
+
+def test_a_json_integer_past_pythons_digit_limit_is_a_validation_exception(core: LocalIotCore) -> None:
+    body = b'{"Role": "CONTROLLER", "Name": 1' + b"0" * 5000 + b"}"
+    request = urllib.request.Request(
+        core.endpoint.api_url + "/managed-things",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    with caught.value as answer:
+        assert (answer.code, answer.headers["x-amzn-ErrorType"]) == (400, "ValidationException")
+        assert b"not valid JSON" in answer.read()
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,11 @@ class HostedServices:
         self._in_order: list[_Hosted] = []
         self._by_signing_name: dict[str, _Hosted] = {}
 
+    @property
+    def signing_names(self) -> frozenset[str]:
+        """The names a request may be signed for: a credential scope naming another is refused."""
+        return frozenset(self._by_signing_name)
+
     def add(self, service: RestJsonService[C], context: C) -> None:
         if service.signing_name in self._by_signing_name:
             raise ValueError(f"a service signed as {service.signing_name!r} is already hosted")
@@ -294,7 +299,16 @@ class _Handler(BaseHTTPRequestHandler):
             if control_plane.access_key is not None and control_plane.signatures_required:
                 # Before anything else, /_local/ included: the bound address decides, not the caller's.
                 now = control_plane.clock()
-                verify(control_plane.access_key, self.command, self.path, self.headers.items(), body, now=now)
+                verify(
+                    control_plane.access_key,
+                    self.command,
+                    self.path,
+                    self.headers.items(),
+                    body,
+                    now=now,
+                    region=control_plane.registry.region,
+                    services=control_plane.services.signing_names,
+                )
             if url.path.startswith(_LOCAL_PREFIX):
                 operation_name = "_local"
                 status, extra_headers, payload = self._local(url.path, body)

@@ -14,7 +14,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from iot_core_local.ca import CertificateAuthority, certificate_id, load_certificate, load_csr
-from iot_core_local.control_plane.restjson import HandlerTable, Pager, RestJsonService
+from iot_core_local.control_plane.restjson import Cursor, HandlerTable, Pager, RestJsonService, SortKey
 from iot_core_local.errors import (
     CertificateState,
     CertificateValidation,
@@ -64,8 +64,31 @@ class IotBackend:
 _PAGER = Pager(size_params=("pageSize", "maxResults"), token_params=("marker", "nextToken"))
 
 
-def _page(items: list[Any], params: Mapping[str, Any]) -> tuple[list[Any], str | None]:
-    return _PAGER.page(items, params)
+T = TypeVar("T")
+
+
+def _page(
+    items: list[T],
+    params: Mapping[str, Any],
+    operation: str,
+    key: Callable[[T], SortKey],
+    *,
+    descending: bool = False,
+) -> tuple[list[T], str | None]:
+    return _PAGER.page(items, params, operation, key, descending=descending)
+
+
+# The sort keys pages resume after, in the order the registry lists: by name, or by creation then id.
+def _by_name(item: Policy | Thing) -> SortKey:
+    return (item.name,)
+
+
+def _by_value(item: str) -> SortKey:
+    return (item,)
+
+
+def _by_creation(item: Certificate | CACertificate) -> SortKey:
+    return (item.created, item.certificate_id)
 
 
 def _ordered(items: list[Any], params: Mapping[str, Any]) -> list[Any]:
@@ -307,16 +330,55 @@ def _update_certificate(backend: IotBackend, params: dict[str, Any]) -> Mapping[
 @_operation("ListCertificatesByCA")
 def _list_certificates(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     # Paged in SQL, PEMs left out: a page costs its own rows, not the whole table's.
-    start, size = _PAGER.bounds(params)
-    certs = backend.registry.list_certificates(
-        params.get("caCertificateId"),
-        ascending=bool(params.get("ascendingOrder")),
-        offset=start,
-        limit=size + 1,
-        with_pem=False,
-    )
-    marker = _PAGER.token(start + size) if len(certs) > size else None
+    operation = "ListCertificatesByCA" if "caCertificateId" in params else "ListCertificates"
+    ascending = bool(params.get("ascendingOrder"))
+    size = _PAGER.size(params)
+    cursor = _PAGER.cursor(params, operation)
+
+    def rows(offset: int, limit: int) -> list[Certificate]:
+        return backend.registry.list_certificates(
+            params.get("caCertificateId"), ascending=ascending, offset=offset, limit=limit, with_pem=False
+        )
+
+    start = 0 if cursor is None else _resume_offset(rows, cursor, descending=not ascending)
+    certs = rows(start, size + 1)
+    marker = None
+    if len(certs) > size:
+        marker = _PAGER.token(params, operation, _by_creation(certs[size - 1]), start + size)
     return {"certificates": [_certificate_summary(c) for c in certs[:size]], "nextMarker": marker}
+
+
+def _resume_offset(rows: Callable[[int, int], list[Certificate]], cursor: Cursor, *, descending: bool) -> int:
+    """The SQL offset of the first certificate after `cursor.last`, read a row or two at a time.
+
+    Nothing changed since the token (the usual case): the last certificate is still at the token's
+    position - 1, one query. Else a binary search over the offsets: certificates deleted or created before
+    the resume point move it, and the page must neither skip nor repeat one.
+    """
+    hint = cursor.position - 1
+    if hint >= 0:
+        found = rows(hint, 1)
+        if found and _by_creation(found[0]) == cursor.last:
+            return hint + 1
+
+    def after(offset: int) -> bool:  # whether the row at `offset` (if any) comes after the cursor
+        found = rows(offset, 1)
+        if not found:
+            return True
+        key = _by_creation(found[0])
+        return key <= cursor.last if descending else key >= cursor.last
+
+    low, high = 0, 1
+    while not after(high - 1):  # gallop to a bound, then bisect: O(log n) one-row queries
+        low, high = high, high * 2
+    while low < high:
+        middle = (low + high) // 2
+        if after(middle):
+            high = middle
+        else:
+            low = middle + 1
+    found = rows(low, 1)
+    return low + 1 if found and _by_creation(found[0]) == cursor.last else low
 
 
 @_operation("DeleteCertificate")
@@ -424,7 +486,10 @@ def _list_ca_certificates(backend: IotBackend, params: dict[str, Any]) -> Mappin
         cas = [
             ca for ca in cas if (ca.registration_config or {}).get("templateName") == params["templateName"]
         ]
-    page, marker = _page(_ordered(cas, params), params)
+    descending = not params.get("ascendingOrder")
+    page, marker = _page(
+        _ordered(cas, params), params, "ListCACertificates", _by_creation, descending=descending
+    )
     summaries = [
         {
             "certificateArn": ca.arn,
@@ -478,9 +543,10 @@ def _get_policy(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any
 @_operation("ListPolicies")
 def _list_policies(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     policies = backend.registry.list_policies()  # by name, as AWS lists them
-    if params.get("ascendingOrder") is False:
+    descending = params.get("ascendingOrder") is False
+    if descending:
         policies.reverse()
-    page, marker = _page(policies, params)
+    page, marker = _page(policies, params, "ListPolicies", _by_name, descending=descending)
     return {"policies": [_policy_summary(p) for p in page], "nextMarker": marker}
 
 
@@ -523,7 +589,8 @@ def _check_known_principal(backend: IotBackend, principal: str) -> None:
 @_operation("ListAttachedPolicies")
 def _list_attached_policies(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     _check_known_principal(backend, params["target"])
-    page, marker = _page(backend.registry.list_attached_policies(params["target"]), params)
+    policies = backend.registry.list_attached_policies(params["target"])
+    page, marker = _page(policies, params, "ListAttachedPolicies", _by_name)
     return {"policies": [_policy_summary(p) for p in page], "nextMarker": marker}
 
 
@@ -531,15 +598,18 @@ def _list_attached_policies(backend: IotBackend, params: dict[str, Any]) -> Mapp
 def _list_principal_policies(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     _check_known_principal(backend, params["principal"])
     policies = backend.registry.list_attached_policies(params["principal"])
-    if params.get("ascendingOrder") is False:
+    descending = params.get("ascendingOrder") is False
+    if descending:
         policies.reverse()
-    page, marker = _page(policies, params)
+    page, marker = _page(policies, params, "ListPrincipalPolicies", _by_name, descending=descending)
     return {"policies": [_policy_summary(p) for p in page], "nextMarker": marker}
 
 
 @_operation("ListTargetsForPolicy")
 def _list_targets_for_policy(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
-    page, marker = _page(backend.registry.list_targets_for_policy(params["policyName"]), params)
+    # Sorted here (the registry lists them as attached): a sort key to resume after.
+    targets = sorted(backend.registry.list_targets_for_policy(params["policyName"]))
+    page, marker = _page(targets, params, "ListTargetsForPolicy", _by_value)
     return {"targets": page, "nextMarker": marker}
 
 
@@ -588,7 +658,7 @@ def _list_things(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, An
             return value.startswith(wanted) if prefix else value == wanted
 
         things = [t for t in things if keep(t)]
-    page, token = _page(things, params)
+    page, token = _page(things, params, "ListThings", _by_name)
     return {"things": [_thing_summary(t) for t in page], "nextToken": token}
 
 
@@ -630,14 +700,16 @@ def _detach_thing_principal(backend: IotBackend, params: dict[str, Any]) -> Mapp
 
 @_operation("ListThingPrincipals")
 def _list_thing_principals(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
-    page, token = _page(backend.registry.list_thing_principals(params["thingName"]), params)
+    principals = sorted(backend.registry.list_thing_principals(params["thingName"]))
+    page, token = _page(principals, params, "ListThingPrincipals", _by_value)
     return {"principals": page, "nextToken": token}
 
 
 @_operation("ListPrincipalThings")
 def _list_principal_things(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     _check_known_principal(backend, params["principal"])
-    page, token = _page(backend.registry.list_principal_things(params["principal"]), params)
+    things = sorted(backend.registry.list_principal_things(params["principal"]))
+    page, token = _page(things, params, "ListPrincipalThings", _by_value)
     return {"things": page, "nextToken": token}
 
 
@@ -685,7 +757,12 @@ def _describe_provisioning_template(backend: IotBackend, params: dict[str, Any])
 
 @_operation("ListProvisioningTemplates")
 def _list_provisioning_templates(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
-    page, token = _page(backend.registry.list_templates(), params)
+    page, token = _page(
+        backend.registry.list_templates(),
+        params,
+        "ListProvisioningTemplates",
+        lambda t: (t.created, t.name),
+    )
     return {"templates": [_template_summary(t) for t in page], "nextToken": token}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.model import OperationModel
 
-from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService
+from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService, clip
 from iot_core_local.errors import InvalidRequest, Validation
 from iot_core_local.managed import DETAIL_MEMBERS, ManagedIntegrations, ManagedThing, Profile
 
@@ -55,6 +55,7 @@ def _profile_view(profile: Profile) -> dict[str, Any]:
 
 @_operation("CreateProvisioningProfile")
 def _create_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params.get("Tags"))
     profile, key = mi.create_profile(params)
     return {**_profile_view(profile), "ClaimCertificatePrivateKey": key}
 
@@ -67,7 +68,9 @@ def _get_provisioning_profile(mi: ManagedIntegrations, params: dict[str, Any]) -
 
 @_operation("ListProvisioningProfiles")
 def _list_provisioning_profiles(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
-    page, token = _PAGER.page(mi.list_profiles(), params)
+    page, token = _PAGER.page(
+        mi.list_profiles(), params, "ListProvisioningProfiles", lambda p: (p.created, p.id)
+    )
     items = [{k: v for k, v in _profile_view(p).items() if k != "ClaimCertificate"} for p in page]
     return {"Items": items, "NextToken": token}
 
@@ -120,6 +123,7 @@ _SUMMARY_MEMBERS = (
 
 @_operation("CreateManagedThing")
 def _create_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params.get("Tags"))
     thing = mi.create_thing(params)
     return {"Id": thing.id, "Arn": thing.arn, "CreatedAt": thing.created}
 
@@ -140,7 +144,7 @@ def _list_managed_things(mi: ManagedIntegrations, params: dict[str, Any]) -> Map
             "credential_locker": params.get("CredentialLockerFilter"),
         }
     )
-    page, token = _PAGER.page(things, params)
+    page, token = _PAGER.page(things, params, "ListManagedThings", lambda t: (t.created, t.id))
     items = [{k: v for k, v in _thing_view(t).items() if k in _SUMMARY_MEMBERS} for t in page]
     return {"Items": items, "NextToken": token}
 
@@ -181,8 +185,19 @@ def _get_certificate(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping
 # ---- tags -----------------------------------------------------------------------------------------
 
 
+def _check_tag_keys(tags: Mapping[str, str] | None) -> None:
+    # AWS reserves the aws: prefix (any case) for its own tags; users may neither add nor change them.
+    for key in tags or {}:
+        if key.lower().startswith("aws:"):
+            raise InvalidRequest(
+                f"Tag key {clip(key)!r} is reserved: keys starting with 'aws:' are for AWS's use; "
+                "choose another key"
+            )
+
+
 @_operation("TagResource")
 def _tag_resource(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    _check_tag_keys(params["Tags"])
     mi.tag(params["ResourceArn"], params["Tags"])
     return {}
 

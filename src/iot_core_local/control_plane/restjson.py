@@ -15,9 +15,12 @@ import base64
 import binascii
 import datetime
 import functools
+import hashlib
+import hmac
 import json
 import math
 import re
+import secrets
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,13 +31,16 @@ from botocore.model import ListShape, MapShape, OperationModel, ServiceModel, Sh
 from iot_core_local.errors import InvalidRequest, ServiceError, UnknownOperation
 
 __all__ = [
+    "Cursor",
     "Handler",
     "HandlerTable",
     "Pager",
     "Response",
     "RestJsonService",
+    "SortKey",
     "clip",
     "from_json",
+    "resume_index",
     "validate",
 ]
 
@@ -428,6 +434,12 @@ def _document(body: bytes, has_payload_member: bool) -> Any:
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        except ValueError:
+            # int() past Python's 4,300-digit limit: bad input, not a server fault (and its message's
+            # advice, sys.set_int_max_str_digits, is for the server's code, not for the client).
+            raise InvalidRequest(
+                "The request body is not valid JSON: it has an integer of more than 4300 digits"
+            ) from None
     if not has_payload_member and not isinstance(document, dict):
         raise InvalidRequest("The request body must be a JSON object")
     return document
@@ -602,49 +614,107 @@ class RestJsonService(Generic[C]):
 
 # ---- paging -------------------------------------------------------------------------------------
 
-# Offsets go to SQLite's LIMIT/OFFSET, whose integers are signed 64-bit; a token past that is not one of ours.
-_MAX_OFFSET = (1 << 63) - 1
+# Tokens are signed with a key of this process: a token is then only ever one this server handed out, for
+# the operation and filters it was handed out for. (They do not outlive a restart; AWS's expire too.)
+_TOKEN_KEY = secrets.token_bytes(32)
+_TOKEN_MAC = 16  # bytes of HMAC-SHA256 kept
+# The sort key of an item: what a page resumes after. Strings and numbers only (they go through JSON).
+SortKey = tuple[str | int | float, ...]
+_T = TypeVar("_T")
+
+
+class Cursor(NamedTuple):
+    """Where the next page starts: after the item with sort key `last`, which was just before
+    `position` when the token was handed out (a hint: items may have come and gone since)."""
+
+    last: SortKey
+    position: int
 
 
 @dataclass(frozen=True)
 class Pager:
     """Page size and position from a list operation's parameters, and the token for the next page.
 
-    Tokens are base64 offsets (AWS IoT's Marker pattern is base64): cheap, and stable enough for a
-    registry that changes slowly while someone pages through it. `size_params` and `token_params` name
-    the service's members, first found wins (AWS IoT: pageSize or maxResults, marker or nextToken).
+    A token names the sort key of the last item handed out, so the next page resumes after that item
+    wherever it now is: a client deleting as it pages skips nothing, and one creating sees no repeat. It is
+    bound by an HMAC to the operation and to every other parameter of the request (its filters, its
+    order): a token replayed on another operation or filter, or forged, is an InvalidRequest, as AWS
+    answers a bad nextToken. The encoding is unpadded base32, which fits both AWS IoT's Marker pattern
+    (`[A-Za-z0-9+/]+={0,2}`) and managed integrations' NextToken pattern (`[a-zA-Z0-9=_-]+`).
+
+    `size_params` and `token_params` name the service's members, first found wins (AWS IoT: pageSize or
+    maxResults, marker or nextToken).
     """
 
     size_params: tuple[str, ...]
     token_params: tuple[str, ...]
     default_size: int = 250
 
-    def bounds(self, params: Mapping[str, Any]) -> tuple[int, int]:
-        """(offset, page size)."""
-        size = _first(params, self.size_params) or self.default_size
-        token = _first(params, self.token_params)
-        return (self.offset(token) if token else 0), int(size)
+    def size(self, params: Mapping[str, Any]) -> int:
+        return int(_first(params, self.size_params) or self.default_size)
 
-    def page(self, items: list[Any], params: Mapping[str, Any]) -> tuple[list[Any], str | None]:
-        """One page of `items` and the token for the next (None on the last page)."""
-        start, size = self.bounds(params)
+    def page(
+        self,
+        items: list[_T],
+        params: Mapping[str, Any],
+        operation: str,
+        key: Callable[[_T], SortKey],
+        *,
+        descending: bool = False,
+    ) -> tuple[list[_T], str | None]:
+        """One page of `items` (ordered by `key`, descending if so) and the token for the next, or None."""
+        size = self.size(params)
+        keys = [key(item) for item in items]
+        cursor = self.cursor(params, operation)
+        start = 0 if cursor is None else resume_index(keys, cursor.last, descending=descending)
         end = start + size
-        return items[start:end], self.token(end) if end < len(items) else None
+        if end >= len(items):
+            return items[start:], None
+        return items[start:end], self.token(params, operation, keys[end - 1], end)
 
-    @staticmethod
-    def token(offset: int) -> str:
-        return base64.b64encode(str(offset).encode()).decode()
-
-    @staticmethod
-    def offset(token: str) -> int:
-        """The offset a token stands for; InvalidRequest if it is not a token this service handed out."""
+    def cursor(self, params: Mapping[str, Any], operation: str) -> Cursor | None:
+        """The request's token decoded (None: the first page); InvalidRequest if it is not one this
+        server handed out for `operation` with these same parameters."""
+        token = _first(params, self.token_params)
+        if not token:
+            return None
+        invalid = InvalidRequest(
+            f"The pagination token {clip(token)!r} is not valid for this request: pass the token the "
+            "previous page of the same call, with the same parameters, returned"
+        )
         try:
-            start = int(base64.b64decode(token, validate=True).decode("ascii"))
-        except (binascii.Error, ValueError, UnicodeDecodeError):
-            raise InvalidRequest(f"The pagination token {clip(token)!r} is not valid") from None
-        if not 0 <= start <= _MAX_OFFSET:
-            raise InvalidRequest(f"The pagination token {clip(token)!r} is not valid")
-        return start
+            raw = base64.b32decode(token + "=" * (-len(token) % 8))
+        except (binascii.Error, ValueError):
+            raise invalid from None
+        payload, mac = raw[:-_TOKEN_MAC], raw[-_TOKEN_MAC:]
+        if len(raw) <= _TOKEN_MAC or not hmac.compare_digest(mac, self._mac(params, operation, payload)):
+            raise invalid
+        last, position = json.loads(payload)  # ours, as the MAC shows: well formed
+        return Cursor(tuple(last), position)
+
+    def token(self, params: Mapping[str, Any], operation: str, last: SortKey, position: int) -> str:
+        """The token of the page after the item whose sort key is `last`, at index `position - 1`."""
+        payload = json.dumps([list(last), position], separators=(",", ":")).encode()
+        raw = payload + self._mac(params, operation, payload)
+        return base64.b32encode(raw).decode().rstrip("=")
+
+    def _mac(self, params: Mapping[str, Any], operation: str, payload: bytes) -> bytes:
+        # Every parameter but the page size and the token itself: the filters and the order.
+        bound = {k: v for k, v in params.items() if k not in self.size_params + self.token_params}
+        context = json.dumps([operation, bound], sort_keys=True, default=str).encode()
+        message = len(context).to_bytes(8, "big") + context + payload
+        return hmac.new(_TOKEN_KEY, message, hashlib.sha256).digest()[:_TOKEN_MAC]
+
+
+def resume_index(keys: list[SortKey], last: SortKey, *, descending: bool = False) -> int:
+    """The index of the first key after `last` in `keys` (sorted, descending if so): just after `last`
+    when it is still there, else where it would be."""
+    for i, k in enumerate(keys):
+        if k == last:
+            return i + 1
+        if (k < last) if descending else (k > last):
+            return i
+    return len(keys)
 
 
 def _first(params: Mapping[str, Any], names: tuple[str, ...]) -> Any:
