@@ -66,6 +66,8 @@ class Endpoint:
     credentials_path: Path | None = None
     # MQTT over TLS for clients offering ALPN x-amzn-mqtt-ca (AWS IoT Core's port 443); None: not served.
     alpn_port: int | None = None
+    # The region ARNs name and signatures must be scoped to (LocalIotCore(region=); serve: us-east-1).
+    region: str = "us-east-1"
 
     def to_json(self) -> dict[str, Any]:
         data = {
@@ -74,6 +76,7 @@ class Endpoint:
             "alpnPort": self.alpn_port,
             "apiUrl": self.api_url,
             "rootCaPath": str(self.root_ca_path),
+            "region": self.region,
         }
         if self.credentials_path is not None:
             data["credentialsFile"] = str(self.credentials_path)
@@ -90,12 +93,13 @@ class Endpoint:
             Path(data["rootCaPath"]),
             Path(credentials) if credentials else None,
             None if alpn is None else int(alpn),
+            str(data.get("region", "us-east-1")),  # files written before it had a region: serve's
         )
 
-    def client(self, region: str = "us-east-1", service: str = "iot") -> Any:
+    def client(self, region: str | None = None, service: str = "iot") -> Any:
         """A boto3 client of `service` ("iot", "iot-managed-integrations") for this server's control plane,
         signing with its key pair (when the endpoint names one: a control plane off loopback checks the
-        signature)."""
+        signature) for `region` (default: the server's own, the only one a checked signature may name)."""
         import boto3
 
         key = (
@@ -106,7 +110,7 @@ class Endpoint:
         return boto3.client(
             service,  # type: ignore[call-overload]  # boto3's stubs know each service by a literal
             endpoint_url=self.api_url,
-            region_name=region,
+            region_name=region or self.region,
             aws_access_key_id=key.access_key_id,
             aws_secret_access_key=key.secret_access_key,
         )
@@ -440,6 +444,7 @@ class LocalIotCore:
                 root_ca_path=self._ca.root_ca_path.resolve(),
                 credentials_path=(self.data_dir / CREDENTIALS_FILE).resolve(),
                 alpn_port=self._gateway.alpn_port,
+                region=self.region,
             )
             write_json_atomically(self.data_dir / ENDPOINT_FILE, self._endpoint.to_json())
         except BaseException:

@@ -45,7 +45,7 @@ from iot_core_local.errors import (
 )
 from iot_core_local.quotas import Quotas, RateLimiter
 from iot_core_local.registry import Registry
-from iot_core_local.server import LocalIotCore
+from iot_core_local.server import Endpoint, LocalIotCore
 from tests._support.fake_cloud import FakeClock
 
 _ONCE = botocore.config.Config(retries={"total_max_attempts": 1})
@@ -525,3 +525,12 @@ def test_signatures_and_quotas_apply_to_every_hosted_service(
         # AWS IoT beside it: the same key pair, its own buckets (no rate given for iot here).
         iot = boto3_client(plane.url, key.access_key_id, key.secret_access_key)
         assert all(iot.list_things()["things"] == [] for _ in range(3))
+
+
+def test_the_endpoint_s_client_signs_for_the_server_s_region(tmp_path: Path) -> None:
+    """A stand-in of another region: the client the endpoint (file) gives is scoped to it, so it passes the
+    region check that a checked signature gets."""
+    with LocalIotCore(tmp_path / "data", region="eu-west-1", require_signature=True) as core:
+        again = Endpoint.from_json(json.loads((core.data_dir / "endpoint.json").read_text()))
+        assert again.region == "eu-west-1"
+        assert again.client().list_things()["things"] == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,11 +298,12 @@ def test_tags_on_profiles_and_managed_things(mi: Any, profile: tuple[dict[str, A
 def test_paging_tokens_are_bound_and_survive_deletions(mi: Any) -> None:
     mine = [create_hub(mi, serial()) for _ in range(5)]
     token = mi.list_managed_things(MaxResults=1)["NextToken"]
-    for call in (
+    calls: list[Callable[[], Any]] = [
         lambda: mi.list_provisioning_profiles(NextToken=token),  # another operation
         lambda: mi.list_managed_things(NextToken=token, RoleFilter="DEVICE"),  # another filter
         lambda: mi.list_managed_things(NextToken="Mg=="),  # an offset, as tokens once were
-    ):
+    ]
+    for call in calls:
         with pytest.raises(mi.exceptions.ValidationException) as refused:
             call()
         code, status, message = error(refused)

@@ -79,8 +79,10 @@ def test_serve_writes_endpoint_refuses_second_serve_and_stops_cleanly(tmp_path: 
                 "alpnPort",
                 "apiUrl",
                 "rootCaPath",
+                "region",
                 "credentialsFile",
             }
+            assert on_disk["region"] == "us-east-1"
             assert Path(on_disk["credentialsFile"]) == (data_dir / "credentials").resolve()
             assert on_disk["alpnPort"] is None  # not served unless --alpn-port
             assert on_disk["mqttPort"] > 0
