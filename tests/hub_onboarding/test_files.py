@@ -127,12 +127,12 @@ def test_read_regular_file_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     with pytest.raises(_files.NotRegularFileError) as info:
-        _files.read_regular_file(fifo)  # no writer: a plain open would block here forever
+        _files.read_regular_file(fifo, 100)  # no writer: a plain open would block here forever
     assert info.value.kind == "a FIFO (named pipe)"
     with pytest.raises(IsADirectoryError):
-        _files.read_regular_file(tmp_path)
+        _files.read_regular_file(tmp_path, 100)
     (tmp_path / "f").write_bytes(b"data")
-    assert _files.read_regular_file(tmp_path / "f") == b"data"
+    assert _files.read_regular_file(tmp_path / "f", 100) == b"data"
 
 
 def test_probe_writable_leaves_nothing_and_judges_a_missing_folder_by_its_parent(

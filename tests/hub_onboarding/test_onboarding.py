@@ -34,6 +34,7 @@ from hub_onboarding.errors import (
     StorageError,
 )
 from hub_onboarding.lock import onboarding_lock
+from hub_onboarding.manifest import Manifest
 from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
 from tests._support.certificates import make_pair, write_private
@@ -541,7 +542,10 @@ def test_mismatched_pair_is_caught_without_the_verification_connect(
         cloud.onboarding(hub.config).process_device()
     monkeypatch.setattr(cfgmod, "update_rw", real)
     key_path = hub.dir / "certs" / "private.pem.key"
-    write_private(key_path, make_pair("other").key_pem)  # whatever put it there, it is not our key
+    other = make_pair("other").key_pem
+    # A key this hub's onboarding wrote (so the folder check passes), but not the recorded pair's.
+    Manifest(hub.dir / "certs", hub.config).record({"private.pem.key": other})
+    write_private(key_path, other)
     with pytest.raises(CredentialError):
         cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
