@@ -10,8 +10,10 @@
   one open to other users is refused.
 - Deletions are made durable by an fsync of the folder, so a power cut does not bring a file back; a name
   that does not exist is no failure, even where the kernel answers EROFS for it.
-- Reads of a file a user names (the config, the root CA) never block on a FIFO or a device
-  (`read_regular_file`), and `probe_writable` tells whether a folder takes a new file, before any traffic.
+- Reads never block on a FIFO or a device and never take more memory than a real file needs: a file a
+  user names (the config, the root CA) through `read_regular_file` with a size limit, onboarding's own
+  records (progress, files) through `read_record`, which also refuses a symlink planted in their place.
+  `probe_writable` tells whether a folder takes a new file, before any traffic.
 
 Functions raise OSError where the caller knows best what to tell the user (each says what was left
 as it was); the private-folder and deletion checks raise the typed errors themselves, because their
@@ -126,30 +128,111 @@ def file_kind(mode: int) -> str:
     return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
-def read_regular_file(path: str | os.PathLike[str]) -> bytes:
-    """The whole content of a regular file; never blocks on what is not one.
+class FileTooLargeError(OSError):
+    """A file is larger than the limit its reader sets (`size`, `limit` in bytes)."""
+
+    def __init__(self, path: str | os.PathLike[str], size: int, limit: int) -> None:
+        super().__init__(f"{os.fspath(path)} is {size} bytes, more than the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def describe_limit(limit: int) -> str:
+    """A byte limit in words for a message ("1 MiB", "64 KiB")."""
+    for unit, size in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if limit >= size and limit % size == 0:
+            return f"{limit // size} {unit}"
+    return f"{limit} bytes"
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """The whole content of a regular file of at most `limit` bytes; never blocks on what is not one.
 
     Opened with O_NONBLOCK and examined with fstat before any read: a FIFO given where a file is
-    expected would otherwise block the open (or the read) until a writer comes, i.e. forever.
-    IsADirectoryError for a folder, NotRegularFileError for a FIFO, a device or a socket, OSError else.
+    expected would otherwise block the open (or the read) until a writer comes, i.e. forever. The size
+    is checked before the read (and again after it, for a file that grew meanwhile), so a huge file
+    costs no memory. With follow_symlinks False a symlink at `path` is refused by the kernel (O_NOFOLLOW)
+    and reported as NotRegularFileError, never read through.
+    IsADirectoryError for a folder, NotRegularFileError for a FIFO, a device, a socket or a refused
+    symlink, FileTooLargeError beyond `limit`, OSError else.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = _open_regular(path, follow_symlinks)
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(path, file_kind(mode))
-        return fh.read()
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise FileTooLargeError(path, size, limit)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLargeError(path, len(data), limit)
+    return data
 
 
 def read_at_most(path: Path, limit: int, *, follow_symlinks: bool) -> bytes:
-    """Up to `limit` bytes of a file. With follow_symlinks False a symlink planted at `path` after the
-    caller examined it is refused by the kernel (O_NOFOLLOW: ELOOP) instead of being read through."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    """Up to `limit` bytes of a regular file; never blocks on what is not one (see read_regular_file).
+
+    With follow_symlinks False a symlink planted at `path` after the caller examined it is refused by
+    the kernel (O_NOFOLLOW: ELOOP) instead of being read through."""
+    fd = _open_regular(path, follow_symlinks, loop_is_symlink=False)
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit)
+
+
+def _open_regular(
+    path: str | os.PathLike[str], follow_symlinks: bool, *, loop_is_symlink: bool = True
+) -> int:
+    """A read-only descriptor of a regular file; raises (closing it) for anything else."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        # O_NOFOLLOW answers ELOOP for a symlink: say what it is (callers that examined the path
+        # themselves keep the kernel's error).
+        if exc.errno == errno.ELOOP and not follow_symlinks and loop_is_symlink:
+            raise NotRegularFileError(path, "a symbolic link") from None
+        raise
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _require_regular(path: str | os.PathLike[str], mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_kind(mode))
+
+
+# The records onboarding writes in the credentials folder (progress, files) are a few KiB: the largest
+# part, a deviceConfiguration, came in one MQTT message, which AWS IoT caps at 128 KiB. 1 MiB is far
+# beyond any real record and small enough to read on the smallest hub.
+RECORD_LIMIT = 1024 * 1024
+
+
+def read_record(path: Path, what: str) -> bytes | None:
+    """One of onboarding's own records in the credentials folder, or None when there is none.
+
+    Onboarding only ever writes these as regular files (atomic renames), so anything else there (a FIFO
+    that would hang every run, a symlink to another file, a device, a huge file) was put there by
+    something else: StorageError naming the file and the fix, before anything is read. Other OSErrors
+    (permissions) are raised as they are, for the caller to decide.
+    """
+    try:
+        return read_regular_file(path, RECORD_LIMIT, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except (IsADirectoryError, NotRegularFileError) as exc:
+        kind = exc.kind if isinstance(exc, NotRegularFileError) else "a folder"
+        problem = f"is {kind}, not the regular file onboarding writes"
+    except FileTooLargeError as exc:
+        problem = f"is {exc.size} bytes, more than the {describe_limit(RECORD_LIMIT)} such a record can be"
+    raise StorageError(
+        f"{path} ({what}) {problem}, so something else put it there and onboarding does not read it; "
+        f"remove it (rm -r {path}), then run the same command again",
+        key="ro.iot_permanent_cert_dir",
+    )
 
 
 # ---------------------------------------------------------------------------------- private folder

@@ -78,6 +78,11 @@ DEFAULT_KEEP_ALIVE = 300
 KEEP_ALIVE_RANGE = (30, 1200)
 DEFAULT_RETRY_TIMEOUT = 300.0
 MAX_CLIENT_ID_LENGTH = 128  # AWS IoT Core's limit
+# Files read whole into memory are capped, so a wrong path (a disk image, a log) cannot take a
+# small hub's RAM. A real config is a few KiB; a CA bundle is a few KiB too (Mozilla's whole set of public
+# roots, the largest bundle in common use, is about 220 KiB). 1 MiB is far beyond both.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_ROOT_CA_BYTES = 1024 * 1024
 _TEMPLATE_NAME_RE = re.compile(r"^[0-9A-Za-z_-]{1,36}$")
 # RegisterThing parameter names this project sends (not published by AWS; see the README)
 PARAM_SERIAL_NUMBER = "SerialNumber"
@@ -217,7 +222,7 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         # Never blocks: a FIFO (or a device) given as the config is refused before any read.
-        text = _files.read_regular_file(p).decode("utf-8")
+        text = _files.read_regular_file(p, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist; pass the path of iotmi_config.json") from None
     except IsADirectoryError:
@@ -225,6 +230,12 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     except _files.NotRegularFileError as exc:
         raise ConfigError(
             f"config path {p} is {exc.kind}, not a regular file; pass the path of iotmi_config.json itself"
+        ) from None
+    except _files.FileTooLargeError as exc:
+        raise ConfigError(
+            f"config file {p} is {exc.size} bytes, more than the "
+            f"{_files.describe_limit(exc.limit)} limit for iotmi_config.json (a real one is a few KiB); "
+            "pass the path of iotmi_config.json itself"
         ) from None
     except PermissionError:
         raise ConfigError(f"config file {p} is not readable by this user; check its permissions") from None
@@ -709,13 +720,20 @@ def _parse_permanent_cert_dir(ro: Mapping[str, Any], config_path: Path) -> Path:
 
 def _check_readable_pem(path: str, key: str) -> None:
     try:
-        data = _files.read_regular_file(path)
+        data = _files.read_regular_file(path, MAX_ROOT_CA_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{key}: {path} does not exist", key=key) from None
     except IsADirectoryError:
         raise ConfigError(f"{key}: {path} is a folder, not a PEM file", key=key) from None
     except _files.NotRegularFileError as exc:
         raise ConfigError(f"{key}: {path} is {exc.kind}, not a PEM file", key=key) from None
+    except _files.FileTooLargeError as exc:
+        raise ConfigError(
+            f"{key}: {path} is {exc.size} bytes, more than the "
+            f"{_files.describe_limit(exc.limit)} limit for a CA bundle (a real one is a few KiB); "
+            "point it at the PEM file of the endpoint's root CA",
+            key=key,
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{key}: {path} cannot be read ({exc.strerror or exc})", key=key) from None
     if b"-----BEGIN CERTIFICATE-----" not in data:

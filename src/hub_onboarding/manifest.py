@@ -6,6 +6,11 @@ names, so a power cut between the two leaves a record that names a file not yet 
 that the record does not name. Hashes accumulate until a reset (an attempt that started over wrote other
 bytes under the same names), so a file is known as onboarding's by its content, whatever wrote the name
 last: a file another process put there, or one the config names, does not match and is left alone.
+
+The record also names its owner, the real path of the config whose onboarding wrote it (`config`). A
+second config whose credentials folder is this one is refused before it writes anything, and its reset
+deletes nothing here: the folder holds another hub's identity. (A record written before owners were
+recorded has none; it is taken as this config's own.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub_onboarding import _files
@@ -26,42 +32,76 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE_NAME = "onboarding-files.json"
 MANIFEST_VERSION = 1
 _MAX_FILE_BYTES = 1024 * 1024  # onboarding writes PEM files of a few KiB; anything larger is not one
+_WHAT = "the record of the files onboarding wrote"
 
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Manifest:
-    """The record in `directory` (the credentials folder)."""
+@dataclass(frozen=True)
+class FilesRecord:
+    """What the record says: name -> hashes, and the config that wrote it (None: not recorded)."""
 
-    def __init__(self, directory: Path) -> None:
+    files: dict[str, list[str]] = field(default_factory=dict)
+    config: str | None = None
+
+
+class Manifest:
+    """The record in `directory` (the credentials folder), kept for the config at `config_path`."""
+
+    def __init__(self, directory: Path, config_path: str | os.PathLike[str] | None = None) -> None:
         self.directory = directory
         self.path = directory / MANIFEST_FILE_NAME
+        # Real path: the same config reached through a symlink or `..` is the same owner.
+        self.owner = os.path.realpath(config_path) if config_path is not None else None
 
     def exists(self) -> bool:
         return os.path.lexists(self.path)
 
     def load(self) -> dict[str, list[str]]:
         """name -> hashes; empty when there is no record or it is not one this version wrote."""
+        return self.read().files
+
+    def read(self) -> FilesRecord:
+        """The whole record; empty when there is none or it is not one this version wrote.
+
+        StorageError when something onboarding never writes is there (a FIFO, a symlink, a device, a
+        huge file: `_files.read_record`).
+        """
         try:
-            data = json.loads(_files.read_at_most(self.path, _MAX_FILE_BYTES, follow_symlinks=False))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
+            raw = _files.read_record(self.path, _WHAT)
+        except OSError as exc:
             log.warning("ignoring unreadable record of onboarding's files %s (%s)", self.path, exc)
-            return {}
+            return FilesRecord()
+        if raw is None:
+            return FilesRecord()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            log.warning("ignoring unreadable record of onboarding's files %s (%s)", self.path, exc)
+            return FilesRecord()
         files = (
             data.get("files") if isinstance(data, dict) and data.get("version") == MANIFEST_VERSION else None
         )
         if not isinstance(files, dict):
             log.warning("ignoring invalid record of onboarding's files %s", self.path)
-            return {}
-        return {
-            name: [h for h in hashes if isinstance(h, str)]
-            for name, hashes in files.items()
-            if isinstance(name, str) and isinstance(hashes, list)
-        }
+            return FilesRecord()
+        owner = data.get("config")
+        return FilesRecord(
+            {
+                name: [h for h in hashes if isinstance(h, str)]
+                for name, hashes in files.items()
+                if isinstance(name, str) and isinstance(hashes, list)
+            },
+            owner if isinstance(owner, str) else None,
+        )
+
+    def other_owner(self, record: FilesRecord) -> str | None:
+        """The config that owns `record` when it is not this one (None: ours, or no owner recorded)."""
+        if record.config is None or self.owner is None or record.config == self.owner:
+            return None
+        return record.config
 
     def record(self, contents: Mapping[str, bytes]) -> None:
         """Add the files about to be written (name -> bytes), atomically, before they are written."""
@@ -70,7 +110,9 @@ class Manifest:
             hashes = files.setdefault(name, [])
             if digest(data) not in hashes:
                 hashes.append(digest(data))
-        doc = {"version": MANIFEST_VERSION, "files": files}
+        doc: dict[str, object] = {"version": MANIFEST_VERSION, "files": files}
+        if self.owner is not None:
+            doc["config"] = self.owner
         _files.write_private_file(self.path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
     def written_by_onboarding(self, name: str, recorded: Mapping[str, list[str]]) -> bool:

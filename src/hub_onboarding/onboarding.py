@@ -30,6 +30,7 @@ import contextlib
 import enum
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -66,7 +67,7 @@ from hub_onboarding.errors import (
     StorageError,
 )
 from hub_onboarding.lock import lock_path_for, onboarding_lock
-from hub_onboarding.manifest import MANIFEST_FILE_NAME, Manifest
+from hub_onboarding.manifest import MANIFEST_FILE_NAME, FilesRecord, Manifest
 from hub_onboarding.pkcs11 import (
     Pkcs11CredentialStore,
     cert_handler,
@@ -411,11 +412,21 @@ class HubOnboarding:
             if isinstance(v, str) and v.strip()
         }
         protected |= {os.path.realpath(self.config_path), os.path.realpath(lock_path_for(self.config_path))}
-        manifest = Manifest(cert_dir)
+        manifest = Manifest(cert_dir, self.config_path)
         pair = [PERMANENT_CERT_NAME, PERMANENT_KEY_NAME]
         if manifest.exists():
-            recorded = manifest.load()
-            pair = [name for name in pair if manifest.written_by_onboarding(name, recorded)]
+            record = manifest.read()
+            other = manifest.other_owner(record)
+            if other is not None:
+                # Another config's onboarding wrote this folder: its pair and records are that hub's.
+                log.warning(
+                    "nothing deleted in %s: %s records it for another config, %s",
+                    cert_dir,
+                    manifest.path,
+                    other,
+                )
+                return []
+            pair = [name for name in pair if manifest.written_by_onboarding(name, record.files)]
         candidates = [cert_dir / name for name in [*pair, PROGRESS_FILE_NAME, MANIFEST_FILE_NAME]]
         # The names themselves are deleted (a symlink, not what it points at), once per real file, the
         # record of what onboarding wrote last (a reset cut short can be run again).
@@ -625,6 +636,7 @@ def preflight(cfg: HubConfig) -> None:
     written = files_written(cfg)
     _refuse_overlaps(cfg, written)
     if cfg.method is ProvisioningMethod.FLEET_PROVISIONING:
+        _refuse_foreign_credentials(cfg, written)
         # New credentials go there: refuse a folder open to others before a certificate is minted.
         _files.check_private_dir(cfg.permanent_cert_dir)
         _probe(
@@ -660,6 +672,50 @@ def _refuse_overlaps(cfg: HubConfig, written_files: Mapping[Path, WrittenFile]) 
             f"{cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)} to a folder of its own",
             key=setting,
         )
+
+
+def _refuse_foreign_credentials(cfg: HubConfig, written_files: Mapping[Path, WrittenFile]) -> None:
+    """The credentials folder must not hold another hub's identity: onboarding would overwrite its
+    certificate and key (and a reset would delete them), leaving that hub PROVISIONED with nothing.
+
+    Refused (ConfigError: the folder setting is the mistake) when the record of onboarding's files there
+    belongs to another config, or when a certificate or key file is there that this config's record does
+    not list. A symlink at those names is no identity (the write replaces the link, not its target).
+    """
+    setting = cfgmod.key_name(cfgmod.RO, cfgmod.PERMANENT_CERT_DIR)
+    manifest = Manifest(cfg.permanent_cert_dir, cfg.path)
+    record = manifest.read() if manifest.exists() else FilesRecord()
+    other = manifest.other_owner(record)
+    if other is not None:
+        raise ConfigError(
+            f"{setting} {cfg.permanent_cert_dir} holds another hub's credentials "
+            f"({manifest.path} records them for the config {other}): onboarding would overwrite them; "
+            f"set {setting} to a folder of its own (nothing was written, no certificate was created)",
+            key=setting,
+        )
+    for name in (PERMANENT_CERT_NAME, PERMANENT_KEY_NAME):
+        path = cfg.permanent_cert_dir / name
+        file = written_files.get(path)
+        if file is None or not _is_regular_file(path):
+            continue
+        if not manifest.written_by_onboarding(name, record.files):
+            raise ConfigError(
+                f"{path} exists and this config's onboarding did not write it "
+                f"(it is not in {manifest.path}): it may be another hub's "
+                f"{file.what.removeprefix('the new ')}, which onboarding does not overwrite; "
+                f"set {setting} to a folder of its own, or move the file away if nothing uses it "
+                "(nothing was written, no certificate was created)",
+                key=setting,
+            )
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot examine {path}: {exc.strerror or exc}") from None
 
 
 def _probe(directory: Path, what: str, key: str | None) -> None:
@@ -726,7 +782,7 @@ class _FleetRun:
         self.fleet = cfg.fleet
         self.handler = handler
         self.store = ProgressStore(cfg.permanent_cert_dir)
-        self.manifest = Manifest(cfg.permanent_cert_dir)
+        self.manifest = Manifest(cfg.permanent_cert_dir, cfg.path)
         self.binding = _binding(cfg, cfg.fleet)
         self.connector = connector
         self.clock = clock

@@ -148,16 +148,21 @@ class ProgressStore:
         self.path = directory / PROGRESS_FILE_NAME
 
     def load(self) -> Progress | None:
+        """The saved record; None when there is none, or it is unreadable or invalid (then: start over).
+
+        StorageError for what onboarding never writes there: a FIFO (which would block every run), a
+        symlink (never read through), a device or a file too large to be a record (`_files.read_record`).
+        """
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
+            data = _files.read_record(self.path, "the onboarding progress record")
+        except OSError as exc:
             log.warning("ignoring unreadable progress record %s (%s); starting over", self.path, exc)
             return None
+        if data is None:
+            return None
         try:
-            progress = Progress.from_json(json.loads(text))
-        except json.JSONDecodeError:
+            progress = Progress.from_json(json.loads(data.decode("utf-8")))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON (or nested too deep to parse)
             progress = None
         if progress is None:
             log.warning("ignoring invalid progress record %s; starting over", self.path)

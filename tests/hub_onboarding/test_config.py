@@ -478,3 +478,46 @@ def test_read_paths_are_every_ro_file_onboarding_reads(make_hub: HubFactory) -> 
         "iot_dha_pk_path": str(hub.dir / "dha.key"),
         "iot_root_ca_path": str(hub.dir / "ca.pem"),
     }
+
+
+def _sparse(path: Path, size: int) -> None:
+    """A file of `size` bytes that takes no disk (and no memory unless something reads it whole)."""
+    with path.open("wb") as fh:
+        fh.truncate(size)
+
+
+def test_a_huge_config_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # The mistake: a 2 GB config was read whole (4.2 GB of RAM) before it was refused as not JSON.
+    path = tmp_path / "iotmi_config.json"
+    _sparse(path, 2 * 1024**3)
+    with pytest.raises(ConfigError) as info:
+        cfg.read_document(path)
+    assert info.value.exit_code == 3
+    assert info.value.message == (
+        f"config file {path} is 2147483648 bytes, more than the 1 MiB limit for iotmi_config.json "
+        "(a real one is a few KiB); pass the path of iotmi_config.json itself"
+    )
+
+
+def test_a_huge_root_ca_is_refused_naming_the_key_and_the_limit(make_hub: HubFactory) -> None:
+    # The mistake: a 2 GB iot_root_ca_path was read whole (2.1 GB of RAM) before it was refused.
+    hub = make_hub()
+    big = hub.dir / "big.crt"
+    _sparse(big, 2 * 1024**3)
+    hub.write({**hub.doc(), "ro": {**hub.doc()["ro"], "iot_root_ca_path": str(big)}})
+    with pytest.raises(ConfigError) as info:
+        cfg.parse_config(hub.config)
+    assert info.value.key == "ro.iot_root_ca_path"
+    assert info.value.message.startswith(
+        f"ro.iot_root_ca_path: {big} is 2147483648 bytes, more than the 1 MiB limit for a CA bundle"
+    )
+
+
+def test_a_root_ca_bundle_of_real_size_is_accepted(make_hub: HubFactory) -> None:
+    # Mozilla's bundle of every public root is about 220 KiB: a bundle that size must pass.
+    hub = make_hub()
+    bundle = hub.dir / "bundle.pem"
+    pem = Path(hub.doc()["ro"]["iot_root_ca_path"]).read_bytes()
+    bundle.write_bytes(pem * (300 * 1024 // len(pem) + 1))
+    hub.write({**hub.doc(), "ro": {**hub.doc()["ro"], "iot_root_ca_path": str(bundle)}})
+    assert cfg.parse_config(hub.config).connection.root_ca_path == str(bundle)

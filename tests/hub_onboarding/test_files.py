@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from hub_onboarding import _files
-from hub_onboarding.errors import CredentialError
+from hub_onboarding.errors import CredentialError, StorageError
 
 
 def mode(path: Path) -> int:
@@ -127,12 +127,12 @@ def test_read_regular_file_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     with pytest.raises(_files.NotRegularFileError) as info:
-        _files.read_regular_file(fifo)  # no writer: a plain open would block here forever
+        _files.read_regular_file(fifo, 100)  # no writer: a plain open would block here forever
     assert info.value.kind == "a FIFO (named pipe)"
     with pytest.raises(IsADirectoryError):
-        _files.read_regular_file(tmp_path)
+        _files.read_regular_file(tmp_path, 100)
     (tmp_path / "f").write_bytes(b"data")
-    assert _files.read_regular_file(tmp_path / "f") == b"data"
+    assert _files.read_regular_file(tmp_path / "f", 100) == b"data"
 
 
 def test_probe_writable_leaves_nothing_and_judges_a_missing_folder_by_its_parent(
@@ -151,3 +151,68 @@ def test_probe_writable_leaves_nothing_and_judges_a_missing_folder_by_its_parent
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(OSError, match="Read-only file system"):
         _files.probe_writable(tmp_path / "not" / "yet")
+
+
+def test_read_regular_file_refuses_beyond_its_limit_without_reading(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with big.open("wb") as fh:
+        fh.truncate(2 * 1024**3)  # sparse: reading it whole would take 2 GB of memory
+    with pytest.raises(_files.FileTooLargeError) as info:
+        _files.read_regular_file(big, 1024)
+    assert (info.value.size, info.value.limit) == (2 * 1024**3, 1024)
+    exact = tmp_path / "exact"
+    exact.write_bytes(b"x" * 1024)
+    assert _files.read_regular_file(exact, 1024) == b"x" * 1024
+
+
+def test_read_regular_file_without_following_names_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"secret")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(_files.NotRegularFileError) as info:
+        _files.read_regular_file(link, 100, follow_symlinks=False)
+    assert info.value.kind == "a symbolic link"
+    assert _files.read_regular_file(link, 100) == b"secret"
+
+
+def test_read_at_most_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    # The mistake: the record of onboarding's files was opened without O_NONBLOCK: a FIFO there hung reset.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(_files.NotRegularFileError):
+        _files.read_at_most(fifo, 100, follow_symlinks=False)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "folder", "huge"])
+def test_read_record_refuses_what_onboarding_never_writes(tmp_path: Path, kind: str) -> None:
+    record = tmp_path / "onboarding-progress.json"
+    target = tmp_path / "elsewhere"
+    target.write_text('{"version": 1}')
+    words = {
+        "fifo": "is a FIFO (named pipe), not the regular file onboarding writes",
+        "symlink": "is a symbolic link, not the regular file onboarding writes",
+        "folder": "is a folder, not the regular file onboarding writes",
+        "huge": f"is {2 * 1024**3} bytes, more than the 1 MiB such a record can be",
+    }
+    if kind == "fifo":
+        os.mkfifo(record)
+    elif kind == "symlink":
+        record.symlink_to(target)
+    elif kind == "folder":
+        record.mkdir()
+    else:
+        with record.open("wb") as fh:
+            fh.truncate(2 * 1024**3)
+    with pytest.raises(StorageError) as info:
+        _files.read_record(record, "the onboarding progress record")
+    assert info.value.exit_code == 5
+    assert info.value.key == "ro.iot_permanent_cert_dir"
+    assert info.value.message == (
+        f"{record} (the onboarding progress record) {words[kind]}, so something else put it there and "
+        f"onboarding does not read it; remove it (rm -r {record}), then run the same command again"
+    )
+
+
+def test_read_record_of_a_missing_file_is_none(tmp_path: Path) -> None:
+    assert _files.read_record(tmp_path / "onboarding-files.json", "the record") is None

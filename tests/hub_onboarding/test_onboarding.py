@@ -34,11 +34,12 @@ from hub_onboarding.errors import (
     StorageError,
 )
 from hub_onboarding.lock import onboarding_lock
+from hub_onboarding.manifest import Manifest
 from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
 from tests._support.certificates import make_pair, write_private
 from tests._support.fake_cloud import FakeCloud
-from tests._support.hubs import Hub, HubFactory
+from tests._support.hubs import Hub, HubFactory, snapshot, write_offline_hub
 
 
 class Crash(BaseException):
@@ -541,7 +542,10 @@ def test_mismatched_pair_is_caught_without_the_verification_connect(
         cloud.onboarding(hub.config).process_device()
     monkeypatch.setattr(cfgmod, "update_rw", real)
     key_path = hub.dir / "certs" / "private.pem.key"
-    write_private(key_path, make_pair("other").key_pem)  # whatever put it there, it is not our key
+    other = make_pair("other").key_pem
+    # A key this hub's onboarding wrote (so the folder check passes), but not the recorded pair's.
+    Manifest(hub.dir / "certs", hub.config).record({"private.pem.key": other})
+    write_private(key_path, other)
     with pytest.raises(CredentialError):
         cloud.onboarding(hub.config).process_device()
     assert rw(hub)["iot_provisioning_state"] == "NOT_PROVISIONED"
@@ -861,3 +865,85 @@ def test_a_folder_where_the_progress_record_goes_is_found_before_any_traffic(
     with pytest.raises(StorageError, match=r"onboarding-progress.json \(the progress record\) is a folder"):
         cloud.onboarding(hub.config).process_device()
     assert cloud.calls == []
+
+
+# ------------------------------------------------------------------------- another hub's credentials
+
+
+def _second_hub(tmp_path: Path, cert_dir: Path) -> Hub:
+    return write_offline_hub(tmp_path / "hubB", ro={"SN": "SN-0002", "iot_permanent_cert_dir": str(cert_dir)})
+
+
+def test_another_configs_credentials_folder_is_refused_before_any_traffic(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> None:
+    # The mistake: a second config aimed at a provisioned hub's folder overwrote its certificate and key.
+    a = make_hub()
+    cloud.onboarding(a.config).process_device()
+    certs = a.dir / "certs"
+    before = snapshot(certs)
+    calls = len(cloud.calls)
+    b = _second_hub(tmp_path, certs)
+    with pytest.raises(ConfigError) as info:
+        cloud.onboarding(b.config).process_device()
+    assert info.value.exit_code == 3
+    assert info.value.key == "ro.iot_permanent_cert_dir"
+    assert info.value.message == (
+        f"ro.iot_permanent_cert_dir {certs} holds another hub's credentials ({certs}/onboarding-files.json "
+        f"records them for the config {a.config}): onboarding would overwrite them; set "
+        "ro.iot_permanent_cert_dir to a folder of its own (nothing was written, no certificate was created)"
+    )
+    assert len(cloud.calls) == calls, "no traffic"
+    assert snapshot(certs) == before
+    assert rw(b)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+def test_reset_never_deletes_another_configs_files(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> None:
+    a = make_hub()
+    cloud.onboarding(a.config).process_device()
+    certs = a.dir / "certs"
+    before = snapshot(certs)
+    b = _second_hub(tmp_path, certs)
+    assert cloud.onboarding(b.config).reset() == []
+    assert snapshot(certs) == before
+    assert cloud.onboarding(a.config).reset()  # its own reset still deletes them
+    assert list(certs.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["certificate.pem.crt", "private.pem.key"])
+def test_a_credential_file_no_record_lists_is_never_overwritten(
+    make_hub: HubFactory, cloud: FakeCloud, name: str
+) -> None:
+    # e.g. a hub onboarded by other software, whose folder this config names: its pair is not ours.
+    hub = make_hub()
+    certs = hub.dir / "certs"
+    certs.mkdir(mode=0o700)
+    theirs = make_pair("another hub")
+    write_private(certs / name, theirs.key_pem if name.endswith(".key") else theirs.cert_pem)
+    with pytest.raises(ConfigError) as info:
+        cloud.onboarding(hub.config).process_device()
+    assert info.value.key == "ro.iot_permanent_cert_dir"
+    what = "private key" if name.endswith(".key") else "certificate"
+    assert info.value.message.startswith(
+        f"{certs / name} exists and this config's onboarding did not write it (it is not in "
+        f"{certs}/onboarding-files.json): it may be another hub's {what}, which onboarding does not "
+        "overwrite; set ro.iot_permanent_cert_dir to a folder of its own, or move the file away if nothing "
+        "uses it"
+    )
+    assert cloud.calls == []
+    assert sorted(p.name for p in certs.iterdir()) == [name]
+
+
+def test_a_record_without_an_owner_is_this_configs_own(make_hub: HubFactory, cloud: FakeCloud) -> None:
+    # Records written before owners were recorded: a hub cut short then resumes as before.
+    hub = make_hub()
+    cloud.fail["RegisterThing"] = [Crash()]
+    with pytest.raises(Crash):
+        cloud.onboarding(hub.config).process_device()
+    record = hub.dir / "certs" / "onboarding-files.json"
+    doc = json.loads(record.read_text())
+    assert doc.pop("config") == str(hub.config)
+    record.write_text(json.dumps(doc))
+    assert cloud.onboarding(hub.config).process_device().state == "PROVISIONED"

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hub_onboarding.errors import StorageError
 from hub_onboarding.progress import (
     TOKEN_USABLE_FOR,
     Action,
@@ -82,11 +83,14 @@ def test_round_trip_and_mode(tmp_path: Path) -> None:
         json.dumps({**issued().to_json(), "binding": {"a": 1}}),
         json.dumps({**issued().to_json(), "token_issued_at": "yesterday"}),
         json.dumps({**issued().to_json(), "ownership_token": 5}),
+        "\udcff",  # not UTF-8 once written with surrogateescape
+        "[" * 100_000,  # nested too deep to parse
+        '{"version": ' + "9" * 5000 + "}",  # an integer too long to convert
     ],
 )
 def test_invalid_records_are_ignored(tmp_path: Path, content: str) -> None:
     store = ProgressStore(tmp_path)
-    store.path.write_text(content)
+    store.path.write_text(content, errors="surrogateescape")
     assert store.load() is None
 
 
@@ -104,3 +108,22 @@ def test_clear_without_a_record_on_a_read_only_folder(
 
     monkeypatch.setattr(Path, "unlink", unlink)
     ProgressStore(tmp_path).clear()  # nothing there: nothing to do, no error
+
+
+def test_a_fifo_record_is_refused_at_once(tmp_path: Path) -> None:
+    # The mistake: a FIFO planted at onboarding-progress.json hung provision, status and reset forever.
+    store = ProgressStore(tmp_path)
+    os.mkfifo(store.path, 0o600)
+    with pytest.raises(StorageError, match=r"is a FIFO \(named pipe\), not the regular file onboarding"):
+        store.load()
+
+
+def test_a_symlinked_record_is_never_read_through(tmp_path: Path) -> None:
+    # The mistake: the record was read through a symlink planted in its place (it read the target).
+    store = ProgressStore(tmp_path / "certs")
+    target = tmp_path / "victim.json"
+    target.write_text(json.dumps(issued().to_json()))
+    store.path.parent.mkdir(mode=0o700)
+    store.path.symlink_to(target)
+    with pytest.raises(StorageError, match="is a symbolic link, not the regular file onboarding writes"):
+        store.load()
