@@ -123,6 +123,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires);
 CREATE INDEX IF NOT EXISTS tokens_by_certificate ON tokens (certificate_id);
+CREATE TABLE IF NOT EXISTS token_answers (
+    hash TEXT PRIMARY KEY, request TEXT NOT NULL, answer TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS provisioning_claims (
     certificate_id TEXT PRIMARY KEY, template TEXT NOT NULL, expires REAL NOT NULL);
 """
@@ -978,6 +980,7 @@ class Registry:
         now = self.clock()
         with self.transaction():
             self._db.execute("DELETE FROM tokens WHERE expires < ?", (now - _TOKEN_HASH_KEEP,))
+            self._db.execute("DELETE FROM token_answers WHERE hash NOT IN (SELECT hash FROM tokens)")
             self._db.execute(
                 "INSERT INTO tokens (hash, certificate_id, claim_certificate_id, expires)"
                 " VALUES (?, ?, ?, ?)",
@@ -1001,6 +1004,34 @@ class Registry:
             (at, CertificateStatus.PENDING_ACTIVATION, at),
         )
         return [row[0] for row in rows]
+
+    def record_token_answer(self, token: str, request: str, answer: dict[str, Any]) -> None:
+        """Keep what the request that spent `token` was answered (`request`: a digest of what it asked),
+        so that the same request again is answered the same (`token_answer`). Inside the transaction that
+        spends the token: both happen or neither."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO token_answers (hash, request, answer) VALUES (?, ?, ?)",
+                (_hash_token(token), request, json.dumps(answer)),
+            )
+
+    def token_answer(self, token: str, request: str) -> dict[str, Any] | None:
+        """The answer kept for a spent, unexpired `token` whose request was `request`, else None.
+
+        RegisterThing is idempotent per token: a hub whose answer was lost (a power cut, a dropped
+        connection, a full disk before it recorded it) asks again with the same token and parameters and
+        learns the identity the first request made, instead of being refused a spent token for good.
+        """
+        row = self._one(
+            "SELECT a.request, a.answer, t.expires FROM token_answers a JOIN tokens t ON t.hash = a.hash"
+            " JOIN certificates c ON c.id = t.certificate_id"  # a deleted certificate's identity is gone
+            " WHERE a.hash = ? AND t.used = 1",
+            (_hash_token(token),),
+        )
+        if row is None or row[0] != request or row[2] < self.clock():
+            return None
+        answer: dict[str, Any] = json.loads(row[1])
+        return answer
 
     def consume_token(self, token: str) -> TokenGrant:
         """Spend a token once. Inside a transaction that rolls back, the token stays unspent."""

@@ -94,6 +94,16 @@ KILL_POINTS = [
         (S.RESUMED_AFTER_CERTIFICATE_ISSUED, S.THING_REGISTERED),
         (S.CERTIFICATE_ISSUED,),
     ),
+    # The service registered the thing, and the hub dies writing that down (the record of RegisterThing's
+    # answer, its second progress write, complete but not renamed): the token is spent, and the next run's
+    # identical RegisterThing is answered as the first was, so the certificate stays the one.
+    KillPoint(
+        "RegisterThing answered, answer not yet recorded",
+        _mid_write(".onboarding-progress.json.", 2),
+        1,
+        (S.RESUMED_AFTER_CERTIFICATE_ISSUED, S.THING_REGISTERED),
+        (S.CERTIFICATE_ISSUED,),
+    ),
     KillPoint("RegisterThing accepted", freeze_at_step(S.THING_REGISTERED), 1, AFTER_REGISTER, NO_CLAIM),
     KillPoint(
         "during the verification connect",

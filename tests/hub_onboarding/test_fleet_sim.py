@@ -213,3 +213,17 @@ def test_retries_are_counted_from_step_events() -> None:
     ):
         counter(StepEvent(step, "..."))
     assert counter.count == 2
+
+
+def test_a_relative_work_dir_is_the_one_named_from_where_fleet_sim_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--work-dir relwd`: every hub onboards (its claim paths were once doubled: relwd/hubs/.../relwd/...)."""
+    monkeypatch.chdir(tmp_path)
+    code = fleet_sim.main(
+        ["--hubs", "2", "--concurrency", "2", "--json", "--work-dir", "relwd", "--plain-iot"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert (code, summary["onboarded"], summary["failed"]) == (0, 2, 0)
+    configs = sorted((tmp_path / "relwd" / "hubs").glob("hub-*/iotmi_config.json"))
+    assert len(configs) == 2

@@ -307,10 +307,19 @@ def test_rejections(core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]) -
             "certificateOwnershipToken": issued["certificateOwnershipToken"],
             "parameters": {"SerialNumber": "R1"},
         }
-        assert request(client, topic, json.dumps(body).encode())[0] == "accepted"
+        first = request(client, topic, json.dumps(body).encode())
+        assert first[0] == "accepted"
+        # The same request again (a hub that lost the answer): the same answer, nothing done twice.
+        assert request(client, topic, json.dumps(body).encode()) == first
+        # Anything else with the spent token is refused.
+        other = {**body, "parameters": {"SerialNumber": "R2"}}
         _rejected(
-            request(client, topic, json.dumps(body).encode()), 400, "InvalidCertificateOwnershipToken", "used"
+            request(client, topic, json.dumps(other).encode()),
+            400,
+            "InvalidCertificateOwnershipToken",
+            "used",
         )
+        assert core.registry.find_thing("R2") is None
     finally:
         client.close()
 
@@ -592,7 +601,8 @@ def test_logs_name_connections_and_requests_but_no_secrets(
             }
             registered = request(client, register_topic(setup.template_name), json.dumps(body).encode())
             assert registered[0] == "accepted"
-            used = request(client, register_topic(setup.template_name), json.dumps(body).encode())
+            reused = {**body, "parameters": {"SerialNumber": "L2"}}  # the spent token, another request
+            used = request(client, register_topic(setup.template_name), json.dumps(reused).encode())
             assert used[0] == "rejected"
         finally:
             client.close()

@@ -596,7 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with contextlib.ExitStack() as stack:
         if args.work_dir is not None:
-            work = args.work_dir
+            # Absolute: each hub's config names its claim files, and a hub reads relative paths from its
+            # config's own folder, where a relative DIR would be doubled.
+            work = args.work_dir.resolve()
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-sim-")))

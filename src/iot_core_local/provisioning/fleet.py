@@ -9,6 +9,7 @@ logs a private key or an ownership token; `Answer.summary` is what may be logged
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class _PeekOnly(Exception):
 
 def _roll_back() -> NoReturn:
     raise _PeekOnly
+
+
+def _request_digest(claim_certificate_id: str | None, template: str, parameters: dict[str, str]) -> str:
+    """What makes two RegisterThing requests the same one, for the answer kept with its token."""
+    canonical = json.dumps([claim_certificate_id, template, parameters], sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _token_error(message: str) -> Rejected:
@@ -261,6 +268,15 @@ class FleetProvisioning:
         if not isinstance(token, str):
             raise _token_error("Certificate ownership token must be a string")
         parameters = _string_map(body.get("parameters"), "parameters")
+        # The same request again (same claim, template and parameters, token already spent by it): the
+        # first answer, not a refusal. The hub that lost that answer can learn its identity no other way.
+        request_digest = _request_digest(claim_certificate_id, name, parameters)
+        replayed = self.registry.token_answer(token, request_digest)
+        if replayed is not None:
+            return (
+                replayed,
+                f"thing {replayed.get('thingName')} (the answer to an earlier, identical request)",
+            )
         if stored is None:
             raise Rejected(404, "ResourceNotFound", f"The provisioning template {name} does not exist")
         if not stored.enabled:
@@ -308,17 +324,18 @@ class FleetProvisioning:
                 "InvalidParameters",
                 "The template's certificate must be the one the ownership token was issued for",
             )
+        result_body: dict[str, Any] = {"deviceConfiguration": plan.device_configuration}
+        thing = plan.thing.name if plan.thing is not None else None
+        if thing is not None:
+            result_body["thingName"] = thing
         with self.registry.transaction():
             self.registry.consume_token(token)
             apply_plan(self.registry, plan, certificate)
             if match is not None and self.matcher is not None:
                 self.matcher.commit(match, cid)
+            self.registry.record_token_answer(token, request_digest, result_body)
         if match is not None and self.matcher is not None:
             self.matcher.committed(match)
-        result_body: dict[str, Any] = {"deviceConfiguration": plan.device_configuration}
-        thing = plan.thing.name if plan.thing is not None else None
-        if thing is not None:
-            result_body["thingName"] = thing
         return result_body, f"certificate {cid}, thing {thing}"
 
 
