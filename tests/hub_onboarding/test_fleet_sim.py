@@ -218,7 +218,7 @@ def test_retries_are_counted_from_step_events() -> None:
 def test_a_relative_work_dir_is_the_one_named_from_where_fleet_sim_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--work-dir relwd`: every hub onboards (its claim paths were once doubled: relwd/hubs/.../relwd/...)."""
+    """`--work-dir relwd`: every hub onboards (its claim paths were doubled: relwd/hubs/.../relwd/...)."""
     monkeypatch.chdir(tmp_path)
     code = fleet_sim.main(
         ["--hubs", "2", "--concurrency", "2", "--json", "--work-dir", "relwd", "--plain-iot"]
