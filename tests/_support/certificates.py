@@ -132,3 +132,13 @@ def make_rsa_pair(cn: str, bits: int) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def thing_certificates(iot: Any, thing: str) -> dict[str, str]:
+    """Certificate id -> status of every certificate attached to `thing` (through a boto3 IoT client)."""
+    return {
+        arn.rsplit("/", 1)[1]: iot.describe_certificate(certificateId=arn.rsplit("/", 1)[1])[
+            "certificateDescription"
+        ]["status"]
+        for arn in iot.list_thing_principals(thingName=thing)["principals"]
+    }

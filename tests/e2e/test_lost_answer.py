@@ -22,7 +22,7 @@ from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_integrations
 from iot_core_local.recipes.takeover import TakeoverGuard
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import pem_certificate_id
+from tests._support.certificates import pem_certificate_id, thing_certificates
 from tests._support.hubs import cloud_claim_hub, read_config
 from tests._support.processes import HubProcess, run_hub
 
@@ -38,15 +38,6 @@ def _die_recording_the_answer(config: Path, shim_dir: Path) -> None:
     hub.wait_frozen()
     assert hub.kill().returncode == -signal.SIGKILL
     assert read_config(config)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
-
-
-def _thing_certificates(iot: Any, thing: str) -> dict[str, str]:
-    return {
-        arn.rsplit("/", 1)[1]: iot.describe_certificate(certificateId=arn.rsplit("/", 1)[1])[
-            "certificateDescription"
-        ]["status"]
-        for arn in iot.list_thing_principals(thingName=thing)["principals"]
-    }
 
 
 def test_managed_integrations_hub_finishes_with_its_one_certificate(
@@ -76,7 +67,7 @@ def test_managed_integrations_hub_finishes_with_its_one_certificate(
     assert rw["iot_provisioning_state"] == "PROVISIONED"
     assert rw["managed_thing_id"] == thing["Id"] == rw["client_id"]
     mine = pem_certificate_id(Path(rw["iot_permanent_cert_path"]).read_bytes())
-    assert _thing_certificates(iot, thing["Id"]) == {mine: "ACTIVE"}
+    assert thing_certificates(iot, thing["Id"]) == {mine: "ACTIVE"}
 
 
 def test_guarded_plain_hub_finishes_with_its_one_certificate(
@@ -86,11 +77,11 @@ def test_guarded_plain_hub_finishes_with_its_one_certificate(
         claim = set_up_fleet_provisioning(iot, "LostAnswerGuarded", hook_url=guard.url)
         config = cloud_claim_hub(cloud, claim, tmp_path / "hub", "SN-LOST-2")
         _die_recording_the_answer(config, shim_dir)
-        assert list(_thing_certificates(iot, "hub-SN-LOST-2").values()) == ["ACTIVE"]
+        assert list(thing_certificates(iot, "hub-SN-LOST-2").values()) == ["ACTIVE"]
 
         again = run_hub(config, json_steps=True)
     assert again.returncode == 0, again.stderr
     assert S.TOKEN_REFUSED not in again.steps
     rw = read_config(config)["rw"]
     mine = pem_certificate_id(Path(rw["iot_permanent_cert_path"]).read_bytes())
-    assert _thing_certificates(iot, "hub-SN-LOST-2") == {mine: "ACTIVE"}
+    assert thing_certificates(iot, "hub-SN-LOST-2") == {mine: "ACTIVE"}

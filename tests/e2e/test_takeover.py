@@ -18,7 +18,7 @@ from hub_onboarding import HubOnboarding, IdentityError
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.recipes.takeover import TakeoverGuard
 from iot_core_local.server import LocalIotCore
-from tests._support.certificates import pem_certificate_id
+from tests._support.certificates import pem_certificate_id, thing_certificates
 from tests._support.hubs import cloud_claim_hub, read_config
 from tests._support.network import connects
 
@@ -31,15 +31,6 @@ def guarded(iot: Any) -> Iterator[ClaimSetup]:
     # the recipe's rerun points the template at it.
     with TakeoverGuard(iot) as guard:
         yield set_up_fleet_provisioning(iot, "GuardedTemplate", hook_url=guard.url)
-
-
-def _certificates(iot: Any, thing: str) -> dict[str, str]:
-    return {
-        arn.rsplit("/", 1)[1]: iot.describe_certificate(certificateId=arn.rsplit("/", 1)[1])[
-            "certificateDescription"
-        ]["status"]
-        for arn in iot.list_thing_principals(thingName=thing)["principals"]
-    }
 
 
 def test_a_hub_sending_an_onboarded_serial_is_refused_and_changes_nothing(
@@ -55,7 +46,7 @@ def test_a_hub_sending_an_onboarded_serial_is_refused_and_changes_nothing(
 
     assert refused.value.status_code == 403
     assert read_config(intruder)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
-    assert _certificates(iot, "hub-SN-VICTIM") == {owner_cert: "ACTIVE"}
+    assert thing_certificates(iot, "hub-SN-VICTIM") == {owner_cert: "ACTIVE"}
     assert iot.describe_thing(thingName="hub-SN-VICTIM")["attributes"] == {"upc": "111111111111"}
     # The owner still connects as itself.
     rw = read_config(owner)["rw"]
@@ -84,4 +75,4 @@ def test_a_hub_whose_certificate_was_deactivated_onboards_again(
     again = cloud_claim_hub(cloud, guarded, tmp_path / "again", "SN-REBORN", upc="111111111111")
     assert HubOnboarding(again).process_device().state == "PROVISIONED"
     new = pem_certificate_id(Path(read_config(again)["rw"]["iot_permanent_cert_path"]).read_bytes())
-    assert _certificates(iot, "hub-SN-REBORN") == {old: "INACTIVE", new: "ACTIVE"}
+    assert thing_certificates(iot, "hub-SN-REBORN") == {old: "INACTIVE", new: "ACTIVE"}
