@@ -6,10 +6,13 @@ a symlink, no wider than 0600). The PIN is read when the token is opened and han
 to awscrt only: it never appears in the config, a log line, an error or `--json` output.
 
 Keys (and, if wanted, certificates) are named by RFC 7512 URIs in the usual path keys, e.g.
-`"iot_claim_pk_path": "pkcs11:token=hub;object=claim-key;type=private"`. Only `token`, `object` and
-`type` are read; `pin-value`/`pin-source` are refused (the PIN comes from `pkcs11_pin_path`). A
-certificate may also stay a PEM file. `SECURE_STORAGE` names the handler's default objects
-(DEFAULT_OBJECTS): claim `claim-cert`/`claim-key`, DHA `dha-cert`/`dha-key`, in the configured token.
+`"iot_claim_pk_path": "pkcs11:token=hub;object=claim-key;type=private"`. Only `token`, `object`, `type`
+(private for a key, cert for a certificate) and `id` (the object's CKA_ID) are accepted, each once;
+attribute names are compared percent-decoded and case-insensitively (RFC 7512), so `PIN-VALUE` or
+`pin%2Dvalue` is `pin-value`, refused like `pin-source` (the PIN comes from `pkcs11_pin_path`), and no
+message repeats the URI. A certificate may also stay a PEM file. `SECURE_STORAGE` names the handler's
+default objects (DEFAULT_OBJECTS): claim `claim-cert`/`claim-key`, DHA `dha-cert`/`dha-key`, in the configured
+token.
 
 The permanent key is made or stored in the token under `permanent_key_label(SN)`
 ("hub-onboarding-<SN>"): by CreateCertificateFromCsr it is generated there (CKA_SENSITIVE true,
@@ -32,6 +35,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import stat
 import threading
 import urllib.parse
@@ -60,7 +64,10 @@ _MODULE_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_MODULE_PATH)
 _TOKEN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_TOKEN_LABEL)
 _PIN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_PIN_PATH)
 _URI_TYPES = ("private", "cert", "public")
-_REFUSED_URI_ATTRS = ("pin-value", "pin-source")
+_URI_ATTRS = ("token", "object", "type", "id")  # RFC 7512 path attributes onboarding reads
+_PIN_URI_ATTRS = ("pin-value", "pin-source")
+_MODULE_URI_ATTRS = ("module-name", "module-path")
+_SHOWN_WORD = re.compile(r"[a-z][a-z-]{0,31}")
 
 
 def permanent_key_label(serial_number: str) -> str:
@@ -73,38 +80,77 @@ def permanent_key_label(serial_number: str) -> str:
 
 @dataclass(frozen=True)
 class TokenUri:
-    """What an RFC 7512 URI names: an object (by label) of a type, in a token (None: the configured one)."""
+    """What an RFC 7512 URI names: an object (by label) of a type, in a token (None: the configured one),
+    and, when the URI gives one, the object's CKA_ID (`id`), which the object found must then carry."""
 
     label: str
     type: str | None = None
     token: str | None = None
+    id: bytes | None = None
 
     @classmethod
-    def parse(cls, text: str) -> TokenUri:
-        """Parse `pkcs11:token=...;object=...;type=...`; CredentialError naming what is wrong."""
-        if not text.startswith(cfgmod.PKCS11_URI_SCHEME):
-            raise CredentialError(f"{text!r} is not a pkcs11: URI")
+    def parse(cls, text: str, *, part: str | None = None) -> TokenUri:
+        """Parse `pkcs11:token=...;object=...;type=...;id=...`; CredentialError (of `part`) naming what is
+        wrong. A message never repeats the URI or an attribute's value: the URI may carry a PIN."""
+
+        def refuse(message: str) -> CredentialError:
+            return CredentialError(f"pkcs11 URI: {message}", part=part)
+
+        if text[: len(cfgmod.PKCS11_URI_SCHEME)].lower() != cfgmod.PKCS11_URI_SCHEME:
+            raise refuse("not a pkcs11: URI")
         path, _, query = text[len(cfgmod.PKCS11_URI_SCHEME) :].partition("?")
-        attrs: dict[str, str] = {}
-        for part in [*path.split(";"), *query.split("&")]:
-            if not part:
-                continue
-            name, sep, value = part.partition("=")
-            if not sep:
-                raise CredentialError(f"pkcs11 URI: {name!r} has no value; write name=value")
-            if name in _REFUSED_URI_ATTRS:
-                # The PIN would end up in the shared config file and in every message naming the URI.
-                raise CredentialError(
-                    f"pkcs11 URI: {name} is not accepted; put the user PIN in the file named by {_PIN_KEY}"
+        parts = [(p, False) for p in path.split(";") if p] + [(q, True) for q in query.split("&") if q]
+        named = [(_attr_name(p), p, in_query) for p, in_query in parts]
+        # The PIN first, whatever else is wrong: it must stop everything before any other message.
+        for name, _, _ in named:
+            if name in _PIN_URI_ATTRS or name.startswith("pin"):
+                raise refuse(
+                    f"{_shown(name) or 'a PIN attribute'} is not accepted; put the user PIN in the file "
+                    f"named by {_PIN_KEY}"
                 )
-            attrs[name] = urllib.parse.unquote(value)
-        label = attrs.get("object")
+        attrs: dict[str, str] = {}
+        for position, (name, raw, in_query) in enumerate(named, 1):
+            shown = _shown(name) or f"attribute {position}"
+            sep = "=" in raw
+            if name in _MODULE_URI_ATTRS:
+                raise refuse(f"{shown} is not accepted; the library is set by {_MODULE_KEY}")
+            if name not in _URI_ATTRS:
+                raise refuse(
+                    f"{shown} is not an attribute onboarding reads; use only {', '.join(_URI_ATTRS)}"
+                )
+            if in_query:
+                raise refuse(f"{shown} belongs in the path, before any '?'")
+            if not sep:
+                raise refuse(f"{shown} has no value; write {shown}=VALUE")
+            if name in attrs:
+                raise refuse(f"{shown} is given twice; RFC 7512 allows each attribute once")
+            attrs[name] = raw.partition("=")[2]
+        label = urllib.parse.unquote(attrs.get("object", ""))
         if not label:
-            raise CredentialError("pkcs11 URI: no object=LABEL; name the key or certificate object")
+            raise refuse("no object=LABEL; name the key or certificate object")
         kind = attrs.get("type")
-        if kind is not None and kind not in _URI_TYPES:
-            raise CredentialError(f"pkcs11 URI: type={kind} is not one of {', '.join(_URI_TYPES)}")
-        return cls(label=label, type=kind, token=attrs.get("token"))
+        if kind is not None:
+            kind = urllib.parse.unquote(kind)
+            if kind not in _URI_TYPES:
+                raise refuse(f"type={_shown(kind) or '...'} is not one of {', '.join(_URI_TYPES)}")
+        token = attrs.get("token")
+        object_id = attrs.get("id")
+        return cls(
+            label=label,
+            type=kind,
+            token=None if token is None else urllib.parse.unquote(token),
+            id=None if object_id is None else urllib.parse.unquote_to_bytes(object_id),
+        )
+
+
+def _attr_name(part: str) -> str:
+    """An attribute's name as RFC 7512 compares it: percent-decoded, case-insensitive (RFC 5234)."""
+    return urllib.parse.unquote(part.partition("=")[0]).strip().lower()
+
+
+def _shown(word: str) -> str:
+    """`word` when it is safe and short enough to repeat in a message, else "" (it may be a typed PIN)."""
+    return word if _SHOWN_WORD.fullmatch(word) and not any(ch.isdigit() for ch in word) else ""
 
 
 def factory_labels(ro: Mapping[str, Any]) -> set[str]:
@@ -559,14 +605,41 @@ class Pkcs11CredentialStore:
             if not cert_label:
                 raise CredentialError(f"{SECURE_STORAGE} has no default {cert_type} object in the token")
             return TokenUri(key_label if is_key else cert_label, "private" if is_key else "cert")
-        uri = TokenUri.parse(ref)
+        part = "private key" if is_key else "certificate"
+        uri = TokenUri.parse(ref, part=part)
+        # The URI is never repeated in a message (it may carry a PIN); its parsed fields are.
         if uri.token is not None and uri.token != token.token_label:
             raise CredentialError(
-                f"{ref} names token {uri.token!r} but {_TOKEN_KEY} is {token.token_label!r}; "
+                f"pkcs11 URI: token={uri.token!r} but {_TOKEN_KEY} is {token.token_label!r}; "
                 "keys are read from the configured token",
-                part="private key" if is_key else "certificate",
+                part=part,
+            )
+        wanted = "private" if is_key else "cert"
+        if uri.type is not None and uri.type != wanted:
+            raise CredentialError(
+                f"pkcs11 URI: type={uri.type} but this setting names a {part}; write type={wanted} "
+                "or leave type= out",
+                part=part,
             )
         return uri
+
+    @staticmethod
+    def _check_id(found: Any, uri: TokenUri, part: str) -> None:
+        """A URI's id= must be the CKA_ID of the object its object= label found (never silently ignored)."""
+        import pkcs11
+
+        if uri.id is None:
+            return
+        try:
+            actual = bytes(found[pkcs11.Attribute.ID])
+        except pkcs11.AttributeTypeInvalid:
+            actual = b""
+        if actual != uri.id:
+            raise CredentialError(
+                f"pkcs11 URI: the {part} object {uri.label!r} has another id than the URI's id=; "
+                "fix id= or leave it out",
+                part=part,
+            )
 
     def read_credentials(self, cert_type: CertType, cert_ref: str, key_ref: str) -> Credentials:
         """The certificate (token object or PEM file) and the token's key that belongs to it."""
@@ -575,12 +648,13 @@ class Pkcs11CredentialStore:
         token = self._config()
         label = f"{cert_type} private key"
         if key_ref != SECURE_STORAGE and not cfgmod.is_pkcs11_uri(key_ref):
-            raise CredentialError(f"{label}: {key_ref} is not a pkcs11: URI", part="private key")
+            raise CredentialError(f"{label}: the setting is not a pkcs11: URI", part="private key")
         with open_token(token) as session:  # the token's own problems first: module, PIN, presence
             key_uri = self._uri(key_ref, cert_type, is_key=True)
             cert_pem = self._certificate(session, cert_type, cert_ref)
             cert = load_certificate(cert_pem, f"{cert_type} certificate")
             key = _private_key(session, token, key_uri.label, "private key")
+            self._check_id(key, key_uri, "private key")
             kind = _signature_kind(key, key_uri.label)
             check_endpoint_key(cert, label)
             prove_possession(key, kind, cert, str(cert_type))
@@ -607,6 +681,7 @@ class Pkcs11CredentialStore:
                 "one certificate under that label or fix the URI's object=",
                 part="certificate",
             )
+        self._check_id(found[0], uri, "certificate")
         der = bytes(found[0][pkcs11.Attribute.VALUE])
         try:
             return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
