@@ -9,8 +9,9 @@ last: a file another process put there, or one the config names, does not match 
 
 The record also names its owner, the real path of the config whose onboarding wrote it (`config`). A
 second config whose credentials folder is this one is refused before it writes anything, and its reset
-deletes nothing here: the folder holds another hub's identity. (A record written before owners were
-recorded has none; it is taken as this config's own.)
+deletes nothing here, while that owner still exists and still uses this folder: the folder holds another
+hub's identity. A folder moved or copied with its hub (the owner gone, or using its own folder) is the new
+config's. (A record written before owners were recorded has none; it is taken as this config's own.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub_onboarding import _files
-from hub_onboarding.errors import StorageError
+from hub_onboarding import config as cfgmod
+from hub_onboarding.errors import OnboardingError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,15 @@ class Manifest:
         )
 
     def other_owner(self, record: FilesRecord) -> str | None:
-        """The config that owns `record` when it is not this one (None: ours, or no owner recorded)."""
+        """The config that owns `record` when it is another live hub's: it still exists and its
+        credentials folder is this very folder (None: ours, no owner recorded, or an owner that no longer
+        uses this folder)."""
         if record.config is None or self.owner is None or record.config == self.owner:
+            return None
+        # A hub folder moved, restored from a backup or copied keeps its record naming the old path: that
+        # config is gone, or uses its own folder (a copy's folder is not the original's), so nothing here
+        # is another hub's identity and this config may reset and onboard it.
+        if not _uses_folder(record.config, self.directory):
             return None
         return record.config
 
@@ -129,3 +138,14 @@ class Manifest:
                 f"cannot read {path} to tell whether onboarding wrote it: {exc.strerror or exc}"
             ) from None
         return digest(data) in recorded.get(name, [])
+
+
+def _uses_folder(config_path: str, directory: Path) -> bool:
+    """Whether the config at `config_path` exists and its credentials folder is `directory` itself."""
+    try:
+        doc = json.loads(_files.read_regular_file(config_path, cfgmod.MAX_CONFIG_BYTES))
+        ro = doc.get("ro") if isinstance(doc, dict) else None
+        folder = cfgmod.permanent_cert_dir(config_path, ro if isinstance(ro, dict) else {})
+        return os.path.samefile(folder, directory)
+    except (OSError, ValueError, RecursionError, OnboardingError):
+        return False  # gone, unreadable or not JSON: no live hub that could be using this folder

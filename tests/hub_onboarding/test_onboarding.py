@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -896,6 +897,33 @@ def test_another_configs_credentials_folder_is_refused_before_any_traffic(
     assert len(cloud.calls) == calls, "no traffic"
     assert snapshot(certs) == before
     assert rw(b)["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_moved_or_copied_hub_folder_is_its_new_configs_own(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path, how: str
+) -> None:
+    """A hub folder moved (restored from a backup, mounted elsewhere) or copied keeps its record naming the
+    old config: that config is gone, or uses its own folder, so the new one may reset and onboard again."""
+    a = make_hub()
+    cloud.onboarding(a.config).process_device()
+    original = snapshot(a.dir)
+    there = tmp_path / "there"
+    if how == "moved":
+        a.dir.rename(there)
+    else:
+        shutil.copytree(a.dir, there, symlinks=True)
+    config = there / "iotmi_config.json"
+    doc = json.loads(config.read_text())
+    for key, value in doc["ro"].items():  # the factory's files, named from the config's own folder
+        if isinstance(value, str) and value.startswith(str(a.dir)):
+            doc["ro"][key] = os.path.relpath(value, a.dir)
+    config.write_text(json.dumps(doc))
+    deleted = cloud.onboarding(config).reset()
+    assert {Path(p).name for p in deleted} >= {"certificate.pem.crt", "private.pem.key"}
+    assert cloud.onboarding(config).process_device().thing_name
+    if how == "copied":
+        assert snapshot(a.dir) == original, "the original hub is untouched"
 
 
 def test_reset_never_deletes_another_configs_files(
