@@ -965,7 +965,17 @@ class _FleetRun:
             self.store.clear()
             return None
         progress = saved.registered(registered.thing_name, registered.device_configuration)
-        self.store.save(progress)
+        try:
+            self.store.save(progress)
+        except StorageError as exc:
+            # The cloud has registered the thing: "nothing half-written" would hide that. The record
+            # still holds the token, and the same RegisterThing again is answered the same.
+            exc.amend(
+                f"{exc.message.removesuffix('; nothing was left half-written')}; the cloud registered thing "
+                f"{registered.thing_name} with this hub's certificate, which is kept: run provision again "
+                "once there is room, and it finishes with the same certificate"
+            )
+            raise
         self.report(OnboardingStep.THING_REGISTERED, f"thing registered: {registered.thing_name}")
         return progress
 

@@ -630,6 +630,45 @@ def test_full_disk_writing_the_config_then_space_comes_back(
     TRIED.append("full disk writing the config")
 
 
+def test_full_disk_recording_register_things_answer_then_space_comes_back(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The disk fills just as the hub records RegisterThing's answer (its second progress write): the
+    message says the cloud registered the hub, and once there is room the next run finishes with the
+    same certificate (the same RegisterThing is answered again)."""
+    config = make_cloud_hub(serial="SN-FULL-REGISTER")
+    hub = BadHub(config, monkeypatch)
+    original = read_config(config)
+    certificates = certificate_ids(iot)
+    real = os.fsync
+    seen = []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if _inside(name, hub.dir) and Path(name).name.startswith(".onboarding-progress.json."):
+            seen.append(name)
+            if len(seen) == 2:  # the first is the record of the issued certificate and its token
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code = main(["provision", "--config", str(config)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert "No space left on device; the cloud registered thing hub-SN-FULL-REGISTER with this hub's" in err
+    assert "run provision again once there is room, and it finishes with the same certificate" in err
+    assert "nothing was left half-written" not in err
+    assert main(["provision", "--config", str(config)]) == 0
+    cert_id = assert_recovered(cloud, iot, config, original)
+    assert certificate_ids(iot) - certificates == {cert_id}
+    TRIED.append("full disk recording RegisterThing's answer")
+
+
 # ------------------------------------------------------------------ real filesystems, real processes
 
 
