@@ -82,7 +82,7 @@ def test_names_and_values_are_percent_decoded() -> None:
 # ------------------------------------------------------------------------ against a SoftHSM2 token
 
 
-def _claim_in_token(softhsm: SoftHsmToken, make_hub: HubFactory, key_ref: str, **ro: str) -> Path:
+def _claim_in_token(softhsm: SoftHsmToken, make_hub: HubFactory, key_ref: str, **ro: object) -> Path:
     """A hub whose claim key is `claim-key` in the token and whose iot_claim_pk_path is `key_ref`."""
     hub = make_hub(
         ro={
@@ -90,6 +90,9 @@ def _claim_in_token(softhsm: SoftHsmToken, make_hub: HubFactory, key_ref: str, *
             "pkcs11_token_label": softhsm.label,
             "pkcs11_pin_path": str(softhsm.pin_path),
             "iot_claim_pk_path": key_ref,
+            # A URI wrongly accepted fails fast (exit 11) instead of retrying an unreachable endpoint.
+            "endpoint_url": "127.0.0.1:1",
+            "mqtt_retry_timeout_seconds": 1,
             **ro,
         }
     )
