@@ -20,12 +20,11 @@ import ipaddress
 import json
 import logging
 import re
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from .signals import TerminationSignals
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -323,20 +322,16 @@ def _set_up(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    with TerminationSignals() as signals:  # from before the start: a SIGTERM meanwhile stops it at once
+        return _serve_until(args, signals)
+
+
+def _serve_until(args: argparse.Namespace, signals: TerminationSignals) -> int:
+    from .broker import BrokerLimits
     from .errors import PortUnavailable, ServerError
+    from .gateway.limits import GatewayLimits
     from .quotas import Quotas
     from .server import LocalIotCore
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    from .broker import BrokerLimits
-    from .gateway.limits import GatewayLimits
 
     core = LocalIotCore(
         args.data_dir,
@@ -377,9 +372,7 @@ def _serve(args: argparse.Namespace) -> int:
             endpoint.credentials_path,
             "required" if core.signatures_required else "not checked (loopback)",
         )
-        # Woken twice a second: a signal handler runs only when the main thread gets back to Python code.
-        while not stop.wait(0.5):
-            pass
+        signals.wait()
     finally:
         core.stop()
     return EXIT_OK

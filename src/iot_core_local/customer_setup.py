@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from cryptography import x509
@@ -39,6 +36,7 @@ from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
 from .recipes.managed_integrations import Hub, set_up_managed_integrations
 from .recipes.takeover import TakeoverGuard
 from .server import Endpoint
+from .signals import TerminationSignals
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +237,5 @@ def set_up_jitr(
 
 
 def _until_signal(_running: object) -> None:
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    # Woken twice a second: a signal handler runs only when the main thread gets back to Python code.
-    while not stop.wait(0.5):
-        pass
+    with TerminationSignals() as signals:
+        signals.wait()
