@@ -109,6 +109,30 @@ def test_random_bytes_instead_of_connect(
     seen = client.expect_closed(within=5)
     client.close()
     assert not any(isinstance(p, mqtt5.ConnAckPacket) and int(p.reason_code) == 0 for p in seen)
+    _no_disconnect_before_connack(seen)
+
+
+def _no_disconnect_before_connack(seen: list[mqtt5.Packet]) -> None:
+    """MQTT 5 [MQTT-3.14.0-1]: the server sends no DISCONNECT until it has sent a CONNACK."""
+    connack = next((i for i, p in enumerate(seen) if isinstance(p, mqtt5.ConnAckPacket)), len(seen))
+    assert not [p for p in seen[:connack] if isinstance(p, mqtt5.DisconnectPacket)], seen
+
+
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [
+        ("too large", b"\x10\xff\xff\x7f"),  # a CONNECT of 2 MiB announced: over the packet limit
+        ("malformed length", b"\x10\xff\xff\xff\xff\x01"),  # a fifth length byte
+    ],
+)
+def test_a_first_packet_refused_before_connack_is_closed_without_disconnect(
+    core: LocalIotCore, device: Credentials, name: str, first: bytes
+) -> None:
+    client = RawClient(core, device)
+    client.send_raw(first)
+    seen = client.expect_closed(within=5)
+    client.close()
+    assert seen == []
 
 
 # ---- strings that are not UTF-8 (mqtt5 0.8 would panic on them) ---------------------------------

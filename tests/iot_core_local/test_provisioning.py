@@ -778,3 +778,21 @@ def test_jitr_event_is_dated_by_the_clock(tmp_path: Path) -> None:
     assert event["timestamp"] == 1_700_000_000_250
     assert event["certificateId"] == device.certificate_id
     assert event["certificateStatus"] == "PENDING_ACTIVATION"
+
+
+def test_a_retained_provisioning_request_needs_retain_publish(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials]
+) -> None:
+    """Like any retained publish, a retained request asks for iot:RetainPublish, which the claim policy
+    does not grant: refused (135) and not answered, while the same request without retain is."""
+    _, creds = claim
+    client = connect_claim(core, creds, "retained-request")
+    try:
+        assert client.subscribe(f"{CSR_TOPIC}/accepted", f"{CSR_TOPIC}/rejected") == [1, 1]
+        body = json.dumps({"certificateSigningRequest": make_csr()}).encode()
+        assert client.publish(CSR_TOPIC, body, retain=True) == mqtt5.PubAckReasonCode.NOT_AUTHORIZED
+        assert client.publish(CSR_TOPIC, body) == 0
+        answer = client.receive_type(mqtt5.PublishPacket)
+        assert answer.topic == f"{CSR_TOPIC}/accepted"  # the first answer is the plain request's
+    finally:
+        client.close()

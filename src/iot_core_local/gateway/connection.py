@@ -55,6 +55,7 @@ log = logging.getLogger("iot_core_local.gateway")
 
 _DECISION_CACHE_SIZE = 1024
 _DISCONNECT = 14  # the MQTT packet type, relayed to Mosquitto unchanged; noted for the lifecycle reason
+_CONNACK = 2
 # AWS IoT Core's limit on a client id, in UTF-8 bytes; a longer one is refused at CONNECT.
 MAX_CLIENT_ID_BYTES = 128
 
@@ -142,6 +143,7 @@ class Connection:
         self._idle: asyncio.Timeout | None = None  # the keep-alive deadline, moved on every read
         self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
         self.problem_info = True  # the CONNECT's Request Problem Information (MQTT 5's default: yes)
+        self.connack_sent = False  # any CONNACK, ours or Mosquitto's: a DISCONNECT may follow only after it
         # The client's protocol, known at CONNECT: a 3.1.1 client's packets are read and written with
         # the 3.1.1 codec, toward the client and toward Mosquitto alike (see `_use_mqtt311`).
         self.mqtt311 = False
@@ -174,7 +176,9 @@ class Connection:
             closing = self.kicked or e
             if self.disconnect_reason is None:
                 self.disconnect_reason = disconnect_reason(closing.reason, self.client_disconnected)
-            if closing.reason is not None:
+            # MQTT 5 forbids a DISCONNECT before the CONNACK [MQTT-3.14.0-1]: a connection refused
+            # before it (a malformed or oversized first packet) is just closed, as AWS IoT Core does.
+            if closing.reason is not None and self.connack_sent:
                 self._send_client(mqtt5.DisconnectPacket(reason_code=closing.reason))
             level = logging.INFO if closing.notable or not accepted else logging.DEBUG
             after = f" after {time.monotonic() - self.started:.1f} s" if accepted else ""
@@ -231,6 +235,8 @@ class Connection:
         return Close(f"refused with CONNACK {number}: {why}")
 
     def _write_client(self, data: bytes) -> None:
+        if data[:1] and data[0] >> 4 == _CONNACK:
+            self.connack_sent = True
         # Writing to a closed TLS transport makes asyncio log warnings; a closed peer needs nothing.
         if not self.writer.transport.is_closing():
             self.writer.write(data)
@@ -632,6 +638,11 @@ class Connection:
             self.client_aliases[alias] = topic  # at most topic_alias_max of them, each a valid topic
         request = self.provisioning.match(topic)
         if request is not None:
+            # A retained request asks for iot:RetainPublish like any retained publish (nothing is kept:
+            # the request is answered, never stored), which no claim policy grants.
+            if packet.retain and not self._may_publish(topic, retain=True):
+                self._refuse_publish(packet)
+                return False
             await self._provisioning_request(request, packet, topic)
             return False
         # $aws/... and other $ topics belong to the service; clients may not publish there.
