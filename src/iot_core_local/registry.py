@@ -979,8 +979,13 @@ class Registry:
         token = secrets.token_urlsafe(32)
         now = self.clock()
         with self.transaction():
+            # The answers of the tokens purged now, found through the expiry index (a NOT IN over all of
+            # token_answers on every issue cost a scan that grew with every registration).
+            self._db.execute(
+                "DELETE FROM token_answers WHERE hash IN (SELECT hash FROM tokens WHERE expires < ?)",
+                (now - _TOKEN_HASH_KEEP,),
+            )
             self._db.execute("DELETE FROM tokens WHERE expires < ?", (now - _TOKEN_HASH_KEEP,))
-            self._db.execute("DELETE FROM token_answers WHERE hash NOT IN (SELECT hash FROM tokens)")
             self._db.execute(
                 "INSERT INTO tokens (hash, certificate_id, claim_certificate_id, expires)"
                 " VALUES (?, ?, ?, ?)",

@@ -252,6 +252,20 @@ class FleetProvisioning:
         assert grant is not None
         return grant
 
+    def _grant_or_answer(self, token: str, request_digest: str) -> TokenGrant | dict[str, Any]:
+        """What an unspent token grants; for a spent one, the answer kept for the identical request that
+        spent it (a hub that lost that answer learns its identity no other way); Rejected otherwise.
+
+        The kept answer is looked up only for a token that cannot be spent, so a first request pays
+        nothing for it."""
+        try:
+            return self._peek_token(token)
+        except Rejected:
+            answer = self.registry.token_answer(token, request_digest)
+            if answer is None:
+                raise
+            return answer
+
     def _register_thing(
         self,
         request: Request,
@@ -268,15 +282,7 @@ class FleetProvisioning:
         if not isinstance(token, str):
             raise _token_error("Certificate ownership token must be a string")
         parameters = _string_map(body.get("parameters"), "parameters")
-        # The same request again (same claim, template and parameters, token already spent by it): the
-        # first answer, not a refusal. The hub that lost that answer can learn its identity no other way.
         request_digest = _request_digest(claim_certificate_id, name, parameters)
-        replayed = self.registry.token_answer(token, request_digest)
-        if replayed is not None:
-            return (
-                replayed,
-                f"thing {replayed.get('thingName')} (the answer to an earlier, identical request)",
-            )
         if stored is None:
             raise Rejected(404, "ResourceNotFound", f"The provisioning template {name} does not exist")
         if not stored.enabled:
@@ -287,7 +293,9 @@ class FleetProvisioning:
             )
         template = validated_template(stored.body)
 
-        grant = self._peek_token(token)
+        grant = self._grant_or_answer(token, request_digest)
+        if isinstance(grant, dict):
+            return grant, f"thing {grant.get('thingName')} (the answer to an earlier, identical request)"
         cid = grant.certificate_id
         # Bound to the claim certificate that asked for it: a token overheard elsewhere is worthless.
         if grant.claim_certificate_id is not None and grant.claim_certificate_id != claim_certificate_id:
