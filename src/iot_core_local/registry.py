@@ -1028,14 +1028,26 @@ class Registry:
         learns the identity the first request made, instead of being refused a spent token for good.
         """
         row = self._one(
-            "SELECT a.request, a.answer, t.expires FROM token_answers a JOIN tokens t ON t.hash = a.hash"
-            " JOIN certificates c ON c.id = t.certificate_id"  # a deleted certificate's identity is gone
+            "SELECT a.request, a.answer, t.expires, c.id, c.status FROM token_answers a"
+            " JOIN tokens t ON t.hash = a.hash JOIN certificates c ON c.id = t.certificate_id"
             " WHERE a.hash = ? AND t.used = 1",
             (_hash_token(token),),
         )
         if row is None or row[0] != request or row[2] < self.clock():
             return None
+        # Only an identity that still stands is told again: the certificate neither deleted (no row),
+        # revoked nor deactivated, and the thing it named still there with this certificate attached. An
+        # operator's offboarding must not be answered "accepted"; the hub then starts over, as AWS would.
+        if row[4] != CertificateStatus.ACTIVE:
+            return None
         answer: dict[str, Any] = json.loads(row[1])
+        thing = answer.get("thingName")
+        if thing is not None and not self._query(
+            "SELECT 1 FROM thing_principals p JOIN things t ON t.name = p.thing"
+            " WHERE p.thing = ? AND p.principal = ?",
+            (str(thing), self.cert_arn(row[3])),
+        ):
+            return None
         return answer
 
     def consume_token(self, token: str) -> TokenGrant:

@@ -796,3 +796,37 @@ def test_a_retained_provisioning_request_needs_retain_publish(
         assert answer.topic == f"{CSR_TOPIC}/accepted"  # the first answer is the plain request's
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("offboarded", ["certificate revoked", "certificate inactive", "thing deleted"])
+def test_a_withdrawn_identity_is_not_answered_again(
+    core: LocalIotCore, claim: tuple[ClaimSetup, Credentials], offboarded: str
+) -> None:
+    """The identical RegisterThing again is answered only while the identity it made still stands: an
+    operator who revoked or deactivated the certificate, or deleted the thing, gets no "accepted" back."""
+    setup, creds = claim
+    iot = core.client()
+    topic = register_topic(setup.template_name)
+    serial = f"W-{offboarded.split()[1]}"
+    client = connect_claim(core, creds, f"withdrawn-{serial}")
+    try:
+        issued = _issue(client)
+        body = json.dumps(
+            {
+                "certificateOwnershipToken": issued["certificateOwnershipToken"],
+                "parameters": {"SerialNumber": serial},
+            }
+        ).encode()
+        first = request(client, topic, body)
+        assert first[0] == "accepted"
+        assert request(client, topic, body) == first  # still standing: the same answer
+        cid = issued["certificateId"]
+        if offboarded == "thing deleted":
+            arn = iot.describe_certificate(certificateId=cid)["certificateDescription"]["certificateArn"]
+            iot.detach_thing_principal(thingName=first[1]["thingName"], principal=arn)
+            iot.delete_thing(thingName=first[1]["thingName"])
+        else:
+            iot.update_certificate(certificateId=cid, newStatus=offboarded.split()[1].upper())
+        _rejected(request(client, topic, body), 400, "InvalidCertificateOwnershipToken", "used")
+    finally:
+        client.close()
