@@ -224,6 +224,13 @@ _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 def _advertised_host(text: str) -> str:
+    if "%" in text:
+        # A zone (fe80::1%eth0) means something only on the machine that names it: a hub cannot connect
+        # by it, and no certificate can carry it (TLS checks the bare address).
+        raise argparse.ArgumentTypeError(
+            f"{text} has a zone (%...), which no hub can use: advertise a global or unique-local address, "
+            "or a host name"
+        )
     try:
         address = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
@@ -327,6 +334,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_until(args: argparse.Namespace, signals: TerminationSignals) -> int:
+    if "%" in args.host and args.advertise is None:
+        print(
+            f"iot-core-local serve: --host {args.host} has a zone (%...), which hubs cannot be told: add "
+            "--advertise with a global address or a host name hubs reach this machine by",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from .broker import BrokerLimits
     from .errors import PortUnavailable, ServerError
     from .gateway.limits import GatewayLimits

@@ -94,6 +94,7 @@ def test_server_names_are_typed_as_tls_clients_match_them() -> None:
         ("::", "is where a server listens, not an address hubs can reach"),
         ("hub lab", "not a host name or IP address: 'hub lab'"),
         ("-hub.example", "not a host name or IP address"),
+        ("fe80::1%eth0", "has a zone (%...), which no hub can use"),
     ],
 )
 def test_serve_refuses_an_advertised_name_no_hub_can_use(tmp_path: Path, value: str, says: str) -> None:
@@ -109,4 +110,20 @@ def test_serve_refuses_an_advertised_name_no_hub_can_use(tmp_path: Path, value: 
     last = run.stderr.splitlines()[-1]
     assert last.startswith("iot-core-local serve: error: argument --advertise: ")
     assert says in last
+    assert not data.exists()
+
+
+def test_a_zoned_listening_address_needs_an_advertised_name(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run = subprocess.run(
+        [sys.executable, "-m", "iot_core_local", "serve", "--data-dir", str(data), "--host", "fe80::1%lo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "iot-core-local serve: --host fe80::1%lo has a zone (%...), which hubs cannot be told: add "
+        "--advertise with a global address or a host name hubs reach this machine by"
+    )
     assert not data.exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,3 +138,30 @@ def test_local_iot_core_hands_its_limits_to_the_broker_and_the_control_plane(tmp
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(b"GET /things HTTP/1.1\r\nHost: x\r\n")
             assert sock.recv(1024) == b""  # closed by the server within the socket's 5 s
+
+
+@pytest.mark.parametrize(
+    ("what", "status"),
+    [("a 100,000-character paging token", 414), ("a 70 KiB header", 431)],
+)
+def test_http_level_refusals_are_aws_json_errors(tmp_path: Path, what: str, status: int) -> None:
+    """What http.server refuses itself (request line or header too long) still has AWS's error shape."""
+    import http.client
+
+    from iot_core_local.server import LocalIotCore
+
+    with LocalIotCore(tmp_path / "data", key_pool_size=0) as core:
+        port = int(core.endpoint.api_url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            if status == 414:
+                connection.request("GET", "/things?nextToken=" + "A" * 100_000)
+            else:
+                connection.request("GET", "/things", headers={"X-Big": "b" * 70_000})
+            response = connection.getresponse()
+            assert response.status == status
+            assert response.getheader("Content-Type") == "application/json"
+            assert response.getheader("x-amzn-ErrorType") == "InvalidRequestException"
+            assert json.loads(response.read())["message"]
+        finally:
+            connection.close()

@@ -534,3 +534,29 @@ def test_the_endpoint_s_client_signs_for_the_server_s_region(tmp_path: Path) -> 
         again = Endpoint.from_json(json.loads((core.data_dir / "endpoint.json").read_text()))
         assert again.region == "eu-west-1"
         assert again.client().list_things()["things"] == []
+
+
+@pytest.mark.parametrize("extra_first", [False, True])
+def test_two_authorization_headers_are_refused(open_core: LocalIotCore, extra_first: bool) -> None:
+    """A valid signature plus a second Authorization header: which one counts is never guessed."""
+    import http.client
+    import urllib.parse
+
+    key = read_access_key(open_core.endpoint.credentials_path)  # type: ignore[arg-type]
+    url = via_loopback(open_core) + "/things"
+    signed = AWSRequest(method="GET", url=url)
+    SigV4Auth(Credentials(key.access_key_id, key.secret_access_key), "iot", "us-east-1").add_auth(signed)
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=5)
+    try:
+        connection.putrequest("GET", parts.path, skip_host=True, skip_accept_encoding=True)
+        headers = list(signed.headers.items())
+        garbage = ("Authorization", "AWS4-HMAC-SHA256 Credential=x/y, SignedHeaders=host, Signature=0")
+        for name, value in [garbage, *headers] if extra_first else [*headers, garbage]:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert (response.status, response.getheader("x-amzn-ErrorType")) == (403, "InvalidSignatureException")
+        assert "more than one Authorization header" in json.loads(response.read())["message"]
+    finally:
+        connection.close()

@@ -394,6 +394,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _answer
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a request line or header too long, a malformed request line, an
+        unsupported version) as the AWS JSON error every client of this API parses, not an HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        text = message or self.responses.get(code, ("Bad request",))[0]
+        kind = "InvalidRequestException" if code < 500 else "ServiceUnavailableException"
+        payload = json.dumps({"message": text}).encode()
+        self.close_connection = True  # what follows a refused request line cannot be trusted
+        self.send_response(code, text)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-amzn-ErrorType", kind)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
     def log_message(self, format: str, *args: Any) -> None:
         # http.server logs every request line through here; formatted only when someone listens.
         if log.isEnabledFor(logging.DEBUG):

@@ -78,7 +78,11 @@ def verify(
     received = HTTPHeaders()
     for name, value in headers:
         received.add_header(name.lower(), value)
-    authorization = received.get("authorization")
+    copies = received.get_all("authorization") or []
+    if len(copies) > 1:
+        # Which copy a proxy or another server would read is anyone's guess: refuse, never pick one.
+        raise InvalidSignature("The request has more than one Authorization header; send exactly one")
+    authorization = copies[0] if copies else None
     if not authorization:
         raise MissingAuthenticationToken("Missing Authentication Token")
     found = _AUTHORIZATION.fullmatch(authorization.strip())
