@@ -402,6 +402,9 @@ class _Handler(BaseHTTPRequestHandler):
         kind = "InvalidRequestException" if code < 500 else "ServiceUnavailableException"
         payload = json.dumps({"message": text}).encode()
         self.close_connection = True  # what follows a refused request line cannot be trusted
+        # Before a valid request line http.server assumes HTTP/0.9 and would send the body alone: always a
+        # status line, so any client (and the hub's TLS probe, told an HTTP port from a TLS one) sees HTTP.
+        self.request_version = "HTTP/1.1"
         self.send_response(code, text)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
