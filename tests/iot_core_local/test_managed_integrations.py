@@ -843,3 +843,21 @@ def test_two_hubs_racing_for_one_serial_onboard_one(
 )
 def test_lifecycle_reason_names(sent: Reason | None, client_disconnected: bool, expected: str) -> None:
     assert disconnect_reason(sent, client_disconnected) == expected
+
+
+def test_a_hub_is_connected_in_the_connectivity_data_as_soon_as_it_has_its_connack(
+    core: LocalIotCore, mi: Any, profile: tuple[dict[str, Any], Credentials], tmp_path: Path
+) -> None:
+    """The gateway records the connect before it sends the CONNACK: a hub (or the demo) asking right
+    after connecting never reads the state its previous connection left (QA saw Connected False)."""
+    created, claim = profile
+    thing_id, hub = onboard(core, mi, claim, created["Name"], tmp_path)
+    for _ in range(10):
+        client = RawClient(core, hub)
+        try:
+            assert client.connect(thing_id).reason_code == 0
+            assert mi.get_managed_thing_connectivity_data(Identifier=thing_id)["Connected"] is True
+            client.send(mqtt5.DisconnectPacket())
+            client.expect_closed()
+        finally:
+            client.close()

@@ -144,6 +144,7 @@ class Connection:
         self.stuck = False  # the client stopped reading: its pending output is dropped, not flushed
         self.problem_info = True  # the CONNECT's Request Problem Information (MQTT 5's default: yes)
         self.connack_sent = False  # any CONNACK, ours or Mosquitto's: a DISCONNECT may follow only after it
+        self.connack = b""  # the accepting CONNACK, sent once the connection is registered
         # The client's protocol, known at CONNECT: a 3.1.1 client's packets are read and written with
         # the 3.1.1 codec, toward the client and toward Mosquitto alike (see `_use_mqtt311`).
         self.mqtt311 = False
@@ -168,6 +169,9 @@ class Connection:
                 await self.gw.connect_window_hook(self.certificate_id)
             accepted = True
             self.gw.register(self)
+            # The CONNACK only once the connect is recorded (lifecycle, connectivity data): a client that
+            # asks the control plane right after its CONNACK finds itself connected.
+            self._write_client(self.connack)
             if self.gw.changes != changes:
                 self._recheck()
             log.info("%s: accepted%s", self.describe(), " (MQTT 3.1.1)" if self.mqtt311 else "")
@@ -463,12 +467,12 @@ class Connection:
             raise Close(f"broker refused CONNECT: {connack.reason_code.name}")
         if self.mqtt311:
             # A 3.1.1 CONNACK announces nothing but "session present": Mosquitto's goes through as is.
-            self._write_client(bytes(buf[:size]))
+            self.connack = bytes(buf[:size])
             del buf[:size]
             self.broker_buf = buf
             return
         # What AWS IoT Core announces: QoS 1 at most, 128 KB messages; the rest is Mosquitto's session.
-        self._send_client(
+        self.connack = self._encode(
             mqtt5.ConnAckPacket(
                 session_present=connack.session_present,
                 session_expiry_interval=connack.session_expiry_interval,
