@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,17 @@ from hub_onboarding.errors import EXIT_USAGE
 if TYPE_CHECKING:
     from hub_onboarding.errors import OnboardingError
     from hub_onboarding.onboarding import StepEvent
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (argparse type): -1 or nan would make no sense of a wait."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-vv: debug)")
     p.add_argument(
         "--lock-wait",
-        type=float,
+        type=_seconds,
         default=600.0,
         metavar="SECONDS",
         help="how long to wait for another onboarding of the same config (default 600)",

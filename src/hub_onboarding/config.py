@@ -338,7 +338,9 @@ def is_pkcs11_uri(value: object) -> bool:
     """True for an RFC 7512 URI (a token object), which is never a file path. A URI scheme is
     case-insensitive (RFC 3986): `PKCS11:...` read as a relative path would be echoed in an error, and a
     URI may carry a PIN (which the URI parser refuses without repeating it)."""
-    return isinstance(value, str) and value[: len(PKCS11_URI_SCHEME)].lower() == PKCS11_URI_SCHEME
+    # Leading blanks too: " pkcs11:..." read as a relative path was echoed, PIN and all, as missing.
+    text = value.lstrip() if isinstance(value, str) else ""
+    return text[: len(PKCS11_URI_SCHEME)].lower() == PKCS11_URI_SCHEME
 
 
 def permanent_cert_dir(config_path: str | os.PathLike[str], ro: Mapping[str, Any]) -> Path:

@@ -96,6 +96,7 @@ class TokenUri:
         def refuse(message: str) -> CredentialError:
             return CredentialError(f"pkcs11 URI: {message}", part=part)
 
+        text = text.strip()  # blanks around a setting's value are no part of the URI
         if text[: len(cfgmod.PKCS11_URI_SCHEME)].lower() != cfgmod.PKCS11_URI_SCHEME:
             raise refuse("not a pkcs11: URI")
         path, _, query = text[len(cfgmod.PKCS11_URI_SCHEME) :].partition("?")

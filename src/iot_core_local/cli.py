@@ -147,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
         "(it refuses a serial whose thing has an ACTIVE certificate)",
     )
     managed.add_argument(
-        "--profile", default="HubProfile", help="provisioning profile name, the hubs' fp_template_name"
+        "--profile",
+        default="HubProfile",
+        help="provisioning profile name, the hubs' fp_template_name (default HubProfile)",
     )
     managed.add_argument(
         "--hub",
@@ -158,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a hub to pre-associate: its serial and its 12-digit UPC (or EAN-8/13) (repeatable)",
     )
     jitr.add_argument(
-        "--common-name", default="hub-jitr-0001", help="the device certificate's CN, the hub's client id"
+        "--common-name",
+        default="hub-jitr-0001",
+        help="the device certificate's CN, the hub's client id (default hub-jitr-0001)",
     )
     jitr.add_argument(
         "--ca-dir", type=Path, help="where the device CA's certificate and key live (default OUT/device-ca)"
@@ -234,13 +238,19 @@ def _advertised_host(text: str) -> str:
     try:
         address = ipaddress.ip_address(text.strip("[]"))
     except ValueError:
+        if all(part.isdigit() for part in text.rstrip(".").split(".")):
+            # "0", "10.1": resolvers read these as IPv4 addresses (inet_aton), "0" as 0.0.0.0
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a host name nor a complete IP address (write all four parts)"
+            ) from None
         labels = text.rstrip(".").split(".")
         if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
             raise argparse.ArgumentTypeError(
                 f"not a host name or IP address: {text!r} (for example hub-lab.local or 192.168.1.20)"
             ) from None
         return text.rstrip(".").lower()
-    if address.is_unspecified:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:0.0.0.0 is 0.0.0.0 too
+    if address.is_unspecified or (mapped is not None and mapped.is_unspecified):
         raise argparse.ArgumentTypeError(
             f"{text} is where a server listens, not an address hubs can reach; give this machine's "
             "name or address (for example 192.168.1.20)"

@@ -33,7 +33,7 @@ from .recipes.claims import (
 )
 from .recipes.credential_files import private_folder, write_pair
 from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
-from .recipes.managed_integrations import Hub, set_up_managed_integrations
+from .recipes.managed_integrations import Hub, find_profile, set_up_managed_integrations
 from .recipes.takeover import TakeoverGuard
 from .server import Endpoint
 from .signals import TerminationSignals
@@ -163,25 +163,31 @@ def set_up_managed(data_dir: Path, out: Path, profile_name: str, hubs: list[Hub]
     """The custom endpoint, a provisioning profile and a managed thing per hub; the claim pair in `out`."""
     cloud = Cloud.of(data_dir)
     client = cloud.endpoint.client(cloud.client.meta.region_name, service="iot-managed-integrations")
-    try:
-        setup = set_up_managed_integrations(client, profile_name, hubs, claim_folder=out)
-    except FileExistsError as exc:
-        raise SetupError(str(exc)) from None
-    for step in setup.steps:
-        print(step, flush=True)
-    cert_path, key_path = (out / name for name in CLAIM_FILES)
-    saved = cert_path.read_text(encoding="utf-8").strip() if cert_path.is_file() else None
-    if saved != setup.claim_certificate_pem.strip() or not key_path.is_file():
-        # The recipe reports it (a library caller may keep the claim elsewhere); a hub maker's command must
-        # not end well with a folder no hub can onboard from.
+    existing = find_profile(client, profile_name)
+    if existing is not None and not _holds_claim(out, existing["ClaimCertificate"]):
+        # Checked before anything is made (no managed thing created for a folder no hub can onboard from):
+        # the recipe only reports it, since a library caller may keep the claim elsewhere.
         raise SetupError(
             f"{out} does not hold the claim of provisioning profile {profile_name} (its private key was "
             "returned once, when the profile was created): use the --out folder given then, or delete the "
             f"profile (aws iot-managed-integrations delete-provisioning-profile --identifier {profile_name}) "
             "to make a new claim"
         )
+    try:
+        setup = set_up_managed_integrations(client, profile_name, hubs, claim_folder=out)
+    except FileExistsError as exc:
+        raise SetupError(str(exc)) from None
+    for step in setup.steps:
+        print(step, flush=True)
     cloud.print_hub_settings()
     print(f"fp_template_name {setup.template_name}")
+
+
+def _holds_claim(out: Path, claim_certificate_pem: str) -> bool:
+    """Whether `out` holds this claim certificate and a key beside it (the pair a hub onboards with)."""
+    cert_path, key_path = (out / name for name in CLAIM_FILES)
+    saved = cert_path.read_text(encoding="utf-8").strip() if cert_path.is_file() else None
+    return saved == claim_certificate_pem.strip() and key_path.is_file()
 
 
 def set_up_jitr(

@@ -339,9 +339,9 @@ def endpoint_name(host: str) -> str:
         return host
     if address.version == 6:
         raise Validation(
-            f"The gateway listens on the IPv6 address {host}, which an EndpointAddress cannot carry: "
-            "serve with --host localhost or an IPv4 address, or give hubs endpoint.json's address "
-            f"([{host}]:PORT) as endpoint_url"
+            f"The gateway's address is the IPv6 address {host}, which an EndpointAddress cannot carry: "
+            "serve with --advertise NAME (a host name or an IPv4 address hubs reach it by; or --host "
+            f"localhost), or give hubs endpoint.json's address ([{host}]:PORT) as endpoint_url"
         )
     return host
 

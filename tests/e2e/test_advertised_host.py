@@ -95,6 +95,8 @@ def test_server_names_are_typed_as_tls_clients_match_them() -> None:
         ("hub lab", "not a host name or IP address: 'hub lab'"),
         ("-hub.example", "not a host name or IP address"),
         ("fe80::1%eth0", "has a zone (%...), which no hub can use"),
+        ("0", "is neither a host name nor a complete IP address"),
+        ("::ffff:0.0.0.0", "is where a server listens, not an address hubs can reach"),
     ],
 )
 def test_serve_refuses_an_advertised_name_no_hub_can_use(tmp_path: Path, value: str, says: str) -> None:

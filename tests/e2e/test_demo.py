@@ -66,6 +66,9 @@ def test_demo_keep_leaves_the_hub_and_the_cloud_to_look_at(
     assert (kept / "cloud" / "registry.sqlite3").is_file()
     assert (kept / "cloud" / "ca" / "root-ca.pem").is_file()
     assert not (kept / "cloud" / "endpoint.json").exists()
+    # Serving the kept cloud again as printed puts it on the port the kept hub's config names.
+    port = json.loads(config_path.read_text(encoding="utf-8"))["ro"]["endpoint_url"].rsplit(":", 1)[1]
+    assert re.search(rf"iot-core-local serve --data-dir \S+ --mqtt-port {port} --api-port \d+\)", out)
     # What status reads afterwards is the kept hub.
     assert main(["status", "--config", str(config_path)]) == 0
     assert "state: PROVISIONED" in capsys.readouterr().out

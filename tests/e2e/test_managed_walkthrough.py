@@ -146,13 +146,26 @@ def test_setup_managed_into_a_folder_without_the_claim_fails_and_says_why(
 ) -> None:
     """The profile exists and its claim was saved elsewhere: a folder no hub can onboard from is an error."""
     cloud = tmp_path / "cloud"
-    with LocalIotCore(cloud):
+    with LocalIotCore(cloud) as core:
         first = ["setup-managed", "--data-dir", str(cloud), "--out", str(tmp_path / "hub")]
         assert local_cli.main(first) == 0
         capsys.readouterr()
         other = tmp_path / "other"
-        assert local_cli.main(["setup-managed", "--data-dir", str(cloud), "--out", str(other)]) == 3
-        err = capsys.readouterr().err.strip()
+        command = [
+            "setup-managed",
+            "--data-dir",
+            str(cloud),
+            "--out",
+            str(other),
+            "--hub",
+            "SN-0009:012345678905",
+        ]
+        assert local_cli.main(command) == 3
+        printed = capsys.readouterr()
+        err = printed.err.strip()
+        assert "created" not in printed.out  # refused before anything is made
+        mi = core.endpoint.client(core.region, service="iot-managed-integrations")
+        assert mi.list_managed_things(SerialNumberFilter="SN-0009")["Items"] == []
     assert err.count("\n") == 0, err
     assert err.startswith(f"iot-core-local setup-managed: {other} does not hold the claim of provisioning")
     assert "use the --out folder given then" in err

@@ -23,6 +23,16 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "provision" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("wait", ["-1", "nan", "inf", "soon"])
+def test_a_lock_wait_that_is_no_number_of_seconds_is_a_usage_error(
+    make_hub: HubFactory, capsys: pytest.CaptureFixture[str], wait: str
+) -> None:
+    hub = make_hub()
+    assert main(["provision", "--config", str(hub.config), f"--lock-wait={wait}"]) == 2
+    assert "argument --lock-wait:" in capsys.readouterr().err.splitlines()[-1]
+    assert hub.doc()["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
 def test_status(make_hub: HubFactory, capsys: pytest.CaptureFixture[str]) -> None:
     hub = make_hub()
     assert main(["status", "--config", str(hub.config)]) == 0

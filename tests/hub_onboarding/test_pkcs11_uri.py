@@ -104,7 +104,11 @@ def _claim_in_token(softhsm: SoftHsmToken, make_hub: HubFactory, key_ref: str, *
     "key_ref",
     # ... and with the scheme in capitals (RFC 3986: schemes are case-insensitive), once read as a path
     # and echoed, PIN and all, in "does not exist".
-    [*PIN_URIS[:4], f"PKCS11:token=hub;object=claim-key;type=private;PIN-VALUE={PIN}"],
+    [
+        *PIN_URIS[:4],
+        f"PKCS11:token=hub;object=claim-key;type=private;PIN-VALUE={PIN}",
+        f" pkcs11:token=hub;object=claim-key;type=private;pin-value={PIN}",  # once read as a path
+    ],
 )
 def test_provision_json_never_shows_the_pin(
     softhsm: SoftHsmToken,

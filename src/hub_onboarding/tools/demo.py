@@ -141,6 +141,7 @@ def run_demo(keep: Path | None = None, *, plain_iot: bool = False, pkcs11: bool 
             root = keep.resolve()
         _step("starting iot-core-local (gateway, Mosquitto, control plane)")
         with LocalIotCore(root / "cloud") as core:
+            ports = (core.endpoint.mqtt_port, int(core.endpoint.api_url.rsplit(":", 1)[1]))
             _show(f"MQTT   mqtts://{core.endpoint.mqtt_address}")
             _show(f"API    {core.endpoint.api_url}")
             softhsm_token = _demo_token(root) if pkcs11 else None
@@ -153,7 +154,12 @@ def run_demo(keep: Path | None = None, *, plain_iot: bool = False, pkcs11: bool 
             config_path = root / "hub" / "iotmi_config.json"
             _step(f"kept in {root}")
             _show(f"hub:   {config_path} and its credentials in {config_path.parent}")
-            _show(f"cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'})")
+            # The kept hub's config names this run's MQTT port: serving the cloud again on the same
+            # ports lets it (and the printed offboarding commands) reach it.
+            _show(
+                f"cloud: {root / 'cloud'} (iot-core-local serve --data-dir {root / 'cloud'} "
+                f"--mqtt-port {ports[0]} --api-port {ports[1]})"
+            )
             _show(f"{env}hub-onboard status --config {config_path}")
     return 0 if ok else 1
 
