@@ -471,7 +471,7 @@ CASES = [
         "lock wait not a number",
         _argv("provision", "--config", "{config}", "--lock-wait", "soon"),
         2,
-        "invalid float value",
+        "argument --lock-wait: not a number of seconds: 'soon'",
     ),
 ]
 
