@@ -561,14 +561,19 @@ def test_bad_input_in_a_real_process(
 # ------------------------------------------------------------------------------ full disk
 
 
-def _full_disk(hub: BadHub, temp_prefix: str) -> None:
-    """ENOSPC on the fsync of an atomic write's temp file in the hub folder (where a full disk shows)."""
+def _full_disk(hub: BadHub, temp_prefix: str, nth: int = 1) -> None:
+    """ENOSPC on the fsync of an atomic write's temp file in the hub folder (where a full disk shows),
+    from the `nth` such write on (the earlier ones find room)."""
     real = os.fsync
+    seen = 0
 
     def fsync(fd: int) -> None:
+        nonlocal seen
         name = os.readlink(f"/proc/self/fd/{fd}")
         if _inside(name, hub.dir) and Path(name).name.startswith(temp_prefix):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            seen += 1
+            if seen >= nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
 
     hub.monkeypatch.setattr(os, "fsync", fsync)
@@ -644,18 +649,8 @@ def test_full_disk_recording_register_things_answer_then_space_comes_back(
     hub = BadHub(config, monkeypatch)
     original = read_config(config)
     certificates = certificate_ids(iot)
-    real = os.fsync
-    seen = []
-
-    def fsync(fd: int) -> None:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        if _inside(name, hub.dir) and Path(name).name.startswith(".onboarding-progress.json."):
-            seen.append(name)
-            if len(seen) == 2:  # the first is the record of the issued certificate and its token
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    # The first progress write (the issued certificate and its token) finds room; the second does not.
+    _full_disk(hub, ".onboarding-progress.json.", nth=2)
     code = main(["provision", "--config", str(config)])
     monkeypatch.undo()
     err = capsys.readouterr().err

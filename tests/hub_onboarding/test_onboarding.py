@@ -40,7 +40,7 @@ from hub_onboarding.onboarding import OnboardingStep, StepEvent, Timeouts
 from hub_onboarding.progress import ProgressStore, Step
 from tests._support.certificates import make_pair, write_private
 from tests._support.fake_cloud import FakeCloud
-from tests._support.hubs import Hub, HubFactory, snapshot, write_offline_hub
+from tests._support.hubs import Hub, HubFactory, Snapshot, snapshot, write_offline_hub
 
 
 class Crash(BaseException):
@@ -871,20 +871,23 @@ def test_a_folder_where_the_progress_record_goes_is_found_before_any_traffic(
 # ------------------------------------------------------------------------- another hub's credentials
 
 
-def _second_hub(tmp_path: Path, cert_dir: Path) -> Hub:
-    return write_offline_hub(tmp_path / "hubB", ro={"SN": "SN-0002", "iot_permanent_cert_dir": str(cert_dir)})
+def _hub_and_a_second_config_on_its_folder(
+    make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
+) -> tuple[Hub, Path, Snapshot, Hub]:
+    """Hub A provisioned; hub B's config aimed at A's credentials folder: (A, that folder, its contents, B)."""
+    a = make_hub()
+    cloud.onboarding(a.config).process_device()
+    certs = a.dir / "certs"
+    b = write_offline_hub(tmp_path / "hubB", ro={"SN": "SN-0002", "iot_permanent_cert_dir": str(certs)})
+    return a, certs, snapshot(certs), b
 
 
 def test_another_configs_credentials_folder_is_refused_before_any_traffic(
     make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
 ) -> None:
     # The mistake: a second config aimed at a provisioned hub's folder overwrote its certificate and key.
-    a = make_hub()
-    cloud.onboarding(a.config).process_device()
-    certs = a.dir / "certs"
-    before = snapshot(certs)
+    a, certs, before, b = _hub_and_a_second_config_on_its_folder(make_hub, cloud, tmp_path)
     calls = len(cloud.calls)
-    b = _second_hub(tmp_path, certs)
     with pytest.raises(ConfigError) as info:
         cloud.onboarding(b.config).process_device()
     assert info.value.exit_code == 3
@@ -929,11 +932,7 @@ def test_a_moved_or_copied_hub_folder_is_its_new_configs_own(
 def test_reset_never_deletes_another_configs_files(
     make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
 ) -> None:
-    a = make_hub()
-    cloud.onboarding(a.config).process_device()
-    certs = a.dir / "certs"
-    before = snapshot(certs)
-    b = _second_hub(tmp_path, certs)
+    a, certs, before, b = _hub_and_a_second_config_on_its_folder(make_hub, cloud, tmp_path)
     assert cloud.onboarding(b.config).reset() == []
     assert snapshot(certs) == before
     assert cloud.onboarding(a.config).reset()  # its own reset still deletes them
