@@ -874,7 +874,7 @@ def test_a_folder_where_the_progress_record_goes_is_found_before_any_traffic(
 def _hub_and_a_second_config_on_its_folder(
     make_hub: HubFactory, cloud: FakeCloud, tmp_path: Path
 ) -> tuple[Hub, Path, Snapshot, Hub]:
-    """Hub A provisioned; hub B's config aimed at A's credentials folder: (A, that folder, its contents, B)."""
+    """Hub A provisioned; hub B's config aimed at A's credentials folder: (A, the folder, its contents, B)."""
     a = make_hub()
     cloud.onboarding(a.config).process_device()
     certs = a.dir / "certs"
