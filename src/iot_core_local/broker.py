@@ -176,9 +176,10 @@ class BrokerLimits:
     max_queued_messages: int = 1000
     # The same queue in bytes (Mosquitto's default is no limit). It also bounds the QoS 0 messages Mosquitto
     # holds for a connected client that does not read: with 1 MiB, 60 such subscribers cost Mosquitto
-    # ~85 MB (bench/abuse.py), with 256 KiB ~15 MB. 256 KiB is still hundreds of typical device messages
-    # for a persistent session.
-    max_queued_bytes: int = 256 * 1024
+    # ~85 MB (bench/abuse.py); with 256 KiB, 200 of them 12-36 MB, which put server + broker over the
+    # 250 MB goal in about a third of the runs (229-260 MB); with 128 KiB 10-16 MB (214-234 MB). 128 KiB
+    # still takes one message of AWS's largest size (128 KiB) and hundreds of typical device messages.
+    max_queued_bytes: int = 128 * 1024
 
     def __post_init__(self) -> None:
         for name in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes"):

@@ -181,7 +181,7 @@ LIMIT_FLAGS = (
      "Server Keep Alive (AWS IoT Core's)"),
     ("max-queued-messages", "broker", 1000, "N", "QoS 1 messages Mosquitto queues per client beyond those in "
      "flight; later ones are dropped"),
-    ("max-queued-bytes", "broker", 256 * 1024, "BYTES", "the same queue in bytes; it bounds the QoS 0 "
+    ("max-queued-bytes", "broker", 128 * 1024, "BYTES", "the same queue in bytes; it bounds the QoS 0 "
      "messages held for a client that does not read too"),
 )  # fmt: skip
 
