@@ -1,8 +1,8 @@
 """The hub's own files in real processes against a real iot-core-local: another hub's credentials folder,
 records that are not what onboarding writes (a FIFO, a symlink), and files too large to read whole.
 
-Each case is the reproduction of a finding of the attack report (/work/qa/attack/REPORT.md 3, 5, 6): the
-command must end at once with one line naming the file and the fix, with its documented exit code, and
+Each case reproduces a finding of a QA attack round (a FIFO at a record hung the hub, a second config took
+another hub's key, 2 GB files filled its memory): the command must end at once with one line naming the file and the fix, with its documented exit code, and
 send nothing to the cloud.
 """
 
