@@ -2,8 +2,8 @@
 records that are not what onboarding writes (a FIFO, a symlink), and files too large to read whole.
 
 Each case reproduces a finding of a QA attack round (a FIFO at a record hung the hub, a second config took
-another hub's key, 2 GB files filled its memory): the command must end at once with one line naming the file and the fix, with its documented exit code, and
-send nothing to the cloud.
+another hub's key, 2 GB files filled its memory): the command must end at once with one line naming the
+file and the fix, with its documented exit code, and send nothing to the cloud.
 """
 
 from __future__ import annotations
