@@ -33,7 +33,7 @@ from pathlib import Path
 from .datadir import read_nofollow, write_atomically
 from .errors import ServerError
 
-__all__ = ["Broker", "BrokerLimits", "open_connection", "socket_address"]
+__all__ = ["Broker", "BrokerLimits", "open_connection", "socket_address", "wait_accepting"]
 
 log = logging.getLogger("iot_core_local.broker")
 
@@ -159,6 +159,22 @@ async def open_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.S
             sock.close()
             raise
         return await asyncio.open_unix_connection(sock=sock, limit=_READER_LIMIT)
+
+
+def wait_accepting(address: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the Mosquitto `process` accepts connections on its Unix socket `address` within `timeout`
+    (False at once if it exits). Polled with a deadline: Mosquitto is another process and tells nobody when
+    its socket is open, so trying to connect is the only way to know."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            probe.connect(address)
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @dataclass(frozen=True)
@@ -341,17 +357,10 @@ class Broker:
             spawner.shutdown(wait=True)
 
     def _wait_ready(self, process: subprocess.Popen[bytes]) -> str | None:
-        # Polled with a deadline: Mosquitto is another process and tells nobody when its socket is open,
-        # so trying to connect is the only way to know.
-        deadline = time.monotonic() + _START_DEADLINE
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return f"it exited with status {process.returncode}\n{self._log_tail()}"
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(0.5)
-                probe.connect(self.address)
-                return None
-            time.sleep(0.02)
+        if wait_accepting(self.address, process, _START_DEADLINE):
+            return None
+        if process.poll() is not None:
+            return f"it exited with status {process.returncode}\n{self._log_tail()}"
         return f"its socket did not accept connections within {_START_DEADLINE:.0f} s\n{self._log_tail()}"
 
     def _close_address(self) -> None:

@@ -9,10 +9,8 @@ import os
 import queue
 import select
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from iot_core_local.broker import socket_address
+from iot_core_local.broker import socket_address, wait_accepting
 from iot_core_local.server import LocalIotCore
 from tests._support.brokers import MOSQUITTO
 from tests._support.clients import iot_client
@@ -137,22 +135,17 @@ def _plant_stale_broker(data_dir: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
     )
     (data_dir / "mosquitto" / "mosquitto.pid").write_text(f"{stale.pid}\n")
-    # Polled with a deadline: Mosquitto tells nobody when its socket is open. Once it accepts, it has
-    # loaded the persistence file and would write it back at its next autosave.
+    # Once it accepts, it has loaded the persistence file and would write it back at its next autosave.
     address, held = socket_address(config.parent)
     try:
-        deadline = time.monotonic() + _DEADLINE
-        while time.monotonic() < deadline:
-            assert stale.poll() is None, "the planted Mosquitto exited at once"
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(address)
-                return stale
-            time.sleep(0.05)
+        accepting = wait_accepting(address, stale, _DEADLINE)  # as the server waits for its own broker
     finally:
         if held is not None:
             os.close(held)
-    stale.kill()
-    raise AssertionError("the planted Mosquitto never accepted connections")
+    if not accepting:
+        stale.kill()
+        raise AssertionError(f"the planted Mosquitto never accepted connections (exit {stale.poll()})")
+    return stale
 
 
 @pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
