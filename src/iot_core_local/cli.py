@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .addresses import is_wildcard
 from .signals import TerminationSignals
 
 EXIT_OK = 0
@@ -249,8 +250,7 @@ def _advertised_host(text: str) -> str:
                 f"not a host name or IP address: {text!r} (for example hub-lab.local or 192.168.1.20)"
             ) from None
         return text.rstrip(".").lower()
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:0.0.0.0 is 0.0.0.0 too
-    if address.is_unspecified or (mapped is not None and mapped.is_unspecified):
+    if is_wildcard(str(address)):
         raise argparse.ArgumentTypeError(
             f"{text} is where a server listens, not an address hubs can reach; give this machine's "
             "name or address (for example 192.168.1.20)"

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .addresses import bracketed, is_wildcard
 from .credentials import CREDENTIALS_FILE, AccessKey, load_or_create, read_access_key
 from .datadir import check_owned_dir, open_nofollow, refuse_links, write_atomically
 from .errors import PortUnavailable, ServerError
@@ -120,21 +120,6 @@ class Endpoint:
         """`host:port`, the form `endpoint_url` takes in a hub's iotmi_config.json; an IPv6 host in
         brackets (`[::1]:8883`), as a URL writes it, so the port cannot be read as part of the address."""
         return f"{bracketed(self.mqtt_host)}:{self.mqtt_port}"
-
-
-def is_wildcard(host: str) -> bool:
-    """True for an address that means "every interface" (0.0.0.0, ::, the empty string)."""
-    if not host:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
-    except ValueError:
-        return False
-
-
-def bracketed(host: str) -> str:
-    """`host` as a URL writes it: an IPv6 literal in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def port_problem(service: str, host: str, port: int, exc: OSError) -> PortUnavailable | None:

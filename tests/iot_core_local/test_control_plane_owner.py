@@ -31,9 +31,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from iot_core_local.addresses import is_loopback
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.control_plane import ControlPlane
-from iot_core_local.control_plane.http import is_loopback
 from iot_core_local.control_plane.restjson import RestJsonService
 from iot_core_local.control_plane.signature import verify
 from iot_core_local.credentials import AccessKey, read_access_key

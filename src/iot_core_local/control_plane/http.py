@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 
 from botocore.model import OperationModel
 
+from iot_core_local.addresses import bracketed, is_loopback
 from iot_core_local.ca import CertificateAuthority
 from iot_core_local.control_plane import iot
 from iot_core_local.control_plane.restjson import Response, RestJsonService, clip
@@ -46,7 +46,7 @@ from iot_core_local.quotas import RateLimiter
 from iot_core_local.registry import Registry
 from iot_core_local.resources import LimitLog
 
-__all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketReader", "is_loopback"]
+__all__ = ["MAX_BODY", "ControlPlane", "ControlPlaneLimits", "DeadlineSocketReader"]
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +157,6 @@ class HostedServices:
                 return candidate, *found
         first = self._in_order[0]
         return first, *first.service.route(method, path, query)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach an address bound to `host` (0.0.0.0 and :: are not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 def _signing_name(authorization: str) -> str | None:
@@ -544,8 +534,7 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{bracketed(self.host)}:{self.port}"
 
     def __enter__(self) -> ControlPlane:
         self.start()
