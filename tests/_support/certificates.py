@@ -90,21 +90,8 @@ def certificate_ids(iot: Any) -> set[str]:
 
 def self_signed_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A CA certificate (EC P-256, valid from yesterday for 10 days) and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    pair = make_pair(name, days_valid=11, starts_in_days=-1)
+    return x509.load_pem_x509_certificate(pair.cert_pem), pair.key
 
 
 def pem_of(cert: x509.Certificate) -> str:
