@@ -100,6 +100,12 @@ print(json.dumps({"spawned": t0, "wall": t1 - t0, "code": os.waitstatus_to_exitc
 """
 
 
+def hub_onboard_command() -> list[str]:
+    """How to run the product as a hub would: the venv's `hub-onboard` script, else the module."""
+    script = Path(sys.executable).parent / "hub-onboard"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hub_onboarding.cli"]
+
+
 def measure(cmd: list[str], forwarder: FirstByteForwarder | None = None) -> dict[str, Any]:
     """Run `cmd`; its wall time, its own peak RSS, and the time from its spawn to its first byte sent.
 
@@ -162,10 +168,7 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
                 return run(own, runs)
         claim = set_up_fleet_provisioning(server.client(), "Footprint")
         forwarder = FirstByteForwarder((server.endpoint["mqttHost"], int(server.endpoint["mqttPort"])))
-        hub_onboard = Path(sys.executable).parent / "hub-onboard"
-        product_cmd = (
-            [str(hub_onboard)] if hub_onboard.exists() else [sys.executable, "-m", "hub_onboarding.cli"]
-        )
+        product_cmd = hub_onboard_command()
 
         def hub(side: str, i: int) -> Path:
             return write_claim_hub(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.footprint import measure
+from bench.footprint import hub_onboard_command, measure
 from bench.gateway import ServerProcess
 from hub_onboarding.tools import softhsm
 from hub_onboarding.tools.factory import write_claim_hub
@@ -45,8 +45,7 @@ def run(server: ServerProcess | None = None, runs: int = RUNS) -> dict[str, Any]
             with ServerProcess(work / "data") as own:
                 return run(own, runs)
         claim = set_up_fleet_provisioning(server.client(), "TokenBench")
-        hub_onboard = Path(sys.executable).parent / "hub-onboard"
-        cmd = [str(hub_onboard)] if hub_onboard.exists() else [sys.executable, "-m", "hub_onboarding.cli"]
+        cmd = hub_onboard_command()
         saved = os.environ.get(softhsm.CONF_ENV)
 
         def hub(side: str, i: int) -> Path:
