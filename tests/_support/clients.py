@@ -38,3 +38,24 @@ def identity_client(crt_client: Any) -> Any:
             operation_timeout_in_seconds=10,
         ),
     )
+
+
+def register_thing(identity: Any, template_name: str, token: str, serial: str) -> Any:
+    """RegisterThing through awsiotsdk with the recipes' parameters (serial, a UPC); its response."""
+    from awsiot import iotidentity
+
+    return identity.register_thing(
+        iotidentity.RegisterThingRequest(
+            template_name=template_name,
+            certificate_ownership_token=token,
+            parameters={"SerialNumber": serial, "UniversalProductCode": "012345"},
+        )
+    ).result(10)
+
+
+def create_keys_and_register(identity: Any, template_name: str, serial: str) -> tuple[Any, Any]:
+    """CreateKeysAndCertificate then RegisterThing through awsiotsdk: (issued, registered)."""
+    from awsiot import iotidentity
+
+    issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(10)
+    return issued, register_thing(identity, template_name, issued.certificate_ownership_token, serial)

@@ -21,7 +21,7 @@ import pytest
 from iot_core_local.gateway.tls import ALPN_MQTT
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import Endpoint, LocalIotCore
-from tests._support.clients import identity_client
+from tests._support.clients import create_keys_and_register, identity_client
 from tests._support.devices import Credentials, client_context, new_device, write_credentials
 
 
@@ -113,7 +113,6 @@ def _crt_client(core: LocalIotCore, creds: Credentials, client_id: str, alpn: li
 
 
 def test_awscrt_with_the_alpn_provisions_through_the_alpn_port(core: LocalIotCore, tmp_path: Path) -> None:
-    from awsiot import iotidentity
 
     setup: ClaimSetup = set_up_fleet_provisioning(core.client(), "AlpnTemplate")
     claim = write_credentials(
@@ -124,17 +123,7 @@ def test_awscrt_with_the_alpn_provisions_through_the_alpn_port(core: LocalIotCor
     )  # not hub-*: denied to claims
     try:
         assert connected.result(10), "awscrt could not connect to the ALPN port with the ALPN"
-        identity = identity_client(client)
-        issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(
-            10
-        )
-        registered = identity.register_thing(
-            iotidentity.RegisterThingRequest(
-                template_name=setup.template_name,
-                certificate_ownership_token=issued.certificate_ownership_token,
-                parameters={"SerialNumber": "ALPN1", "UniversalProductCode": "012345"},
-            )
-        ).result(10)
+        issued, registered = create_keys_and_register(identity_client(client), setup.template_name, "ALPN1")
     finally:
         client.stop()
         assert stopped.wait(5)

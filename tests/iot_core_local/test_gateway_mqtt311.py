@@ -22,7 +22,7 @@ import pytest
 from iot_core_local.gateway import GatewayLimits
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-from tests._support.clients import identity_client
+from tests._support.clients import create_keys_and_register, identity_client
 from tests._support.devices import (
     ARN,
     OPEN_POLICY,
@@ -204,7 +204,6 @@ def test_awscrt_mqtt3_client_publishes_and_subscribes(core: LocalIotCore, creds_
 def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     core: LocalIotCore, creds_dir: Path
 ) -> None:
-    from awsiot import iotidentity
 
     setup = set_up_fleet_provisioning(core.client(), "Tmpl311")
     claim = write_credentials(
@@ -212,17 +211,9 @@ def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     )
     connection = _crt_connection(core, claim, "claim-311")  # claims may not use hub-* ids
     try:
-        identity = identity_client(connection)
-        issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(
-            10
+        issued, registered = create_keys_and_register(
+            identity_client(connection), setup.template_name, "SN311"
         )
-        registered = identity.register_thing(
-            iotidentity.RegisterThingRequest(
-                template_name=setup.template_name,
-                certificate_ownership_token=issued.certificate_ownership_token,
-                parameters={"SerialNumber": "SN311", "UniversalProductCode": "012345"},
-            )
-        ).result(10)
     finally:
         connection.disconnect().result(10)
     assert registered.thing_name == "hub-SN311"

@@ -18,7 +18,7 @@ import pytest
 
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-from tests._support.clients import identity_client
+from tests._support.clients import identity_client, register_thing
 from tests._support.devices import (
     Credentials,
     DeviceCA,
@@ -146,13 +146,9 @@ def test_claim_flow_with_iot_identity_client_v2(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ).decode()
         assert core.registry.get_certificate(issued.certificate_id).status == "PENDING_ACTIVATION"
-        registered = identity.register_thing(
-            iotidentity.RegisterThingRequest(
-                template_name=setup.template_name,
-                certificate_ownership_token=issued.certificate_ownership_token,
-                parameters={"SerialNumber": f"SN-{operation}", "UniversalProductCode": "012345"},
-            )
-        ).result(10)
+        registered = register_thing(
+            identity, setup.template_name, issued.certificate_ownership_token, f"SN-{operation}"
+        )
     finally:
         _aws_stop(crt, stopped)
     thing = f"hub-SN-{operation}"
