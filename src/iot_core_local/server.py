@@ -308,7 +308,7 @@ class LocalIotCore:
 
     def client(self) -> Any:
         """A boto3 IoT client pointed at this server, signing with the data dir's key pair."""
-        return self.endpoint.client(self.region)
+        return self.endpoint.client()  # signed for the region endpoint.json names (this server's)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
