@@ -202,12 +202,13 @@ class _Server(ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        # Counted before the answer goes out, so whoever sees the 503 also sees it counted.
+        self.refused.hit(f"from {client_address[0] if isinstance(client_address, tuple) else client_address}")
         # On the accepting thread: one non-blocking write, never a wait for the client.
         with contextlib.suppress(OSError):
             request.setblocking(False)
             request.send(_BUSY)
         super().shutdown_request(request)  # not ours: it was never counted
-        self.refused.hit(f"from {client_address[0] if isinstance(client_address, tuple) else client_address}")
 
     def service_actions(self) -> None:
         # serve_forever calls this between requests and at least every poll_interval: housekeeping that
