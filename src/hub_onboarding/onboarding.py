@@ -310,7 +310,7 @@ class HubOnboarding:
         # is minted that could not be stored).
         preflight(cfg)
         if handler.token_store is not None:
-            handler.token_store.check_ready()
+            self._check_token(cfg, handler.token_store)
         creds = self._read_initial_credentials(cfg, handler)
         with onboarding_lock(self.config_path, self.timeouts.lock, on_wait=self._report.waiting):
             if self.is_provisioned():
@@ -438,6 +438,22 @@ class HubOnboarding:
                 seen.add(real)
                 targets.append(p)
         return targets
+
+    def _check_token(self, cfg: HubConfig, store: Pkcs11CredentialStore) -> None:
+        """Open the token and, when this run will mint a certificate, prove it has room for the key
+        (a full token found after the certificate was minted would leave that certificate unused). A
+        run resuming a saved record has its key in the token already and needs no room."""
+        if cfg.fleet is None:
+            store.check_ready()
+            return
+        progress = ProgressStore(cfg.permanent_cert_dir).load()
+        if next_action(progress, _binding(cfg, cfg.fleet), self._clock()) is not Action.CREATE_CERTIFICATE:
+            store.check_ready()
+            return
+        store.check_ready(
+            permanent_key_label(cfg.fleet.serial_number),
+            service_key=cfg.fleet.certificate_method is CertificateMethod.CREATE_KEYS_AND_CERTIFICATE,
+        )
 
     def _read_initial_credentials(self, cfg: HubConfig, handler: CertHandler) -> Credentials | None:
         if cfg.jitr is not None:
@@ -930,12 +946,24 @@ class _FleetRun:
         else:
             issued = fleet.create_keys_and_certificate()
             self._report_issued(issued.certificate_id)
-            self.store.clear()
-            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
-            # The service's key goes into the token and nowhere else (not a file, not the record).
-            key = self.handler.write_permanent_key_to_token(label, issued.credentials.private_key_pem)
+            # The service's key goes into the token and nowhere else (not a file, not the record). It
+            # goes first: a token that filled up since check_ready then fails before this run has
+            # written anything locally (the old record, if any, stays: it was not resumable anyway).
+            try:
+                key = self.handler.write_permanent_key_to_token(label, issued.credentials.private_key_pem)
+            except CredentialError as exc:
+                # As after a power cut at this point (docs/reliability.md): the new certificate is
+                # never activated, and AWS deletes a PENDING_ACTIVATION certificate after an hour.
+                exc.amend(
+                    f"{exc.message}; certificate {issued.certificate_id} was issued for that key and "
+                    "stays unused (PENDING_ACTIVATION, never activated: AWS deletes it after an hour); "
+                    "nothing was stored on the hub"
+                )
+                raise
             self.report(OnboardingStep.KEY_IN_TOKEN, f"the service's key imported into the token: {key.uri}")
             issued = replace(issued, credentials=replace(issued.credentials, private_key_pem=b""))
+            self.store.clear()
+            self.manifest.record({PERMANENT_CERT_NAME: issued.credentials.certificate_pem})
         self.handler.write_permanent_cert(issued.credentials.certificate_pem, cert_path)
         return self._save_issued(
             issued,

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # SECURE_STORAGE: the objects the handler reads for each credential (certificate label, key label).
 DEFAULT_OBJECTS = {"claim": ("claim-cert", "claim-key"), "DHA": ("dha-cert", "dha-key")}
 PERMANENT_LABEL_PREFIX = "hub-onboarding-"
+# check_ready's trial key, beside the permanent key's label (`hub-onboarding-<SN>.room-check`); destroyed
+# at once, and by the next check when a power cut left one.
+TRIAL_LABEL_SUFFIX = ".room-check"
 _MAX_PIN_BYTES = 256
 _MODULE_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_MODULE_PATH)
 _TOKEN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_TOKEN_LABEL)
@@ -585,11 +588,20 @@ class Pkcs11CredentialStore:
     def __init__(self, token: Pkcs11Config | None = None) -> None:
         self.token = token
 
-    def check_ready(self) -> None:
+    def check_ready(self, room_for: str | None = None, *, service_key: bool = False) -> None:
         """Open the token (module, PIN file, PIN, presence): before any traffic, so a token that cannot
-        take the permanent key stops onboarding before a certificate is minted for it."""
-        with open_token(self._config()):
-            pass
+        take the permanent key stops onboarding before a certificate is minted for it.
+
+        With `room_for` (the permanent key's label), also prove the token has room for that key by
+        making one like it under a trial label and destroying it at once: a token's free space is not
+        something PKCS#11 reports truthfully (SoftHSM2 says CK_UNAVAILABLE_INFORMATION, HSMs count
+        bytes and objects differently), but making the object is the question itself. `service_key`:
+        the key will be imported (CreateKeysAndCertificate: an RSA-2048 key, as the service makes),
+        else generated in the token (CSR: a pair of the configured type)."""
+        token = self._config()
+        with open_token(token) as session:
+            if room_for is not None:
+                _prove_room(session, token, room_for + TRIAL_LABEL_SUFFIX, service_key=service_key)
 
     def _config(self) -> Pkcs11Config:
         if self.token is None:
@@ -755,40 +767,8 @@ class Pkcs11CredentialStore:
 
     def import_private_key(self, label: str, key_pem: bytes) -> TokenKey:
         """Put a service-made key into the token (sensitive, non-extractable) under `label`, alone."""
-        import pkcs11
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-        from pkcs11.util.ec import decode_ec_private_key
-        from pkcs11.util.rsa import decode_rsa_private_key
-
         token = self._config()
-        try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (TypeError, ValueError):
-            raise CredentialError("the service's private key is not a PEM key this hub can use") from None
-        der = key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        if isinstance(key, rsa.RSAPrivateKey):
-            attrs, kind = decode_rsa_private_key(der), "RSA"
-        elif isinstance(key, ec.EllipticCurvePrivateKey):
-            attrs, kind = decode_ec_private_key(der), "EC"
-        else:
-            raise CredentialError(f"the service's key is a {type(key).__name__}, not RSA or EC")
-        del key, der  # nothing of the key stays here once it is in the token
-        attrs.update(
-            {
-                pkcs11.Attribute.TOKEN: True,
-                pkcs11.Attribute.PRIVATE: True,
-                pkcs11.Attribute.SENSITIVE: True,
-                pkcs11.Attribute.EXTRACTABLE: False,
-                pkcs11.Attribute.SIGN: True,
-                pkcs11.Attribute.LABEL: label,
-                pkcs11.Attribute.ID: _key_id(label),
-            }
-        )
+        attrs, kind = _imported_key_attrs(label, key_pem)
         _replace_label(token, label, attrs, "store the new key")
         return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
 
@@ -831,6 +811,71 @@ class Pkcs11CredentialStore:
                 "extractable": [bool(k[pkcs11.Attribute.EXTRACTABLE]) for k in keys],
                 "kind": [_kind_of(k) for k in keys],
             }
+
+
+def _imported_key_attrs(label: str, key_pem: bytes) -> tuple[dict[Any, Any], str]:
+    """The template that stores `key_pem` under `label` (sensitive, non-extractable), and its kind."""
+    import pkcs11
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from pkcs11.util.ec import decode_ec_private_key
+    from pkcs11.util.rsa import decode_rsa_private_key
+
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (TypeError, ValueError):
+        raise CredentialError("the service's private key is not a PEM key this hub can use") from None
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    if isinstance(key, rsa.RSAPrivateKey):
+        attrs, kind = decode_rsa_private_key(der), "RSA"
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        attrs, kind = decode_ec_private_key(der), "EC"
+    else:
+        raise CredentialError(f"the service's key is a {type(key).__name__}, not RSA or EC")
+    del key, der  # nothing of the key stays here once it is in the token
+    attrs.update(
+        {
+            pkcs11.Attribute.TOKEN: True,
+            pkcs11.Attribute.PRIVATE: True,
+            pkcs11.Attribute.SENSITIVE: True,
+            pkcs11.Attribute.EXTRACTABLE: False,
+            pkcs11.Attribute.SIGN: True,
+            pkcs11.Attribute.LABEL: label,
+            pkcs11.Attribute.ID: _key_id(label),
+        }
+    )
+    return attrs, kind
+
+
+def _prove_room(session: Any, token: Pkcs11Config, label: str, *, service_key: bool) -> None:
+    """Make a key like the permanent one under `label` and destroy it (check_ready): a full token
+    answers here, before any traffic, with the error the real operation would get."""
+    import pkcs11
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    _delete_label(session, label)  # a trial a power cut left behind
+    try:
+        if service_key:
+            # A throwaway key of the kind the service makes, stored as the service's key will be.
+            trial = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            attrs, _ = _imported_key_attrs(label, trial)
+            try:
+                session.create_object(attrs)
+            except pkcs11.PKCS11Error as exc:
+                raise token_error(exc, token, "store the permanent key (room check)") from None
+        else:
+            _generate(session, token, label)
+    finally:
+        _delete_label(session, label)
 
 
 def _is_locked_in(key: Any) -> bool:

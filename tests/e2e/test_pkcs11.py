@@ -26,7 +26,9 @@ from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids, make_rsa_pair, pem_certificate_id
 from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
+from tests._support.processes import HubProcess, freeze_at_step, run_hub
 from tests._support.recovery import connect_through_token
+from tests._support.tokens import MODULE_ENV, ROOM_ENV, build_small_token_module
 
 pytestmark = pytest.mark.e2e
 
@@ -132,6 +134,7 @@ def test_reset_deletes_onboardings_token_objects_only(
         ("wrong PIN", "ro.pkcs11_pin_path"),
         ("PIN file too open", "ro.pkcs11_pin_path"),
         ("no such module", "ro.pkcs11_module_path"),
+        ("unloadable module", "ro.pkcs11_module_path"),
         ("token not present", "ro.pkcs11_token_label"),
         ("unknown key object", "ro.iot_claim_pk_path"),
         ("key type the endpoint cannot use", "ro.iot_claim_pk_path"),
@@ -157,6 +160,10 @@ def test_token_errors_exit_4_and_write_nothing(
         softhsm.pin_path.chmod(0o640)
     elif breakage == "no such module":
         ro["pkcs11_module_path"] = str(config_path.parent / "libnothing.so")
+    elif breakage == "unloadable module":  # a file that is no library at all
+        junk = config_path.parent / "libjunk.so"
+        junk.write_bytes(b"\x7fELF this is not a shared object" * 8)
+        ro["pkcs11_module_path"] = str(junk)
     elif breakage == "token not present":
         ro["pkcs11_token_label"] = "unplugged"
     elif breakage == "unknown key object":
@@ -181,6 +188,118 @@ def test_token_errors_exit_4_and_write_nothing(
     assert snapshot(config_path.parent) == before, "nothing written"
     assert set(snapshot(softhsm.folder)) == objects_before, "nothing made in the token"
     assert certificate_ids(iot) == certificates_before, "no certificate minted"
+
+
+def _small_token(
+    tmp_path: Path, softhsm: SoftHsmToken, config_path: Path, room: int, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point the hub at the tests' small-token module in front of this SoftHSM2 token (tests/_support/
+    tokens.py) with room for `room` more objects; the room file's path."""
+    module = build_small_token_module(tmp_path / "small-token")
+    room_file = tmp_path / "small-token" / "room"
+    room_file.write_text(f"{room}\n")
+    monkeypatch.setenv(MODULE_ENV, softhsm.module_path)
+    monkeypatch.setenv(ROOM_ENV, str(room_file))
+    doc = read_config(config_path)
+    doc["ro"]["pkcs11_module_path"] = str(module)
+    config_path.write_text(json.dumps(doc))
+    return room_file
+
+
+def _one_line_error(stdout: str, pin: str) -> dict[str, Any]:
+    error: dict[str, Any] = json.loads(stdout)["error"]
+    assert error["exit_code"] == 4
+    assert error["type"] == "CredentialError"
+    assert error["key"] == "ro.pkcs11_token_label"
+    assert "ro.pkcs11_token_label" in error["message"]
+    assert "is full" in error["message"]
+    assert "delete objects it no longer needs" in error["message"]
+    assert "\n" not in error["message"]
+    assert pin not in stdout
+    return error
+
+
+@pytest.mark.parametrize("method", ["CreateCertificateFromCsr", "CreateKeysAndCertificate"])
+def test_a_full_token_exits_4_before_any_traffic(
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    method: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The token answers CKR_DEVICE_MEMORY to whatever would store the permanent key: check_ready's trial
+    key finds it before the claim connects, so no certificate is minted (CreateKeysAndCertificate's used
+    to be, and left certs/ and its record behind)."""
+    config_path = make_cloud_hub(certificate_method=method, token=softhsm.config())
+    room_file = _small_token(tmp_path, softhsm, config_path, 0, monkeypatch)
+    before = snapshot(config_path.parent)
+    certificates_before = certificate_ids(iot)
+    objects_before = set(snapshot(softhsm.folder))
+    done = run_hub(config_path, "--json")
+    assert done.returncode == 4, done.stderr
+    pin = softhsm.pin_path.read_text().strip()
+    _one_line_error(done.stdout, pin)
+    assert pin not in done.stderr
+    assert snapshot(config_path.parent) == before, "nothing written, not even the lock file"
+    assert certificate_ids(iot) == certificates_before, "no certificate minted"
+    assert set(snapshot(softhsm.folder)) == objects_before, "nothing made in the token"
+    assert room_file.read_text().strip() == "0"
+
+
+def test_a_token_that_fills_up_after_the_check_leaves_nothing_on_the_hub(
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    shim_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CreateKeysAndCertificate, the token filled by someone else between the room check and the import
+    of the service's key: exit 4 naming the token, the minted certificate named as left unused (it stays
+    PENDING_ACTIVATION), and nothing written on the hub but the lock file."""
+    config_path = make_cloud_hub(certificate_method="CreateKeysAndCertificate", token=softhsm.config())
+    room_file = _small_token(tmp_path, softhsm, config_path, 2, monkeypatch)
+    before = snapshot(config_path.parent)
+    certificates_before = certificate_ids(iot)
+    objects_before = set(snapshot(softhsm.folder))
+    hub = HubProcess(config_path, "--json", shim_dir=shim_dir, freeze=freeze_at_step("CERTIFICATE_ISSUED"))
+    hub.wait_frozen()
+    assert room_file.read_text().strip() == "2", "the room check gave back what it took"
+    room_file.write_text("0\n")  # another application filled the token meanwhile
+    hub.resume()
+    done = hub.finish()
+    assert done.returncode == 4, done.stderr
+    error = _one_line_error(done.stdout, softhsm.pin_path.read_text().strip())
+    (minted,) = certificate_ids(iot) - certificates_before
+    assert f"certificate {minted} was issued" in error["message"]
+    assert "PENDING_ACTIVATION" in error["message"]
+    status = iot.describe_certificate(certificateId=minted)["certificateDescription"]["status"]
+    assert status == "PENDING_ACTIVATION"
+    after = snapshot(config_path.parent)
+    after.pop(config_path.name + ".lock")
+    assert after == before, "no certs/ folder, no record, no progress"
+    assert set(snapshot(softhsm.folder)) == objects_before, "nothing left in the token"
+
+
+def test_reset_keeps_a_dha_object_and_objects_ro_names(
+    make_cloud_hub: CloudHubFactory, softhsm: SoftHsmToken, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reset deletes `hub-onboarding-<SN>` only when no ro setting names it: a factory that put its DHA key
+    under that very label keeps it, and the default DHA objects stay whatever happens."""
+    config_path = make_cloud_hub(token=softhsm.config())
+    doc = read_config(config_path)
+    label = f"hub-onboarding-{doc['ro']['SN']}"
+    store = Pkcs11CredentialStore(softhsm.config())
+    store.import_private_key(label, make_rsa_pair("factory-dha", 2048)[1])
+    store.import_private_key("dha-key", make_rsa_pair("default-dha", 2048)[1])
+    doc["ro"]["iot_dha_pk_path"] = f"pkcs11:token=hub;object={label};type=private"
+    config_path.write_text(json.dumps(doc))
+    assert main(["reset", "--config", str(config_path), "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == []
+    assert store.describe_key(label)["count"] == 1, "the object ro names stays"
+    assert store.describe_key("dha-key")["count"] == 1, "the default DHA object stays"
+    assert store.describe_key("claim-key")["count"] == 1, "the factory's claim key stays"
 
 
 @pytest.mark.timeout(120)
