@@ -11,9 +11,9 @@ STAMP := $(VENV)/.installed
 # in the order tests/conftest.py gives them (longest first), not xdist's (most tests first).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test bench setup mosquitto softhsm2 systemd-analyze clean
+.PHONY: demo test bench setup mosquitto softhsm2 systemd-analyze cc clean
 
-setup: $(STAMP)-dev mosquitto softhsm2 systemd-analyze
+setup: $(STAMP)-dev mosquitto softhsm2 systemd-analyze cc
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,17 @@ systemd-analyze:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y systemd >/dev/null || { apt-get update >/dev/null && apt-get install -y systemd >/dev/null; }; \
 	  else echo "systemd-analyze is required: run 'sudo apt-get install -y systemd' (or your system's equivalent)" >&2; exit 1; fi; }
 
+# The tests build a small PKCS#11 module in front of SoftHSM2 that can run out of room (tests/_support/tokens.py):
+# a C compiler (Debian's gcc) is installed where missing (as root), else say what to do.
+cc:
+	@command -v cc >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y gcc libc6-dev >/dev/null || { apt-get update >/dev/null && apt-get install -y gcc libc6-dev >/dev/null; }; \
+	  else echo "A C compiler is required by the tests: run 'sudo apt-get install -y gcc' (or your system's equivalent)" >&2; exit 1; fi; }
+
 demo: $(STAMP)-server mosquitto
 	$(BIN)/hub-onboard demo
 
-test: $(STAMP)-dev mosquitto softhsm2 systemd-analyze
+test: $(STAMP)-dev mosquitto softhsm2 systemd-analyze cc
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
