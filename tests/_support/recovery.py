@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509 import load_pem_x509_certificate
 
 from hub_onboarding.certs import CertType
 from hub_onboarding.config import Endpoint
 from hub_onboarding.mqtt import ConnectionSettings, IotProvisioning
-from hub_onboarding.pkcs11 import Pkcs11CredentialStore, cert_handler
+from hub_onboarding.pkcs11 import Pkcs11CredentialStore, cert_handler, open_token, sign
 from hub_onboarding.tools.softhsm import SoftHsmToken
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import key_matches_certificate, pem_certificate_id
@@ -81,6 +88,48 @@ def assert_key_in_token(token: SoftHsmToken, config_path: Path, rw: dict[str, An
     )
     files = [p for p in config_path.parent.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
     assert files == [], "no file holds a private key"
+
+
+@dataclass(frozen=True)
+class KeyProbe:
+    """Which key a token holds under a label, told without its bytes: its signature over a challenge."""
+
+    challenge: bytes
+    signature: bytes
+
+    def signed_for(self, cert_pem: bytes) -> bool:
+        """True when `cert_pem`'s public key verifies the signature: the certificate is that key's."""
+        public = load_pem_x509_certificate(cert_pem).public_key()
+        try:
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                public.verify(self.signature, self.challenge, ec.ECDSA(hashes.SHA256()))
+            elif isinstance(public, rsa.RSAPublicKey):
+                public.verify(self.signature, self.challenge, padding.PKCS1v15(), hashes.SHA256())
+            else:
+                return False
+        except InvalidSignature:
+            return False
+        return True
+
+
+def probe_token_key(token: SoftHsmToken, label: str) -> KeyProbe | None:
+    """The private key under `label` signs a fresh challenge; None when the token holds none there.
+
+    A label never holds two keys, whatever a power cut interrupted."""
+    import pkcs11
+
+    with open_token(token.config()) as session:
+        keys = list(
+            session.get_objects(
+                {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY, pkcs11.Attribute.LABEL: label}
+            )
+        )
+        assert len(keys) <= 1, f"never two keys under one label: {len(keys)} under {label!r}"
+        if not keys:
+            return None
+        kind = "EC" if keys[0][pkcs11.Attribute.KEY_TYPE] == pkcs11.KeyType.EC else "RSA"
+        challenge = os.urandom(32)
+        return KeyProbe(challenge, sign(keys[0], kind, challenge))
 
 
 def connect_through_token(cloud: LocalIotCore, token: SoftHsmToken, rw: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ from tests._support.certificates import certificate_ids
 from tests._support.hubs import CloudHubFactory, read_config
 from tests._support.network import TcpProxy
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
-from tests._support.recovery import assert_recovered
+from tests._support.recovery import assert_recovered, probe_token_key
 
 # No test here changes the claim or its template in the cloud: one claim serves the module.
 pytestmark = [pytest.mark.e2e, pytest.mark.shared_claim]
@@ -186,19 +186,12 @@ def _with_unknown_keys(config_path: Path) -> dict[str, Any]:
 KILLS: list[str] = []
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("point", KILL_POINTS, ids=[p.name for p in KILL_POINTS])
-def test_power_cut_at_every_step(
-    cloud: LocalIotCore,
-    iot: Any,
-    make_cloud_hub: CloudHubFactory,
-    tcp_proxy: Callable[..., TcpProxy],
-    shim_dir: Path,
-    point: KillPoint,
-    method: str,
-) -> None:
-    proxy = tcp_proxy()  # counts every connection the hub opens
-    config_path = make_cloud_hub(certificate_method=method, endpoint_url=proxy.address)
+def _cut(
+    cloud: LocalIotCore, iot: Any, config_path: Path, shim_dir: Path, point: KillPoint
+) -> tuple[dict[str, Any], set[str]]:
+    """Run the hub to `point` and SIGKILL it there; check the state the cut left.
+
+    Returns the config as it was before (with unknown keys added) and the cloud's certificates before."""
     original = _with_unknown_keys(config_path)
     freeze = json.loads(json.dumps(point.freeze).replace("{config}", str(config_path.absolute())))
     before = certificate_ids(iot)
@@ -224,7 +217,21 @@ def test_power_cut_at_every_step(
     assert provisioned == (point.name == "config write 4 (PROVISIONED)")
     after_kill = certificate_ids(iot)
     assert len(after_kill - before) <= 1, "at most one certificate per interrupted attempt"
+    return original, before
 
+
+def _finish(
+    cloud: LocalIotCore,
+    iot: Any,
+    config_path: Path,
+    shim_dir: Path,
+    point: KillPoint,
+    proxy: TcpProxy,
+    original: dict[str, Any],
+    before: set[str],
+    token: SoftHsmToken | None = None,
+) -> str:
+    """Run the hub again after the cut: it finishes as `point` says; returns its certificate id."""
     connections = proxy.connections
     second = run_hub(config_path, shim_dir=shim_dir, json_steps=True)
     assert second.returncode == 0, second.stderr
@@ -235,13 +242,31 @@ def test_power_cut_at_every_step(
         assert step not in second.steps, f"{step} repeated in the second run: {second.steps}"
     if point.no_network:
         assert proxy.connections == connections, "the second run connected to nothing"
-    cert_id = assert_recovered(cloud, iot, config_path, original)
+    cert_id = assert_recovered(cloud, iot, config_path, original, token=token)
     new = certificate_ids(iot) - before
     assert len(new) == point.certificates, f"new certificates: {len(new)}"
     assert cert_id in new
     for orphan in new - {cert_id}:
         status = iot.describe_certificate(certificateId=orphan)["certificateDescription"]["status"]
         assert status != "ACTIVE", "a certificate the hub never stored is never activated"
+    return cert_id
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("point", KILL_POINTS, ids=[p.name for p in KILL_POINTS])
+def test_power_cut_at_every_step(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    tcp_proxy: Callable[..., TcpProxy],
+    shim_dir: Path,
+    point: KillPoint,
+    method: str,
+) -> None:
+    proxy = tcp_proxy()  # counts every connection the hub opens
+    config_path = make_cloud_hub(certificate_method=method, endpoint_url=proxy.address)
+    original, before = _cut(cloud, iot, config_path, shim_dir, point)
+    _finish(cloud, iot, config_path, shim_dir, point, proxy, original, before)
     KILLS.append(f"{point.name}/{method}")
 
 
@@ -352,29 +377,46 @@ def test_two_cuts_in_a_row_then_success(
 
 
 CSR, CREATE_KEYS = "CreateCertificateFromCsr", "CreateKeysAndCertificate"
-# With the permanent key in a PKCS#11 token: (method, kill point). The key is made in the token before
-# the CSR is sent (a cut there costs nothing: the next run reuses the pair), or imported after
-# CreateKeysAndCertificate (a cut there leaves the key under the hub's label; the next run replaces it).
+# With the permanent key in a PKCS#11 token: (method, kill point). Every kill point of the file test but
+# the key file's write (there is no key file), for both methods, and the token's own: the key is made in
+# the token before the CSR is sent (a cut there costs nothing: the next run reuses the pair), or imported
+# after CreateKeysAndCertificate (a cut there leaves the key under the hub's label; the next run replaces
+# it); the certificate, the one file, half-written.
+_MID_CERT_WRITE = _mid_write(".certificate.pem.crt.")
 TOKEN_CASES = [
-    (CSR, KillPoint("claim connected", freeze_at_step(S.CLAIM_CONNECTED), 1)),
-    (CSR, KillPoint("key pair made in the token", freeze_at_step(S.KEY_IN_TOKEN), 1)),
-    (CSR, KillPoint("certificate issued", freeze_at_step(S.CERTIFICATE_ISSUED), 2)),
-    (CSR, KillPoint("middle of the certificate write", _mid_write(".certificate.pem.crt."), 2)),
-    (CREATE_KEYS, KillPoint("certificate issued", freeze_at_step(S.CERTIFICATE_ISSUED), 2)),
-    (CREATE_KEYS, KillPoint("key imported into the token", freeze_at_step(S.KEY_IN_TOKEN), 2)),
     *[
         (method, point)
-        for method in METHODS
         for point in KILL_POINTS
-        if point.name
-        in (
-            "credentials written",
-            "RegisterThing accepted",
-            "verification connected",
-            "config write 4 (PROVISIONED)",
-        )
+        if point.name != "middle of the key write"
+        for method in METHODS
     ],
+    (CSR, KillPoint("key pair made in the token", freeze_at_step(S.KEY_IN_TOKEN), 1)),
+    (CSR, KillPoint("middle of the certificate write", _MID_CERT_WRITE, 2)),
+    (CREATE_KEYS, KillPoint("key imported into the token", freeze_at_step(S.KEY_IN_TOKEN), 2)),
+    (CREATE_KEYS, KillPoint("middle of the certificate write", _MID_CERT_WRITE, 2)),
 ]
+# Cuts before the progress record is first saved: there is no record yet.
+_BEFORE_RECORD = {
+    "claim connected",
+    "certificate issued",
+    "key pair made in the token",
+    "key imported into the token",
+    "middle of the certificate write",
+}
+# Cuts before any key is in the token (with CreateKeysAndCertificate the service's key is imported only
+# after the certificate is issued).
+_NO_KEY_YET = {
+    (CSR, "claim connected"),
+    (CREATE_KEYS, "claim connected"),
+    (CREATE_KEYS, "certificate issued"),
+}
+# The one kind of key the next run must not reuse: the service's key, imported, whose certificate was never
+# recorded (that certificate is lost with it; a new CreateKeysAndCertificate brings another key). Any other
+# key left is reused: a whole pair made in the token, or the recorded one.
+_KEY_REPLACED = {
+    (CREATE_KEYS, "key imported into the token"),
+    (CREATE_KEYS, "middle of the certificate write"),
+}
 
 
 @pytest.mark.parametrize(("method", "point"), TOKEN_CASES, ids=[f"{p.name}/{m}" for m, p in TOKEN_CASES])
@@ -382,6 +424,7 @@ def test_power_cut_at_every_step_with_the_key_in_a_token(
     cloud: LocalIotCore,
     iot: Any,
     make_cloud_hub: CloudHubFactory,
+    tcp_proxy: Callable[..., TcpProxy],
     shim_dir: Path,
     softhsm: SoftHsmToken,
     method: str,
@@ -389,32 +432,28 @@ def test_power_cut_at_every_step_with_the_key_in_a_token(
 ) -> None:
     """The same cuts, the claim and permanent keys in a SoftHSM2 token: the record names the key's URI,
     a pair left by the cut is reused or replaced, never two keys under the hub's label."""
-    config_path = make_cloud_hub(certificate_method=method, token=softhsm.config())
-    original = _with_unknown_keys(config_path)
-    freeze = json.loads(json.dumps(point.freeze).replace("{config}", str(config_path.absolute())))
-    before = certificate_ids(iot)
-    hub = HubProcess(config_path, shim_dir=shim_dir, freeze=freeze)
-    hub.wait_frozen()
-    assert hub.kill().returncode == -signal.SIGKILL
-    left = read_config(config_path)
-    assert left["ro"] == original["ro"]
-    assert (left["rw"].get("iot_provisioning_state") == "PROVISIONED") == point.name.startswith(
-        "config write 4"
+    proxy = tcp_proxy()
+    config_path = make_cloud_hub(
+        certificate_method=method, endpoint_url=proxy.address, token=softhsm.config()
     )
+    original, before = _cut(cloud, iot, config_path, shim_dir, point)
+    serial = original["ro"]["SN"]
+    label = f"hub-onboarding-{serial}"
     record = config_path.parent / "certs" / "onboarding-progress.json"
+    assert record.exists() == (point.name not in _BEFORE_RECORD)
     if record.exists():
         saved = json.loads(record.read_text())
-        assert saved["private_key_path"].startswith("pkcs11:token=hub;object=hub-onboarding-"), (
+        assert saved["private_key_path"] == f"pkcs11:token={softhsm.label};object={label};type=private", (
             "the record names the token object"
         )
-    second = run_hub(config_path, shim_dir=shim_dir, json_steps=True)
-    assert second.returncode == 0, second.stderr
-    for step in point.resumed_steps:
-        assert step in second.steps, f"{step} expected in the second run: {second.steps}"
-    for step in point.resumed_never:
-        assert step not in second.steps, f"{step} repeated in the second run: {second.steps}"
-    cert_id = assert_recovered(cloud, iot, config_path, original, token=softhsm)
-    new = certificate_ids(iot) - before
-    assert len(new) == point.certificates, f"new certificates: {len(new)}"
-    assert cert_id in new
+    left = probe_token_key(softhsm, label)  # at most one key under the label, even mid-way
+    assert (left is None) == ((method, point.name) in _NO_KEY_YET)
+
+    _finish(cloud, iot, config_path, shim_dir, point, proxy, original, before, token=softhsm)
+    if left is not None:
+        cert_pem = Path(read_config(config_path)["rw"]["iot_permanent_cert_path"]).read_bytes()
+        replaced = (method, point.name) in _KEY_REPLACED
+        assert left.signed_for(cert_pem) != replaced, (
+            "the key left by the cut was replaced" if replaced else "the key left by the cut was reused"
+        )
     KILLS.append(f"token:{point.name}/{method}")
