@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datadir import read_nofollow, write_atomically
+from .datadir import open_nofollow, read_nofollow, write_atomically
 from .errors import ServerError
 
 __all__ = ["Broker", "BrokerLimits", "open_connection", "socket_address", "wait_accepting"]
@@ -288,8 +288,9 @@ class Broker:
 
     def _launch(self, executable: str) -> subprocess.Popen[bytes]:
         assert self._spawner is not None
-        self.config_path.write_text(self._config(), encoding="utf-8")
-        self.config_path.chmod(0o600)
+        # The server checks the data dir for links at start, but one planted after that check must not
+        # redirect this write (or the chmod after a plain write) to another file: atomic and no-follow.
+        write_atomically(self.config_path, self._config().encode(), 0o600)
         process = self._spawner.submit(self._spawn, executable).result()
         write_atomically(self.pid_path, f"{process.pid}\n".encode(), 0o600)
         error = self._wait_ready(process)
@@ -301,7 +302,9 @@ class Broker:
     def _spawn(self, executable: str) -> subprocess.Popen[bytes]:
         # stderr goes to a file, not a pipe: nobody reads a pipe while the broker runs, and a full
         # pipe would block it.
-        with open(self.stderr_path, "ab") as stderr:
+        # Opened without following a link planted since the start-time check (ServerError instead).
+        fd = open_nofollow(self.stderr_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as stderr:
             return subprocess.Popen(
                 [executable, "-c", str(self.config_path)],
                 cwd=self.directory,  # where its relative socket path is bound
@@ -372,8 +375,9 @@ class Broker:
     def _log_tail(self) -> str:
         lines: list[str] = []
         for path in (self.stderr_path, self.log_path):
-            with contextlib.suppress(OSError):
-                lines += path.read_text(encoding="utf-8", errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+            with contextlib.suppress(OSError, ServerError):  # a link is not followed, not even to read
+                text = read_nofollow(path).decode("utf-8", errors="replace")
+                lines += text.splitlines()[-_LOG_TAIL_LINES:]
         return "\n".join(lines)
 
     @staticmethod

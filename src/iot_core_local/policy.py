@@ -37,7 +37,9 @@ from .recipes.claims import THING_PREFIX
 __all__ = [
     "CONDITION_OPERATORS",
     "MAX_DOCUMENT_SIZE",
+    "PROVISIONING_CLAIM_POLICY_ID",
     "evaluate",
+    "is_provisioning_claim_document",
     "provisioning_claim_document",
     "validate_policy",
 ]
@@ -428,6 +430,25 @@ def validate_policy(document: str) -> None:
 PROVISIONED_CLIENT_IDS = (f"{THING_PREFIX}*", "?" * 32)
 
 
+# The `Id` of that implicit policy: how the gateway tells it from the policies attached to a certificate
+# (a claim may not take a session over when this is all that lets it connect).
+PROVISIONING_CLAIM_POLICY_ID = "iot-core-local-provisioning-claim"
+
+
+def is_provisioning_claim_document(document: str) -> bool:
+    """Whether `document` is the implicit policy of a CreateProvisioningClaim certificate."""
+    return f'"Id": "{PROVISIONING_CLAIM_POLICY_ID}"' in document and _claim_id(document)
+
+
+@functools.lru_cache(maxsize=256)
+def _claim_id(document: str) -> bool:
+    try:
+        parsed = json.loads(document)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(parsed, dict) and parsed.get("Id") == PROVISIONING_CLAIM_POLICY_ID
+
+
 def provisioning_claim_document(arn_prefix: str, template_name: str) -> str:
     """The implicit policy of a CreateProvisioningClaim certificate: connect (never as a provisioned hub),
     and the provisioning topics of its own template (the MQTT API's certificate topics and that template's
@@ -441,6 +462,7 @@ def provisioning_claim_document(arn_prefix: str, template_name: str) -> str:
     return json.dumps(
         {
             "Version": "2012-10-17",
+            "Id": PROVISIONING_CLAIM_POLICY_ID,
             "Statement": [
                 {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn_prefix}client/*"},
                 {

@@ -21,7 +21,9 @@ class LimitLog:
     """One log line per `interval` for a limit that is hit, naming how often it was hit since the last.
 
     Thread-safe (the control plane's threads share one). `clock` is monotonic seconds; tests pass one
-    they advance.
+    they advance. `level`: of the interval line (WARNING for a limit; INFO for what a hostile or broken
+    client causes, such as a failed TLS handshake). Every event not written at `level` is written at
+    DEBUG with its detail, so that turning DEBUG on still shows each one.
     """
 
     def __init__(
@@ -31,11 +33,13 @@ class LimitLog:
         interval: float = 10.0,
         *,
         clock: Callable[[], float] = time.monotonic,
+        level: int = logging.WARNING,
     ) -> None:
         self.logger = logger
         self.what = what  # e.g. "connection refused: 4000 connections open (max_connections)"
         self.interval = interval
         self.clock = clock
+        self.level = level
         self.total = 0  # every event since start, for tests and diagnostics
         self._pending = 0
         self._next: float | None = None
@@ -47,12 +51,18 @@ class LimitLog:
             self.total += 1
             self._pending += 1
             now = self.clock()
-            if self._next is not None and now < self._next:
-                return
-            count, self._pending = self._pending, 0
-            self._next = now + self.interval
+            quiet = self._next is not None and now < self._next
+            if not quiet:
+                count, self._pending = self._pending, 0
+                self._next = now + self.interval
+        if quiet:
+            if detail:
+                self.logger.debug("%s: %s", self.what, detail)
+            return
         suffix = f" (last: {detail})" if detail else ""
-        self.logger.warning("%s: %d time(s) in the last %g s%s", self.what, count, self.interval, suffix)
+        self.logger.log(
+            self.level, "%s: %d time(s) in the last %g s%s", self.what, count, self.interval, suffix
+        )
 
 
 def raise_open_file_limit() -> int:

@@ -10,7 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +348,86 @@ def test_limit_log_writes_one_line_per_interval_with_the_count(caplog: pytest.Lo
         "refused: 1000 time(s) in the last 10 s (last: the last one)",
     ]
     assert limit.total == 1001
+
+
+def _counting(prefix: str, count: int) -> Callable[[str], bool]:
+    """A log match true once `count` records starting with `prefix` were seen (each is written at
+    INFO or DEBUG: one per event, whether or not it makes the interval's line)."""
+    seen = 0
+
+    def match(message: str) -> bool:
+        nonlocal seen
+        if message.startswith(prefix):
+            seen += 1
+        return seen >= count
+
+    return match
+
+
+def test_failed_tls_handshakes_are_logged_once_per_interval(
+    iot_core: LocalIotCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: one INFO line per connection; one local client sending non-TLS bytes for 5 s made 16,280
+    # lines (2.6 MB). Now one line per interval, the count and the last connection, and each at DEBUG.
+    caplog.set_level(logging.INFO)
+    address = (iot_core.endpoint.mqtt_host, iot_core.endpoint.mqtt_port)
+    flood = 30
+    prefix = "connections closed in the TLS handshake"
+    with watch_log(GATEWAY_LOG, _counting(prefix, flood), level=logging.DEBUG) as all_seen:
+        for _ in range(flood):
+            with socket.create_connection(address, timeout=5) as sock:
+                sock.sendall(b"\x16\x03\x01\x00\x05garbage-not-tls" * 4)
+                assert _closed_at_once(sock)
+        assert all_seen.wait(timeout=10)
+    assert iot_core.gateway.failed_handshakes.total == flood
+    lines = [r for r in caplog.records if r.name == GATEWAY_LOG and r.levelno >= logging.INFO]
+    assert [r.getMessage().split(":")[0] for r in lines] == [
+        prefix + " (no TLS, no or untrusted client certificate, or timed out)"
+    ]
+    assert lines[0].levelno == logging.INFO
+    assert "1 time(s) in the last" in lines[0].getMessage()
+
+
+def test_connections_closed_before_connect_are_logged_once_per_interval(
+    iot_core: LocalIotCore, creds_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client with a certificate the TLS layer trusts (a revoked one, say) closing before its CONNECT,
+    # or sending something else, used to write a line per connection too.
+    caplog.set_level(logging.INFO)
+    creds = new_device(iot_core, creds_dir, "quiet")
+    flood = 20
+    prefix = "connections closed before a valid CONNECT"
+    with watch_log(GATEWAY_LOG, _counting(prefix, flood), level=logging.DEBUG) as all_seen:
+        for i in range(flood):
+            client = RawClient(iot_core, creds)
+            if i % 2:
+                client.send_raw(b"\x30\x02\x00\x00")  # a PUBLISH first
+            client.close()
+        assert all_seen.wait(timeout=10)
+    assert iot_core.gateway.closed_before_connect.total == flood
+    lines = [r for r in caplog.records if r.name == GATEWAY_LOG and r.levelno >= logging.INFO]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].getMessage().startswith(prefix)
+    assert "1 time(s) in the last" in lines[0].getMessage()
+
+
+def test_connections_refused_for_their_certificate_are_logged_once_per_interval(
+    iot_core: LocalIotCore, creds_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    creds = new_device(iot_core, creds_dir, "revoked", status="REVOKED")
+    flood = 10
+    prefix = "connections refused for their certificate"
+    with watch_log(GATEWAY_LOG, _counting(prefix, flood), level=logging.DEBUG) as all_seen:
+        for i in range(flood):
+            client = RawClient(iot_core, creds)
+            try:
+                client.send(mqtt5.ConnectPacket(f"revoked-{i}", clean_start=True, keep_alive=30))
+                client.expect_closed(within=5)
+            finally:
+                client.close()
+        assert all_seen.wait(timeout=10)
+    lines = [r for r in caplog.records if r.name == GATEWAY_LOG and r.levelno >= logging.INFO]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].getMessage().startswith(prefix)
+    assert "certificate is REVOKED" in lines[0].getMessage()  # the first one's detail, at once

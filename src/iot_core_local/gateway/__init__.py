@@ -108,6 +108,9 @@ class Gateway:
         self._transports: weakref.WeakSet[asyncio.Transport] = weakref.WeakSet()  # accepted, not yet freed
         self._by_certificate: dict[str, set[Connection]] = {}
         self._by_client_id: dict[str, Connection] = {}
+        # Connections authorized and waiting for Mosquitto's CONNACK, by client id: Mosquitto takes a
+        # session over when it reads the CONNECT, before the new connection is registered.
+        self._connecting: dict[str, set[Connection]] = {}
         self.trust_store = TrustStore(registry, ca, self.in_thread)
         # Awaited for each connection between Mosquitto's CONNACK and the connection's registration for
         # certificate and policy changes (with its certificate id): the window a test must reach into to
@@ -136,6 +139,29 @@ class Gateway:
             "requests to AWS IoT services iot-core-local does not serve (it serves fleet provisioning and "
             "relays MQTT; answered PUBACK 131 with a reason, MQTT 3.1.1 closed)",
             interval,
+        )
+        # What any client that reaches the port can cause, once per connection, before its certificate
+        # is accepted: a line each was 16,000 lines (2.6 MB) in 5 s from one local client sending non-TLS
+        # bytes. One INFO line per interval with the count and the last connection; each at DEBUG.
+        self.failed_handshakes = LimitLog(
+            log,
+            "connections closed in the TLS handshake (no TLS, no or untrusted client certificate, or "
+            "timed out)",
+            interval,
+            level=logging.INFO,
+        )
+        self.closed_before_connect = LimitLog(
+            log,
+            "connections closed before a valid CONNECT (none sent in time, not a CONNECT, malformed, "
+            "or refused for its protocol level or client id)",
+            interval,
+            level=logging.INFO,
+        )
+        self.refused_certificates = LimitLog(
+            log,
+            "connections refused for their certificate (unknown, not ACTIVE, or its CA not ACTIVE)",
+            interval,
+            level=logging.INFO,
         )
         # A flood toward many subscribers that stopped reading closes them all within one drain timeout.
         self.stuck_clients = LimitLog(
@@ -293,15 +319,38 @@ class Gateway:
             context = await self.trust_store.context()
         except ssl.SSLError as e:
             transport.abort()
-            log.info("connection %s: TLS handshake failed: %s", peer, brief(e))
+            self.failed_handshakes.hit(f"connection {peer}: TLS handshake failed: {brief(e)}")
             return None
-        return await handshake(transport, peer, context, self.limits.handshake_timeout, require_alpn)
+        return await handshake(
+            transport, peer, context, self.limits.handshake_timeout, require_alpn, self.failed_handshakes
+        )
 
     # ---- connections by certificate -----------------------------------------------------------
 
     def connection(self, client_id: str) -> Connection | None:
         """The registered connection of this client id, if one is open."""
         return self._by_client_id.get(client_id)
+
+    def client_id_holders(self, client_id: str) -> set[str]:
+        """The certificate ids of the connections that hold `client_id` now: the registered one, and
+        those authorized and connecting to Mosquitto with it (which would take the session over)."""
+        holders = {connection.certificate_id for connection in self._connecting.get(client_id, ())}
+        current = self._by_client_id.get(client_id)
+        if current is not None:
+            holders.add(current.certificate_id)
+        return holders
+
+    def connecting(self, connection: Connection, client_id: str) -> None:
+        """`connection` is authorized and about to send its CONNECT to Mosquitto as `client_id`."""
+        self._connecting.setdefault(client_id, set()).add(connection)
+
+    def connected(self, connection: Connection, client_id: str) -> None:
+        """`connection`'s CONNECT window (see `connecting`) is over: registered, or closed."""
+        pending = self._connecting.get(client_id)
+        if pending is not None:
+            pending.discard(connection)
+            if not pending:
+                del self._connecting[client_id]
 
     def register(self, connection: Connection) -> None:
         self._by_certificate.setdefault(connection.certificate_id, set()).add(connection)

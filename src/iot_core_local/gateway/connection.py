@@ -26,6 +26,7 @@ from ..faults import CONNECT as CONNECT_OPERATION
 from ..faults import Fault
 from ..model import CaStatus, Certificate, CertificateStatus
 from ..provisioning import Answer, Event, Refuse, Request, Requester
+from ..resources import LimitLog
 from . import mqtt311
 from .lifecycle import disconnect_reason
 from .tls import READ_SIZE, brief
@@ -150,6 +151,10 @@ class Connection:
         self.mqtt311 = False
         self._parse: Callable[[bytearray, int, int], mqtt5.Packet] = parse
         self._encode: Callable[[mqtt5.Packet], bytes] = _write_mqtt5
+        # Where a close before the certificate is accepted is told (once per interval, see the gateway's
+        # LimitLogs): any client can cause those once per connection. None once that stage is passed.
+        self._tally: LimitLog | None = gateway.closed_before_connect
+        self._connecting_as: str | None = None  # the client id of the CONNECT window (Gateway.connecting)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -160,6 +165,7 @@ class Connection:
         accepted = False
         try:
             connect, raw = await self._read_connect()
+            self._tally = None
             if self.gw.faults.armed:
                 await self._connect_fault()
             changes = self.gw.changes  # certificate/policy changes heard so far (see below)
@@ -169,6 +175,7 @@ class Connection:
                 await self.gw.connect_window_hook(self.certificate_id)
             accepted = True
             self.gw.register(self)
+            self._end_connect_window()
             # The CONNACK only once the connect is recorded (lifecycle, connectivity data): a client that
             # asks the control plane right after its CONNACK finds itself connected.
             self._write_client(self.connack)
@@ -184,19 +191,28 @@ class Connection:
             # before it (a malformed or oversized first packet) is just closed, as AWS IoT Core does.
             if closing.reason is not None and self.connack_sent:
                 self._send_client(mqtt5.DisconnectPacket(reason_code=closing.reason))
-            level = logging.INFO if closing.notable or not accepted else logging.DEBUG
-            after = f" after {time.monotonic() - self.started:.1f} s" if accepted else ""
-            log.log(level, "%s: closed%s: %s", self.describe(), after, closing.outcome)
+            if self._tally is not None:
+                self._tally.hit(f"{self.describe()}: {closing.outcome}")
+            else:
+                level = logging.INFO if closing.notable or not accepted else logging.DEBUG
+                after = f" after {time.monotonic() - self.started:.1f} s" if accepted else ""
+                log.log(level, "%s: closed%s: %s", self.describe(), after, closing.outcome)
             del closing  # it holds a traceback through this frame (see _relay)
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
             log.debug("%s: connection lost: %s", self.describe(), e)
             if self.disconnect_reason is None:
                 self.disconnect_reason = disconnect_reason(None, self.client_disconnected)
         finally:
+            self._end_connect_window()
             if accepted:
                 self.gw.unregister(self)
             self.kicked = None
             self.abort()
+
+    def _end_connect_window(self) -> None:
+        if self._connecting_as is not None:
+            self.gw.connected(self, self._connecting_as)
+            self._connecting_as = None
 
     def abort(self) -> None:
         """Close both sides now; pending output to a dead or hostile peer is not worth waiting for."""
@@ -364,6 +380,7 @@ class Connection:
 
     async def _authorize(self, connect: mqtt5.ConnectPacket) -> None:
         gw = self.gw
+        self._tally = gw.refused_certificates  # a certificate refused: told once per interval
         record = gw.registry.find_certificate(self.certificate_id)
         if record is None or record.status == CertificateStatus.PENDING_ACTIVATION:
             record = await self._unknown_certificate(record)
@@ -376,17 +393,42 @@ class Connection:
                 state = "not registered" if ca is None else ca.status
                 raise Close(f"refused without CONNACK: the certificate's CA {ca_id} is {state}")
             self.ca_certificate_id = ca_id  # its CA set INACTIVE or deleted later kicks this connection
+        self._tally = None  # from here on an ACTIVE certificate is known: its refusals are logged each
 
         self.variables = {"iot:ClientId": connect.client_id}
         self._load_policies()
         if not self.allowed("iot:Connect", f"client/{connect.client_id}"):
             self._refuse_connect("iot:Connect is not allowed")
+        client_id = connect.client_id
+        if client_id and self._connects_as_claim_only(f"client/{client_id}"):
+            # The implicit policy of a CreateProvisioningClaim certificate allows client/*: it must not
+            # let the claim take over a device's session (issue 11, point 8: nothing else is allowed to
+            # it). AWS would let it; its samples use a fresh client id, so nothing they do is refused.
+            others = gw.client_id_holders(client_id) - {self.certificate_id}
+            if others:
+                self._refuse_connect(
+                    "a provisioning claim may not take over the client id of another certificate's connection"
+                )
         will = connect.will
         if will is not None and (
             will.topic.startswith("$") or not self._may_publish(will.topic, retain=will.retain)
         ):
             action = "iot:Publish and iot:RetainPublish are" if will.retain else "iot:Publish is"
             self._refuse_connect(f"{action} not allowed on the will topic {will.topic!r}")
+        if client_id:
+            # Known from now until registered or closed: a claim arriving in that window is refused too.
+            # No await since the check above, so no other CONNECT comes in between.
+            self._connecting_as = client_id
+            gw.connecting(self, client_id)
+
+    def _connects_as_claim_only(self, resource: str) -> bool:
+        """Whether only the implicit policy of a CreateProvisioningClaim certificate lets it connect (a
+        policy attached to the certificate that allows it too takes precedence: the customer's choice)."""
+        claim = [d for d in self.documents if policy.is_provisioning_claim_document(d)]
+        if not claim:
+            return False
+        others = [d for d in self.documents if d not in claim]
+        return not policy.evaluate(others, "iot:Connect", self.gw.arn_prefix + resource, self.variables)
 
     def _load_policies(self) -> None:
         """(Re)read this certificate's policies and thing; a policy attached or detached while connected
@@ -431,6 +473,8 @@ class Connection:
         if isinstance(outcome, Refuse):
             raise Close(f"refused without CONNACK: {outcome.why}")
         if isinstance(outcome, Event):
+            # A registration (once per certificate, which a registered CA signed): logged each time.
+            self._tally = None
             raise Close(
                 "JITR: certificate registered PENDING_ACTIVATION, event published; closed without CONNACK"
             )

@@ -23,6 +23,7 @@ from cryptography import x509
 
 from ..ca import CertificateAuthority
 from ..registry import Registry
+from ..resources import LimitLog
 
 __all__ = ["ALPN_MQTT", "LeanSSLProtocol", "TrustStore", "handshake", "start_tls"]
 
@@ -147,14 +148,27 @@ async def handshake(
     context: ssl.SSLContext,
     handshake_timeout: float,
     require_alpn: str | None = None,
+    failures: LimitLog | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
     """TLS on a connection whose reading was paused at accept: (reader, writer, client certificate DER),
-    or None (logged) if the handshake fails, the client sent no certificate, or `require_alpn` is given
-    and the client did not offer it.
+    or None if the handshake fails, the client sent no certificate, or `require_alpn` is given and the
+    client did not offer it.
+
+    Each failure is told to `failures` (one line per interval, each at DEBUG), or logged at DEBUG if
+    None: any client that can reach the port causes one per connection, without a certificate, and a
+    line each was 16,000 lines in 5 s from one local client sending non-TLS bytes.
 
     Reading stays paused until TLS takes over the transport, so no byte of the ClientHello can be
     consumed as plain data first (the race StreamWriter.start_tls has on the server side).
     """
+
+    def failed(why: str) -> None:
+        detail = f"connection {peer}: {why}"
+        if failures is None:
+            log.debug("%s", detail)
+        else:
+            failures.hit(detail)
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -164,12 +178,12 @@ async def handshake(
         )
     except ssl.SSLCertVerificationError as e:
         transport.abort()
-        log.info("connection %s: TLS handshake refused: %s", peer, e.verify_message or e.reason)
+        failed(f"TLS handshake refused: {e.verify_message or e.reason}")
         return None
     except (ssl.SSLError, OSError, TimeoutError, EOFError, RuntimeError) as e:
         # RuntimeError: asyncio refuses start_tls on a transport the peer already closed.
         transport.abort()
-        log.info("connection %s: TLS handshake failed: %s", peer, brief(e))
+        failed(f"TLS handshake failed: {brief(e)}")
         return None
     if tls is None:  # the peer went away during the handshake
         transport.abort()
@@ -180,13 +194,13 @@ async def handshake(
     ssl_object = tls.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
-        log.info("connection %s: closed: no client certificate", peer)
+        failed("closed: no client certificate")
         tls.abort()
         return None
     if require_alpn is not None and ssl_object.selected_alpn_protocol() != require_alpn:
         # OpenSSL asks the server's ALPN choice only of a client that offers ALPN at all, so a client
         # without it completes the handshake; it is closed before it can send a byte of MQTT.
-        log.info("connection %s: closed: ALPN %s not offered on the ALPN port", peer, require_alpn)
+        failed(f"closed: ALPN {require_alpn} not offered on the ALPN port")
         tls.abort()
         return None
     return reader, writer, der
