@@ -826,3 +826,37 @@ def test_a_withdrawn_identity_is_not_answered_again(
         _rejected(request(client, topic, body), 400, "InvalidCertificateOwnershipToken", "used")
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "arn:aws:lambda:us-east-1:123456789012:function:SomeoneElsesHook",
+        "arn:aws:lambda:eu-west-1:123456789012:function:HubTakeoverGuard",  # another region's guard
+        "arn:aws:lambda:us-east-1:210987654321:function:HubTakeoverGuard",  # another account's guard
+    ],
+)
+def test_a_lambda_hook_iot_core_local_does_not_host_is_refused(
+    core: LocalIotCore, tmp_path: Path, target: str
+) -> None:
+    name = f"Lambda{next(_counter)}"
+    setup = set_up_fleet_provisioning(core.client(), name, hook_url=target)
+    creds = write_credentials(
+        tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+    )
+    client = connect_claim(core, creds, "lambda")
+    try:
+        issued = _issue(client)
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": "L"},
+        }
+        _rejected(
+            request(client, register_topic(name), json.dumps(body).encode()),
+            403,
+            "AccessDenied",
+            "arn:aws:lambda:us-east-1:123456789012:function:HubTakeoverGuard)",  # names what it hosts
+        )
+    finally:
+        client.close()
+    assert core.registry.find_thing("hub-L") is None
