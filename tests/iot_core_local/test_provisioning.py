@@ -45,7 +45,9 @@ _counter = iter(range(1_000_000))
 
 @pytest.fixture
 def claim(core: LocalIotCore, tmp_path: Path) -> tuple[ClaimSetup, Credentials]:
-    setup = set_up_fleet_provisioning(core.client(), f"Tmpl{next(_counter)}")
+    # The provisioning API's own answers, under a template without a hook: the recipe's default takeover
+    # guard would refuse some requests first (a missing serial, say); it has tests of its own.
+    setup = set_up_fleet_provisioning(core.client(), f"Tmpl{next(_counter)}", takeover_guard=False)
     creds = write_credentials(
         tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
     )
@@ -849,7 +851,7 @@ def test_a_lambda_hook_iot_core_local_does_not_host_is_refused(
         issued = _issue(client)
         body = {
             "certificateOwnershipToken": issued["certificateOwnershipToken"],
-            "parameters": {"SerialNumber": "L"},
+            "parameters": {"SerialNumber": name},
         }
         _rejected(
             request(client, register_topic(name), json.dumps(body).encode()),
@@ -859,4 +861,4 @@ def test_a_lambda_hook_iot_core_local_does_not_host_is_refused(
         )
     finally:
         client.close()
-    assert core.registry.find_thing("hub-L") is None
+    assert core.registry.find_thing(f"hub-{name}") is None
