@@ -862,3 +862,36 @@ def test_a_lambda_hook_iot_core_local_does_not_host_is_refused(
     finally:
         client.close()
     assert core.registry.find_thing(f"hub-{name}") is None
+
+
+def test_two_hubs_sending_one_new_serial_at_once_onboard_one(core: LocalIotCore, tmp_path: Path) -> None:
+    # The recipe's default hook, hosted in-process: its verdict and the registration run in one step on
+    # the event loop, so the second request sees the first one's ACTIVE certificate.
+    name = f"Race{next(_counter)}"
+    setup = set_up_fleet_provisioning(core.client(), name)
+    creds = write_credentials(
+        tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+    )
+    hubs = [connect_claim(core, creds, f"race-{i}") for i in range(2)]
+    try:
+        topic = register_topic(name)
+        bodies = [
+            json.dumps(
+                {
+                    "certificateOwnershipToken": _issue(hub)["certificateOwnershipToken"],
+                    "parameters": {"SerialNumber": name},
+                }
+            ).encode()
+            for hub in hubs
+        ]
+        for hub in hubs:
+            assert hub.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+        for hub, body in zip(hubs, bodies, strict=True):
+            assert hub.publish(topic, body) == 0
+        outcomes = sorted(hub.receive_type(mqtt5.PublishPacket).topic.rsplit("/", 1)[1] for hub in hubs)
+    finally:
+        for hub in hubs:
+            hub.close()
+    assert outcomes == ["accepted", "rejected"]
+    principals = core.registry.list_thing_principals(f"hub-{name}")
+    assert len(principals) == 1

@@ -6,8 +6,9 @@ the serial and would attach a second ACTIVE certificate to it (and merge its att
 a pre-provisioning hook, which sees the request before anything is created. `takeover_verdict` is that
 hook's logic, through any boto3 IoT client: it refuses when the serial's thing has an ACTIVE certificate
 already, and allows a new serial, or one whose certificates were all deactivated (a hub re-onboarding
-after a reset). Two hubs sending one new serial at the same instant can both pass: the check and the
-creation are not one transaction, in AWS either.
+after a reset). Two hubs sending one new serial at the same instant can both pass in AWS: the check and
+the creation are not one transaction there (iot-core-local's hosted guard judges and registers in one step
+on its event loop, so there one of them wins).
 
 In AWS the hook is a Lambda function (`lambda_handler` below is its whole body, with `boto3.client("iot")`
 and `iot:ListThingPrincipals` and `iot:DescribeCertificate` in its role), deployed under the name
