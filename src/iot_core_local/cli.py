@@ -1,8 +1,9 @@
 """`iot-core-local`: run the stand-in, and set it up the way a hub maker sets up its AWS account.
 
     iot-core-local serve       --data-dir DIR [...]           until SIGINT or SIGTERM
-    iot-core-local setup-fleet --data-dir DIR --out FOLDER    template, policies, a claim pair in FOLDER
-                               [--takeover-guard]              then the takeover guard, its hook
+    iot-core-local setup-fleet --data-dir DIR --out FOLDER    template (guarded against takeovers by the
+                                                               hosted HubTakeoverGuard hook), policies, a
+                                                               claim pair in FOLDER
     iot-core-local setup-managed --data-dir DIR --out FOLDER --hub SERIAL:UPC ...
                                                    endpoint, profile, managed things, the claim in FOLDER
     iot-core-local setup-jitr  --data-dir DIR --out FOLDER    device CA, a DHA pair, then the activator
@@ -141,12 +142,6 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     fleet.add_argument("--template", default="HubTemplate", help="template name (default HubTemplate)")
-    fleet.add_argument(
-        "--takeover-guard",
-        action="store_true",
-        help="make the takeover guard the template's pre-provisioning hook and run it until Ctrl-C "
-        "(it refuses a serial whose thing has an ACTIVE certificate)",
-    )
     managed.add_argument(
         "--profile",
         default="HubProfile",
@@ -321,7 +316,7 @@ def _set_up(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "setup-fleet":
-            set_up_fleet(args.data_dir, args.out, args.template, takeover_guard=args.takeover_guard)
+            set_up_fleet(args.data_dir, args.out, args.template)
         elif args.command == "setup-managed":
             set_up_managed(args.data_dir, args.out, args.profile, args.hub)
         else:

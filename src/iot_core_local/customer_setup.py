@@ -9,8 +9,8 @@ a file in the output folder is never overwritten.
 
 `setup-managed` is managed integrations' set-up (the custom endpoint, a provisioning profile, a
 PRE_ASSOCIATED managed thing per hub). `setup-jitr` then runs the JITR activator (the customer's rule and
-Lambda function), and `setup-fleet --takeover-guard` the takeover guard (the template's pre-provisioning
-hook), until SIGINT or SIGTERM.
+Lambda function) until SIGINT or SIGTERM. `setup-fleet` needs nothing running: its template's
+pre-provisioning hook is the takeover guard's Lambda function, which the stand-in hosts itself.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from .recipes.claims import (
     create_unless_present,
     ensure_fleet_provisioning,
     hub_policy_document,
+    takeover_guard_arn,
 )
 from .recipes.credential_files import private_folder, write_pair
 from .recipes.jitr import DeviceCA, JitrActivator, registration_event_topic
 from .recipes.managed_integrations import Hub, find_profile, set_up_managed_integrations
-from .recipes.takeover import TakeoverGuard
+from .registry import ACCOUNT_ID
 from .server import Endpoint
 from .signals import TerminationSignals
 
@@ -93,35 +94,19 @@ def _existing_pair(folder: Path, names: tuple[str, str]) -> tuple[str, str] | No
     return paths[0].read_text(encoding="utf-8"), paths[1].read_text(encoding="utf-8")
 
 
-def set_up_fleet(
-    data_dir: Path,
-    out: Path,
-    template_name: str,
-    *,
-    takeover_guard: bool = False,
-    run: Callable[[TakeoverGuard], None] | None = None,
-) -> None:
-    """Template, policies and a claim certificate in the cloud; the claim pair in `out`. With
-    `takeover_guard`, the guard is the template's hook and serves until a signal (`run`: instead)."""
+def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
+    """Template, policies and a claim certificate in the cloud; the claim pair in `out`.
+
+    The template's hook is the takeover guard the stand-in hosts, also on a rerun: a template left by an
+    older set-up without a hook, or naming a guard URL that is closed now, is pointed at it; a claim policy
+    without the Deny of the hubs' client ids gets it (the recipe's `ensure_fleet_provisioning`)."""
     cloud = Cloud.of(data_dir)
-    if not takeover_guard:
-        _set_up_fleet(cloud, data_dir, out, template_name, None)
-        return
-    with TakeoverGuard(cloud.client) as guard:
-        _set_up_fleet(cloud, data_dir, out, template_name, guard.url)
-        print(
-            f"takeover guard: listening on {guard.url} (Ctrl-C to stop; once stopped, RegisterThing under "
-            f"{template_name} is refused until it runs again)",
-            flush=True,
-        )
-        (run or _until_signal)(guard)
-
-
-def _set_up_fleet(cloud: Cloud, data_dir: Path, out: Path, template_name: str, hook_url: str | None) -> None:
     iot = cloud.client
-    resources = ensure_fleet_provisioning(iot, template_name, hook_url=hook_url)
+    hook = takeover_guard_arn(iot.meta.region_name, ACCOUNT_ID)
+    resources = ensure_fleet_provisioning(iot, template_name, account=ACCOUNT_ID, hook_url=hook)
     for what in (*resources.created, *resources.existing):
         _report(what, what in resources.created)
+    print(f"takeover guard: {hook} (hosted by iot-core-local)", flush=True)
     private_folder(out)
     existing = _existing_pair(out, CLAIM_FILES)
     if existing is not None:

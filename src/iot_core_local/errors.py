@@ -167,6 +167,13 @@ class DeleteConflict(ServiceError):
     status = 409
 
 
+class VersionsLimitExceeded(ServiceError):
+    """CreatePolicyVersion on a policy with five versions (AWS's limit)."""
+
+    error_type = "VersionsLimitExceededException"
+    status = 409
+
+
 class VersionConflict(ServiceError):
     error_type = "VersionConflictException"
     status = 409

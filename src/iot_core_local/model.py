@@ -23,6 +23,7 @@ __all__ = [
     "CertificateStatus",
     "ManagedThingRole",
     "Policy",
+    "PolicyVersion",
     "ProvisioningProfileStatus",
     "ProvisioningStatus",
     "ProvisioningTemplate",
@@ -146,6 +147,15 @@ class Policy:
     version_id: str
     created: float
     last_modified: float
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    policy_name: str
+    version_id: str
+    document: str
+    created: float
+    is_default: bool
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from iot_core_local.errors import (
     ResourceAlreadyExists,
     ResourceNotFound,
     VersionConflict,
+    VersionsLimitExceeded,
 )
 from iot_core_local.model import (
     DELETED,
@@ -51,6 +52,7 @@ from iot_core_local.model import (
     CertificateMode,
     CertificateStatus,
     Policy,
+    PolicyVersion,
     ProvisioningTemplate,
     TemplateType,
     Thing,
@@ -63,6 +65,7 @@ __all__ = ["ACCOUNT_ID", "Registry", "certificate_id_from_arn"]
 log = logging.getLogger(__name__)
 
 ACCOUNT_ID = "123456789012"
+MAX_POLICY_VERSIONS = 5  # AWS keeps at most five versions of a policy
 
 _CERT_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:cert/([0-9a-f]{64})")
 _THING_GROUP_ARN = re.compile(r"arn:aws[a-z-]*:iot:[a-z0-9-]*:\d{12}:thinggroup/[a-zA-Z0-9:_-]{1,128}")
@@ -105,6 +108,11 @@ CREATE TABLE IF NOT EXISTS ca_certificates (
 CREATE INDEX IF NOT EXISTS ca_by_subject ON ca_certificates (subject);
 CREATE TABLE IF NOT EXISTS policies (
     name TEXT PRIMARY KEY, document TEXT NOT NULL, created REAL NOT NULL, last_modified REAL NOT NULL);
+-- The versions of a policy once CreatePolicyVersion was called on it. A policy without rows here has one,
+-- version 1, its document in policies (which always holds the default version's, as enforcement reads it).
+CREATE TABLE IF NOT EXISTS policy_versions (
+    policy TEXT NOT NULL, version INTEGER NOT NULL, document TEXT NOT NULL, created REAL NOT NULL,
+    is_default INTEGER NOT NULL, PRIMARY KEY (policy, version));
 CREATE TABLE IF NOT EXISTS policy_targets (
     policy TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (policy, target));
 CREATE INDEX IF NOT EXISTS policy_targets_by_target ON policy_targets (target);
@@ -644,12 +652,18 @@ class Registry:
 
     # ---- policies -------------------------------------------------------------------------------
 
+    # The default version's id beside each policy row (1 for a policy never given another version).
+    _POLICY_COLUMNS = (
+        "p.name, p.document, p.created, p.last_modified,"
+        " COALESCE((SELECT v.version FROM policy_versions v WHERE v.policy = p.name AND v.is_default), 1)"
+    )
+
     def _policy(self, row: Any) -> Policy:
         return Policy(
             name=row[0],
             arn=self.arn(f"policy/{row[0]}"),
             document=row[1],
-            version_id="1",
+            version_id=str(row[4]),
             created=row[2],
             last_modified=row[3],
         )
@@ -674,7 +688,7 @@ class Registry:
             return self.get_policy(name)
 
     def find_policy(self, name: str) -> Policy | None:
-        row = self._one("SELECT name, document, created, last_modified FROM policies WHERE name = ?", (name,))
+        row = self._one(f"SELECT {self._POLICY_COLUMNS} FROM policies p WHERE p.name = ?", (name,))
         return None if row is None else self._policy(row)
 
     def get_policy(self, name: str) -> Policy:
@@ -684,7 +698,7 @@ class Registry:
         return policy
 
     def list_policies(self) -> list[Policy]:
-        rows = self._query("SELECT name, document, created, last_modified FROM policies ORDER BY name")
+        rows = self._query(f"SELECT {self._POLICY_COLUMNS} FROM policies p ORDER BY p.name")
         return [self._policy(row) for row in rows]
 
     def delete_policy(self, name: str) -> None:
@@ -692,7 +706,95 @@ class Registry:
             self.get_policy(name)
             if self._one("SELECT 1 FROM policy_targets WHERE policy = ?", (name,)) is not None:
                 raise DeleteConflict(f"Policy {name} is attached to one or more targets; detach it first")
+            if len(self.list_policy_versions(name)) > 1:
+                raise DeleteConflict(
+                    f"Policy {name} has versions other than the default one; delete them first"
+                )
+            self._db.execute("DELETE FROM policy_versions WHERE policy = ?", (name,))
             self._db.execute("DELETE FROM policies WHERE name = ?", (name,))
+
+    def list_policy_versions(self, name: str) -> list[PolicyVersion]:
+        """The versions of policy `name`, newest first (as AWS lists them)."""
+        with self._lock:
+            policy = self.get_policy(name)
+            rows = self._query(
+                "SELECT version, document, created, is_default FROM policy_versions WHERE policy = ?"
+                " ORDER BY version DESC",
+                (name,),
+            )
+        if not rows:
+            return [PolicyVersion(policy.name, "1", policy.document, policy.created, True)]
+        return [PolicyVersion(name, str(r[0]), r[1], r[2], bool(r[3])) for r in rows]
+
+    def get_policy_version(self, name: str, version_id: str) -> PolicyVersion:
+        for version in self.list_policy_versions(name):
+            if version.version_id == version_id:
+                return version
+        raise ResourceNotFound(f"Version {version_id} of policy {name} does not exist")
+
+    def create_policy_version(self, name: str, document: str, set_as_default: bool) -> PolicyVersion:
+        """A new version of policy `name` (ids are never reused); VersionsLimitExceeded with five already."""
+        from iot_core_local.policy import validate_policy
+
+        validate_policy(document)
+        now = self.clock()
+        with self.transaction():
+            versions = self._materialized_versions(name)
+            if len(versions) >= MAX_POLICY_VERSIONS:
+                raise VersionsLimitExceeded(
+                    f"Policy {name} has {MAX_POLICY_VERSIONS} versions already; delete one first"
+                )
+            row = self._one("SELECT MAX(version) FROM policy_versions WHERE policy = ?", (name,))
+            number = int(row[0]) + 1
+            self._db.execute(
+                "INSERT INTO policy_versions (policy, version, document, created, is_default)"
+                " VALUES (?, ?, ?, ?, 0)",
+                (name, number, document, now),
+            )
+            if set_as_default:
+                self._set_default_version(name, number, now)
+            return self.get_policy_version(name, str(number))
+
+    def set_default_policy_version(self, name: str, version_id: str) -> None:
+        with self.transaction():
+            self._materialized_versions(name)
+            version = self.get_policy_version(name, version_id)
+            self._set_default_version(name, int(version.version_id), self.clock())
+
+    def delete_policy_version(self, name: str, version_id: str) -> None:
+        with self.transaction():
+            self._materialized_versions(name)
+            version = self.get_policy_version(name, version_id)
+            if version.is_default:
+                raise DeleteConflict(f"Version {version_id} is the default version of policy {name}")
+            self._db.execute(
+                "DELETE FROM policy_versions WHERE policy = ? AND version = ?", (name, int(version_id))
+            )
+
+    def _materialized_versions(self, name: str) -> list[PolicyVersion]:
+        """The versions of `name`, version 1 written out first if the policy never had another."""
+        versions = self.list_policy_versions(name)
+        if self._one("SELECT 1 FROM policy_versions WHERE policy = ?", (name,)) is None:
+            first = versions[0]
+            self._db.execute(
+                "INSERT INTO policy_versions (policy, version, document, created, is_default)"
+                " VALUES (?, 1, ?, ?, 1)",
+                (name, first.document, first.created),
+            )
+        return versions
+
+    def _set_default_version(self, name: str, number: int, now: float) -> None:
+        """Make version `number` the one enforced, and tell the policy listeners about every target."""
+        self._db.execute(
+            "UPDATE policy_versions SET is_default = (version = ?) WHERE policy = ?", (number, name)
+        )
+        self._db.execute(
+            "UPDATE policies SET last_modified = ?, document ="
+            " (SELECT document FROM policy_versions WHERE policy = ? AND version = ?) WHERE name = ?",
+            (now, name, number, name),
+        )
+        rows = self._query("SELECT target FROM policy_targets WHERE policy = ?", (name,))
+        self._pending_targets.extend(row[0] for row in rows)
 
     def _check_target(self, target: str) -> None:
         cid = certificate_id_from_arn(target)
@@ -718,7 +820,7 @@ class Registry:
 
     def list_attached_policies(self, target: str) -> list[Policy]:
         rows = self._query(
-            "SELECT p.name, p.document, p.created, p.last_modified FROM policies p"
+            f"SELECT {self._POLICY_COLUMNS} FROM policies p"
             " JOIN policy_targets t ON t.policy = p.name WHERE t.target = ? ORDER BY p.name",
             (target,),
         )

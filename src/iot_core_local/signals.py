@@ -1,5 +1,5 @@
-"""SIGINT and SIGTERM for the commands that run until stopped (`serve`, `setup-fleet --takeover-guard`,
-`setup-jitr`): the main thread waits for one of them, and wakes the moment one arrives.
+"""SIGINT and SIGTERM for the commands that run until stopped (`serve`, `setup-jitr`): the main thread
+waits for one of them, and wakes the moment one arrives.
 
 The handler only appends to a list. It must take no lock: Python runs a handler in the main thread between
 two bytecodes, so a handler calling `threading.Event.set()` while the main thread was inside that Event's

@@ -4,6 +4,7 @@ hub with `hub-onboard`, then offboarding; and the boto3 recipe the README shows,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,17 @@ import pytest
 from hub_onboarding import cli as hub_cli
 from hub_onboarding.errors import IdentityError
 from iot_core_local import cli as local_cli
-from iot_core_local.customer_setup import set_up_fleet
+from iot_core_local.recipes.claims import set_up_fleet_provisioning, takeover_guard_arn
 from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_integrations
-from iot_core_local.recipes.takeover import TakeoverGuard
 from iot_core_local.server import LocalIotCore
+from tests._support.certificates import thing_certificates
 from tests._support.hubs import read_config
 from tests.e2e.test_managed_integrations import aws
 from tests.e2e.test_walkthroughs import hand_written_config, mode
 
 pytestmark = pytest.mark.e2e
+
+GUARD_ARN = takeover_guard_arn("us-east-1", "123456789012")
 
 
 def _hub_config(hub: Path, core: LocalIotCore, template: str, upc: str = "012345678905") -> Path:
@@ -182,24 +185,54 @@ def test_setup_managed_names_a_bad_hub(tmp_path: Path, capsys: pytest.CaptureFix
     assert "SERIAL:UPC" in capsys.readouterr().err
 
 
-def test_setup_fleet_with_the_takeover_guard_refuses_a_second_hub_with_the_same_serial(
+def _two_hubs_with_one_serial(tmp_path: Path, core: LocalIotCore, out: Path) -> list[int]:
+    """`hub-onboard provision` for two hubs with the claim in `out` and serial SN-0001, one by one."""
+    outcomes = []
+    for name, upc in (("first", "111111111111"), ("second", "999999999999")):
+        hub = tmp_path / name
+        hub.mkdir()
+        for file in ("claim.pem.crt", "claim.pem.key"):
+            (hub / file).write_bytes((out / file).read_bytes())
+        (hub / "claim.pem.key").chmod(0o600)
+        config = _hub_config(hub, core, "HubTemplate", upc)
+        outcomes.append(hub_cli.main(["provision", "--config", str(config)]))
+    return outcomes
+
+
+def test_setup_fleet_refuses_a_second_hub_with_the_same_serial_by_default(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cloud, out = tmp_path / "cloud", tmp_path / "claim"
     with LocalIotCore(cloud) as core:
-        outcomes: list[int] = []
+        assert local_cli.main(["setup-fleet", "--data-dir", str(cloud), "--out", str(out)]) == 0
+        assert f"takeover guard: {GUARD_ARN} (hosted by iot-core-local)" in capsys.readouterr().out
 
-        def two_hubs(guard: TakeoverGuard) -> None:
-            for name, upc in (("first", "111111111111"), ("second", "999999999999")):
-                hub = tmp_path / name
-                hub.mkdir()
-                for file in ("claim.pem.crt", "claim.pem.key"):
-                    (hub / file).write_bytes((out / file).read_bytes())
-                (hub / "claim.pem.key").chmod(0o600)
-                config = _hub_config(hub, core, "HubTemplate", upc)
-                outcomes.append(hub_cli.main(["provision", "--config", str(config)]))
+        assert _two_hubs_with_one_serial(tmp_path, core, out) == [0, IdentityError.exit_code]
 
-        set_up_fleet(cloud, out, "HubTemplate", takeover_guard=True, run=two_hubs)
-        assert "takeover guard: listening on http://127.0.0.1:" in capsys.readouterr().out
-        assert outcomes == [0, IdentityError.exit_code]
-        assert core.client().describe_thing(thingName="hub-SN-0001")["attributes"] == {"upc": "111111111111"}
+        iot = core.client()
+        assert iot.describe_thing(thingName="hub-SN-0001")["attributes"] == {"upc": "111111111111"}
+        assert len(thing_certificates(iot, "hub-SN-0001")) == 1
+
+
+def test_setup_fleet_rerun_guards_a_cloud_set_up_without_the_guard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cloud, out = tmp_path / "cloud", tmp_path / "claim"
+    with LocalIotCore(cloud) as core:
+        iot = core.client()
+        # What an older set-up left: a template without a hook and a claim policy without the Deny.
+        set_up_fleet_provisioning(iot, "HubTemplate", takeover_guard=False)
+        document = json.loads(iot.get_policy(policyName="HubTemplate-claim")["policyDocument"])
+        document["Statement"] = [s for s in document["Statement"] if s["Effect"] != "Deny"]
+        iot.create_policy_version(
+            policyName="HubTemplate-claim", policyDocument=json.dumps(document), setAsDefault=True
+        )
+        assert "preProvisioningHook" not in iot.describe_provisioning_template(templateName="HubTemplate")
+
+        assert local_cli.main(["setup-fleet", "--data-dir", str(cloud), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "pre-provisioning hook of template HubTemplate: created" in printed
+        assert "version 3 of policy HubTemplate-claim, denying the hubs' client ids: created" in printed
+
+        assert _two_hubs_with_one_serial(tmp_path, core, out) == [0, IdentityError.exit_code]
+        assert len(thing_certificates(iot, "hub-SN-0001")) == 1

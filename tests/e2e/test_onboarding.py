@@ -239,6 +239,10 @@ def test_reset_then_onboard_again(iot: Any, make_cloud_hub: CloudHubFactory) -> 
     assert not old_key.exists()
     assert claim_key.exists(), "reset never deletes the factory's claim credentials"
 
+    # The old certificate is still ACTIVE in the cloud (reset does not touch it): the recipe's takeover
+    # guard refuses the serial until the maker deactivates it, as it would refuse another hub.
+    assert main(["provision", "--config", str(config_path)]) == IdentityError.exit_code
+    iot.update_certificate(certificateId=old_id, newStatus="INACTIVE")
     assert main(["provision", "--config", str(config_path)]) == 0
     again = read_config(config_path)["rw"]
     assert again["iot_provisioning_state"] == "PROVISIONED"

@@ -110,10 +110,11 @@ def test_jitr_with_the_dha_key_in_the_token(
 
 
 def test_reset_deletes_onboardings_token_objects_only(
-    make_cloud_hub: CloudHubFactory, softhsm: SoftHsmToken, capsys: pytest.CaptureFixture[str]
+    iot: Any, make_cloud_hub: CloudHubFactory, softhsm: SoftHsmToken, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config_path = make_cloud_hub(token=softhsm.config())
     assert main(["provision", "--config", str(config_path)]) == 0
+    old = pem_certificate_id(Path(read_config(config_path)["rw"]["iot_permanent_cert_path"]).read_bytes())
     capsys.readouterr()
     serial = read_config(config_path)["ro"]["SN"]
     store = Pkcs11CredentialStore(softhsm.config())
@@ -124,6 +125,8 @@ def test_reset_deletes_onboardings_token_objects_only(
     assert store.describe_key(f"hub-onboarding-{serial}")["count"] == 0, "onboarding's key is gone"
     assert store.describe_key("claim-key")["count"] == 1, "the factory's claim key stays"
     assert read_config(config_path)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+    # The takeover guard lets the serial onboard again once its old certificate is inactive.
+    iot.update_certificate(certificateId=old, newStatus="INACTIVE")
     assert main(["provision", "--config", str(config_path)]) == 0, "and the hub onboards again"
 
 

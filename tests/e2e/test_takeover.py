@@ -1,6 +1,7 @@
 """The plain IoT recipe refuses a takeover (issue 9 point 5), with real hubs against iot-core-local.
 
-Every hub holds the same claim. With the takeover guard as the template's pre-provisioning hook, a hub
+Every hub holds the same claim. With the takeover guard as the template's pre-provisioning hook (the
+recipe's default, the Lambda function iot-core-local hosts; or `TakeoverGuard`'s URL), a hub
 sending an onboarded hub's serial is refused before anything changes (the thing keeps its one certificate
 and its attributes); the claim cannot connect with a provisioned hub's client id; and a hub whose old
 certificate was deactivated onboards again.
@@ -25,29 +26,39 @@ from tests._support.network import connects
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def guarded(iot: Any) -> Iterator[ClaimSetup]:
-    # One template for the module's tests, as for a factory's lines; each test has its own guard, so
-    # the recipe's rerun points the template at it.
+@pytest.fixture(params=["default", "guard-url"])
+def guarded(request: pytest.FixtureRequest, iot: Any) -> Iterator[ClaimSetup]:
+    # One template per kind for the module's tests, as for a factory's lines.
+    if request.param == "default":
+        # What the README's walkthrough runs: no hook named, the recipe's default guards the template.
+        yield set_up_fleet_provisioning(iot, "DefaultTemplate")
+        return
+    # Each test has its own guard, so the recipe's rerun points the template at it.
     with TakeoverGuard(iot) as guard:
         yield set_up_fleet_provisioning(iot, "GuardedTemplate", hook_url=guard.url)
+
+
+def _serial(claim: ClaimSetup, serial: str) -> str:
+    """`serial`, made the template's own: the module's tests share one cloud."""
+    return f"{serial}-{claim.template_name}"
 
 
 def test_a_hub_sending_an_onboarded_serial_is_refused_and_changes_nothing(
     cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
 ) -> None:
-    owner = cloud_claim_hub(cloud, guarded, tmp_path / "owner", "SN-VICTIM", upc="111111111111")
+    victim = _serial(guarded, "SN-VICTIM")
+    owner = cloud_claim_hub(cloud, guarded, tmp_path / "owner", victim, upc="111111111111")
     HubOnboarding(owner).process_device()
     owner_cert = pem_certificate_id(Path(read_config(owner)["rw"]["iot_permanent_cert_path"]).read_bytes())
 
-    intruder = cloud_claim_hub(cloud, guarded, tmp_path / "intruder", "SN-VICTIM", upc="999999999999")
+    intruder = cloud_claim_hub(cloud, guarded, tmp_path / "intruder", victim, upc="999999999999")
     with pytest.raises(IdentityError) as refused:
         HubOnboarding(intruder).process_device()
 
     assert refused.value.status_code == 403
     assert read_config(intruder)["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
-    assert thing_certificates(iot, "hub-SN-VICTIM") == {owner_cert: "ACTIVE"}
-    assert iot.describe_thing(thingName="hub-SN-VICTIM")["attributes"] == {"upc": "111111111111"}
+    assert thing_certificates(iot, f"hub-{victim}") == {owner_cert: "ACTIVE"}
+    assert iot.describe_thing(thingName=f"hub-{victim}")["attributes"] == {"upc": "111111111111"}
     # The owner still connects as itself.
     rw = read_config(owner)["rw"]
     assert connects(cloud, rw["iot_permanent_cert_path"], rw["iot_permanent_pk_path"], rw["client_id"])
@@ -67,12 +78,13 @@ def test_the_claim_cannot_connect_as_a_provisioned_hub(
 def test_a_hub_whose_certificate_was_deactivated_onboards_again(
     cloud: LocalIotCore, iot: Any, guarded: ClaimSetup, tmp_path: Path
 ) -> None:
-    first = cloud_claim_hub(cloud, guarded, tmp_path / "first", "SN-REBORN", upc="111111111111")
+    reborn = _serial(guarded, "SN-REBORN")
+    first = cloud_claim_hub(cloud, guarded, tmp_path / "first", reborn, upc="111111111111")
     HubOnboarding(first).process_device()
     old = pem_certificate_id(Path(read_config(first)["rw"]["iot_permanent_cert_path"]).read_bytes())
     iot.update_certificate(certificateId=old, newStatus="INACTIVE")  # the maker offboards the hub
 
-    again = cloud_claim_hub(cloud, guarded, tmp_path / "again", "SN-REBORN", upc="111111111111")
+    again = cloud_claim_hub(cloud, guarded, tmp_path / "again", reborn, upc="111111111111")
     assert HubOnboarding(again).process_device().state == "PROVISIONED"
     new = pem_certificate_id(Path(read_config(again)["rw"]["iot_permanent_cert_path"]).read_bytes())
-    assert thing_certificates(iot, "hub-SN-REBORN") == {old: "INACTIVE", new: "ACTIVE"}
+    assert thing_certificates(iot, f"hub-{reborn}") == {old: "INACTIVE", new: "ACTIVE"}

@@ -45,7 +45,9 @@ _counter = iter(range(1_000_000))
 
 @pytest.fixture
 def claim(core: LocalIotCore, tmp_path: Path) -> tuple[ClaimSetup, Credentials]:
-    setup = set_up_fleet_provisioning(core.client(), f"Tmpl{next(_counter)}")
+    # The provisioning API's own answers, under a template without a hook: the recipe's default takeover
+    # guard would refuse some requests first (a missing serial, say); it has tests of its own.
+    setup = set_up_fleet_provisioning(core.client(), f"Tmpl{next(_counter)}", takeover_guard=False)
     creds = write_credentials(
         tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
     )
@@ -826,3 +828,70 @@ def test_a_withdrawn_identity_is_not_answered_again(
         _rejected(request(client, topic, body), 400, "InvalidCertificateOwnershipToken", "used")
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "arn:aws:lambda:us-east-1:123456789012:function:SomeoneElsesHook",
+        "arn:aws:lambda:eu-west-1:123456789012:function:HubTakeoverGuard",  # another region's guard
+        "arn:aws:lambda:us-east-1:210987654321:function:HubTakeoverGuard",  # another account's guard
+    ],
+)
+def test_a_lambda_hook_iot_core_local_does_not_host_is_refused(
+    core: LocalIotCore, tmp_path: Path, target: str
+) -> None:
+    name = f"Lambda{next(_counter)}"
+    setup = set_up_fleet_provisioning(core.client(), name, hook_url=target)
+    creds = write_credentials(
+        tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+    )
+    client = connect_claim(core, creds, "lambda")
+    try:
+        issued = _issue(client)
+        body = {
+            "certificateOwnershipToken": issued["certificateOwnershipToken"],
+            "parameters": {"SerialNumber": name},
+        }
+        _rejected(
+            request(client, register_topic(name), json.dumps(body).encode()),
+            403,
+            "AccessDenied",
+            "arn:aws:lambda:us-east-1:123456789012:function:HubTakeoverGuard)",  # names what it hosts
+        )
+    finally:
+        client.close()
+    assert core.registry.find_thing(f"hub-{name}") is None
+
+
+def test_two_hubs_sending_one_new_serial_at_once_onboard_one(core: LocalIotCore, tmp_path: Path) -> None:
+    # The recipe's default hook, hosted in-process: its verdict and the registration run in one step on
+    # the event loop, so the second request sees the first one's ACTIVE certificate.
+    name = f"Race{next(_counter)}"
+    setup = set_up_fleet_provisioning(core.client(), name)
+    creds = write_credentials(
+        tmp_path, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
+    )
+    hubs = [connect_claim(core, creds, f"race-{i}") for i in range(2)]
+    try:
+        topic = register_topic(name)
+        bodies = [
+            json.dumps(
+                {
+                    "certificateOwnershipToken": _issue(hub)["certificateOwnershipToken"],
+                    "parameters": {"SerialNumber": name},
+                }
+            ).encode()
+            for hub in hubs
+        ]
+        for hub in hubs:
+            assert hub.subscribe(f"{topic}/accepted", f"{topic}/rejected") == [1, 1]
+        for hub, body in zip(hubs, bodies, strict=True):
+            assert hub.publish(topic, body) == 0
+        outcomes = sorted(hub.receive_type(mqtt5.PublishPacket).topic.rsplit("/", 1)[1] for hub in hubs)
+    finally:
+        for hub in hubs:
+            hub.close()
+    assert outcomes == ["accepted", "rejected"]
+    principals = core.registry.list_thing_principals(f"hub-{name}")
+    assert len(principals) == 1

@@ -13,9 +13,12 @@ import pytest
 import iot_core_local.recipes
 from iot_core_local.policy import evaluate, validate_policy
 from iot_core_local.recipes.claims import (
+    claim_deny_statement,
+    claim_policy_document,
     ensure_fleet_provisioning,
     hub_template_body,
     set_up_fleet_provisioning,
+    takeover_guard_arn,
 )
 from iot_core_local.recipes.jitr import DeviceCA, activator_policy_document, registration_event_topic
 
@@ -58,6 +61,79 @@ def test_a_second_run_with_another_hook_points_the_template_at_it(cp_client: Any
     described = cp_client.describe_provisioning_template(templateName="Moved")
     assert described["preProvisioningHook"]["targetArn"] == "http://127.0.0.1:9/new"
     assert ensure_fleet_provisioning(cp_client, "Moved", hook_url="http://127.0.0.1:9/new").created == ()
+
+
+GUARD = "arn:aws:lambda:us-east-1:123456789012:function:HubTakeoverGuard"
+
+
+def _hook(cp_client: Any, template: str) -> str | None:
+    hook = cp_client.describe_provisioning_template(templateName=template).get("preProvisioningHook")
+    return None if hook is None else str(hook["targetArn"])
+
+
+def test_the_template_names_the_takeover_guard_unless_told_otherwise(cp_client: Any) -> None:
+    assert takeover_guard_arn("us-east-1", "123456789012") == GUARD
+    set_up_fleet_provisioning(cp_client, "Default")
+    assert _hook(cp_client, "Default") == GUARD
+    set_up_fleet_provisioning(cp_client, "Own", hook_url="http://127.0.0.1:9/own")
+    assert _hook(cp_client, "Own") == "http://127.0.0.1:9/own"
+    set_up_fleet_provisioning(cp_client, "Unsafe", takeover_guard=False)
+    assert _hook(cp_client, "Unsafe") is None
+
+
+def test_a_rerun_points_a_template_without_a_hook_at_the_guard(cp_client: Any) -> None:
+    set_up_fleet_provisioning(cp_client, "Bare", takeover_guard=False)
+    again = ensure_fleet_provisioning(cp_client, "Bare")
+    assert again.created == ("pre-provisioning hook of template Bare",)
+    assert _hook(cp_client, "Bare") == GUARD
+    assert ensure_fleet_provisioning(cp_client, "Bare").created == ()
+    # Opting out again does not take the guard away.
+    assert ensure_fleet_provisioning(cp_client, "Bare", takeover_guard=False).created == ()
+    assert _hook(cp_client, "Bare") == GUARD
+
+
+def _old_claim_policy(template: str) -> str:
+    """The claim policy of a set-up made before it denied the hubs' client ids."""
+    document = json.loads(claim_policy_document("us-east-1", "123456789012", template))
+    document["Statement"].remove(claim_deny_statement("us-east-1", "123456789012"))
+    return json.dumps(document)
+
+
+def test_a_rerun_gives_an_old_claim_policy_the_deny(cp_client: Any) -> None:
+    cp_client.create_policy(policyName="Old-claim", policyDocument=_old_claim_policy("Old"))
+    client_arn = f"{ARN}:client/hub-SN-0001"
+    assert evaluate([_old_claim_policy("Old")], "iot:Connect", client_arn, {})
+
+    again = ensure_fleet_provisioning(cp_client, "Old")
+
+    assert "version 2 of policy Old-claim, denying the hubs' client ids" in again.created
+    document = cp_client.get_policy(policyName="Old-claim")["policyDocument"]
+    assert json.loads(document) == json.loads(claim_policy_document("us-east-1", "123456789012", "Old"))
+    assert not evaluate([document], "iot:Connect", client_arn, {})
+    versions = cp_client.list_policy_versions(policyName="Old-claim")["policyVersions"]
+    assert [(v["versionId"], v["isDefaultVersion"]) for v in versions] == [("2", True), ("1", False)]
+    assert not any("Old-claim" in what for what in ensure_fleet_provisioning(cp_client, "Old").created)
+
+
+def test_a_claim_policy_with_five_versions_loses_its_oldest_unused_one(cp_client: Any) -> None:
+    old = _old_claim_policy("Full")
+    cp_client.create_policy(policyName="Full-claim", policyDocument=old)
+    for _ in range(4):  # versions 2..5; version 3 is the one in force
+        cp_client.create_policy_version(policyName="Full-claim", policyDocument=old)
+    cp_client.set_default_policy_version(policyName="Full-claim", policyVersionId="3")
+    cp_client.delete_policy_version(policyName="Full-claim", policyVersionId="1")
+    cp_client.create_policy_version(policyName="Full-claim", policyDocument=old)  # 6: five again
+
+    ensure_fleet_provisioning(cp_client, "Full")
+
+    versions = cp_client.list_policy_versions(policyName="Full-claim")["policyVersions"]
+    assert [(v["versionId"], v["isDefaultVersion"]) for v in versions] == [
+        ("7", True),
+        ("6", False),
+        ("5", False),
+        ("4", False),
+        ("3", False),
+    ]
 
 
 def test_the_hub_template_activates_the_certificate() -> None:

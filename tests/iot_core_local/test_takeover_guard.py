@@ -1,5 +1,6 @@
-"""The takeover guard (issue 9 point 5): its verdict through boto3 against the control plane, its HTTP
-face, and the claim policy's refusal of provisioned hubs' client ids."""
+"""The takeover guard (issue 9 point 5): its verdict through boto3 against the control plane, the same
+verdict from the function iot-core-local hosts in-process, its HTTP face, and the claim policy's refusal
+of provisioned hubs' client ids."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from iot_core_local.errors import HookDenied
+from iot_core_local.hook import HostedFunctions, call_hook, hosted_functions
 from iot_core_local.policy import evaluate
-from iot_core_local.recipes.claims import claim_policy_document
+from iot_core_local.recipes.claims import claim_policy_document, takeover_guard_arn
 from iot_core_local.recipes.takeover import TakeoverGuard, takeover_verdict
+from iot_core_local.registry import Registry
 
 ARN = "arn:aws:iot:us-east-1:123456789012"
 
@@ -28,33 +32,70 @@ def _hub(cp_client: Any, serial: str, *statuses: str) -> list[str]:
     return ids
 
 
-def _ask(cp_client: Any, serial: object) -> bool:
+GUARD = takeover_guard_arn("us-east-1", "123456789012")
+
+
+def _ask_boto3(cp_client: Any, cp_registry: Registry, serial: object) -> bool:
     answer = takeover_verdict(cp_client, {"parameters": {"SerialNumber": serial}, "clientId": "x"})
     assert set(answer) == {"allowProvisioning"}
     allowed: bool = answer["allowProvisioning"]
     return allowed
 
 
-def test_a_new_serial_is_allowed(cp_client: Any) -> None:
-    assert _ask(cp_client, "SN-NEW") is True
+def _ask_hosted(cp_client: Any, cp_registry: Registry, serial: object) -> bool:
+    """The function iot-core-local answers for the recipe's default hook, as RegisterThing calls it."""
+    try:
+        call_hook(GUARD, {"parameters": {"SerialNumber": serial}}, 5.0, hosted=hosted_functions(cp_registry))
+    except HookDenied:
+        return False
+    return True
 
 
-def test_a_serial_whose_thing_has_an_active_certificate_is_refused(cp_client: Any) -> None:
+@pytest.fixture(params=[_ask_boto3, _ask_hosted], ids=["boto3", "hosted"])
+def ask(request: pytest.FixtureRequest, cp_client: Any, cp_registry: Registry) -> Any:
+    return lambda serial: request.param(cp_client, cp_registry, serial)
+
+
+def test_a_new_serial_is_allowed(ask: Any) -> None:
+    assert ask("SN-NEW") is True
+
+
+def test_a_serial_whose_thing_has_an_active_certificate_is_refused(cp_client: Any, ask: Any) -> None:
     _hub(cp_client, "SN-TAKEN", "INACTIVE", "ACTIVE")
-    assert _ask(cp_client, "SN-TAKEN") is False
+    assert ask("SN-TAKEN") is False
 
 
-def test_a_serial_whose_certificates_are_all_inactive_may_onboard_again(cp_client: Any) -> None:
+def test_a_serial_whose_certificates_are_all_inactive_may_onboard_again(cp_client: Any, ask: Any) -> None:
     _hub(cp_client, "SN-RESET", "INACTIVE", "REVOKED")
-    assert _ask(cp_client, "SN-RESET") is True
+    assert ask("SN-RESET") is True
     _hub(cp_client, "SN-BARE")  # a thing without any certificate
-    assert _ask(cp_client, "SN-BARE") is True
+    assert ask("SN-BARE") is True
 
 
 @pytest.mark.parametrize("serial", [None, "", 7])
-def test_a_request_without_a_serial_is_refused(cp_client: Any, serial: object) -> None:
-    assert _ask(cp_client, serial) is False
+def test_a_request_without_a_serial_is_refused(cp_client: Any, ask: Any, serial: object) -> None:
+    assert ask(serial) is False
     assert takeover_verdict(cp_client, {"parameters": "nope"}) == {"allowProvisioning": False}
+
+
+def test_the_hosted_guard_refuses_when_the_registry_cannot_be_read(
+    cp_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(name: str) -> list[str]:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(cp_registry, "list_thing_principals", broken)
+    cp_registry.create_thing("hub-SN-X")
+    with pytest.raises(HookDenied, match="denied"):
+        call_hook(GUARD, {"parameters": {"SerialNumber": "SN-X"}}, 5.0, hosted=hosted_functions(cp_registry))
+
+
+def test_only_the_guard_of_this_region_and_account_is_hosted(cp_registry: Registry) -> None:
+    hosted: HostedFunctions = hosted_functions(cp_registry)
+    assert hosted.find(GUARD) is not None
+    assert hosted.find(GUARD + ":live") is not None  # an alias or version runs the same code
+    assert hosted.find(takeover_guard_arn("eu-west-1", "123456789012")) is None
+    assert hosted.find(GUARD.replace("HubTakeoverGuard", "Other")) is None
 
 
 def test_a_cloud_that_cannot_be_asked_refuses(cp_client: Any) -> None:

@@ -5,9 +5,10 @@ Starts iot-core-local in a temporary folder and tells the managed integrations s
 (PRE_ASSOCIATED); the hub onboards through the real MQTT path; its managed thing is ACTIVATED and, once
 the hub connects as it, connected; offboarding deletes the managed thing (the cloud closes the hub's
 connection) and resets the hub. `plain_iot` tells the plain AWS IoT story instead: a provisioning
-template, policies and a claim certificate (`recipes.claims`), with the takeover guard as its
-pre-provisioning hook, which refuses a second hub sending the same serial. `pkcs11` keeps the hub's claim
-and permanent keys in a SoftHSM2 token (`tools.softhsm`) instead of files, in either story.
+template, policies and a claim certificate (`recipes.claims`), with the takeover guard (the recipe's
+default, hosted by iot-core-local) as its pre-provisioning hook, which refuses a second hub sending the
+same serial. `pkcs11` keeps the hub's claim and permanent keys in a SoftHSM2 token (`tools.softhsm`)
+instead of files, in either story.
 
 The folder is deleted at exit, unless `keep` names one to keep it in: the hub's config and credentials
 (`hub/`) and the stand-in's data (`cloud/`, which `iot-core-local serve --data-dir` serves again) stay
@@ -271,31 +272,31 @@ def _plain_iot_story(stage: _Stage) -> bool:
     from hub_onboarding.errors import IdentityError
     from hub_onboarding.onboarding import HubOnboarding
     from iot_core_local.recipes.claims import set_up_fleet_provisioning
-    from iot_core_local.recipes.takeover import TakeoverGuard
 
     iot = stage.core.client()
-    with TakeoverGuard(iot) as guard:
-        _step("creating the provisioning template (the takeover guard as its hook), policies, claim (boto3)")
-        claim = set_up_fleet_provisioning(iot, TEMPLATE_NAME, hook_url=guard.url)
-        _show(f"claim certificate {claim.certificate_id[:16]}... attached to {claim.claim_policy_name}")
-        _step("writing a factory-fresh hub config")
-        config_path = stage.write_hub(claim.certificate_pem, claim.private_key_pem, claim.template_name)
-        hub = HubOnboarding(config_path, on_step=_hub_progress)
-        _show(f"{config_path}: provisioned = {hub.is_provisioned()}")
-        _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
-        hub.process_device()
-        stage.show_token_key(config_path)
-        _step(f"a second hub sending serial {SERIAL} with the same claim")
-        intruder = stage.write_hub(
-            claim.certificate_pem, claim.private_key_pem, claim.template_name, name="intruder"
-        )
-        try:
-            HubOnboarding(intruder).process_device()
-        except IdentityError as exc:
-            _show(f"refused by the takeover guard (statusCode {exc.status_code})")
-        else:
-            _show("onboarded: the takeover guard let it through")
-            return False
+    # The recipe's template names the takeover guard (the HubTakeoverGuard Lambda function in AWS), which
+    # iot-core-local hosts itself: nothing to run beside it, and the kept cloud stays guarded.
+    _step("creating the provisioning template (the takeover guard as its hook), policies, claim (boto3)")
+    claim = set_up_fleet_provisioning(iot, TEMPLATE_NAME)
+    _show(f"claim certificate {claim.certificate_id[:16]}... attached to {claim.claim_policy_name}")
+    _step("writing a factory-fresh hub config")
+    config_path = stage.write_hub(claim.certificate_pem, claim.private_key_pem, claim.template_name)
+    hub = HubOnboarding(config_path, on_step=_hub_progress)
+    _show(f"{config_path}: provisioned = {hub.is_provisioned()}")
+    _step("onboarding the hub (claim connect, CreateCertificateFromCsr, RegisterThing, verify)")
+    hub.process_device()
+    stage.show_token_key(config_path)
+    _step(f"a second hub sending serial {SERIAL} with the same claim")
+    intruder = stage.write_hub(
+        claim.certificate_pem, claim.private_key_pem, claim.template_name, name="intruder"
+    )
+    try:
+        HubOnboarding(intruder).process_device()
+    except IdentityError as exc:
+        _show(f"refused by the takeover guard (statusCode {exc.status_code})")
+    else:
+        _show("onboarded: the takeover guard let it through")
+        return False
     _step("the cloud now has")
     for thing in iot.list_things()["things"]:
         principals = iot.list_thing_principals(thingName=thing["thingName"])["principals"]

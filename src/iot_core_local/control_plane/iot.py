@@ -556,6 +556,61 @@ def _delete_policy(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, 
     return {}
 
 
+@_operation("CreatePolicyVersion")
+def _create_policy_version(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
+    name = params["policyName"]
+    version = backend.registry.create_policy_version(
+        name, params["policyDocument"], bool(params.get("setAsDefault", False))
+    )
+    return {
+        "policyArn": backend.registry.arn(f"policy/{name}"),
+        "policyDocument": version.document,
+        "policyVersionId": version.version_id,
+        "isDefaultVersion": version.is_default,
+    }
+
+
+@_operation("ListPolicyVersions")
+def _list_policy_versions(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
+    versions = backend.registry.list_policy_versions(params["policyName"])
+    return {
+        "policyVersions": [
+            {"versionId": v.version_id, "isDefaultVersion": v.is_default, "createDate": v.created}
+            for v in versions
+        ]
+    }
+
+
+@_operation("GetPolicyVersion")
+def _get_policy_version(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
+    name = params["policyName"]
+    version = backend.registry.get_policy_version(name, params["policyVersionId"])
+    return {
+        "policyArn": backend.registry.arn(f"policy/{name}"),
+        "policyName": name,
+        "policyDocument": version.document,
+        "policyVersionId": version.version_id,
+        "isDefaultVersion": version.is_default,
+        "creationDate": version.created,
+        "lastModifiedDate": version.created,
+        "generationId": hashlib.sha256(
+            f"{name}\0{version.version_id}\0{version.document}".encode()
+        ).hexdigest(),
+    }
+
+
+@_operation("SetDefaultPolicyVersion")
+def _set_default_policy_version(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
+    backend.registry.set_default_policy_version(params["policyName"], params["policyVersionId"])
+    return {}
+
+
+@_operation("DeletePolicyVersion")
+def _delete_policy_version(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
+    backend.registry.delete_policy_version(params["policyName"], params["policyVersionId"])
+    return {}
+
+
 @_operation("AttachPolicy")
 def _attach_policy(backend: IotBackend, params: dict[str, Any]) -> Mapping[str, Any]:
     backend.registry.attach_policy(params["policyName"], params["target"])

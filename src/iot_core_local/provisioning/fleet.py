@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from .. import templates
 from ..ca import CertificateAuthority, certificate_id, load_csr
 from ..errors import HookDenied, InvalidRequest, ServiceError, TemplateEvaluationError
-from ..hook import call_hook
+from ..hook import call_hook, hosted_functions
 from ..model import Certificate, CertificateStatus, ProvisioningTemplate, TokenGrant
 from ..registry import Registry
 from .topics import CREATE_FROM_CSR, CREATE_KEYS, REGISTER_THING, Answer, Request, Requester
@@ -133,6 +133,7 @@ class FleetProvisioning:
         self.ca = ca
         self.token_ttl = token_ttl
         self.hook_timeout = hook_timeout
+        self.hosted = hosted_functions(registry)  # the hook functions answered in-process (takeover guard)
         self.matcher: ManagedMatcher | None = None  # set by the server: managed integrations' matching
 
     def prepare(self, request: Request) -> Prepared:
@@ -148,7 +149,10 @@ class FleetProvisioning:
             return _SLOW
         if request.operation == REGISTER_THING and request.template_name is not None:
             stored = self.registry.find_template(request.template_name)
-            hooked = stored is not None and bool((stored.hook or {}).get("targetArn"))
+            target = (stored.hook or {}).get("targetArn") if stored is not None else None
+            # A hosted hook function is a registry lookup, as quick as the rest of RegisterThing: it runs
+            # where that does. Only a hook over the network needs a hook thread.
+            hooked = bool(target) and self.hosted.find(str(target)) is None
             return Prepared(hooked, stored, hook=hooked)
         return _QUICK
 
@@ -317,7 +321,9 @@ class FleetProvisioning:
             }
             try:
                 hook_timeout = self.hook_timeout if prepared.hook_timeout is None else prepared.hook_timeout
-                result = call_hook(target, hook_input, hook_timeout, limit=self.hook_timeout)
+                result = call_hook(
+                    target, hook_input, hook_timeout, limit=self.hook_timeout, hosted=self.hosted
+                )
             except HookDenied as e:
                 raise Rejected(403, "AccessDenied", e.message) from None
             parameters = {**parameters, **result.parameter_overrides}

@@ -8,10 +8,12 @@ is made (a claim's private key cannot be fetched again).
 
 Every hub holds the same claim, so the claim must not let one hub become another. Its policy denies
 connecting with any client id a provisioned hub uses (`hub-*`, the thing names; so a serial must not start
-with `hub-`), and the template's pre-provisioning hook (`hook_url`: the takeover guard of
-`recipes.takeover`, a Lambda function in AWS) refuses a serial whose thing already has an ACTIVE
+with `hub-`), and the template's pre-provisioning hook refuses a serial whose thing already has an ACTIVE
 certificate. Without a hook the template cannot refuse that: a template only names the thing after the
-serial, and attaching a second certificate to an existing thing is what RegisterThing does.
+serial, and attaching a second certificate to an existing thing is what RegisterThing does. So the hook is
+there by default: the Lambda function `TAKEOVER_GUARD_FUNCTION` of the account and region, which runs
+`recipes.takeover.lambda_handler` in AWS and which iot-core-local hosts itself. Until that function exists
+in AWS, RegisterThing fails (closed), it never lets a hub through unchecked.
 """
 
 from __future__ import annotations
@@ -29,6 +31,26 @@ SERIAL_NUMBER_PARAMETER = "SerialNumber"
 UPC_PARAMETER = "UniversalProductCode"
 CLIENT_ID_KEY = "ClientId"
 MANAGED_THING_ID_KEY = "ManagedThingId"
+# The Lambda function the templates name as their pre-provisioning hook unless told otherwise: deploy
+# `recipes.takeover.lambda_handler` under this name in AWS; iot-core-local answers it in-process.
+TAKEOVER_GUARD_FUNCTION = "HubTakeoverGuard"
+HOOK_PAYLOAD_VERSION = "2020-04-01"
+
+
+def takeover_guard_arn(region: str, account: str) -> str:
+    """The ARN of the takeover guard's Lambda function in `account` and `region`."""
+    return f"arn:aws:lambda:{region}:{account}:function:{TAKEOVER_GUARD_FUNCTION}"
+
+
+def claim_deny_statement(
+    region: str, account: str, hub_client_ids: str = f"{THING_PREFIX}*"
+) -> dict[str, Any]:
+    """The claim policy's statement that keeps the claim from connecting as a provisioned hub."""
+    return {
+        "Effect": "Deny",
+        "Action": "iot:Connect",
+        "Resource": f"arn:aws:iot:{region}:{account}:client/{hub_client_ids}",
+    }
 
 
 def claim_policy_document(
@@ -50,7 +72,7 @@ def claim_policy_document(
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
-                {"Effect": "Deny", "Action": "iot:Connect", "Resource": f"{prefix}:client/{hub_client_ids}"},
+                claim_deny_statement(region, account, hub_client_ids),
                 {
                     "Effect": "Allow",
                     "Action": ["iot:Publish", "iot:Receive"],
@@ -171,20 +193,34 @@ def set_up_fleet_provisioning(
     account: str = "123456789012",
     role_arn: str = "arn:aws:iam::123456789012:role/IoTProvisioningRole",
     hook_url: str | None = None,
+    takeover_guard: bool = True,
 ) -> ClaimSetup:
     """Create the template, both policies and an ACTIVE claim certificate; return the claim material.
 
-    `hook_url` is the template's pre-provisioning hook: pass the takeover guard's (`TakeoverGuard.url`
-    here, the ARN of a Lambda function running `takeover_verdict` in AWS) or a hook of your own that
-    calls it; without one, a hub holding the claim can register under another hub's serial.
+    The template's pre-provisioning hook is the takeover guard, the Lambda function
+    `TAKEOVER_GUARD_FUNCTION` of `account` and `region` (iot-core-local hosts it; in AWS deploy
+    `recipes.takeover.lambda_handler` under that name, or every RegisterThing is refused). `hook_url`
+    names another hook instead (`TakeoverGuard.url`, or a function of your own that calls
+    `takeover_decision`). `takeover_guard=False` without `hook_url` leaves the template without a hook:
+    UNSAFE, a hub holding the claim can then register under another hub's serial and take it over.
     Against real AWS pass your own account id and a role that IoT may assume to provision things.
-    A template or policy of the same name that already exists is kept as it is (a second run, or a second
-    factory line, gets its own claim certificate under the same template).
+    A template or policy of the same name that already exists is kept, brought up to date where it
+    would let a takeover through (`ensure_fleet_provisioning`); a second run, or a second factory line,
+    gets its own claim certificate under the same template.
     """
     resources = ensure_fleet_provisioning(
-        client, template_name, region=region, account=account, role_arn=role_arn, hook_url=hook_url
+        client,
+        template_name,
+        region=region,
+        account=account,
+        role_arn=role_arn,
+        hook_url=hook_url,
+        takeover_guard=takeover_guard,
     )
     return create_claim(client, resources)
+
+
+MAX_POLICY_VERSIONS = 5  # AWS keeps at most five versions of a policy
 
 
 def ensure_fleet_provisioning(
@@ -195,20 +231,30 @@ def ensure_fleet_provisioning(
     account: str = "123456789012",
     role_arn: str = "arn:aws:iam::123456789012:role/IoTProvisioningRole",
     hook_url: str | None = None,
+    takeover_guard: bool = True,
 ) -> FleetResources:
-    """Create the hub policy, the claim policy and the template unless they exist (kept as they are,
-    but for the template's pre-provisioning hook, set to `hook_url` when one is given)."""
+    """Create the hub policy, the claim policy and the template unless they exist.
+
+    What exists is kept as it is, but for what would let a takeover through: a claim policy without the
+    Deny of `claim_deny_statement` gets a new default version (the recommended document), and a template
+    is pointed at `hook_url` when one is given and it names another, or at the takeover guard when it has
+    no hook at all (unless `takeover_guard=False`). Those changes are listed in `created`.
+    """
     region = region or client.meta.region_name
     hub_policy = f"{template_name}-hub"
     claim_policy = f"{template_name}-claim"
+    target = (
+        hook_url if hook_url is not None else takeover_guard_arn(region, account) if takeover_guard else None
+    )
     template: dict[str, Any] = {
         "templateName": template_name,
         "templateBody": hub_template_body(hub_policy),
         "provisioningRoleArn": role_arn,
         "enabled": True,
     }
-    if hook_url is not None:
-        template["preProvisioningHook"] = {"targetArn": hook_url, "payloadVersion": "2020-04-01"}
+    if target is not None:
+        template["preProvisioningHook"] = {"targetArn": target, "payloadVersion": HOOK_PAYLOAD_VERSION}
+    claim_document = claim_policy_document(region, account, template_name)
     steps: list[tuple[str, Callable[..., object], dict[str, Any]]] = [
         (
             f"policy {hub_policy}",
@@ -218,10 +264,7 @@ def ensure_fleet_provisioning(
         (
             f"policy {claim_policy}",
             client.create_policy,
-            {
-                "policyName": claim_policy,
-                "policyDocument": claim_policy_document(region, account, template_name),
-            },
+            {"policyName": claim_policy, "policyDocument": claim_document},
         ),
         (f"template {template_name}", client.create_provisioning_template, template),
     ]
@@ -229,16 +272,41 @@ def ensure_fleet_provisioning(
     existing: list[str] = []
     for what, create, request in steps:
         (created if create_unless_present(client, create, **request) else existing).append(what)
-    if hook_url is not None and f"template {template_name}" in existing:
-        # The guard of an earlier run may have had another address: the hook named now is the one that
-        # answers, and a template left naming a closed one would refuse every hub.
+    if f"policy {claim_policy}" in existing:
+        version = _add_claim_deny(client, claim_policy, claim_document, claim_deny_statement(region, account))
+        if version is not None:
+            created.append(f"version {version} of policy {claim_policy}, denying the hubs' client ids")
+    if target is not None and f"template {template_name}" in existing:
         hook = client.describe_provisioning_template(templateName=template_name).get("preProvisioningHook")
-        if (hook or {}).get("targetArn") != hook_url:
+        current = (hook or {}).get("targetArn")
+        # An explicit hook replaces whatever the template names (the guard of an earlier run may have had
+        # another address, and a template left naming a closed one would refuse every hub); the default
+        # one only fills a template that has none, so a hook of the hub maker's own is kept.
+        if current != target and (hook_url is not None or not current):
             client.update_provisioning_template(
                 templateName=template_name, preProvisioningHook=template["preProvisioningHook"]
             )
             created.append(f"pre-provisioning hook of template {template_name}")
     return FleetResources(template_name, claim_policy, hub_policy, tuple(created), tuple(existing))
+
+
+def _add_claim_deny(client: Any, name: str, document: str, deny: dict[str, Any]) -> str | None:
+    """Make `document` the default version of claim policy `name` unless its default version has `deny`
+    already (an account set up before the claim policy had it); the new version's id, or None."""
+    current = json.loads(client.get_policy(policyName=name)["policyDocument"])
+    statements = current.get("Statement", []) if isinstance(current, dict) else []
+    if deny in (statements if isinstance(statements, list) else [statements]):
+        return None
+    versions = client.list_policy_versions(policyName=name)["policyVersions"]
+    if len(versions) >= MAX_POLICY_VERSIONS:
+        # AWS refuses a sixth version: the oldest one not in use makes room.
+        oldest = min(
+            (v for v in versions if not v["isDefaultVersion"]),
+            key=lambda v: (v["createDate"], int(v["versionId"])),
+        )
+        client.delete_policy_version(policyName=name, policyVersionId=oldest["versionId"])
+    created = client.create_policy_version(policyName=name, policyDocument=document, setAsDefault=True)
+    return str(created["policyVersionId"])
 
 
 def create_claim(client: Any, resources: FleetResources) -> ClaimSetup:

@@ -6,13 +6,16 @@ the serial and would attach a second ACTIVE certificate to it (and merge its att
 a pre-provisioning hook, which sees the request before anything is created. `takeover_verdict` is that
 hook's logic, through any boto3 IoT client: it refuses when the serial's thing has an ACTIVE certificate
 already, and allows a new serial, or one whose certificates were all deactivated (a hub re-onboarding
-after a reset). Two hubs sending one new serial at the same instant can both pass: the check and the
-creation are not one transaction, in AWS either.
+after a reset). Two hubs sending one new serial at the same instant can both pass in AWS: the check and
+the creation are not one transaction there (iot-core-local's hosted guard judges and registers in one step
+on its event loop, so there one of them wins).
 
 In AWS the hook is a Lambda function (`lambda_handler` below is its whole body, with `boto3.client("iot")`
-and `iot:ListThingPrincipals` and `iot:DescribeCertificate` in its role); the template names its ARN.
-Against iot-core-local a hook may be an http:// URL: `TakeoverGuard` serves the same verdict on a loopback
-port for as long as it is open.
+and `iot:ListThingPrincipals` and `iot:DescribeCertificate` in its role), deployed under the name
+`claims.TAKEOVER_GUARD_FUNCTION` that the recipe's templates name by default. iot-core-local hosts that
+function itself, answering it in-process from its registry with the same rule (`takeover_decision`).
+A hook may also be an http:// URL there: `TakeoverGuard` serves the verdict on a loopback port for as long
+as it is open.
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
 from iot_core_local.model import CertificateStatus
-from iot_core_local.recipes.claims import SERIAL_NUMBER_PARAMETER, THING_PREFIX
+from iot_core_local.recipes.claims import SERIAL_NUMBER_PARAMETER, TAKEOVER_GUARD_FUNCTION, THING_PREFIX
+
+__all__ = [
+    "TAKEOVER_GUARD_FUNCTION",
+    "TakeoverGuard",
+    "lambda_handler",
+    "takeover_decision",
+    "takeover_verdict",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +49,22 @@ _REQUEST_TIMEOUT = 10.0  # a caller that sends nothing for this long is dropped
 def takeover_verdict(
     iot: Any, hook_input: Mapping[str, Any], thing_prefix: str = THING_PREFIX
 ) -> dict[str, Any]:
-    """The hook's answer to AWS's hook input: refuse a serial whose thing has an ACTIVE certificate.
+    """The hook's answer to AWS's hook input, looking the certificates up through a boto3 IoT client."""
+    return takeover_decision(
+        hook_input, lambda thing_name: _active_certificates(iot, thing_name), thing_prefix
+    )
 
-    Fails closed: a request without a serial, or a cloud that cannot be asked, is refused (the hub
-    retries later; a takeover is never let through because a lookup failed).
+
+def takeover_decision(
+    hook_input: Mapping[str, Any],
+    active_certificates: Callable[[str], Sequence[str]],
+    thing_prefix: str = THING_PREFIX,
+) -> dict[str, Any]:
+    """The guard's rule, whoever looks the certificates up: refuse a serial whose thing has an ACTIVE
+    certificate (`active_certificates(thing_name)`: their ids, none for a thing that does not exist).
+
+    Fails closed: a request without a serial, or a lookup that fails, is refused (the hub retries later;
+    a takeover is never let through because a lookup failed).
     """
     parameters = hook_input.get("parameters")
     serial = parameters.get(SERIAL_NUMBER_PARAMETER) if isinstance(parameters, Mapping) else None
@@ -50,7 +73,7 @@ def takeover_verdict(
         return {"allowProvisioning": False}
     thing_name = thing_prefix + serial
     try:
-        active = _active_certificates(iot, thing_name)
+        active = active_certificates(thing_name)
     except Exception:
         log.exception("takeover guard: could not read the certificates of thing %s; refusing", thing_name)
         return {"allowProvisioning": False}
