@@ -59,3 +59,22 @@ def create_keys_and_register(identity: Any, template_name: str, serial: str) -> 
 
     issued = identity.create_keys_and_certificate(iotidentity.CreateKeysAndCertificateRequest()).result(10)
     return issued, register_thing(identity, template_name, issued.certificate_ownership_token, serial)
+
+
+def crt_mqtt3_connection(core: Any, creds: Any, client_id: str) -> Any:
+    """awscrt's MQTT 3.1.1 connection (awsiot's mqtt_connection_builder, as AWS's older samples connect),
+    with `creds` (a tests._support.devices.Credentials), connected to `core`'s gateway."""
+    from awsiot import mqtt_connection_builder
+
+    connection = mqtt_connection_builder.mtls_from_path(
+        endpoint=core.endpoint.mqtt_host,
+        port=core.endpoint.mqtt_port,
+        cert_filepath=creds.cert_path,
+        pri_key_filepath=creds.key_path,
+        ca_filepath=str(core.endpoint.root_ca_path),
+        client_id=client_id,
+        clean_session=True,
+        keep_alive_secs=30,
+    )
+    connection.connect().result(10)
+    return connection

@@ -328,3 +328,24 @@ class Lifecycle:
 
     def close(self) -> None:
         self.core.gateway.lifecycle_listeners.remove(self.heard)
+
+
+def device_of_a_registered_ca(core: LocalIotCore, creds_dir: Path, name: str) -> tuple[str, Credentials]:
+    """A device certificate registered with its maker's CA (RegisterCertificate with the CA's PEM), ACTIVE,
+    with a policy allowing everything; the CA's certificate id and the device's credentials."""
+    iot = core.client()
+    device_ca = DeviceCA(f"{name} CA")
+    ca_id = iot.register_ca_certificate(
+        caCertificate=device_ca.pem, setAsActive=True, certificateMode="SNI_ONLY"
+    )["certificateId"]
+    device = device_ca.device(creds_dir, name)
+    arn = iot.register_certificate(
+        certificatePem=device.certificate_pem, caCertificatePem=device_ca.pem, status="ACTIVE"
+    )["certificateArn"]
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "iot:*", "Resource": "*"}],
+    }
+    iot.create_policy(policyName=f"{name}-open", policyDocument=json.dumps(document))
+    iot.attach_policy(policyName=f"{name}-open", target=arn)
+    return ca_id, device

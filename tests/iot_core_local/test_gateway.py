@@ -33,6 +33,7 @@ from tests._support.devices import (
     Paho,
     RawClient,
     connect_refused_without_connack,
+    device_of_a_registered_ca,
     new_device,
 )
 from tests._support.logs import watch_log
@@ -802,26 +803,6 @@ def test_client_id_over_128_bytes_is_refused(
         client.close()
 
 
-def _device_of_a_registered_ca(core: LocalIotCore, creds_dir: Path, name: str) -> tuple[str, Credentials]:
-    """A device certificate registered with its maker's CA (RegisterCertificate with the CA's PEM)."""
-    iot = core.client()
-    device_ca = DeviceCA(f"{name} CA")
-    ca_id = iot.register_ca_certificate(
-        caCertificate=device_ca.pem, setAsActive=True, certificateMode="SNI_ONLY"
-    )["certificateId"]
-    device = device_ca.device(creds_dir, name)
-    arn = iot.register_certificate(
-        certificatePem=device.certificate_pem, caCertificatePem=device_ca.pem, status="ACTIVE"
-    )["certificateArn"]
-    policy_name = f"{name}-open"
-    iot.create_policy(
-        policyName=policy_name,
-        policyDocument=_policy({"Effect": "Allow", "Action": "iot:*", "Resource": "*"}),
-    )
-    iot.attach_policy(policyName=policy_name, target=arn)
-    return ca_id, device
-
-
 def _administratively_closed(client: RawClient) -> bool:
     seen = client.expect_closed(within=5)
     return any(
@@ -832,7 +813,7 @@ def _administratively_closed(client: RawClient) -> bool:
 
 
 def test_ca_set_inactive_disconnects_its_devices(core: LocalIotCore, creds_dir: Path) -> None:
-    ca_id, device = _device_of_a_registered_ca(core, creds_dir, "ca-off")
+    ca_id, device = device_of_a_registered_ca(core, creds_dir, "ca-off")
     other = RawClient(core, new_device(core, creds_dir, "ca-off-bystander"))  # signed by another CA
     client = RawClient(core, device)
     try:
@@ -854,7 +835,7 @@ def test_ca_set_inactive_disconnects_its_devices(core: LocalIotCore, creds_dir: 
 def test_ca_set_inactive_during_the_connect_window_is_not_missed(
     core: LocalIotCore, creds_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ca_id, device = _device_of_a_registered_ca(core, creds_dir, "ca-window")
+    ca_id, device = device_of_a_registered_ca(core, creds_dir, "ca-window")
     iot = core.client()
     gw = core.gateway
 

@@ -22,7 +22,7 @@ import pytest
 from iot_core_local.gateway import GatewayLimits
 from iot_core_local.recipes.claims import ClaimSetup, set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-from tests._support.clients import create_keys_and_register, identity_client
+from tests._support.clients import create_keys_and_register, crt_mqtt3_connection, identity_client
 from tests._support.devices import (
     ARN,
     OPEN_POLICY,
@@ -166,28 +166,11 @@ def test_paho_311_relays_to_and_from_mqtt5_clients(core: LocalIotCore, creds_dir
 # ---- awscrt's MQTT 3 client, and fleet provisioning over 3.1.1 ----------------------------------
 
 
-def _crt_connection(core: LocalIotCore, creds: Credentials, client_id: str) -> Any:
-    from awsiot import mqtt_connection_builder
-
-    connection = mqtt_connection_builder.mtls_from_path(
-        endpoint=core.endpoint.mqtt_host,
-        port=core.endpoint.mqtt_port,
-        cert_filepath=creds.cert_path,
-        pri_key_filepath=creds.key_path,
-        ca_filepath=str(core.endpoint.root_ca_path),
-        client_id=client_id,
-        clean_session=True,
-        keep_alive_secs=30,
-    )
-    connection.connect().result(10)
-    return connection
-
-
 def test_awscrt_mqtt3_client_publishes_and_subscribes(core: LocalIotCore, creds_dir: Path) -> None:
     from awscrt import mqtt
 
     creds = new_device(core, creds_dir, "crt3")
-    connection = _crt_connection(core, creds, "crt3")
+    connection = crt_mqtt3_connection(core, creds, "crt3")
     messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
     try:
         subscribed, _ = connection.subscribe(
@@ -209,7 +192,7 @@ def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     claim = write_credentials(
         creds_dir, "claim", setup.certificate_id, setup.certificate_pem, setup.private_key_pem
     )
-    connection = _crt_connection(core, claim, "claim-311")  # claims may not use hub-* ids
+    connection = crt_mqtt3_connection(core, claim, "claim-311")  # claims may not use hub-* ids
     try:
         issued, registered = create_keys_and_register(
             identity_client(connection), setup.template_name, "SN311"

@@ -31,8 +31,16 @@ from iot_core_local.gateway import GatewayLimits
 from iot_core_local.quotas import Quotas
 from iot_core_local.recipes.claims import set_up_fleet_provisioning
 from iot_core_local.server import LocalIotCore
-from tests._support.clients import identity_client, register_thing
-from tests._support.devices import ARN, OK, Credentials, DeviceCA, make_csr, new_device, write_credentials
+from tests._support.clients import crt_mqtt3_connection, identity_client, register_thing
+from tests._support.devices import (
+    ARN,
+    OK,
+    Credentials,
+    device_of_a_registered_ca,
+    make_csr,
+    new_device,
+    write_credentials,
+)
 from tests._support.fake_cloud import FakeClock
 from tests._support.logs import watch_log
 
@@ -212,24 +220,6 @@ def crt5(core: LocalIotCore, creds: Credentials, client_id: str, **options: Any)
     return Crt5(client, connected, disconnected, stopped)
 
 
-def crt3(core: LocalIotCore, creds: Credentials, client_id: str) -> Any:
-    """awscrt's MQTT 3.1.1 connection (awsiot mqtt_connection_builder), connected."""
-    from awsiot import mqtt_connection_builder
-
-    connection = mqtt_connection_builder.mtls_from_path(
-        endpoint=core.endpoint.mqtt_host,
-        port=core.endpoint.mqtt_port,
-        cert_filepath=creds.cert_path,
-        pri_key_filepath=creds.key_path,
-        ca_filepath=str(core.endpoint.root_ca_path),
-        client_id=client_id,
-        clean_session=True,
-        keep_alive_secs=30,
-    )
-    connection.connect().result(10)
-    return connection
-
-
 @contextlib.contextmanager
 def identity_over(protocol: str, core: LocalIotCore, creds: Credentials, client_id: str) -> Iterator[Any]:
     """IotIdentityClientV2 over awscrt's MQTT 5 client or its MQTT 3.1.1 connection."""
@@ -242,7 +232,7 @@ def identity_over(protocol: str, core: LocalIotCore, creds: Credentials, client_
         finally:
             client.stop()
     else:
-        connection = crt3(core, creds, client_id)
+        connection = crt_mqtt3_connection(core, creds, client_id)
         try:
             yield identity_client(connection)
         finally:
@@ -440,26 +430,10 @@ def test_mosquitto_pub_client_id_over_128_bytes_is_identifier_rejected(
     assert accepted.returncode == 0, accepted.stderr
 
 
-def _device_of_a_registered_ca(core: LocalIotCore, creds_dir: Path, name: str) -> tuple[str, Credentials]:
-    """A device certificate registered with its maker's CA (RegisterCertificate with the CA's PEM)."""
-    iot = core.client()
-    device_ca = DeviceCA(f"{name} CA")
-    ca_id = iot.register_ca_certificate(
-        caCertificate=device_ca.pem, setAsActive=True, certificateMode="SNI_ONLY"
-    )["certificateId"]
-    device = device_ca.device(creds_dir, name)
-    arn = iot.register_certificate(
-        certificatePem=device.certificate_pem, caCertificatePem=device_ca.pem, status="ACTIVE"
-    )["certificateArn"]
-    iot.create_policy(policyName=f"{name}-open", policyDocument=_policy(("iot:*", "*")))
-    iot.attach_policy(policyName=f"{name}-open", target=arn)
-    return ca_id, device
-
-
 def test_ca_set_inactive_disconnects_awscrt_and_paho_devices(core: LocalIotCore, creds_dir: Path) -> None:
     from awscrt.mqtt5 import DisconnectReasonCode
 
-    ca_id, device = _device_of_a_registered_ca(core, creds_dir, "ca-off")
+    ca_id, device = device_of_a_registered_ca(core, creds_dir, "ca-off")
     sdk = crt5(core, device, "ca-off-crt")
     old = PahoProbe(core, device, "ca-off-311", protocol=paho.MQTTv311)
     new = PahoProbe(core, device, "ca-off-5")
