@@ -113,6 +113,8 @@ CREATE TABLE IF NOT EXISTS policies (
 CREATE TABLE IF NOT EXISTS policy_versions (
     policy TEXT NOT NULL, version INTEGER NOT NULL, document TEXT NOT NULL, created REAL NOT NULL,
     is_default INTEGER NOT NULL, PRIMARY KEY (policy, version));
+-- The highest version id a policy has had: ids are never reused, even after the newest is deleted.
+CREATE TABLE IF NOT EXISTS policy_version_ids (policy TEXT PRIMARY KEY, last INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS policy_targets (
     policy TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (policy, target));
 CREATE INDEX IF NOT EXISTS policy_targets_by_target ON policy_targets (target);
@@ -711,6 +713,7 @@ class Registry:
                     f"Policy {name} has versions other than the default one; delete them first"
                 )
             self._db.execute("DELETE FROM policy_versions WHERE policy = ?", (name,))
+            self._db.execute("DELETE FROM policy_version_ids WHERE policy = ?", (name,))
             self._db.execute("DELETE FROM policies WHERE name = ?", (name,))
 
     def list_policy_versions(self, name: str) -> list[PolicyVersion]:
@@ -744,8 +747,17 @@ class Registry:
                 raise VersionsLimitExceeded(
                     f"Policy {name} has {MAX_POLICY_VERSIONS} versions already; delete one first"
                 )
-            row = self._one("SELECT MAX(version) FROM policy_versions WHERE policy = ?", (name,))
-            number = int(row[0]) + 1
+            row = self._one(
+                "SELECT MAX(version), (SELECT last FROM policy_version_ids WHERE policy = ?)"
+                " FROM policy_versions WHERE policy = ?",
+                (name, name),
+            )
+            number = max(int(row[0]), int(row[1] or 0)) + 1
+            self._db.execute(
+                "INSERT INTO policy_version_ids (policy, last) VALUES (?, ?)"
+                " ON CONFLICT (policy) DO UPDATE SET last = excluded.last",
+                (name, number),
+            )
             self._db.execute(
                 "INSERT INTO policy_versions (policy, version, document, created, is_default)"
                 " VALUES (?, ?, ?, ?, 0)",

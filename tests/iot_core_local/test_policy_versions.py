@@ -77,3 +77,23 @@ def test_versions_survive_a_restart(tmp_path: Path) -> None:
         assert again.get_policy("K").version_id == "2"
     finally:
         again.close()
+
+
+def test_version_ids_are_never_reused(cp_client: Any) -> None:
+    # Before: the next id was the highest one left plus one, so deleting version 3 made the next one 3 again
+    # (a version id a policy already had, naming another document).
+    cp_client.create_policy(policyName="R", policyDocument=_document("iot:Connect"))
+    for _ in range(2):
+        cp_client.create_policy_version(policyName="R", policyDocument=_document("iot:Connect"))
+    cp_client.delete_policy_version(policyName="R", policyVersionId="3")
+    created = cp_client.create_policy_version(policyName="R", policyDocument=_document("iot:Publish"))
+    assert created["policyVersionId"] == "4"
+    listed = cp_client.list_policy_versions(policyName="R")["policyVersions"]
+    assert [v["versionId"] for v in listed] == ["4", "2", "1"]
+    # A policy deleted and created again under the same name is a new policy: its ids start at 1.
+    for version in ("2", "4"):
+        cp_client.delete_policy_version(policyName="R", policyVersionId=version)
+    cp_client.delete_policy(policyName="R")
+    cp_client.create_policy(policyName="R", policyDocument=_document("iot:Connect"))
+    again = cp_client.create_policy_version(policyName="R", policyDocument=_document("iot:Publish"))
+    assert again["policyVersionId"] == "2"
