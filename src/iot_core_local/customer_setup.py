@@ -98,15 +98,21 @@ def set_up_fleet(data_dir: Path, out: Path, template_name: str) -> None:
     """Template, policies and a claim certificate in the cloud; the claim pair in `out`.
 
     The template's hook is the takeover guard the stand-in hosts, also on a rerun: a template left by an
-    older set-up without a hook, or naming a guard URL that is closed now, is pointed at it; a claim policy
-    without the Deny of the hubs' client ids gets it (the recipe's `ensure_fleet_provisioning`)."""
+    older set-up without a hook, or naming the loopback URL of an old `--takeover-guard`, is pointed at
+    it (a hook of the hub maker's own is kept); a claim policy without the Deny of the hubs' client ids
+    gets it added (the recipe's `ensure_fleet_provisioning`)."""
     cloud = Cloud.of(data_dir)
     iot = cloud.client
     hook = takeover_guard_arn(iot.meta.region_name, ACCOUNT_ID)
-    resources = ensure_fleet_provisioning(iot, template_name, account=ACCOUNT_ID, hook_url=hook)
+    # The recipe's default hook: a hook of the hub maker's own on an existing template is kept.
+    resources = ensure_fleet_provisioning(iot, template_name, account=ACCOUNT_ID)
     for what in (*resources.created, *resources.existing):
         _report(what, what in resources.created)
-    print(f"takeover guard: {hook} (hosted by iot-core-local)", flush=True)
+    named = iot.describe_provisioning_template(templateName=template_name).get("preProvisioningHook") or {}
+    if named.get("targetArn") == hook:
+        print(f"takeover guard: {hook} (hosted by iot-core-local)", flush=True)
+    else:  # the hub maker's own hook, kept: it has to refuse an onboarded serial itself
+        print(f"pre-provisioning hook: {named.get('targetArn')} (your own, kept)", flush=True)
     private_folder(out)
     existing = _existing_pair(out, CLAIM_FILES)
     if existing is not None:

@@ -236,3 +236,20 @@ def test_setup_fleet_rerun_guards_a_cloud_set_up_without_the_guard(
 
         assert _two_hubs_with_one_serial(tmp_path, core, out) == [0, IdentityError.exit_code]
         assert len(thing_certificates(iot, "hub-SN-0001")) == 1
+
+
+def test_setup_fleet_keeps_a_hook_of_the_hub_makers_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: setup-fleet named the guard explicitly, which replaced any hook the template had.
+    cloud, out = tmp_path / "cloud", tmp_path / "claim"
+    own = "arn:aws:lambda:us-east-1:123456789012:function:MyOwnGuard"
+    with LocalIotCore(cloud) as core:
+        iot = core.client()
+        set_up_fleet_provisioning(iot, "HubTemplate", hook_url=own)
+        assert local_cli.main(["setup-fleet", "--data-dir", str(cloud), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"pre-provisioning hook: {own} (your own, kept)" in printed
+        assert "pre-provisioning hook of template" not in printed
+        hook = iot.describe_provisioning_template(templateName="HubTemplate")["preProvisioningHook"]
+        assert hook["targetArn"] == own

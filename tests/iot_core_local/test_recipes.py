@@ -108,11 +108,47 @@ def test_a_rerun_gives_an_old_claim_policy_the_deny(cp_client: Any) -> None:
 
     assert "version 2 of policy Old-claim, denying the hubs' client ids" in again.created
     document = cp_client.get_policy(policyName="Old-claim")["policyDocument"]
-    assert json.loads(document) == json.loads(claim_policy_document("us-east-1", "123456789012", "Old"))
+    recommended = json.loads(claim_policy_document("us-east-1", "123456789012", "Old"))["Statement"]
+    assert sorted(map(json.dumps, json.loads(document)["Statement"])) == sorted(map(json.dumps, recommended))
     assert not evaluate([document], "iot:Connect", client_arn, {})
     versions = cp_client.list_policy_versions(policyName="Old-claim")["policyVersions"]
     assert [(v["versionId"], v["isDefaultVersion"]) for v in versions] == [("2", True), ("1", False)]
     assert not any("Old-claim" in what for what in ensure_fleet_provisioning(cp_client, "Old").created)
+
+
+def test_a_rerun_keeps_the_hub_makers_own_claim_statements(cp_client: Any) -> None:
+    # Before: a rerun replaced a claim policy without the Deny by the recipe's document, dropping the hub
+    # maker's own statements, and took a Deny written with a list of actions for a missing one.
+    own = {"Effect": "Allow", "Action": "iot:Publish", "Resource": f"{ARN}:topic/factory/telemetry"}
+    document = json.loads(_old_claim_policy("Own"))
+    document["Statement"].append(own)
+    cp_client.create_policy(policyName="Own-claim", policyDocument=json.dumps(document))
+
+    assert "version 2 of policy Own-claim, denying the hubs' client ids" in (
+        ensure_fleet_provisioning(cp_client, "Own").created
+    )
+    statements = json.loads(cp_client.get_policy(policyName="Own-claim")["policyDocument"])["Statement"]
+    assert own in statements
+    assert claim_deny_statement("us-east-1", "123456789012") in statements
+
+    listed = {**claim_deny_statement("us-east-1", "123456789012"), "Action": ["iot:Connect"]}
+    document["Statement"].append(listed)
+    cp_client.create_policy(policyName="Listed-claim", policyDocument=json.dumps(document))
+    assert not any("Listed-claim" in what for what in ensure_fleet_provisioning(cp_client, "Listed").created)
+    assert cp_client.get_policy(policyName="Listed-claim")["defaultVersionId"] == "1"
+
+
+def test_a_rerun_keeps_a_hook_of_the_hub_makers_own_and_replaces_an_old_local_guard(cp_client: Any) -> None:
+    own = "arn:aws:lambda:us-east-1:123456789012:function:MyOwnGuard"
+    set_up_fleet_provisioning(cp_client, "Mine", hook_url=own)
+    assert ensure_fleet_provisioning(cp_client, "Mine").created == ()
+    assert _hook(cp_client, "Mine") == own
+    # The loopback URL an older `setup-fleet --takeover-guard` served (closed with that process).
+    set_up_fleet_provisioning(cp_client, "Stale", hook_url="http://127.0.0.1:9/takeover-guard")
+    assert ensure_fleet_provisioning(cp_client, "Stale").created == (
+        "pre-provisioning hook of template Stale",
+    )
+    assert _hook(cp_client, "Stale") == GUARD
 
 
 def test_a_claim_policy_with_five_versions_loses_its_oldest_unused_one(cp_client: Any) -> None:

@@ -19,6 +19,7 @@ in AWS, RegisterThing fails (closed), it never lets a hub through unchecked.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -281,8 +282,9 @@ def ensure_fleet_provisioning(
         current = (hook or {}).get("targetArn")
         # An explicit hook replaces whatever the template names (the guard of an earlier run may have had
         # another address, and a template left naming a closed one would refuse every hub); the default
-        # one only fills a template that has none, so a hook of the hub maker's own is kept.
-        if current != target and (hook_url is not None or not current):
+        # one only fills a template that has none, or one naming a guard an older set-up served on this
+        # machine's loopback (gone with that process), so a hook of the hub maker's own is kept.
+        if current != target and (hook_url is not None or not current or _old_local_guard(current)):
             client.update_provisioning_template(
                 templateName=template_name, preProvisioningHook=template["preProvisioningHook"]
             )
@@ -290,13 +292,29 @@ def ensure_fleet_provisioning(
     return FleetResources(template_name, claim_policy, hub_policy, tuple(created), tuple(existing))
 
 
+def _old_local_guard(target: str) -> bool:
+    """Whether a template's hook names the loopback URL an older `setup-fleet --takeover-guard` served."""
+    parts = urllib.parse.urlsplit(target)
+    # TakeoverGuard's address (recipes.takeover): a hook of the hub maker's own on loopback is kept.
+    local = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    return parts.scheme == "http" and local and parts.path == "/takeover-guard"
+
+
 def _add_claim_deny(client: Any, name: str, document: str, deny: dict[str, Any]) -> str | None:
-    """Make `document` the default version of claim policy `name` unless its default version has `deny`
-    already (an account set up before the claim policy had it); the new version's id, or None."""
+    """Give claim policy `name` a new default version with `deny` added, unless its default version denies
+    that connect already (an account set up before the claim policy had it); the new version's id, or None.
+
+    The hub maker's own statements are kept: `deny` is appended to the document in force. A policy that
+    is not a JSON object with statements gets the recommended `document` instead.
+    """
     current = json.loads(client.get_policy(policyName=name)["policyDocument"])
-    statements = current.get("Statement", []) if isinstance(current, dict) else []
-    if deny in (statements if isinstance(statements, list) else [statements]):
-        return None
+    statements = current.get("Statement") if isinstance(current, dict) else None
+    if isinstance(statements, dict):
+        statements = [statements]
+    if isinstance(statements, list):
+        if any(_denies_like(statement, deny) for statement in statements):
+            return None
+        document = json.dumps({**current, "Statement": [*statements, deny]})
     versions = client.list_policy_versions(policyName=name)["policyVersions"]
     if len(versions) >= MAX_POLICY_VERSIONS:
         # AWS refuses a sixth version: the oldest one not in use makes room.
@@ -307,6 +325,22 @@ def _add_claim_deny(client: Any, name: str, document: str, deny: dict[str, Any])
         client.delete_policy_version(policyName=name, policyVersionId=oldest["versionId"])
     created = client.create_policy_version(policyName=name, policyDocument=document, setAsDefault=True)
     return str(created["policyVersionId"])
+
+
+def _denies_like(statement: object, deny: dict[str, Any]) -> bool:
+    """Whether `statement` denies at least what `deny` does: iot:Connect (or iot:*, *) on its resource
+    (or *), with no condition narrowing it. Written with one action or a list, either way."""
+
+    def values(value: object) -> list[object]:
+        return value if isinstance(value, list) else [value]
+
+    if not isinstance(statement, dict) or statement.get("Effect") != "Deny" or "Condition" in statement:
+        return False
+    actions = values(statement.get("Action"))
+    resources = values(statement.get("Resource"))
+    return any(a in ("iot:Connect", "iot:*", "*") for a in actions) and any(
+        r in (deny["Resource"], "*") for r in resources
+    )
 
 
 def create_claim(client: Any, resources: FleetResources) -> ClaimSetup:
