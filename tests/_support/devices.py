@@ -239,9 +239,13 @@ class Paho:
         creds: Credentials,
         client_id: str,
         protocol: MQTTProtocolVersion = paho.MQTTv5,
+        clean_session: bool | None = None,  # 3.1.1 only (MQTT 5 says clean start at connect)
     ) -> None:
         self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            clean_session=clean_session,
         )
         self.client.tls_set(
             ca_certs=str(core.endpoint.root_ca_path), certfile=creds.cert_path, keyfile=creds.key_path

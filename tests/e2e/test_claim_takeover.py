@@ -1,6 +1,8 @@
 """A CreateProvisioningClaim certificate may not take over the session of a device it is not: its implicit
 policy allows iot:Connect on client/* (provisioned hubs' ids excepted), and a claim that connected as
-"sensor-1" used to get CONNACK 0 while the device "sensor-1" was disconnected with 142."""
+"sensor-1" used to get CONNACK 0 while the device "sensor-1" was disconnected with 142. Nor may it reach
+the session such a device left stored in Mosquitto while offline: it used to resume it (session present,
+the device's queued messages lost to it) or wipe it (clean start)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
+from iot_core_local.gateway.connection import MAX_CLIENT_ID_BYTES, claim_session_id
 from iot_core_local.server import LocalIotCore
-from tests._support.devices import Credentials, Paho, new_device, write_credentials
+from tests._support.devices import Credentials, Lifecycle, Paho, new_device, write_credentials
 from tests.e2e.test_provisioning_claim_and_quotas import temporary_claim
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +168,116 @@ def test_paho_311_claim_is_refused_too(core: LocalIotCore, tmp_path: Path) -> No
         _still_connected(device, "sensor-4/x")
     finally:
         device.close()
+
+
+class _Session:
+    """A paho client that keeps (or not) a session: MQTT 5 clean start and session expiry, or 3.1.1
+    clean session; each CONNACK's "session present" on `present`."""
+
+    def __init__(
+        self,
+        core: LocalIotCore,
+        creds: Credentials,
+        client_id: str,
+        protocol: MQTTProtocolVersion,
+        *,
+        clean: bool,
+    ) -> None:
+        self.v5 = protocol == paho.MQTTv5
+        self.clean = clean
+        self.paho = Paho(core, creds, client_id, protocol=protocol, clean_session=None if self.v5 else clean)
+        self.present: queue.Queue[bool] = queue.Queue()
+        connacks = self.paho.connacks
+
+        def on_connect(
+            c: paho.Client, u: object, flags: paho.ConnectFlags, rc: ReasonCode, p: object
+        ) -> None:
+            self.present.put(flags.session_present)
+            connacks.put(rc.value)
+
+        self.paho.client.on_connect = on_connect
+
+    def connect(self) -> bool:
+        """Connect (CONNACK 0 expected); whether the broker had a session."""
+        client, endpoint = self.paho.client, self.paho.core.endpoint
+        if self.v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho's
+            if not self.clean:
+                properties.SessionExpiryInterval = 3600
+            client.connect(
+                endpoint.mqtt_host,
+                endpoint.mqtt_port,
+                keepalive=30,
+                clean_start=self.clean,
+                properties=properties,
+            )
+        else:
+            client.connect(endpoint.mqtt_host, endpoint.mqtt_port, keepalive=30)
+        client.loop_start()
+        assert self.paho.connacks.get(timeout=5) == 0
+        return self.present.get(timeout=5)
+
+
+def _closed(lifecycle: Lifecycle, session: _Session, client_id: str) -> None:
+    """Disconnect and wait until the gateway has closed the connection (and Mosquitto read the
+    DISCONNECT): a message published after this is queued in the session, not delivered."""
+    with lifecycle.changed:
+        before = sum(1 for seen in lifecycle.seen if seen[:2] == (client_id, False))
+    session.paho.close()
+    with lifecycle.changed:
+        assert lifecycle.changed.wait_for(
+            lambda: sum(1 for seen in lifecycle.seen if seen[:2] == (client_id, False)) > before, 5
+        ), lifecycle.seen
+
+
+def test_a_claim_session_is_out_of_every_device_client_id_reach() -> None:
+    # Longer than any client id a CONNECT may carry (refused at once), whatever the claim's own id.
+    assert len(claim_session_id("0" * 64, "").encode()) > MAX_CLIENT_ID_BYTES
+
+
+@pytest.mark.parametrize("claim_clean", [False, True], ids=["claim-resumes", "claim-clean-start"])
+@pytest.mark.parametrize("protocol", [paho.MQTTv5, paho.MQTTv311], ids=["mqtt5", "mqtt311"])
+def test_a_temporary_claim_cannot_reach_an_offline_device_stored_session(
+    core: LocalIotCore, tmp_path: Path, protocol: MQTTProtocolVersion, claim_clean: bool
+) -> None:
+    device_creds = new_device(core, tmp_path / "device", "sensor")
+    claim_creds = _claim_credentials(core, tmp_path / "claim")
+    client_id, topic = "sensor-5", "sensor-5/queued"
+    lifecycle = Lifecycle(core)
+    try:
+        device = _Session(core, device_creds, client_id, protocol, clean=False)
+        assert device.connect() is False
+        assert device.paho.subscribe(topic) == [1]
+        _closed(lifecycle, device, client_id)
+        publisher = Paho(core, device_creds, "sensor-5-publisher")
+        try:
+            assert publisher.connect() == 0
+            assert publisher.publish(topic, b"queued while offline") == 0
+        finally:
+            publisher.close()
+
+        claim = _Session(core, claim_creds, client_id, protocol, clean=claim_clean)
+        try:
+            assert claim.connect() is False  # a session of its own, not the device's
+            # Known to the gateway (its registry, lifecycle events) by the client id it sent.
+            current = core.gateway.connection(client_id)
+            assert current is not None
+            assert current.certificate_id == claim_creds.certificate_id
+            assert current.client_id == client_id
+            # It still provisions: the answers reach it through its own subscriptions.
+            assert claim.paho.subscribe(f"{CREATE}/accepted", f"{CREATE}/rejected") == [1, 1]
+            assert claim.paho.publish(CREATE, b"{}") == 0
+            answer = claim.paho.message()
+            assert answer.topic == f"{CREATE}/accepted"
+            assert "certificateOwnershipToken" in json.loads(answer.payload)
+        finally:
+            _closed(lifecycle, claim, client_id)
+
+        device = _Session(core, device_creds, client_id, protocol, clean=False)
+        try:
+            assert device.connect() is True
+            assert device.paho.message().payload == b"queued while offline"
+        finally:
+            device.paho.close()
+    finally:
+        lifecycle.close()

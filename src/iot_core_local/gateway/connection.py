@@ -2,7 +2,8 @@
 
     TCP accept -> TLS handshake -> CONNECT (within `connect_timeout`; MQTT 5, or 3.1.1 read and written
     with `mqtt311`, toward Mosquitto too) -> certificate rules (JITR/JITP) ->
-    iot:Connect -> a TCP connection to Mosquitto, CONNECT forwarded, CONNACK relayed -> two pumps:
+    iot:Connect -> a TCP connection to Mosquitto, CONNECT forwarded (a temporary claim's with a client
+    id of its own, `claim_session_id`), CONNACK relayed -> two pumps:
     client -> broker (inspects PUBLISH, SUBSCRIBE, UNSUBSCRIBE) and broker -> client (iot:Receive)
 
 A client that breaks the rules loses its own connection and nothing else (`Close`, raised anywhere
@@ -59,6 +60,19 @@ _DISCONNECT = 14  # the MQTT packet type, relayed to Mosquitto unchanged; noted 
 _CONNACK = 2
 # AWS IoT Core's limit on a client id, in UTF-8 bytes; a longer one is refused at CONNECT.
 MAX_CLIENT_ID_BYTES = 128
+
+
+def claim_session_id(certificate_id: str, client_id: str) -> str:
+    """The client id a connection only a temporary claim's implicit policy lets in has in Mosquitto.
+
+    The claim may connect with any client id (client/*), so with a device's it could resume that device's
+    stored session (and take its queued messages) or wipe it. Its session lives apart instead, by
+    construction: the prefix alone is 130 bytes (the certificate id is 64 hex digits), longer than any
+    client id a CONNECT may carry (`MAX_CLIENT_ID_BYTES`, refused before anything else), and the gateway
+    is Mosquitto's only client: no device can name one of these sessions. The certificate id keeps two
+    claims apart too; the same claim with the same client id resumes its own session, as it would on AWS.
+    """
+    return f"iot-core-local/temporary-provisioning-claim/{certificate_id}/session-of-client-id/{client_id}"
 
 
 # AWS IoT services a device reaches through reserved topics, which the stand-in does not offer: a request
@@ -155,6 +169,9 @@ class Connection:
         # LimitLogs): any client can cause those once per connection. None once that stage is passed.
         self._tally: LimitLog | None = gateway.closed_before_connect
         self._connecting_as: str | None = None  # the client id of the CONNECT window (Gateway.connecting)
+        # The client id Mosquitto is told, when not the client's own (`claim_session_id`); everything
+        # else (policies, the registry of connections, lifecycle events) uses the client's own.
+        self.broker_client_id: str | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -409,6 +426,9 @@ class Connection:
                 self._refuse_connect(
                     "a provisioning claim may not take over the client id of another certificate's connection"
                 )
+            # Nor a session a device left stored in Mosquitto (offline, with queued messages): the claim
+            # gets a session of its own, whatever its client id and clean start.
+            self.broker_client_id = claim_session_id(self.certificate_id, client_id)
         will = connect.will
         if will is not None and (
             will.topic.startswith("$") or not self._may_publish(will.topic, retain=will.retain)
@@ -496,6 +516,8 @@ class Connection:
             self._send_client(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.SERVER_UNAVAILABLE))
             raise Close(f"broker unreachable: {brief(e)}") from None
         self.broker_reader, self.broker_writer = broker_reader, broker_writer
+        if self.broker_client_id is not None:
+            raw_connect = with_client_id(raw_connect, self.broker_client_id, mqtt311=self.mqtt311)
         broker_writer.write(raw_connect)
         buf = bytearray()
         try:
@@ -974,6 +996,37 @@ class Connection:
                 )
             )
         return True
+
+
+def with_client_id(raw_connect: bytes, client_id: str, *, mqtt311: bool) -> bytes:
+    """A copy of a CONNECT (already parsed, so well formed) with another client id, every other byte
+    as the client sent it: the client id is the payload's first field, after the variable header (the
+    protocol name, level, flags, keep alive and, in MQTT 5, the properties)."""
+    found = frame(bytearray(raw_connect), 0)
+    assert found is not None
+    at = found[0]
+    at += 2 + int.from_bytes(raw_connect[at : at + 2], "big") + 4  # protocol name, level, flags, keep alive
+    if not mqtt311:
+        length, shift = 0, 0
+        while True:  # the properties' length, a variable byte integer
+            byte = raw_connect[at]
+            at += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        at += length
+    old_end = at + 2 + int.from_bytes(raw_connect[at : at + 2], "big")
+    encoded = client_id.encode()
+    rest = raw_connect[found[0] : at] + len(encoded).to_bytes(2, "big") + encoded + raw_connect[old_end:]
+    size = len(rest)
+    header = bytearray((raw_connect[0],))
+    while True:  # the remaining length, a variable byte integer
+        byte, size = size & 0x7F, size >> 7
+        header.append(byte | 0x80 if size else byte)
+        if not size:
+            break
+    return bytes(header) + rest
 
 
 def _write_mqtt5(packet: mqtt5.Packet) -> bytes:
