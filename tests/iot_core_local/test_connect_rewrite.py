@@ -24,7 +24,7 @@ def _connect(draw: st.DrawFn, *, v5: bool) -> dict[str, Any]:
     """A CONNECT's fields but its client id (ConnectPacket(client_id, **fields))."""
     will = None
     if draw(st.booleans()):
-        extra = {"will_delay_interval": draw(st.integers(0, 0xFFFF))} if v5 else {}
+        extra: dict[str, Any] = {"will_delay_interval": draw(st.integers(0, 0xFFFF))} if v5 else {}
         will = mqtt5.Will(
             draw(_topic),
             payload=draw(st.binary(max_size=50)),
@@ -56,7 +56,7 @@ def _connect(draw: st.DrawFn, *, v5: bool) -> dict[str, Any]:
 @given(_connect(v5=True), _text, _text)
 def test_an_mqtt5_connect_changes_in_its_client_id_alone(fields: dict[str, Any], old: str, new: str) -> None:
     rewritten = with_client_id(mqtt5.ConnectPacket(old, **fields).write(), new, mqtt311=False)
-    parsed, used = mqtt5.read(rewritten)
+    parsed, used = mqtt5.read(memoryview(rewritten))
     assert used == len(rewritten)
     assert parsed == mqtt5.ConnectPacket(new, **fields)
 
@@ -75,6 +75,6 @@ def test_a_long_session_id_grows_the_remaining_length_field() -> None:
     session = claim_session_id("ab" * 32, "dev")
     rewritten = with_client_id(mqtt5.ConnectPacket("dev").write(), session, mqtt311=False)
     assert rewritten[1] & 0x80
-    parsed, used = mqtt5.read(rewritten)
+    parsed, used = mqtt5.read(memoryview(rewritten))
     assert used == len(rewritten)
     assert parsed == mqtt5.ConnectPacket(session)
