@@ -23,7 +23,7 @@ from iot_core_local.gateway import GatewayLimits
 from iot_core_local.resources import LimitLog, raise_open_file_limit
 from iot_core_local.server import LocalIotCore
 from tests._support.clients import iot_client
-from tests._support.devices import OPEN_POLICY, RawClient, new_device, write_credentials
+from tests._support.devices import ARN, OPEN_POLICY, RawClient, new_device, write_credentials
 from tests._support.logs import watch_log
 
 GATEWAY_LOG = "iot_core_local.gateway"
@@ -431,3 +431,53 @@ def test_connections_refused_for_their_certificate_are_logged_once_per_interval(
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert lines[0].getMessage().startswith(prefix)
     assert "certificate is REVOKED" in lines[0].getMessage()  # the first one's detail, at once
+
+
+def test_refusals_of_an_active_certificate_and_rejected_requests_are_logged_once_per_interval(
+    iot_core: LocalIotCore, creds_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every hub holds the fleet's claim: before, a hub could write a line per CONNECT its policy refuses
+    # and per request answered /rejected (310 lines in 3.3 s from one connection), as an outsider could
+    # before the pre-authentication closes were counted.
+    caplog.set_level(logging.INFO)
+    creds = new_device(iot_core, creds_dir, "narrow")
+    iot = iot_core.client()
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"},
+            {"Effect": "Deny", "Action": "iot:Connect", "Resource": f"{ARN}:client/victim-*"},
+            {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": f"{ARN}:topic/$aws/*"},
+            {"Effect": "Allow", "Action": "iot:Subscribe", "Resource": f"{ARN}:topicfilter/$aws/*"},
+        ],
+    }
+    iot.create_policy(policyName="narrow-claim", policyDocument=json.dumps(document))
+    iot.attach_policy(policyName="narrow-claim", target=f"{ARN}:cert/{creds.certificate_id}")
+    flood = 10
+    refused = "connections of an ACTIVE certificate closed before CONNACK"
+    with watch_log(GATEWAY_LOG, _counting(refused, flood), level=logging.DEBUG) as all_refused:
+        for i in range(flood):
+            client = RawClient(iot_core, creds)
+            try:
+                assert client.connect(f"victim-{i}").reason_code == mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+            finally:
+                client.close()
+        assert all_refused.wait(timeout=10)
+    rejected = "provisioning requests answered /rejected"
+    client = RawClient(iot_core, creds)
+    try:
+        assert client.connect("narrow-ok").reason_code == 0
+        with watch_log(GATEWAY_LOG, _counting(rejected, flood), level=logging.DEBUG) as all_rejected:
+            for _ in range(flood):  # a token that was never issued: /rejected 400 each time
+                kind, _ = client.ask(
+                    "$aws/provisioning-templates/NoSuchTemplate/provision/json",
+                    json.dumps({"certificateOwnershipToken": "x", "parameters": {}}).encode(),
+                )
+                assert kind == "rejected"
+            assert all_rejected.wait(timeout=10)
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == GATEWAY_LOG and r.levelno >= logging.INFO]
+    assert len([m for m in lines if m.startswith(refused)]) == 1, lines
+    assert len([m for m in lines if m.startswith(rejected)]) == 1, lines
+    assert not [m for m in lines if "victim-" in m and not m.startswith(refused)]

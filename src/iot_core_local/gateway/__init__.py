@@ -163,6 +163,19 @@ class Gateway:
             interval,
             level=logging.INFO,
         )
+        # Every hub holds the fleet's claim, so "authenticated" does not mean trusted: refusals of a known
+        # certificate (its policy, a claim's client id) and /rejected answers are told once per interval
+        # too. Accepted connections and issued certificates stay one line each (quotas bound those).
+        self.refused_connects = LimitLog(
+            log,
+            "connections of an ACTIVE certificate closed before CONNACK (iot:Connect or the will not "
+            "allowed, a claim's client id held by another certificate, the broker refused)",
+            interval,
+            level=logging.INFO,
+        )
+        self.rejected_requests = LimitLog(
+            log, "provisioning requests answered /rejected", interval, level=logging.INFO
+        )
         # A flood toward many subscribers that stopped reading closes them all within one drain timeout.
         self.stuck_clients = LimitLog(
             log,

@@ -191,6 +191,7 @@ class Connection:
             if self.gw.connect_window_hook is not None:
                 await self.gw.connect_window_hook(self.certificate_id)
             accepted = True
+            self._tally = None
             self.gw.register(self)
             self._end_connect_window()
             # The CONNACK only once the connect is recorded (lifecycle, connectivity data): a client that
@@ -386,14 +387,17 @@ class Connection:
     def _answer(self, answer: Answer) -> None:
         """Send a provisioning answer on this connection only, and log the request (ids, never secrets)."""
         delivered = self.deliver_local(answer.topic, answer.payload)
-        log.info(
-            "provisioning %s cert %s client %r: %s%s",
+        line = "provisioning {} cert {} client {!r}: {}{}".format(
             answer.operation,
             self.certificate_id,
             self.client_id,
             answer.summary,
             "" if delivered else f" (not delivered: no subscription to {answer.topic})",
         )
+        if answer.topic.endswith("/rejected"):
+            self.gw.rejected_requests.hit(line)  # a hub with the claim could send these in a loop
+        else:
+            log.info("%s", line)
 
     async def _authorize(self, connect: mqtt5.ConnectPacket) -> None:
         gw = self.gw
@@ -410,7 +414,7 @@ class Connection:
                 state = "not registered" if ca is None else ca.status
                 raise Close(f"refused without CONNACK: the certificate's CA {ca_id} is {state}")
             self.ca_certificate_id = ca_id  # its CA set INACTIVE or deleted later kicks this connection
-        self._tally = None  # from here on an ACTIVE certificate is known: its refusals are logged each
+        self._tally = gw.refused_connects  # an ACTIVE certificate, refused all the same: once per interval
 
         self.variables = {"iot:ClientId": connect.client_id}
         self._load_policies()
