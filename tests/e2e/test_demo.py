@@ -74,6 +74,12 @@ def test_demo_keep_leaves_the_hub_and_the_cloud_to_look_at(
     assert "state: PROVISIONED" in capsys.readouterr().out
     # The hub stays onboarded; offboarding is printed as the commands to run.
     assert f"delete-managed-thing --identifier {rw['managed_thing_id']}" in out
+    # ... with what the AWS CLI needs on a machine without an AWS set-up (it refused: no region).
+    assert (
+        f"AWS_SHARED_CREDENTIALS_FILE={kept / 'cloud' / 'credentials'} AWS_DEFAULT_REGION=us-east-1 aws "
+        in out
+    )
+    assert (kept / "cloud" / "credentials").is_file()
 
 
 def test_demo_keep_refuses_a_folder_with_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

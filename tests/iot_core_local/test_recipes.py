@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from iot_core_local.recipes.claims import (
     set_up_fleet_provisioning,
     takeover_guard_arn,
 )
+from iot_core_local.recipes.credential_files import private_folder
 from iot_core_local.recipes.jitr import DeviceCA, activator_policy_document, registration_event_topic
 
 RECIPES = Path(iot_core_local.recipes.__file__).parent
@@ -226,3 +229,15 @@ def test_a_device_ca_needs_both_its_key_and_its_certificate() -> None:
     ca = DeviceCA()
     with pytest.raises(ValueError, match="both key and certificate"):
         DeviceCA(key=ca.key)
+
+
+def test_a_private_folder_is_0700_with_every_folder_it_had_to_create(tmp_path: Path) -> None:
+    # Before: the parents mkdir(parents=True) made got the umask's 0755 (setup-jitr's HUB, under which
+    # HUB/device-ca was made first).
+    old = os.umask(0o022)
+    try:
+        private_folder(tmp_path / "hub" / "device-ca")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hub").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "hub" / "device-ca").stat().st_mode) == 0o700

@@ -258,9 +258,12 @@ def _wait_gone(mi: Any, managed_thing_id: str) -> bool:
 
 def _offboarding_commands(stage: _Stage, managed_thing_id: str, config_path: Path) -> None:
     _step("offboarding, when you want it (serve the kept cloud first)")
+    cloud = stage.root / "cloud"
+    # The AWS CLI needs a region and credentials even on loopback: the ones serve writes into its data dir.
     _show(
+        f"AWS_SHARED_CREDENTIALS_FILE={cloud / 'credentials'} AWS_DEFAULT_REGION=us-east-1 "
         f"aws iot-managed-integrations delete-managed-thing --identifier {managed_thing_id} "
-        f"--endpoint-url <apiUrl of iot-core-local serve --data-dir {stage.root / 'cloud'}>"
+        f"--endpoint-url <apiUrl of iot-core-local serve --data-dir {cloud}>"
     )
     _show(f"{stage.env}hub-onboard reset --config {config_path} --yes")
 

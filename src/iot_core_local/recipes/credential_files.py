@@ -12,8 +12,17 @@ FOLDER_MODE = 0o700
 
 
 def private_folder(folder: Path) -> None:
-    """Create `folder` (0700) unless it exists."""
-    folder.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+    """Create `folder` (0700) unless it exists, and each missing folder above it 0700 too.
+
+    `mkdir(parents=True, mode=...)` gives the parents it creates the umask's mode (0755), not `mode`:
+    `setup-jitr --out HUB` made `HUB/device-ca` first and left `HUB` readable by everyone.
+    """
+    missing: list[Path] = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=FOLDER_MODE, exist_ok=True)
 
 
 def write_pair(folder: Path, names: tuple[str, str], certificate_pem: str, private_key_pem: str) -> None:
