@@ -262,7 +262,9 @@ class IdentityError(ProvisioningError):
         elif code == 403 or (err or "").lower() in ("accessdenied", "access_denied", "accessdeniedexception"):
             hint = (
                 "the template or its pre-provisioning hook refused this hub; check SN, UPC and "
-                "fp_template_parameters and the hook's rules"
+                "fp_template_parameters and the hook's rules (a takeover guard refuses a serial whose "
+                "thing still has an ACTIVE certificate: after a reset, make the old certificate "
+                "INACTIVE in the cloud first)"
             )
         elif code == 404 or (err or "").lower().startswith("resourcenotfound"):
             hint = "check fp_template_name: the template does not exist in this account and region"
