@@ -89,3 +89,16 @@ def test_demo_keep_refuses_a_folder_with_files(tmp_path: Path, capsys: pytest.Ca
     assert err.count("\n") == 1
     assert "is not empty" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_demo_pkcs11_without_its_needs_names_the_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One line that says which command needs what (it lacked the "hub-onboard demo" prefix the [server]
+    # extra's line has), exit 3, before anything starts.
+    from hub_onboarding.tools import softhsm
+
+    monkeypatch.setattr(softhsm, "missing_softhsm", lambda: "python-pkcs11 is required: pip install ...")
+    assert main(["demo", "--pkcs11"]) == 3
+    err = capsys.readouterr().err
+    assert err == "hub-onboard demo --pkcs11: python-pkcs11 is required: pip install ...\n"

@@ -124,7 +124,8 @@ def run_demo(keep: Path | None = None, *, plain_iot: bool = False, pkcs11: bool 
     if problem is None and pkcs11:
         from hub_onboarding.tools.softhsm import missing_softhsm
 
-        problem = missing_softhsm()
+        if (missing := missing_softhsm()) is not None:
+            problem = f"hub-onboard demo --pkcs11: {missing}"
     if problem is not None:
         print(problem, file=sys.stderr)
         return EXIT_MISSING_EXTRA
