@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken, activate, make_token
+
+# No per-example deadline anywhere: on a shared 2-core machine one example can stall past hypothesis's
+# 200 ms default, which fails a correct test (DeadlineExceeded, or "unreliable test timings").
+settings.register_profile("hub-onboarding", deadline=None)
+settings.load_profile("hub-onboarding")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from iot_core_local.recipes.claims import set_up_fleet_provisioning, takeover_gu
 from iot_core_local.recipes.managed_integrations import Hub, set_up_managed_integrations
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import thing_certificates
+from tests._support.devices import Lifecycle
 from tests._support.hubs import read_config
 from tests.e2e.test_managed_integrations import aws
 from tests.e2e.test_walkthroughs import hand_written_config, mode
@@ -76,7 +77,13 @@ def test_the_managed_integrations_walkthrough_with_the_aws_cli(
         )
 
         config = _hub_config(hub, core, "HubProfile")
-        assert hub_cli.main(["provision", "--config", str(config)]) == 0
+        watcher = Lifecycle(core)
+        try:
+            assert hub_cli.main(["provision", "--config", str(config)]) == 0
+            # provision returns once the hub sent its DISCONNECT; the gateway reports it a moment later.
+            watcher.wait_for((thing_id, False, "CLIENT_INITIATED_DISCONNECT"))
+        finally:
+            watcher.close()
         out = capsys.readouterr().out
         assert f"client_id={thing_id} managed_thing_id={thing_id}" in out
         assert read_config(config)["rw"]["managed_thing_id"] == thing_id

@@ -510,7 +510,7 @@ def test_a_hook_that_trickles_its_headers_is_cut_off_at_the_time_limit(
         finally:
             client.close()
     _rejected(answer, 403, "AccessDenied", f"within {core.hook_timeout:g} seconds")
-    assert elapsed < core.hook_timeout + 1.0, elapsed  # it held RegisterThing for 14-25 s before
+    assert elapsed < core.hook_timeout + 3.0, elapsed  # it held RegisterThing for 14-25 s before
     assert core.registry.find_thing("hub-TR") is None
 
 
@@ -571,7 +571,7 @@ def test_a_hook_without_a_free_slot_is_throttled_within_the_time_limit(tmp_path:
         finally:
             client.close()
     _rejected(answer, 429, "ThrottlingException", "all 2 pre-provisioning hook slots stayed busy for 1 s")
-    assert elapsed < 1.0 + 1.0, elapsed
+    assert elapsed < 1.0 + 3.0, elapsed  # the 1 s limit, with room for a loaded machine
     assert len(hook.requests) == 1  # only the second request reached the hook
 
 
