@@ -39,23 +39,32 @@ def tls_mosquitto(d: Path) -> Iterator[Broker]:
     server.private_key_pem.write_to_path(str(d / "server.key"))
     # the client certificate is signed by the broker's CA, so Mosquitto accepts it
     client = ca.issue_cert("hub-client-1")
-    port = free_port()
-    (d / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\n"
-        f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
-        "require_certificate true\nallow_anonymous true\npersistence false\n"
-        # as root, Mosquitto would switch to user 'mosquitto', who cannot read pytest's 0700 tmp folders
-        f"user {getpass.getuser()}\n"
-    )
-    proc = subprocess.Popen(
-        [str(MOSQUITTO), "-c", str(d / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    running, reader = _watch_log(proc)
+    # free_port() only finds a port free now: another worker's outgoing connection may take it before
+    # Mosquitto binds. A Mosquitto that ended before it was running is started again on another port.
+    for attempt in range(3):
+        port = free_port()
+        (d / "mosquitto.conf").write_text(
+            f"listener {port} 127.0.0.1\n"
+            f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
+            "require_certificate true\nallow_anonymous true\npersistence false\n"
+            # as root, Mosquitto would switch to user 'mosquitto', who cannot read pytest's 0700 tmp folders
+            f"user {getpass.getuser()}\n"
+        )
+        proc = subprocess.Popen(
+            [str(MOSQUITTO), "-c", str(d / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        running, reader = _watch_log(proc)
+        started = running.wait(10) and proc.poll() is None
+        if started or attempt == 2 or proc.poll() is None:
+            break
+        reader.join(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
     try:
-        if not (running.wait(10) and proc.poll() is None):
+        if not started:
             raise RuntimeError(f"mosquitto ({MOSQUITTO}) did not start on port {port}")
         creds = check_pair(
             client.cert_chain_pems[0].bytes(),
