@@ -13,7 +13,8 @@ What AWS leaves open, decided here (README, docs/internals.md):
 - a hub whose RegisterThing matched is ACTIVATED at once (its certificate is ACTIVE, command and control
   is possible from then on), never DISCOVERED;
 - a CONTROLLER created with `SN:...;UPC:...` (or `EAN:`) material is PRE_ASSOCIATED, anything else
-  UNASSOCIATED;
+  UNASSOCIATED; a DEVICE's WIFI_SETUP_QR_BAR_CODE material is parsed too, and its SN is its serial, unique
+  among live managed things whatever their role;
 - DeleteManagedThing of an onboarded hub makes its certificate INACTIVE (the gateway closes its
   connection) and the thing DELETE_IN_PROGRESS; it is gone once the gateway reports the disconnect,
   at once if the hub is not connected, or at once with Force;
@@ -150,9 +151,10 @@ def parse_material(text: str) -> Material:
         key, sep, value = part.partition(":")
         key = key.strip().upper()
         if not sep or key not in ("SN", "UPC", "EAN"):
+            # The material is sensitive in the model: its parts are described, never quoted.
             raise Validation(
-                f"AuthenticationMaterial part {part[:40]!r} is not SN:<serial>, UPC:<12 digits> "
-                "or EAN:<8-13 digits>"
+                "AuthenticationMaterial has a part that is not SN:<serial>, UPC:<12 digits> "
+                "or EAN:<8-13 digits> (its value is not shown: the model marks it sensitive)"
             )
         if key in fields:
             raise Validation(f"AuthenticationMaterial names {key} twice")
@@ -167,9 +169,9 @@ def parse_material(text: str) -> Material:
     if (upc is None) == (ean is None):
         raise Validation("AuthenticationMaterial needs exactly one of UPC:<12 digits> and EAN:<8-13 digits>")
     if upc is not None and not _UPC.fullmatch(upc):
-        raise Validation(f"AuthenticationMaterial UPC {upc[:20]!r} is not 12 digits")
+        raise Validation("AuthenticationMaterial's UPC is not 12 digits")
     if ean is not None and not _EAN.fullmatch(ean):
-        raise Validation(f"AuthenticationMaterial EAN {ean[:20]!r} is not 8 to 13 digits")
+        raise Validation("AuthenticationMaterial's EAN is not 8 to 13 digits")
     return Material(serial, upc, ean)
 
 
@@ -303,14 +305,22 @@ def _check_ca(pem: str) -> None:
     """A JITR profile's CaCertificate must be a CA certificate, as RegisterCACertificate requires."""
     try:
         cert = load_certificate(pem)
-    except ServiceError as e:
-        raise Validation(f"CaCertificate: {e.message}") from None
+    except ServiceError:
+        raise Validation(_NOT_A_CERTIFICATE.format(member="CaCertificate")) from None
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except (x509.ExtensionNotFound, ValueError):
         is_ca = False
     if not is_ca:
         raise Validation("CaCertificate is not a CA certificate (it lacks basicConstraints CA:TRUE)")
+
+
+# The parser's own words (cryptography's "ParseError { kind: ... }") mean nothing to a caller, and the
+# member is sensitive in the model: neither is repeated.
+_NOT_A_CERTIFICATE = (
+    "{member} is not a PEM X.509 certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE----- "
+    "around base64 DER); its value is not shown: the model marks it sensitive"
+)
 
 
 def _new_id() -> str:
@@ -555,8 +565,8 @@ class ManagedIntegrations:
         server's issuing CA or a registered one), or on its own, as RegisterCertificateWithoutCA does."""
         try:
             parsed = load_certificate(pem)
-        except ServiceError as e:
-            raise Validation(f"ClaimCertificate: {e.message}") from None
+        except ServiceError:
+            raise Validation(_NOT_A_CERTIFICATE.format(member="ClaimCertificate")) from None
         normal = parsed.public_bytes(serialization.Encoding.PEM).decode()
         ca = self.registry.find_ca_for(parsed)
         if ca is not None and ca.status != CaStatus.ACTIVE:
@@ -697,15 +707,22 @@ class ManagedIntegrations:
         material = params["AuthenticationMaterial"]
         material_type = params["AuthenticationMaterialType"]
         parsed: Material | None = None
-        if role == ManagedThingRole.CONTROLLER and material_type == "WIFI_SETUP_QR_BAR_CODE":
+        # The material's format is its type's, whatever the role: a DEVICE's SN is its serial too, unique
+        # among live managed things as a CONTROLLER's is. Only a CONTROLLER (a hub) is matched at
+        # RegisterThing, so only it starts PRE_ASSOCIATED.
+        if material_type == "WIFI_SETUP_QR_BAR_CODE":
             parsed = parse_material(material)
         serial = parsed.serial if parsed is not None else params.get("SerialNumber")
         if parsed is not None and params.get("SerialNumber") not in (None, parsed.serial):
             raise Validation(
-                f"SerialNumber {params['SerialNumber']!r} differs from the SN in AuthenticationMaterial "
-                f"{parsed.serial!r}"
+                "SerialNumber differs from the SN in AuthenticationMaterial (neither is shown: the model "
+                "marks both sensitive)"
             )
-        status = ProvisioningStatus.PRE_ASSOCIATED if parsed is not None else ProvisioningStatus.UNASSOCIATED
+        status = (
+            ProvisioningStatus.PRE_ASSOCIATED
+            if parsed is not None and role == ManagedThingRole.CONTROLLER
+            else ProvisioningStatus.UNASSOCIATED
+        )
         details = {k: params[k] for k in DETAIL_MEMBERS if params.get(k) is not None}
         now = self.clock()
         with self.registry.transaction():
@@ -721,8 +738,8 @@ class ManagedIntegrations:
                 for other in self.things_with_serial(serial):
                     if other.status != ProvisioningStatus.DELETE_IN_PROGRESS:
                         raise Conflict(
-                            f"Managed thing {other.id} already has serial number {serial} ({other.status}); "
-                            "delete it before creating another"
+                            f"Managed thing {other.id} ({other.role}, {other.status}) already has this "
+                            "serial number; delete it before creating another"
                         )
             thing_id = _new_id()
             self.registry.execute(

@@ -10,11 +10,18 @@ from typing import Any
 
 import botocore.session
 import pytest
-from botocore.model import ServiceModel
+from botocore.model import ListShape, MapShape, ServiceModel, Shape, StructureShape
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iot_core_local.control_plane.restjson import Pager, Response, RestJsonService, resume_index
+from iot_core_local.control_plane.restjson import (
+    Pager,
+    Response,
+    RestJsonService,
+    _python_pattern,
+    java_to_python,
+    resume_index,
+)
 from iot_core_local.errors import InvalidRequest, ResourceAlreadyExists, ServiceError, UnknownOperation
 
 # A made-up service with one of everything the codec reads and writes: greedy and plain labels, routes told
@@ -618,3 +625,76 @@ def test_the_codec_routes_aws_iot_greedy_labels() -> None:
     operation, labels = service.route("GET", f"/destinations/{arn}", {})
     assert (operation.name, labels) == ("GetTopicRuleDestination", {"arn": arn.replace("%2F", "/")})
     assert service.title == "AWS IoT"
+
+
+# ---- the models' Java patterns --------------------------------------------------------------------
+
+
+def _input_patterns(model: ServiceModel) -> set[str]:
+    patterns: set[str] = set()
+    seen: set[str] = set()
+    pending: list[Shape] = []
+    for name in model.operation_names:
+        input_shape = model.operation_model(name).input_shape
+        if input_shape is not None:
+            pending.append(input_shape)
+    while pending:
+        shape = pending.pop()
+        if shape.name in seen:
+            continue
+        seen.add(shape.name)
+        if "pattern" in shape.metadata:
+            patterns.add(shape.metadata["pattern"])
+        if isinstance(shape, StructureShape):
+            pending.extend(shape.members.values())
+        elif isinstance(shape, ListShape):
+            pending.append(shape.member)
+        elif isinstance(shape, MapShape):
+            pending.extend((shape.key, shape.value))
+    return patterns
+
+
+@pytest.mark.parametrize("service", ["iot", "iot-managed-integrations"])
+def test_every_pattern_of_the_models_served_is_enforced(service: str) -> None:
+    """None is skipped as untranslatable (they once were: \\p{L}, \\x{0022}...)."""
+    patterns = _input_patterns(botocore.session.get_session().get_service_model(service))
+    assert len(patterns) > 40  # the walk found the models' patterns
+    skipped = sorted(p for p in patterns if _python_pattern(p) is None)
+    assert skipped == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matches"),
+    [
+        (r"[\p{L}\p{N} ._-]+", "bad/name", False),
+        (r"[\p{L}\p{N} ._-]+", "Hub 2 ünï Ω", True),
+        (r"[\p{L}\p{N} ._-]+", "\u0663\u00b2", True),  # Arabic-Indic three, superscript two: \p{N}
+        (r"[\p{L}\p{N} ._-]+", "_", True),
+        (r"[\p{L}\p{N} ._-]+", "tab\there", False),
+        (r"[a-z\x{0022}]+", 'a"b', True),
+        (r"[a-z\x{0022}]+", "a'b", False),
+        (r"[^\p{C}]*", "ok ü \U0001f600", True),
+        (r"[^\p{C}]*", "zero\u200bwidth", False),  # Cf, a format character
+        (r"[^\p{C}]*", "nul\x00", False),
+        (r"[\p{Graph}\x20]*", "a b~", True),
+        (r"[\p{Graph}\x20]*", "é", False),  # Java's POSIX classes are ASCII
+        (r"[\p{Upper}\p{Digit}_]+", "AB_9", True),
+        (r"[\p{Upper}\p{Digit}_]+", "Ab", False),
+        (r"\p{L}+", "Wort", True),
+        (r"\P{L}+", "123", True),
+        (r"[\d]+", "\u0663", False),  # Java's \\d is ASCII digits
+        (r"[]a]+", "]a", True),
+    ],
+)
+def test_java_patterns_are_translated(pattern: str, value: str, matches: bool) -> None:
+    compiled = _python_pattern(pattern)
+    assert compiled is not None
+    assert bool(compiled.fullmatch(value)) is matches
+
+
+def test_a_java_construct_without_a_python_spelling_is_refused_not_guessed() -> None:
+    with pytest.raises(ValueError, match="inside a character class"):
+        java_to_python(r"[\P{L}a]")
+    with pytest.raises(ValueError, match="IsGreek"):
+        java_to_python(r"\p{IsGreek}")
+    assert _python_pattern(r"\p{IsGreek}") is None

@@ -56,6 +56,9 @@ C = TypeVar("C")
 CLAIM_EXPIRY_INTERVAL = 1.0
 
 MAX_BODY = 1 << 20  # AWS IoT's largest request (a 64 KiB PEM, a 10 KiB template) fits many times over
+# How much of a refused (too large) body is read and dropped so that its sender gets the answer; past it
+# the connection is closed on the sender, who then may see a reset instead.
+_DRAIN_LIMIT = 64 * MAX_BODY
 # The stand-in's own endpoints (the fault switch); no AWS REST path starts with this.
 _LOCAL_PREFIX = "/_local/"
 # "Credential=AKID/20250101/us-east-1/iot/aws4_request": the fourth part is the service signed for.
@@ -242,6 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: boto3 pools its connections
     server: _Server
     server_version = "iot-core-local"
+    unread = 0  # bytes of a refused request's body still to drain after the answer
 
     def setup(self) -> None:
         super().setup()
@@ -281,8 +285,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         started = time.perf_counter()
         operation_name = "-"
+        hosted: _Hosted | None = None
+        operation: OperationModel | None = None
+        self.unread = 0
         try:
-            body = self._read_body()
+            length = self._content_length()
+            if length > MAX_BODY:
+                # Answered as the operation models bad input (its service's error and member names),
+                # before the body is read: the body is then drained, after the answer, up to a bound.
+                self.close_connection = True  # the unread body would be taken for the next request
+                self.unread = length
+                hosted, operation = self._operation_of()
+                raise InvalidRequest(f"The request body is larger than {MAX_BODY} bytes")  # noqa: TRY301
+            body = self.rfile.read(length) if length else b""
             self.reader.deadline = None
             self.connection.settimeout(self.server.limits.request_timeout)  # for writing the answer
             url = urllib.parse.urlsplit(self.path)
@@ -315,7 +330,11 @@ class _Handler(BaseHTTPRequestHandler):
                 hosted.context, operation, labels, query, headers, body
             )
         except ServiceError as exc:
-            status, extra_headers, payload = RestJsonService.error_response(exc)
+            if hosted is None:
+                status, extra_headers, payload = RestJsonService.error_response(exc)
+            else:
+                error = exc if operation is None else hosted.service.operation_error(operation, exc)
+                status, extra_headers, payload = hosted.service.error_answer(error)
         except TimeoutError:
             raise  # a body not received in time: handle_one_request closes the connection, no answer
         except Exception:
@@ -325,6 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
                 ServiceError("Internal error in iot-core-local")
             )
         self._send(status, extra_headers, payload)
+        if self.unread:
+            self._drain()
         log.info(
             "%s %s %s -> %d (%.1f ms)",
             operation_name,
@@ -354,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
             return _local_answer(405, {"message": "Use GET, POST or DELETE"})
         return _local_answer(200, {"faults": faults.to_json()})
 
-    def _read_body(self) -> bytes:
+    def _content_length(self) -> int:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
             self.close_connection = True
             raise InvalidRequest("Transfer-Encoding is not supported; send Content-Length")
@@ -367,10 +388,35 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             self.close_connection = True
             raise InvalidRequest("Content-Length is negative")
-        if length > MAX_BODY:
-            self.close_connection = True  # the unread body would be taken for the next request
-            raise InvalidRequest(f"The request body is larger than {MAX_BODY} bytes")
-        return self.rfile.read(length) if length else b""
+        return length
+
+    def _operation_of(self) -> tuple[_Hosted | None, OperationModel | None]:
+        """The service and operation of the request whose body is not read: (None, None) if none."""
+        url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith(_LOCAL_PREFIX):
+            return None, None
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            hosted, operation, _ = self.server.control_plane.services.resolve(
+                self.command, url.path, query, headers
+            )
+        except ServiceError:
+            return None, None
+        return hosted, operation
+
+    def _drain(self) -> None:
+        """Read and drop the body of a refused request, up to `_DRAIN_LIMIT` bytes and within the request's
+        deadline: a client (http.client, botocore) sends its whole body before it reads the answer, and
+        closing on unread bytes resets the connection, so it would get a broken pipe, not the answer."""
+        left = min(self.unread, _DRAIN_LIMIT)
+        self.unread = 0
+        with contextlib.suppress(OSError):  # TimeoutError too: a client that stops sending is let go
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
         self.send_response(status)
@@ -481,7 +527,7 @@ class ControlPlane:
     def take_quota(self, service: str, operation: str) -> None:
         """Throttling (ThrottlingException) when `operation` is over the account's rate."""
         if self.limiter is not None and not self.limiter.allow(service, operation):
-            raise Throttling("Rate exceeded")
+            raise Throttling("Rate exceeded")  # the member's spelling is the service's (error_answer)
 
     def host_service(self, service: RestJsonService[C], context: C) -> None:
         """Answer `service`'s operations too, calling its handlers with `context`."""

@@ -14,8 +14,8 @@ from typing import Any
 
 from botocore.model import OperationModel
 
-from iot_core_local.control_plane.restjson import HandlerTable, Pager, Response, RestJsonService, clip
-from iot_core_local.errors import InvalidRequest, Validation
+from iot_core_local.control_plane.restjson import HandlerTable, Pager, RestJsonService
+from iot_core_local.errors import InvalidRequest, ServiceError, Validation
 from iot_core_local.managed import DETAIL_MEMBERS, ManagedIntegrations, ManagedThing, Profile
 
 __all__ = ["SUPPORTED_OPERATIONS", "ManagedIntegrationsService", "service"]
@@ -133,8 +133,20 @@ def _get_managed_thing(mi: ManagedIntegrations, params: dict[str, Any]) -> Mappi
     return _thing_view(mi.get_thing(params["Identifier"]))
 
 
+# Filters on what no managed thing here has (a parent controller, a cloud connector): set, they match
+# nothing, as AWS's would for an account without connectors.
+_UNMATCHABLE_FILTERS = (
+    "ParentControllerIdentifierFilter",
+    "ConnectorPolicyIdFilter",
+    "ConnectorDestinationIdFilter",
+    "ConnectorDeviceIdFilter",
+)
+
+
 @_operation("ListManagedThings")
 def _list_managed_things(mi: ManagedIntegrations, params: dict[str, Any]) -> Mapping[str, Any]:
+    if any(params.get(name) is not None for name in _UNMATCHABLE_FILTERS):
+        return {"Items": []}
     things = mi.list_things(
         {
             "role": params.get("RoleFilter"),
@@ -189,9 +201,9 @@ def _check_tag_keys(tags: Mapping[str, str] | None) -> None:
     # AWS reserves the aws: prefix (any case) for its own tags; users may neither add nor change them.
     for key in tags or {}:
         if key.lower().startswith("aws:"):
+            # Tags are sensitive in the model: the key is described, not quoted.
             raise InvalidRequest(
-                f"Tag key {clip(key)!r} is reserved: keys starting with 'aws:' are for AWS's use; "
-                "choose another key"
+                "A tag key starts with 'aws:', which is reserved for AWS's use; choose another key"
             )
 
 
@@ -217,24 +229,23 @@ SUPPORTED_OPERATIONS = frozenset(_HANDLERS)
 
 
 class ManagedIntegrationsService(RestJsonService[ManagedIntegrations]):
-    """The rest-json machinery, with bad input answered as this service's model says: ValidationException
-    where the operation lists it (the tag operations keep InvalidRequestException)."""
+    """The rest-json machinery, with bad input answered as each operation's model says: ValidationException
+    where the operation lists it, InvalidRequestException (the tag operations) where it lists that."""
 
-    def invoke(
-        self,
-        context: ManagedIntegrations,
-        operation: OperationModel,
-        labels: Mapping[str, str],
-        query: Mapping[str, list[str]],
-        headers: Mapping[str, str],
-        body: bytes,
-    ) -> Response:
-        try:
-            return super().invoke(context, operation, labels, query, headers, body)
-        except InvalidRequest as e:
-            if any(shape.name == "ValidationException" for shape in operation.error_shapes):
-                raise Validation(e.message) from None
-            raise
+    def operation_error(self, operation: OperationModel, error: ServiceError) -> ServiceError:
+        if not isinstance(error, InvalidRequest | Validation):
+            return error
+        modeled = {shape.name for shape in operation.error_shapes}
+        if isinstance(error, InvalidRequest) and "ValidationException" in modeled:
+            return Validation(error.message)
+        if (
+            isinstance(error, Validation)
+            and "ValidationException" not in modeled
+            and "InvalidRequestException" in modeled
+        ):
+            # Its body's member is spelt as the model's (`Message`) by error_answer.
+            return InvalidRequest(error.message)
+        return error
 
 
 @functools.cache
