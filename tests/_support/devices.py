@@ -353,3 +353,13 @@ def device_of_a_registered_ca(core: LocalIotCore, creds_dir: Path, name: str) ->
     iot.create_policy(policyName=f"{name}-open", policyDocument=json.dumps(document))
     iot.attach_policy(policyName=f"{name}-open", target=arn)
     return ca_id, device
+
+
+def allow_policy(*statements: tuple[str | list[str], str | list[str]]) -> str:
+    """A policy document of Allow statements, each (actions, resources)."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": a, "Resource": r} for a, r in statements],
+        }
+    )

@@ -30,6 +30,7 @@ from tests._support.devices import (
     DeviceCA,
     Paho,
     RawClient,
+    allow_policy,
     connect_refused_without_connack,
     make_csr,
     new_device,
@@ -51,15 +52,6 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIotCore]:
 @pytest.fixture
 def creds_dir(tmp_path: Path) -> Path:
     return tmp_path / "creds"
-
-
-def _policy(*statements: tuple[str | list[str], str | list[str]]) -> str:
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": a, "Resource": r} for a, r in statements],
-        }
-    )
 
 
 def _connect(core: LocalIotCore, creds: Credentials, client_id: str, **options: Any) -> RawClient:
@@ -123,7 +115,7 @@ def test_mosquitto_tools_are_refused_as_aws_refuses_them(core: LocalIotCore, cre
         core,
         creds_dir,
         "tools-deny",
-        policy=_policy(
+        policy=allow_policy(
             ("iot:Connect", f"{ARN}:client/tools-ok"),
             ("iot:Publish", f"{ARN}:topic/tools/open"),
             ("iot:Subscribe", f"{ARN}:topicfilter/tools/open"),
@@ -184,7 +176,7 @@ def test_awscrt_mqtt3_client_publishes_and_subscribes(core: LocalIotCore, creds_
         connection.disconnect().result(10)
 
 
-def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
+def test_fleet_provisioning_with_awscrt_mqtt3_then_the_huballow_policy(
     core: LocalIotCore, creds_dir: Path
 ) -> None:
 
@@ -294,7 +286,7 @@ def test_claim_publishing_outside_provisioning_is_disconnected(
 
 
 def test_policy_denials_each_way(core: LocalIotCore, creds_dir: Path) -> None:
-    policy = _policy(
+    policy = allow_policy(
         ("iot:Connect", f"{ARN}:client/pol-*"),
         (["iot:Publish", "iot:Subscribe"], [f"{ARN}:topic/ok/*", f"{ARN}:topicfilter/ok/*"]),
         ("iot:Receive", f"{ARN}:topic/ok/a"),
@@ -414,8 +406,8 @@ def test_jitr_certificate_is_registered_then_connects(core: LocalIotCore, creds_
     assert core.registry.get_certificate(device.certificate_id).status == "PENDING_ACTIVATION"
     # What a JITR activator does, here by hand.
     iot.update_certificate(certificateId=device.certificate_id, newStatus="ACTIVE")
-    iot.create_policy(policyName="jitr-311", policyDocument=OPEN_POLICY)
-    iot.attach_policy(policyName="jitr-311", target=f"{ARN}:cert/{device.certificate_id}")
+    iot.createallow_policy(policyName="jitr-311", policyDocument=OPEN_POLICY)
+    iot.attachallow_policy(policyName="jitr-311", target=f"{ARN}:cert/{device.certificate_id}")
     _connect(core, device, "jitr-311").close()
 
 
