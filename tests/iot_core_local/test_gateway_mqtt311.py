@@ -176,7 +176,7 @@ def test_awscrt_mqtt3_client_publishes_and_subscribes(core: LocalIotCore, creds_
         connection.disconnect().result(10)
 
 
-def test_fleet_provisioning_with_awscrt_mqtt3_then_the_huballow_policy(
+def test_fleet_provisioning_with_awscrt_mqtt3_then_the_hub_policy(
     core: LocalIotCore, creds_dir: Path
 ) -> None:
 
@@ -406,8 +406,8 @@ def test_jitr_certificate_is_registered_then_connects(core: LocalIotCore, creds_
     assert core.registry.get_certificate(device.certificate_id).status == "PENDING_ACTIVATION"
     # What a JITR activator does, here by hand.
     iot.update_certificate(certificateId=device.certificate_id, newStatus="ACTIVE")
-    iot.createallow_policy(policyName="jitr-311", policyDocument=OPEN_POLICY)
-    iot.attachallow_policy(policyName="jitr-311", target=f"{ARN}:cert/{device.certificate_id}")
+    iot.create_policy(policyName="jitr-311", policyDocument=OPEN_POLICY)
+    iot.attach_policy(policyName="jitr-311", target=f"{ARN}:cert/{device.certificate_id}")
     _connect(core, device, "jitr-311").close()
 
 

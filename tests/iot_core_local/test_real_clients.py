@@ -317,7 +317,7 @@ def test_a_paho_subscriber_that_does_not_read_is_disconnected(core: LocalIotCore
 # ---- point 5: iot:RetainPublish, client ids over 128 bytes, a CA set INACTIVE --------------------
 
 
-def _retainallow_policy(prefix: str) -> str:
+def _retain_policy(prefix: str) -> str:
     # iot:Publish on the whole prefix, iot:RetainPublish on `allowed` only.
     return allow_policy(
         (["iot:Connect", "iot:Subscribe", "iot:Receive"], "*"),
@@ -336,7 +336,7 @@ def _retained_then_marker(subscriber: PahoProbe, publisher: PahoProbe, prefix: s
 
 def test_paho_retained_publish_needs_retain_publish(core: LocalIotCore, creds_dir: Path) -> None:
     """A PUBLISH with RETAIN needs iot:RetainPublish as well as iot:Publish: PUBACK 135 without it."""
-    creds = new_device(core, creds_dir, "retain5", policy=_retainallow_policy("kept5"))
+    creds = new_device(core, creds_dir, "retain5", policy=_retain_policy("kept5"))
     publisher = PahoProbe(core, creds, "retain5-pub")
     subscriber = PahoProbe(core, new_device(core, creds_dir, "retain5-sub"), "retain5-sub")
     with paho_clients(publisher, subscriber):
@@ -354,7 +354,7 @@ def test_paho_retained_publish_needs_retain_publish(core: LocalIotCore, creds_di
 def test_mqtt311_retained_publish_needs_retain_publish(core: LocalIotCore, creds_dir: Path) -> None:
     """3.1.1 has no PUBACK reason code: a retained publish without iot:RetainPublish closes the
     connection, as AWS IoT Core closes a 3.1.1 client for any publish it refuses."""
-    creds = new_device(core, creds_dir, "retain311", policy=_retainallow_policy("kept311"))
+    creds = new_device(core, creds_dir, "retain311", policy=_retain_policy("kept311"))
     denied = publish_311(core, creds, "r311-a", "kept311/denied", "x", "-r")
     assert denied.returncode != 0, "mosquitto_pub's retained publish was acknowledged"
     allowed = publish_311(core, creds, "r311-b", "kept311/allowed", "kept", "-r")
