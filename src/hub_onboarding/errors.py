@@ -197,6 +197,13 @@ INVALID_IDENTITY_CODE = "InvalidIdentity"  # our code for an identity the hub re
 _MAX_SHOWN_IDENTITY = 80  # characters of a refused identity shown in the message
 
 
+# The config key a refusal is about, by errorCode (lowercase), for `--json`'s `error.key`.
+_REJECTION_KEYS = {
+    "unknownserialnumber": "ro.SN",
+    "productcodemismatch": "ro.UPC",
+    "alreadyonboarded": "ro.SN",
+}
+
 # Managed integrations' refusals at RegisterThing, by errorCode (lowercase): each names the config key or
 # the cloud-side step that fixes it. A status code alone would mislead (404 is also "no such template").
 _REJECTION_HINTS = {
@@ -233,8 +240,9 @@ class IdentityError(ProvisioningError):
         status_code: int | None = None,
         error_code: str | None = None,
         error_message: str | None = None,
+        key: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, key)
         self.operation = operation
         self.status_code = status_code
         self.error_code = error_code
@@ -253,6 +261,7 @@ class IdentityError(ProvisioningError):
         msg = _clean(error_message)
         words = f"statusCode={code} errorCode={err} errorMessage={msg!r}"
         by_code = _REJECTION_HINTS.get((err or "").lower())
+        key = _REJECTION_KEYS.get((err or "").lower())
         if by_code is not None:
             hint = by_code  # the service said which rule refused the hub: more precise than any status
         elif is_throttling(code, err):
@@ -260,13 +269,15 @@ class IdentityError(ProvisioningError):
         elif is_token_refusal(code, err, msg):
             hint = "the certificate ownership token was refused; run provision again to get a new certificate"
         elif code == 403 or (err or "").lower() in ("accessdenied", "access_denied", "accessdeniedexception"):
+            key = "ro.SN"  # what a hook judges first: the serial (a takeover guard refuses an onboarded one)
             hint = (
-                "the template or its pre-provisioning hook refused this hub; check SN, UPC and "
-                "fp_template_parameters and the hook's rules (a takeover guard refuses a serial whose "
+                "the template or its pre-provisioning hook refused this hub; check ro.SN, ro.UPC and "
+                "ro.fp_template_parameters and the hook's rules (a takeover guard refuses a serial whose "
                 "thing still has an ACTIVE certificate: after a reset, make the old certificate "
                 "INACTIVE in the cloud first)"
             )
         elif code == 404 or (err or "").lower().startswith("resourcenotfound"):
+            key = "ro.fp_template_name"
             hint = "check fp_template_name: the template does not exist in this account and region"
         else:
             hint = "check the provisioning template, its parameters and the claim certificate's policy"
@@ -276,6 +287,7 @@ class IdentityError(ProvisioningError):
             status_code=code,
             error_code=err,
             error_message=msg,
+            key=key,
         )
 
     @classmethod

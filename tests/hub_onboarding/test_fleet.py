@@ -622,3 +622,25 @@ def test_an_unusable_identity_through_the_flow_keeps_nothing(
     assert error.invalid_identity_answer
     assert config.read_bytes() == before  # rw untouched
     assert list((tmp_path / "certs").iterdir()) == []  # no certificate, key, progress record or manifest
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "key"),
+    [
+        (403, "AccessDenied", "ro.SN"),
+        (404, "ResourceNotFoundException", "ro.fp_template_name"),
+        (404, "UnknownSerialNumber", "ro.SN"),
+        (403, "ProductCodeMismatch", "ro.UPC"),
+        (409, "AlreadyOnboarded", "ro.SN"),
+        (400, "InvalidParameters", None),
+        (429, "ThrottlingException", None),
+    ],
+)
+def test_a_rejection_names_the_config_key_it_is_about(status: int, code: str, key: str | None) -> None:
+    # `--json` gives every other error's key; a refusal at RegisterThing had none.
+    exc = map_request_error(
+        V2ServiceException("x", None, V2ErrorResponse(status, code, "why")), "RegisterThing", 30
+    )
+    assert isinstance(exc, IdentityError)
+    assert exc.key == key
+    assert exc.to_dict().get("key") == key
