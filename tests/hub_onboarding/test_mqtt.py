@@ -40,6 +40,7 @@ class CrtError:
         "AWS_IO_SOCKET_TIMEOUT",
         "AWS_IO_DNS_INVALID_NAME",
         "AWS_IO_DNS_QUERY_FAILED",
+        "AWS_IO_TLS_NEGOTIATION_TIMEOUT",  # was told the certificate might be revoked
     ],
 )
 def test_endpoint_hints_name_the_key_the_endpoint_came_from(error: str, key: str) -> None:
