@@ -63,8 +63,8 @@ _CONNECT_HINTS = {
     "AWS_IO_SOCKET_TIMEOUT": "the endpoint did not answer: check {endpoint_key} and the network",
     # TCP connected, then no TLS answer in time: a port that is not MQTT over TLS, or a very slow link.
     "AWS_IO_TLS_NEGOTIATION_TIMEOUT": (
-        "the endpoint accepted the connection but never completed the TLS handshake: check that "
-        "{endpoint_key} names an MQTT-over-TLS port (8883, or 443 with ALPN) and the network"
+        "the endpoint accepted the connection but never completed the TLS handshake: check "
+        "{endpoint_key} and its port (MQTT over TLS: 8883, or 443 with ALPN), and the network"
     ),
     "AWS_IO_DNS_INVALID_NAME": "the endpoint's host name does not resolve: check {endpoint_key} and DNS",
     "AWS_IO_DNS_QUERY_FAILED": "the endpoint's host name does not resolve: check {endpoint_key} and DNS",
