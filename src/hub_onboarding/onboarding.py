@@ -69,6 +69,7 @@ from hub_onboarding.errors import (
 from hub_onboarding.lock import lock_path_for, onboarding_lock
 from hub_onboarding.manifest import MANIFEST_FILE_NAME, FilesRecord, Manifest
 from hub_onboarding.pkcs11 import (
+    TRIAL_LABEL_SUFFIX,
     Pkcs11CredentialStore,
     cert_handler,
     factory_labels,
@@ -304,7 +305,10 @@ class HubOnboarding:
         self._report(
             OnboardingStep.CONFIG_READ, f"config valid: {cfg.method.value} via {cfg.connection.endpoint}"
         )
-        handler = cert_handler(cfg.pkcs11, cfg.secure_storage_handler)
+        # The token's permanent key objects carry this config's identity (its real path): see pkcs11.py.
+        handler = cert_handler(
+            cfg.pkcs11, cfg.secure_storage_handler, owner=os.path.realpath(self.config_path)
+        )
         # Credentials are read and checked, and the folders onboarding writes to probed, before the lock
         # file or any connection exists, so a bad input writes nothing and sends nothing (no certificate
         # is minted that could not be stored).
@@ -367,8 +371,10 @@ class HubOnboarding:
         return deleted
 
     def _reset_token(self, doc: Mapping[str, Any]) -> list[str]:
-        """Delete the permanent key onboarding made in the token (by its label, derived from ro.SN), never
-        an object the factory put there (the claim and DHA objects, by default or by URI in ro).
+        """Delete the permanent key onboarding made in the token for this config (its label, derived from
+        ro.SN, and its CKA_ID, derived from the label and this config's real path), never an object the
+        factory put there (the claim and DHA objects, by default or by URI in ro), nor another config's
+        key under the same label (a config with the same SN in the same token): that one is left, and said.
 
         Runs after the config was reset: a token that cannot be reached is a CredentialError saying
         that a second reset deletes the key."""
@@ -385,9 +391,10 @@ class HubOnboarding:
         if label in factory_labels(ro):
             log.warning("token object %r is named in ro (the factory's): not deleted", label)
             return []
-        store = Pkcs11CredentialStore(token)
+        store = Pkcs11CredentialStore(token, owner=os.path.realpath(self.config_path))
         try:
-            count = store.delete_label(label)
+            count, foreign = store.delete_own(label)
+            store.delete_own(label + TRIAL_LABEL_SUFFIX)  # a room check a power cut left behind
         except CredentialError as exc:
             exc.amend(
                 f"{exc.message} (the config was reset; run reset again to delete the key {label!r} "
@@ -397,6 +404,15 @@ class HubOnboarding:
         uri = format_uri(token.token_label, label, "private")
         if count:
             log.info("deleted %s (%d object(s))", uri, count)
+        if foreign:
+            log.warning(
+                "left %d object(s) labelled %r in token %r: another config made them (the same %s in this "
+                "token), so they are that hub's key, not this config's",
+                foreign,
+                label,
+                token.token_label,
+                cfgmod.key_name(cfgmod.RO, cfgmod.SERIAL_NUMBER),
+            )
         return [uri] if count else []
 
     # ------------------------------------------------------------------ steps
@@ -440,18 +456,19 @@ class HubOnboarding:
         return targets
 
     def _check_token(self, cfg: HubConfig, store: Pkcs11CredentialStore) -> None:
-        """Open the token and, when this run will mint a certificate, prove it has room for the key
-        (a full token found after the certificate was minted would leave that certificate unused). A
-        run resuming a saved record has its key in the token already and needs no room."""
+        """Open the token; refuse a permanent key label that holds another config's key (ConfigError:
+        the same SN in the same token; that hub's key is never touched); and, when this run will mint a
+        certificate, prove the token has room for the key (a full token found after the certificate was
+        minted would leave that certificate unused). A run resuming a saved record has its key in the
+        token already and needs no room."""
         if cfg.fleet is None:
             store.check_ready()
             return
         progress = ProgressStore(cfg.permanent_cert_dir).load()
-        if next_action(progress, _binding(cfg, cfg.fleet), self._clock()) is not Action.CREATE_CERTIFICATE:
-            store.check_ready()
-            return
+        action = next_action(progress, _binding(cfg, cfg.fleet), self._clock())
         store.check_ready(
             permanent_key_label(cfg.fleet.serial_number),
+            need_room=action is Action.CREATE_CERTIFICATE,
             service_key=cfg.fleet.certificate_method is CertificateMethod.CREATE_KEYS_AND_CERTIFICATE,
         )
 
@@ -951,7 +968,7 @@ class _FleetRun:
             # written anything locally (the old record, if any, stays: it was not resumable anyway).
             try:
                 key = self.handler.write_permanent_key_to_token(label, issued.credentials.private_key_pem)
-            except CredentialError as exc:
+            except (CredentialError, ConfigError) as exc:  # ConfigError: another config's key appeared
                 # As after a power cut at this point (docs/reliability.md): the new certificate is
                 # never activated, and AWS deletes a PENDING_ACTIVATION certificate after an hour.
                 exc.amend(

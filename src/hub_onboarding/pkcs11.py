@@ -19,7 +19,14 @@ The permanent key is made or stored in the token under `permanent_key_label(SN)`
 CKA_EXTRACTABLE false) and the CSR is signed by the token, so the key never exists outside it; by
 CreateKeysAndCertificate the service made the key, and it is imported (sensitive, non-extractable) and
 not written anywhere else. A label holds at most one key: a pair left half-made by a power cut is
-reused when whole, else deleted with everything under that label before a new one is made.
+reused when whole, else deleted before a new one is made.
+
+The permanent key belongs to a config from its birth: its CKA_ID (on both halves) is derived from the label
+and the owner, the real path of the config that made it (`owned_key_id`). Two configs with the same SN in
+one token share the label but never the id, so onboarding reuses, replaces and resets only objects with
+its own id; another config's key under the label is refused before any traffic (ConfigError naming ro.SN
+and the token), never deleted or overwritten. A config moved elsewhere finds its old key foreign (reset
+before moving). A store without an owner (factory, tools, tests) takes everything under a label as its own.
 
 What awscrt connects with is a `TokenKey` (library, token, key label, PIN file), carried by
 `Credentials.token_key`. A pair is checked by a signature: the token signs a fresh challenge and the
@@ -47,7 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hub_onboarding import _files
 from hub_onboarding import config as cfgmod
 from hub_onboarding.config import SECURE_STORAGE, Pkcs11Config, TokenKeyType
-from hub_onboarding.errors import CredentialError
+from hub_onboarding.errors import ConfigError, CredentialError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -59,13 +66,16 @@ log = logging.getLogger(__name__)
 # SECURE_STORAGE: the objects the handler reads for each credential (certificate label, key label).
 DEFAULT_OBJECTS = {"claim": ("claim-cert", "claim-key"), "DHA": ("dha-cert", "dha-key")}
 PERMANENT_LABEL_PREFIX = "hub-onboarding-"
-# check_ready's trial key, beside the permanent key's label (`hub-onboarding-<SN>.room-check`); destroyed
-# at once, and by the next check when a power cut left one.
+# check_ready's trial key, beside the permanent key's label (`hub-onboarding-<SN>.room-check`), with the
+# config's own CKA_ID (two configs with one SN never delete each other's trial); destroyed at once, and by
+# the next check (or reset) when a power cut left one.
 TRIAL_LABEL_SUFFIX = ".room-check"
+_UNTOUCHED = "nothing was touched in the token, no certificate was created"
 _MAX_PIN_BYTES = 256
 _MODULE_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_MODULE_PATH)
 _TOKEN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_TOKEN_LABEL)
 _PIN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.PKCS11_PIN_PATH)
+_SN_KEY = cfgmod.key_name(cfgmod.RO, cfgmod.SERIAL_NUMBER)
 _URI_TYPES = ("private", "cert", "public")
 _URI_ATTRS = ("token", "object", "type", "id")  # RFC 7512 path attributes onboarding reads
 _PIN_URI_ATTRS = ("pin-value", "pin-source")
@@ -575,33 +585,126 @@ def prove_possession(key: Any, kind: str, cert: x509.Certificate, label: str) ->
 # ------------------------------------------------------------------------------------------- the store
 
 
-def cert_handler(token: Pkcs11Config | None, secure_storage_handler: str | None = None) -> CertHandler:
-    """A CertHandler that reads (and keeps keys) through `token` when one is set."""
+def cert_handler(
+    token: Pkcs11Config | None, secure_storage_handler: str | None = None, *, owner: str | None = None
+) -> CertHandler:
+    """A CertHandler that reads (and keeps keys) through `token` when one is set; `owner`: see
+    Pkcs11CredentialStore."""
     from hub_onboarding.certs import CertHandler
 
-    return CertHandler(secure_storage_handler, Pkcs11CredentialStore(token) if token is not None else None)
+    store = Pkcs11CredentialStore(token, owner=owner) if token is not None else None
+    return CertHandler(secure_storage_handler, store)
+
+
+def owned_key_id(label: str, owner: str | None) -> bytes:
+    """The CKA_ID of an object onboarding makes under `label` for the config `owner` (its real path).
+
+    Ownership is part of the object from its birth, so no record written beside it has to survive a power
+    cut for a later run to tell its own key from another config's. None: the label alone (factory)."""
+    data = label if owner is None else f"{label}\0{owner}"
+    return hashlib.sha256(data.encode()).digest()[:16]
 
 
 class Pkcs11CredentialStore:
-    """CertHandler's store for a PKCS#11 token (entry point `pkcs11` in hub_onboarding.secure_storage)."""
+    """CertHandler's store for a PKCS#11 token (entry point `pkcs11` in hub_onboarding.secure_storage).
 
-    def __init__(self, token: Pkcs11Config | None = None) -> None:
+    `owner`: the real path of the config onboarding runs for. The permanent key objects it makes carry
+    `owned_key_id(label, owner)`, and objects under the label with another id are another config's: never
+    reused, replaced or deleted (ConfigError). None (the factory, tools): every object is its own."""
+
+    def __init__(self, token: Pkcs11Config | None = None, *, owner: str | None = None) -> None:
         self.token = token
+        self.owner = owner
 
-    def check_ready(self, room_for: str | None = None, *, service_key: bool = False) -> None:
+    def check_ready(
+        self, permanent_label: str | None = None, *, need_room: bool = False, service_key: bool = False
+    ) -> None:
         """Open the token (module, PIN file, PIN, presence): before any traffic, so a token that cannot
         take the permanent key stops onboarding before a certificate is minted for it.
 
-        With `room_for` (the permanent key's label), also prove the token has room for that key by
-        making one like it under a trial label and destroying it at once: a token's free space is not
-        something PKCS#11 reports truthfully (SoftHSM2 says CK_UNAVAILABLE_INFORMATION, HSMs count
-        bytes and objects differently), but making the object is the question itself. `service_key`:
-        the key will be imported (CreateKeysAndCertificate: an RSA-2048 key, as the service makes),
-        else generated in the token (CSR: a pair of the configured type)."""
+        With `permanent_label`, refuse another config's objects under it (ConfigError, nothing touched).
+        With `need_room` too, prove the token has room for the key by making one like it under a trial
+        label (with this config's id) and destroying it at once: a token's free space is not something
+        PKCS#11 reports truthfully (SoftHSM2 says CK_UNAVAILABLE_INFORMATION, HSMs count bytes and
+        objects differently), but making the object is the question itself. `service_key`: the key will
+        be imported (CreateKeysAndCertificate: an RSA-2048 key, as the service makes), else generated in
+        the token (CSR: a pair of the configured type). No trial when the run needs no new room: a
+        whole pair of ours that a CSR run reuses (a rerun after a cut at KEY_IN_TOKEN), or, for an
+        import, a key of ours the import deletes first (it frees an object for the one it stores)."""
         token = self._config()
         with open_token(token) as session:
-            if room_for is not None:
-                _prove_room(session, token, room_for + TRIAL_LABEL_SUFFIX, service_key=service_key)
+            if permanent_label is None:
+                return
+            ours, _ = self._split(session, permanent_label, refuse=True)
+            if not need_room:
+                return
+            if service_key:
+                needs_trial = not any(_is_private(o) for o in ours)
+            else:
+                needs_trial = self._reusable_pair(ours, token) is None
+            if needs_trial:
+                trial = permanent_label + TRIAL_LABEL_SUFFIX
+                _prove_room(session, token, trial, self._id(trial), service_key=service_key)
+            else:
+                log.info("no room check: the token holds this hub's key %r already", permanent_label)
+
+    def _id(self, label: str) -> bytes:
+        return owned_key_id(label, self.owner)
+
+    def _split(
+        self, session: Any, label: str, *, refuse: bool, note: str = _UNTOUCHED
+    ) -> tuple[list[Any], list[Any]]:
+        """The objects under `label`: (ours, another config's). With `refuse`, another config's objects
+        are a ConfigError: onboarding would otherwise act on that hub's live key by its label alone."""
+        import pkcs11
+
+        mine = self._id(label)
+        ours: list[Any] = []
+        foreign: list[Any] = []
+        for obj in session.get_objects({pkcs11.Attribute.LABEL: label}):
+            if self.owner is None:
+                ours.append(obj)
+                continue
+            try:
+                object_id = bytes(obj[pkcs11.Attribute.ID])
+            except pkcs11.PKCS11Error:
+                object_id = b""
+            (ours if object_id == mine else foreign).append(obj)
+        if foreign and refuse:
+            raise foreign_key_error(self._config(), label, len(foreign), note)
+        return ours, foreign
+
+    @staticmethod
+    def _reusable_pair(ours: list[Any], token: Pkcs11Config) -> Any | None:
+        """The public half of a whole pair of ours a CSR can reuse (key_for_csr's rule), else None."""
+        import pkcs11
+
+        private = [o for o in ours if _is_private(o)]
+        public = [o for o in ours if o[pkcs11.Attribute.CLASS] == pkcs11.ObjectClass.PUBLIC_KEY]
+        if (
+            len(private) == 1
+            and len(public) == 1
+            and private[0][pkcs11.Attribute.KEY_TYPE] == public[0][pkcs11.Attribute.KEY_TYPE]
+            and _is_locked_in(private[0])
+            and _kind_of(private[0]) == _wanted_kind(token.key_type)
+        ):
+            return public[0]
+        return None
+
+    def _claim_label(self, session: Any, label: str, action: str) -> None:
+        """After making objects under `label`: if another config made some there meanwhile (two runs
+        racing past their checks), ours go and the run is refused; so two keys never stay under one
+        label, and the other config's is never touched."""
+        ours, foreign = self._split(session, label, refuse=False)
+        if foreign:
+            for obj in ours:
+                obj.destroy()
+            raise foreign_key_error(
+                self._config(),
+                label,
+                len(foreign),
+                f"found after this run could {action}: its objects deleted",
+            )
 
     def _config(self) -> Pkcs11Config:
         if self.token is None:
@@ -711,27 +814,19 @@ class Pkcs11CredentialStore:
         Returns (TokenKey, DER SubjectPublicKeyInfo). A half-made pair (a private key without its public
         half, or more than one key) is deleted first: a label never holds two keys.
         """
-        import pkcs11
-
         token = self._config()
         with open_token(token) as session:
-            private = _objects(session, label, pkcs11.ObjectClass.PRIVATE_KEY)
-            public = _objects(session, label, pkcs11.ObjectClass.PUBLIC_KEY)
-            reusable = (
-                len(private) == 1
-                and len(public) == 1
-                and private[0][pkcs11.Attribute.KEY_TYPE] == public[0][pkcs11.Attribute.KEY_TYPE]
-                and _is_locked_in(private[0])
-                and _kind_of(private[0]) == _wanted_kind(token.key_type)
-            )
-            if reusable:
-                log.info("reusing the key pair %r left in token %r", label, token.token_label)
-                pub = public[0]
+            ours, _ = self._split(session, label, refuse=True)  # another config's key is never touched
+            pub = self._reusable_pair(ours, token)
+            if pub is not None:
+                log.info("reusing this hub's key pair %r left in token %r", label, token.token_label)
             else:
-                removed = _delete_label(session, label)
-                if removed:
-                    log.warning("deleted %d half-made object(s) labelled %r in the token", removed, label)
-                pub = _generate(session, token, label)
+                for obj in ours:
+                    obj.destroy()
+                if ours:
+                    log.warning("deleted %d half-made object(s) labelled %r in the token", len(ours), label)
+                pub = _generate(session, token, label, self._id(label))
+                self._claim_label(session, label, "make the permanent key")
             spki = _spki(pub)
         kind = _wanted_kind(token.key_type)
         return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind), spki
@@ -767,9 +862,20 @@ class Pkcs11CredentialStore:
 
     def import_private_key(self, label: str, key_pem: bytes) -> TokenKey:
         """Put a service-made key into the token (sensitive, non-extractable) under `label`, alone."""
+        import pkcs11
+
         token = self._config()
-        attrs, kind = _imported_key_attrs(label, key_pem)
-        _replace_label(token, label, attrs, "store the new key")
+        attrs, kind = _imported_key_attrs(label, key_pem, self._id(label))
+        with open_token(token) as session:
+            # Another config's key is never overwritten (the caller names the certificate just minted).
+            ours, _ = self._split(session, label, refuse=True, note="nothing was touched in the token")
+            for obj in ours:
+                obj.destroy()
+            try:
+                session.create_object(attrs)
+            except pkcs11.PKCS11Error as exc:
+                raise token_error(exc, token, "store the new key") from None
+            self._claim_label(session, label, "store the new key")
         return TokenKey(token.module_path, token.token_label, label, token.pin_path, kind)
 
     def store_certificate(self, label: str, cert_pem: bytes) -> str:
@@ -794,9 +900,17 @@ class Pkcs11CredentialStore:
         return format_uri(token.token_label, label, "cert")
 
     def delete_label(self, label: str) -> int:
-        """Delete every object under `label` (reset); how many there were."""
+        """Delete every object under `label` that is ours (all of them without an owner); how many."""
+        return self.delete_own(label)[0]
+
+    def delete_own(self, label: str) -> tuple[int, int]:
+        """Delete this config's objects under `label` (reset): (how many, how many of another config's
+        were left there)."""
         with open_token(self._config()) as session:
-            return _delete_label(session, label)
+            ours, foreign = self._split(session, label, refuse=False)
+            for obj in ours:
+                obj.destroy()
+            return len(ours), len(foreign)
 
     def describe_key(self, label: str) -> dict[str, Any]:
         """What the token says about the key under `label` (for tests and `status`): no key material."""
@@ -813,8 +927,9 @@ class Pkcs11CredentialStore:
             }
 
 
-def _imported_key_attrs(label: str, key_pem: bytes) -> tuple[dict[Any, Any], str]:
-    """The template that stores `key_pem` under `label` (sensitive, non-extractable), and its kind."""
+def _imported_key_attrs(label: str, key_pem: bytes, key_id: bytes) -> tuple[dict[Any, Any], str]:
+    """The template that stores `key_pem` under `label` with CKA_ID `key_id` (sensitive,
+    non-extractable), and its kind."""
     import pkcs11
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -845,20 +960,21 @@ def _imported_key_attrs(label: str, key_pem: bytes) -> tuple[dict[Any, Any], str
             pkcs11.Attribute.EXTRACTABLE: False,
             pkcs11.Attribute.SIGN: True,
             pkcs11.Attribute.LABEL: label,
-            pkcs11.Attribute.ID: _key_id(label),
+            pkcs11.Attribute.ID: key_id,
         }
     )
     return attrs, kind
 
 
-def _prove_room(session: Any, token: Pkcs11Config, label: str, *, service_key: bool) -> None:
-    """Make a key like the permanent one under `label` and destroy it (check_ready): a full token
-    answers here, before any traffic, with the error the real operation would get."""
+def _prove_room(session: Any, token: Pkcs11Config, label: str, key_id: bytes, *, service_key: bool) -> None:
+    """Make a key like the permanent one under `label` (CKA_ID `key_id`) and destroy it (check_ready): a
+    full token answers here, before any traffic, with the error the real operation would get. Only
+    objects with `key_id` are deleted: another config's trial under the same label is its own."""
     import pkcs11
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    _delete_label(session, label)  # a trial a power cut left behind
+    _delete_id(session, label, key_id)  # a trial a power cut left behind
     try:
         if service_key:
             # A throwaway key of the kind the service makes, stored as the service's key will be.
@@ -867,15 +983,33 @@ def _prove_room(session: Any, token: Pkcs11Config, label: str, *, service_key: b
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            attrs, _ = _imported_key_attrs(label, trial)
+            attrs, _ = _imported_key_attrs(label, trial, key_id)
             try:
                 session.create_object(attrs)
             except pkcs11.PKCS11Error as exc:
                 raise token_error(exc, token, "store the permanent key (room check)") from None
         else:
-            _generate(session, token, label)
+            _generate(session, token, label, key_id)
     finally:
-        _delete_label(session, label)
+        _delete_id(session, label, key_id)
+
+
+def foreign_key_error(token: Pkcs11Config, label: str, count: int, note: str = _UNTOUCHED) -> ConfigError:
+    """Another config's objects under the permanent key's label: the SN is that hub's in this token.
+    A ConfigError (exit 3), as for a credentials folder another config owns: the config's SN (or token) is
+    the mistake, not a credential; nothing of the other hub's is touched."""
+    return ConfigError(
+        f"{_SN_KEY}: token {token.token_label!r} ({_TOKEN_KEY}) holds {count} object(s) labelled {label!r} "
+        f"that another config made: another config holds this SN's key in this token; use another "
+        f"{_SN_KEY}, or reset that config first ({note})",
+        key=_SN_KEY,
+    )
+
+
+def _is_private(obj: Any) -> bool:
+    import pkcs11
+
+    return bool(obj[pkcs11.Attribute.CLASS] == pkcs11.ObjectClass.PRIVATE_KEY)
 
 
 def _is_locked_in(key: Any) -> bool:
@@ -892,11 +1026,6 @@ def _kind_of(key: Any) -> str:
 
 def _wanted_kind(key_type: TokenKeyType) -> str:
     return "EC" if key_type is TokenKeyType.EC_P256 else "RSA"
-
-
-def _key_id(label: str) -> bytes:
-    # CKA_ID ties the halves of a pair together (some tools look keys up by it); derived from the label.
-    return hashlib.sha256(label.encode()).digest()[:16]
 
 
 def _replace_label(token: Pkcs11Config, label: str, attrs: dict[Any, Any], action: str) -> None:
@@ -920,8 +1049,18 @@ def _delete_label(session: Any, label: str) -> int:
     return len(found)
 
 
-def _generate(session: Any, token: Pkcs11Config, label: str) -> Any:
-    """A new pair in the token: the private half sensitive and non-extractable. Returns the public half."""
+def _delete_id(session: Any, label: str, key_id: bytes) -> int:
+    import pkcs11
+
+    found = list(session.get_objects({pkcs11.Attribute.LABEL: label, pkcs11.Attribute.ID: key_id}))
+    for obj in found:
+        obj.destroy()
+    return len(found)
+
+
+def _generate(session: Any, token: Pkcs11Config, label: str, key_id: bytes) -> Any:
+    """A new pair in the token, both halves with CKA_ID `key_id` (it ties them together, and to their
+    owner): the private half sensitive and non-extractable. Returns the public half."""
     import pkcs11
     from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -939,7 +1078,7 @@ def _generate(session: Any, token: Pkcs11Config, label: str) -> Any:
                 local=True,
             )
             public, _ = params.generate_keypair(
-                store=True, label=label, id=_key_id(label), private_template=private_template
+                store=True, label=label, id=key_id, private_template=private_template
             )
         else:
             public, _ = session.generate_keypair(
@@ -947,7 +1086,7 @@ def _generate(session: Any, token: Pkcs11Config, label: str) -> Any:
                 2048,
                 store=True,
                 label=label,
-                id=_key_id(label),
+                id=key_id,
                 private_template=private_template,
             )
     except pkcs11.PKCS11Error as exc:

@@ -22,12 +22,14 @@ from hub_onboarding.cli import main
 from hub_onboarding.config import TokenKeyType
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 from hub_onboarding.tools import fleet_sim
+from hub_onboarding.tools.factory import write_claim_hub
 from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
+from iot_core_local.recipes.claims import ClaimSetup
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids, make_rsa_pair, pem_certificate_id
 from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
-from tests._support.recovery import connect_through_token
+from tests._support.recovery import assert_key_in_token, connect_through_token, probe_token_key
 from tests._support.tokens import MODULE_ENV, ROOM_ENV, build_small_token_module
 
 pytestmark = pytest.mark.e2e
@@ -366,3 +368,146 @@ def test_demo_shows_the_token_path(
     assert done.returncode == 0, done.stderr
     config = json.loads((kept / "hub" / "iotmi_config.json").read_text(encoding="utf-8"))
     assert config["rw"]["iot_provisioning_state"] == "NOT_PROVISIONED"
+
+
+# ------------------------------------------------------------- two configs, one SN, one token (QA F1)
+
+
+def _onboarded_and_a_second_config(
+    cloud: LocalIotCore,
+    claim: ClaimSetup,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    tmp_path: Path,
+    second_method: str,
+) -> tuple[Path, Path]:
+    """A hub onboarded by CSR with its key in the token, and a second config on the same hub (its own
+    folder) with the same SN and the same token, never onboarded."""
+    first = make_cloud_hub(token=softhsm.config())
+    assert run_hub(first).returncode == 0
+    serial = read_config(first)["ro"]["SN"]
+    second = write_claim_hub(
+        tmp_path / "second",
+        endpoint_url=cloud.endpoint.mqtt_address,
+        root_ca_path=cloud.endpoint.root_ca_path,
+        claim_certificate_pem=claim.certificate_pem,
+        claim_private_key_pem=claim.private_key_pem,
+        template_name=claim.template_name,
+        serial=serial,
+        certificate_method=second_method,
+        token=softhsm.config(),
+    )
+    return first, second
+
+
+def _token_objects(softhsm: SoftHsmToken) -> dict[str, Any]:
+    """The token's object files and their bytes (token.object, which counts logins, left out)."""
+    return {k: v for k, v in snapshot(softhsm.folder).items() if not k.endswith("token.object")}
+
+
+def _first_hub_intact(cloud: LocalIotCore, softhsm: SoftHsmToken, first: Path) -> None:
+    """The first hub is PROVISIONED, its key alone under its label, and it still connects through it."""
+    doc = read_config(first)
+    rw = doc["rw"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    assert_key_in_token(softhsm, first, rw, doc["ro"]["SN"])
+    probe = probe_token_key(softhsm, f"hub-onboarding-{doc['ro']['SN']}")
+    assert probe is not None
+    assert probe.signed_for(Path(rw["iot_permanent_cert_path"]).read_bytes()), "the first hub's own key"
+    connect_through_token(cloud, softhsm, rw)
+
+
+@pytest.mark.parametrize("second_method", ["CreateCertificateFromCsr", "CreateKeysAndCertificate"])
+def test_a_second_config_with_the_same_sn_and_token_is_refused_before_any_traffic(
+    cloud: LocalIotCore,
+    iot: Any,
+    claim: ClaimSetup,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    tmp_path: Path,
+    second_method: str,
+) -> None:
+    """QA F1 B (CreateKeysAndCertificate imported the service's key over the first hub's) and C (CSR
+    reused the first hub's key as "left in token" and got a certificate for it): exit 3 naming ro.SN
+    and the token, before the claim connects; nothing minted, written or touched in the token."""
+    first, second = _onboarded_and_a_second_config(
+        cloud, claim, make_cloud_hub, softhsm, tmp_path, second_method
+    )
+    before = snapshot(second.parent)
+    certificates_before = certificate_ids(iot)
+    objects_before = _token_objects(softhsm)
+    done = run_hub(second, "--json")
+    assert done.returncode == 3, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "ConfigError"
+    assert error["key"] == "ro.SN"
+    assert "ro.pkcs11_token_label" in error["message"]
+    assert "another config holds this SN's key in this token" in error["message"]
+    assert "use another ro.SN, or reset that config first" in error["message"]
+    assert "\n" not in error["message"]
+    assert "CLAIM_CONNECTED" not in done.stderr, "refused before any traffic"
+    assert certificate_ids(iot) == certificates_before, "no certificate minted"
+    assert snapshot(second.parent) == before, "nothing written, not even the lock file"
+    assert _token_objects(softhsm) == objects_before, "nothing made, changed or deleted in the token"
+    _first_hub_intact(cloud, softhsm, first)
+
+
+def test_reset_of_a_second_config_with_the_same_sn_leaves_the_first_hubs_key(
+    cloud: LocalIotCore,
+    claim: ClaimSetup,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """QA F1 A: reset of a config that never onboarded deleted `hub-onboarding-<SN>`, the live key of
+    another config with that SN in the same token. Its reset now deletes only its own objects, says
+    what it left, and the first hub still connects through its key."""
+    first, second = _onboarded_and_a_second_config(
+        cloud, claim, make_cloud_hub, softhsm, tmp_path, "CreateCertificateFromCsr"
+    )
+    objects_before = _token_objects(softhsm)
+    assert main(["reset", "--config", str(second), "--yes", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["deleted"] == []
+    assert "another config made them" in printed.err
+    assert _token_objects(softhsm) == objects_before, "nothing deleted in the token"
+    _first_hub_intact(cloud, softhsm, first)
+    # The first config's own reset still deletes its key.
+    assert main(["reset", "--config", str(first), "--yes", "--json"]) == 0
+    serial = read_config(first)["ro"]["SN"]
+    assert (
+        f"pkcs11:token=hub;object=hub-onboarding-{serial};type=private"
+        in json.loads(capsys.readouterr().out)["deleted"]
+    )
+    assert Pkcs11CredentialStore(softhsm.config()).describe_key(f"hub-onboarding-{serial}")["count"] == 0
+
+
+def test_a_rerun_after_a_cut_at_key_in_token_needs_no_room(
+    cloud: LocalIotCore,
+    iot: Any,
+    make_cloud_hub: CloudHubFactory,
+    softhsm: SoftHsmToken,
+    shim_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QA F2: a CSR run cut right after it made its pair in the token; the token is full by then. The
+    rerun reuses that pair, so it needs no room: it must not make a trial key (which the full token
+    refuses, exit 4) but onboard with the pair it left."""
+    config_path = make_cloud_hub(token=softhsm.config())
+    room_file = _small_token(tmp_path, softhsm, config_path, 2, monkeypatch)
+    hub = HubProcess(config_path, "--json", shim_dir=shim_dir, freeze=freeze_at_step("KEY_IN_TOKEN"))
+    hub.wait_frozen()
+    hub.kill()
+    assert room_file.read_text().strip() == "0", "the pair took the last room"
+    serial = read_config(config_path)["ro"]["SN"]
+    left = probe_token_key(softhsm, f"hub-onboarding-{serial}")
+    assert left is not None
+    done = run_hub(config_path, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rw = read_config(config_path)["rw"]
+    assert rw["iot_provisioning_state"] == "PROVISIONED"
+    assert left.signed_for(Path(rw["iot_permanent_cert_path"]).read_bytes()), "the pair left was reused"
+    assert room_file.read_text().strip() == "0"
+    connect_through_token(cloud, softhsm, rw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pkcs11 as p11
@@ -22,6 +23,7 @@ from hub_onboarding.pkcs11 import (
     cert_handler,
     format_uri,
     open_token,
+    owned_key_id,
     token_error,
 )
 from hub_onboarding.tools.softhsm import SoftHsmToken
@@ -152,6 +154,83 @@ def test_a_whole_pair_is_reused_and_a_half_made_one_replaced(softhsm: SoftHsmTok
     assert store.describe_key("hub-onboarding-SN2")["count"] == 1, "never two keys under one label"
     assert store.delete_label("hub-onboarding-SN2") == 2
     assert store.describe_key("hub-onboarding-SN2")["count"] == 0
+
+
+def _key_ids(token: SoftHsmToken, label: str) -> set[bytes]:
+    with open_token(token.config()) as session:
+        return {bytes(o[p11.Attribute.ID]) for o in session.get_objects({p11.Attribute.LABEL: label})}
+
+
+def test_two_configs_with_one_label_never_touch_each_others_key(softhsm: SoftHsmToken) -> None:
+    """The permanent key's CKA_ID names its config: another config (the same SN in the same token) finds
+    a key it did not make under the label and is refused (ConfigError on ro.SN) by the check before
+    traffic, by the CSR and by the import; its reset deletes nothing; the owner's pair stays, reusable."""
+    label = "hub-onboarding-SN4"
+    mine = Pkcs11CredentialStore(softhsm.config(), owner="/hub/a/iotmi_config.json")
+    other = Pkcs11CredentialStore(softhsm.config(), owner="/hub/b/iotmi_config.json")
+    _, first = mine.key_for_csr(label)
+    assert _key_ids(softhsm, label) == {owned_key_id(label, "/hub/a/iotmi_config.json")}, "both halves"
+    refusals: list[Callable[[], object]] = [
+        lambda: other.check_ready(label),
+        lambda: other.check_ready(label, need_room=True),
+        lambda: other.check_ready(label, need_room=True, service_key=True),
+        lambda: other.key_for_csr(label),
+        lambda: other.import_private_key(label, make_rsa_pair("service", 2048)[1]),
+    ]
+    for refused in refusals:
+        with pytest.raises(ConfigError, match="another config holds this SN's key in this token") as info:
+            refused()
+        assert info.value.key == "ro.SN"
+        assert "ro.pkcs11_token_label" in info.value.message
+        assert "use another ro.SN, or reset that config first" in info.value.message
+    assert other.delete_own(label) == (0, 2), "reset of the other config deletes nothing, sees 2 objects"
+    assert mine.key_for_csr(label)[1] == first, "the owner's pair is intact and reused"
+    assert mine.delete_own(label) == (2, 0)
+
+
+def test_a_key_another_config_makes_meanwhile_wins_the_label(
+    softhsm: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs racing past their checks: the one that finds the other's key beside its own after making
+    it deletes its own and is refused, so a label never keeps two keys, and the other's is untouched."""
+    from hub_onboarding import pkcs11 as module
+
+    label = "hub-onboarding-SN5"
+    made = module._generate  # noqa: SLF001 (the real maker, wrapped to stage the race)
+
+    def racing(session: object, token: Pkcs11Config, name: str, key_id: bytes) -> object:
+        made(session, token, name, owned_key_id(name, "/hub/racer/iotmi_config.json"))  # the other run's
+        return made(session, token, name, key_id)
+
+    monkeypatch.setattr(module, "_generate", racing)
+    store = Pkcs11CredentialStore(softhsm.config(), owner="/hub/a/iotmi_config.json")
+    with pytest.raises(ConfigError, match=r"another config holds this SN's key.*its objects deleted"):
+        store.key_for_csr(label)
+    assert _key_ids(softhsm, label) == {owned_key_id(label, "/hub/racer/iotmi_config.json")}
+    assert store.describe_key(label)["count"] == 1
+
+
+@pytest.mark.parametrize("service_key", [False, True])
+def test_no_room_check_when_the_run_needs_no_new_room(
+    softhsm: SoftHsmToken, monkeypatch: pytest.MonkeyPatch, service_key: bool
+) -> None:
+    """A whole pair of ours (a CSR rerun after a cut at KEY_IN_TOKEN) is reused, and an import deletes
+    our key before it stores the new one: neither needs room, so no trial key is made (a full token
+    would refuse it). A fresh label, or another key type wanted, does get the trial."""
+    from hub_onboarding import pkcs11 as module
+
+    trials: list[str] = []
+    monkeypatch.setattr(module, "_prove_room", lambda _s, _t, label, _i, **_k: trials.append(label))
+    store = Pkcs11CredentialStore(softhsm.config(), owner="/hub/a/iotmi_config.json")
+    store.check_ready("hub-onboarding-SN6", need_room=True, service_key=service_key)
+    assert trials == ["hub-onboarding-SN6.room-check"]
+    store.key_for_csr("hub-onboarding-SN6")
+    store.check_ready("hub-onboarding-SN6", need_room=True, service_key=service_key)
+    assert len(trials) == 1, "no trial: the run needs no new room"
+    if not service_key:  # a pair of another type is replaced, not reused: that needs room
+        rsa_store = Pkcs11CredentialStore(softhsm.config(TokenKeyType.RSA_2048), owner=store.owner)
+        rsa_store.check_ready("hub-onboarding-SN6", need_room=True)
+        assert len(trials) == 2
 
 
 def test_certificate_issued_for_the_csr_proves_the_token_key(softhsm: SoftHsmToken, tmp_path: Path) -> None:
