@@ -1,4 +1,4 @@
-"""The byte-level rewrite of a CONNECT's client id (gateway/connection.py `with_client_id`), which gives a
+"""The byte-level rewrite of a CONNECT's client id (gateway/wire.py `with_client_id`), which gives a
 temporary claim's session a broker-side id no device can send: every other field must reach Mosquitto
 exactly as the client sent it, in MQTT 5 and in 3.1.1."""
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iot_core_local.gateway import mqtt311
-from iot_core_local.gateway.connection import claim_session_id, with_client_id
+from iot_core_local.gateway.connection import claim_session_id
+from iot_core_local.gateway.wire import with_client_id
 
 # MQTT strings: any code point but U+0000 and surrogates (which UTF-8 cannot carry).
 _text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40)

@@ -46,6 +46,7 @@ from .wire import (
     parse,
     topic_limit_problem,
     topic_matches,
+    with_client_id,
 )
 
 if TYPE_CHECKING:
@@ -1000,37 +1001,6 @@ class Connection:
                 )
             )
         return True
-
-
-def with_client_id(raw_connect: bytes, client_id: str, *, mqtt311: bool) -> bytes:
-    """A copy of a CONNECT (already parsed, so well formed) with another client id, every other byte
-    as the client sent it: the client id is the payload's first field, after the variable header (the
-    protocol name, level, flags, keep alive and, in MQTT 5, the properties)."""
-    found = frame(bytearray(raw_connect), 0)
-    assert found is not None
-    at = found[0]
-    at += 2 + int.from_bytes(raw_connect[at : at + 2], "big") + 4  # protocol name, level, flags, keep alive
-    if not mqtt311:
-        length, shift = 0, 0
-        while True:  # the properties' length, a variable byte integer
-            byte = raw_connect[at]
-            at += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        at += length
-    old_end = at + 2 + int.from_bytes(raw_connect[at : at + 2], "big")
-    encoded = client_id.encode()
-    rest = raw_connect[found[0] : at] + len(encoded).to_bytes(2, "big") + encoded + raw_connect[old_end:]
-    size = len(rest)
-    header = bytearray((raw_connect[0],))
-    while True:  # the remaining length, a variable byte integer
-        byte, size = size & 0x7F, size >> 7
-        header.append(byte | 0x80 if size else byte)
-        if not size:
-            break
-    return bytes(header) + rest
 
 
 def _write_mqtt5(packet: mqtt5.Packet) -> bytes:

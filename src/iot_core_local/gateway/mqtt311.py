@@ -17,6 +17,7 @@ from __future__ import annotations
 import mqtt5
 
 from .wire import CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, Close, Reason, frame, mqtt_string
+from .wire import packet as _packet
 
 __all__ = [
     "PROTOCOL_LEVEL",
@@ -321,19 +322,6 @@ def _binary(value: bytes) -> bytes:
     if len(value) > 0xFFFF:
         raise ValueError(f"a field of {len(value)} bytes does not fit MQTT's 2-byte length")
     return len(value).to_bytes(2, "big") + value
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    size = len(body)
-    if size > 268_435_455:
-        raise ValueError(f"a packet of {size} bytes exceeds MQTT's remaining length")
-    length = bytearray()
-    while True:
-        byte = size % 128
-        size //= 128
-        length.append(byte | 0x80 if size else byte)
-        if not size:
-            return bytes((first,)) + bytes(length) + body
 
 
 def _write_connect(p: mqtt5.ConnectPacket) -> bytes:

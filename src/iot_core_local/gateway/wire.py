@@ -110,6 +110,38 @@ def _varint(buf: bytearray, at: int, end: int) -> tuple[int, int]:
     raise _Truncated
 
 
+def packet(first: int, body: bytes) -> bytes:
+    """A packet: its first byte, the remaining length as a variable byte integer, then `body`."""
+    size = len(body)
+    if size > 268_435_455:
+        raise ValueError(f"a packet of {size} bytes exceeds MQTT's remaining length")
+    length = bytearray()
+    while True:
+        byte = size % 128
+        size //= 128
+        length.append(byte | 0x80 if size else byte)
+        if not size:
+            return bytes((first,)) + bytes(length) + body
+
+
+def with_client_id(raw_connect: bytes, client_id: str, *, mqtt311: bool) -> bytes:
+    """A copy of a CONNECT (already parsed, so well formed) with another client id, every other byte
+    as the client sent it: the client id is the payload's first field, after the variable header (the
+    protocol name, level, flags, keep alive and, in MQTT 5, the properties)."""
+    buf = bytearray(raw_connect)
+    found = frame(buf, 0)
+    assert found is not None
+    at = found[0]
+    at += 2 + int.from_bytes(buf[at : at + 2], "big") + 4  # protocol name, level, flags, keep alive
+    if not mqtt311:
+        properties, at = _varint(buf, at, len(buf))
+        at += properties
+    old_end = at + 2 + int.from_bytes(buf[at : at + 2], "big")
+    encoded = client_id.encode()
+    body = raw_connect[found[0] : at] + len(encoded).to_bytes(2, "big") + encoded + raw_connect[old_end:]
+    return packet(raw_connect[0], body)
+
+
 def _skip_binary(buf: bytearray, at: int, end: int) -> int:
     if at + 2 > end:
         raise _Truncated
