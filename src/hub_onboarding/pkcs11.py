@@ -974,7 +974,7 @@ def _prove_room(session: Any, token: Pkcs11Config, label: str, key_id: bytes, *,
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    _delete_id(session, label, key_id)  # a trial a power cut left behind
+    _delete_label(session, label, key_id)  # a trial a power cut left behind
     try:
         if service_key:
             # A throwaway key of the kind the service makes, stored as the service's key will be.
@@ -991,7 +991,7 @@ def _prove_room(session: Any, token: Pkcs11Config, label: str, key_id: bytes, *,
         else:
             _generate(session, token, label, key_id)
     finally:
-        _delete_id(session, label, key_id)
+        _delete_label(session, label, key_id)
 
 
 def foreign_key_error(token: Pkcs11Config, label: str, count: int, note: str = _UNTOUCHED) -> ConfigError:
@@ -1040,19 +1040,14 @@ def _replace_label(token: Pkcs11Config, label: str, attrs: dict[Any, Any], actio
             raise token_error(exc, token, action) from None
 
 
-def _delete_label(session: Any, label: str) -> int:
+def _delete_label(session: Any, label: str, key_id: bytes | None = None) -> int:
+    """Destroy the objects under `label` (only those with CKA_ID `key_id`, when given); how many."""
     import pkcs11
 
-    found = list(session.get_objects({pkcs11.Attribute.LABEL: label}))
-    for obj in found:
-        obj.destroy()
-    return len(found)
-
-
-def _delete_id(session: Any, label: str, key_id: bytes) -> int:
-    import pkcs11
-
-    found = list(session.get_objects({pkcs11.Attribute.LABEL: label, pkcs11.Attribute.ID: key_id}))
+    template: dict[Any, Any] = {pkcs11.Attribute.LABEL: label}
+    if key_id is not None:
+        template[pkcs11.Attribute.ID] = key_id
+    found = list(session.get_objects(template))
     for obj in found:
         obj.destroy()
     return len(found)
