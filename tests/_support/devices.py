@@ -13,6 +13,7 @@ import json
 import queue
 import socket
 import ssl
+import subprocess
 import threading
 import uuid
 from dataclasses import dataclass
@@ -363,3 +364,13 @@ def allow_policy(*statements: tuple[str | list[str], str | list[str]]) -> str:
             "Statement": [{"Effect": "Allow", "Action": a, "Resource": r} for a, r in statements],
         }
     )
+
+
+def mosquitto_tool(
+    core: LocalIotCore, creds: Credentials, program: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """mosquitto_pub / mosquitto_sub in MQTT 3.1.1 mode (their default), over TLS with `creds`."""
+    endpoint = core.endpoint
+    command = [program, "-V", "mqttv311", "-h", endpoint.mqtt_host, "-p", str(endpoint.mqtt_port)]
+    command += ["--cafile", str(endpoint.root_ca_path), "--cert", creds.cert_path, "--key", creds.key_path]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)

@@ -22,12 +22,11 @@ from hub_onboarding.cli import main
 from hub_onboarding.config import TokenKeyType
 from hub_onboarding.pkcs11 import Pkcs11CredentialStore
 from hub_onboarding.tools import fleet_sim
-from hub_onboarding.tools.factory import write_claim_hub
 from hub_onboarding.tools.softhsm import CONF_ENV, SoftHsmToken
 from iot_core_local.recipes.claims import ClaimSetup
 from iot_core_local.server import LocalIotCore
 from tests._support.certificates import certificate_ids, make_rsa_pair, pem_certificate_id
-from tests._support.hubs import CloudHubFactory, read_config, snapshot, write_jitr_cloud_hub
+from tests._support.hubs import CloudHubFactory, cloud_claim_hub, read_config, snapshot, write_jitr_cloud_hub
 from tests._support.processes import HubProcess, freeze_at_step, run_hub
 from tests._support.recovery import assert_key_in_token, connect_through_token, probe_token_key
 from tests._support.tokens import MODULE_ENV, ROOM_ENV, build_small_token_module
@@ -386,16 +385,8 @@ def _onboarded_and_a_second_config(
     first = make_cloud_hub(token=softhsm.config())
     assert run_hub(first).returncode == 0
     serial = read_config(first)["ro"]["SN"]
-    second = write_claim_hub(
-        tmp_path / "second",
-        endpoint_url=cloud.endpoint.mqtt_address,
-        root_ca_path=cloud.endpoint.root_ca_path,
-        claim_certificate_pem=claim.certificate_pem,
-        claim_private_key_pem=claim.private_key_pem,
-        template_name=claim.template_name,
-        serial=serial,
-        certificate_method=second_method,
-        token=softhsm.config(),
+    second = cloud_claim_hub(
+        cloud, claim, tmp_path / "second", serial, certificate_method=second_method, token=softhsm.config()
     )
     return first, second
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import queue
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests._support.devices import (
     allow_policy,
     connect_refused_without_connack,
     make_csr,
+    mosquitto_tool,
     new_device,
     write_credentials,
 )
@@ -86,23 +86,14 @@ def _closed_silently(client: RawClient) -> bool:
 # ---- Mosquitto's tools ---------------------------------------------------------------------------
 
 
-def _tool(
-    core: LocalIotCore, creds: Credentials, program: str, *args: str
-) -> subprocess.CompletedProcess[str]:
-    endpoint = core.endpoint
-    command = [program, "-V", "mqttv311", "-h", endpoint.mqtt_host, "-p", str(endpoint.mqtt_port)]
-    command += ["--cafile", str(endpoint.root_ca_path), "--cert", creds.cert_path, "--key", creds.key_path]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)
-
-
 def test_mosquitto_tools_publish_retained_and_subscribe(core: LocalIotCore, creds_dir: Path) -> None:
     creds = new_device(core, creds_dir, "tools")
-    published = _tool(
+    published = mosquitto_tool(
         core, creds, "mosquitto_pub", "-i", "tools-pub", "-q", "1", "-r", "-t", "tools/kept", "-m", "v1"
     )
     assert published.returncode == 0, published.stderr
     # The retained message arrives as soon as the subscription is granted: no timing to guess.
-    received = _tool(
+    received = mosquitto_tool(
         core, creds, "mosquitto_sub", "-i", "tools-sub", "-q", "1", "-t", "tools/#", "-C", "1", "-W", "10",
         "-F", "%r %q %t %p",
     )  # fmt: skip
@@ -121,14 +112,20 @@ def test_mosquitto_tools_are_refused_as_aws_refuses_them(core: LocalIotCore, cre
             ("iot:Subscribe", f"{ARN}:topicfilter/tools/open"),
         ),
     )
-    refused = _tool(core, creds, "mosquitto_pub", "-i", "tools-other", "-t", "tools/open", "-m", "x")
+    refused = mosquitto_tool(core, creds, "mosquitto_pub", "-i", "tools-other", "-t", "tools/open", "-m", "x")
     assert refused.returncode != 0
     assert "not authori" in refused.stderr.lower()  # CONNACK 5, "not authorised"
-    denied = _tool(core, creds, "mosquitto_sub", "-i", "tools-ok", "-t", "tools/closed", "-C", "1", "-W", "5")
+    denied = mosquitto_tool(
+        core, creds, "mosquitto_sub", "-i", "tools-ok", "-t", "tools/closed", "-C", "1", "-W", "5"
+    )
     assert "All subscription requests were denied" in denied.stderr  # SUBACK 0x80
-    cut = _tool(core, creds, "mosquitto_pub", "-i", "tools-ok", "-q", "1", "-t", "tools/closed", "-m", "x")
+    cut = mosquitto_tool(
+        core, creds, "mosquitto_pub", "-i", "tools-ok", "-q", "1", "-t", "tools/closed", "-m", "x"
+    )
     assert cut.returncode != 0  # disconnected instead of a PUBACK
-    allowed = _tool(core, creds, "mosquitto_pub", "-i", "tools-ok", "-q", "1", "-t", "tools/open", "-m", "x")
+    allowed = mosquitto_tool(
+        core, creds, "mosquitto_pub", "-i", "tools-ok", "-q", "1", "-t", "tools/open", "-m", "x"
+    )
     assert allowed.returncode == 0, allowed.stderr
 
 

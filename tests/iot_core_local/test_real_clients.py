@@ -39,6 +39,7 @@ from tests._support.devices import (
     allow_policy,
     device_of_a_registered_ca,
     make_csr,
+    mosquitto_tool,
     new_device,
     write_credentials,
 )
@@ -241,21 +242,11 @@ def _service_error(caught: pytest.ExceptionInfo[Any]) -> tuple[int, str, str]:
 # ---- Mosquitto's tools ---------------------------------------------------------------------------
 
 
-def mosquitto(
-    core: LocalIotCore, creds: Credentials, program: str, *args: str
-) -> subprocess.CompletedProcess[str]:
-    """mosquitto_pub / mosquitto_sub in MQTT 3.1.1 mode (their default), over TLS with `creds`."""
-    endpoint = core.endpoint
-    command = [program, "-V", "mqttv311", "-h", endpoint.mqtt_host, "-p", str(endpoint.mqtt_port)]
-    command += ["--cafile", str(endpoint.root_ca_path), "--cert", creds.cert_path, "--key", creds.key_path]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)
-
-
 def publish_311(
     core: LocalIotCore, creds: Credentials, client_id: str, topic: str, message: str, *options: str
 ) -> subprocess.CompletedProcess[str]:
     """mosquitto_pub at QoS 1: it exits 0 once the PUBACK came, non-zero if the connection closed first."""
-    return mosquitto(
+    return mosquitto_tool(
         core, creds, "mosquitto_pub", "-i", client_id, "-q", "1", "-t", topic, "-m", message, *options
     )
 
@@ -415,7 +406,7 @@ def test_mosquitto_pub_client_id_over_128_bytes_is_identifier_rejected(
     core: LocalIotCore, creds_dir: Path
 ) -> None:
     creds = new_device(core, creds_dir, "long-id-tool")
-    refused = mosquitto(core, creds, "mosquitto_pub", "-i", "a" * 129, "-t", "ids/x", "-m", "x")
+    refused = mosquitto_tool(core, creds, "mosquitto_pub", "-i", "a" * 129, "-t", "ids/x", "-m", "x")
     assert refused.returncode != 0
     assert "identifier rejected" in refused.stderr  # CONNACK return code 2
     accepted = publish_311(core, creds, "é" * 64, "ids/x", "x")
